@@ -1,0 +1,241 @@
+"""Typed configuration: one dataclass per Hydra config group, validated before Ray starts.
+
+Hydra merges the YAML groups in ``conf/`` onto these dataclasses (registered as the schema
+``capjob_schema``), so an unknown key or a wrongly typed value fails during composition.
+Range and consistency checks that types cannot express live in ``validate``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from capjob.errors import ConfigError
+
+
+class SourceFormat(str, enum.Enum):
+    sample = "sample"  # capjob's own offline sample set (written on first use)
+    hf = "hf"  # Hugging Face datasets: hub id, local dataset dir or save_to_disk dir
+    parquet = "parquet"  # parquet files or folders, local or fsspec URL
+    image_folder = "image_folder"  # jpg/png/webp... files, recursive
+    webdataset = "webdataset"  # tar shards
+
+
+class SinkFormat(str, enum.Enum):
+    parquet = "parquet"
+    jsonl = "jsonl"
+
+
+class ResizeMode(str, enum.Enum):
+    fit = "fit"  # longest side to `size`, aspect kept (never upscales)
+    square = "square"  # exactly size x size, as the seed notebook does
+
+
+@dataclass
+class DataConfig:
+    """`dataset` group (values under `data`): where images come from, consumed by sources.py."""
+
+    name: str = "sample"
+    format: SourceFormat = SourceFormat.sample
+    path: Optional[str] = None
+    split: str = "train"
+    streaming: bool = False
+    image_column: str = "image"
+    # None: the id is a content hash of the image bytes (or the path where there is one).
+    key_column: Optional[str] = None
+    passthrough_columns: list[str] = field(default_factory=list)
+    limit: Optional[int] = None
+    # None: automatic, `partitions_per_worker` x the number of inference workers.
+    partitions: Optional[int] = None
+    partitions_per_worker: int = 4
+    shuffle_seed: Optional[int] = None
+    # fsspec options for remote paths (e.g. {client_kwargs: {endpoint_url: ...}}); never secrets.
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    # Only for format=sample: how many images to generate besides the bundled photos.
+    sample_size: int = 24
+
+
+@dataclass
+class ModelConfig:
+    """`model` group: which VLM captions, consumed by models.py and processor.py."""
+
+    name: str = "tiny_qwen25vl"
+    # Hub id or local path. None with `builder` set: capjob builds the model into its cache.
+    source: Optional[str] = None
+    builder: Optional[str] = None
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    # "dummy" benchmarks a real architecture without downloading its weights.
+    load_format: str = "auto"
+
+
+@dataclass
+class EngineConfig:
+    """`engine` group: the vLLM engine and the Ray Data LLM processor, consumed by processor.py."""
+
+    name: str = "vllm"
+    batch_size: int = 16
+    max_concurrent_batches: int = 8
+    max_model_len: int = 8192
+    max_num_seqs: Optional[int] = None
+    max_num_batched_tokens: Optional[int] = None
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    quantization: Optional[str] = None
+    enforce_eager: bool = False
+    # Images per prompt the engine reserves memory for; captioning sends one.
+    limit_images_per_prompt: int = 1
+    # Anything else vLLM's EngineArgs accepts, passed through untouched.
+    extra_engine_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ResourcesConfig:
+    """`resources` group: cluster layout, consumed by runtime.py and processor.py."""
+
+    name: str = "local"
+    # Ray cluster to join; None starts a local one (or uses RAY_ADDRESS when set).
+    address: Optional[str] = None
+    # Ray's accelerator_type label (e.g. "L4", "H100"); None schedules on any GPU.
+    accelerator_type: Optional[str] = None
+    # GPUs each engine replica uses: null = TP x PP when the cluster has GPUs, else 0;
+    # 0 runs vLLM on CPU; any other value must equal TP x PP.
+    gpus_per_worker: Optional[int] = None
+    # Number of engine replicas (vLLM instances).
+    concurrency: int = 1
+    # Logical CPUs for a local Ray; None = the machine's count, raised to fit the stages.
+    num_cpus: Optional[int] = None
+    # CPUs reserved by each preprocessing (decode/resize) task and each CPU stage actor.
+    preprocess_cpus: float = 1.0
+    cpu_stage_cpus: float = 1.0
+    # Actors per CPU stage of the processor (chat template, tokenize, detokenize).
+    cpu_stage_concurrency: int = 1
+
+
+@dataclass
+class SinkConfig:
+    """`sink` group: where captions go, consumed by sinks.py."""
+
+    name: str = "parquet"
+    format: SinkFormat = SinkFormat.parquet
+    # Local path or fsspec URL. Captions land in <path>/captions, rejected rows in <path>/quarantine.
+    path: str = "outputs/${data.name}/${model.name}"
+    compression: str = "snappy"
+    rows_per_file: Optional[int] = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CaptionConfig:
+    """The request sent for each image, consumed by processor.py."""
+
+    system_prompt: str = "You are a helpful assistant that generates accurate and descriptive captions for images."
+    user_prompt: str = "Describe this image in detail. Focus on the main subjects, actions, and setting."
+    temperature: float = 0.3
+    top_p: float = 1.0
+    max_tokens: int = 256
+    # Benchmarks set this so that every contender generates exactly max_tokens.
+    ignore_eos: bool = False
+    seed: Optional[int] = None
+
+
+@dataclass
+class ImagesConfig:
+    """Decode/validate/resize policy, consumed by images.py."""
+
+    size: int = 448
+    resize: ResizeMode = ResizeMode.fit
+    # Decompression-bomb cap on declared pixels (PIL's own default warning threshold).
+    max_pixels: int = 89_478_485
+    min_side: int = 1
+
+
+@dataclass
+class JobConfig:
+    name: str = "capjob"
+    # None: a fresh id per run (timestamp + random suffix).
+    run_id: Optional[str] = None
+    # Print the plan (stages, partitions, workers, GPUs) and exit without inference.
+    dry_run: bool = False
+    # Skip ids already present in the sink's captions/quarantine.
+    resume: bool = True
+    # Preview rows printed at the end of the run.
+    show: int = 3
+
+
+@dataclass
+class CapjobConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    sink: SinkConfig = field(default_factory=SinkConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+    job: JobConfig = field(default_factory=JobConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="capjob_schema", node=CapjobConfig)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: CapjobConfig) -> CapjobConfig:
+    """Checks the types cannot express. Raises ConfigError naming the key."""
+    d, m, e, r, c, i = cfg.data, cfg.model, cfg.engine, cfg.resources, cfg.caption, cfg.images
+    _require(d.limit is None or d.limit > 0, "data.limit", f"must be a positive integer or null, got {d.limit}")
+    _require(d.partitions is None or d.partitions > 0, "data.partitions", f"must be a positive integer or null (automatic), got {d.partitions}")
+    _require(d.partitions_per_worker > 0, "data.partitions_per_worker", f"must be > 0, got {d.partitions_per_worker}")
+    _require(d.format == SourceFormat.sample or bool(d.path), "data.path", f"is required for data.format={d.format.value}")
+    _require(d.sample_size >= 0, "data.sample_size", f"must be >= 0, got {d.sample_size}")
+    _require(bool(m.source) or bool(m.builder), "model.source", "set a hub id or local path (or model.builder for a locally built model)")
+    _require(m.builder in (None, "tiny_qwen25vl"), "model.builder", f"unknown builder {m.builder!r}; allowed: tiny_qwen25vl")
+    _require(e.batch_size > 0, "engine.batch_size", f"must be > 0, got {e.batch_size}")
+    _require(e.max_concurrent_batches > 0, "engine.max_concurrent_batches", f"must be > 0, got {e.max_concurrent_batches}")
+    _require(e.max_model_len > 0, "engine.max_model_len", f"must be > 0, got {e.max_model_len}")
+    _require(e.max_num_seqs is None or e.max_num_seqs > 0, "engine.max_num_seqs", f"must be > 0 or null, got {e.max_num_seqs}")
+    _require(0.0 < e.gpu_memory_utilization <= 1.0, "engine.gpu_memory_utilization", f"must be in (0, 1], got {e.gpu_memory_utilization}")
+    _require(e.tensor_parallel_size >= 1, "engine.tensor_parallel_size", f"must be >= 1, got {e.tensor_parallel_size}")
+    _require(e.pipeline_parallel_size >= 1, "engine.pipeline_parallel_size", f"must be >= 1, got {e.pipeline_parallel_size}")
+    _require(r.concurrency >= 1, "resources.concurrency", f"must be >= 1, got {r.concurrency}")
+    _require(r.gpus_per_worker is None or r.gpus_per_worker >= 0, "resources.gpus_per_worker", f"must be >= 0 or null, got {r.gpus_per_worker}")
+    model_parallel = e.tensor_parallel_size * e.pipeline_parallel_size
+    if r.gpus_per_worker is None:
+        pass  # decided against the cluster's GPUs in runtime.py
+    elif r.gpus_per_worker > 0:
+        _require(
+            model_parallel == r.gpus_per_worker,
+            "engine.tensor_parallel_size",
+            f"engine.tensor_parallel_size x engine.pipeline_parallel_size = {model_parallel} "
+            f"must equal resources.gpus_per_worker = {r.gpus_per_worker}",
+        )
+    else:
+        _require(model_parallel == 1, "engine.tensor_parallel_size", "TP/PP > 1 needs GPUs: set resources.gpus_per_worker = TP x PP")
+    _require(r.num_cpus is None or r.num_cpus >= 1, "resources.num_cpus", f"must be >= 1 or null, got {r.num_cpus}")
+    _require(r.preprocess_cpus > 0, "resources.preprocess_cpus", f"must be > 0, got {r.preprocess_cpus}")
+    _require(r.cpu_stage_cpus > 0, "resources.cpu_stage_cpus", f"must be > 0, got {r.cpu_stage_cpus}")
+    _require(r.cpu_stage_concurrency >= 1, "resources.cpu_stage_concurrency", f"must be >= 1, got {r.cpu_stage_concurrency}")
+    _require(c.max_tokens > 0, "caption.max_tokens", f"must be > 0, got {c.max_tokens}")
+    _require(c.temperature >= 0, "caption.temperature", f"must be >= 0, got {c.temperature}")
+    _require(0 < c.top_p <= 1, "caption.top_p", f"must be in (0, 1], got {c.top_p}")
+    _require(bool(c.user_prompt.strip()), "caption.user_prompt", "must not be empty")
+    _require(i.size >= 28, "images.size", f"must be >= 28 (one vision patch), got {i.size}")
+    _require(i.max_pixels > 0, "images.max_pixels", f"must be > 0, got {i.max_pixels}")
+    return cfg
+
+
+def to_typed(cfg: DictConfig) -> CapjobConfig:
+    """Resolve interpolations, build the dataclasses and validate them."""
+    typed = OmegaConf.to_object(cfg)
+    if not isinstance(typed, CapjobConfig):
+        raise ConfigError("the composed config is not a capjob config (was conf/config.yaml replaced?)")
+    return validate(typed)

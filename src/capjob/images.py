@@ -1,0 +1,162 @@
+"""Stage: decode each image once, reject what cannot be captioned, normalise and resize the rest.
+
+A lazy ``Image.open`` (what the seed's ``is_valid_image`` does) only parses the header, so
+truncated files pass it and crash the engine later. Here every image is fully decoded, its
+declared size is checked before decoding (decompression bombs), and the decoded image is
+reduced as early as possible: JPEGs decode at 1/2, 1/4 or 1/8 scale via ``draft`` when the
+target is much smaller, then one resampling pass brings it to the configured size. What leaves
+this stage is the small RGB array, never the original bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from capjob.config import ImagesConfig, ResizeMode
+
+# Qwen2-VL-style processors refuse sides shorter than one 28 px patch and aspect ratios over 200.
+_MAX_ASPECT = 200
+
+
+class ImageRejected(Exception):
+    """The image cannot be captioned. ``reason`` reads ``<kind>: <detail>``."""
+
+    def __init__(self, kind: str, detail: str):
+        self.kind = kind
+        self.detail = detail
+        super().__init__(f"{kind}: {detail}")
+
+    @property
+    def reason(self) -> str:
+        return f"{self.kind}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    pixels: np.ndarray  # H x W x 3, uint8
+    source_width: int
+    source_height: int
+    source_format: str
+
+
+def _sniff(data: bytes) -> str:
+    head = data[:64].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<svg")):
+        return "looks like HTML/XML text"
+    if head[:1] in (b"{", b"["):
+        return "looks like JSON text"
+    try:
+        data[:64].decode("ascii")
+        return "looks like plain text"
+    except UnicodeDecodeError:
+        return f"unknown binary format (starts with {data[:8].hex()})"
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Every mode a VLM cannot take becomes 8-bit RGB; transparency is flattened onto white."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = arr.max() if arr.size else 0.0
+        scale = 255.0 / top if top > 255 else 1.0
+        return Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 1.0)
+        arr = (arr - lo) / (hi - lo or 1.0) * 255.0
+        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def _target_size(width: int, height: int, cfg: ImagesConfig) -> tuple[int, int]:
+    if cfg.resize == ResizeMode.square:
+        return cfg.size, cfg.size
+    scale = min(1.0, cfg.size / max(width, height))
+    w, h = max(1, round(width * scale)), max(1, round(height * scale))
+    # Too thin or too small for a vision patch: stretch the short side up to min_side.
+    floor = min(max(cfg.min_side, 1), cfg.size)
+    return max(w, floor), max(h, floor)
+
+
+def decode_image(data: bytes | None, cfg: ImagesConfig) -> DecodedImage:
+    """Decode, validate and resize one image. Raises ImageRejected with a reason."""
+    if data is None or len(data) == 0:
+        raise ImageRejected("empty", "0 bytes")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (and above 2x errors) on huge images; we apply our own cap below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageRejected("not_an_image", _sniff(data)) from None
+    except Image.DecompressionBombError as e:
+        raise ImageRejected("too_large", str(e)) from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken headers
+        raise ImageRejected("decode", f"{type(e).__name__}: {e}") from None
+
+    width, height = im.size
+    fmt = im.format or "unknown"
+    if width <= 0 or height <= 0:
+        raise ImageRejected("decode", f"invalid size {width}x{height}")
+    if width * height > cfg.max_pixels:
+        raise ImageRejected("too_large", f"{width * height:.2g} pixels ({width}x{height}) > images.max_pixels={cfg.max_pixels:.2g}")
+    if max(width, height) / min(width, height) > _MAX_ASPECT * 10:
+        raise ImageRejected("aspect_ratio", f"{width}x{height} is too thin to caption")
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im.seek(0)  # animated images: the first frame
+            target_w, target_h = _target_size(width, height, cfg)
+            if fmt == "JPEG":
+                # Decode at the smallest DCT scale that still covers the target (both orientations,
+                # since EXIF rotation is applied after decoding).
+                side = max(target_w, target_h)
+                im.draft("RGB" if im.mode not in ("L", "CMYK") else im.mode, (side, side))
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+            im.load()
+            im = ImageOps.exif_transpose(im) or im
+            im = _to_rgb(im)
+            w, h = im.size
+            target_w, target_h = _target_size(w, h, cfg)
+            if (w, h) != (target_w, target_h):
+                # reducing_gap: a cheap box reduce first, then BICUBIC for the last factor of 2.
+                im = im.resize((target_w, target_h), Image.Resampling.BICUBIC, reducing_gap=2.0)
+            pixels = np.asarray(im, dtype=np.uint8)
+    except ImageRejected:
+        raise
+    except MemoryError:
+        raise ImageRejected("too_large", f"out of memory decoding {width}x{height}") from None
+    except Exception as e:  # noqa: BLE001 - truncated/corrupt data raises OSError, SyntaxError, ValueError...
+        raise ImageRejected("decode", f"{type(e).__name__}: {e}") from None
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ImageRejected("decode", f"unexpected decoded shape {pixels.shape}")
+    return DecodedImage(pixels=pixels, source_width=width, source_height=height, source_format=fmt)
+
+
+def image_bytes(value: Any) -> tuple[bytes | None, str | None]:
+    """The bytes and path of an image cell: raw bytes, an HF `{bytes, path}` struct, or None."""
+    if value is None:
+        return None, None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value), None
+    if isinstance(value, dict):
+        data = value.get("bytes")
+        path = value.get("path")
+        return (bytes(data) if data is not None else None), (str(path) if path else None)
+    if isinstance(value, np.ndarray) and value.dtype == np.uint8:
+        return value.tobytes(), None
+    raise TypeError(f"unsupported image cell type {type(value).__name__}")
