@@ -152,7 +152,7 @@ class ImagesConfig:
     resize: ResizeMode = ResizeMode.fit
     # Decompression-bomb cap on declared pixels (PIL's own default warning threshold).
     max_pixels: int = 89_478_485
-    min_side: int = 1
+    min_side: int = 28
 
 
 @dataclass

@@ -160,3 +160,81 @@ def image_bytes(value: Any) -> tuple[bytes | None, str | None]:
     if isinstance(value, np.ndarray) and value.dtype == np.uint8:
         return value.tobytes(), None
     raise TypeError(f"unsupported image cell type {type(value).__name__}")
+
+
+def _fetch(location: str, storage_options: dict[str, Any]) -> bytes:
+    import fsspec
+
+    with fsspec.open(location, "rb", **storage_options) as f:
+        return f.read()
+
+
+def prepare_images(
+    batch: dict[str, np.ndarray],
+    *,
+    cfg: ImagesConfig,
+    image_column: str,
+    passthrough_columns: list[str],
+    storage_options: dict[str, Any],
+    quarantine: "QuarantineTarget",
+) -> dict[str, Any]:
+    """map_batches UDF: decode every image once; valid ones continue as small RGB arrays,
+    rejected ones are written to quarantine with their reason and leave the stream."""
+    ids = list(batch["id"])
+    kept: list[int] = []
+    pixels: list[np.ndarray] = []
+    widths: list[int] = []
+    heights: list[int] = []
+    rejected: list[dict[str, Any]] = []
+    for i, cell in enumerate(batch[image_column]):
+        try:
+            if isinstance(cell, str):
+                try:
+                    data = _fetch(cell, storage_options)
+                except Exception as e:  # noqa: BLE001
+                    raise ImageRejected("fetch", f"{cell}: {type(e).__name__}: {e}") from None
+            else:
+                data, _ = image_bytes(cell)
+            decoded = decode_image(data, cfg)
+        except ImageRejected as rejection:
+            rejected.append({"id": ids[i], "source_key": batch["source_key"][i], "stage": "images", "reason": rejection.reason})
+            continue
+        kept.append(i)
+        pixels.append(decoded.pixels)
+        widths.append(decoded.source_width)
+        heights.append(decoded.source_height)
+    quarantine.write(rejected, ids)
+    out: dict[str, Any] = {
+        "id": np.asarray([ids[i] for i in kept], dtype=object),
+        "source_key": np.asarray([batch["source_key"][i] for i in kept], dtype=object),
+        "image_width": np.asarray(widths, dtype=np.int64),
+        "image_height": np.asarray(heights, dtype=np.int64),
+    }
+    # Filled one by one: equal shapes would otherwise broadcast into one 4-D array.
+    image_array = np.empty(len(pixels), dtype=object)
+    for j, p in enumerate(pixels):
+        image_array[j] = p
+    out["image"] = image_array
+    for column in passthrough_columns:
+        out[column] = np.asarray([batch[column][i] for i in kept], dtype=object)
+    return out
+
+
+@dataclass(frozen=True)
+class QuarantineTarget:
+    """Where the image stage sends rejects, and how it accounts for the rows it saw."""
+
+    sink: Any  # SinkConfig; typed loosely to keep images.py free of sink imports at module load
+    run_id: str
+    model_name: str
+
+    def write(self, rejected: list[dict[str, Any]], batch_ids: list[str]) -> None:
+        from capjob import metrics
+        from capjob.sinks import QUARANTINE, TableWriter, block_digest, quarantine_table
+
+        key = block_digest(batch_ids)
+        if rejected:
+            rows = [{**r, "model": self.model_name, "run_id": self.run_id} for r in rejected]
+            TableWriter(self.sink).write(QUARANTINE, quarantine_table(rows), f"{self.run_id}-img-{key}")
+        metrics.record(self.run_id, "images_in", key, len(batch_ids))
+        metrics.record(self.run_id, "images_rejected", key, len(rejected))

@@ -1,0 +1,44 @@
+"""`capjob`: compose the Hydra config, validate it, run the pipeline.
+
+Errors a user can act on print as one `capjob: error: ...` line (exit 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import sys
+
+import hydra
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from capjob.config import register_configs, to_typed
+from capjob.errors import CapjobError
+
+
+def _conf_dir() -> str:
+    packaged = pathlib.Path(__file__).parent / "conf"  # wheel installs
+    return str(packaged if packaged.is_dir() else pathlib.Path(__file__).resolve().parents[2] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=_conf_dir(), config_name="config")
+def _main(cfg: DictConfig) -> None:
+    try:
+        typed = to_typed(cfg)
+        from capjob import pipeline
+
+        pipeline.run(typed)
+    except (CapjobError, OmegaConfBaseException) as e:
+        print(f"capjob: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    register_configs()
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The captioning job, top to bottom as the data flows:
+
+    read -> assign ids / skip done -> repartition -> decode, validate, resize (rejects -> quarantine)
+         -> Ray Data LLM processor (vLLM) -> write captions (engine failures -> quarantine)
+
+Nothing is materialised: Ray Data streams blocks through every stage into the sink.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from capjob.config import CapjobConfig
+from capjob.errors import AccountingError
+from capjob.processor import EnginePlacement
+
+# Rows per block when the plan has no better number: small blocks keep memory flat and feed
+# the engine steadily (a block of 448 px images is ~0.6 MB per row once decoded).
+DEFAULT_BLOCK_BATCHES = 4
+
+
+def new_run_id() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+@dataclass
+class Plan:
+    run_id: str
+    model_source: str
+    placement: EnginePlacement
+    rows_per_block: Optional[int]
+    num_blocks: Optional[int]
+    partitions_note: str
+    stages: list[tuple[str, str]] = field(default_factory=list)
+
+    def render(self, cfg: CapjobConfig) -> str:
+        p = self.placement
+        engine_where = f"{p.gpus} GPU(s){' of type ' + p.accelerator_type if p.accelerator_type else ''}" if p.gpus else "CPU"
+        lines = [
+            f"capjob plan  run_id={self.run_id}",
+            f"  model       {cfg.model.name}: {self.model_source}",
+            f"  workers     {cfg.resources.concurrency} engine replica(s), {engine_where} each "
+            f"(TP={cfg.engine.tensor_parallel_size}, PP={cfg.engine.pipeline_parallel_size})",
+            f"  partitions  {self.partitions_note}",
+            "  stages",
+        ]
+        lines += [f"    {i:>2}. {name:<24} {detail}" for i, (name, detail) in enumerate(self.stages, 1)]
+        return "\n".join(lines)
+
+
+def partitioning(cfg: CapjobConfig, num_rows: Optional[int]) -> tuple[Optional[int], Optional[int], str]:
+    """(rows_per_block, num_blocks, explanation). rows_per_block repartitions while streaming;
+    num_blocks (only for an explicit count over an unknown size) is a barrier."""
+    d = cfg.data
+    cap = cfg.engine.batch_size * DEFAULT_BLOCK_BATCHES
+    if d.partitions is not None:
+        if num_rows is not None:
+            rows = max(1, math.ceil(num_rows / d.partitions))
+            return rows, None, f"{d.partitions} blocks of <= {rows} rows (data.partitions)"
+        return None, d.partitions, f"{d.partitions} blocks (data.partitions; unknown size: a barrier before decoding)"
+    workers = cfg.resources.concurrency
+    target = d.partitions_per_worker * workers
+    if num_rows is None:
+        return cap, None, f"blocks of <= {cap} rows (automatic; size unknown: 4 x engine.batch_size)"
+    rows = max(1, min(cap, math.ceil(num_rows / target)))
+    blocks = math.ceil(num_rows / rows)
+    return rows, None, (
+        f"{blocks} blocks of <= {rows} rows (automatic: >= data.partitions_per_worker={d.partitions_per_worker} "
+        f"x {workers} worker(s), <= 4 x engine.batch_size rows each)"
+    )
+
+
+def make_plan(cfg: CapjobConfig, run_id: str, model_source: str, placement: EnginePlacement, num_rows: Optional[int]) -> Plan:
+    rows_per_block, num_blocks, note = partitioning(cfg, num_rows)
+    r, e = cfg.resources, cfg.engine
+    cpu_stage = f"{r.cpu_stage_concurrency} actor(s) x {r.cpu_stage_cpus} CPU"
+    engine_res = f"{placement.gpus} GPU" if placement.gpus else "1 CPU (vLLM CPU)"
+    source = cfg.data.path or "capjob sample"
+    stages = [
+        ("read", f"{cfg.data.format.value}: {source}" + (f", limit {cfg.data.limit}" if cfg.data.limit else "")),
+        ("assign ids / resume", "skip ids already in the sink" if cfg.job.resume else "resume off"),
+        ("repartition", note),
+        ("decode+validate+resize", f"{r.preprocess_cpus} CPU/task, {cfg.images.resize.value} {cfg.images.size}px, rejects -> quarantine"),
+        ("preprocess", "chat request (system + user prompt + image)"),
+        ("PrepareMultimodal", cpu_stage),
+        ("ChatTemplate", cpu_stage),
+        ("Tokenize", cpu_stage),
+        ("vLLM engine", f"{r.concurrency} replica(s) x {engine_res}, batch_size={e.batch_size}, max_model_len={e.max_model_len}"),
+        ("Detokenize", cpu_stage),
+        ("postprocess", "output schema; engine failures -> quarantine"),
+        ("write", f"{cfg.sink.format.value} -> {cfg.sink.path}/captions (+ /quarantine)"),
+    ]
+    return Plan(run_id, model_source, placement, rows_per_block, num_blocks, note, stages)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    output: str
+    quarantine: str
+    rows_read: int
+    skipped_done: int
+    captioned: int
+    quarantined_images: int
+    quarantined_engine: int
+    wall_seconds: float
+
+    @property
+    def quarantined(self) -> int:
+        return self.quarantined_images + self.quarantined_engine
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "quarantined": self.quarantined}
+
+
+def run(cfg: CapjobConfig) -> Optional[RunResult]:
+    from capjob import checkpoint, images, metrics, runtime, sinks, sources
+    from capjob.processor import build_caption_processor
+
+    run_id = cfg.job.run_id or new_run_id()
+    if cfg.job.dry_run:
+        # The plan describes the target cluster: no GPUs are needed here to print it.
+        model_source = cfg.model.source or f"<built locally: {cfg.model.builder}>"
+        mp = cfg.engine.tensor_parallel_size * cfg.engine.pipeline_parallel_size
+        gpus = cfg.resources.gpus_per_worker if cfg.resources.gpus_per_worker is not None else (mp if runtime.local_gpu_count() else 0)
+        placement = EnginePlacement(gpus, cfg.resources.accelerator_type if gpus else None)
+        print(make_plan(cfg, run_id, model_source, placement, cfg.data.limit).render(cfg))
+        return None
+
+    started = time.monotonic()
+    address = runtime.cluster_address(cfg)
+    placement = runtime.decide_placement(cfg, runtime.local_gpu_count()) if not address else None
+    writer = sinks.TableWriter(cfg.sink)
+    writer.check_writable()
+    done_ids = checkpoint.read_done_ids(cfg.sink) if cfg.job.resume else frozenset()
+    from capjob.models import resolve_model_source
+
+    model_source = resolve_model_source(cfg.model.source, cfg.model.builder)
+
+    if placement is None:  # a cluster: its GPUs decide
+        runtime.init_ray(cfg, EnginePlacement(0, None))
+        import ray
+
+        placement = runtime.decide_placement(cfg, int(ray.cluster_resources().get("GPU", 0)))
+    else:
+        runtime.init_ray(cfg, placement)
+    metrics.start_ledger(run_id)
+
+    source = sources.read_source(cfg.data)
+    plan = make_plan(cfg, run_id, model_source, placement, source.num_rows)
+    print(plan.render(cfg), flush=True)
+
+    ds = source.dataset
+    ds = ds.map_batches(
+        checkpoint.assign_ids,
+        fn_kwargs={"image_column": source.image_column, "key_column": source.key_column, "done_ids": done_ids, "run_id": run_id},
+        batch_format="numpy",
+        num_cpus=cfg.resources.preprocess_cpus,
+    )
+    if plan.rows_per_block:
+        ds = ds.repartition(target_num_rows_per_block=plan.rows_per_block)
+    elif plan.num_blocks:
+        ds = ds.repartition(num_blocks=plan.num_blocks)
+    ds = ds.map_batches(
+        images.prepare_images,
+        fn_kwargs={
+            "cfg": cfg.images,
+            "image_column": source.image_column,
+            "passthrough_columns": source.passthrough_columns,
+            "storage_options": cfg.data.storage_options,
+            "quarantine": images.QuarantineTarget(cfg.sink, run_id, cfg.model.name),
+        },
+        batch_format="numpy",
+        num_cpus=cfg.resources.preprocess_cpus,
+    )
+    ds = build_caption_processor(cfg, model_source, placement, run_id)(ds)
+    sink = sinks.CaptionSink(cfg.sink, run_id, cfg.model.name)
+    ds.write_datasink(sink)
+
+    import ray
+
+    counts = ray.get(ray.get_actor(metrics.ledger_name(run_id)).totals.remote())
+    result = RunResult(
+        run_id=run_id,
+        output=writer.url(sinks.CAPTIONS),
+        quarantine=writer.url(sinks.QUARANTINE),
+        rows_read=counts.get("read", 0),
+        skipped_done=counts.get("skipped", 0),
+        captioned=sink.totals["captioned"],
+        quarantined_images=counts.get("images_rejected", 0),
+        quarantined_engine=sink.totals["quarantined"],
+        wall_seconds=time.monotonic() - started,
+    )
+    expected = result.rows_read - result.skipped_done
+    if expected != result.captioned + result.quarantined:
+        raise AccountingError(
+            f"rows in ({expected}) != captioned ({result.captioned}) + quarantined ({result.quarantined}); "
+            f"run {run_id} lost or duplicated rows"
+        )
+    print(json.dumps(result.to_dict(), indent=2))
+    return result

@@ -1,0 +1,151 @@
+"""Stage: the Ray Data LLM processor (vLLM) that turns prepared images into captions.
+
+preprocess builds the chat request from the already-decoded small image; the processor's own
+stages then run PrepareMultimodal -> ChatTemplate -> Tokenize -> vLLM -> Detokenize; the
+output projection keeps only the output schema (never the image).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from capjob.config import CapjobConfig
+
+ERROR_COLUMN = "__inference_error__"
+# The processor keeps each row's working data in this column (ray.llm Processor.DATA_COLUMN).
+DATA_COLUMN = "__data"
+
+
+@dataclass(frozen=True)
+class EnginePlacement:
+    """How one engine replica is placed: on `gpus` GPUs, or on CPU when gpus == 0."""
+
+    gpus: int
+    accelerator_type: Optional[str]
+
+
+def engine_kwargs(cfg: CapjobConfig, model_source: str, placement: EnginePlacement) -> dict[str, Any]:
+    e, m = cfg.engine, cfg.model
+    kwargs: dict[str, Any] = {
+        "max_model_len": e.max_model_len,
+        "tensor_parallel_size": e.tensor_parallel_size,
+        "pipeline_parallel_size": e.pipeline_parallel_size,
+        "enforce_eager": e.enforce_eager,
+        "dtype": m.dtype,
+        "load_format": m.load_format,
+        "trust_remote_code": m.trust_remote_code,
+        "limit_mm_per_prompt": {"image": e.limit_images_per_prompt, "video": 0},
+    }
+    if placement.gpus > 0:
+        kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
+    if e.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = e.max_num_seqs
+    if e.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = e.max_num_batched_tokens
+    if e.quantization:
+        kwargs["quantization"] = e.quantization
+    if e.pipeline_parallel_size > 1:
+        # PP (and TP across nodes) needs Ray's executor; ray.llm picks it for TP > 1 itself.
+        kwargs["distributed_executor_backend"] = "ray"
+    kwargs.update(e.extra_engine_kwargs)
+    return kwargs
+
+
+class CaptionRequest:
+    """preprocess: one prepared row -> chat messages + sampling params."""
+
+    def __init__(self, cfg: CapjobConfig):
+        c = cfg.caption
+        self.system_prompt = c.system_prompt
+        self.user_prompt = c.user_prompt
+        self.sampling_params = {
+            "temperature": c.temperature,
+            "top_p": c.top_p,
+            "max_tokens": c.max_tokens,
+            "ignore_eos": c.ignore_eos,
+            **({"seed": c.seed} if c.seed is not None else {}),
+        }
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        from PIL import Image
+
+        pixels = row["image"]
+        image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), "RGB")
+        messages = [
+            {"role": "system", "content": self.system_prompt},
+            {
+                "role": "user",
+                "content": [
+                    # The row id doubles as vLLM's multimodal cache key: no hashing of pixels.
+                    {"type": "image_pil", "image_pil": image, "uuid": row["id"]},
+                    {"type": "text", "text": self.user_prompt},
+                ],
+            },
+        ]
+        # image=None: the array has served its purpose; don't carry it through every stage.
+        return {"messages": messages, "sampling_params": self.sampling_params, "image": None}
+
+
+class CaptionRecord:
+    """postprocess for every row, successful or failed: project to the output schema."""
+
+    def __init__(self, model_name: str, run_id: str, passthrough_columns: list[str]):
+        self.model_name = model_name
+        self.run_id = run_id
+        self.passthrough_columns = passthrough_columns
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        data = row[DATA_COLUMN]
+        out = {
+            "id": data["id"],
+            "source_key": data["source_key"],
+            "caption": data.get("generated_text") or "",
+            "prompt_tokens": int(data.get("num_input_tokens") or 0),
+            "generated_tokens": int(data.get("num_generated_tokens") or 0),
+            "image_width": int(data["image_width"]),
+            "image_height": int(data["image_height"]),
+            "model": self.model_name,
+            "run_id": self.run_id,
+            ERROR_COLUMN: data.get(ERROR_COLUMN) or "",
+        }
+        for column in self.passthrough_columns:
+            out[column] = data.get(column)
+        return out
+
+
+def build_caption_processor(cfg: CapjobConfig, model_source: str, placement: EnginePlacement, run_id: str):
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    r = cfg.resources
+    cpu_stage = {"num_cpus": r.cpu_stage_cpus, "concurrency": r.cpu_stage_concurrency}
+    config = vLLMEngineProcessorConfig(
+        model_source=model_source,
+        engine_kwargs=engine_kwargs(cfg, model_source, placement),
+        batch_size=cfg.engine.batch_size,
+        max_concurrent_batches=cfg.engine.max_concurrent_batches,
+        concurrency=r.concurrency,
+        accelerator_type=placement.accelerator_type if placement.gpus else None,
+        # A CPU engine must not ask Ray for a GPU; one CPU bundle per replica.
+        placement_group_config=None if placement.gpus else {"bundles": [{"CPU": 1}]},
+        prepare_multimodal_stage={"enabled": True, **cpu_stage},
+        chat_template_stage={"enabled": True, **cpu_stage},
+        tokenize_stage={"enabled": True, **cpu_stage},
+        detokenize_stage={"enabled": True, **cpu_stage},
+        # Failed rows come back with __inference_error__ and go to quarantine.
+        should_continue_on_error=True,
+        log_engine_metrics=True,
+    )
+    processor = build_processor(
+        config,
+        preprocess=CaptionRequest(cfg),
+        preprocess_map_kwargs={"num_cpus": r.preprocess_cpus},
+        postprocess_map_kwargs={"num_cpus": r.preprocess_cpus},
+    )
+    # ray.llm routes failed rows around the user postprocess, returning their whole working
+    # row (image, messages...). Replacing the wrapped postprocess makes every row, failed or
+    # not, leave in the same small schema.
+    processor.postprocess = CaptionRecord(cfg.model.name, run_id, list(cfg.data.passthrough_columns))
+    return processor

@@ -1,0 +1,83 @@
+"""Ray: join a cluster or start a local one sized so every stage of the pipeline can run.
+
+Ray Data LLM gives each CPU stage its own actor pool and the engine its own actor; on a
+2-core machine those requests exceed the physical cores and the pipeline waits forever for a
+CPU. A local Ray therefore gets at least as many logical CPUs as the stages ask for (vLLM and
+PIL release the GIL and share the cores fine), and a CPU engine asks for no GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Optional
+
+from capjob.config import CapjobConfig
+from capjob.errors import ConfigError
+from capjob.processor import EnginePlacement
+
+log = logging.getLogger(__name__)
+
+# Stages of the processor that hold an actor each (PrepareMultimodal, ChatTemplate, Tokenize, Detokenize).
+CPU_STAGE_ACTORS = 4
+
+
+def local_gpu_count() -> int:
+    """GPUs on this machine, found without starting Ray or importing torch."""
+    try:
+        from ray._private.accelerators import NvidiaGPUAcceleratorManager
+
+        return int(NvidiaGPUAcceleratorManager.get_current_node_num_accelerators() or 0)
+    except Exception:  # noqa: BLE001 - no driver, no NVML
+        return 0
+
+
+def cluster_address(cfg: CapjobConfig) -> Optional[str]:
+    return cfg.resources.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def decide_placement(cfg: CapjobConfig, available_gpus: int) -> EnginePlacement:
+    """GPUs per engine replica, checked against what the cluster has. Raises ConfigError."""
+    r, e = cfg.resources, cfg.engine
+    model_parallel = e.tensor_parallel_size * e.pipeline_parallel_size
+    gpus = r.gpus_per_worker if r.gpus_per_worker is not None else (model_parallel if available_gpus else 0)
+    if gpus > 0 and gpus > available_gpus:
+        raise ConfigError(
+            f"resources.gpus_per_worker: each engine replica needs {gpus} GPU(s) "
+            f"(engine.tensor_parallel_size x engine.pipeline_parallel_size = {model_parallel}) "
+            f"but the cluster has {available_gpus}; use resources=local on a CPU machine or lower TP/PP"
+        )
+    if gpus > 0 and gpus * r.concurrency > available_gpus:
+        log.warning(
+            "resources.concurrency=%d replicas x %d GPU(s) > %d GPU(s): replicas beyond %d will wait",
+            r.concurrency, gpus, available_gpus, available_gpus // gpus,
+        )
+    if gpus == 0 and model_parallel > 1:
+        raise ConfigError("engine.tensor_parallel_size: TP/PP > 1 needs GPUs and this cluster has none")
+    return EnginePlacement(gpus=gpus, accelerator_type=r.accelerator_type if gpus else None)
+
+
+def local_cpus_needed(cfg: CapjobConfig, placement: EnginePlacement) -> int:
+    r = cfg.resources
+    engine_cpus = r.concurrency if placement.gpus == 0 else 0
+    stage_cpus = CPU_STAGE_ACTORS * r.cpu_stage_concurrency * r.cpu_stage_cpus
+    # Room for read, decode, preprocess, postprocess and write tasks beside the actors.
+    task_cpus = 4 * r.preprocess_cpus
+    return math.ceil(engine_cpus + stage_cpus + task_cpus)
+
+
+def init_ray(cfg: CapjobConfig, placement: EnginePlacement, metrics_export_port: Optional[int] = None) -> dict[str, Any]:
+    import ray
+
+    address = cluster_address(cfg)
+    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs["num_cpus"] = max(cfg.resources.num_cpus or os.cpu_count() or 1, local_cpus_needed(cfg, placement))
+        kwargs["include_dashboard"] = False
+        if metrics_export_port:
+            kwargs["_metrics_export_port"] = metrics_export_port
+    ray.init(**kwargs)
+    return {"address": address or "local", "resources": ray.cluster_resources()}
