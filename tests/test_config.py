@@ -1,0 +1,108 @@
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from capjob.config import CapjobConfig, to_typed
+from capjob.errors import ConfigError
+from conftest import CONF_DIR, REPO, compose
+
+GROUPS = {"dataset": "data", "model": "model", "engine": "engine", "resources": "resources", "sink": "sink"}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes_and_validates(group, option):
+    cfg = to_typed(compose([f"{group}={option}"]))
+    assert isinstance(cfg, CapjobConfig)
+    # The option's values landed under the group's key (dataset -> data).
+    assert getattr(cfg, GROUPS[group]).name == option
+
+
+def test_required_options_exist():
+    assert {"blip3o", "sample"} <= set(options("dataset"))
+    assert {"qwen25vl_3b", "tiny_qwen25vl"} <= set(options("model"))
+    assert {"local", "l4x4", "l4x10", "h100x1"} <= set(options("resources"))
+    assert "vllm" in options("engine") and "parquet" in options("sink")
+
+
+def test_card_command_composes():
+    cfg = to_typed(compose(["model=qwen25vl_3b", "resources=l4x10", "data.limit=1000000"]))
+    assert cfg.model.source == "Qwen/Qwen2.5-VL-3B-Instruct"
+    assert cfg.resources.accelerator_type == "L4" and cfg.resources.concurrency == 10
+    assert cfg.data.limit == 1_000_000 and cfg.data.image_column == "jpg"
+
+
+def test_offline_experiment_preset():
+    cfg = to_typed(compose(["experiment=offline"]))
+    assert (cfg.data.name, cfg.model.name, cfg.resources.name) == ("sample", "tiny_qwen25vl", "local")
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("engine.batch_size=-1", "engine.batch_size"),
+        ("data.limit=0", "data.limit"),
+        ("engine.gpu_memory_utilization=1.5", "engine.gpu_memory_utilization"),
+        ("resources.concurrency=0", "resources.concurrency"),
+        ("caption.max_tokens=0", "caption.max_tokens"),
+        ("model.builder=nope", "model.builder"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        to_typed(compose([override]))
+
+
+def test_tp_pp_must_match_gpus_per_worker():
+    with pytest.raises(ConfigError) as e:
+        to_typed(compose(["resources=h100x1", "engine.tensor_parallel_size=2"]))
+    assert "engine.tensor_parallel_size" in str(e.value) and "resources.gpus_per_worker" in str(e.value)
+    cfg = to_typed(compose(["resources=h100x1", "engine.tensor_parallel_size=2", "resources.gpus_per_worker=2"]))
+    assert cfg.engine.tensor_parallel_size == 2
+
+
+def test_unknown_key_fails_at_composition():
+    with pytest.raises(ConfigCompositionException) as e:
+        compose(["engine.batchsize=8"])
+    assert "batchsize" in str(e.value.__cause__)
+
+
+def test_bad_enum_lists_allowed_values():
+    with pytest.raises(ConfigCompositionException) as e:
+        compose(["data.format=csv"])
+    assert "image_folder" in str(e.value.__cause__)
+
+
+def test_unknown_option_is_missing_config():
+    with pytest.raises(MissingConfigException):
+        compose(["model=nope"])
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "capjob", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_card_command_prints_resolved_config():
+    proc = run_cli("model=qwen25vl_3b", "resources=l4x10", "data.limit=1000000", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    assert "Qwen/Qwen2.5-VL-3B-Instruct" in proc.stdout and "limit: 1000000" in proc.stdout
+
+
+def test_cli_dry_run_prints_plan_without_inference():
+    proc = run_cli("model=qwen25vl_3b", "resources=l4x10", "data.limit=1000000", "job.dry_run=true")
+    assert proc.returncode == 0, proc.stderr
+    assert "10 engine replica(s), 1 GPU(s) of type L4 each" in proc.stdout
+    assert "vLLM engine" in proc.stdout and "blocks of <= 64 rows" in proc.stdout
+
+
+def test_cli_errors_are_one_line():
+    proc = run_cli("engine.batch_size=-3", "job.dry_run=true")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "capjob: error: engine.batch_size: must be > 0, got -3"
+    proc = run_cli("model=nope")
+    assert proc.returncode != 0 and "Available options in 'model'" in proc.stderr and "Traceback" not in proc.stderr
