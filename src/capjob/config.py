@@ -84,6 +84,9 @@ class EngineConfig:
     max_num_seqs: Optional[int] = None
     max_num_batched_tokens: Optional[int] = None
     gpu_memory_utilization: float = 0.9
+    # On CPU vLLM reads gpu_memory_utilization as a share of host RAM; a fixed KV cache is
+    # what a CPU engine (tests, laptops) wants instead.
+    cpu_kv_cache_gib: float = 1.0
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     quantization: Optional[str] = None
@@ -204,6 +207,7 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
     _require(e.max_model_len > 0, "engine.max_model_len", f"must be > 0, got {e.max_model_len}")
     _require(e.max_num_seqs is None or e.max_num_seqs > 0, "engine.max_num_seqs", f"must be > 0 or null, got {e.max_num_seqs}")
     _require(0.0 < e.gpu_memory_utilization <= 1.0, "engine.gpu_memory_utilization", f"must be in (0, 1], got {e.gpu_memory_utilization}")
+    _require(e.cpu_kv_cache_gib > 0, "engine.cpu_kv_cache_gib", f"must be > 0, got {e.cpu_kv_cache_gib}")
     _require(e.tensor_parallel_size >= 1, "engine.tensor_parallel_size", f"must be >= 1, got {e.tensor_parallel_size}")
     _require(e.pipeline_parallel_size >= 1, "engine.pipeline_parallel_size", f"must be >= 1, got {e.pipeline_parallel_size}")
     _require(r.concurrency >= 1, "resources.concurrency", f"must be >= 1, got {r.concurrency}")

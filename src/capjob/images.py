@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from capjob.config import ImagesConfig, ResizeMode
 
@@ -91,6 +91,31 @@ def _target_size(width: int, height: int, cfg: ImagesConfig) -> tuple[int, int]:
     return max(w, floor), max(h, floor)
 
 
+_ORIENTATION = 0x0112  # EXIF Orientation tag
+# What ImageOps.exif_transpose does for each EXIF orientation.
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# Modes that can be resized before _to_rgb with the same result (up to rounding): converting
+# L to RGB copies the channel, and flattening alpha onto white is linear, which commutes with
+# PIL's (premultiplied) resampling. Everything else is normalised at full size first.
+_RESIZE_FIRST = frozenset({"RGB", "L", "RGBA", "LA"})
+
+
+def _stored_target(width: int, height: int, orientation: Any, cfg: ImagesConfig) -> tuple[int, int]:
+    """The output size in the image's stored orientation (EXIF 5-8 swap the sides)."""
+    if orientation in (5, 6, 7, 8):
+        target_w, target_h = _target_size(height, width, cfg)
+        return target_h, target_w
+    return _target_size(width, height, cfg)
+
+
 def decode_image(data: bytes | None, cfg: ImagesConfig) -> DecodedImage:
     """Decode, validate and resize one image. Raises ImageRejected with a reason."""
     if data is None or len(data) == 0:
@@ -120,21 +145,27 @@ def decode_image(data: bytes | None, cfg: ImagesConfig) -> DecodedImage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             im.seek(0)  # animated images: the first frame
-            target_w, target_h = _target_size(width, height, cfg)
+            # Sizes are planned in the stored orientation and the (small) result is turned
+            # upright at the end: rotating first would copy the full-size image.
+            orientation = im.getexif().get(_ORIENTATION, 1) if fmt == "JPEG" else None
             if fmt == "JPEG":
-                # Decode at the smallest DCT scale that still covers the target (both orientations,
-                # since EXIF rotation is applied after decoding).
-                side = max(target_w, target_h)
-                im.draft("RGB" if im.mode not in ("L", "CMYK") else im.mode, (side, side))
+                # Decode at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the target.
+                target_w, target_h = _stored_target(width, height, orientation, cfg)
+                im.draft("RGB" if im.mode not in ("L", "CMYK") else im.mode, (target_w, target_h))
             ImageFile.LOAD_TRUNCATED_IMAGES = False
-            im.load()
-            im = ImageOps.exif_transpose(im) or im
-            im = _to_rgb(im)
-            w, h = im.size
-            target_w, target_h = _target_size(w, h, cfg)
-            if (w, h) != (target_w, target_h):
+            im.load()  # the full decode: truncated or corrupt data fails here
+            if orientation is None:
+                orientation = im.getexif().get(_ORIENTATION, 1)
+            target_w, target_h = _stored_target(width, height, orientation, cfg)
+            if im.mode not in _RESIZE_FIRST:
+                im = _to_rgb(im)
+            if im.size != (target_w, target_h):
                 # reducing_gap: a cheap box reduce first, then BICUBIC for the last factor of 2.
                 im = im.resize((target_w, target_h), Image.Resampling.BICUBIC, reducing_gap=2.0)
+            im = _to_rgb(im)
+            transpose = _TRANSPOSE.get(orientation)
+            if transpose is not None:
+                im = im.transpose(transpose)
             pixels = np.asarray(im, dtype=np.uint8)
     except ImageRejected:
         raise

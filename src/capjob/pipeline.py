@@ -120,6 +120,8 @@ class RunResult:
 
 
 def run(cfg: CapjobConfig) -> Optional[RunResult]:
+    import ray
+
     from capjob import checkpoint, images, metrics, runtime, sinks, sources
     from capjob.processor import build_caption_processor
 
@@ -145,12 +147,10 @@ def run(cfg: CapjobConfig) -> Optional[RunResult]:
 
     if placement is None:  # a cluster: its GPUs decide
         runtime.init_ray(cfg, EnginePlacement(0, None))
-        import ray
-
         placement = runtime.decide_placement(cfg, int(ray.cluster_resources().get("GPU", 0)))
     else:
         runtime.init_ray(cfg, placement)
-    metrics.start_ledger(run_id)
+    ledger = metrics.start_ledger(run_id)  # keep the handle: an unreferenced actor is destroyed
 
     source = sources.read_source(cfg.data)
     plan = make_plan(cfg, run_id, model_source, placement, source.num_rows)
@@ -183,9 +183,7 @@ def run(cfg: CapjobConfig) -> Optional[RunResult]:
     sink = sinks.CaptionSink(cfg.sink, run_id, cfg.model.name)
     ds.write_datasink(sink)
 
-    import ray
-
-    counts = ray.get(ray.get_actor(metrics.ledger_name(run_id)).totals.remote())
+    counts = ray.get(ledger.totals.remote())
     result = RunResult(
         run_id=run_id,
         output=writer.url(sinks.CAPTIONS),

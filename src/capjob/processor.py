@@ -41,6 +41,8 @@ def engine_kwargs(cfg: CapjobConfig, model_source: str, placement: EnginePlaceme
     }
     if placement.gpus > 0:
         kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
+    else:
+        kwargs["kv_cache_memory_bytes"] = int(e.cpu_kv_cache_gib * 2**30)
     if e.max_num_seqs is not None:
         kwargs["max_num_seqs"] = e.max_num_seqs
     if e.max_num_batched_tokens is not None:

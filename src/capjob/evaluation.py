@@ -1,0 +1,480 @@
+"""Caption evaluation: statistics over a captions table, per-row flags, reports.
+
+Runs after captioning (``eval=stats``) or on an existing output (``capjob-eval OUTPUT``)::
+
+    captions table -> per-row flags (empty, truncated, degenerate) -> aggregate statistics
+        -> <sink.path>/evaluation/<run or 'all'>.parquet    one row per caption, keyed by id
+        -> eval.json, eval.md, caption_length_hist.png       in a local report directory
+
+Truncation is inferred as ``generated_tokens >= max_tokens``: the engine output capjob keeps
+carries no finish reason, and a caption that used its whole token budget was almost surely
+cut. A caption that ends exactly at the budget by itself is counted as truncated too.
+
+Words are lower-cased ``\\w+`` tokens (apostrophes kept inside words), so punctuation and case
+never count: "A cat." and "a cat" have the same words, n-grams and vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from capjob.config import SinkConfig, SinkFormat
+from capjob.errors import CapjobError, ConfigError, SinkError, SourceError
+from capjob.sinks import CAPTIONS, TableWriter
+from capjob.sources import _describe_remote_error
+
+EVALUATION = "evaluation"
+REQUIRED_COLUMNS = ("id", "caption", "generated_tokens")
+REPORT_JSON = "eval.json"
+REPORT_MD = "eval.md"
+HISTOGRAM_PNG = "caption_length_hist.png"
+PERCENTILES = (5, 50, 95)
+
+EVAL_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("words", pa.int64()),
+        ("generated_tokens", pa.int64()),
+        ("empty", pa.bool_()),
+        # Null when max_tokens is unknown: "not truncated" would be a guess.
+        ("truncated", pa.bool_()),
+        ("degenerate", pa.bool_()),
+        # Comma-separated flag names (empty, truncated, repeated_ngram, repeated_lines); "" if none.
+        ("flags", pa.string()),
+    ]
+)
+
+_WORD = re.compile(r"\w+(?:['’]\w+)*")
+
+
+class EvalMode(str, enum.Enum):
+    off = "off"
+    stats = "stats"  # statistics and per-row flags
+    judge = "judge"  # statistics plus a judge model scoring each caption (not implemented yet)
+
+
+@dataclass
+class JudgeConfig:
+    """The judge pass (mode=judge): a VLM that sees the image and the caption and scores it."""
+
+    # Hub id or local path; None with `builder` set: a model capjob builds (as model.builder).
+    model_source: Optional[str] = None
+    builder: Optional[str] = None
+    # Sent with the image; {caption} is replaced by the caption under evaluation.
+    prompt: str = (
+        "Here is an image and a caption written for it.\n"
+        "Caption: {caption}\n"
+        "Rate the caption from 1 (wrong or unusable) to 5 (accurate, complete, nothing invented). "
+        "Answer with the number, then one short sentence explaining it."
+    )
+    max_tokens: int = 64
+    batch_size: int = 16
+    # Judge engine replicas.
+    concurrency: int = 1
+
+
+@dataclass
+class EvalConfig:
+    """`eval` group: caption evaluation after the run, consumed by evaluation.py."""
+
+    name: str = "off"
+    mode: EvalMode = EvalMode.off
+    # Truncation threshold when the run's caption.max_tokens is not known (capjob-eval on an
+    # existing output); None there leaves truncation unknown rather than guessed.
+    max_tokens: Optional[int] = None
+    # Degenerate captions: an n-gram of `ngram` words occurring >= `ngram_repeats` times, or the
+    # most frequent one (occurring twice or more) covering > `ngram_share` of all n-grams...
+    ngram: int = 3
+    ngram_repeats: int = 3
+    ngram_share: float = 0.3
+    # ...or a line (same words) occurring >= `line_repeats` times.
+    line_repeats: int = 2
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate_eval(cfg: EvalConfig) -> EvalConfig:
+    """Range checks the types cannot express. Raises ConfigError naming the key."""
+    _require(cfg.max_tokens is None or cfg.max_tokens > 0, "eval.max_tokens", f"must be > 0 or null, got {cfg.max_tokens}")
+    _require(cfg.ngram >= 1, "eval.ngram", f"must be >= 1, got {cfg.ngram}")
+    _require(cfg.ngram_repeats >= 2, "eval.ngram_repeats", f"must be >= 2, got {cfg.ngram_repeats}")
+    _require(0 < cfg.ngram_share <= 1, "eval.ngram_share", f"must be in (0, 1], got {cfg.ngram_share}")
+    _require(cfg.line_repeats >= 2, "eval.line_repeats", f"must be >= 2, got {cfg.line_repeats}")
+    if cfg.mode == EvalMode.judge:
+        j = cfg.judge
+        _require(bool(j.model_source) or bool(j.builder), "eval.judge.model_source", "set a hub id or local path (or eval.judge.builder)")
+        _require("{caption}" in j.prompt, "eval.judge.prompt", "must contain the placeholder {caption}")
+        _require(j.max_tokens > 0, "eval.judge.max_tokens", f"must be > 0, got {j.max_tokens}")
+        _require(j.batch_size > 0, "eval.judge.batch_size", f"must be > 0, got {j.batch_size}")
+        _require(j.concurrency >= 1, "eval.judge.concurrency", f"must be >= 1, got {j.concurrency}")
+    return cfg
+
+
+# --- per caption -------------------------------------------------------------------------
+
+
+def word_tokens(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def has_repeated_ngram(words: Sequence[str], n: int, repeats: int, share: float) -> bool:
+    grams = list(zip(*(words[i:] for i in range(n))))
+    # Most captions repeat no n-gram at all; a set answers that several times faster than Counter.
+    if len(set(grams)) == len(grams):
+        return False
+    counts = Counter(grams)
+    top = max(counts.values())
+    # The share test needs a real repetition: a 3-word caption's only 3-gram is 100% of them.
+    return top >= repeats or (top >= 2 and top / counts.total() > share)
+
+
+def has_repeated_lines(text: str, repeats: int) -> bool:
+    raw = text.splitlines()
+    if len(raw) < repeats:  # the usual one-line caption: nothing to tokenize again
+        return False
+    # Lines compare by their words; lines without words (blank, "---") are layout, not content.
+    lines = Counter(words for words in (tuple(word_tokens(line)) for line in raw) if words)
+    return bool(lines) and max(lines.values()) >= repeats
+
+
+@dataclass(frozen=True)
+class RowFlags:
+    words: int
+    empty: bool
+    truncated: Optional[bool]  # None: max_tokens unknown
+    repeated_ngram: bool
+    repeated_lines: bool
+
+    @property
+    def degenerate(self) -> bool:
+        return self.repeated_ngram or self.repeated_lines
+
+    @property
+    def names(self) -> str:
+        named = {
+            "empty": self.empty,
+            "truncated": bool(self.truncated),
+            "repeated_ngram": self.repeated_ngram,
+            "repeated_lines": self.repeated_lines,
+        }
+        return ",".join(name for name, on in named.items() if on)
+
+
+def caption_flags(caption: str, words: Sequence[str], generated_tokens: int, max_tokens: Optional[int], cfg: EvalConfig) -> RowFlags:
+    """`words`: word_tokens(caption), computed once by the caller for the vocabulary too."""
+    return RowFlags(
+        words=len(words),
+        empty=not caption.strip(),
+        truncated=None if max_tokens is None else generated_tokens >= max_tokens,
+        repeated_ngram=has_repeated_ngram(words, cfg.ngram, cfg.ngram_repeats, cfg.ngram_share),
+        repeated_lines=has_repeated_lines(caption, cfg.line_repeats),
+    )
+
+
+# --- over a table ------------------------------------------------------------------------
+
+
+def vocabulary_size(tokenized: Iterable[Sequence[str]]) -> int:
+    """Distinct words over captions given as word_tokens lists."""
+    return len(set().union(*tokenized))
+
+
+def distribution(values: Sequence[int]) -> dict[str, Optional[float]]:
+    """mean and p5/p50/p95 (numpy's linear interpolation); None for no values."""
+    if not values:
+        return {"mean": None, **{f"p{q}": None for q in PERCENTILES}}
+    points = np.percentile(np.asarray(values, dtype=np.float64), PERCENTILES)
+    return {"mean": float(np.mean(values)), **{f"p{q}": float(p) for q, p in zip(PERCENTILES, points)}}
+
+
+def _share(count: Optional[int], total: int) -> dict[str, Any]:
+    return {"count": count, "share": count / total if count is not None and total else None}
+
+
+def require_columns(table: pa.Table) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise SourceError(f"the captions table has no column(s) {missing}; columns: {sorted(table.column_names)}")
+
+
+def select_run(table: pa.Table, run_id: str) -> pa.Table:
+    if "run_id" not in table.column_names:
+        raise SourceError(f"cannot select run {run_id!r}: the captions table has no run_id column")
+    return table.filter(pc.equal(table.column("run_id"), run_id))
+
+
+@dataclass
+class Evaluation:
+    rows: pa.Table  # EVAL_SCHEMA, one row per caption
+    stats: dict[str, Any]  # JSON-ready; what eval.json holds
+
+
+def evaluate(table: pa.Table, cfg: EvalConfig, *, max_tokens: Optional[int] = None, run: str = "all") -> Evaluation:
+    """Flags and statistics of a captions table. `max_tokens` (the run's caption.max_tokens)
+    wins over cfg.max_tokens, which is only the fallback when the run's value is unknown."""
+    require_columns(table)
+    limit = max_tokens if max_tokens is not None else cfg.max_tokens
+    captions = [c or "" for c in table.column("caption").to_pylist()]  # a null caption is an empty one
+    tokens = [int(t or 0) for t in table.column("generated_tokens").to_pylist()]
+    words = [word_tokens(c) for c in captions]
+    flags = [caption_flags(c, w, t, limit, cfg) for c, w, t in zip(captions, words, tokens)]
+    rows = pa.table(
+        {
+            "id": table.column("id").cast(pa.string()),
+            "words": [f.words for f in flags],
+            "generated_tokens": tokens,
+            "empty": [f.empty for f in flags],
+            "truncated": [f.truncated for f in flags],
+            "degenerate": [f.degenerate for f in flags],
+            "flags": [f.names for f in flags],
+        },
+        schema=EVAL_SCHEMA,
+    )
+    n = len(flags)
+    stats = {
+        "run": run,
+        "models": sorted({m for m in table.column("model").to_pylist() if m}) if "model" in table.column_names else [],
+        "count": n,
+        "max_tokens": limit,
+        "words": distribution([f.words for f in flags]),
+        "generated_tokens": distribution(tokens),
+        "empty": _share(sum(f.empty for f in flags), n),
+        "truncated": _share(None if limit is None else sum(bool(f.truncated) for f in flags), n),
+        "degenerate": {
+            **_share(sum(f.degenerate for f in flags), n),
+            "repeated_ngram": sum(f.repeated_ngram for f in flags),
+            "repeated_lines": sum(f.repeated_lines for f in flags),
+        },
+        "vocabulary_size": vocabulary_size(words),
+        "settings": {"ngram": cfg.ngram, "ngram_repeats": cfg.ngram_repeats, "ngram_share": cfg.ngram_share, "line_repeats": cfg.line_repeats},
+    }
+    return Evaluation(rows, stats)
+
+
+# --- reports -----------------------------------------------------------------------------
+
+
+def _num(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def _pct(part: Mapping[str, Any]) -> str:
+    return "n/a" if part["share"] is None else f"{part['count']} ({100 * part['share']:.1f}%)"
+
+
+def render_markdown(stats: Mapping[str, Any]) -> str:
+    s = stats
+    d = s["degenerate"]
+    truncated_rule = f"generated_tokens >= {s['max_tokens']}" if s["max_tokens"] is not None else "max_tokens unknown"
+    lines = [
+        f"# Caption evaluation: run `{s['run']}`",
+        "",
+        f"- captions: {s['count']}",
+        f"- models: {', '.join(s['models']) or 'n/a'}",
+        *([f"- source: `{s['source']}`"] if s.get("source") else []),
+        *([f"- per-row flags: `{s['evaluation_table']}`"] if s.get("evaluation_table") else []),
+        "",
+        "## Length",
+        "",
+        "| | mean | p5 | p50 | p95 |",
+        "|---|---:|---:|---:|---:|",
+        *(
+            f"| {label} | " + " | ".join(_num(s[key][k]) for k in ("mean", "p5", "p50", "p95")) + " |"
+            for label, key in (("words", "words"), ("generated tokens", "generated_tokens"))
+        ),
+        "",
+        f"![caption length]({HISTOGRAM_PNG})",
+        "",
+        "## Flags",
+        "",
+        "| flag | rule | captions |",
+        "|---|---|---:|",
+        f"| empty | no text besides whitespace | {_pct(s['empty'])} |",
+        f"| truncated | {truncated_rule} (no finish reason in the output) | {_pct(s['truncated'])} |",
+        f"| degenerate | repeated {s['settings']['ngram']}-grams or repeated lines | {_pct(d)} |",
+        f"| - repeated n-grams | one occurs >= {s['settings']['ngram_repeats']} times or covers > "
+        f"{100 * s['settings']['ngram_share']:.0f}% | {d['repeated_ngram']} |",
+        f"| - repeated lines | one occurs >= {s['settings']['line_repeats']} times | {d['repeated_lines']} |",
+        "",
+        f"Vocabulary: {s['vocabulary_size']} distinct lower-cased words.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _histogram(ax: Any, values: list[int], stats: Mapping[str, Optional[float]], xlabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("captions")
+    if not values:
+        ax.text(0.5, 0.5, "no captions", ha="center", va="center", transform=ax.transAxes)
+        return
+    # Integer-aligned bins: lengths are counts, and a bin straddling two integers misleads.
+    low, high = min(values), max(values)
+    step = max(1, int(np.ceil((high - low + 1) / 50)))
+    ax.hist(values, bins=np.arange(low, high + step + 1, step) - 0.5, color="#4c72b0")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    for key, style in (("p5", ":"), ("p50", "--"), ("p95", ":"), ("mean", "-")):
+        ax.axvline(stats[key], color="#c44e52", linestyle=style, label=f"{key} {stats[key]:.1f}")
+    ax.legend(fontsize="small")
+
+
+def plot_lengths(evaluation: Evaluation, path: Path) -> None:
+    # The object-oriented API on an Agg canvas: no pyplot global state, no display needed.
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    words_ax, tokens_ax = fig.subplots(1, 2)
+    _histogram(words_ax, evaluation.rows.column("words").to_pylist(), evaluation.stats["words"], "words")
+    _histogram(tokens_ax, evaluation.rows.column("generated_tokens").to_pylist(), evaluation.stats["generated_tokens"], "generated tokens")
+    fig.suptitle(f"Caption length, run {evaluation.stats['run']} ({evaluation.stats['count']} captions)")
+    fig.savefig(path, format="png", dpi=100)
+
+
+def write_report(evaluation: Evaluation, out_dir: Path) -> dict[str, Path]:
+    """eval.json, eval.md and caption_length_hist.png into a local directory."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / REPORT_JSON, "markdown": out_dir / REPORT_MD, "histogram": out_dir / HISTOGRAM_PNG}
+    paths["json"].write_text(json.dumps(evaluation.stats, indent=2) + "\n")
+    paths["markdown"].write_text(render_markdown(evaluation.stats))
+    plot_lengths(evaluation, paths["histogram"])
+    return paths
+
+
+def write_eval_table(evaluation: Evaluation, sink: SinkConfig) -> str:
+    """<sink.path>/evaluation/<run>.parquet, atomically, whatever the sink's format; returns its URL."""
+    writer = TableWriter(replace(sink, format=SinkFormat.parquet))
+    written = writer.write(EVALUATION, evaluation.rows, evaluation.stats["run"])
+    return f"{writer.url(EVALUATION)}/{written.rsplit('/', 1)[-1]}"
+
+
+def compare_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """One row per eval.json content (e.g. per model checkpoint), keyed by its label."""
+    lines = [
+        "| | captions | words mean | words p50 | words p95 | tokens mean | empty | truncated | degenerate | vocabulary |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, s in results.items():
+        cells = [
+            str(s["count"]),
+            _num(s["words"]["mean"]),
+            _num(s["words"]["p50"]),
+            _num(s["words"]["p95"]),
+            _num(s["generated_tokens"]["mean"]),
+            _pct(s["empty"]),
+            _pct(s["truncated"]),
+            _pct(s["degenerate"]),
+            str(s["vocabulary_size"]),
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --- an output (the job's sink or an existing one) ---------------------------------------
+
+
+def output_sink(url: str, storage_options: Optional[dict[str, Any]] = None) -> SinkConfig:
+    """The SinkConfig that reads an existing output; its caption files tell the format."""
+    options = storage_options or {}
+    candidates = [
+        SinkConfig(path=url, format=fmt, compression=compression, storage_options=options)
+        for fmt, compression in ((SinkFormat.parquet, "snappy"), (SinkFormat.jsonl, "gzip"), (SinkFormat.jsonl, "none"))
+    ]
+    try:
+        fs, root = fsspec.url_to_fs(url, **options)
+        exists = fs.exists(root)
+        found = [sink for sink in candidates if exists and TableWriter(sink).list_files(CAPTIONS)]
+    except Exception as e:  # noqa: BLE001 - fsspec/s3fs/botocore raise a zoo of types
+        raise SourceError(_describe_remote_error(url, e)) from None
+    if not exists:
+        raise SourceError(f"{url!r} does not exist")
+    if not found:
+        raise SourceError(f"no caption files under {url.rstrip('/')}/{CAPTIONS}: is {url!r} a capjob sink.path?")
+    return found[0]
+
+
+def read_captions(sink: SinkConfig) -> pa.Table:
+    writer = TableWriter(sink)
+    try:
+        if not writer.list_files(CAPTIONS):
+            # Every image of the run was quarantined: no captions is a result, not bad input.
+            return pa.table({"id": pa.array([], pa.string()), "caption": pa.array([], pa.string()), "generated_tokens": pa.array([], pa.int64())})
+        return writer.read(CAPTIONS)
+    except Exception as e:  # noqa: BLE001 - s3fs/botocore/pyarrow raise a zoo of types
+        raise SourceError(_describe_remote_error(f"{sink.path.rstrip('/')}/{CAPTIONS}", e)) from None
+
+
+def evaluate_output(
+    sink: SinkConfig, cfg: EvalConfig, out_dir: Path, *, run_id: Optional[str] = None, max_tokens: Optional[int] = None
+) -> tuple[Evaluation, dict[str, str]]:
+    """Evaluate a sink's captions (one run's, or all) and write the table and the report.
+    Returns the evaluation and where each result went."""
+    table = read_captions(sink)
+    evaluation = evaluate(select_run(table, run_id) if run_id else table, cfg, max_tokens=max_tokens, run=run_id or "all")
+    evaluation.stats["source"] = TableWriter(sink).url(CAPTIONS)
+    try:
+        evaluation.stats["evaluation_table"] = write_eval_table(evaluation, sink)
+    except Exception as e:  # noqa: BLE001 - s3fs/botocore raise a zoo of types
+        raise SinkError(f"cannot write the evaluation table under {sink.path!r}: {type(e).__name__}: {e}") from None
+    files = {name: str(path) for name, path in write_report(evaluation, out_dir).items()}
+    return evaluation, {"table": evaluation.stats["evaluation_table"], **files}
+
+
+# --- capjob-eval -------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def default_out_dir(url: str) -> Path:
+    """The output itself when local; else ./eval-<last path component>."""
+    fs, root = fsspec.url_to_fs(url)
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        return Path(root)
+    return Path(f"eval-{root.rstrip('/').rsplit('/', 1)[-1]}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="capjob-eval",
+        description="Caption statistics of an existing capjob output: eval.json, eval.md, "
+        "caption_length_hist.png, and per-row flags in OUTPUT/evaluation/all.parquet.",
+    )
+    parser.add_argument("output", metavar="OUTPUT", help="the run's sink.path (local path or fsspec URL such as s3://bucket/prefix)")
+    parser.add_argument("--max-tokens", type=_positive_int, default=None, help="the run's caption.max_tokens; without it truncation is not assessed")
+    parser.add_argument("--out", type=Path, default=None, help="report directory (default: OUTPUT when local, else ./eval-<name>)")
+    args = parser.parse_args(argv)
+    try:
+        sink = output_sink(args.output)
+        out_dir = args.out or default_out_dir(args.output)
+        _, written = evaluate_output(sink, EvalConfig(name="stats", mode=EvalMode.stats, max_tokens=args.max_tokens), out_dir)
+    except (CapjobError, OSError) as e:
+        print(f"capjob-eval: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for name, where in written.items():
+        print(f"{name:<10} {where}")

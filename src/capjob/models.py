@@ -1,0 +1,333 @@
+"""Where the captioning model comes from: a hub id / local path, or a model capjob builds itself.
+
+``tiny_qwen25vl`` is a randomly initialised Qwen2.5-VL (the real ``Qwen2_5_VLForConditionalGeneration``
+architecture, a few layers wide) written in the layout of a hub model directory: config,
+safetensors weights, a locally trained byte-level BPE tokenizer carrying Qwen's special tokens,
+Qwen2.5-VL's chat template and image processor config. vLLM and transformers load it through
+exactly the code paths they use for ``Qwen/Qwen2.5-VL-3B-Instruct``, so the whole pipeline runs
+offline on a CPU; its captions are gibberish.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+
+TINY_QWEN25VL = "tiny_qwen25vl"
+# Bump when the built files change, so caches never serve a stale layout.
+TINY_QWEN25VL_VERSION = "v1"
+# Written last into a build: a directory without it was never finished.
+COMPLETE_MARKER = ".capjob-build-complete.json"
+SEED = 0
+
+# Qwen2.5-VL's special tokens in the order (and so with the relative ids) of the real tokenizer.
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+BPE_VOCAB_SIZE = 1024  # byte alphabet + merges, before the special tokens
+# Qwen's own pre-tokenizer split (transformers' Qwen2Tokenizer rebuilds exactly this pipeline).
+QWEN_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+# The chat template of Qwen/Qwen2.5-VL-*-Instruct (tokenizer_config.json and chat_template.json).
+QWEN25VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Pixel budget per image: 4..256 merged tokens. 448 = 16 x 28, so every image capjob's default
+# resize (longest side 448) produces fits without a second downscale, and vLLM's profiling run
+# and max_model_len stay small on CPU.
+PATCH_SIZE, MERGE_SIZE, TEMPORAL_PATCH_SIZE = 14, 2, 2
+MIN_PIXELS = 4 * (PATCH_SIZE * MERGE_SIZE) ** 2
+MAX_PIXELS = 256 * (PATCH_SIZE * MERGE_SIZE) ** 2
+
+# Text the tokenizer is trained on: plain English of the kind captions and prompts are made of.
+_TOKENIZER_CORPUS = """\
+A photograph of a small red boat resting on the sand of a quiet beach at sunset. The sky is
+orange and pink, and long shadows stretch from the boat toward the calm blue water. Two gulls
+stand near the edge of the waves, and a line of low green hills rises in the distance.
+
+The image shows a busy city street on a rainy evening. People with black umbrellas cross at a
+striped crosswalk while yellow taxis wait at the traffic light. Shop windows glow with warm
+light, and the wet pavement reflects the signs, the headlights and the tall grey buildings.
+
+In this picture a brown dog with white paws is running across a green field, holding a blue
+ball in its mouth. Behind the dog there is a wooden fence, a large oak tree and a farmhouse
+with a red roof. The grass is bright and the afternoon sun makes everything look soft.
+
+Describe this image in one detailed sentence. What objects can you see, and where are they?
+Please write a short caption for the photo. Count the people in the scene. Is it day or night?
+Which colours stand out most? Answer the question briefly and do not repeat yourself.
+
+A close view of a kitchen table with a white plate of fresh fruit: green apples, yellow
+bananas, purple grapes and a sliced orange. A glass of water, a silver knife and a folded
+napkin lie beside the plate. Morning light comes through a window on the left side.
+
+An astronaut in a white space suit floats above the curved edge of the Earth. The planet below
+is covered with clouds and deep blue oceans, and the thin bright layer of the atmosphere
+separates it from the black sky. A robotic arm and parts of a space station are visible.
+
+The microscope image shows round cells with dark purple centres on a pale pink background.
+Some cells are grouped in clusters, others are spread out, and a few thin fibres cross the
+field of view from the upper right corner to the lower left corner.
+
+An old black and white portrait of a man wearing a hat and a coat, standing in front of a
+brick wall. His face is serious, his hands are in his pockets, and a bicycle leans against
+the wall next to him. The edges of the photo are slightly faded and scratched.
+
+A satellite view of farmland: square fields in shades of green, brown and gold, divided by
+narrow roads and a winding river. Small villages appear as clusters of white and grey roofs,
+and a forest covers the hills in the north of the frame.
+
+A cat sleeps on a windowsill next to a pot of flowers. Outside the window there are trees,
+a parked car and a child riding a scooter down the road. Numbers 1, 2, 3, 10, 42, 100 and
+2024 appear on a calendar, a clock shows 7:30, and a sign reads "Open 9am - 5pm".
+"""
+
+
+def _default_cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("CAPJOB_CACHE", pathlib.Path.home() / ".cache" / "capjob"))
+
+
+def resolve_model_source(source: str | None, builder: str | None, cache_dir: str | None = None) -> str:
+    """What vLLM's `model` argument gets: `source` unchanged, else the path of a locally built model."""
+    if source:
+        return source
+    if builder == TINY_QWEN25VL:
+        root = pathlib.Path(cache_dir) if cache_dir else _default_cache_dir()
+        return str(build_tiny_qwen25vl(root / "models" / f"{TINY_QWEN25VL}-{TINY_QWEN25VL_VERSION}"))
+    raise ValueError(f"no model source: model.source is unset and model.builder={builder!r} is not one of: {TINY_QWEN25VL}")
+
+
+def is_complete(model_dir: str | os.PathLike) -> bool:
+    return (pathlib.Path(model_dir) / COMPLETE_MARKER).is_file()
+
+
+def build_tiny_qwen25vl(target_dir: str | os.PathLike) -> pathlib.Path:
+    """Build the tiny Qwen2.5-VL into `target_dir` (once; a complete build there is reused).
+
+    The files are written into a temporary sibling directory that is renamed into place at the
+    end, so `target_dir` is either absent or complete. When several processes race, each builds
+    its own copy, the first rename wins and the others discard theirs: the builds are identical.
+    """
+    target = pathlib.Path(target_dir)
+    if is_complete(target):
+        return target
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"{target} holds files but no finished tiny_qwen25vl build; remove it or pick another directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.building-"))
+    try:
+        _write_tiny_qwen25vl(staging)
+        _publish(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _publish(staging: pathlib.Path, target: pathlib.Path) -> None:
+    try:
+        # An empty target (e.g. a directory made by the caller) would make rename fail.
+        target.rmdir()
+    except OSError:
+        pass
+    try:
+        staging.rename(target)
+    except OSError:
+        if not is_complete(target):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)  # another process published first
+
+
+def _write_tiny_qwen25vl(out: pathlib.Path) -> None:
+    tokenizer = _train_tokenizer()
+    special_ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS}
+    tokenizer.save(str(out / "tokenizer.json"))
+    _write_json(out / "tokenizer_config.json", _tokenizer_config(special_ids))
+    _write_json(out / "chat_template.json", {"chat_template": QWEN25VL_CHAT_TEMPLATE})
+    _write_json(out / "preprocessor_config.json", _preprocessor_config())
+
+    # save_pretrained writes config.json with the weights; generation_config.json is ours.
+    _write_model(_model_config(special_ids, tokenizer.get_vocab_size()), tokenizer, set(special_ids.values()), out)
+    _write_json(
+        out / "generation_config.json",
+        {
+            "bos_token_id": special_ids["<|endoftext|>"],
+            "eos_token_id": [special_ids["<|im_end|>"], special_ids["<|endoftext|>"]],
+            "pad_token_id": special_ids["<|endoftext|>"],
+        },
+    )
+    _write_json(out / COMPLETE_MARKER, {"builder": TINY_QWEN25VL, "version": TINY_QWEN25VL_VERSION})
+
+
+def _write_json(path: pathlib.Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _train_tokenizer():
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    # The pipeline transformers' Qwen2Tokenizer rebuilds from vocab + merges: what we train is
+    # what it loads.
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(_TOKENIZER_CORPUS.splitlines(keepends=True), trainer=trainer)
+    # Added after training, as in Qwen's vocabulary: the special tokens follow the BPE tokens.
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return tokenizer
+
+
+def _tokenizer_config(special_ids: dict[str, int]) -> dict:
+    """tokenizer_config.json as Qwen2.5-VL-Instruct ships it, with this tokenizer's ids."""
+    return {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+            for t, i in special_ids.items()
+        },
+        "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in ("<|endoftext|>", "<|im_end|>")],
+        "bos_token": None,
+        "chat_template": QWEN25VL_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 32768,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+
+
+def _preprocessor_config() -> dict:
+    return {
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "max_pixels": MAX_PIXELS,
+        "merge_size": MERGE_SIZE,
+        "min_pixels": MIN_PIXELS,
+        "patch_size": PATCH_SIZE,
+        "processor_class": "Qwen2_5_VLProcessor",
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+    }
+
+
+def _model_config(special_ids: dict[str, int], tokenizer_size: int):
+    from transformers import Qwen2_5_VLConfig
+
+    hidden = 128
+    text_config = {
+        # Rounded up like Qwen's (151936 rows for 151665 tokens); the spare rows are never produced.
+        "vocab_size": -(-tokenizer_size // 64) * 64,
+        "hidden_size": hidden,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        # head_dim 64: vLLM's CPU attention rejects small head sizes such as 16.
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "use_sliding_window": False,
+        "sliding_window": 32768,
+        "max_window_layers": 2,
+        # M-RoPE sections (temporal, height, width) must sum to head_dim / 2.
+        "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12], "rope_theta": 1000000.0},
+        "bos_token_id": special_ids["<|endoftext|>"],
+        "eos_token_id": special_ids["<|im_end|>"],
+        "pad_token_id": special_ids["<|endoftext|>"],
+    }
+    vision_config = {
+        "depth": 2,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_heads": 2,
+        "hidden_act": "silu",
+        "in_channels": 3,
+        "patch_size": PATCH_SIZE,
+        "spatial_merge_size": MERGE_SIZE,
+        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+        "tokens_per_second": 2,
+        "window_size": 112,
+        # Block 0 uses windowed attention, block 1 full attention: both code paths run.
+        "fullatt_block_indexes": [1],
+        "out_hidden_size": hidden,
+    }
+    return Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=special_ids["<|image_pad|>"],
+        video_token_id=special_ids["<|video_pad|>"],
+        vision_start_token_id=special_ids["<|vision_start|>"],
+        vision_end_token_id=special_ids["<|vision_end|>"],
+        vision_token_id=special_ids["<|vision_pad|>"],
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
+
+
+def _write_model(config, tokenizer, special_ids: set[int], out: pathlib.Path) -> None:
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        # Random weights would let greedy decoding pick <|im_end|>, a padding row or a blank
+        # token first and leave an empty caption. Zero output rows give those a logit of 0,
+        # below the largest random logit, so captions are visible text.
+        lm_head = model.get_output_embeddings().weight
+        vocab = tokenizer.get_vocab_size()
+        invisible = [i for i in range(vocab) if i in special_ids or not tokenizer.decode([i]).strip()]
+        lm_head[invisible] = 0.0
+        lm_head[vocab:] = 0.0
+    model.save_pretrained(out, safe_serialization=True)
