@@ -103,10 +103,11 @@ class Spec:
                 f".{EXTENSIONS[self.fmt]}")
 
 
-def _spec(seed: int, index: int) -> Spec:
+def _spec(seed: int, index: int, max_megapixels: float | None = None) -> Spec:
     rng = np.random.default_rng([seed, index, 1])
-    weights = np.array([w for _, _, w in SIZES], dtype=float)
-    w, h, _ = SIZES[int(rng.choice(len(SIZES), p=weights / weights.sum()))]
+    sizes = [s for s in SIZES if max_megapixels is None or s[0] * s[1] <= max_megapixels * 1e6] or SIZES[:1]
+    weights = np.array([w for _, _, w in sizes], dtype=float)
+    w, h, _ = sizes[int(rng.choice(len(sizes), p=weights / weights.sum()))]
     if rng.random() < 0.25:  # portrait shots
         w, h = h, w
     fmt = FORMATS[int(rng.choice(len(FORMATS), p=[p for _, p in FORMATS]))][0]
@@ -215,9 +216,9 @@ def _encode(spec: Spec, seed: int) -> bytes:
     return buf.getvalue()
 
 
-def _materialise(args: tuple[int, int, str]) -> str:
-    seed, index, directory = args
-    spec = _spec(seed, index)
+def _materialise(args: tuple[int, int, float | None, str]) -> str:
+    seed, index, max_megapixels, directory = args
+    spec = _spec(seed, index, max_megapixels)
     path = pathlib.Path(directory) / spec.filename
     if not path.exists():
         data = _encode(spec, seed)
@@ -232,11 +233,12 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(root) / "bench"
 
 
-def load_mix(n: int, seed: int, cache_dir: pathlib.Path, jobs: int) -> list[tuple[Spec, bytes]]:
+def load_mix(n: int, seed: int, cache_dir: pathlib.Path, jobs: int,
+             max_megapixels: float | None = None) -> list[tuple[Spec, bytes]]:
     directory = cache_dir / f"preprocess-{GENERATOR_VERSION}-seed{seed}"
     directory.mkdir(parents=True, exist_ok=True)
-    todo = [(seed, i, str(directory)) for i in range(n)]
-    missing = [t for t in todo if not (directory / _spec(seed, t[1]).filename).exists()]
+    specs = [_spec(seed, i, max_megapixels) for i in range(n)]
+    missing = [(seed, s.index, max_megapixels, str(directory)) for s in specs if not (directory / s.filename).exists()]
     if missing:
         print(f"generating {len(missing)} images into {directory} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
@@ -247,7 +249,7 @@ def load_mix(n: int, seed: int, cache_dir: pathlib.Path, jobs: int) -> list[tupl
             for t in missing:
                 _materialise(t)
         print(f"generated in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
-    return [(_spec(seed, i), (directory / _spec(seed, i).filename).read_bytes()) for i in range(n)]
+    return [(s, (directory / s.filename).read_bytes()) for s in specs]
 
 
 # --------------------------------------------------------------------------- contenders
@@ -391,13 +393,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=pathlib.Path, default=None,
                         help="where generated images are kept (default $CAPJOB_CACHE/bench or <tmp>/capjob-cache/bench)")
     parser.add_argument("--gen-jobs", type=int, default=os.cpu_count() or 1, help="processes generating missing images")
+    parser.add_argument("--max-megapixels", type=float, default=None,
+                        help="leave out the larger sizes (smoke runs); changes the mix")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.images < 1 or args.repeats < 1:
         parser.error("--images and --repeats must be >= 1")
 
     command = shlex.join(["python", sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
-    mix = load_mix(args.images, args.seed, args.cache_dir or default_cache_dir(), args.gen_jobs)
+    mix = load_mix(args.images, args.seed, args.cache_dir or default_cache_dir(), args.gen_jobs, args.max_megapixels)
     info = machine()
     cpu0, wall0 = time.process_time(), time.perf_counter()
     per_image = run_benchmark(mix, args.repeats)

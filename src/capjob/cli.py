@@ -10,7 +10,7 @@ import pathlib
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from capjob.config import register_configs, to_typed
@@ -26,9 +26,12 @@ def _conf_dir() -> str:
 def _main(cfg: DictConfig) -> None:
     try:
         typed = to_typed(cfg)
+        from hydra.core.hydra_config import HydraConfig
+
         from capjob import pipeline
 
-        pipeline.run(typed)
+        resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        pipeline.run(typed, resolved, report_dir=HydraConfig.get().runtime.output_dir)
     except (CapjobError, OmegaConfBaseException) as e:
         print(f"capjob: error: {e}", file=sys.stderr)
         sys.exit(2)

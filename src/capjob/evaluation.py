@@ -45,6 +45,14 @@ REPORT_JSON = "eval.json"
 REPORT_MD = "eval.md"
 HISTOGRAM_PNG = "caption_length_hist.png"
 PERCENTILES = (5, 50, 95)
+NO_CAPTIONS = pa.table(
+    {
+        "id": pa.array([], pa.string()),
+        "caption": pa.array([], pa.string()),
+        "generated_tokens": pa.array([], pa.int64()),
+        "run_id": pa.array([], pa.string()),
+    }
+)
 
 EVAL_SCHEMA = pa.schema(
     [
@@ -416,7 +424,7 @@ def read_captions(sink: SinkConfig) -> pa.Table:
     try:
         if not writer.list_files(CAPTIONS):
             # Every image of the run was quarantined: no captions is a result, not bad input.
-            return pa.table({"id": pa.array([], pa.string()), "caption": pa.array([], pa.string()), "generated_tokens": pa.array([], pa.int64())})
+            return NO_CAPTIONS
         return writer.read(CAPTIONS)
     except Exception as e:  # noqa: BLE001 - s3fs/botocore/pyarrow raise a zoo of types
         raise SourceError(_describe_remote_error(f"{sink.path.rstrip('/')}/{CAPTIONS}", e)) from None
@@ -433,7 +441,8 @@ def evaluate_output(
     try:
         evaluation.stats["evaluation_table"] = write_eval_table(evaluation, sink)
     except Exception as e:  # noqa: BLE001 - s3fs/botocore raise a zoo of types
-        raise SinkError(f"cannot write the evaluation table under {sink.path!r}: {type(e).__name__}: {e}") from None
+        detail = (str(e).splitlines() or [""])[0][:300]  # one line: the CLI prints it as is
+        raise SinkError(f"cannot write {TableWriter(sink).url(EVALUATION)!r}: {type(e).__name__}: {detail}") from None
     files = {name: str(path) for name, path in write_report(evaluation, out_dir).items()}
     return evaluation, {"table": evaluation.stats["evaluation_table"], **files}
 

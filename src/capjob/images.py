@@ -149,9 +149,11 @@ def decode_image(data: bytes | None, cfg: ImagesConfig) -> DecodedImage:
             # upright at the end: rotating first would copy the full-size image.
             orientation = im.getexif().get(_ORIENTATION, 1) if fmt == "JPEG" else None
             if fmt == "JPEG":
-                # Decode at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the target.
-                target_w, target_h = _stored_target(width, height, orientation, cfg)
-                im.draft("RGB" if im.mode not in ("L", "CMYK") else im.mode, (target_w, target_h))
+                # Decode at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the target's
+                # longer side on both axes (asking for the exact target would often pick 1/8 where
+                # 1/4 is taken now, for visibly softer 'fit' results).
+                side = max(_stored_target(width, height, orientation, cfg))
+                im.draft("RGB" if im.mode not in ("L", "CMYK") else im.mode, (side, side))
             ImageFile.LOAD_TRUNCATED_IMAGES = False
             im.load()  # the full decode: truncated or corrupt data fails here
             if orientation is None:
@@ -269,3 +271,6 @@ class QuarantineTarget:
             TableWriter(self.sink).write(QUARANTINE, quarantine_table(rows), f"{self.run_id}-img-{key}")
         metrics.record(self.run_id, "images_in", key, len(batch_ids))
         metrics.record(self.run_id, "images_rejected", key, len(rejected))
+        for kind in {r["reason"].split(":", 1)[0] for r in rejected}:
+            count = sum(r["reason"].startswith(kind + ":") for r in rejected)
+            metrics.record(self.run_id, f"rejected:{kind}", key, count)

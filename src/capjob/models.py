@@ -15,6 +15,11 @@ import os
 import pathlib
 import shutil
 import tempfile
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import Qwen2_5_VLConfig
 
 TINY_QWEN25VL = "tiny_qwen25vl"
 # Bump when the built files change, so caches never serve a stale layout.
@@ -136,37 +141,30 @@ def build_tiny_qwen25vl(target_dir: str | os.PathLike) -> pathlib.Path:
     """Build the tiny Qwen2.5-VL into `target_dir` (once; a complete build there is reused).
 
     The files are written into a temporary sibling directory that is renamed into place at the
-    end, so `target_dir` is either absent or complete. When several processes race, each builds
-    its own copy, the first rename wins and the others discard theirs: the builds are identical.
+    end, so `target_dir` is either absent (or empty) or complete. When several processes race,
+    each builds its own copy, the first rename wins and the others discard theirs: the builds
+    are identical (fixed seeds).
     """
     target = pathlib.Path(target_dir)
     if is_complete(target):
         return target
-    if target.exists() and any(target.iterdir()):
-        raise FileExistsError(f"{target} holds files but no finished tiny_qwen25vl build; remove it or pick another directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.building-"))
     try:
         _write_tiny_qwen25vl(staging)
-        _publish(staging, target)
+        # rename(2) replaces a missing or empty target atomically and fails on a non-empty one.
+        staging.rename(target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if is_complete(target):  # another process published first
+            return target
+        if target.is_dir() and any(target.iterdir()):
+            raise FileExistsError(f"{target} holds files but no finished {TINY_QWEN25VL} build; remove it or pick another directory") from None
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
-
-
-def _publish(staging: pathlib.Path, target: pathlib.Path) -> None:
-    try:
-        # An empty target (e.g. a directory made by the caller) would make rename fail.
-        target.rmdir()
-    except OSError:
-        pass
-    try:
-        staging.rename(target)
-    except OSError:
-        if not is_complete(target):
-            raise
-        shutil.rmtree(staging, ignore_errors=True)  # another process published first
 
 
 def _write_tiny_qwen25vl(out: pathlib.Path) -> None:
@@ -190,11 +188,11 @@ def _write_tiny_qwen25vl(out: pathlib.Path) -> None:
     _write_json(out / COMPLETE_MARKER, {"builder": TINY_QWEN25VL, "version": TINY_QWEN25VL_VERSION})
 
 
-def _write_json(path: pathlib.Path, obj: dict) -> None:
+def _write_json(path: pathlib.Path, obj: dict[str, object]) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _train_tokenizer():
+def _train_tokenizer() -> Tokenizer:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     # The pipeline transformers' Qwen2Tokenizer rebuilds from vocab + merges: what we train is
@@ -217,7 +215,7 @@ def _train_tokenizer():
     return tokenizer
 
 
-def _tokenizer_config(special_ids: dict[str, int]) -> dict:
+def _tokenizer_config(special_ids: dict[str, int]) -> dict[str, object]:
     """tokenizer_config.json as Qwen2.5-VL-Instruct ships it, with this tokenizer's ids."""
     return {
         "add_bos_token": False,
@@ -240,7 +238,7 @@ def _tokenizer_config(special_ids: dict[str, int]) -> dict:
     }
 
 
-def _preprocessor_config() -> dict:
+def _preprocessor_config() -> dict[str, object]:
     return {
         "do_convert_rgb": True,
         "do_normalize": True,
@@ -260,7 +258,7 @@ def _preprocessor_config() -> dict:
     }
 
 
-def _model_config(special_ids: dict[str, int], tokenizer_size: int):
+def _model_config(special_ids: dict[str, int], tokenizer_size: int) -> Qwen2_5_VLConfig:
     from transformers import Qwen2_5_VLConfig
 
     hidden = 128
@@ -277,8 +275,6 @@ def _model_config(special_ids: dict[str, int], tokenizer_size: int):
         "max_position_embeddings": 32768,
         "rms_norm_eps": 1e-6,
         "use_sliding_window": False,
-        "sliding_window": 32768,
-        "max_window_layers": 2,
         # M-RoPE sections (temporal, height, width) must sum to head_dim / 2.
         "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12], "rope_theta": 1000000.0},
         "bos_token_id": special_ids["<|endoftext|>"],
@@ -309,12 +305,13 @@ def _model_config(special_ids: dict[str, int], tokenizer_size: int):
         vision_start_token_id=special_ids["<|vision_start|>"],
         vision_end_token_id=special_ids["<|vision_end|>"],
         vision_token_id=special_ids["<|vision_pad|>"],
+        # Untied, so the output rows zeroed in _write_model leave the input embeddings random.
         tie_word_embeddings=False,
         dtype="float32",
     )
 
 
-def _write_model(config, tokenizer, special_ids: set[int], out: pathlib.Path) -> None:
+def _write_model(config: Qwen2_5_VLConfig, tokenizer: Tokenizer, special_ids: set[int], out: pathlib.Path) -> None:
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 

@@ -9,7 +9,6 @@ Nothing is materialised: Ray Data streams blocks through every stage into the si
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import secrets
 import time
@@ -119,10 +118,10 @@ class RunResult:
         return {**asdict(self), "quarantined": self.quarantined}
 
 
-def run(cfg: CapjobConfig) -> Optional[RunResult]:
+def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional[str] = None) -> Optional[RunResult]:
     import ray
 
-    from capjob import checkpoint, images, metrics, runtime, sinks, sources
+    from capjob import checkpoint, images, metrics, report, runtime, sinks, sources
     from capjob.processor import build_caption_processor
 
     run_id = cfg.job.run_id or new_run_id()
@@ -135,7 +134,7 @@ def run(cfg: CapjobConfig) -> Optional[RunResult]:
         print(make_plan(cfg, run_id, model_source, placement, cfg.data.limit).render(cfg))
         return None
 
-    started = time.monotonic()
+    started, started_wall = time.monotonic(), time.time()
     address = runtime.cluster_address(cfg)
     placement = runtime.decide_placement(cfg, runtime.local_gpu_count()) if not address else None
     writer = sinks.TableWriter(cfg.sink)
@@ -184,22 +183,38 @@ def run(cfg: CapjobConfig) -> Optional[RunResult]:
     ds.write_datasink(sink)
 
     counts = ray.get(ledger.totals.remote())
+    totals = sink.totals
     result = RunResult(
         run_id=run_id,
         output=writer.url(sinks.CAPTIONS),
         quarantine=writer.url(sinks.QUARANTINE),
         rows_read=counts.get("read", 0),
         skipped_done=counts.get("skipped", 0),
-        captioned=sink.totals["captioned"],
+        captioned=totals["captioned"],
         quarantined_images=counts.get("images_rejected", 0),
-        quarantined_engine=sink.totals["quarantined"],
+        quarantined_engine=totals["quarantined"],
         wall_seconds=time.monotonic() - started,
     )
+    by_reason = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("rejected:") and v}
+    if result.quarantined_engine:
+        by_reason["engine"] = result.quarantined_engine
+    operators, stats_text = report.operator_stats(ds)
+    run_report = report.build(
+        result=result.to_dict(),
+        write_stats={**totals, "quarantined_by_reason": by_reason},
+        operators=operators,
+        resolved_config=resolved_config,
+        cluster_resources=ray.cluster_resources(),
+    )
+    report_dirs = [f"{cfg.sink.path.rstrip('/')}/reports/{run_id}"] + ([report_dir] if report_dir else [])
+    report.write(run_report, stats_text, report.plots(totals, started_wall), report_dirs, cfg.sink.storage_options)
+    print("\n" + report.summary_table(run_report))
+    print(f"\ncaptions:   {result.output}\nquarantine: {result.quarantine}\nreport:     {' and '.join(report_dirs)}", flush=True)
+
     expected = result.rows_read - result.skipped_done
     if expected != result.captioned + result.quarantined:
         raise AccountingError(
             f"rows in ({expected}) != captioned ({result.captioned}) + quarantined ({result.quarantined}); "
             f"run {run_id} lost or duplicated rows"
         )
-    print(json.dumps(result.to_dict(), indent=2))
     return result

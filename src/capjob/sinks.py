@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import time
 import uuid
 from typing import Any, Iterable, Optional
 
@@ -138,7 +139,7 @@ def quarantine_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([{k: r.get(k) for k in QUARANTINE_SCHEMA.names} for r in rows], schema=QUARANTINE_SCHEMA)
 
 
-class CaptionSink(Datasink[dict[str, int]]):
+class CaptionSink(Datasink[dict[str, Any]]):
     """Ray Data sink: each block's rows go to captions, or to quarantine when the engine failed."""
 
     def __init__(self, cfg: SinkConfig, run_id: str, model_name: str):
@@ -153,13 +154,14 @@ class CaptionSink(Datasink[dict[str, int]]):
     def get_name(self) -> str:
         return f"Captions({self.cfg.format.value})"
 
-    def write(self, blocks: Iterable[Block], ctx: Any) -> dict[str, int]:
+    def write(self, blocks: Iterable[Block], ctx: Any) -> dict[str, Any]:
         writer = TableWriter(self.cfg)
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
         tables = [t for t in tables if t.num_rows]
-        counts = {"captioned": 0, "quarantined": 0}
+        stats: dict[str, Any] = {"captioned": 0, "quarantined": 0, "prompt_tokens": 0, "generated_tokens": 0,
+                                 "caption_words": [], "caption_tokens": [], "write_events": []}
         if not tables:
-            return counts
+            return stats
         table = pa.concat_tables(tables, promote_options="permissive")
         errors = table.column(ERROR_COLUMN).to_pylist() if ERROR_COLUMN in table.column_names else [""] * table.num_rows
         failed = [i for i, e in enumerate(errors) if e]
@@ -170,7 +172,11 @@ class CaptionSink(Datasink[dict[str, int]]):
             if ERROR_COLUMN in captions.column_names:
                 captions = captions.drop_columns([ERROR_COLUMN])
             writer.write(CAPTIONS, captions, stem)
-            counts["captioned"] = len(ok)
+            stats["captioned"] = len(ok)
+            stats["prompt_tokens"] = sum(captions.column("prompt_tokens").to_pylist())
+            stats["caption_tokens"] = captions.column("generated_tokens").to_pylist()
+            stats["generated_tokens"] = sum(stats["caption_tokens"])
+            stats["caption_words"] = [len(c.split()) for c in captions.column("caption").to_pylist()]
         if failed:
             rejected = table.take(failed).to_pylist()
             rows = [
@@ -179,10 +185,13 @@ class CaptionSink(Datasink[dict[str, int]]):
                 for r in rejected
             ]
             writer.write(QUARANTINE, quarantine_table(rows), stem)
-            counts["quarantined"] = len(failed)
-        return counts
+            stats["quarantined"] = len(failed)
+        stats["write_events"] = [(time.time(), len(ok))]
+        return stats
 
-    def on_write_complete(self, write_result: WriteResult[dict[str, int]]) -> None:
-        self.totals = {
-            key: sum(r.get(key, 0) for r in write_result.write_returns) for key in ("captioned", "quarantined")
-        }
+    def on_write_complete(self, write_result: WriteResult[dict[str, Any]]) -> None:
+        """Runs on the driver once every block is written: the run's totals."""
+        results = write_result.write_returns
+        self.totals = {key: sum(r[key] for r in results) for key in ("captioned", "quarantined", "prompt_tokens", "generated_tokens")}
+        for key in ("caption_words", "caption_tokens", "write_events"):
+            self.totals[key] = [v for r in results for v in r[key]]

@@ -1,0 +1,162 @@
+"""The locally built tiny Qwen2.5-VL: files, ids, reuse, atomicity, and what transformers makes of it.
+
+vLLM loading it end to end is test_e2e.py's job; nothing here starts an engine.
+"""
+
+import hashlib
+import json
+import pathlib
+import shutil
+
+import pytest
+from PIL import Image
+
+from capjob import models
+
+EXPECTED_FILES = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.json",
+    "preprocessor_config.json",
+    models.COMPLETE_MARKER,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> pathlib.Path:
+    return models.build_tiny_qwen25vl(tmp_path_factory.mktemp("built") / "tiny")
+
+
+def digests(model_dir: pathlib.Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in model_dir.iterdir()}
+
+
+def test_build_writes_a_hub_style_model_dir(tiny_model):
+    assert EXPECTED_FILES <= {p.name for p in tiny_model.iterdir()}
+    config = json.loads((tiny_model / "config.json").read_text())
+    assert config["model_type"] == "qwen2_5_vl"
+    assert config["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+    text = config["text_config"]
+    assert text["hidden_size"] // text["num_attention_heads"] == 64
+    assert sum(text["rope_parameters"]["mrope_section"]) == 32
+    assert config["vision_config"]["out_hidden_size"] == text["hidden_size"]
+    assert not list(tiny_model.parent.glob(".*building-*"))
+
+
+def test_config_ids_are_the_tokenizers_special_tokens(tiny_model):
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    config = AutoConfig.from_pretrained(tiny_model)
+    assert tokenizer.is_fast
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in models.SPECIAL_TOKENS}
+    assert len(set(ids.values())) == len(models.SPECIAL_TOKENS)
+    assert all(tokenizer.convert_ids_to_tokens(i) == t for t, i in ids.items())
+    assert config.image_token_id == ids["<|image_pad|>"]
+    assert config.video_token_id == ids["<|video_pad|>"]
+    assert config.vision_start_token_id == ids["<|vision_start|>"]
+    assert config.vision_end_token_id == ids["<|vision_end|>"]
+    assert config.text_config.eos_token_id == ids["<|im_end|>"] == tokenizer.eos_token_id
+    assert config.text_config.bos_token_id == ids["<|endoftext|>"] == tokenizer.pad_token_id
+    assert config.text_config.vocab_size >= len(tokenizer)
+    generation = json.loads((tiny_model / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [ids["<|im_end|>"], ids["<|endoftext|>"]]
+
+
+def test_transformers_tokenizes_as_the_trained_tokenizer(tiny_model):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    text = "A photo of a red boat, 2 gulls and <|im_start|>user\nhello<|im_end|> café!"
+    raw = Tokenizer.from_file(str(tiny_model / "tokenizer.json")).encode(text).ids
+    assert AutoTokenizer.from_pretrained(tiny_model)(text)["input_ids"] == raw
+
+
+def test_second_build_reuses_the_first(tiny_model, monkeypatch):
+    before = {p.name: p.stat().st_mtime_ns for p in tiny_model.iterdir()}
+
+    def must_not_rebuild(out):
+        raise AssertionError("rebuilt a complete model")
+
+    monkeypatch.setattr(models, "_write_tiny_qwen25vl", must_not_rebuild)
+    assert models.build_tiny_qwen25vl(str(tiny_model)) == tiny_model
+    assert {p.name: p.stat().st_mtime_ns for p in tiny_model.iterdir()} == before
+
+
+def test_builds_are_deterministic(tiny_model, tmp_path):
+    assert digests(models.build_tiny_qwen25vl(tmp_path / "again")) == digests(tiny_model)
+
+
+def test_failed_build_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    def crash(*args):
+        raise RuntimeError("killed mid-build")
+
+    monkeypatch.setattr(models, "_write_model", crash)
+    with pytest.raises(RuntimeError, match="mid-build"):
+        models.build_tiny_qwen25vl(tmp_path / "tiny")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_losing_a_race_uses_the_winners_build(tiny_model, tmp_path, monkeypatch):
+    target = tmp_path / "tiny"
+    write = models._write_tiny_qwen25vl
+
+    def write_while_another_process_publishes(out):
+        write(out)
+        shutil.copytree(tiny_model, target)
+
+    monkeypatch.setattr(models, "_write_tiny_qwen25vl", write_while_another_process_publishes)
+    assert models.build_tiny_qwen25vl(target) == target
+    assert models.is_complete(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]
+
+
+def test_an_empty_target_dir_is_filled_and_a_foreign_one_refused(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert models.is_complete(models.build_tiny_qwen25vl(empty))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        models.build_tiny_qwen25vl(foreign)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "foreign"]
+
+
+def test_resolve_model_source(tiny_model, tmp_path, monkeypatch):
+    assert models.resolve_model_source("Qwen/Qwen2.5-VL-3B-Instruct", "tiny_qwen25vl", str(tmp_path)) == "Qwen/Qwen2.5-VL-3B-Instruct"
+    assert models.resolve_model_source("/models/mine", None) == "/models/mine"
+    assert not list(tmp_path.iterdir())  # a set source never builds
+
+    built = models.resolve_model_source(None, "tiny_qwen25vl", str(tmp_path / "cache"))
+    assert built == str(tmp_path / "cache" / "models" / "tiny_qwen25vl-v1")
+    assert models.is_complete(built)
+
+    monkeypatch.setenv("CAPJOB_CACHE", str(tmp_path / "env-cache"))
+    shutil.copytree(tiny_model, tmp_path / "env-cache" / "models" / "tiny_qwen25vl-v1")
+    assert models.resolve_model_source(None, "tiny_qwen25vl") == str(tmp_path / "env-cache" / "models" / "tiny_qwen25vl-v1")
+
+    for builder in (None, "nope"):
+        with pytest.raises(ValueError, match="model.builder"):
+            models.resolve_model_source(None, builder, str(tmp_path))
+
+
+def test_processor_expands_one_image_into_its_grid(tiny_model):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert "<|vision_start|><|image_pad|><|vision_end|>Describe this image.<|im_end|>" in prompt
+    assert prompt.endswith("<|im_start|>assistant\n")
+
+    image = Image.new("RGB", (448, 336), (200, 120, 40))
+    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == [[1, 336 // 14, 448 // 14]]
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert inputs["input_ids"][0].tolist().count(image_pad) == (336 // 14) * (448 // 14) // 4
+    assert inputs["pixel_values"].shape == (24 * 32, 3 * 2 * 14 * 14)
