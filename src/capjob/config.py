@@ -167,8 +167,13 @@ class JobConfig:
     dry_run: bool = False
     # Skip ids already present in the sink's captions/quarantine.
     resume: bool = True
-    # Preview rows printed at the end of the run.
-    show: int = 3
+    # Ray's own fault tolerance, passed through rather than re-implemented: retries of a
+    # capjob task whose worker died or raised (read, ids, decode, write), and how many blocks
+    # may fail for good before the run aborts (0: any lost block fails the run; a value > 0
+    # still fails the final accounting, loudly, since those rows are neither captioned nor
+    # quarantined). Engine and CPU-stage actors are restarted by Ray Data without limit.
+    task_retries: int = 3
+    max_errored_blocks: int = 0
 
 
 @dataclass
@@ -228,6 +233,8 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
     _require(r.preprocess_cpus > 0, "resources.preprocess_cpus", f"must be > 0, got {r.preprocess_cpus}")
     _require(r.cpu_stage_cpus > 0, "resources.cpu_stage_cpus", f"must be > 0, got {r.cpu_stage_cpus}")
     _require(r.cpu_stage_concurrency >= 1, "resources.cpu_stage_concurrency", f"must be >= 1, got {r.cpu_stage_concurrency}")
+    _require(cfg.job.task_retries >= 0, "job.task_retries", f"must be >= 0, got {cfg.job.task_retries}")
+    _require(cfg.job.max_errored_blocks >= 0, "job.max_errored_blocks", f"must be >= 0, got {cfg.job.max_errored_blocks}")
     _require(c.max_tokens > 0, "caption.max_tokens", f"must be > 0, got {c.max_tokens}")
     _require(c.temperature >= 0, "caption.temperature", f"must be >= 0, got {c.temperature}")
     _require(0 < c.top_p <= 1, "caption.top_p", f"must be in (0, 1], got {c.top_p}")

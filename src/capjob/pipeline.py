@@ -155,12 +155,15 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
     plan = make_plan(cfg, run_id, model_source, placement, source.num_rows)
     print(plan.render(cfg), flush=True)
 
+    ray.data.DataContext.get_current().max_errored_blocks = cfg.job.max_errored_blocks
+    task_options = {"num_cpus": cfg.resources.preprocess_cpus, "max_retries": cfg.job.task_retries, "retry_exceptions": True}
+
     ds = source.dataset
     ds = ds.map_batches(
         checkpoint.assign_ids,
         fn_kwargs={"image_column": source.image_column, "key_column": source.key_column, "done_ids": done_ids, "run_id": run_id},
         batch_format="numpy",
-        num_cpus=cfg.resources.preprocess_cpus,
+        **task_options,
     )
     if plan.rows_per_block:
         ds = ds.repartition(target_num_rows_per_block=plan.rows_per_block)
@@ -176,11 +179,11 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
             "quarantine": images.QuarantineTarget(cfg.sink, run_id, cfg.model.name),
         },
         batch_format="numpy",
-        num_cpus=cfg.resources.preprocess_cpus,
+        **task_options,
     )
     ds = build_caption_processor(cfg, model_source, placement, run_id)(ds)
     sink = sinks.CaptionSink(cfg.sink, run_id, cfg.model.name)
-    ds.write_datasink(sink)
+    ds.write_datasink(sink, ray_remote_args=task_options)
 
     counts = ray.get(ledger.totals.remote())
     totals = sink.totals
