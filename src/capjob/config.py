@@ -173,6 +173,9 @@ class JobConfig:
     # still fails the final accounting, loudly, since those rows are neither captioned nor
     # quarantined). Engine and CPU-stage actors are restarted by Ray Data without limit.
     task_retries: int = 3
+    # Port of Ray's Prometheus endpoint for a local cluster (capjob + vLLM metrics); a
+    # cluster you join keeps its own (`ray start --metrics-export-port`).
+    metrics_export_port: Optional[int] = None
     max_errored_blocks: int = 0
 
 

@@ -17,6 +17,8 @@ import shutil
 import tempfile
 from typing import TYPE_CHECKING
 
+from capjob.cache import cache_dir as default_cache_dir
+
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
     from transformers import Qwen2_5_VLConfig
@@ -119,16 +121,12 @@ a parked car and a child riding a scooter down the road. Numbers 1, 2, 3, 10, 42
 """
 
 
-def _default_cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("CAPJOB_CACHE", pathlib.Path.home() / ".cache" / "capjob"))
-
-
 def resolve_model_source(source: str | None, builder: str | None, cache_dir: str | None = None) -> str:
     """What vLLM's `model` argument gets: `source` unchanged, else the path of a locally built model."""
     if source:
         return source
     if builder == TINY_QWEN25VL:
-        root = pathlib.Path(cache_dir) if cache_dir else _default_cache_dir()
+        root = pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
         return str(build_tiny_qwen25vl(root / "models" / f"{TINY_QWEN25VL}-{TINY_QWEN25VL_VERSION}"))
     raise ValueError(f"no model source: model.source is unset and model.builder={builder!r} is not one of: {TINY_QWEN25VL}")
 

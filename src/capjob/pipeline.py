@@ -148,8 +148,8 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
         runtime.init_ray(cfg, EnginePlacement(0, None))
         placement = runtime.decide_placement(cfg, int(ray.cluster_resources().get("GPU", 0)))
     else:
-        runtime.init_ray(cfg, placement)
-    ledger = metrics.start_ledger(run_id)  # keep the handle: an unreferenced actor is destroyed
+        runtime.init_ray(cfg, placement, cfg.job.metrics_export_port)
+    ledger = metrics.start_ledger(cfg.job.name, run_id)  # keep the handle: an unreferenced actor is destroyed
 
     source = sources.read_source(cfg.data)
     plan = make_plan(cfg, run_id, model_source, placement, source.num_rows)

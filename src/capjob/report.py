@@ -61,8 +61,8 @@ def operator_stats(dataset: Any) -> tuple[list[dict[str, Any]], str]:
     """Per-operator wall time and throughput from Ray Data's stats of the executed dataset."""
     executed = getattr(dataset, "_write_ds", None) or dataset
     try:
-        text = executed.stats()
-        summary = executed._plan.stats().to_summary()
+        summary = executed.get_stats_summary()
+        text = summary.to_string()
     except Exception as e:  # noqa: BLE001 - stats are best effort; the run itself succeeded
         return [], f"(Ray Data stats unavailable: {e})"
     rows = []

@@ -10,7 +10,6 @@ formats and modes scraped data brings (JPEG/PNG/WebP/GIF, grayscale, palette, al
 from __future__ import annotations
 
 import io
-import os
 import pathlib
 import tempfile
 
@@ -19,11 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from capjob.cache import cache_dir
+
 SAMPLE_VERSION = "v1"
-
-
-def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("CAPJOB_CACHE", pathlib.Path.home() / ".cache" / "capjob"))
 
 
 def bundled_photos() -> list[pathlib.Path]:

@@ -187,6 +187,12 @@ class CaptionSink(Datasink[dict[str, Any]]):
             writer.write(QUARANTINE, quarantine_table(rows), stem)
             stats["quarantined"] = len(failed)
         stats["write_events"] = [(time.time(), len(ok))]
+        from capjob import metrics
+
+        metrics.record_many(self.run_id, stem, {
+            "captioned": stats["captioned"], "generated_tokens": stats["generated_tokens"],
+            "prompt_tokens": stats["prompt_tokens"], "rejected:engine": stats["quarantined"],
+        })
         return stats
 
     def on_write_complete(self, write_result: WriteResult[dict[str, Any]]) -> None:

@@ -1,0 +1,679 @@
+"""Sweeps: `capjob --multirun ...` runs every combination of the swept overrides, one after the
+other in this process (Hydra's basic launcher), each in its own job directory::
+
+    <hydra.sweep.dir>/<job number>/
+        sweep_job.json     what capjob records per job: overrides (redacted), status, error, output
+        error.txt          failed jobs only: the error (and the traceback of an unexpected one)
+        report.json/.md    the run report (succeeded jobs), as in a single run
+        out/               the job's sink (captions, quarantine) unless sink.path was set
+
+    <hydra.sweep.dir>/sweep.csv, sweep.md, sweep.png     written by SweepReport at the end
+
+Each job starts its own local Ray (or joins the cluster in RAY_ADDRESS / resources.address) and
+shuts it down when it ends, success or not, waiting until every process it started has exited:
+the next job sizes Ray for its own config and finds all GPU memory free. A failing job is
+recorded and the sweep goes on. `capjob-sweep-report DIR` rebuilds the tables and the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import io
+import json
+import logging
+import math
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+log = logging.getLogger(__name__)
+
+JOB_RECORD = "sweep_job.json"
+ERROR_TXT = "error.txt"
+REPORT_JSON = "report.json"
+EVAL_JSON = "eval.json"
+SWEEP_CSV, SWEEP_MD, SWEEP_PNG = "sweep.csv", "sweep.md", "sweep.png"
+# The sink path every job would share if capjob did not give each job its own (SinkConfig.path).
+DEFAULT_SINK_PATH = "outputs/${data.name}/${model.name}"
+JOB_SINK_DIR = "out"
+# Seconds to wait for the processes a job's local Ray started (raylet, workers, vLLM) to exit.
+RAY_EXIT_TIMEOUT_S = 60
+
+METRICS = [
+    ("rows_per_second", "rows/s"),
+    ("generated_tokens_per_second", "gen tokens/s"),
+    ("captioned", "captioned"),
+    ("quarantined", "quarantined"),
+    ("wall_seconds", "wall s"),
+]
+
+
+# --- overrides ---------------------------------------------------------------------------
+
+
+def override_key(override: str) -> str:
+    """`+engine.batch_size=8` -> `engine.batch_size`; `model=tiny_qwen25vl` -> `model`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def override_value(override: str) -> str:
+    return override.split("=", 1)[1] if "=" in override else ""
+
+
+def redact_override(override: str) -> str:
+    """`sink.storage_options.secret=abc` -> `sink.storage_options.secret=***`; a dict value with a
+    secret-looking key inside is hidden whole."""
+    from capjob.report import REDACTED, SECRET_KEY
+
+    key, value = override_key(override), override_value(override)
+    if "=" in override and (SECRET_KEY.search(key) or (value.lstrip().startswith("{") and SECRET_KEY.search(value))):
+        return override.split("=", 1)[0] + "=" + REDACTED
+    return override
+
+
+def _redact_hydra_yaml(path: Path) -> None:
+    """Hydra's sweeper saves the whole config (command-line overrides verbatim) as multirun.yaml,
+    whatever hydra.output_subdir says. Rewrite it with secrets redacted, as report.py does."""
+    import yaml
+
+    from capjob.report import redact
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return
+    if not isinstance(data, dict):
+        return
+    data = redact(data)
+    overrides = (data.get("hydra") or {}).get("overrides") or {}
+    for name, values in list(overrides.items()):
+        if isinstance(values, list):
+            overrides[name] = [redact_override(str(v)) for v in values]
+    job = (data.get("hydra") or {}).get("job") or {}
+    if isinstance(job.get("override_dirname"), str):
+        job["override_dirname"] = ",".join(redact_override(o) for o in job["override_dirname"].split(",")) if job["override_dirname"] else ""
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+# --- one job of a multirun (called by cli.py) --------------------------------------------
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _uses_default_sink(cfg: DictConfig) -> bool:
+    raw = OmegaConf.to_container(cfg.sink, resolve=False).get("path")  # type: ignore[union-attr]
+    return raw == DEFAULT_SINK_PATH
+
+
+def _shared_sink_owner(sweep_dir: Path, job_dir: Path, sink_path: str) -> Optional[str]:
+    """The job of this sweep that already wrote to `sink_path`, if any."""
+    for record_path in sorted(sweep_dir.glob(f"*/{JOB_RECORD}")):
+        if record_path.parent.resolve() == job_dir.resolve():
+            continue
+        try:
+            other = json.loads(record_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if other.get("sink_path") == sink_path:
+            return str(other.get("num", record_path.parent.name))
+    return None
+
+
+def release_ray() -> dict[str, Any]:
+    """Shut down the Ray this job started (or disconnect from a cluster) and wait until every
+    process it spawned has exited, so nothing (CPU, RAM, GPU memory) carries into the next job.
+    Ray Data's process-wide DataContext is reset too. Returns what happened, for the record."""
+    info: dict[str, Any] = {"initialized": False}
+    if "ray" not in sys.modules:
+        return info
+    import ray
+
+    if ray.is_initialized():
+        info["initialized"] = True
+        try:
+            info["node_id"] = ray.get_runtime_context().get_node_id()
+        except Exception:  # noqa: BLE001 - informative only
+            pass
+        try:
+            import psutil
+
+            children = psutil.Process().children(recursive=True)
+        except Exception:  # noqa: BLE001 - psutil missing: rely on ray.shutdown alone
+            psutil, children = None, []
+        started_local = getattr(ray._private.worker, "_global_node", None) is not None
+        info["cluster"] = "local (started by this job)" if started_local else "existing cluster (disconnected)"
+        ray.shutdown(wait_for_processes=True)
+        leftover = []
+        if psutil is not None and children:
+            _, alive = psutil.wait_procs(children, timeout=RAY_EXIT_TIMEOUT_S)
+            for proc in alive:  # only processes this job's Ray started
+                try:
+                    proc.kill()
+                except psutil.Error:
+                    pass
+            leftover = [p.pid for p in alive]
+        info["processes_started"] = len(children)
+        info["processes_killed_after_timeout"] = leftover
+    try:
+        from ray.data import DataContext
+
+        DataContext._set_current(None)  # the next job gets a fresh context
+    except Exception:  # noqa: BLE001
+        pass
+    return info
+
+
+def run_job(cfg: DictConfig, run: Callable[[DictConfig, str], Any]) -> None:
+    """Run one job of a multirun: never raises for a failed run (the sweep goes on), records
+    status and error in <job dir>/sweep_job.json (and error.txt), always releases Ray."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from capjob.errors import CapjobError, ConfigError
+
+    hc = HydraConfig.get()
+    job_dir = Path(hc.runtime.output_dir)
+    sweep_dir = Path(hc.sweep.dir)
+    started = time.monotonic()
+    record: dict[str, Any] = {
+        "num": hc.job.num,
+        "status": "running",
+        "overrides": [redact_override(o) for o in hc.overrides.task],
+        "started_at": _now(),
+        "sink_path": None,
+        "sink_path_from": None,
+        "run_id": None,
+        "output": None,
+        "error": None,
+        "error_type": None,
+    }
+    release_ray()  # nothing should be left from the previous job; make sure
+    try:
+        try:
+            if _uses_default_sink(cfg):
+                # Jobs sharing outputs/<data>/<model> would resume from each other (resume skips
+                # done ids): each job writes into its own directory instead.
+                cfg.sink.path = str(job_dir / JOB_SINK_DIR)
+                record["sink_path_from"] = "job directory (sink.path not set)"
+            else:
+                record["sink_path_from"] = "config"
+            record["sink_path"] = str(OmegaConf.select(cfg, "sink.path", throw_on_missing=True))
+            owner = _shared_sink_owner(sweep_dir, job_dir, record["sink_path"])
+            _write_json(job_dir / JOB_RECORD, record)
+            resume = OmegaConf.select(cfg, "job.resume", default=True)
+            if owner is not None and resume:
+                raise ConfigError(
+                    f"sink.path: {record['sink_path']!r} is also the output of job {owner} of this sweep; "
+                    f"with job.resume=true this run would skip the rows job {owner} captioned. Leave sink.path "
+                    "unset (each job writes into its own directory), make it differ per job "
+                    "(e.g. 'sink.path=s3://bucket/sweep/${hydra:job.num}') or set job.resume=false"
+                )
+            result = run(cfg, str(job_dir))
+            if result is None:
+                record["status"] = "dry_run"
+            else:
+                record.update(status="succeeded", run_id=result.run_id, output=result.output)
+        except (CapjobError, OmegaConfBaseException) as e:
+            print(f"capjob: error: {e}", file=sys.stderr, flush=True)
+            record.update(status="failed", error=str(e), error_type=type(e).__name__)
+            (job_dir / ERROR_TXT).write_text(f"capjob: error: {e}\n")
+        except Exception as e:  # noqa: BLE001 - one run's crash must not end the sweep
+            first = (str(e).strip().splitlines() or [""])[0]
+            message = f"{type(e).__name__}: {first}" if first else type(e).__name__
+            print(f"capjob: error: job {hc.job.num} failed: {message} (traceback in {job_dir / ERROR_TXT})", file=sys.stderr, flush=True)
+            record.update(status="failed", error=message, error_type=type(e).__name__)
+            job_dir.mkdir(parents=True, exist_ok=True)
+            (job_dir / ERROR_TXT).write_text(message + "\n\n" + traceback.format_exc())
+    finally:
+        record["ray"] = release_ray()
+        record["finished_at"] = _now()
+        record["seconds"] = round(time.monotonic() - started, 2)
+        _write_json(job_dir / JOB_RECORD, record)
+
+
+# --- collecting a sweep directory --------------------------------------------------------
+
+
+@dataclass
+class Job:
+    name: str  # the job's directory name (the job number with Hydra's default subdir)
+    directory: Path
+    record: dict[str, Any] = field(default_factory=dict)
+    report: Optional[dict[str, Any]] = None
+    evaluation: Optional[dict[str, Any]] = None
+
+    @property
+    def num(self) -> Any:
+        return self.record.get("num", self.name)
+
+    @property
+    def status(self) -> str:
+        status = self.record.get("status")
+        if status is None:
+            return "succeeded" if self.report else "unknown"
+        if status == "running":
+            return "failed"  # the process ended inside the job (killed, out of memory)
+        return status
+
+    @property
+    def error(self) -> Optional[str]:
+        if self.record.get("status") == "running":
+            return "did not finish (process killed or crashed while the job ran)"
+        if self.record.get("error"):
+            return self.record["error"]
+        if self.status == "unknown":
+            return f"no {JOB_RECORD} and no {REPORT_JSON}"
+        return None
+
+    @property
+    def overrides(self) -> list[str]:
+        return list(self.record.get("overrides") or [])
+
+    def metric(self, key: str) -> Any:
+        return (self.report or {}).get(key)
+
+    @property
+    def words(self) -> dict[str, Any]:
+        return (self.report or {}).get("caption_words") or {}
+
+
+def _load_json(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _find_eval(job: Job) -> Optional[dict[str, Any]]:
+    """eval.json of the job: in its directory, its (local) sink, or the sink's report folder."""
+    candidates = [job.directory / EVAL_JSON]
+    sink = job.record.get("sink_path")
+    if sink and "://" not in sink:
+        candidates.append(Path(sink) / EVAL_JSON)
+        run_id = job.record.get("run_id") or (job.report or {}).get("run_id")
+        if run_id:
+            candidates.append(Path(sink) / "reports" / run_id / EVAL_JSON)
+    candidates += sorted(job.directory.glob(f"**/{EVAL_JSON}"))
+    for path in candidates:
+        if path.is_file():
+            data = _load_json(path)
+            if data and "count" in data:
+                return data
+    return None
+
+
+def _job_sort_key(path: Path) -> tuple[int, Any]:
+    return (0, int(path.name)) if path.name.isdigit() else (1, path.name)
+
+
+def collect(sweep_dir: Path) -> list[Job]:
+    """Every job directory under the sweep dir (one holding sweep_job.json or report.json)."""
+    jobs = []
+    for directory in sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=_job_sort_key):
+        record = _load_json(directory / JOB_RECORD)
+        report = _load_json(directory / REPORT_JSON)
+        if record is None and report is None:
+            continue
+        job = Job(directory.name, directory, record or {}, report)
+        job.evaluation = _find_eval(job)
+        jobs.append(job)
+    return jobs
+
+
+def _as_number(value: str) -> Optional[float]:
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _sorted_values(values: set[str]) -> list[str]:
+    if all(_as_number(v) is not None for v in values):
+        return sorted(values, key=lambda v: _as_number(v))  # type: ignore[arg-type, return-value]
+    return sorted(values)
+
+
+def swept_parameters(jobs: list[Job]) -> tuple[list[str], dict[str, str]]:
+    """(keys whose value differs between jobs, in command-line order; the overrides all share)."""
+    order: list[str] = []
+    values: dict[str, set[str]] = {}
+    for job in jobs:
+        seen = {override_key(o): override_value(o) for o in job.overrides}
+        for key in seen:
+            if key not in values:
+                order.append(key)
+                values[key] = set()
+        for key in order:
+            values[key].add(seen.get(key, ""))  # "" = not set in this job
+    swept = [k for k in order if len(values[k]) > 1]
+    fixed = {k: next(iter(values[k])) for k in order if len(values[k]) == 1}
+    return swept, fixed
+
+
+def params_of(job: Job) -> dict[str, str]:
+    return {override_key(o): override_value(o) for o in job.overrides}
+
+
+# --- tables ------------------------------------------------------------------------------
+
+
+def ranked(jobs: list[Job]) -> list[Job]:
+    """Succeeded jobs by rows/s (fastest first), then dry runs, then failed ones by number."""
+    def key(job: Job) -> tuple[int, float, tuple[int, Any]]:
+        rank = {"succeeded": 0, "dry_run": 1}.get(job.status, 2)
+        speed = job.metric("rows_per_second")
+        return (rank, -(speed if isinstance(speed, (int, float)) else -1.0), _job_sort_key(job.directory))
+
+    return sorted(jobs, key=key)
+
+
+def best_job(jobs: list[Job]) -> Optional[Job]:
+    candidates = [j for j in jobs if j.status == "succeeded" and isinstance(j.metric("rows_per_second"), (int, float))]
+    return max(candidates, key=lambda j: j.metric("rows_per_second")) if candidates else None
+
+
+def csv_rows(jobs: list[Job]) -> tuple[list[str], list[dict[str, Any]]]:
+    swept, _ = swept_parameters(jobs)
+    has_eval = any(j.evaluation for j in jobs)
+    best = best_job(jobs)
+    header = ["job", "status", "best", *swept, "rows_per_second", "generated_tokens_per_second", "captioned",
+              "quarantined", "rows_read", "wall_seconds", "caption_words_mean", "caption_words_p50", "caption_words_p95"]
+    if has_eval:
+        header += ["eval_captions", "eval_empty_share", "eval_truncated_share", "eval_degenerate_share", "eval_vocabulary_size"]
+    header += ["run_id", "output", "overrides", "error", "job_dir"]
+    rows = []
+    for job in ranked(jobs):
+        params = params_of(job)
+        row: dict[str, Any] = {"job": job.num, "status": job.status, "best": job is best, **{k: params.get(k, "") for k in swept}}
+        for key in ("rows_per_second", "generated_tokens_per_second", "captioned", "quarantined", "rows_read", "wall_seconds"):
+            row[key] = job.metric(key)
+        for p in ("mean", "p50", "p95"):
+            row[f"caption_words_{p}"] = job.words.get(p)
+        if has_eval:
+            e = job.evaluation or {}
+            row.update(
+                eval_captions=e.get("count"),
+                eval_empty_share=(e.get("empty") or {}).get("share"),
+                eval_truncated_share=(e.get("truncated") or {}).get("share"),
+                eval_degenerate_share=(e.get("degenerate") or {}).get("share"),
+                eval_vocabulary_size=e.get("vocabulary_size"),
+            )
+        row.update(
+            run_id=job.record.get("run_id") or (job.report or {}).get("run_id"),
+            output=job.record.get("output") or (job.report or {}).get("output"),
+            overrides=" ".join(job.overrides),
+            error=job.error,
+            job_dir=str(job.directory),
+        )
+        rows.append(row)
+    return header, rows
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None or value == "":
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if isinstance(value, float):
+        return f"{value:.{digits}f}".rstrip("0").rstrip(".") if abs(value) < 1e6 else f"{value:.3g}"
+    return str(value)
+
+
+def _cell(text: Any) -> str:
+    return _fmt(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _first_line(text: Optional[str], limit: int = 300) -> str:
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _is_model_key(key: str) -> bool:
+    return key == "model" or key.startswith("model.")
+
+
+def _short(value: str) -> str:
+    """A path-like checkpoint value shortened for a table label or an axis tick."""
+    value = value.rstrip("/")
+    return value.rsplit("/", 1)[-1] if "/" in value and len(value) > 24 else value
+
+
+def markdown(sweep_dir: Path, jobs: list[Job]) -> str:
+    swept, fixed = swept_parameters(jobs)
+    best = best_job(jobs)
+    counts = {s: sum(1 for j in jobs if j.status == s) for s in ("succeeded", "failed", "dry_run", "unknown")}
+    summary = f"{len(jobs)} runs: {counts['succeeded']} succeeded, {counts['failed']} failed"
+    if counts["dry_run"]:
+        summary += f", {counts['dry_run']} dry runs"
+    if counts["unknown"]:
+        summary += f", {counts['unknown']} without a result"
+    lines = [f"# capjob sweep `{sweep_dir}`", "", summary + ".", ""]
+    if swept:
+        values = {k: _sorted_values({params_of(j).get(k, "") for j in jobs}) for k in swept}
+        lines.append("Swept: " + "; ".join(f"`{k}` = {', '.join(v or '(unset)' for v in values[k])}" for k in swept) + ".  ")
+    if fixed:
+        lines.append("Same for every run: `" + " ".join(f"{k}={v}" for k, v in fixed.items()) + "`.")
+    lines.append("")
+    if best is not None:
+        chosen = " ".join(f"{k}={params_of(best).get(k, '')}" for k in swept) or " ".join(best.overrides) or "(defaults)"
+        lines += [
+            f"**Best: job {best.num}** (`{chosen}`): {_fmt(best.metric('rows_per_second'))} rows/s, "
+            f"{_fmt(best.metric('generated_tokens_per_second'))} generated tokens/s.",
+            "",
+        ]
+    header = ["", "job", *[f"`{k}`" for k in swept], *[label for _, label in METRICS], "caption words mean / p50 / p95", "status"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---"] * len(swept) + ["---:"] * (len(METRICS) + 1) + ["---"]) + "|"]
+    for job in ranked(jobs):
+        params = params_of(job)
+        w = job.words
+        cells = [
+            "★ best" if job is best else "",
+            str(job.num),
+            *[_cell(params.get(k, "")) for k in swept],
+            *[_cell(job.metric(key)) for key, _ in METRICS],
+            f"{_fmt(w.get('mean'))} / {_fmt(w.get('p50'))} / {_fmt(w.get('p95'))}" if w else "–",
+            job.status.replace("_", " "),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    failed = [j for j in jobs if j.status in ("failed", "unknown")]
+    if failed:
+        lines += ["", "## Failed runs", "", "| job | overrides | error |", "|---|---|---|"]
+        for job in failed:
+            lines.append(f"| {job.num} | `{_cell(' '.join(job.overrides))}` | {_cell(_first_line(job.error))} |")
+    model_keys = [k for k in swept if _is_model_key(k)]
+    if model_keys:
+        lines += ["", "## Checkpoint comparison", "", _checkpoint_table(jobs, model_keys, swept)]
+    evaluated = [j for j in ranked(jobs) if j.evaluation]
+    if evaluated:
+        lines += ["", "## Caption evaluation", "", _eval_table(evaluated, model_keys or swept)]
+    outputs = [j for j in jobs if j.record.get("output") or (j.report or {}).get("output")]
+    if outputs:
+        lines += ["", "## Outputs", "", "| job | captions |", "|---|---|"]
+        lines += [f"| {j.num} | `{j.record.get('output') or j.report.get('output')}` |" for j in outputs]  # type: ignore[union-attr]
+    lines += ["", f"![rows/s against each swept parameter]({SWEEP_PNG})", ""]
+    return "\n".join(lines)
+
+
+def _label(job: Job, keys: list[str]) -> str:
+    params = params_of(job)
+    return " ".join(_short(params.get(k, "")) if len(keys) == 1 else f"{k}={_short(params.get(k, ''))}" for k in keys) or f"job {job.num}"
+
+
+def _checkpoint_table(jobs: list[Job], model_keys: list[str], swept: list[str]) -> str:
+    other = [k for k in swept if k not in model_keys]
+    lines = [
+        "| checkpoint | job | " + "".join(f"`{k}` | " for k in other) + "rows/s | captioned | words mean | words p50 | words p95 | output |",
+        "|---|---|" + "---|" * len(other) + "---:|---:|---:|---:|---:|---|",
+    ]
+    for job in sorted(jobs, key=lambda j: (_label(j, model_keys), _job_sort_key(j.directory))):
+        params, w = params_of(job), job.words
+        output = job.record.get("output") or (job.report or {}).get("output")
+        lines.append(
+            f"| {_cell(_label(job, model_keys))} | {job.num} | " + "".join(f"{_cell(params.get(k, ''))} | " for k in other)
+            + f"{_cell(job.metric('rows_per_second')) if job.status == 'succeeded' else job.status} | {_cell(job.metric('captioned'))} | "
+            f"{_cell(w.get('mean'))} | {_cell(w.get('p50'))} | {_cell(w.get('p95'))} | {('`' + output + '`') if output else '–'} |"
+        )
+    return "\n".join(lines)
+
+
+def _eval_table(jobs: list[Job], keys: list[str]) -> str:
+    results: dict[str, dict[str, Any]] = {}
+    for job in jobs:
+        label = f"{_label(job, keys)} (job {job.num})" if keys else f"job {job.num}"
+        results[label] = job.evaluation  # type: ignore[assignment]
+    try:
+        from capjob.evaluation import compare_markdown
+
+        return compare_markdown(results).rstrip("\n")
+    except Exception as e:  # noqa: BLE001 - an eval.json of another version: show what is there
+        log.warning("caption evaluation table: %s", e)
+        lines = ["| | captions | vocabulary |", "|---|---:|---:|"]
+        lines += [f"| {label} | {_cell(s.get('count'))} | {_cell(s.get('vocabulary_size'))} |" for label, s in results.items()]
+        return "\n".join(lines)
+
+
+# --- plot --------------------------------------------------------------------------------
+
+
+def plot(jobs: list[Job]) -> bytes:
+    """One panel per swept parameter: rows/s of every succeeded run against the parameter's value
+    (the line joins the best run at each value); the best run overall is starred."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    swept, _ = swept_parameters(jobs)
+    ok = [j for j in jobs if j.status == "succeeded" and isinstance(j.metric("rows_per_second"), (int, float))]
+    best = best_job(jobs)
+    panels = swept or ["job"]
+    fig = Figure(figsize=(4.2 * len(panels), 3.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, key in zip(axes, panels):
+        value_of = (lambda j: str(j.num)) if key == "job" else (lambda j, k=key: params_of(j).get(k, ""))
+        categories = _sorted_values({value_of(j) for j in jobs}) if jobs else []
+        position = {v: i for i, v in enumerate(categories)}
+        if ok:
+            xs = [position[value_of(j)] for j in ok]
+            ys = [j.metric("rows_per_second") for j in ok]
+            ax.scatter(xs, ys, color="tab:blue", zorder=3, label="run")
+            best_at = {}
+            for x, y in zip(xs, ys):
+                best_at[x] = max(best_at.get(x, y), y)
+            ax.plot(sorted(best_at), [best_at[x] for x in sorted(best_at)], color="tab:blue", alpha=0.5)
+            if best is not None:
+                ax.scatter([position[value_of(best)]], [best.metric("rows_per_second")], marker="*", s=220,
+                           color="tab:orange", zorder=4, label="best")
+        failed = [j for j in jobs if j.status != "succeeded" and value_of(j) in position]
+        if failed:
+            ax.scatter([position[value_of(j)] for j in failed], [0] * len(failed), marker="x", color="tab:red", zorder=3, label="failed")
+        if not ok:
+            ax.text(0.5, 0.5, "no successful runs", transform=ax.transAxes, ha="center", va="center")
+        ax.set_xticks(range(len(categories)))
+        ax.set_xticklabels([_short(c) or "(unset)" for c in categories], rotation=20 if any(len(c) > 8 for c in categories) else 0)
+        ax.set_xlim(-0.5, max(len(categories) - 0.5, 0.5))
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel(key)
+        ax.set_ylabel("captioned rows / s")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(loc="lower right", fontsize="small")
+    fig.suptitle("capjob sweep: throughput by parameter")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+# --- the report --------------------------------------------------------------------------
+
+
+def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """sweep.csv, sweep.md and sweep.png for a multirun directory. Raises FileNotFoundError when
+    it holds no capjob job."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"{sweep_dir} is not a directory")
+    jobs = collect(sweep_dir)
+    if not jobs:
+        raise FileNotFoundError(f"no capjob jobs under {sweep_dir} (expected <job dir>/{JOB_RECORD} or {REPORT_JSON})")
+    out = Path(out_dir) if out_dir else sweep_dir
+    out.mkdir(parents=True, exist_ok=True)
+    header, rows = csv_rows(jobs)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=header, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    paths = {"csv": out / SWEEP_CSV, "markdown": out / SWEEP_MD, "plot": out / SWEEP_PNG}
+    paths["csv"].write_text(buf.getvalue())
+    paths["markdown"].write_text(markdown(sweep_dir, jobs))
+    paths["plot"].write_bytes(plot(jobs))
+    return paths
+
+
+class SweepReport(Callback):
+    """Registered in conf/config.yaml (hydra.callbacks): redacts Hydra's multirun.yaml and writes
+    sweep.csv / sweep.md / sweep.png into the sweep directory when a multirun ends."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            _redact_hydra_yaml(Path(HydraConfig.get().sweep.dir) / "multirun.yaml")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        _redact_hydra_yaml(sweep_dir / "multirun.yaml")
+        try:
+            paths = build_report(sweep_dir)
+        except FileNotFoundError as e:
+            print(f"capjob: sweep report: {e}", file=sys.stderr)
+            return
+        jobs = collect(sweep_dir)
+        failed = sum(1 for j in jobs if j.status in ("failed", "unknown"))
+        print(
+            f"\ncapjob sweep: {len(jobs)} runs, {len(jobs) - failed} without error, {failed} failed\n"
+            f"  table: {paths['markdown']}\n  csv:   {paths['csv']}\n  plot:  {paths['plot']}",
+            flush=True,
+        )
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="capjob-sweep-report",
+        description="Rebuild sweep.csv, sweep.md and sweep.png from a capjob multirun directory "
+        "(the hydra.sweep.dir holding one folder per job).",
+    )
+    parser.add_argument("sweep_dir", metavar="DIR", type=Path, help="the multirun directory, e.g. multirun/2025-01-31/12-00-00")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the files (default: DIR)")
+    args = parser.parse_args(argv)
+    try:
+        paths = build_report(args.sweep_dir, args.out)
+    except (FileNotFoundError, OSError) as e:
+        print(f"capjob-sweep-report: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for name, path in paths.items():
+        print(f"{name:<9} {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Nothing lost, nothing twice: a killed driver resumes, a killed worker is retried.
+
+These run the real pipeline (Ray + vLLM CPU + tiny model) and kill real processes.
+"""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from capjob.sample_data import _scene, write_hf_parquet
+from conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+SECRET = "sEcReT-dont-log-me-1234"
+
+
+def write_images(path, count, size, fmt, seed):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(count):
+        buf = io.BytesIO()
+        _scene(rng, *size).save(buf, format=fmt)
+        rows.append((f"img_{i:04d}.{fmt.lower()}", buf.getvalue(), "generated"))
+    path.mkdir(parents=True)
+    write_hf_parquet(rows, path / "part-0.parquet")
+    return rows
+
+
+def command(data, out, *extra):
+    return [
+        sys.executable, "-m", "capjob", "experiment=offline", "data.format=parquet", f"data.path={data}",
+        "data.name=ft", "data.key_column=null", f"sink.path={out}", "caption.max_tokens=8", *extra,
+    ]
+
+
+def ids_in(out, table):
+    files = sorted((out / table).glob("*.parquet"))
+    return [i for f in files for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()]
+
+
+def test_kill_driver_mid_run_then_resume_exactly_once(tmp_path):
+    rows = write_images(tmp_path / "data", 240, (320, 240), "JPEG", seed=11)
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_TOKEN": SECRET, "AWS_SECRET_ACCESS_KEY": SECRET}
+    cmd = command(tmp_path / "data", out, "data.partitions=30", "engine.batch_size=8")
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 900
+    while len(list((out / "captions").glob("*.parquet"))) < 3:
+        assert first.poll() is None, "the first run ended before it could be killed"
+        assert time.time() < deadline, "no output files appeared"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and every process of its local Ray cluster
+    first.wait()
+    time.sleep(3)
+    done_first = ids_in(out, "captions") + ids_in(out, "quarantine")
+    assert 0 < len(done_first) < len(rows)
+
+    second = subprocess.run(cmd + ["+data.storage_options.session_token=" + SECRET], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=1200)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
+    done = ids_in(out, "captions") + ids_in(out, "quarantine")
+    assert len(done) == len(set(done)) == len(rows), "every id exactly once across both runs"
+
+    (report_dir,) = list((out / "reports").iterdir())  # the killed run never reached its report
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["skipped_done"] == len(set(done_first))
+    assert report["captioned"] + report["quarantined"] == len(rows) - len(set(done_first))
+    assert f"| skipped (already done) | {len(set(done_first))} |" in (report_dir / "report.md").read_text()
+    print(f"kill-and-resume: first run finished {len(set(done_first))} rows before SIGKILL; "
+          f"second run skipped {report['skipped_done']} and processed {report['captioned'] + report['quarantined']}")
+
+    # Secrets from the environment and from overrides reach no log, report or saved config.
+    assert SECRET not in second.stdout + second.stderr
+    for path in report_dir.iterdir():
+        assert SECRET.encode() not in path.read_bytes(), path
+    assert report["config"]["data"]["storage_options"]["session_token"] == "***"
+
+
+def test_killed_preprocessing_worker_is_retried_exactly_once(tmp_path):
+    # Large PNGs (no reduced-scale decoding) keep decode tasks alive long enough to be killed.
+    rows = write_images(tmp_path / "data", 48, (2000, 1500), "PNG", seed=12)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(command(tmp_path / "data", out, "data.partitions=12", "job.run_id=worker-kill"), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = None
+    deadline = time.time() + 900
+    while killed is None and proc.poll() is None and time.time() < deadline:
+        for p in psutil.process_iter(["cmdline"]):
+            title = " ".join(p.info["cmdline"] or [])
+            if title.startswith("ray::") and "prepare_images" in title:
+                try:
+                    p.send_signal(signal.SIGKILL)
+                    killed = title
+                except psutil.NoSuchProcess:
+                    continue
+                break
+        time.sleep(0.02)
+    output, _ = proc.communicate(timeout=1200)
+    assert killed, "never saw a preprocessing worker to kill"
+    assert proc.returncode == 0, output[-6000:]
+    done = ids_in(out, "captions") + ids_in(out, "quarantine")
+    assert len(done) == len(set(done)) == len(rows)
+    report = json.loads((out / "reports" / "worker-kill" / "report.json").read_text())
+    assert report["rows_read"] == len(rows) and report["captioned"] + report["quarantined"] == len(rows)
