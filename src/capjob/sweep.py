@@ -85,7 +85,7 @@ def _redact_hydra_yaml(path: Path) -> None:
     whatever hydra.output_subdir says. Rewrite it with secrets redacted, as report.py does."""
     import yaml
 
-    from capjob.report import redact
+    from capjob.report import SECRET_KEY, redact
 
     try:
         data = yaml.safe_load(path.read_text())
@@ -99,8 +99,8 @@ def _redact_hydra_yaml(path: Path) -> None:
         if isinstance(values, list):
             overrides[name] = [redact_override(str(v)) for v in values]
     job = (data.get("hydra") or {}).get("job") or {}
-    if isinstance(job.get("override_dirname"), str):
-        job["override_dirname"] = ",".join(redact_override(o) for o in job["override_dirname"].split(",")) if job["override_dirname"] else ""
+    if isinstance(job.get("override_dirname"), str) and SECRET_KEY.search(job["override_dirname"]):
+        job["override_dirname"] = ",".join(sorted(redact_override(str(o)) for o in overrides.get("task") or []))
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
@@ -583,7 +583,7 @@ def plot(jobs: list[Job]) -> bytes:
             if best is not None:
                 ax.scatter([position[value_of(best)]], [best.metric("rows_per_second")], marker="*", s=220,
                            color="tab:orange", zorder=4, label="best")
-        failed = [j for j in jobs if j.status != "succeeded" and value_of(j) in position]
+        failed = [j for j in jobs if j.status in ("failed", "unknown") and value_of(j) in position]
         if failed:
             ax.scatter([position[value_of(j)] for j in failed], [0] * len(failed), marker="x", color="tab:red", zorder=3, label="failed")
         if not ok:
