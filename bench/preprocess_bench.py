@@ -20,9 +20,12 @@ megapixels with sensor-like grain added (so that they compress like photos, neit
 nor like flat colour), 70 % JPEG (some grayscale, some with an EXIF rotation), 15 % PNG and 15 %
 WebP. Image ``i`` depends only on ``(--seed, i)``, so larger runs reuse smaller runs' files.
 
-Timing: every image is timed individually for every contender; the contenders take turns
-(the order rotates every repeat), and each image's time is the median over the repeats.
-Throughput per core = images / summed seconds in this single process.
+Timing: every image is timed individually for every contender, the contenders taking turns
+image by image (the order rotates), so load from elsewhere on the machine hits all of them
+alike; each image's time is the median over the repeats. Throughput per core = images / summed
+CPU seconds of this single process (``time.process_time``, which leaves out the time spent
+waiting for a core on a busy machine); the wall-clock ratio is printed too. PNG and WebP cannot
+be decoded at reduced scale, so their ratios stay near 1.2x and the "all" row depends on the mix.
 
 Usage::
 
@@ -42,7 +45,6 @@ import os
 import pathlib
 import platform
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -364,7 +366,9 @@ def machine() -> dict:
         "pillow": Image.__version__,
         "libjpeg_turbo": features.version("libjpeg_turbo"),
         "webp": features.version("webp"),
-        "zlib": features.version("zlib"),
+        # Pillow wheels inflate PNGs with zlib-ng where they bundle it.
+        "zlib": (f"zlib-ng {features.version_feature('zlib_ng')}" if features.check_feature("zlib_ng")
+                 else f"zlib {features.version('zlib')}"),
     }
 
 
@@ -414,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Command: `{command}`\n")
     print(f"Machine: {info['cpu']}, {info['cores']} cores visible, one process timed (CPU time / wall time "
           f"during timing: {cpu_share:.2f}); Python {info['python']}, Pillow {info['pillow']} "
-          f"(libjpeg-turbo {info['libjpeg_turbo']}, libwebp {info['webp']}, zlib {info['zlib']})\n")
+          f"(libjpeg-turbo {info['libjpeg_turbo']}, libwebp {info['webp']}, {info['zlib']})\n")
     print(f"Mix: {len(mix)} images, seed {args.seed}, {args.repeats} repeat(s), median per image, "
           f"throughput = images / CPU seconds of the one timed process; "
           f"seed = `Image.open(BytesIO(b)).resize((225, 225), BICUBIC)` + `np.asarray(.convert('RGB'))`; "

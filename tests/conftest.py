@@ -25,3 +25,42 @@ def compose(overrides: list[str] | None = None):
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides or [])
+
+
+# --- S3 (data in and out): a real S3-compatible HTTP server on 127.0.0.1 -------------------
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server in a subprocess (tests/s3server.py), for the whole session."""
+    from s3server import S3Server
+
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_auth():
+    """A second server that checks credentials: every key is unknown to it (wrong credentials)."""
+    from s3server import S3Server
+
+    with S3Server(auth=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def s3_env(s3):
+    """This process talks to the `s3` server through the standard AWS variables (and so do the
+    Ray workers and capjob subprocesses it starts); restored afterwards."""
+    import s3fs
+
+    saved = {k: os.environ.get(k) for k in s3.env()}
+    os.environ.update(s3.env())
+    s3fs.S3FileSystem.clear_instance_cache()  # a cached instance would keep another endpoint
+    yield s3
+    s3fs.S3FileSystem.clear_instance_cache()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -106,3 +106,15 @@ def test_cli_errors_are_one_line():
     assert proc.stderr.strip() == "capjob: error: engine.batch_size: must be > 0, got -3"
     proc = run_cli("model=nope")
     assert proc.returncode != 0 and "Available options in 'model'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_report_redacts_secret_looking_keys():
+    from capjob.report import redact
+
+    cfg = {"data": {"storage_options": {"key": "AKIA", "secret": "s3cr3t", "client_kwargs": {"endpoint_url": "http://x", "aws_session_token": "tok"}}},
+           "model": {"hf_token": "hf_abc", "name": "m"}}
+    out = redact(cfg)
+    assert out["data"]["storage_options"]["secret"] == out["data"]["storage_options"]["key"] == "***"
+    assert out["data"]["storage_options"]["client_kwargs"]["aws_session_token"] == "***"
+    assert out["data"]["storage_options"]["client_kwargs"]["endpoint_url"] == "http://x"
+    assert out["model"] == {"hf_token": "***", "name": "m"}

@@ -34,7 +34,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from capjob.config import SinkConfig, SinkFormat
+from capjob.config import ResourcesConfig, SinkConfig, SinkFormat
 from capjob.errors import CapjobError, ConfigError, SinkError, SourceError
 from capjob.sinks import CAPTIONS, TableWriter
 from capjob.sources import _describe_remote_error
@@ -74,27 +74,53 @@ _WORD = re.compile(r"\w+(?:['’]\w+)*")
 class EvalMode(str, enum.Enum):
     off = "off"
     stats = "stats"  # statistics and per-row flags
-    judge = "judge"  # statistics plus a judge model scoring each caption (not implemented yet)
+    judge = "judge"  # statistics plus a judge model scoring each caption (judge.py)
 
 
 @dataclass
 class JudgeConfig:
-    """The judge pass (mode=judge): a VLM that sees the image and the caption and scores it."""
+    """The judge pass (mode=judge, judge.py): a model with its own engine that reads each caption
+    and scores it 1-5 with a short reason. Text-only: it sees the caption, not the image."""
 
     # Hub id or local path; None with `builder` set: a model capjob builds (as model.builder).
     model_source: Optional[str] = None
     builder: Optional[str] = None
-    # Sent with the image; {caption} is replaced by the caption under evaluation.
+    # Label in the report and the judge table; None: the last part of model_source (or builder).
+    name: Optional[str] = None
+    system_prompt: str = "You are a strict and consistent judge of image captions. You answer in exactly the format you are asked for."
+    # {caption} is replaced by the caption under evaluation (str.replace: braces in captions are safe).
     prompt: str = (
-        "Here is an image and a caption written for it.\n"
-        "Caption: {caption}\n"
-        "Rate the caption from 1 (wrong or unusable) to 5 (accurate, complete, nothing invented). "
-        "Answer with the number, then one short sentence explaining it."
+        "Below is a caption written for an image. You cannot see the image: judge the caption as a "
+        "description. Is it fluent, specific and self-consistent, free of repetition, truncation, "
+        "boilerplate and filler?\n\n"
+        'Caption: """{caption}"""\n\n'
+        "Rate it from 1 (empty, garbled, repetitive or unusable) to 5 (clear, specific, complete). "
+        "Answer in exactly this format:\n"
+        "Score: <1-5>\n"
+        "Reason: <one short sentence>"
     )
+    temperature: float = 0.0
+    seed: Optional[int] = None
     max_tokens: int = 64
     batch_size: int = 16
+    max_concurrent_batches: int = 8
     # Judge engine replicas.
     concurrency: int = 1
+    max_model_len: int = 4096
+    max_num_seqs: Optional[int] = None
+    tensor_parallel_size: int = 1
+    # GPUs per judge replica: null = tensor_parallel_size when the cluster has GPUs, else 0 (CPU).
+    gpus_per_worker: Optional[int] = None
+    gpu_memory_utilization: float = 0.9
+    # KV cache of a CPU judge engine.
+    cpu_kv_cache_gib: float = 1.0
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    quantization: Optional[str] = None
+    enforce_eager: bool = False
+    extra_engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The judge's raw answer is kept in the judge table, cut to this many characters.
+    raw_chars: int = 1000
 
 
 @dataclass
@@ -135,6 +161,20 @@ def validate_eval(cfg: EvalConfig) -> EvalConfig:
         _require(j.max_tokens > 0, "eval.judge.max_tokens", f"must be > 0, got {j.max_tokens}")
         _require(j.batch_size > 0, "eval.judge.batch_size", f"must be > 0, got {j.batch_size}")
         _require(j.concurrency >= 1, "eval.judge.concurrency", f"must be >= 1, got {j.concurrency}")
+        _require(j.builder in (None, "tiny_qwen25vl"), "eval.judge.builder", f"unknown builder {j.builder!r}; allowed: tiny_qwen25vl")
+        _require(j.temperature >= 0, "eval.judge.temperature", f"must be >= 0, got {j.temperature}")
+        _require(j.max_concurrent_batches > 0, "eval.judge.max_concurrent_batches", f"must be > 0, got {j.max_concurrent_batches}")
+        _require(j.max_model_len > j.max_tokens, "eval.judge.max_model_len", f"must be > eval.judge.max_tokens ({j.max_tokens}), got {j.max_model_len}")
+        _require(j.max_num_seqs is None or j.max_num_seqs > 0, "eval.judge.max_num_seqs", f"must be > 0 or null, got {j.max_num_seqs}")
+        _require(j.tensor_parallel_size >= 1, "eval.judge.tensor_parallel_size", f"must be >= 1, got {j.tensor_parallel_size}")
+        _require(
+            j.gpus_per_worker is None or j.gpus_per_worker in (0, j.tensor_parallel_size),
+            "eval.judge.gpus_per_worker",
+            f"must be null, 0 (CPU) or eval.judge.tensor_parallel_size ({j.tensor_parallel_size}), got {j.gpus_per_worker}",
+        )
+        _require(0.0 < j.gpu_memory_utilization <= 1.0, "eval.judge.gpu_memory_utilization", f"must be in (0, 1], got {j.gpu_memory_utilization}")
+        _require(j.cpu_kv_cache_gib > 0, "eval.judge.cpu_kv_cache_gib", f"must be > 0, got {j.cpu_kv_cache_gib}")
+        _require(j.raw_chars >= 0, "eval.judge.raw_chars", f"must be >= 0, got {j.raw_chars}")
     return cfg
 
 
@@ -327,6 +367,10 @@ def render_markdown(stats: Mapping[str, Any]) -> str:
         f"Vocabulary: {s['vocabulary_size']} distinct lower-cased words.",
         "",
     ]
+    if s.get("judge"):
+        from capjob.judge import render_judge_markdown
+
+        lines.append(render_judge_markdown(s["judge"]))
     return "\n".join(lines)
 
 
@@ -375,10 +419,13 @@ def write_eval_table(evaluation: Evaluation, sink: SinkConfig) -> str:
 
 
 def compare_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """One row per eval.json content (e.g. per model checkpoint), keyed by its label."""
+    """One row per eval.json content (e.g. per model checkpoint), keyed by its label; judge
+    columns when any of them has a judge section."""
+    judged = any(s.get("judge") for s in results.values())
     lines = [
-        "| | captions | words mean | words p50 | words p95 | tokens mean | empty | truncated | degenerate | vocabulary |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| | captions | words mean | words p50 | words p95 | tokens mean | empty | truncated | degenerate | vocabulary |"
+        + (" judge mean | judge parsed |" if judged else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if judged else ""),
     ]
     for label, s in results.items():
         cells = [
@@ -392,6 +439,9 @@ def compare_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
             _pct(s["degenerate"]),
             str(s["vocabulary_size"]),
         ]
+        if judged:
+            j = s.get("judge")
+            cells += [_num(j["mean_score"]) if j else "n/a", f"{j['parsed']}/{j['count']}" if j else "n/a"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -431,9 +481,17 @@ def read_captions(sink: SinkConfig) -> pa.Table:
 
 
 def evaluate_output(
-    sink: SinkConfig, cfg: EvalConfig, out_dir: Path, *, run_id: Optional[str] = None, max_tokens: Optional[int] = None
+    sink: SinkConfig,
+    cfg: EvalConfig,
+    out_dir: Path,
+    *,
+    run_id: Optional[str] = None,
+    max_tokens: Optional[int] = None,
+    resources: Optional[ResourcesConfig] = None,
 ) -> tuple[Evaluation, dict[str, str]]:
     """Evaluate a sink's captions (one run's, or all) and write the table and the report.
+    With cfg.mode == judge the judge pass (judge.py) runs too, on Ray with `resources` (the
+    job's cfg.resources) for its CPU stages, and the report gets a `judge` section.
     Returns the evaluation and where each result went."""
     table = read_captions(sink)
     evaluation = evaluate(select_run(table, run_id) if run_id else table, cfg, max_tokens=max_tokens, run=run_id or "all")
@@ -444,7 +502,16 @@ def evaluate_output(
         detail = (str(e).splitlines() or [""])[0][:300]  # one line: the CLI prints it as is
         raise SinkError(f"cannot write {TableWriter(sink).url(EVALUATION)!r}: {type(e).__name__}: {detail}") from None
     files = {name: str(path) for name, path in write_report(evaluation, out_dir).items()}
-    return evaluation, {"table": evaluation.stats["evaluation_table"], **files}
+    written = {"table": evaluation.stats["evaluation_table"], **files}
+    if cfg.mode == EvalMode.judge:
+        # The statistics report is written first: it stays if the judge's engine cannot start.
+        from capjob.judge import judge_output
+
+        judged = judge_output(sink, cfg.judge, run_id=run_id, resources=resources)
+        evaluation.stats["judge"] = judged.stats
+        write_report(evaluation, out_dir)
+        written["judge_table"] = judged.table_url
+    return evaluation, written
 
 
 # --- capjob-eval -------------------------------------------------------------------------

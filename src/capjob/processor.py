@@ -118,12 +118,14 @@ class CaptionRecord:
         return out
 
 
-def build_caption_processor(cfg: CapjobConfig, model_source: str, placement: EnginePlacement, run_id: str):
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+def processor_config(cfg: CapjobConfig, model_source: str, placement: EnginePlacement, *, multimodal: bool = True):
+    """The vLLMEngineProcessorConfig for `cfg`'s engine/resources (shared by the caption pass and
+    the judge pass): CPU placement when placement.gpus == 0, failed rows kept and flagged."""
+    from ray.data.llm import vLLMEngineProcessorConfig
 
     r = cfg.resources
     cpu_stage = {"num_cpus": r.cpu_stage_cpus, "concurrency": r.cpu_stage_concurrency}
-    config = vLLMEngineProcessorConfig(
+    return vLLMEngineProcessorConfig(
         model_source=model_source,
         engine_kwargs=engine_kwargs(cfg, model_source, placement),
         batch_size=cfg.engine.batch_size,
@@ -132,14 +134,21 @@ def build_caption_processor(cfg: CapjobConfig, model_source: str, placement: Eng
         accelerator_type=placement.accelerator_type if placement.gpus else None,
         # A CPU engine must not ask Ray for a GPU; one CPU bundle per replica.
         placement_group_config=None if placement.gpus else {"bundles": [{"CPU": 1}]},
-        prepare_multimodal_stage={"enabled": True, **cpu_stage},
+        prepare_multimodal_stage={"enabled": multimodal, **cpu_stage},
         chat_template_stage={"enabled": True, **cpu_stage},
         tokenize_stage={"enabled": True, **cpu_stage},
         detokenize_stage={"enabled": True, **cpu_stage},
-        # Failed rows come back with __inference_error__ and go to quarantine.
+        # Failed rows come back with __inference_error__ (quarantine, or a judge failure).
         should_continue_on_error=True,
         log_engine_metrics=True,
     )
+
+
+def build_caption_processor(cfg: CapjobConfig, model_source: str, placement: EnginePlacement, run_id: str):
+    from ray.data.llm import build_processor
+
+    r = cfg.resources
+    config = processor_config(cfg, model_source, placement)
     processor = build_processor(
         config,
         preprocess=CaptionRequest(cfg),

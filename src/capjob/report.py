@@ -18,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 import yaml
 
-SECRET_KEY = re.compile(r"secret|token|password|passwd|credential|api[_-]?key|access[_-]?key|session", re.I)
+SECRET_KEY = re.compile(r"secret|token|password|passwd|credential|api[_-]?key|access[_-]?key|session|^key$", re.I)
 REDACTED = "***"
 
 

@@ -1,34 +1,48 @@
 """Stage: write captions and quarantined rows, streaming, one atomic file per block.
 
-Layout under ``sink.path`` (a local path or any fsspec URL)::
+Layout under ``sink.path`` (a local path or any fsspec URL: ``s3://bucket/prefix``...)::
 
     captions/<run_id>-<block digest>.parquet     one row per captioned image
     quarantine/<run_id>-<block digest>.parquet   one row per rejected image, with stage and reason
 
-File names are a digest of the row ids they hold, so a retried task rewrites the same file
-instead of adding a duplicate, and runs never collide. Local files are written under a hidden
-temporary name and renamed into place; object stores publish an object only when its upload
-completes. Readers (and resume) therefore never see half-written files: names starting with
-``.`` or ``_`` are ignored by pyarrow and by ``read_done_ids``.
+(``.jsonl``, ``.jsonl.gz`` or ``.jsonl.zst`` with ``sink.format=jsonl``.) File names are the run id
+(a UTC timestamp + random suffix, unique per run) and a digest of the row ids the file holds
+(unique per block within a run), so runs and workers never collide, and a retried task rewrites
+the same file instead of adding a duplicate. Every file is serialised in memory first; a local
+file is then written under a hidden temporary name and renamed into place, a remote one is
+uploaded in one request (an object store publishes an object only when its upload completes).
+Readers (and resume) therefore never see half-written files: names starting with ``.`` or
+``_`` are ignored by pyarrow and by ``read_done_ids``.
+
+``sink.rows_per_file`` gathers blocks until a file holds at least that many rows (Ray Data's
+``min_rows_per_write``): files then hold between rows_per_file and rows_per_file + one block
+(the run's last file may hold fewer). Unset: one file per block.
+
+Credentials come only from the environment / standard AWS configuration (see sources.py);
+``sink.storage_options`` holds endpoint and client settings, never secrets.
 """
 
 from __future__ import annotations
 
-import gzip
+import base64
+import datetime as dt
 import hashlib
+import io
 import json
+import os
 import time
 import uuid
 from typing import Any, Iterable, Optional
 
 import fsspec
+import fsspec.implementations.local
 import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import Datasink, WriteResult
 
 from capjob.config import SinkConfig, SinkFormat
-from capjob.errors import SinkError
+from capjob.errors import CapjobError, SinkError
 
 CAPTIONS = "captions"
 QUARANTINE = "quarantine"
@@ -45,11 +59,28 @@ QUARANTINE_SCHEMA = pa.schema(
     ]
 )
 
+# sink.compression values per format ("none"/"uncompressed" = no compression).
+PARQUET_CODECS = ("snappy", "zstd", "gzip", "brotli", "lz4", "none")
+JSONL_CODECS = {"none": "", "gzip": ".gz", "zstd": ".zst"}
+JSONL_SUFFIXES = tuple(".jsonl" + ext for ext in JSONL_CODECS.values())
+
+
+def _codec(cfg: SinkConfig) -> str:
+    codec = (cfg.compression or "none").strip().lower()
+    codec = "none" if codec in ("uncompressed", "null", "") else codec
+    allowed = PARQUET_CODECS if cfg.format == SinkFormat.parquet else tuple(JSONL_CODECS)
+    if codec not in allowed:
+        raise SinkError(
+            f"sink.compression: {cfg.compression!r} is not available for sink.format={cfg.format.value}; "
+            f"allowed: {', '.join(allowed)}"
+        )
+    return codec
+
 
 def _file_suffix(cfg: SinkConfig) -> str:
     if cfg.format == SinkFormat.parquet:
         return ".parquet"
-    return ".jsonl.gz" if cfg.compression == "gzip" else ".jsonl"
+    return ".jsonl" + JSONL_CODECS[_codec(cfg)]
 
 
 def block_digest(ids: Iterable[str]) -> str:
@@ -60,14 +91,67 @@ def block_digest(ids: Iterable[str]) -> str:
     return h.hexdigest()
 
 
+def _json_default(value: Any) -> Any:
+    """JSON for what Arrow hands back besides str/int/float/bool/list/dict."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "base64:" + base64.b64encode(raw).decode("ascii")
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if hasattr(value, "item"):  # numpy / decimal scalars
+        return value.item()
+    return str(value)
+
+
+def serialize(table: pa.Table, cfg: SinkConfig) -> bytes:
+    """The bytes of one output file."""
+    codec = _codec(cfg)
+    buf = io.BytesIO()
+    if cfg.format == SinkFormat.parquet:
+        pq.write_table(table, buf, compression=codec)
+        return buf.getvalue()
+    lines = "".join(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in table.to_pylist()).encode()
+    if codec == "none":
+        return lines
+    sink = pa.BufferOutputStream()
+    with pa.CompressedOutputStream(sink, codec) as out:
+        out.write(lines)
+    return sink.getvalue().to_pybytes()
+
+
+def deserialize(data: bytes, name: str, fmt: SinkFormat, columns: Optional[list[str]] = None) -> pa.Table:
+    """One output file back as a table (suffix decides the compression)."""
+    if fmt == SinkFormat.parquet:
+        return pq.read_table(io.BytesIO(data), columns=columns)
+    for codec, ext in JSONL_CODECS.items():
+        if ext and name.endswith(".jsonl" + ext):
+            data = pa.CompressedInputStream(pa.BufferReader(data), codec).read()
+            break
+    rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+    t = pa.Table.from_pylist(rows)
+    return t.select(columns) if columns else t
+
+
 class TableWriter:
     """Atomic writes of Arrow tables into <sink.path>/<table>/ in the configured format."""
 
     def __init__(self, cfg: SinkConfig):
+        from capjob.sources import check_storage_options
+
         self.cfg = cfg
         try:
+            check_storage_options(cfg.storage_options, "sink.storage_options")
+        except CapjobError as e:
+            raise SinkError(str(e)) from None
+        self.suffix = _file_suffix(cfg)
+        try:
             self.fs, self.root = fsspec.url_to_fs(cfg.path, **cfg.storage_options)
-        except (ImportError, ValueError) as e:
+        except (ImportError, ValueError, TypeError) as e:
             raise SinkError(f"sink.path {cfg.path!r}: {e}") from None
         self.local = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
 
@@ -78,58 +162,63 @@ class TableWriter:
         return f"{self.cfg.path.rstrip('/')}/{table}"
 
     def check_writable(self) -> None:
-        """Fail before inference when the sink cannot be written (bad bucket, credentials...)."""
-        probe = f"{self.table_dir(CAPTIONS)}/.capjob-write-probe-{uuid.uuid4().hex}"
-        try:
-            self.fs.makedirs(self.table_dir(CAPTIONS), exist_ok=True)
-            self.fs.makedirs(self.table_dir(QUARANTINE), exist_ok=True)
-            with self.fs.open(probe, "wb") as f:
-                f.write(b"ok")
-            self.fs.rm(probe)
-        except Exception as e:  # noqa: BLE001 - s3fs/botocore raise many types
-            from capjob.sources import _describe_remote_error
+        """Fail before inference when the sink cannot be written (missing bucket, denied,
+        unreachable endpoint...): write and delete a probe object, with short timeouts."""
+        from capjob.sources import describe_remote_error, probe_filesystem
 
-            raise SinkError(f"sink.path: {_describe_remote_error(self.cfg.path, e)}") from None
+        try:
+            fs, root = probe_filesystem(self.cfg.path, self.cfg.storage_options)
+        except CapjobError as e:
+            raise SinkError(f"sink.path: {e}") from None
+        probe = f"{root.rstrip('/')}/{CAPTIONS}/.capjob-write-probe-{uuid.uuid4().hex}"
+        try:
+            if self.local:
+                # Object stores have no folders (and s3fs.makedirs would create a missing bucket).
+                for table in (CAPTIONS, QUARANTINE):
+                    fs.makedirs(f"{root.rstrip('/')}/{table}", exist_ok=True)
+            fs.pipe_file(probe, b"ok")
+            fs.rm_file(probe)
+        except Exception as e:  # noqa: BLE001 - s3fs/botocore raise many types
+            raise SinkError(f"sink.path: {describe_remote_error(self.cfg.path, e)}") from None
 
     def write(self, table_name: str, table: pa.Table, stem: str) -> str:
+        """Write `table` as <table_name>/<stem><suffix>; returns the file's (protocol-less) path."""
         directory = self.table_dir(table_name)
-        final = f"{directory}/{stem}{_file_suffix(self.cfg)}"
-        target = f"{directory}/.{stem}.{uuid.uuid4().hex}.tmp" if self.local else final
-        if self.local:
-            self.fs.makedirs(directory, exist_ok=True)
-        with self.fs.open(target, "wb") as f:
-            if self.cfg.format == SinkFormat.parquet:
-                pq.write_table(table, f, compression=self.cfg.compression)
-            else:
-                lines = "".join(json.dumps(row, default=str) + "\n" for row in table.to_pylist()).encode()
-                f.write(gzip.compress(lines) if self.cfg.compression == "gzip" else lines)
-        if self.local:
-            self.fs.mv(target, final)
+        final = f"{directory}/{stem}{self.suffix}"
+        data = serialize(table, self.cfg)
+        if not self.local:
+            self.fs.pipe_file(final, data)
+            return final
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{directory}/.{stem}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
         return final
 
     def list_files(self, table_name: str) -> list[str]:
+        """Complete files of one table (any compression of the configured format)."""
         directory = self.table_dir(table_name)
+        suffixes = (".parquet",) if self.cfg.format == SinkFormat.parquet else JSONL_SUFFIXES
         try:
+            self.fs.invalidate_cache(directory)  # other processes write here
             names = self.fs.ls(directory, detail=False)
         except FileNotFoundError:
             return []
-        suffix = _file_suffix(self.cfg)
-        return sorted(n for n in names if n.rsplit("/", 1)[-1][:1] not in "._" and n.endswith(suffix))
+        return sorted(n for n in names if n.rsplit("/", 1)[-1][:1] not in "._" and n.endswith(suffixes))
 
     def read(self, table_name: str, columns: Optional[list[str]] = None) -> pa.Table:
         """Every complete file of one table (for resume, accounting and tests)."""
         tables = []
         for name in self.list_files(table_name):
-            with self.fs.open(name, "rb") as f:
-                if self.cfg.format == SinkFormat.parquet:
-                    tables.append(pq.read_table(f, columns=columns))
-                else:
-                    raw = f.read()
-                    if name.endswith(".gz"):
-                        raw = gzip.decompress(raw)
-                    rows = [json.loads(line) for line in raw.decode().splitlines() if line]
-                    t = pa.Table.from_pylist(rows)
-                    tables.append(t.select(columns) if columns else t)
+            tables.append(deserialize(self.fs.cat_file(name), name, self.cfg.format, columns))
         if not tables:
             return pa.table({c: pa.array([], pa.string()) for c in (columns or ["id"])})
         return pa.concat_tables(tables, promote_options="permissive")

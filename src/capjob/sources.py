@@ -2,24 +2,64 @@
 
 Every layout ends as rows that carry the image in ``Source.image_column`` (raw bytes, an HF
 ``{bytes, path}`` struct, or a path/URL string), an optional key column and pass-through
-columns. Problems a user can fix (missing path, bucket, credentials or column) surface here as
-one SourceError line, before any inference starts.
+columns. Problems a user can fix (missing path, bucket, credentials or column, an unreachable
+endpoint) surface here as one SourceError line, before any inference starts.
+
+Layouts (``data.format``):
+
+* ``hf``           -- ``datasets.load_dataset`` (hub id or local folder of data files) or a
+                      ``save_to_disk`` folder, ``data.split``, ``data.streaming``; read by Ray
+                      tasks shard by shard (no copy of the dataset through the driver).
+* ``parquet``      -- files or folders, local or any fsspec URL (``s3://...``).
+* ``image_folder`` -- image files (jpg/png/webp/...), recursive, local or remote.
+* ``webdataset``   -- tar shards (``ray.data.read_webdataset``), local or remote.
+
+Remote storage: fsspec/s3fs with ``data.storage_options`` (e.g. ``{client_kwargs:
+{endpoint_url: ...}}``); credentials come only from the environment or the standard AWS/fsspec
+configuration (``AWS_ACCESS_KEY_ID``..., ``AWS_PROFILE``, ``~/.aws``), and
+``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) selects an S3-compatible store.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
+import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import fsspec
+import fsspec.implementations.local
+import pyarrow as pa
 import pyarrow.fs as pafs
 import ray.data
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
 from capjob.config import DataConfig, SourceFormat
-from capjob.errors import SourceError
+from capjob.errors import ConfigError, SourceError
 
 IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"]
+# Webdataset members decoded to text (and ints for class indices); everything else stays bytes.
+WEBDATASET_TEXT = {"txt", "text", "caption", "json", "jsonl", "url", "key", "id"}
+WEBDATASET_INT = {"cls", "cls2", "index", "inx"}
+# Rows per block read from a Hugging Face dataset (Ray splits blocks that grow larger).
+HF_BATCH_ROWS = 256
+# Shards a map-style dataset is cut into (Ray runs at most its read parallelism of them at once).
+HF_MAX_SHARDS = 256
+
+# Options of the *probe* that checks a remote path before anything runs: fail in seconds when
+# the endpoint does not answer instead of botocore's 60 s connect timeout x retries.
+PROBE_S3_CONFIG = {"connect_timeout": 5, "read_timeout": 15, "retries": {"max_attempts": 2, "mode": "standard"}}
+PROBE_S3_RETRIES = 1
+
+# storage_options keys that would put a secret into the config (saved with every report).
+_CREDENTIAL_KEY = re.compile(
+    r"^(key|secret|token|password|passwd|credentials?|sas_token|account_key|client_secret)$"
+    r"|secret|password|session_token|access_key|api[_-]?key|private[_-]?key",
+    re.I,
+)
 
 
 @dataclass
@@ -33,45 +73,133 @@ class Source:
     description: str
 
 
+# --------------------------------------------------------------------------- storage
+
+
+def check_storage_options(options: dict[str, Any], key: str) -> None:
+    """Reject credentials in config: they belong in the environment / AWS config."""
+
+    def walk(value: Any, prefix: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                name = f"{prefix}.{k}"
+                if _CREDENTIAL_KEY.search(str(k)) and v not in (None, "", False):
+                    raise ConfigError(
+                        f"{name}: credentials are not accepted in the config (it is saved with every report); "
+                        "use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY(/AWS_SESSION_TOKEN), AWS_PROFILE or ~/.aws/credentials"
+                    )
+                walk(v, name)
+
+    walk(options or {}, key)
+
+
 def filesystem_for(path: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and the protocol-less path for a local path or URL."""
     try:
-        return fsspec.url_to_fs(path, **storage_options)
-    except (ImportError, ValueError) as e:
+        return fsspec.url_to_fs(path, **(storage_options or {}))
+    except (ImportError, ValueError, TypeError) as e:
         raise SourceError(f"cannot open {path!r}: {e}") from None
 
 
-def _describe_remote_error(path: str, error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}"
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, fsspec.implementations.local.LocalFileSystem)
+
+
+def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("s3", "s3a")
+
+
+def probe_filesystem(path: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Like filesystem_for, but for one-off checks: its own instance, short timeouts, few retries
+    (only for S3; other filesystems as configured)."""
+    fs, fs_path = filesystem_for(path, storage_options)
+    if not _is_s3(fs):
+        return fs, fs_path
+    options = copy.deepcopy(storage_options or {})
+    config = options.setdefault("config_kwargs", {})
+    for k, v in PROBE_S3_CONFIG.items():
+        config.setdefault(k, v)
+    options["skip_instance_cache"] = True
+    options["use_listings_cache"] = False
+    try:
+        probe_fs = type(fs)(**options)
+    except (ImportError, ValueError, TypeError) as e:
+        raise SourceError(f"cannot open {path!r}: {e}") from None
+    probe_fs.retries = PROBE_S3_RETRIES  # s3fs's own retry loop (a class attribute, 5 by default)
+    return probe_fs, fs_path
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:limit]
+
+
+def describe_remote_error(path: str, error: BaseException) -> str:
+    """One line saying what is wrong with a remote location, for any s3fs/botocore/aiohttp error."""
+    chain, e = [], error
+    while e is not None and len(chain) < 5:  # the root cause often holds the useful name
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    text = " | ".join(f"{type(c).__name__}: {c}" for c in chain)
     lowered = text.lower()
-    if "nosuchbucket" in lowered or "bucket does not exist" in lowered or "specified bucket does not exist" in lowered:
-        return f"bucket of {path!r} does not exist"
-    if any(s in lowered for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "forbidden", "403", "credentials")):
-        return f"access to {path!r} denied: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or your profile) ({text.splitlines()[0][:200]})"
-    if any(s in lowered for s in ("connect", "timed out", "timeout", "name or service not known", "unreachable")):
-        return f"cannot reach the storage endpoint for {path!r}: {text.splitlines()[0][:200]}"
-    return f"cannot read {path!r}: {text.splitlines()[0][:300]}"
+    detail = f"{type(error).__name__}: {_first_line(error)}"
+    if "nosuchbucket" in lowered or "bucket does not exist" in lowered:
+        return f"the bucket of {path!r} does not exist"
+    if any(s in lowered for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "invalidtoken", "expiredtoken",
+                                  "accessdenied", "access denied", "forbidden", "permissionerror", "403")):
+        return (f"access to {path!r} denied: check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                f"AWS_PROFILE or ~/.aws) ({detail})")
+    if any(s in lowered for s in ("nocredentialserror", "unable to locate credentials", "partialcredentials")):
+        return (f"no credentials for {path!r}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE "
+                f"(or storage_options.anon=true for a public bucket)")
+    if any(s in lowered for s in ("could not connect", "connect timeout", "connecttimeout", "endpointconnectionerror",
+                                  "connection refused", "name or service not known", "temporary failure in name resolution",
+                                  "unreachable", "timed out", "timeout", "cannot connect")):
+        return f"cannot reach the storage endpoint for {path!r} ({detail})"
+    return f"cannot read {path!r}: {detail}"
+
+
+# Kept for callers of the old private name.
+_describe_remote_error = describe_remote_error
+
+
+def probe(path: str, storage_options: dict[str, Any], key: str = "data.path") -> str:
+    """Fail fast, with one line, when `path` cannot be read: missing path or bucket, denied,
+    unreachable endpoint. Returns "file" or "directory"."""
+    fs, fs_path = probe_filesystem(path, storage_options)
+    if is_local(fs):
+        if not os.path.exists(fs_path):
+            raise SourceError(f"{key} {path!r} does not exist")
+        return "directory" if os.path.isdir(fs_path) else "file"
+    try:
+        try:
+            return "directory" if fs.info(fs_path).get("type") == "directory" else "file"
+        except FileNotFoundError:
+            pass
+        if _is_s3(fs):
+            bucket = fs_path.split("/", 1)[0]
+            try:
+                fs.ls(bucket)  # raises FileNotFoundError for a missing bucket
+            except FileNotFoundError:
+                raise SourceError(f"{key}: the bucket {bucket!r} of {path!r} does not exist") from None
+    except SourceError:
+        raise
+    except Exception as e:  # noqa: BLE001 - s3fs/botocore/aiohttp raise a zoo of types
+        raise SourceError(f"{key}: {describe_remote_error(path, e)}") from None
+    raise SourceError(f"{key} {path!r} does not exist")
 
 
 def check_exists(path: str, storage_options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, fs_path = filesystem_for(path, storage_options)
-    try:
-        exists = fs.exists(fs_path)
-        if exists and fs.isdir(fs_path):
-            fs.ls(fs_path)  # remote stores answer exists() for a bare bucket; listing proves access
-    except FileNotFoundError:
-        exists = False
-    except Exception as e:  # noqa: BLE001 - s3fs/botocore/aiohttp raise a zoo of types
-        raise SourceError(_describe_remote_error(path, e)) from None
-    if not exists:
-        raise SourceError(f"data.path {path!r} does not exist")
-    return fs, fs_path
+    probe(path, storage_options)
+    return filesystem_for(path, storage_options)
 
 
 def _arrow_filesystem(path: str, storage_options: dict[str, Any]) -> Optional[pafs.FileSystem]:
-    """Local paths use Ray's own filesystem resolution; remote ones the configured fsspec fs."""
+    """Local paths use Ray's own filesystem resolution; remote ones the configured fsspec fs
+    (pickled into Ray's read tasks, which resolve credentials from their own environment)."""
     fs, _ = filesystem_for(path, storage_options)
-    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+    if is_local(fs):
         return None
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
@@ -86,86 +214,184 @@ def _require_columns(available: list[str], cfg: DataConfig, image_column: str) -
             raise SourceError(f"{key}: column {column!r} not in the dataset; available columns: {sorted(available)}")
 
 
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def _read_hf_shard(shard: Any, limit: Optional[int]) -> Iterator[pa.Table]:
+    if limit is not None:
+        shard = shard.take(limit)
+    # Arrow format: image features stay {bytes, path} structs (no PIL decoding here).
+    for batch in shard.with_format("arrow").iter(batch_size=HF_BATCH_ROWS):
+        if batch.num_rows:
+            yield batch
+
+
+class HuggingFaceShards(Datasource):
+    """A `datasets.IterableDataset` read by parallel Ray tasks, one group of its shards each.
+
+    Unlike ``ray.data.from_huggingface`` this never asks the hub for a parquet export (which
+    would ignore column selection and can be a partial copy of the dataset) and never copies
+    a map-style dataset through the driver into the object store."""
+
+    def __init__(self, dataset: Any, limit: Optional[int]):
+        self._dataset = dataset
+        self._limit = limit
+
+    def estimate_inmemory_data_size(self) -> Optional[int]:
+        return None
+
+    def get_name(self) -> str:
+        return "HuggingFace"
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None, data_context: Any = None) -> list[ReadTask]:
+        shards = max(1, int(self._dataset.num_shards or 1))
+        tasks = max(1, min(shards, parallelism if parallelism and parallelism > 0 else shards))
+        out = []
+        for i in range(tasks):
+            shard = self._dataset.shard(num_shards=tasks, index=i) if tasks > 1 else self._dataset
+            meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+            out.append(ReadTask(functools.partial(_read_hf_shard, shard, self._limit), meta, per_task_row_limit=per_task_row_limit))
+        return out
+
+
+def _hf_columns(hf: Any) -> list[str]:
+    names = hf.column_names or (list(hf.features) if hf.features else None)
+    if names is None:  # a streaming dataset without declared features: look at one row
+        names = list(next(iter(hf.take(1)), {}).keys())
+    return list(names)
+
+
 def _read_hf(cfg: DataConfig) -> tuple[ray.data.Dataset, Optional[int], list[str]]:
     import datasets
 
     path = cfg.path
     assert path is not None
     local = os.path.exists(path)
+    saved = local and (os.path.exists(os.path.join(path, "state.json")) or os.path.exists(os.path.join(path, "dataset_dict.json")))
     try:
-        if local and os.path.exists(os.path.join(path, "state.json")) or local and os.path.exists(os.path.join(path, "dataset_dict.json")):
+        if saved:
             loaded = datasets.load_from_disk(path)
             if isinstance(loaded, datasets.DatasetDict):
                 if cfg.split not in loaded:
                     raise SourceError(f"data.split: {cfg.split!r} not in {path!r}; available splits: {sorted(loaded)}")
                 loaded = loaded[cfg.split]
-            hf = loaded.to_iterable_dataset() if cfg.streaming else loaded
+            hf: Any = loaded
         else:
+            if not local and (path.startswith(("/", "./", "../", "~")) or path.count("/") > 1):
+                raise SourceError(f"data.path {path!r} does not exist (neither a local folder nor a hub id)")
             hf = datasets.load_dataset(path, split=cfg.split, streaming=cfg.streaming)
     except SourceError:
         raise
     except FileNotFoundError as e:
-        raise SourceError(f"data.path {path!r}: no such local dataset or hub repository ({e})") from None
+        raise SourceError(f"data.path {path!r}: no such local dataset or hub repository ({_first_line(e)})") from None
     except ValueError as e:
-        raise SourceError(f"data.path {path!r}: {e}") from None
+        message = _first_line(e, 300)
+        if "split" in message.lower():
+            raise SourceError(f"data.split: {cfg.split!r}: {message}") from None
+        raise SourceError(f"data.path {path!r}: {message}") from None
     except Exception as e:  # noqa: BLE001 - hub/network errors
-        raise SourceError(f"cannot load Hugging Face dataset {path!r} (split {cfg.split!r}): {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+        raise SourceError(
+            f"cannot load Hugging Face dataset {path!r} (split {cfg.split!r}): {type(e).__name__}: {_first_line(e, 300)}"
+        ) from None
 
-    columns = list(hf.column_names or (hf.features or {}).keys())
-    wanted = [cfg.image_column] + ([cfg.key_column] if cfg.key_column else []) + list(cfg.passthrough_columns)
+    columns = _hf_columns(hf)
     _require_columns(columns, cfg, cfg.image_column)
-    hf = hf.select_columns([c for c in dict.fromkeys(wanted)])
-    if cfg.streaming and cfg.limit:
-        # Cap the hub stream itself so no more than `limit` rows are ever fetched.
-        hf = hf.take(cfg.limit)
-    num_rows = None if cfg.streaming else len(hf)
-    if cfg.streaming:
-        ds = ray.data.from_huggingface(hf)
-    else:
-        # Arrow data of a local/hub Dataset: hand Ray the table itself, split in blocks.
-        table = hf.with_format("arrow")[:] if num_rows else None
-        ds = ray.data.from_arrow(table) if table is not None else ray.data.from_items([])
-    return ds, num_rows, columns
+    wanted = [cfg.image_column] + ([cfg.key_column] if cfg.key_column else []) + list(cfg.passthrough_columns)
+    hf = hf.select_columns(list(dict.fromkeys(wanted)))
+    if isinstance(hf, datasets.Dataset):
+        # Map-style (save_to_disk, or a hub/local dataset prepared into the HF cache): memory-
+        # mapped arrow files, read by the tasks themselves, a few hundred rows per shard.
+        num_rows: Optional[int] = len(hf)
+        if cfg.limit is not None and cfg.shuffle_seed is None:
+            hf = hf.select(range(min(cfg.limit, len(hf))))
+            num_rows = len(hf)
+        shards = max(1, min(HF_MAX_SHARDS, -(-len(hf) // HF_BATCH_ROWS)))
+        ds = ray.data.read_datasource(HuggingFaceShards(hf.to_iterable_dataset(num_shards=shards), None))
+        return ds, num_rows, columns
+    # Streaming (hub or local data files): no row count; cap every shard at `limit` rows so
+    # no more than needed is ever fetched, read.limit() then cuts the total.
+    limit = cfg.limit if cfg.shuffle_seed is None else None
+    return ray.data.read_datasource(HuggingFaceShards(hf, limit)), None, columns
+
+
+# --------------------------------------------------------------------------- files
 
 
 def _read_parquet(cfg: DataConfig) -> tuple[ray.data.Dataset, Optional[int], list[str]]:
     assert cfg.path is not None
-    check_exists(cfg.path, cfg.storage_options)
+    kind = probe(cfg.path, cfg.storage_options)
     fs = _arrow_filesystem(cfg.path, cfg.storage_options)
     try:
-        ds = ray.data.read_parquet(cfg.path, filesystem=fs)
+        # In folders only *.parquet files (not _SUCCESS, .crc...); a named file whatever its name.
+        extensions = ["parquet"] if kind == "directory" else None
+        ds = ray.data.read_parquet(cfg.path, filesystem=fs, file_extensions=extensions)
         columns = list(ds.schema().names)
     except Exception as e:  # noqa: BLE001
-        raise SourceError(_describe_remote_error(cfg.path, e)) from None
+        raise SourceError(f"data.path: {describe_remote_error(cfg.path, e)}") from None
     return ds, None, columns
 
 
 def _read_image_folder(cfg: DataConfig) -> tuple[ray.data.Dataset, Optional[int], list[str]]:
     assert cfg.path is not None
-    check_exists(cfg.path, cfg.storage_options)
+    probe(cfg.path, cfg.storage_options)
     fs = _arrow_filesystem(cfg.path, cfg.storage_options)
     try:
         ds = ray.data.read_binary_files(cfg.path, filesystem=fs, include_paths=True, file_extensions=IMAGE_EXTENSIONS)
     except Exception as e:  # noqa: BLE001
-        raise SourceError(_describe_remote_error(cfg.path, e)) from None
+        raise SourceError(f"data.path: {describe_remote_error(cfg.path, e)}") from None
     return ds, None, ["bytes", "path"]
+
+
+def decode_webdataset_sample(sample: dict[str, Any], image_column: str) -> dict[str, Any]:
+    """read_webdataset decoder: images stay bytes (decoded once, in images.py) and land in
+    `image_column` (the member with that extension, else the sample's first image member);
+    text members become str, class indices int."""
+    out: dict[str, Any] = {}
+    first_image = None
+    for name, value in sample.items():
+        ext = name.rsplit(".", 1)[-1].lower()
+        if name.startswith("__"):
+            out[name] = value
+        elif ext in IMAGE_EXTENSIONS:
+            if first_image is None:
+                first_image = value
+        elif isinstance(value, (bytes, bytearray)) and (ext in WEBDATASET_TEXT or ext in WEBDATASET_INT):
+            text = bytes(value).decode("utf-8", "replace").strip()
+            if ext in WEBDATASET_INT:
+                try:
+                    out[name] = int(text)
+                    continue
+                except ValueError:
+                    pass
+            out[name] = text
+        else:
+            out[name] = value
+    image = sample.get(image_column)
+    out[image_column] = bytes(image) if isinstance(image, (bytes, bytearray)) else first_image
+    return out
 
 
 def _read_webdataset(cfg: DataConfig) -> tuple[ray.data.Dataset, Optional[int], list[str]]:
     assert cfg.path is not None
-    check_exists(cfg.path, cfg.storage_options)
+    probe(cfg.path, cfg.storage_options)
     fs = _arrow_filesystem(cfg.path, cfg.storage_options)
     try:
-        # decoder=None keeps the image bytes: decoding happens once, in images.py.
-        ds = ray.data.read_webdataset(cfg.path, filesystem=fs, decoder=None, file_extensions=["tar"])
+        ds = ray.data.read_webdataset(
+            cfg.path, filesystem=fs, file_extensions=["tar"],
+            decoder=functools.partial(decode_webdataset_sample, image_column=cfg.image_column),
+        )
         columns = list(ds.schema().names)
     except Exception as e:  # noqa: BLE001
-        raise SourceError(_describe_remote_error(cfg.path, e)) from None
+        raise SourceError(f"data.path: {describe_remote_error(cfg.path, e)}") from None
     return ds, None, columns
+
+
+# --------------------------------------------------------------------------- entry point
 
 
 def read_source(cfg: DataConfig) -> Source:
     """The configured dataset, limited, with its image/key columns resolved and checked."""
+    check_storage_options(cfg.storage_options, "data.storage_options")
     image_column, key_column = cfg.image_column, cfg.key_column
     if cfg.format == SourceFormat.sample:
         from capjob.sample_data import ensure_sample_dataset
@@ -197,6 +423,7 @@ def read_source(cfg: DataConfig) -> Source:
         ds = ds.random_shuffle(seed=cfg.shuffle_seed)
     if cfg.limit is not None:
         ds = ds.limit(cfg.limit)
+        # Unknown size: the limit is the plan's upper bound.
         num_rows = min(num_rows, cfg.limit) if num_rows is not None else cfg.limit
     return Source(
         dataset=ds,

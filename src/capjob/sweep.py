@@ -35,6 +35,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from capjob.config import SinkConfig
+
 log = logging.getLogger(__name__)
 
 JOB_RECORD = "sweep_job.json"
@@ -42,8 +44,8 @@ ERROR_TXT = "error.txt"
 REPORT_JSON = "report.json"
 EVAL_JSON = "eval.json"
 SWEEP_CSV, SWEEP_MD, SWEEP_PNG = "sweep.csv", "sweep.md", "sweep.png"
-# The sink path every job would share if capjob did not give each job its own (SinkConfig.path).
-DEFAULT_SINK_PATH = "outputs/${data.name}/${model.name}"
+# The sink path every job would share if capjob did not give each job its own.
+DEFAULT_SINK_PATH = SinkConfig().path  # outputs/${data.name}/${model.name}
 JOB_SINK_DIR = "out"
 # Seconds to wait for the processes a job's local Ray started (raylet, workers, vLLM) to exit.
 RAY_EXIT_TIMEOUT_S = 60
@@ -632,6 +634,13 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
 class SweepReport(Callback):
     """Registered in conf/config.yaml (hydra.callbacks): redacts Hydra's multirun.yaml and writes
     sweep.csv / sweep.md / sweep.png into the sweep directory when a multirun ends."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # The sweeper writes multirun.yaml after this; when composing a job fails, no other
+        # hook runs: redact at exit too.
+        import atexit
+
+        atexit.register(_redact_hydra_yaml, Path(str(config.hydra.sweep.dir)) / "multirun.yaml")
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.hydra_config import HydraConfig

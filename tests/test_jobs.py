@@ -1,0 +1,254 @@
+"""jobs/: the runtime env, submit.sh and the CI example (fast, with a fake `ray`), and a real
+`ray job submit` to a local Ray head started by the test (e2e)."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from capjob.report import SECRET_KEY
+from conftest import REPO
+
+JOBS = REPO / "jobs"
+SUBMIT = JOBS / "submit.sh"
+VENV_BIN = pathlib.Path(sys.executable).parent
+
+
+# --- static checks ------------------------------------------------------------------------------
+
+
+def test_runtime_env_is_valid_and_has_no_secrets(monkeypatch):
+    from ray.runtime_env import RuntimeEnv
+
+    data = yaml.safe_load((JOBS / "runtime_env.yaml").read_text())
+    monkeypatch.chdir(REPO)  # its paths are relative to the repository root, as submit.sh runs it
+    env = RuntimeEnv(**data)
+    assert env.working_dir() == "."
+    assert {".venv/", "outputs/", "multirun/", ".git/"} <= set(data["excludes"])
+    assert env.env_vars()["PYTHONPATH"] == "src"
+    assert not [k for k in env.env_vars() if SECRET_KEY.search(k)]
+    packages = env["pip"]["packages"]
+    assert not [p for p in packages if p.startswith("#") or not p.strip()], "Ray passes every line on as a package"
+    assert not [p for p in packages if p.split("[")[0].split("=")[0].split(">")[0].strip().lower() in ("ray", "vllm", "torch")]
+    pyproject = (REPO / "pyproject.toml").read_text()
+    for pin in ("hydra-core==1.3.2", "omegaconf==2.3.0"):
+        assert pin in packages and pin in pyproject
+
+
+def test_ci_workflow_submits_with_the_address_from_secrets():
+    text = (JOBS / "github-actions" / "capjob-job.yml").read_text()
+    wf = yaml.safe_load(text)
+    triggers = wf.get("on", wf.get(True))  # YAML 1.1 reads a bare `on` as True
+    assert "push" in triggers
+    steps = wf["jobs"]["submit"]["steps"]
+    submit = next(s for s in steps if "jobs/submit.sh" in s.get("run", ""))
+    assert submit["env"]["RAY_ADDRESS"] == "${{ secrets.RAY_ADDRESS }}"
+    assert "ray[default]==2.58.1" in text and "job.dry_run=true" in text
+    assert "http://" not in text.replace("https://ray-head.internal:8265", "")
+
+
+# --- submit.sh against a fake `ray` ---------------------------------------------------------------
+
+FAKE_RAY = r"""#!/usr/bin/env python3
+import json, os, sys
+args = sys.argv[1:]
+with open(os.environ["FAKE_RAY_LOG"], "a") as f:
+    f.write(json.dumps(args) + "\n")
+job_id = args[-1]
+if args[:2] == ["job", "status"]:
+    status = os.environ["FAKE_RAY_STATUS"]
+    print({"SUCCEEDED": f"Job '{job_id}' succeeded", "FAILED": f"Job '{job_id}' failed",
+           "STOPPED": f"Job '{job_id}' was stopped"}.get(status, f"Status for job '{job_id}': {status}"))
+elif args[:2] == ["job", "logs"]:
+    print("capjob: error: engine.batch_size: must be > 0, got -1")
+"""
+
+
+def fake_submit(tmp_path, status, *overrides, env=None, timeout=60):
+    fake = tmp_path / "ray"
+    fake.write_text(FAKE_RAY)
+    fake.chmod(0o755)
+    log = tmp_path / "calls.jsonl"
+    run_env = {**os.environ, "RAY": str(fake), "FAKE_RAY_LOG": str(log), "FAKE_RAY_STATUS": status,
+               "RAY_ADDRESS": "http://head:8265", "CAPJOB_SUBMISSION_ID": "sid-1", "RAY_JOB_HEADERS": "", **(env or {})}
+    proc = subprocess.run([str(SUBMIT), *overrides], cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=timeout)
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return proc, calls
+
+
+def test_submit_wraps_ray_job_submit_and_succeeds(tmp_path):
+    proc, calls = fake_submit(tmp_path, "SUCCEEDED", "model=qwen25vl_3b", "sink.path=s3://b/out")
+    assert proc.returncode == 0, proc.stderr
+    assert calls[0] == ["job", "submit", "--address", "http://head:8265", "--log-style", "record", "--log-color", "false",
+                        "--no-wait", "--submission-id", "sid-1", "--runtime-env", "jobs/runtime_env.yaml",
+                        "--", "python", "-m", "capjob", "model=qwen25vl_3b", "sink.path=s3://b/out"]
+    assert calls[1][:2] == ["job", "logs"] and "--follow" in calls[1]
+    assert calls[2][:2] == ["job", "status"]
+    assert "job sid-1: SUCCEEDED" in proc.stderr
+
+
+def test_submit_fails_when_the_job_fails_or_times_out(tmp_path):
+    proc, calls = fake_submit(tmp_path, "FAILED", "engine.batch_size=-1")
+    assert proc.returncode == 1 and "job sid-1: FAILED" in proc.stderr
+    assert "capjob: error: engine.batch_size" in proc.stdout  # the job's logs are streamed
+    (tmp_path / "calls.jsonl").unlink()
+    proc, calls = fake_submit(tmp_path, "RUNNING", "x=1", env={"CAPJOB_TIMEOUT_S": "1"})
+    assert proc.returncode == 1 and "still RUNNING after 1s" in proc.stderr
+    assert ["job", "stop", "--address", "http://head:8265", "--log-style", "record", "--log-color", "false", "--no-wait", "sid-1"] in calls
+
+
+def test_submit_needs_an_address_and_overrides(tmp_path):
+    proc, calls = fake_submit(tmp_path, "SUCCEEDED", "x=1", env={"RAY_ADDRESS": ""})
+    assert proc.returncode == 2 and "set RAY_ADDRESS" in proc.stderr and not calls
+    proc, calls = fake_submit(tmp_path, "SUCCEEDED")
+    assert proc.returncode == 2 and "give capjob's overrides" in proc.stderr and not calls
+
+
+# --- e2e: a real Ray head on 127.0.0.1 -------------------------------------------------------------
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class RayHead:
+    """`ray start --head --block` on 127.0.0.1 with its own ports and temp dir, so it neither
+    meets nor stops any other Ray on the machine (no `ray stop`: that would stop them all)."""
+
+    def __init__(self, num_cpus=8):
+        gcs, dash, agent, agent_grpc, env_agent, metrics, client, node_mgr, obj_mgr = free_ports(9)
+        self.temp_dir = tempfile.mkdtemp(prefix="cj-ray-")  # short: Ray's socket paths must fit 107 chars
+        self.address = f"http://127.0.0.1:{dash}"
+        cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+               f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+               f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
+               f"--ray-client-server-port={client}", f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
+               f"--num-cpus={num_cpus}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
+        # Job drivers inherit this environment: `python` is the venv's, the capjob cache the tests'.
+        self.env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.log = open(pathlib.Path(self.temp_dir) / "ray-start.log", "w")
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout=180):
+        from ray.job_submission import JobSubmissionClient
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited {self.proc.returncode}: {self.log_text()[-3000:]}")
+            try:
+                JobSubmissionClient(self.address).list_jobs()
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(2)
+        raise TimeoutError(f"Ray head not ready after {timeout}s: {self.log_text()[-3000:]}")
+
+    def log_text(self):
+        return (pathlib.Path(self.temp_dir) / "ray-start.log").read_text()
+
+    def stop(self):
+        """SIGTERM to `ray start --block` makes it stop what it started; anything of ours still
+        alive after that (workers, job drivers) is killed by pid."""
+        import psutil
+
+        try:
+            started = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            started = []
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        _, alive = psutil.wait_procs(started, timeout=30)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    head = RayHead()
+    try:
+        head.wait_ready()
+        yield head
+    finally:
+        head.stop()
+
+
+def no_pip_runtime_env(tmp_path):
+    """jobs/runtime_env.yaml as is, minus the package install (no network here; the venv has all)."""
+    data = yaml.safe_load((JOBS / "runtime_env.yaml").read_text())
+    data.pop("pip", None)
+    data.pop("uv", None)
+    path = tmp_path / "runtime_env.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def submit(head, tmp_path, submission_id, *overrides, timeout=1200):
+    env = {**head.env, "RAY_ADDRESS": head.address, "CAPJOB_SUBMISSION_ID": submission_id,
+           "CAPJOB_RUNTIME_ENV": str(no_pip_runtime_env(tmp_path)), "CAPJOB_TIMEOUT_S": str(timeout - 60)}
+    return subprocess.run([str(SUBMIT), *overrides], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def job_logs(head, submission_id):
+    proc = subprocess.run([str(VENV_BIN / "ray"), "job", "logs", "--address", head.address, submission_id],
+                          env=head.env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.e2e
+def test_job_submission_succeeds_and_writes_parquet(ray_head, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    out = tmp_path / "out"
+    proc = submit(ray_head, tmp_path, "capjob-test-ok", "experiment=offline", "dataset=sample", "model=tiny_qwen25vl",
+                  "data.sample_size=0", "data.limit=4", "caption.max_tokens=8", f"sink.path={out}", "job.run_id=submitted")
+    (tmp_path / "submit.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    assert JobSubmissionClient(ray_head.address).get_job_status("capjob-test-ok") == JobStatus.SUCCEEDED
+    table = pq.read_table(out / "captions")
+    assert table.num_rows == 4 and set(table.column("run_id").to_pylist()) == {"submitted"}
+    assert all(c.strip() for c in table.column("caption").to_pylist())
+    report = json.loads((out / "reports" / "submitted" / "report.json").read_text())
+    assert report["captioned"] == 4
+    # the driver joined the head (RAY_ADDRESS set by the job server) instead of starting a Ray
+    logs = job_logs(ray_head, "capjob-test-ok")
+    assert "Started a local Ray instance" not in logs
+    assert "Connecting to existing Ray cluster" in logs
+
+
+@pytest.mark.e2e
+def test_failing_job_comes_back_failed_with_the_error(ray_head, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    proc = submit(ray_head, tmp_path, "capjob-test-bad", "experiment=offline", "engine.batch_size=-1", timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "job capjob-test-bad: FAILED" in proc.stderr
+    assert JobSubmissionClient(ray_head.address).get_job_status("capjob-test-bad") == JobStatus.FAILED
+    logs = job_logs(ray_head, "capjob-test-bad")
+    assert "capjob: error: engine.batch_size: must be > 0, got -1" in logs
+    assert "Traceback" not in logs

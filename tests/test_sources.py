@@ -1,0 +1,301 @@
+"""Sources without inference: every layout, local and on a real S3 server (moto), read through
+capjob's read_source by a small local Ray; the errors a user can fix, in process and from the CLI."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from capjob.config import DataConfig, SourceFormat, to_typed
+from capjob.errors import CapjobError, ConfigError, SourceError
+from capjob.sources import decode_webdataset_sample, read_source
+from conftest import REPO, compose
+from iolayouts import (key_of, make_rows, upload, write_hf_parquet_dir, write_hf_save_to_disk, write_image_folder,
+                       write_parquet, write_webdataset)
+from s3server import free_port
+
+N = 8
+ROWS = make_rows(N, seed=3, formats=("jpg", "png", "webp"))
+KEYS = {key_of(n) for n, _, _ in ROWS}
+LABELS = {key_of(n): lab for n, _, lab in ROWS}
+DATA = {key_of(n): b for n, b, _ in ROWS}
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_env, tmp_path_factory):
+    """A small local Ray whose workers inherit the AWS_* variables of the s3 server."""
+    import datasets
+    import ray
+
+    saved_cache = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = str(tmp_path_factory.mktemp("hf-cache"))  # not the user's
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    yield
+    ray.shutdown()
+    datasets.config.HF_DATASETS_CACHE = saved_cache
+
+
+@pytest.fixture(scope="module")
+def layouts(s3_env, tmp_path_factory) -> dict[str, str]:
+    """Every layout written locally and uploaded to a bucket: name -> path or URL."""
+    root = tmp_path_factory.mktemp("layouts")
+    local = {
+        "parquet": write_parquet(ROWS, root / "parquet", files=2),
+        "parquet_bytes": write_parquet(ROWS, root / "parquet_bytes", files=1, image_as="bytes"),
+        "hf_disk": write_hf_save_to_disk(ROWS, root / "hf_disk", dataset_dict=True),
+        "hf_disk_single": write_hf_save_to_disk(ROWS, root / "hf_disk_single", dataset_dict=False),
+        "hf_parquet": write_hf_parquet_dir(ROWS, root / "hf_parquet"),
+        "image_folder": write_image_folder(ROWS, root / "image_folder"),
+        "webdataset": write_webdataset(ROWS, root / "webdataset", shards=2),
+    }
+    bucket = s3_env.bucket(f"src-{uuid.uuid4().hex[:8]}")
+    paths = {k: str(v) for k, v in local.items()}
+    for name in ("parquet", "image_folder", "webdataset"):
+        paths[f"s3_{name}"] = upload(local[name], s3_env.fs, f"s3://{bucket}/{name}")
+    paths["s3_parquet_file"] = f"s3://{bucket}/parquet/part-00000.parquet"
+    paths["bucket"] = bucket
+    return paths
+
+
+def read(**kwargs):
+    kwargs["format"] = SourceFormat(kwargs["format"])
+    source = read_source(DataConfig(**kwargs))
+    return source, source.dataset.take_all()
+
+
+def image_bytes(cell) -> bytes:
+    return cell["bytes"] if isinstance(cell, dict) else cell
+
+
+CASES = {
+    # name: (layout, DataConfig kwargs, expected key column, expected num_rows)
+    "parquet": ("parquet", dict(format="parquet", key_column="key", passthrough_columns=["label"]), "key", N),
+    "parquet_bytes": ("parquet_bytes", dict(format="parquet", key_column="key", passthrough_columns=["label"]), "key", N),
+    "s3_parquet": ("s3_parquet", dict(format="parquet", key_column="key", passthrough_columns=["label"]), "key", N),
+    "hf_disk": ("hf_disk", dict(format="hf", key_column="key", passthrough_columns=["label"]), "key", N),
+    "hf_disk_streaming": ("hf_disk_single", dict(format="hf", streaming=True, key_column="key", passthrough_columns=["label"]), "key", N),
+    "hf_parquet": ("hf_parquet", dict(format="hf", key_column="key", passthrough_columns=["label"]), "key", N),
+    "hf_parquet_streaming": ("hf_parquet", dict(format="hf", streaming=True, key_column="key", passthrough_columns=["label"]), "key", N),
+    "image_folder": ("image_folder", dict(format="image_folder"), "path", N),
+    "s3_image_folder": ("s3_image_folder", dict(format="image_folder"), "path", N),
+    "webdataset": ("webdataset", dict(format="webdataset", passthrough_columns=["cls", "json"]), "__key__", N),
+    "s3_webdataset": ("s3_webdataset", dict(format="webdataset", passthrough_columns=["cls", "json"]), "__key__", N),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_layout_reads_every_row(case, ray_local, layouts):
+    layout, kwargs, key_column, _ = CASES[case]
+    source, rows = read(path=layouts[layout], **kwargs)
+    assert len(rows) == N
+    assert source.key_column == key_column
+    keys = [str(r[key_column]) for r in rows]
+    stems = {pathlib.PurePosixPath(k).name.rsplit(".", 1)[0] for k in keys}
+    assert stems == KEYS, keys
+    for row in rows:
+        stem = pathlib.PurePosixPath(str(row[key_column])).name.rsplit(".", 1)[0]
+        assert image_bytes(row[source.image_column]) == DATA[stem]  # the original bytes, undecoded
+        if "label" in source.passthrough_columns:
+            assert row["label"] == LABELS[stem]
+        if "cls" in source.passthrough_columns:
+            assert row["cls"] == LABELS[stem] and f'"key": "{stem}"' in row["json"]
+    if layout.startswith("hf"):  # only the wanted columns are read
+        assert set(rows[0]) == {"image", "key", "label"}
+
+
+def test_row_counts_known_where_cheap(ray_local, layouts):
+    assert read(format="hf", path=layouts["hf_disk"], key_column="key")[0].num_rows == N
+    assert read(format="hf", path=layouts["hf_parquet"], streaming=True)[0].num_rows is None
+    assert read(format="parquet", path=layouts["parquet"])[0].num_rows is None
+    assert read(format="parquet", path=layouts["parquet"], limit=5)[0].num_rows == 5  # the plan's upper bound
+
+
+@pytest.mark.parametrize(
+    "layout,kwargs",
+    [
+        ("parquet", dict(format="parquet")),
+        ("hf_disk", dict(format="hf")),
+        ("hf_parquet", dict(format="hf", streaming=True)),
+        ("s3_image_folder", dict(format="image_folder")),
+        ("webdataset", dict(format="webdataset")),
+    ],
+)
+def test_limit(layout, kwargs, ray_local, layouts):
+    source, rows = read(path=layouts[layout], limit=3, **kwargs)
+    assert len(rows) == 3
+    assert source.num_rows == 3
+
+
+def test_shuffle_with_a_seed_keeps_every_row(ray_local, layouts):
+    _, rows = read(format="parquet", path=layouts["parquet"], key_column="key", shuffle_seed=7)
+    assert sorted(r["key"] for r in rows) == sorted(KEYS)
+    _, limited = read(format="hf", path=layouts["hf_disk"], key_column="key", shuffle_seed=7, limit=4)
+    assert len(limited) == 4 and {r["key"] for r in limited} <= KEYS
+
+
+def test_single_parquet_file_on_s3_and_path_column(ray_local, layouts, tmp_path):
+    source, rows = read(format="parquet", path=layouts["s3_parquet_file"], key_column="key")
+    assert len(rows) == N // 2
+    # An image column holding URLs: read as strings, fetched by the image stage with fsspec.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from capjob.images import _fetch
+
+    folder = layouts["s3_image_folder"]
+    urls = [f"{folder}/cls_{lab % 2}/{'nested/' if i % 2 else ''}{name}" for i, (name, _, lab) in enumerate(ROWS)]
+    (tmp_path / "urls").mkdir()
+    pq.write_table(pa.table({"url": urls}), tmp_path / "urls" / "part-0.parquet")
+    source, rows = read(format="parquet", path=str(tmp_path / "urls"), image_column="url")
+    assert sorted(r["url"] for r in rows) == sorted(urls)
+    assert _fetch(urls[0], {}) == ROWS[0][1]
+
+
+def test_webdataset_decoder():
+    sample = {"__key__": "k", "__url__": "u", "png": b"PNG", "cls": b"3\n", "txt": b"a cat", "bin": b"\x00"}
+    assert decode_webdataset_sample(sample, "image") == {"__key__": "k", "__url__": "u", "image": b"PNG", "cls": 3, "txt": "a cat", "bin": b"\x00"}
+    both = {"__key__": "k", "png": b"PNG", "jpg": b"JPG"}
+    assert decode_webdataset_sample(both, "jpg")["jpg"] == b"JPG"
+    assert decode_webdataset_sample({"__key__": "k", "json": b"{}"}, "image")["image"] is None
+
+
+# --- errors, in process ---------------------------------------------------------------------
+
+
+def fails(match: str, **kwargs) -> str:
+    t0 = time.monotonic()
+    with pytest.raises(CapjobError) as e:
+        read(**kwargs)
+    message = str(e.value)
+    assert match in message, message
+    assert "\n" not in message
+    assert time.monotonic() - t0 < 30, "errors must come fast"
+    return message
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "hf", "image_folder", "webdataset"])
+def test_missing_local_path(fmt, ray_local, tmp_path):
+    fails("does not exist", format=fmt, path=str(tmp_path / "nope"))
+
+
+def test_missing_bucket_and_prefix(ray_local, layouts):
+    fails("bucket 'no-such-bucket-x' of 's3://no-such-bucket-x/data' does not exist", format="parquet", path="s3://no-such-bucket-x/data")
+    fails("does not exist", format="image_folder", path=f"s3://{layouts['bucket']}/no/such/prefix")
+
+
+@pytest.mark.parametrize(
+    "layout,kwargs,key",
+    [
+        ("parquet", dict(format="parquet", image_column="jpg"), "data.image_column"),
+        ("s3_parquet", dict(format="parquet", key_column="uid"), "data.key_column"),
+        ("hf_disk", dict(format="hf", passthrough_columns=["caption"]), "data.passthrough_columns"),
+        ("hf_parquet", dict(format="hf", streaming=True, image_column="jpg"), "data.image_column"),
+        ("webdataset", dict(format="webdataset", passthrough_columns=["txt"]), "data.passthrough_columns"),
+        ("image_folder", dict(format="image_folder", passthrough_columns=["label"]), "data.passthrough_columns"),
+    ],
+)
+def test_missing_column_names_the_key_and_the_columns(layout, kwargs, key, ray_local, layouts):
+    message = fails(key, path=layouts[layout], **kwargs)
+    assert "available columns" in message
+
+
+def test_missing_split(ray_local, layouts):
+    fails("data.split", format="hf", path=layouts["hf_disk"], split="validation")
+
+
+def test_unreachable_endpoint_fails_fast(ray_local):
+    options = {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{free_port()}"}}
+    fails("cannot reach the storage endpoint", format="parquet", path="s3://bucket/data", storage_options=options)
+
+
+def test_wrong_credentials(ray_local, s3_auth):
+    options = {"client_kwargs": {"endpoint_url": s3_auth.endpoint}}
+    fails("access to 's3://bucket/data' denied", format="webdataset", path="s3://bucket/data", storage_options=options)
+
+
+@pytest.mark.parametrize("option", [{"secret": "x"}, {"key": "AKIA"}, {"client_kwargs": {"aws_secret_access_key": "x"}}, {"token": "t"}])
+def test_credentials_in_config_are_refused(option):
+    with pytest.raises(ConfigError, match="credentials are not accepted"):
+        read_source(DataConfig(format=SourceFormat.parquet, path="s3://b/x", storage_options=option))
+
+
+def test_endpoint_option_composes():
+    cfg = to_typed(compose(["dataset=parquet", "data.path=s3://b/x", "+data.storage_options.client_kwargs.endpoint_url=http://127.0.0.1:9000"]))
+    assert cfg.data.storage_options == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
+    cfg = to_typed(compose(["sink=jsonl", "sink.path=s3://b/out", "sink.storage_options={client_kwargs: {endpoint_url: 'http://h:1'}}"]))
+    assert cfg.sink.storage_options["client_kwargs"]["endpoint_url"] == "http://h:1"
+
+
+@pytest.mark.parametrize("option", ["imagenet_hf", "image_folder", "webdataset", "parquet", "blip3o"])
+def test_dataset_options(option):
+    cfg = to_typed(compose([f"dataset={option}", "data.path=s3://bucket/x"]))
+    assert cfg.data.name == option and cfg.data.format.value in {"hf", "image_folder", "webdataset", "parquet"}
+    if option == "imagenet_hf":
+        assert (cfg.data.image_column, cfg.data.passthrough_columns) == ("image", ["label"])
+
+
+def test_automatic_partitions_are_a_multiple_of_the_workers():
+    from capjob.pipeline import partitioning
+
+    cfg = to_typed(compose(["experiment=offline", "resources.concurrency=3"]))
+    rows, blocks, note = partitioning(cfg, 1200)
+    assert -(-1200 // rows) >= cfg.data.partitions_per_worker * 3 and "automatic" in note
+    cfg = to_typed(compose(["experiment=offline", "data.partitions=5"]))
+    assert partitioning(cfg, 100)[0] == 20 and partitioning(cfg, None)[1] == 5
+
+
+# --- errors from the CLI: one line, exit 2, before any inference ----------------------------
+
+
+def capjob_cli(*overrides: str, env: dict[str, str], tmp_path: pathlib.Path) -> subprocess.CompletedProcess:
+    # model.source: a model is never loaded when the input fails, so skip building the tiny one.
+    cmd = [sys.executable, "-m", "capjob", "experiment=offline", "model.source=unused-never-loaded",
+           f"sink.path={tmp_path}/out", *overrides]
+    return subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+                          capture_output=True, text=True, timeout=240)
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, *expected: str) -> str:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("capjob: error:")]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "vLLM" not in proc.stdout + proc.stderr.replace(errors[0], "")  # no engine was started
+    for text in expected:
+        assert text in errors[0], errors[0]
+    return errors[0]
+
+
+def test_cli_unreachable_endpoint(s3, tmp_path):
+    env = s3.env(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}")
+    t0 = time.monotonic()
+    proc = capjob_cli("dataset=parquet", "data.path=s3://bucket/images", env=env, tmp_path=tmp_path)
+    assert_one_error_line(proc, "cannot reach the storage endpoint", "s3://bucket/images")
+    assert time.monotonic() - t0 < 120
+
+
+def test_cli_missing_bucket(s3, tmp_path):
+    proc = capjob_cli("dataset=webdataset", "data.path=s3://missing-bucket-cli/shards", env=s3.env(), tmp_path=tmp_path)
+    assert_one_error_line(proc, "bucket 'missing-bucket-cli'", "does not exist")
+
+
+def test_cli_wrong_credentials(s3_auth, tmp_path):
+    proc = capjob_cli("dataset=image_folder", "data.path=s3://bucket/images", env=s3_auth.env(AWS_SECRET_ACCESS_KEY="wrong"), tmp_path=tmp_path)
+    assert_one_error_line(proc, "access to 's3://bucket/images' denied", "AWS_ACCESS_KEY_ID")
+
+
+def test_cli_missing_column(s3_env, layouts, tmp_path):
+    proc = capjob_cli("dataset=parquet", f"data.path={layouts['s3_parquet']}", "data.image_column=jpg",
+                      env=s3_env.env(), tmp_path=tmp_path)
+    assert_one_error_line(proc, "data.image_column: column 'jpg' not in the dataset", "'image'", "'label'")
+
+
+def test_cli_missing_local_path(tmp_path):
+    proc = capjob_cli("dataset=image_folder", f"data.path={tmp_path}/nope", env={}, tmp_path=tmp_path)
+    assert_one_error_line(proc, f"data.path '{tmp_path}/nope' does not exist")

@@ -1,0 +1,302 @@
+"""Sweeps: the report builder on synthetic job directories (fast), `capjob --multirun` wiring in
+dry-run mode (no Ray), and one real 2x2 multirun on CPU with the tiny model (e2e)."""
+
+import csv
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from capjob import sweep
+from conftest import REPO, compose
+
+PNG = b"\x89PNG"
+
+
+# --- synthetic sweep directories ----------------------------------------------------------
+
+
+def report(rows_per_second, captioned=4, words=(5.0, 5.0, 7.0), run_id="r", output="/o/captions"):
+    return {
+        "run_id": run_id,
+        "output": output,
+        "rows_read": captioned,
+        "skipped_done": 0,
+        "captioned": captioned,
+        "quarantined": 0,
+        "wall_seconds": round(captioned / rows_per_second, 2),
+        "rows_per_second": rows_per_second,
+        "generated_tokens_per_second": rows_per_second * 8,
+        "caption_words": {"mean": words[0], "p50": words[1], "p95": words[2]},
+    }
+
+
+def make_job(sweep_dir, num, overrides, status="succeeded", rep=None, error=None, evaluation=None):
+    job = sweep_dir / str(num)
+    job.mkdir(parents=True)
+    record = {"num": num, "status": status, "overrides": overrides, "sink_path": str(job / "out"),
+              "run_id": rep["run_id"] if rep else None, "output": rep["output"] if rep else None, "error": error}
+    (job / sweep.JOB_RECORD).write_text(json.dumps(record))
+    if rep:
+        (job / "report.json").write_text(json.dumps(rep))
+    if evaluation:
+        (job / "eval.json").write_text(json.dumps(evaluation))
+    return job
+
+
+def grid(tmp_path):
+    d = tmp_path / "sweep"
+    base = ["experiment=offline", "data.limit=4"]
+    make_job(d, 0, [*base, "engine.batch_size=4", "data.partitions=1"], rep=report(0.5, run_id="a"))
+    make_job(d, 1, [*base, "engine.batch_size=4", "data.partitions=2"], rep=report(0.75, run_id="b"))
+    make_job(d, 2, [*base, "engine.batch_size=8", "data.partitions=1"], rep=report(1.25, run_id="c"))
+    make_job(d, 3, [*base, "engine.batch_size=8", "data.partitions=2"], status="failed",
+             error="engine.batch_size: must be > 0, got -1 | or so")
+    return d
+
+
+def test_report_ranks_runs_marks_the_best_and_lists_failures(tmp_path):
+    d = grid(tmp_path)
+    paths = sweep.build_report(d)
+    assert {p.name for p in paths.values()} == {"sweep.csv", "sweep.md", "sweep.png"}
+
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert [r["job"] for r in rows] == ["2", "1", "0", "3"]  # fastest first, failed last
+    assert [r["best"] for r in rows] == ["True", "False", "False", "False"]
+    assert rows[0]["engine.batch_size"] == "8" and rows[0]["data.partitions"] == "1"
+    assert "experiment" not in rows[0]  # the same for every run: not a column
+    assert rows[0]["rows_per_second"] == "1.25" and rows[0]["generated_tokens_per_second"] == "10.0"
+    assert rows[0]["caption_words_p95"] == "7.0"
+    assert rows[3]["status"] == "failed" and rows[3]["error"].startswith("engine.batch_size: must be > 0")
+
+    md = paths["markdown"].read_text()
+    assert "4 runs: 3 succeeded, 1 failed." in md
+    assert "Swept: `engine.batch_size` = 4, 8; `data.partitions` = 1, 2." in md
+    assert "Same for every run: `experiment=offline data.limit=4`" in md
+    assert "**Best: job 2** (`engine.batch_size=8 data.partitions=1`): 1.25 rows/s, 10 generated tokens/s." in md
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("|  | job | `engine.batch_size` | `data.partitions` | rows/s | gen tokens/s |")
+    assert table[1].startswith("| ★ best | 2 | 8 | 1 | 1.25 | 10 | 4 |")
+    assert table[2].startswith("|  | 1 | 4 | 2 | 0.75 |")
+    assert "## Failed runs" in md
+    assert "| 3 | `experiment=offline data.limit=4 engine.batch_size=8 data.partitions=2` | engine.batch_size: must be > 0, got -1 \\| or so |" in md
+    assert "## Checkpoint comparison" not in md
+    assert "![rows/s against each swept parameter](sweep.png)" in md
+    assert paths["plot"].read_bytes()[:4] == PNG
+
+
+def test_plot_has_one_panel_per_swept_parameter(tmp_path):
+    import matplotlib.image
+
+    d = grid(tmp_path)
+    png = sweep.build_report(d)["plot"]
+    height, width = matplotlib.image.imread(png).shape[:2]
+    assert width > 1.8 * height  # two panels side by side
+    # one parameter -> one panel
+    one = tmp_path / "one"
+    make_job(one, 0, ["engine.batch_size=4"], rep=report(1.0))
+    make_job(one, 1, ["engine.batch_size=8"], rep=report(2.0))
+    h1, w1 = matplotlib.image.imread(sweep.build_report(one)["plot"]).shape[:2]
+    assert w1 < width and w1 < 1.8 * h1
+
+
+def test_unfinished_and_unrecorded_jobs_count_as_failed(tmp_path):
+    d = tmp_path / "sweep"
+    make_job(d, 0, ["engine.batch_size=4"], rep=report(1.0))
+    make_job(d, 1, ["engine.batch_size=8"], status="running")  # the process died inside the job
+    (d / "2").mkdir()  # nothing at all: not a capjob job, ignored
+    (d / ".hydra").mkdir()
+    md = sweep.markdown(d, sweep.collect(d))
+    assert "2 runs: 1 succeeded, 1 failed." in md
+    assert "| 1 | `engine.batch_size=8` | did not finish (process killed or crashed while the job ran) |" in md
+
+
+def test_checkpoint_comparison_with_evaluation_scores(tmp_path):
+    d = tmp_path / "sweep"
+    ev = {"count": 4, "words": {"mean": 5.0, "p50": 5.0, "p95": 7.0}, "generated_tokens": {"mean": 8.0},
+          "empty": {"count": 0, "share": 0.0}, "truncated": {"count": 4, "share": 1.0},
+          "degenerate": {"count": 1, "share": 0.25}, "vocabulary_size": 17}
+    make_job(d, 0, ["dataset=sample", "model.source=/ckpt/run-1/step-1000"], rep=report(1.0, run_id="a", output="/s/0/out/captions"), evaluation=ev)
+    make_job(d, 1, ["dataset=sample", "model.source=/ckpt/run-1/step-2000"], rep=report(2.0, words=(9.0, 9.0, 12.0), run_id="b", output="/s/1/out/captions"))
+    paths = sweep.build_report(d)
+    md = paths["markdown"].read_text()
+    section = md.split("## Checkpoint comparison", 1)[1]
+    assert "| /ckpt/run-1/step-1000 | 0 | 1 | 4 | 5 | 5 | 7 | `/s/0/out/captions` |" in section
+    assert "| /ckpt/run-1/step-2000 | 1 | 2 | 4 | 9 | 9 | 12 | `/s/1/out/captions` |" in section
+    evaluation = md.split("## Caption evaluation", 1)[1]
+    assert "| /ckpt/run-1/step-1000 (job 0) | 4 | 5.0 | 5.0 | 7.0 | 8.0 | 0 (0.0%) | 4 (100.0%) | 1 (25.0%) | 17 |" in evaluation
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert rows[0]["model.source"] == "/ckpt/run-1/step-2000" and rows[0]["eval_degenerate_share"] == ""
+    assert rows[1]["eval_degenerate_share"] == "0.25" and rows[1]["eval_vocabulary_size"] == "17"
+
+
+def test_overrides_are_redacted():
+    assert sweep.redact_override("+sink.storage_options.secret=abc") == "+sink.storage_options.secret=***"
+    assert sweep.redact_override("data.storage_options={key: a, secret: b}") == "data.storage_options=***"
+    assert sweep.redact_override("engine.batch_size=8") == "engine.batch_size=8"
+    assert sweep.override_key("~job.run_id") == "job.run_id"
+
+
+def test_sweep_report_cli_rebuilds_and_fails_in_one_line(tmp_path):
+    d = grid(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "capjob.sweep", str(d), "--out", str(tmp_path / "again")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "again" / "sweep.md").read_text() == sweep.markdown(d, sweep.collect(d))
+    assert (tmp_path / "again" / "sweep.png").read_bytes()[:4] == PNG
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "capjob.sweep", str(tmp_path / "empty")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"capjob-sweep-report: error: no capjob jobs under {tmp_path / 'empty'} "
+                                                "(expected <job dir>/sweep_job.json or report.json)"]
+
+
+def test_sweep_report_console_script_is_installed():
+    script = pathlib.Path(sys.executable).parent / "capjob-sweep-report"
+    assert script.exists(), "pip install -e . registers capjob-sweep-report"
+
+
+def test_callback_is_registered():
+    cfg = compose(["experiment=offline"])
+    # compose() leaves out the hydra node; read the YAML the CLI loads.
+    hydra_cfg = yaml.safe_load((REPO / "conf" / "config.yaml").read_text())["hydra"]
+    assert hydra_cfg["callbacks"]["sweep_report"]["_target_"] == "capjob.sweep.SweepReport"
+    assert hydra_cfg["sweep"]["subdir"] == "${hydra.job.num}" and hydra_cfg["output_subdir"] is None
+    assert sweep.DEFAULT_SINK_PATH == "outputs/${data.name}/${model.name}"
+    assert sweep._uses_default_sink(cfg)  # conf/sink/parquet.yaml keeps the dataclass default
+    assert not sweep._uses_default_sink(compose(["experiment=offline", "sink.path=s3://b/x"]))
+
+
+# --- capjob --multirun, dry run: the CLI wiring without Ray ------------------------------------
+
+
+def multirun(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "capjob", "--multirun", "experiment=offline", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def records(sweep_dir):
+    return [json.loads(p.read_text()) for p in sorted(sweep_dir.glob(f"*/{sweep.JOB_RECORD}"), key=lambda p: int(p.parent.name))]
+
+
+def test_multirun_records_failures_and_goes_on(tmp_path):
+    d = tmp_path / "sweep"
+    proc = multirun("engine.batch_size=-1,8", "model.source=/ckpt/a,/ckpt/b", "job.dry_run=true",
+                    "+sink.storage_options.secret=hunter2", f"hydra.sweep.dir={d}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("capjob: error: engine.batch_size: must be > 0, got -1") == 2
+    recs = records(d)
+    assert [r["status"] for r in recs] == ["failed", "failed", "dry_run", "dry_run"]
+    assert recs[0]["error"] == "engine.batch_size: must be > 0, got -1"
+    assert (d / "0" / "error.txt").read_text() == "capjob: error: engine.batch_size: must be > 0, got -1\n"
+    # one output per job (per checkpoint): the default sink path points into the job's directory
+    assert [r["sink_path"] for r in recs] == [str(d / str(i) / "out") for i in range(4)]
+    assert all(r["ray"] == {"initialized": False} for r in recs)
+    # secrets never reach the sweep directory
+    for path in d.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".yaml", ".md", ".csv", ".txt", ".log"):
+            assert "hunter2" not in path.read_text(), path
+    assert "+sink.storage_options.secret=***" in (d / "multirun.yaml").read_text()
+    md = (d / "sweep.md").read_text()
+    assert "4 runs: 0 succeeded, 2 failed, 2 dry runs." in md
+    assert "## Checkpoint comparison" in md and "## Failed runs" in md
+    assert "capjob sweep: 4 runs" in proc.stdout
+
+
+def test_multirun_refuses_a_shared_sink_with_resume(tmp_path):
+    d = tmp_path / "sweep"
+    proc = multirun("engine.batch_size=4,8", f"sink.path={tmp_path}/shared", "job.dry_run=true", f"hydra.sweep.dir={d}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = records(d)
+    assert [r["status"] for r in recs] == ["dry_run", "failed"]
+    assert recs[1]["error"].startswith(f"sink.path: '{tmp_path}/shared' is also the output of job 0 of this sweep")
+    # a per-job path (an interpolation of the job number) is fine
+    d2 = tmp_path / "sweep2"
+    proc = multirun("engine.batch_size=4,8", f"sink.path={tmp_path}/per-job/${{hydra:job.num}}", "job.dry_run=true", f"hydra.sweep.dir={d2}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = records(d2)
+    assert [r["status"] for r in recs] == ["dry_run", "dry_run"]
+    assert [r["sink_path"] for r in recs] == [f"{tmp_path}/per-job/0", f"{tmp_path}/per-job/1"]
+    assert {r["sink_path_from"] for r in recs} == {"config"}
+
+
+def test_a_type_error_stops_the_sweep_before_any_run(tmp_path):
+    d = tmp_path / "sweep"
+    proc = multirun("engine.batch_size=8,abc", "job.dry_run=true", "+sink.storage_options.secret=hunter2", f"hydra.sweep.dir={d}")
+    assert proc.returncode == 1
+    assert "Value 'abc' of type 'str' could not be converted to Integer" in proc.stderr
+    assert not records(d)
+    assert "hunter2" not in (d / "multirun.yaml").read_text()
+
+
+def test_single_run_errors_still_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "capjob", "experiment=offline", "engine.batch_size=-1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "capjob: error: engine.batch_size: must be > 0, got -1"
+
+
+# --- e2e ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_tp_and_pp_use_rays_executor():
+    """TP/PP are plain overrides; a replica spanning several GPUs runs vLLM's Ray executor
+    (set by capjob for PP > 1, by ray.llm for TP > 1). Builds the processors only (no engine)."""
+    import ray
+
+    from capjob.config import to_typed
+    from capjob.processor import EnginePlacement, build_caption_processor
+
+    backends = {}
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # the processor would start one itself
+    try:
+        for tp, pp in ((1, 1), (2, 1), (1, 2), (2, 2)):
+            gpus = tp * pp if tp * pp > 1 else 0
+            cfg = to_typed(compose(["experiment=offline", f"engine.tensor_parallel_size={tp}", f"engine.pipeline_parallel_size={pp}",
+                                    f"resources.gpus_per_worker={gpus}"]))
+            processor = build_caption_processor(cfg, "/nonexistent/model", EnginePlacement(gpus, None), "r")
+            stages = processor.stages.values() if isinstance(processor.stages, dict) else processor.stages
+            engine = next(s for s in stages if type(s).__name__ == "vLLMEngineStage")
+            backends[(tp, pp)] = engine.fn_constructor_kwargs["engine_kwargs"]["distributed_executor_backend"]
+    finally:
+        ray.shutdown()
+    assert backends == {(1, 1): "uni", (2, 1): "ray", (1, 2): "ray", (2, 2): "ray"}
+
+
+@pytest.mark.e2e
+def test_real_2x2_multirun_on_cpu(tmp_path):
+    """Four real runs (Ray Data + vLLM CPU + tiny model), one after the other in one process."""
+    d = tmp_path / "sweep"
+    proc = multirun("data.sample_size=0", "data.limit=4", "caption.max_tokens=8",
+                    "engine.batch_size=4,8", "data.partitions=1,2", f"hydra.sweep.dir={d}", timeout=3600)
+    (tmp_path / "stdout.txt").write_text(proc.stdout)
+    (tmp_path / "stderr.txt").write_text(proc.stderr)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    recs = records(d)
+    assert [r["status"] for r in recs] == ["succeeded"] * 4, [r["error"] for r in recs]
+    for i, rec in enumerate(recs):
+        rep = json.loads((d / str(i) / "report.json").read_text())
+        # its own sink: nothing skipped as "already done" by an earlier job of the sweep
+        assert rec["sink_path"] == str(d / str(i) / "out")
+        assert rep["rows_read"] == 4 and rep["skipped_done"] == 0 and rep["captioned"] == 4
+        assert rep["rows_per_second"] > 0 and rep["generated_tokens_per_second"] > 0
+        assert len(list((d / str(i) / "out" / "captions").glob("*.parquet"))) >= 1
+    # each run started its own Ray and shut it down, every process it spawned gone
+    assert all(r["ray"]["initialized"] and r["ray"]["cluster"] == "local (started by this job)" for r in recs)
+    assert len({r["ray"]["node_id"] for r in recs}) == 4
+    assert all(r["ray"]["processes_started"] > 0 and r["ray"]["processes_killed_after_timeout"] == [] for r in recs)
+
+    rows = list(csv.DictReader((d / "sweep.csv").open()))
+    assert len(rows) == 4 and sum(r["best"] == "True" for r in rows) == 1
+    speeds = [float(r["rows_per_second"]) for r in rows]
+    assert speeds == sorted(speeds, reverse=True) and rows[0]["best"] == "True"
+    assert {(r["engine.batch_size"], r["data.partitions"]) for r in rows} == {("4", "1"), ("4", "2"), ("8", "1"), ("8", "2")}
+    md = (d / "sweep.md").read_text()
+    assert "4 runs: 4 succeeded, 0 failed." in md and "| ★ best |" in md
+    assert (d / "sweep.png").read_bytes()[:4] == PNG
+    # the callback's files are what capjob-sweep-report rebuilds
+    assert sweep.markdown(d, sweep.collect(d)) == md
