@@ -228,7 +228,7 @@ def test_credentials_in_config_are_refused(option):
 def test_endpoint_option_composes():
     cfg = to_typed(compose(["dataset=parquet", "data.path=s3://b/x", "+data.storage_options.client_kwargs.endpoint_url=http://127.0.0.1:9000"]))
     assert cfg.data.storage_options == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
-    cfg = to_typed(compose(["sink=jsonl", "sink.path=s3://b/out", "sink.storage_options={client_kwargs: {endpoint_url: 'http://h:1'}}"]))
+    cfg = to_typed(compose(["sink=jsonl", "sink.path=s3://b/out", "+sink.storage_options={client_kwargs: {endpoint_url: 'http://h:1'}}"]))
     assert cfg.sink.storage_options["client_kwargs"]["endpoint_url"] == "http://h:1"
 
 

@@ -1,0 +1,115 @@
+"""Memory stays flat as the dataset grows: the offline pipeline on N1 and N2 generated images.
+
+Runs the real job (tiny model, vLLM CPU) once per size as a subprocess and samples, every
+0.5 s, the driver's RSS, the summed RSS of the driver and every Ray process it started, and
+the object store's use of /dev/shm (Ray's plasma store lives there). Prints a table and the
+ratio large/small of each peak. Target: < 1.2x (streaming, no materialize).
+
+    python bench/memory_bench.py --sizes 1000 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def write_dataset(root: pathlib.Path, count: int, rows_per_file: int = 1000) -> None:
+    """`count` distinct small JPEGs (a shared background with a unique stamp: fast to make)."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    root.mkdir(parents=True, exist_ok=True)
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for start in range(0, count, rows_per_file):
+        cells = []
+        for i in range(start, min(count, start + rows_per_file)):
+            arr = base.copy()
+            arr[(i // 320) % 240, i % 320] = 255 - arr[(i // 320) % 240, i % 320]
+            arr[0, :32] = np.frombuffer(i.to_bytes(32, "little"), dtype=np.uint8)[:, None]
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="JPEG", quality=85)
+            cells.append({"bytes": buf.getvalue(), "path": f"img_{i:07d}.jpg"})
+        pq.write_table(pa.table({"image": pa.array(cells, type=image_type)}), root / f"part-{start // rows_per_file:05d}.parquet")
+
+
+def shm_used() -> int:
+    return shutil.disk_usage("/dev/shm").used
+
+
+def run(size: int, work: pathlib.Path, extra: list[str]) -> dict[str, float]:
+    data = work / f"data-{size}"
+    if not data.exists():
+        write_dataset(data, size)
+    out = work / f"out-{size}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "capjob", "experiment=offline", "data.format=parquet", f"data.path={data}",
+           f"data.name=mem{size}", f"sink.path={out}", "caption.max_tokens=1", "images.size=112",
+           "engine.batch_size=32", "job.resume=false", *extra]
+    baseline_shm = shm_used()
+    peaks = {"driver_rss": 0, "tree_rss": 0, "object_store": 0}
+    started = time.time()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stop = threading.Event()
+
+    def sample() -> None:
+        driver = psutil.Process(proc.pid)
+        while not stop.is_set():
+            try:
+                tree = [driver, *driver.children(recursive=True)]
+                peaks["driver_rss"] = max(peaks["driver_rss"], driver.memory_info().rss)
+                peaks["tree_rss"] = max(peaks["tree_rss"], sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            peaks["object_store"] = max(peaks["object_store"], shm_used() - baseline_shm)
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    output, _ = proc.communicate()
+    stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"capjob failed for {size} images:\n{output[-4000:]}")
+    captions = sum(pq.read_metadata(f).num_rows for f in (out / "captions").glob("*.parquet"))
+    return {"images": size, "captioned": captions, "wall_s": time.time() - started, **peaks}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs=2, default=[1000, 20000])
+    parser.add_argument("--workdir", default=None, help="where datasets and outputs go (default: a temp dir)")
+    parser.add_argument("overrides", nargs="*", help="extra capjob overrides")
+    args = parser.parse_args()
+    work = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="capjob-membench-"))
+    results = [run(size, work, args.overrides) for size in args.sizes]
+    mib = 2**20
+    print(f"\ncommand: {' '.join(['python', 'bench/memory_bench.py', '--sizes', *map(str, args.sizes), *args.overrides])}")
+    print(f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM\n")
+    print("| images | captioned | wall s | rows/s | driver peak RSS MiB | driver+Ray peak RSS MiB | object store peak MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['images']} | {r['captioned']} | {r['wall_s']:.0f} | {r['captioned'] / r['wall_s']:.1f} | "
+              f"{r['driver_rss'] / mib:.0f} | {r['tree_rss'] / mib:.0f} | {r['object_store'] / mib:.0f} |")
+    small, large = results
+    for key, label in (("driver_rss", "driver peak RSS"), ("tree_rss", "driver+Ray peak RSS"), ("object_store", "object store peak")):
+        print(f"ratio {label} {large['images']}/{small['images']} images: {large[key] / max(small[key], 1):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
