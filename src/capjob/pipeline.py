@@ -118,77 +118,102 @@ class RunResult:
         return {**asdict(self), "quarantined": self.quarantined}
 
 
-def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional[str] = None) -> Optional[RunResult]:
+@dataclass
+class Started:
+    """What the job set up before reading any data."""
+
+    run_id: str
+    model_source: str
+    placement: EnginePlacement
+    done_ids: frozenset[str]
+    ledger: Any
+    clock: float
+    wall_clock: float
+
+
+def dry_run_plan(cfg: CapjobConfig, run_id: str) -> Plan:
+    """The plan for the target cluster, printed without Ray, GPUs or the model."""
+    from capjob import runtime
+
+    model_source = cfg.model.source or f"<built locally: {cfg.model.builder}>"
+    model_parallel = cfg.engine.tensor_parallel_size * cfg.engine.pipeline_parallel_size
+    gpus = cfg.resources.gpus_per_worker
+    if gpus is None:
+        gpus = model_parallel if runtime.local_gpu_count() else 0
+    placement = EnginePlacement(gpus, cfg.resources.accelerator_type if gpus else None)
+    return make_plan(cfg, run_id, model_source, placement, cfg.data.limit)
+
+
+def start(cfg: CapjobConfig, run_id: str) -> Started:
+    """Every check that can fail before data flows: GPUs, sink, done ids, model, Ray."""
     import ray
 
-    from capjob import checkpoint, images, metrics, report, runtime, sinks, sources
-    from capjob.processor import build_caption_processor
-
-    run_id = cfg.job.run_id or new_run_id()
-    if cfg.job.dry_run:
-        # The plan describes the target cluster: no GPUs are needed here to print it.
-        model_source = cfg.model.source or f"<built locally: {cfg.model.builder}>"
-        mp = cfg.engine.tensor_parallel_size * cfg.engine.pipeline_parallel_size
-        gpus = cfg.resources.gpus_per_worker if cfg.resources.gpus_per_worker is not None else (mp if runtime.local_gpu_count() else 0)
-        placement = EnginePlacement(gpus, cfg.resources.accelerator_type if gpus else None)
-        print(make_plan(cfg, run_id, model_source, placement, cfg.data.limit).render(cfg))
-        return None
-
-    started, started_wall = time.monotonic(), time.time()
-    address = runtime.cluster_address(cfg)
-    placement = runtime.decide_placement(cfg, runtime.local_gpu_count()) if not address else None
-    writer = sinks.TableWriter(cfg.sink)
-    writer.check_writable()
-    done_ids = checkpoint.read_done_ids(cfg.sink) if cfg.job.resume else frozenset()
+    from capjob import checkpoint, metrics, runtime, sinks
     from capjob.models import resolve_model_source
 
+    clock, wall_clock = time.monotonic(), time.time()
+    address = runtime.cluster_address(cfg)
+    placement = None if address else runtime.decide_placement(cfg, runtime.local_gpu_count())
+    sinks.TableWriter(cfg.sink).check_writable()
+    done_ids = checkpoint.read_done_ids(cfg.sink) if cfg.job.resume else frozenset()
     model_source = resolve_model_source(cfg.model.source, cfg.model.builder)
-
-    if placement is None:  # a cluster: its GPUs decide
+    if placement is None:  # a cluster we join: its GPUs decide
         runtime.init_ray(cfg, EnginePlacement(0, None))
         placement = runtime.decide_placement(cfg, int(ray.cluster_resources().get("GPU", 0)))
     else:
         runtime.init_ray(cfg, placement, cfg.job.metrics_export_port)
-    ledger = metrics.start_ledger(cfg.job.name, run_id)  # keep the handle: an unreferenced actor is destroyed
-
-    source = sources.read_source(cfg.data)
-    plan = make_plan(cfg, run_id, model_source, placement, source.num_rows)
-    print(plan.render(cfg), flush=True)
-
     ray.data.DataContext.get_current().max_errored_blocks = cfg.job.max_errored_blocks
-    task_options = {"num_cpus": cfg.resources.preprocess_cpus, "max_retries": cfg.job.task_retries, "retry_exceptions": True}
+    ledger = metrics.start_ledger(cfg.job.name, run_id)  # keep the handle: an unreferenced actor is destroyed
+    return Started(run_id, model_source, placement, done_ids, ledger, clock, wall_clock)
+
+
+def task_options(cfg: CapjobConfig) -> dict[str, Any]:
+    return {"num_cpus": cfg.resources.preprocess_cpus, "max_retries": cfg.job.task_retries, "retry_exceptions": True}
+
+
+def caption_flow(cfg: CapjobConfig, job: Started, source: Any, plan: Plan) -> Any:
+    """The lazy Ray Dataset from source rows to output rows, stage by stage."""
+    from capjob import checkpoint, images
+    from capjob.processor import build_caption_processor
 
     ds = source.dataset
-    ds = ds.map_batches(
+    ds = ds.map_batches(  # stable ids; rows a previous run finished leave here
         checkpoint.assign_ids,
-        fn_kwargs={"image_column": source.image_column, "key_column": source.key_column, "done_ids": done_ids, "run_id": run_id},
+        fn_kwargs={"image_column": source.image_column, "key_column": source.key_column,
+                   "done_ids": job.done_ids, "run_id": job.run_id},
         batch_format="numpy",
-        **task_options,
+        **task_options(cfg),
     )
     if plan.rows_per_block:
         ds = ds.repartition(target_num_rows_per_block=plan.rows_per_block)
     elif plan.num_blocks:
         ds = ds.repartition(num_blocks=plan.num_blocks)
-    ds = ds.map_batches(
+    ds = ds.map_batches(  # decode once, validate, resize; rejects -> quarantine
         images.prepare_images,
         fn_kwargs={
             "cfg": cfg.images,
             "image_column": source.image_column,
             "passthrough_columns": source.passthrough_columns,
             "storage_options": cfg.data.storage_options,
-            "quarantine": images.QuarantineTarget(cfg.sink, run_id, cfg.model.name),
+            "quarantine": images.QuarantineTarget(cfg.sink, job.run_id, cfg.model.name),
         },
         batch_format="numpy",
-        **task_options,
+        **task_options(cfg),
     )
-    ds = build_caption_processor(cfg, model_source, placement, run_id)(ds)
-    sink = sinks.CaptionSink(cfg.sink, run_id, cfg.model.name)
-    ds.write_datasink(sink, ray_remote_args=task_options)
+    return build_caption_processor(cfg, job.model_source, job.placement, job.run_id)(ds)
 
-    counts = ray.get(ledger.totals.remote())
+
+def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_config: dict[str, Any], report_dir: Optional[str]) -> RunResult:
+    """Account for every row, write the report, fail loudly on a mismatch."""
+    import ray
+
+    from capjob import report, sinks
+
+    writer = sinks.TableWriter(cfg.sink)
+    counts = ray.get(job.ledger.totals.remote())
     totals = sink.totals
     result = RunResult(
-        run_id=run_id,
+        run_id=job.run_id,
         output=writer.url(sinks.CAPTIONS),
         quarantine=writer.url(sinks.QUARANTINE),
         rows_read=counts.get("read", 0),
@@ -196,12 +221,10 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
         captioned=totals["captioned"],
         quarantined_images=counts.get("images_rejected", 0),
         quarantined_engine=totals["quarantined"],
-        wall_seconds=time.monotonic() - started,
+        wall_seconds=time.monotonic() - job.clock,
     )
     by_reason = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("rejected:") and v}
-    if result.quarantined_engine:
-        by_reason["engine"] = result.quarantined_engine
-    operators, stats_text = report.operator_stats(ds)
+    operators, stats_text = report.operator_stats(dataset)
     run_report = report.build(
         result=result.to_dict(),
         write_stats={**totals, "quarantined_by_reason": by_reason},
@@ -209,8 +232,8 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
         resolved_config=resolved_config,
         cluster_resources=ray.cluster_resources(),
     )
-    report_dirs = [f"{cfg.sink.path.rstrip('/')}/reports/{run_id}"] + ([report_dir] if report_dir else [])
-    report.write(run_report, stats_text, report.plots(totals, started_wall), report_dirs, cfg.sink.storage_options)
+    report_dirs = [f"{cfg.sink.path.rstrip('/')}/reports/{job.run_id}"] + ([report_dir] if report_dir else [])
+    report.write(run_report, stats_text, report.plots(totals, job.wall_clock), report_dirs, cfg.sink.storage_options)
     print("\n" + report.summary_table(run_report))
     print(f"\ncaptions:   {result.output}\nquarantine: {result.quarantine}\nreport:     {' and '.join(report_dirs)}", flush=True)
 
@@ -218,6 +241,23 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
     if expected != result.captioned + result.quarantined:
         raise AccountingError(
             f"rows in ({expected}) != captioned ({result.captioned}) + quarantined ({result.quarantined}); "
-            f"run {run_id} lost or duplicated rows"
+            f"run {job.run_id} lost or duplicated rows"
         )
     return result
+
+
+def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional[str] = None) -> Optional[RunResult]:
+    from capjob import sinks, sources
+
+    run_id = cfg.job.run_id or new_run_id()
+    if cfg.job.dry_run:
+        print(dry_run_plan(cfg, run_id).render(cfg))
+        return None
+    job = start(cfg, run_id)
+    source = sources.read_source(cfg.data)
+    plan = make_plan(cfg, run_id, job.model_source, job.placement, source.num_rows)
+    print(plan.render(cfg), flush=True)
+    dataset = caption_flow(cfg, job, source, plan)
+    sink = sinks.CaptionSink(cfg.sink, run_id, cfg.model.name)
+    dataset.write_datasink(sink, ray_remote_args=task_options(cfg))  # streams: nothing is materialised
+    return finish(cfg, job, dataset, sink, resolved_config, report_dir)
