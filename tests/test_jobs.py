@@ -207,7 +207,7 @@ def no_pip_runtime_env(tmp_path):
     return path
 
 
-def submit(head, tmp_path, submission_id, *overrides, timeout=1200):
+def submit(head, tmp_path, submission_id, *overrides, timeout=2400):
     env = {**head.env, "RAY_ADDRESS": head.address, "CAPJOB_SUBMISSION_ID": submission_id,
            "CAPJOB_RUNTIME_ENV": str(no_pip_runtime_env(tmp_path)), "CAPJOB_TIMEOUT_S": str(timeout - 60)}
     return subprocess.run([str(SUBMIT), *overrides], env=env, capture_output=True, text=True, timeout=timeout)

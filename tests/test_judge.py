@@ -250,17 +250,6 @@ def test_judge_placement_follows_the_caption_engines_rules():
     assert runtime.decide_placement(judge_engine_config(JudgeConfig(model_source="m", gpus_per_worker=0)), available_gpus=8).gpus == 0
 
 
-def test_processor_config_without_the_multimodal_stage():
-    from capjob.processor import processor_config
-
-    cfg = judge_engine_config(JudgeConfig(model_source="m"), ResourcesConfig(cpu_stage_cpus=0.25))
-    config = processor_config(cfg, "m", EnginePlacement(0, None), multimodal=False)
-    assert config.placement_group_config == {"bundles": [{"CPU": 1}]}
-    assert config.should_continue_on_error
-    stage = config.prepare_multimodal_stage
-    assert (stage["enabled"] if isinstance(stage, dict) else stage.enabled) is False
-
-
 # --- config and reports ------------------------------------------------------------------
 
 

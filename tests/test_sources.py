@@ -14,7 +14,7 @@ import pytest
 
 from capjob.config import DataConfig, SourceFormat, to_typed
 from capjob.errors import CapjobError, ConfigError, SourceError
-from capjob.sources import decode_webdataset_sample, read_source
+from capjob.sources import decode_webdataset_sample, preflight, read_source
 from conftest import REPO, compose
 from iolayouts import (key_of, make_rows, upload, write_hf_parquet_dir, write_hf_save_to_disk, write_image_folder,
                        write_parquet, write_webdataset)
@@ -169,14 +169,20 @@ def test_webdataset_decoder():
 
 
 def fails(match: str, **kwargs) -> str:
-    t0 = time.monotonic()
-    with pytest.raises(CapjobError) as e:
-        read(**kwargs)
-    message = str(e.value)
-    assert match in message, message
-    assert "\n" not in message
-    assert time.monotonic() - t0 < 30, "errors must come fast"
-    return message
+    """Both the preflight (no Ray: what the CLI runs before starting anything) and read_source
+    fail with the same one-line message, in seconds."""
+    kwargs["format"] = SourceFormat(kwargs["format"])
+    messages = []
+    for check in (preflight, read_source):
+        t0 = time.monotonic()
+        with pytest.raises(CapjobError) as e:
+            check(DataConfig(**kwargs))
+        messages.append(str(e.value))
+        assert match in messages[-1], messages[-1]
+        assert "\n" not in messages[-1]
+        assert time.monotonic() - t0 < 30, "errors must come fast"
+    assert messages[0] == messages[1]
+    return messages[0]
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "hf", "image_folder", "webdataset"])

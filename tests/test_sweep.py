@@ -136,7 +136,11 @@ def test_checkpoint_comparison_with_evaluation_scores(tmp_path):
 def test_overrides_are_redacted():
     assert sweep.redact_override("+sink.storage_options.secret=abc") == "+sink.storage_options.secret=***"
     assert sweep.redact_override("data.storage_options={key: a, secret: b}") == "data.storage_options=***"
-    assert sweep.redact_override("engine.batch_size=8") == "engine.batch_size=8"
+    assert sweep.redact_override("data.storage_options={client_kwargs: {endpoint_url: 'http://x'}}").endswith("'http://x'}}")
+    assert sweep.redact_override("+data.storage_options.key=AKIA") == "+data.storage_options.key=***"
+    assert sweep.redact_override("+env.hf_token=hf_abc") == "+env.hf_token=***"
+    for kept in ("engine.batch_size=8", "caption.max_tokens=8", "engine.max_num_batched_tokens=4096", "data.image_column=image"):
+        assert sweep.redact_override(kept) == kept
     assert sweep.override_key("~job.run_id") == "job.run_id"
 
 
@@ -272,7 +276,7 @@ def test_real_2x2_multirun_on_cpu(tmp_path):
     """Four real runs (Ray Data + vLLM CPU + tiny model), one after the other in one process."""
     d = tmp_path / "sweep"
     proc = multirun("data.sample_size=0", "data.limit=4", "caption.max_tokens=8",
-                    "engine.batch_size=4,8", "data.partitions=1,2", f"hydra.sweep.dir={d}", timeout=3600)
+                    "engine.batch_size=4,8", "data.partitions=1,2", f"hydra.sweep.dir={d}", timeout=5400)
     (tmp_path / "stdout.txt").write_text(proc.stdout)
     (tmp_path / "stderr.txt").write_text(proc.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

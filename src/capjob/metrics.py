@@ -111,3 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.target and not sd:
         parser.error("give --target HOST:PORT or --ray-session-dir")
     print(prometheus_config(args.target, args.scrape_interval, sd), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -148,6 +148,7 @@ class TableWriter:
             check_storage_options(cfg.storage_options, "sink.storage_options")
         except CapjobError as e:
             raise SinkError(str(e)) from None
+        self.codec = _codec(cfg)  # an unknown compression fails here, before anything runs
         self.suffix = _file_suffix(cfg)
         try:
             self.fs, self.root = fsspec.url_to_fs(cfg.path, **cfg.storage_options)

@@ -261,25 +261,32 @@ def _hf_columns(hf: Any) -> list[str]:
     return list(names)
 
 
-def _read_hf(cfg: DataConfig) -> tuple[ray.data.Dataset, Optional[int], list[str]]:
+def _hf_kind(path: str) -> str:
+    """"saved" (save_to_disk folder), "local" (folder of data files) or "hub" (a repository id)."""
+    if os.path.exists(path):
+        if os.path.exists(os.path.join(path, "state.json")) or os.path.exists(os.path.join(path, "dataset_dict.json")):
+            return "saved"
+        return "local"
+    if path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or "://" in path:
+        raise SourceError(f"data.path {path!r} does not exist (for data.format=hf: a local folder or a hub id)")
+    return "hub"
+
+
+def _load_hf(cfg: DataConfig, streaming: bool) -> Any:
+    """The split as a datasets.Dataset (or IterableDataset when streaming)."""
     import datasets
 
     path = cfg.path
     assert path is not None
-    local = os.path.exists(path)
-    saved = local and (os.path.exists(os.path.join(path, "state.json")) or os.path.exists(os.path.join(path, "dataset_dict.json")))
     try:
-        if saved:
+        if _hf_kind(path) == "saved":
             loaded = datasets.load_from_disk(path)
             if isinstance(loaded, datasets.DatasetDict):
                 if cfg.split not in loaded:
                     raise SourceError(f"data.split: {cfg.split!r} not in {path!r}; available splits: {sorted(loaded)}")
                 loaded = loaded[cfg.split]
-            hf: Any = loaded
-        else:
-            if not local and (path.startswith(("/", "./", "../", "~")) or path.count("/") > 1):
-                raise SourceError(f"data.path {path!r} does not exist (neither a local folder nor a hub id)")
-            hf = datasets.load_dataset(path, split=cfg.split, streaming=cfg.streaming)
+            return loaded
+        return datasets.load_dataset(path, split=cfg.split, streaming=streaming)
     except SourceError:
         raise
     except FileNotFoundError as e:
@@ -294,6 +301,11 @@ def _read_hf(cfg: DataConfig) -> tuple[ray.data.Dataset, Optional[int], list[str
             f"cannot load Hugging Face dataset {path!r} (split {cfg.split!r}): {type(e).__name__}: {_first_line(e, 300)}"
         ) from None
 
+
+def _read_hf(cfg: DataConfig) -> tuple[ray.data.Dataset, Optional[int], list[str]]:
+    import datasets
+
+    hf = _load_hf(cfg, cfg.streaming)
     columns = _hf_columns(hf)
     _require_columns(columns, cfg, cfg.image_column)
     wanted = [cfg.image_column] + ([cfg.key_column] if cfg.key_column else []) + list(cfg.passthrough_columns)
@@ -317,15 +329,111 @@ def _read_hf(cfg: DataConfig) -> tuple[ray.data.Dataset, Optional[int], list[str
 # --------------------------------------------------------------------------- files
 
 
-def _read_parquet(cfg: DataConfig) -> tuple[ray.data.Dataset, Optional[int], list[str]]:
+def _hidden(name: str) -> bool:
+    return name.rstrip("/").rsplit("/", 1)[-1][:1] in "._"
+
+
+def first_file(path: str, storage_options: dict[str, Any], extensions: list[str], max_depth: int = 8) -> Optional[str]:
+    """The first (sorted) file under `path` with one of `extensions`, descending into the first
+    folders only as far as needed -- a cheap peek, not a listing of the whole dataset."""
+    fs, root = probe_filesystem(path, storage_options)
+    suffixes = tuple("." + e.lower() for e in extensions)
+
+    def walk(directory: str, depth: int) -> Optional[str]:
+        entries = sorted(fs.ls(directory, detail=True), key=lambda e: e["name"])
+        for e in entries:
+            if e["type"] == "file" and not _hidden(e["name"]) and e["name"].lower().endswith(suffixes):
+                return e["name"]
+        if depth < max_depth:
+            for e in entries:
+                if e["type"] == "directory" and not _hidden(e["name"]) and e["name"].rstrip("/") != directory.rstrip("/"):
+                    found = walk(e["name"], depth + 1)
+                    if found:
+                        return found
+        return None
+
+    try:
+        found = walk(root, 0)
+    except Exception as e:  # noqa: BLE001
+        raise SourceError(f"data.path: {describe_remote_error(path, e)}") from None
+    if found is None:
+        return None
+    return found if is_local(fs) else f"{path.split('://', 1)[0]}://{found}"
+
+
+def _inspect_file(path: str, storage_options: dict[str, Any], kind: str, extensions: list[str], what: str) -> str:
+    if kind == "file":
+        return path
+    found = first_file(path, storage_options, extensions)
+    if found is None:
+        raise SourceError(f"data.path: no {what} files ({', '.join('*.' + e for e in extensions)}) under {path!r}")
+    return found
+
+
+def _open(url: str, storage_options: dict[str, Any]):
+    fs, fs_path = probe_filesystem(url, storage_options)
+    return fs.open(fs_path, "rb")
+
+
+def _parquet_columns(path: str, storage_options: dict[str, Any], kind: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    first = _inspect_file(path, storage_options, kind, ["parquet"], "parquet")
+    try:
+        with _open(first, storage_options) as f:
+            return list(pq.read_schema(f).names)
+    except Exception as e:  # noqa: BLE001
+        raise SourceError(f"data.path: {describe_remote_error(first, e)}") from None
+
+
+def _webdataset_columns(cfg: DataConfig, kind: str) -> list[str]:
+    """The columns of the first sample of the first shard (read up to its last member)."""
+    import tarfile
+
+    assert cfg.path is not None
+    first = _inspect_file(cfg.path, cfg.storage_options, kind, ["tar"], "tar")
+    sample: dict[str, Any] = {}
+    key = None
+    try:
+        with _open(first, cfg.storage_options) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                directory, _, base = member.name.rpartition("/")
+                if "." not in base:
+                    continue
+                stem, suffix = base.split(".", 1)
+                if key is not None and f"{directory}/{stem}" != key:
+                    break
+                key = f"{directory}/{stem}"
+                sample[suffix] = b""  # names only: contents are not needed
+    except Exception as e:  # noqa: BLE001
+        raise SourceError(f"data.path: {describe_remote_error(first, e)}") from None
+    if not sample:
+        raise SourceError(f"data.path: {first!r} holds no webdataset sample (files named <key>.<ext>)")
+    return ["__key__", "__url__", *decode_webdataset_sample(sample, cfg.image_column)]
+
+
+def _columns_without_ray(cfg: DataConfig) -> tuple[str, list[str]]:
+    """(kind, columns) of a file-based layout, checked and peeked without Ray."""
     assert cfg.path is not None
     kind = probe(cfg.path, cfg.storage_options)
+    if cfg.format == SourceFormat.parquet:
+        return kind, _parquet_columns(cfg.path, cfg.storage_options, kind)
+    if cfg.format == SourceFormat.webdataset:
+        return kind, _webdataset_columns(cfg, kind)
+    _inspect_file(cfg.path, cfg.storage_options, kind, IMAGE_EXTENSIONS, "image")
+    return kind, ["bytes", "path"]
+
+
+def _read_parquet(cfg: DataConfig) -> tuple[ray.data.Dataset, Optional[int], list[str]]:
+    assert cfg.path is not None
+    kind, columns = _columns_without_ray(cfg)
     fs = _arrow_filesystem(cfg.path, cfg.storage_options)
     try:
         # In folders only *.parquet files (not _SUCCESS, .crc...); a named file whatever its name.
         extensions = ["parquet"] if kind == "directory" else None
         ds = ray.data.read_parquet(cfg.path, filesystem=fs, file_extensions=extensions)
-        columns = list(ds.schema().names)
     except Exception as e:  # noqa: BLE001
         raise SourceError(f"data.path: {describe_remote_error(cfg.path, e)}") from None
     return ds, None, columns
@@ -333,13 +441,13 @@ def _read_parquet(cfg: DataConfig) -> tuple[ray.data.Dataset, Optional[int], lis
 
 def _read_image_folder(cfg: DataConfig) -> tuple[ray.data.Dataset, Optional[int], list[str]]:
     assert cfg.path is not None
-    probe(cfg.path, cfg.storage_options)
+    _, columns = _columns_without_ray(cfg)
     fs = _arrow_filesystem(cfg.path, cfg.storage_options)
     try:
         ds = ray.data.read_binary_files(cfg.path, filesystem=fs, include_paths=True, file_extensions=IMAGE_EXTENSIONS)
     except Exception as e:  # noqa: BLE001
         raise SourceError(f"data.path: {describe_remote_error(cfg.path, e)}") from None
-    return ds, None, ["bytes", "path"]
+    return ds, None, columns
 
 
 def decode_webdataset_sample(sample: dict[str, Any], image_column: str) -> dict[str, Any]:
@@ -373,26 +481,57 @@ def decode_webdataset_sample(sample: dict[str, Any], image_column: str) -> dict[
 
 def _read_webdataset(cfg: DataConfig) -> tuple[ray.data.Dataset, Optional[int], list[str]]:
     assert cfg.path is not None
-    probe(cfg.path, cfg.storage_options)
+    _, columns = _columns_without_ray(cfg)
     fs = _arrow_filesystem(cfg.path, cfg.storage_options)
     try:
         ds = ray.data.read_webdataset(
             cfg.path, filesystem=fs, file_extensions=["tar"],
             decoder=functools.partial(decode_webdataset_sample, image_column=cfg.image_column),
         )
-        columns = list(ds.schema().names)
     except Exception as e:  # noqa: BLE001
         raise SourceError(f"data.path: {describe_remote_error(cfg.path, e)}") from None
     return ds, None, columns
 
 
-# --------------------------------------------------------------------------- entry point
+# --------------------------------------------------------------------------- entry points
+
+
+def _resolved_columns(cfg: DataConfig) -> tuple[str, Optional[str]]:
+    """(image column, key column) as the layout defines them."""
+    if cfg.format == SourceFormat.image_folder:
+        return "bytes", cfg.key_column or "path"  # an image file is its own key: its path
+    if cfg.format == SourceFormat.webdataset:
+        return cfg.image_column, cfg.key_column or "__key__"
+    return cfg.image_column, cfg.key_column
+
+
+def _check_columns(cfg: DataConfig, columns: list[str]) -> None:
+    image_column, key_column = _resolved_columns(cfg)
+    _require_columns(columns, DataConfig(**{**cfg.__dict__, "key_column": key_column}), image_column)
+
+
+def preflight(cfg: DataConfig) -> None:
+    """Everything about the input a user can get wrong, checked without Ray and without reading
+    the data: credentials kept out of the config, the path (or bucket, endpoint, access), the
+    columns (from a parquet footer, the first webdataset sample, a local HF dataset's features).
+    Seconds, so that the job can fail before it starts Ray or any engine. (A hub dataset is
+    checked by read_source, when it is opened.)"""
+    check_storage_options(cfg.storage_options, "data.storage_options")
+    if cfg.format == SourceFormat.sample:
+        return
+    if not cfg.path:
+        raise SourceError(f"data.path: is required for data.format={cfg.format.value}")
+    if cfg.format == SourceFormat.hf:
+        if _hf_kind(cfg.path) != "hub":  # local: metadata only (memory-mapped / schema-inferred)
+            _require_columns(_hf_columns(_load_hf(cfg, streaming=_hf_kind(cfg.path) == "local")), cfg, cfg.image_column)
+        return
+    _check_columns(cfg, _columns_without_ray(cfg)[1])
 
 
 def read_source(cfg: DataConfig) -> Source:
     """The configured dataset, limited, with its image/key columns resolved and checked."""
     check_storage_options(cfg.storage_options, "data.storage_options")
-    image_column, key_column = cfg.image_column, cfg.key_column
+    image_column, key_column = _resolved_columns(cfg)
     if cfg.format == SourceFormat.sample:
         from capjob.sample_data import ensure_sample_dataset
 
@@ -407,18 +546,14 @@ def read_source(cfg: DataConfig) -> Source:
         description = f"parquet {cfg.path}"
     elif cfg.format == SourceFormat.image_folder:
         ds, num_rows, columns = _read_image_folder(cfg)
-        # An image file is its own key: its path.
-        image_column, key_column = "bytes", key_column or "path"
         description = f"image folder {cfg.path}"
     elif cfg.format == SourceFormat.webdataset:
         ds, num_rows, columns = _read_webdataset(cfg)
-        key_column = key_column or "__key__"
         description = f"webdataset {cfg.path}"
     else:  # pragma: no cover - the enum is exhaustive
         raise SourceError(f"data.format: unknown {cfg.format}")
 
-    checked = DataConfig(**{**cfg.__dict__, "key_column": key_column})
-    _require_columns(columns, checked, image_column)
+    _check_columns(cfg, columns)
     if cfg.shuffle_seed is not None:
         ds = ds.random_shuffle(seed=cfg.shuffle_seed)
     if cfg.limit is not None:

@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import math
+import re
 import sys
 import time
 import traceback
@@ -71,13 +72,24 @@ def override_value(override: str) -> str:
     return override.split("=", 1)[1] if "=" in override else ""
 
 
+# A secret-looking override key, judged by its last component: `secret`, `hf_token`, `key` (s3fs),
+# `aws_access_key_id`, `password`... but not `caption.max_tokens` or `engine.max_num_batched_tokens`,
+# which sweeps vary and their tables must show.
+SECRET_OVERRIDE = re.compile(
+    r"secret|passw(or)?d|credential|api[_-]?key|access[_-]?key|auth|(^|[_-])token$|^(key|token)$", re.I
+)
+
+
 def redact_override(override: str) -> str:
     """`sink.storage_options.secret=abc` -> `sink.storage_options.secret=***`; a dict value with a
     secret-looking key inside is hidden whole."""
-    from capjob.report import REDACTED, SECRET_KEY
+    from capjob.report import REDACTED
 
+    if "=" not in override:
+        return override
     key, value = override_key(override), override_value(override)
-    if "=" in override and (SECRET_KEY.search(key) or (value.lstrip().startswith("{") and SECRET_KEY.search(value))):
+    inner_keys = re.findall(r"([\w-]+)\s*:", value) if value.lstrip().startswith("{") else []
+    if any(SECRET_OVERRIDE.search(k) for k in [key.rsplit(".", 1)[-1], *inner_keys]):
         return override.split("=", 1)[0] + "=" + REDACTED
     return override
 
