@@ -107,6 +107,6 @@ def test_judge_pass_scores_or_counts_every_caption(tmp_path, local_ray):
     assert evaluation.stats["count"] == len(CAPTIONS)
 
     md = (report_dir / "eval.md").read_text()
-    assert md.count("## Judge") == 1 and f"| engine failures | 1 (16.7%) |" in md
+    assert md.count("## Judge") == 1 and "| engine failures | 1 (16.7%) |" in md
     assert "# Caption evaluation" in md  # after the statistics
     print("\n" + md)
