@@ -8,7 +8,7 @@ from capjob.config import CapjobConfig, to_typed
 from capjob.errors import ConfigError
 from conftest import CONF_DIR, REPO, compose
 
-GROUPS = {"dataset": "data", "model": "model", "engine": "engine", "resources": "resources", "sink": "sink"}
+GROUPS = {"dataset": "data", "model": "model", "engine": "engine", "resources": "resources", "sink": "sink", "eval": "eval"}
 
 
 def options(group: str) -> list[str]:

@@ -33,7 +33,7 @@ def read_table(path: pathlib.Path) -> pa.Table:
 
 
 def test_sample_job_writes_one_caption_per_image(tmp_path):
-    proc = capjob("data.sample_size=8", f"sink.path={tmp_path}/out")
+    proc = capjob("data.sample_size=8", f"sink.path={tmp_path}/out", "eval=stats", "job.run_id=sample-run")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     captions = read_table(tmp_path / "out" / "captions")
     expected = len(bundled_photos()) + 8
@@ -47,6 +47,10 @@ def test_sample_job_writes_one_caption_per_image(tmp_path):
     assert "image" not in captions.column_names
     assert not list((tmp_path / "out" / "quarantine").glob("*.parquet"))
     assert str(tmp_path / "out" / "captions") in proc.stdout
+    # eval=stats ran after captioning: statistics next to the run's report.
+    evaluation = json.loads((tmp_path / "out" / "reports" / "sample-run" / "eval.json").read_text())
+    assert evaluation["count"] == expected
+    assert (tmp_path / "out" / "reports" / "sample-run" / "eval.md").exists()
 
 
 def square_photo() -> tuple[str, bytes]:

@@ -305,3 +305,14 @@ def test_cli_missing_column(s3_env, layouts, tmp_path):
 def test_cli_missing_local_path(tmp_path):
     proc = capjob_cli("dataset=image_folder", f"data.path={tmp_path}/nope", env={}, tmp_path=tmp_path)
     assert_one_error_line(proc, f"data.path '{tmp_path}/nope' does not exist")
+
+
+def test_read_bench_runs(tmp_path):
+    """bench/read_bench.py on a handful of images (no timing checks)."""
+    out = tmp_path / "read.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "read_bench.py"), "--images", "6", "--repeats", "1",
+                           "--shards", "2", "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "| webdataset | S3 (moto, 127.0.0.1) | 6 |" in proc.stdout
+    result = __import__("json").loads(out.read_text())
+    assert len(result["rows"]) == 8 and all(r["rows"] == 6 and r["rows_per_s"] > 0 for r in result["rows"])

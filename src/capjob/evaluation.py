@@ -17,7 +17,6 @@ never count: "A cat." and "a cat" have the same words, n-grams and vocabulary.
 from __future__ import annotations
 
 import argparse
-import enum
 import json
 import re
 import sys
@@ -34,7 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from capjob.config import ResourcesConfig, SinkConfig, SinkFormat
+from capjob.config import EvalConfig, EvalMode, JudgeConfig, ResourcesConfig, SinkConfig, SinkFormat
 from capjob.errors import CapjobError, ConfigError, SinkError, SourceError
 from capjob.sinks import CAPTIONS, TableWriter
 from capjob.sources import _describe_remote_error
@@ -69,77 +68,6 @@ EVAL_SCHEMA = pa.schema(
 )
 
 _WORD = re.compile(r"\w+(?:['’]\w+)*")
-
-
-class EvalMode(str, enum.Enum):
-    off = "off"
-    stats = "stats"  # statistics and per-row flags
-    judge = "judge"  # statistics plus a judge model scoring each caption (judge.py)
-
-
-@dataclass
-class JudgeConfig:
-    """The judge pass (mode=judge, judge.py): a model with its own engine that reads each caption
-    and scores it 1-5 with a short reason. Text-only: it sees the caption, not the image."""
-
-    # Hub id or local path; None with `builder` set: a model capjob builds (as model.builder).
-    model_source: Optional[str] = None
-    builder: Optional[str] = None
-    # Label in the report and the judge table; None: the last part of model_source (or builder).
-    name: Optional[str] = None
-    system_prompt: str = "You are a strict and consistent judge of image captions. You answer in exactly the format you are asked for."
-    # {caption} is replaced by the caption under evaluation (str.replace: braces in captions are safe).
-    prompt: str = (
-        "Below is a caption written for an image. You cannot see the image: judge the caption as a "
-        "description. Is it fluent, specific and self-consistent, free of repetition, truncation, "
-        "boilerplate and filler?\n\n"
-        'Caption: """{caption}"""\n\n'
-        "Rate it from 1 (empty, garbled, repetitive or unusable) to 5 (clear, specific, complete). "
-        "Answer in exactly this format:\n"
-        "Score: <1-5>\n"
-        "Reason: <one short sentence>"
-    )
-    temperature: float = 0.0
-    seed: Optional[int] = None
-    max_tokens: int = 64
-    batch_size: int = 16
-    max_concurrent_batches: int = 8
-    # Judge engine replicas.
-    concurrency: int = 1
-    max_model_len: int = 4096
-    max_num_seqs: Optional[int] = None
-    tensor_parallel_size: int = 1
-    # GPUs per judge replica: null = tensor_parallel_size when the cluster has GPUs, else 0 (CPU).
-    gpus_per_worker: Optional[int] = None
-    gpu_memory_utilization: float = 0.9
-    # KV cache of a CPU judge engine.
-    cpu_kv_cache_gib: float = 1.0
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    quantization: Optional[str] = None
-    enforce_eager: bool = False
-    extra_engine_kwargs: dict[str, Any] = field(default_factory=dict)
-    # The judge's raw answer is kept in the judge table, cut to this many characters.
-    raw_chars: int = 1000
-
-
-@dataclass
-class EvalConfig:
-    """`eval` group: caption evaluation after the run, consumed by evaluation.py."""
-
-    name: str = "off"
-    mode: EvalMode = EvalMode.off
-    # Truncation threshold when the run's caption.max_tokens is not known (capjob-eval on an
-    # existing output); None there leaves truncation unknown rather than guessed.
-    max_tokens: Optional[int] = None
-    # Degenerate captions: an n-gram of `ngram` words occurring >= `ngram_repeats` times, or the
-    # most frequent one (occurring twice or more) covering > `ngram_share` of all n-grams...
-    ngram: int = 3
-    ngram_repeats: int = 3
-    ngram_share: float = 0.3
-    # ...or a line (same words) occurring >= `line_repeats` times.
-    line_repeats: int = 2
-    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
 def _require(ok: bool, key: str, message: str) -> None:

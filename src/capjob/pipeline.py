@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from capjob.config import CapjobConfig
+from capjob.config import CapjobConfig, EvalMode
 from capjob.errors import AccountingError
 from capjob.processor import EnginePlacement
 
@@ -260,4 +260,25 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
     dataset = caption_flow(cfg, job, source, plan)
     sink = sinks.CaptionSink(cfg.sink, run_id, cfg.model.name)
     dataset.write_datasink(sink, ray_remote_args=task_options(cfg))  # streams: nothing is materialised
-    return finish(cfg, job, dataset, sink, resolved_config, report_dir)
+    result = finish(cfg, job, dataset, sink, resolved_config, report_dir)
+    if cfg.eval.mode != EvalMode.off:
+        evaluate(cfg, result, report_dir)
+    return result
+
+
+def evaluate(cfg: CapjobConfig, result: RunResult, report_dir: Optional[str]) -> None:
+    """Caption statistics (and the judge pass) over this run's captions, next to its report."""
+    import pathlib
+
+    import fsspec
+
+    from capjob.evaluation import evaluate_output
+
+    local_dir = pathlib.Path(report_dir or f"outputs/eval/{result.run_id}")
+    _, written = evaluate_output(cfg.sink, cfg.eval, local_dir, run_id=result.run_id,
+                                 max_tokens=cfg.caption.max_tokens, resources=cfg.resources)
+    fs, root = fsspec.url_to_fs(f"{cfg.sink.path.rstrip('/')}/reports/{result.run_id}", **cfg.sink.storage_options)
+    for name in ("json", "markdown", "histogram"):
+        if name in written:
+            fs.put_file(str(written[name]), f"{root}/{pathlib.Path(written[name]).name}")
+    print(f"evaluation: {local_dir} and {cfg.sink.path.rstrip('/')}/reports/{result.run_id}", flush=True)

@@ -442,13 +442,14 @@ def csv_rows(jobs: list[Job]) -> tuple[list[str], list[dict[str, Any]]]:
     return header, rows
 
 
-def _fmt(value: Any, digits: int = 2) -> str:
+def _fmt(value: Any) -> str:
     if value is None or value == "":
         return "–"
     if isinstance(value, bool):
         return "yes" if value else ""
     if isinstance(value, float):
-        return f"{value:.{digits}f}".rstrip("0").rstrip(".") if abs(value) < 1e6 else f"{value:.3g}"
+        # three significant digits below 100 (0.0183 rows/s stays apart from 0.022), none above
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
     return str(value)
 
 
@@ -593,7 +594,7 @@ def plot(jobs: list[Job]) -> bytes:
             best_at = {}
             for x, y in zip(xs, ys):
                 best_at[x] = max(best_at.get(x, y), y)
-            ax.plot(sorted(best_at), [best_at[x] for x in sorted(best_at)], color="tab:blue", alpha=0.5)
+            ax.plot(sorted(best_at), [best_at[x] for x in sorted(best_at)], color="tab:blue", alpha=0.5, label="best at each value")
             if best is not None:
                 ax.scatter([position[value_of(best)]], [best.metric("rows_per_second")], marker="*", s=220,
                            color="tab:orange", zorder=4, label="best")
@@ -605,7 +606,7 @@ def plot(jobs: list[Job]) -> bytes:
         ax.set_xticks(range(len(categories)))
         ax.set_xticklabels([_short(c) or "(unset)" for c in categories], rotation=20 if any(len(c) > 8 for c in categories) else 0)
         ax.set_xlim(-0.5, max(len(categories) - 0.5, 0.5))
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, max(ys) * 1.15 if ok and max(ys) > 0 else 1)
         ax.set_xlabel(key)
         ax.set_ylabel("captioned rows / s")
         ax.grid(axis="y", alpha=0.3)
