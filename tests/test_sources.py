@@ -316,3 +316,19 @@ def test_read_bench_runs(tmp_path):
     assert "| webdataset | S3 (moto, 127.0.0.1) | 6 |" in proc.stdout
     result = __import__("json").loads(out.read_text())
     assert len(result["rows"]) == 8 and all(r["rows"] == 6 and r["rows_per_s"] > 0 for r in result["rows"])
+
+
+def test_storage_options_endpoint_reaches_the_ray_workers(ray_local, tmp_path):
+    """data.storage_options.client_kwargs.endpoint_url wins over AWS_ENDPOINT_URL, in the
+    driver's checks and in Ray's read tasks alike (the fsspec filesystem is pickled into them)."""
+    from s3server import S3Server
+
+    with S3Server() as other:  # the environment still points at the session's server
+        other.bucket("elsewhere")
+        url = upload(write_parquet(ROWS, tmp_path / "pq", files=2), other.fs, "s3://elsewhere/pq")
+        options = {"client_kwargs": {"endpoint_url": other.endpoint}}
+        for fmt in ("parquet", "webdataset"):
+            if fmt == "webdataset":
+                url = upload(write_webdataset(ROWS, tmp_path / "wds"), other.fs, "s3://elsewhere/wds")
+            _, rows = read(format=fmt, path=url, storage_options=options)
+            assert len(rows) == N

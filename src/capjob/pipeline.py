@@ -207,7 +207,7 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
     """Account for every row, write the report, fail loudly on a mismatch."""
     import ray
 
-    from capjob import report, sinks
+    from capjob import report, runtime, sinks
 
     writer = sinks.TableWriter(cfg.sink)
     counts = ray.get(job.ledger.totals.remote())
@@ -237,6 +237,9 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
     print("\n" + report.summary_table(run_report))
     print(f"\ncaptions:   {result.output}\nquarantine: {result.quarantine}\nreport:     {' and '.join(report_dirs)}", flush=True)
 
+    if cfg.job.metrics_export_port:
+        # Keep the endpoint up for a few report intervals so a scraper sees the final counts.
+        time.sleep(3 * runtime.METRICS_REPORT_INTERVAL_MS / 1000)
     expected = result.rows_read - result.skipped_done
     if expected != result.captioned + result.quarantined:
         raise AccountingError(

@@ -186,12 +186,13 @@ def release_ray() -> dict[str, Any]:
             leftover = [p.pid for p in alive]
         info["processes_started"] = len(children)
         info["processes_killed_after_timeout"] = leftover
-    try:
-        from ray.data import DataContext
+    if "ray.data" in sys.modules:
+        try:
+            from ray.data import DataContext
 
-        DataContext._set_current(None)  # the next job gets a fresh context
-    except Exception:  # noqa: BLE001
-        pass
+            DataContext._set_current(None)  # the next job gets a fresh context
+        except Exception:  # noqa: BLE001 - private API; a stale context is no worse than before
+            pass
     return info
 
 
@@ -412,7 +413,8 @@ def csv_rows(jobs: list[Job]) -> tuple[list[str], list[dict[str, Any]]]:
     header = ["job", "status", "best", *swept, "rows_per_second", "generated_tokens_per_second", "captioned",
               "quarantined", "rows_read", "wall_seconds", "caption_words_mean", "caption_words_p50", "caption_words_p95"]
     if has_eval:
-        header += ["eval_captions", "eval_empty_share", "eval_truncated_share", "eval_degenerate_share", "eval_vocabulary_size"]
+        header += ["eval_captions", "eval_empty_share", "eval_truncated_share", "eval_degenerate_share", "eval_vocabulary_size",
+                   "eval_judge_mean_score"]
     header += ["run_id", "output", "overrides", "error", "job_dir"]
     rows = []
     for job in ranked(jobs):
@@ -430,6 +432,7 @@ def csv_rows(jobs: list[Job]) -> tuple[list[str], list[dict[str, Any]]]:
                 eval_truncated_share=(e.get("truncated") or {}).get("share"),
                 eval_degenerate_share=(e.get("degenerate") or {}).get("share"),
                 eval_vocabulary_size=e.get("vocabulary_size"),
+                eval_judge_mean_score=(e.get("judge") or {}).get("mean_score"),
             )
         row.update(
             run_id=job.record.get("run_id") or (job.report or {}).get("run_id"),
