@@ -118,3 +118,21 @@ def test_report_redacts_secret_looking_keys():
     assert out["data"]["storage_options"]["client_kwargs"]["aws_session_token"] == "***"
     assert out["data"]["storage_options"]["client_kwargs"]["endpoint_url"] == "http://x"
     assert out["model"] == {"hf_token": "***", "name": "m"}
+
+
+def test_more_gpus_than_the_machine_has_fails_before_ray():
+    from capjob.runtime import decide_placement
+
+    cfg = to_typed(compose(["resources=h100x1"]))
+    with pytest.raises(ConfigError, match=r"resources\.gpus_per_worker: .* needs 1 GPU\(s\) .* has 0"):
+        decide_placement(cfg, available_gpus=0)
+    local = to_typed(compose(["resources=local"]))
+    assert decide_placement(local, available_gpus=0).gpus == 0  # CPU engine
+    assert decide_placement(local, available_gpus=2).gpus == 1
+
+
+def test_cli_gpu_layout_on_a_cpu_machine_is_one_line():
+    proc = run_cli("experiment=offline", "resources=h100x1")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("capjob: error: resources.gpus_per_worker")
+    assert "Traceback" not in proc.stderr
