@@ -59,7 +59,7 @@ def run(size: int, work: pathlib.Path, extra: list[str]) -> dict[str, float]:
     out = work / f"out-{size}"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "capjob", "experiment=offline", "data.format=parquet", f"data.path={data}",
-           f"data.name=mem{size}", f"sink.path={out}", "caption.max_tokens=1", "images.size=112",
+           f"data.name=mem{size}", "data.passthrough_columns=[]", f"sink.path={out}", "caption.max_tokens=1", "images.size=112",
            "engine.batch_size=32", "job.resume=false", *extra]
     baseline_shm = shm_used()
     peaks = {"driver_rss": 0, "tree_rss": 0, "object_store": 0}
