@@ -139,7 +139,7 @@ def scalar(prometheus, promql):
 def test_prometheus_scraped_capjob_metrics(monitored_run):
     _, _, proc, prometheus = monitored_run
     assert proc.returncode == 0
-    sel = f'job="{JOB}"'
+    sel = f'capjob_job="{JOB}"'
     assert scalar(prometheus, f"max(max_over_time(ray_capjob_images_captioned_total{{{sel}}}[30m]))") == 6
     assert scalar(prometheus, f"max(max_over_time(ray_capjob_rows_read_total{{{sel}}}[30m]))") == 12
     assert scalar(prometheus, f'max(max_over_time(ray_capjob_images_quarantined_total{{{sel},reason="not_an_image"}}[30m]))') == 2

@@ -7,7 +7,7 @@ Ray's metrics API, incremented only by a block's first report, so the dashboards
 exactly once as well. vLLM's own engine metrics reach the same Ray endpoint via Ray Data LLM
 (`log_engine_metrics`).
 
-Exported (Ray prefixes `ray_`; every series carries `job=<job.name>` and `run_id`):
+Exported (Ray prefixes `ray_`; every series carries `capjob_job=<job.name>` and `run_id`):
     capjob_rows_read_total, capjob_rows_skipped (gauge: already done, resume),
     capjob_images_captioned_total, capjob_images_quarantined_total{reason},
     capjob_generated_tokens_total, capjob_prompt_tokens_total, capjob_rows_per_second
@@ -41,9 +41,10 @@ class RunLedger:
         from ray.util import metrics
 
         self._entries: dict[str, dict[str, int]] = defaultdict(dict)
-        self._tags = {"job": job, "run_id": run_id}
+        self._tags = {"capjob_job": job, "run_id": run_id}
         self._started = time.time()
-        tag_keys = ("job", "run_id")
+        # Not "job": Prometheus owns that label (the scrape job) and would rename ours.
+        tag_keys = ("capjob_job", "run_id")
         self._counters = {key: metrics.Counter(name, description, tag_keys=tag_keys) for key, (name, description) in EXPORTED.items()}
         self._quarantined = metrics.Counter(QUARANTINED[0], QUARANTINED[1], tag_keys=(*tag_keys, "reason"))
         self._rate = metrics.Gauge(RATE[0], RATE[1], tag_keys=tag_keys)

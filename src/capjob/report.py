@@ -66,8 +66,14 @@ def operator_stats(dataset: Any) -> tuple[list[dict[str, Any]], str]:
     except Exception as e:  # noqa: BLE001 - stats are best effort; the run itself succeeded
         return [], f"(Ray Data stats unavailable: {e})"
     rows = []
-    for summary_level in [summary, *getattr(summary, "parents", [])]:
-        for op in summary_level.operators_stats:
+    levels, seen = [summary], set()
+    while levels:  # the write's summary, then its parents (every earlier operator), recursively
+        level = levels.pop()
+        if id(level) in seen:
+            continue
+        seen.add(id(level))
+        levels.extend(getattr(level, "parents", None) or [])
+        for op in level.operators_stats:
             out_rows = op.output_num_rows.sum if op.output_num_rows else None
             seconds = op.time_total_s or 0.0
             rows.append(

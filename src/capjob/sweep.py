@@ -175,17 +175,24 @@ def release_ray() -> dict[str, Any]:
         started_local = getattr(ray._private.worker, "_global_node", None) is not None
         info["cluster"] = "local (started by this job)" if started_local else "existing cluster (disconnected)"
         ray.shutdown(wait_for_processes=True)
-        leftover = []
+        killed: list[dict[str, Any]] = []
+        left: list[int] = []
         if psutil is not None and children:
+            # A loaded machine can take a while to stop a vLLM engine; past the timeout, kill
+            # what is left (only processes this job's Ray started) and make sure it is gone.
             _, alive = psutil.wait_procs(children, timeout=RAY_EXIT_TIMEOUT_S)
-            for proc in alive:  # only processes this job's Ray started
+            for proc in alive:
                 try:
+                    name = proc.name()
                     proc.kill()
+                    killed.append({"pid": proc.pid, "name": name})
                 except psutil.Error:
                     pass
-            leftover = [p.pid for p in alive]
+            _, still = psutil.wait_procs(alive, timeout=10)
+            left = [p.pid for p in still]
         info["processes_started"] = len(children)
-        info["processes_killed_after_timeout"] = leftover
+        info["processes_killed_after_timeout"] = killed
+        info["processes_left"] = left
     if "ray.data" in sys.modules:
         try:
             from ray.data import DataContext
@@ -613,7 +620,7 @@ def plot(jobs: list[Job]) -> bytes:
         ax.set_xlabel(key)
         ax.set_ylabel("captioned rows / s")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(loc="lower right", fontsize="small")
+    axes[0].legend(loc="best", fontsize="small")
     fig.suptitle("capjob sweep: throughput by parameter")
     fig.tight_layout()
     buf = io.BytesIO()
