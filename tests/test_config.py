@@ -136,3 +136,10 @@ def test_cli_gpu_layout_on_a_cpu_machine_is_one_line():
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("capjob: error: resources.gpus_per_worker")
     assert "Traceback" not in proc.stderr
+
+
+def test_redaction_keeps_token_counts():
+    from capjob.report import redact
+
+    out = redact({"caption": {"max_tokens": 32}, "engine": {"max_num_batched_tokens": 8}, "hf_token": "x"})
+    assert out == {"caption": {"max_tokens": 32}, "engine": {"max_num_batched_tokens": 8}, "hf_token": "***"}

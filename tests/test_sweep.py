@@ -174,6 +174,25 @@ def test_callback_is_registered():
     assert not sweep._uses_default_sink(compose(["experiment=offline", "sink.path=s3://b/x"]))
 
 
+def test_release_ray_kills_what_outlives_the_grace_period(monkeypatch):
+    """What a job's Ray started and did not stop within RAY_EXIT_TIMEOUT_S is killed."""
+    import ray
+
+    child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+    try:
+        monkeypatch.setattr(sweep, "RAY_EXIT_TIMEOUT_S", 1)
+        monkeypatch.setattr(ray, "is_initialized", lambda: True)
+        monkeypatch.setattr(ray, "shutdown", lambda **kw: None)  # a Ray whose worker ignores the shutdown
+        info = sweep.release_ray()
+        assert info["initialized"] and info["processes_started"] >= 1
+        assert child.pid in [k["pid"] for k in info["processes_killed_after_timeout"]]
+        assert info["processes_left"] == []
+        assert child.wait(timeout=10) is not None  # gone (psutil reaped it, so no -9 here)
+    finally:
+        if child.poll() is None:
+            child.kill()
+
+
 # --- capjob --multirun, dry run: the CLI wiring without Ray ------------------------------------
 
 
@@ -292,7 +311,8 @@ def test_real_2x2_multirun_on_cpu(tmp_path):
     # each run started its own Ray and shut it down, every process it spawned gone
     assert all(r["ray"]["initialized"] and r["ray"]["cluster"] == "local (started by this job)" for r in recs)
     assert len({r["ray"]["node_id"] for r in recs}) == 4
-    assert all(r["ray"]["processes_started"] > 0 and r["ray"]["processes_killed_after_timeout"] == [] for r in recs)
+    # (on a loaded machine some may have needed a kill after the grace period; none survives)
+    assert all(r["ray"]["processes_started"] > 0 and r["ray"]["processes_left"] == [] for r in recs)
 
     rows = list(csv.DictReader((d / "sweep.csv").open()))
     assert len(rows) == 4 and sum(r["best"] == "True" for r in rows) == 1

@@ -18,7 +18,10 @@ from typing import Any, Optional
 import numpy as np
 import yaml
 
-SECRET_KEY = re.compile(r"secret|token|password|passwd|credential|api[_-]?key|access[_-]?key|session|^key$", re.I)
+# Key names that hold secrets ("aws_session_token", "hf_token", "key"), not counts ("max_tokens").
+SECRET_KEY = re.compile(
+    r"secret|passw(or)?d|credential|api[_-]?key|access[_-]?key|auth|session|(^|[_-])token$|^(key|token)$", re.I
+)
 REDACTED = "***"
 
 

@@ -48,6 +48,9 @@ WEBDATASET_INT = {"cls", "cls2", "index", "inx"}
 HF_BATCH_ROWS = 256
 # Shards a map-style dataset is cut into (Ray runs at most its read parallelism of them at once).
 HF_MAX_SHARDS = 256
+# Remote image folders: files per block of paths, and files fetched together by one task.
+REMOTE_FILES_PER_BLOCK = 256
+REMOTE_FETCH_BATCH = 64
 
 # Options of the *probe* that checks a remote path before anything runs: fail in seconds when
 # the endpoint does not answer instead of botocore's 60 s connect timeout x retries.
@@ -439,15 +442,48 @@ def _read_parquet(cfg: DataConfig) -> tuple[ray.data.Dataset, Optional[int], lis
     return ds, None, columns
 
 
+def fetch_image_batch(batch: pa.Table, protocol: str, storage_options: dict[str, Any]) -> pa.Table:
+    """map_batches UDF: the bytes of a batch of remote image files, fetched concurrently (s3fs
+    issues the GETs together); a file that cannot be fetched gets null bytes (quarantined)."""
+    fs = fsspec.filesystem(protocol, **(storage_options or {}))
+    paths = batch.column("path").to_pylist()
+    fetched = fs.cat(paths, on_error="return") if paths else {}
+    data = [fetched.get(p) if isinstance(fetched.get(p), bytes) else None for p in paths]
+    return pa.table({"bytes": pa.array(data, pa.binary()), "path": pa.array(paths, pa.string())})
+
+
 def _read_image_folder(cfg: DataConfig) -> tuple[ray.data.Dataset, Optional[int], list[str]]:
     assert cfg.path is not None
     _, columns = _columns_without_ray(cfg)
-    fs = _arrow_filesystem(cfg.path, cfg.storage_options)
+    fs, root = filesystem_for(cfg.path, cfg.storage_options)
+    if is_local(fs):
+        try:
+            ds = ray.data.read_binary_files(cfg.path, include_paths=True, file_extensions=IMAGE_EXTENSIONS)
+        except Exception as e:  # noqa: BLE001
+            raise SourceError(f"data.path: {describe_remote_error(cfg.path, e)}") from None
+        return ds, None, columns
+    # Object stores: one request per file is latency-bound when files are read one after the
+    # other (as read_binary_files does, ~50 files/s per task); list once, then fetch each batch
+    # of files with concurrent GETs. The listing also gives the row count.
+    suffixes = tuple("." + e for e in IMAGE_EXTENSIONS)
     try:
-        ds = ray.data.read_binary_files(cfg.path, filesystem=fs, include_paths=True, file_extensions=IMAGE_EXTENSIONS)
+        listed = fs.find(root, detail=False)
     except Exception as e:  # noqa: BLE001
         raise SourceError(f"data.path: {describe_remote_error(cfg.path, e)}") from None
-    return ds, None, columns
+    prefix = root.rstrip("/") + "/"
+    files = sorted(
+        p for p in listed
+        if p.lower().endswith(suffixes) and not any(_hidden(part) for part in p[len(prefix):].split("/"))
+    )
+    if not files:
+        raise SourceError(f"data.path: no image files ({', '.join('*.' + e for e in IMAGE_EXTENSIONS)}) under {cfg.path!r}")
+    chunks = [pa.table({"path": files[i : i + REMOTE_FILES_PER_BLOCK]}) for i in range(0, len(files), REMOTE_FILES_PER_BLOCK)]
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    ds = ray.data.from_arrow(chunks).map_batches(
+        fetch_image_batch, fn_kwargs={"protocol": protocol, "storage_options": cfg.storage_options},
+        batch_size=REMOTE_FETCH_BATCH, batch_format="pyarrow",
+    )
+    return ds, len(files), columns
 
 
 def decode_webdataset_sample(sample: dict[str, Any], image_column: str) -> dict[str, Any]:
