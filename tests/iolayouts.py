@@ -113,12 +113,14 @@ def write_hf_parquet_dir(rows: list[Row], root: pathlib.Path, shards: int = 2) -
 
 def write_image_folder(rows: list[Row], root: pathlib.Path, subdirs: int = 2) -> pathlib.Path:
     """Images spread over nested class folders (cls_<label % subdirs>/nested/...), plus files
-    that are not images (ignored by the reader)."""
+    that are not images and a hidden folder (both ignored by the reader)."""
     for i, (name, data, label) in enumerate(rows):
         folder = root / f"cls_{label % subdirs}" / ("nested" if i % 2 else "")
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
     (root / "README.txt").write_text("not an image\n")
+    (root / ".thumbnails").mkdir(exist_ok=True)  # hidden: skipped, like any name starting with . or _
+    (root / ".thumbnails" / rows[0][0]).write_bytes(rows[0][1])
     (root / "cls_0" / "labels.json").write_text("{}\n")
     return root
 

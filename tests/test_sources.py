@@ -114,6 +114,7 @@ def test_row_counts_known_where_cheap(ray_local, layouts):
     assert read(format="hf", path=layouts["hf_parquet"], streaming=True)[0].num_rows is None
     assert read(format="parquet", path=layouts["parquet"])[0].num_rows is None
     assert read(format="parquet", path=layouts["parquet"], limit=5)[0].num_rows == 5  # the plan's upper bound
+    assert read(format="image_folder", path=layouts["s3_image_folder"])[0].num_rows == N  # listed anyway
 
 
 @pytest.mark.parametrize(
