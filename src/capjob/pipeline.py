@@ -148,13 +148,14 @@ def start(cfg: CapjobConfig, run_id: str) -> Started:
     """Every check that can fail before data flows: GPUs, sink, done ids, model, Ray."""
     import ray
 
-    from capjob import checkpoint, metrics, runtime, sinks
+    from capjob import checkpoint, metrics, runtime, sinks, sources
     from capjob.models import resolve_model_source
 
     clock, wall_clock = time.monotonic(), time.time()
     address = runtime.cluster_address(cfg)
     placement = None if address else runtime.decide_placement(cfg, runtime.local_gpu_count())
     sinks.TableWriter(cfg.sink).check_writable()
+    sources.preflight(cfg.data)  # path, bucket, credentials, columns: seconds, without Ray
     done_ids = checkpoint.read_done_ids(cfg.sink) if cfg.job.resume else frozenset()
     model_source = resolve_model_source(cfg.model.source, cfg.model.builder)
     if placement is None:  # a cluster we join: its GPUs decide
