@@ -36,7 +36,7 @@ from matplotlib.ticker import MaxNLocator
 from capjob.config import EvalConfig, EvalMode, JudgeConfig, ResourcesConfig, SinkConfig, SinkFormat
 from capjob.errors import CapjobError, ConfigError, SinkError, SourceError
 from capjob.sinks import CAPTIONS, TableWriter
-from capjob.sources import _describe_remote_error
+from capjob.sources import describe_remote_error
 
 EVALUATION = "evaluation"
 REQUIRED_COLUMNS = ("id", "caption", "generated_tokens")
@@ -389,7 +389,7 @@ def output_sink(url: str, storage_options: Optional[dict[str, Any]] = None) -> S
         exists = fs.exists(root)
         found = [sink for sink in candidates if exists and TableWriter(sink).list_files(CAPTIONS)]
     except Exception as e:  # noqa: BLE001 - fsspec/s3fs/botocore raise a zoo of types
-        raise SourceError(_describe_remote_error(url, e)) from None
+        raise SourceError(describe_remote_error(url, e)) from None
     if not exists:
         raise SourceError(f"{url!r} does not exist")
     if not found:
@@ -405,7 +405,7 @@ def read_captions(sink: SinkConfig) -> pa.Table:
             return NO_CAPTIONS
         return writer.read(CAPTIONS)
     except Exception as e:  # noqa: BLE001 - s3fs/botocore/pyarrow raise a zoo of types
-        raise SourceError(_describe_remote_error(f"{sink.path.rstrip('/')}/{CAPTIONS}", e)) from None
+        raise SourceError(describe_remote_error(f"{sink.path.rstrip('/')}/{CAPTIONS}", e)) from None
 
 
 def evaluate_output(

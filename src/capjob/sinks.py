@@ -43,10 +43,10 @@ from ray.data.datasource.datasink import Datasink, WriteResult
 
 from capjob.config import SinkConfig, SinkFormat
 from capjob.errors import CapjobError, SinkError
+from capjob.processor import ERROR_COLUMN
 
 CAPTIONS = "captions"
 QUARANTINE = "quarantine"
-ERROR_COLUMN = "__inference_error__"
 
 QUARANTINE_SCHEMA = pa.schema(
     [

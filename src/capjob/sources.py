@@ -163,10 +163,6 @@ def describe_remote_error(path: str, error: BaseException) -> str:
     return f"cannot read {path!r}: {detail}"
 
 
-# Kept for callers of the old private name.
-_describe_remote_error = describe_remote_error
-
-
 def probe(path: str, storage_options: dict[str, Any], key: str = "data.path") -> str:
     """Fail fast, with one line, when `path` cannot be read: missing path or bucket, denied,
     unreachable endpoint. Returns "file" or "directory"."""
