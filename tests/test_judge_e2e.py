@@ -70,7 +70,8 @@ def test_judge_pass_scores_or_counts_every_caption(tmp_path, local_ray):
         EvalConfig(
             name="judge",
             mode=EvalMode.judge,
-            judge=JudgeConfig(builder="tiny_qwen25vl", max_tokens=16, max_model_len=512, cpu_kv_cache_gib=0.5, batch_size=4),
+            judge=JudgeConfig(builder="tiny_qwen25vl", max_tokens=16, max_model_len=512, cpu_kv_cache_gib=0.5, batch_size=4,
+                              enforce_eager=True, env_vars={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}),
         )
     )
     report_dir = tmp_path / "report"

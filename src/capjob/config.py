@@ -90,11 +90,20 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     quantization: Optional[str] = None
+    # False compiles the model (torch.compile, CUDA graphs) at start-up: faster steady state,
+    # tens of seconds more start-up. The offline preset turns it off for short CPU runs.
     enforce_eager: bool = False
+    # Tokenize in a Ray Data actor before the engine (false: vLLM tokenizes inside the engine).
+    tokenize_stage: bool = True
+    # vLLM already returns the generated text; Ray's detokenize stage would decode it again in
+    # another actor. Kept as an option for engines run with detokenization off.
+    detokenize_stage: bool = False
     # Images per prompt the engine reserves memory for; captioning sends one.
     limit_images_per_prompt: int = 1
     # Anything else vLLM's EngineArgs accepts, passed through untouched.
     extra_engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Environment of the processor's actors (engine included), e.g. VLLM_* switches.
+    env_vars: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -227,6 +236,7 @@ class JudgeConfig:
     quantization: Optional[str] = None
     enforce_eager: bool = False
     extra_engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    env_vars: dict[str, str] = field(default_factory=dict)
     # The judge's raw answer is kept in the judge table, cut to this many characters.
     raw_chars: int = 1000
 

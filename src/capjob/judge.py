@@ -4,7 +4,7 @@ Runs after captioning (``eval=judge``, through ``evaluation.evaluate_output``) o
 
     <sink.path>/captions (one run's rows, or all)
         -> Ray Dataset (row index, id, run_id, caption)
-        -> Ray Data LLM processor: ChatTemplate -> Tokenize -> vLLM (the judge) -> Detokenize
+        -> Ray Data LLM processor: ChatTemplate -> [Tokenize] -> vLLM (the judge)
         -> parse_judgement(answer) -> score 1..5 + short reason, or unparseable
         -> <sink.path>/evaluation/judge-<run or 'all'>.parquet   one row per caption
         -> aggregates (JudgeResult.stats), which eval.json / eval.md carry under ``judge``
@@ -265,6 +265,7 @@ def judge_engine_config(judge: JudgeConfig, resources: Optional[ResourcesConfig]
             # Text-only: no image slots (vLLM then skips a VLM's vision tower).
             limit_images_per_prompt=0,
             extra_engine_kwargs=dict(judge.extra_engine_kwargs),
+            env_vars=dict(judge.env_vars),
         ),
         resources=replace(r, concurrency=judge.concurrency, gpus_per_worker=judge.gpus_per_worker),
     )

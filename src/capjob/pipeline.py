@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from capjob.config import CapjobConfig, EvalMode
 from capjob.errors import AccountingError
-from capjob.processor import EnginePlacement
+from capjob.processor import EnginePlacement, cpu_stages
 
 # Rows per block when the plan has no better number: small blocks keep memory flat and feed
 # the engine steadily (a block of 448 px images is ~0.6 MB per row once decoded).
@@ -87,11 +87,9 @@ def make_plan(cfg: CapjobConfig, run_id: str, model_source: str, placement: Engi
         ("repartition", note),
         ("decode+validate+resize", f"{r.preprocess_cpus} CPU/task, {cfg.images.resize.value} {cfg.images.size}px, rejects -> quarantine"),
         ("preprocess", "chat request (system + user prompt + image)"),
-        ("PrepareMultimodal", cpu_stage),
-        ("ChatTemplate", cpu_stage),
-        ("Tokenize", cpu_stage),
+        *[(name, cpu_stage) for name in cpu_stages(cfg) if name != "Detokenize"],
         ("vLLM engine", f"{r.concurrency} replica(s) x {engine_res}, batch_size={e.batch_size}, max_model_len={e.max_model_len}"),
-        ("Detokenize", cpu_stage),
+        *[(name, cpu_stage) for name in cpu_stages(cfg) if name == "Detokenize"],
         ("postprocess", "output schema; engine failures -> quarantine"),
         ("write", f"{cfg.sink.format.value} -> {cfg.sink.path}/captions (+ /quarantine)"),
     ]

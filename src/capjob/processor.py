@@ -1,8 +1,8 @@
 """Stage: the Ray Data LLM processor (vLLM) that turns prepared images into captions.
 
 preprocess builds the chat request from the already-decoded small image; the processor's own
-stages then run PrepareMultimodal -> ChatTemplate -> Tokenize -> vLLM -> Detokenize; the
-output projection keeps only the output schema (never the image).
+stages then run PrepareMultimodal -> ChatTemplate -> [Tokenize] -> vLLM -> [Detokenize] (the
+bracketed ones per `engine.tokenize_stage` / `engine.detokenize_stage`); the output projection keeps only the output schema (never the image).
 """
 
 from __future__ import annotations
@@ -118,6 +118,17 @@ class CaptionRecord:
         return out
 
 
+def cpu_stages(cfg: CapjobConfig, *, multimodal: bool = True) -> list[str]:
+    """The processor's CPU stages that hold an actor each, in pipeline order (around the engine)."""
+    e = cfg.engine
+    return [name for name, on in (
+        ("PrepareMultimodal", multimodal),
+        ("ChatTemplate", True),
+        ("Tokenize", e.tokenize_stage),
+        ("Detokenize", e.detokenize_stage),
+    ) if on]
+
+
 def processor_config(cfg: CapjobConfig, model_source: str, placement: EnginePlacement, *, multimodal: bool = True):
     """The vLLMEngineProcessorConfig for `cfg`'s engine/resources (shared by the caption pass and
     the judge pass): CPU placement when placement.gpus == 0, failed rows kept and flagged."""
@@ -125,6 +136,7 @@ def processor_config(cfg: CapjobConfig, model_source: str, placement: EnginePlac
 
     r = cfg.resources
     cpu_stage = {"num_cpus": r.cpu_stage_cpus, "concurrency": r.cpu_stage_concurrency}
+    enabled = set(cpu_stages(cfg, multimodal=multimodal))
     return vLLMEngineProcessorConfig(
         model_source=model_source,
         engine_kwargs=engine_kwargs(cfg, model_source, placement),
@@ -134,13 +146,14 @@ def processor_config(cfg: CapjobConfig, model_source: str, placement: EnginePlac
         accelerator_type=placement.accelerator_type if placement.gpus else None,
         # A CPU engine must not ask Ray for a GPU; one CPU bundle per replica.
         placement_group_config=None if placement.gpus else {"bundles": [{"CPU": 1}]},
-        prepare_multimodal_stage={"enabled": multimodal, **cpu_stage},
-        chat_template_stage={"enabled": True, **cpu_stage},
-        tokenize_stage={"enabled": True, **cpu_stage},
-        detokenize_stage={"enabled": True, **cpu_stage},
+        prepare_multimodal_stage={"enabled": "PrepareMultimodal" in enabled, **cpu_stage},
+        chat_template_stage={"enabled": "ChatTemplate" in enabled, **cpu_stage},
+        tokenize_stage={"enabled": "Tokenize" in enabled, **cpu_stage},
+        detokenize_stage={"enabled": "Detokenize" in enabled, **cpu_stage},
         # Failed rows come back with __inference_error__ (quarantine, or a judge failure).
         should_continue_on_error=True,
         log_engine_metrics=True,
+        runtime_env={"env_vars": {k: str(v) for k, v in cfg.engine.env_vars.items()}} if cfg.engine.env_vars else None,
     )
 
 

@@ -15,12 +15,10 @@ from typing import Any, Optional
 
 from capjob.config import CapjobConfig
 from capjob.errors import ConfigError
-from capjob.processor import EnginePlacement
+from capjob.processor import EnginePlacement, cpu_stages
 
 log = logging.getLogger(__name__)
 
-# Stages of the processor that hold an actor each (PrepareMultimodal, ChatTemplate, Tokenize, Detokenize).
-CPU_STAGE_ACTORS = 4
 METRICS_REPORT_INTERVAL_MS = 1000
 
 
@@ -62,7 +60,7 @@ def decide_placement(cfg: CapjobConfig, available_gpus: int) -> EnginePlacement:
 def local_cpus_needed(cfg: CapjobConfig, placement: EnginePlacement) -> int:
     r = cfg.resources
     engine_cpus = r.concurrency if placement.gpus == 0 else 0
-    stage_cpus = CPU_STAGE_ACTORS * r.cpu_stage_concurrency * r.cpu_stage_cpus
+    stage_cpus = len(cpu_stages(cfg)) * r.cpu_stage_concurrency * r.cpu_stage_cpus
     # Room for read, decode, preprocess, postprocess and write tasks beside the actors.
     task_cpus = 4 * r.preprocess_cpus
     return math.ceil(engine_cpus + stage_cpus + task_cpus)
