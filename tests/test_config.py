@@ -143,3 +143,24 @@ def test_redaction_keeps_token_counts():
 
     out = redact({"caption": {"max_tokens": 32}, "engine": {"max_num_batched_tokens": 8}, "hf_token": "x"})
     assert out == {"caption": {"max_tokens": 32}, "engine": {"max_num_batched_tokens": 8}, "hf_token": "***"}
+
+
+def test_processor_stages_follow_the_engine_switches():
+    from capjob.processor import EnginePlacement, cpu_stages, processor_config
+    from capjob.runtime import local_cpus_needed
+
+    default = to_typed(compose([]))
+    assert cpu_stages(default) == ["PrepareMultimodal", "ChatTemplate", "Tokenize"]
+    offline = to_typed(compose(["experiment=offline"]))
+    assert cpu_stages(offline) == ["PrepareMultimodal", "ChatTemplate"]
+    assert offline.engine.enforce_eager and offline.engine.env_vars == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    config = processor_config(offline, "/m", EnginePlacement(0, None))
+    assert (config.tokenize_stage["enabled"], config.detokenize_stage["enabled"], config.chat_template_stage["enabled"]) == (False, False, True)
+    assert config.runtime_env == {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
+    every = to_typed(compose(["experiment=offline", "engine.tokenize_stage=true", "engine.detokenize_stage=true"]))
+    assert cpu_stages(every) == ["PrepareMultimodal", "ChatTemplate", "Tokenize", "Detokenize"]
+    # Local Ray is sized to the actors that exist: two more stages, two more CPU requests.
+    placement = EnginePlacement(0, None)
+    wide = ["resources.cpu_stage_cpus=1.0", "resources.preprocess_cpus=1.0"]
+    fewer, more = (to_typed(compose(["experiment=offline", *wide, *extra])) for extra in ([], ["engine.tokenize_stage=true", "engine.detokenize_stage=true"]))
+    assert local_cpus_needed(more, placement) - local_cpus_needed(fewer, placement) == 2

@@ -160,3 +160,23 @@ def test_processor_expands_one_image_into_its_grid(tiny_model):
     image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert inputs["input_ids"][0].tolist().count(image_pad) == (336 // 14) * (448 // 14) // 4
     assert inputs["pixel_values"].shape == (24 * 32, 3 * 2 * 14 * 14)
+
+
+def test_qwen25vl_3b_dummy_has_the_real_3b_dimensions_and_no_weights(tmp_path):
+    """The GPU benchmark's model: Qwen2.5-VL-3B-Instruct's config.json, vLLM makes the weights."""
+    from transformers import AutoConfig, AutoProcessor
+
+    built = pathlib.Path(models.resolve_model_source(None, models.QWEN25VL_3B_DUMMY, str(tmp_path)))
+    assert built.name == f"{models.QWEN25VL_3B_DUMMY}-{models.BUILD_VERSIONS[models.QWEN25VL_3B_DUMMY]}"
+    assert not list(built.glob("*.safetensors"))
+    config = AutoConfig.from_pretrained(built)
+    text, vision = config.text_config, config.vision_config
+    assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers) == (2048, 11008, 36)
+    assert (text.num_attention_heads, text.num_key_value_heads, text.vocab_size) == (16, 2, 151936)
+    assert (vision.depth, vision.hidden_size, vision.out_hidden_size, vision.fullatt_block_indexes) == (32, 1280, 2048, [7, 15, 23, 31])
+    assert config.tie_word_embeddings
+    processor = AutoProcessor.from_pretrained(built)
+    assert config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>") < text.vocab_size
+    # Its own pixel budget (Qwen's), not the tiny model's: a 448x336 image keeps 16x12 merged tokens.
+    inputs = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[Image.new("RGB", (448, 336))], return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == [[1, 24, 32]]

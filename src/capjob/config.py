@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from capjob.errors import ConfigError
+from capjob.models import BUILD_VERSIONS as MODEL_BUILDERS
 
 
 class SourceFormat(str, enum.Enum):
@@ -291,7 +292,7 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
     _require(d.format == SourceFormat.sample or bool(d.path), "data.path", f"is required for data.format={d.format.value}")
     _require(d.sample_size >= 0, "data.sample_size", f"must be >= 0, got {d.sample_size}")
     _require(bool(m.source) or bool(m.builder), "model.source", "set a hub id or local path (or model.builder for a locally built model)")
-    _require(m.builder in (None, "tiny_qwen25vl"), "model.builder", f"unknown builder {m.builder!r}; allowed: tiny_qwen25vl")
+    _require(m.builder in (None, *MODEL_BUILDERS), "model.builder", f"unknown builder {m.builder!r}; allowed: {', '.join(MODEL_BUILDERS)}")
     _require(e.batch_size > 0, "engine.batch_size", f"must be > 0, got {e.batch_size}")
     _require(e.max_concurrent_batches > 0, "engine.max_concurrent_batches", f"must be > 0, got {e.max_concurrent_batches}")
     _require(e.max_model_len > 0, "engine.max_model_len", f"must be > 0, got {e.max_model_len}")

@@ -6,6 +6,11 @@ safetensors weights, a locally trained byte-level BPE tokenizer carrying Qwen's 
 Qwen2.5-VL's chat template and image processor config. vLLM and transformers load it through
 exactly the code paths they use for ``Qwen/Qwen2.5-VL-3B-Instruct``, so the whole pipeline runs
 offline on a CPU; its captions are gibberish.
+
+``qwen25vl_3b_dummy`` is Qwen/Qwen2.5-VL-3B-Instruct's true architecture (its config.json
+dimensions) with the same local tokenizer/processor files and no weights: vLLM loads it with
+``load_format=dummy`` (random weights on the GPU), so GPU throughput is measured on the real
+model's compute without the hub.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ if TYPE_CHECKING:
     from transformers import Qwen2_5_VLConfig
 
 TINY_QWEN25VL = "tiny_qwen25vl"
+QWEN25VL_3B_DUMMY = "qwen25vl_3b_dummy"
 # Bump when the built files change, so caches never serve a stale layout.
 TINY_QWEN25VL_VERSION = "v1"
+BUILD_VERSIONS = {TINY_QWEN25VL: TINY_QWEN25VL_VERSION, QWEN25VL_3B_DUMMY: "v1"}
 # Written last into a build: a directory without it was never finished.
 COMPLETE_MARKER = ".capjob-build-complete.json"
 SEED = 0
@@ -125,10 +132,10 @@ def resolve_model_source(source: str | None, builder: str | None, cache_dir: str
     """What vLLM's `model` argument gets: `source` unchanged, else the path of a locally built model."""
     if source:
         return source
-    if builder == TINY_QWEN25VL:
+    if builder in BUILD_VERSIONS:
         root = pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
-        return str(build_tiny_qwen25vl(root / "models" / f"{TINY_QWEN25VL}-{TINY_QWEN25VL_VERSION}"))
-    raise ValueError(f"no model source: model.source is unset and model.builder={builder!r} is not one of: {TINY_QWEN25VL}")
+        return str(build_model(builder, root / "models" / f"{builder}-{BUILD_VERSIONS[builder]}"))
+    raise ValueError(f"no model source: model.source is unset and model.builder={builder!r} is not one of: {', '.join(BUILD_VERSIONS)}")
 
 
 def is_complete(model_dir: str | os.PathLike) -> bool:
@@ -136,7 +143,11 @@ def is_complete(model_dir: str | os.PathLike) -> bool:
 
 
 def build_tiny_qwen25vl(target_dir: str | os.PathLike) -> pathlib.Path:
-    """Build the tiny Qwen2.5-VL into `target_dir` (once; a complete build there is reused).
+    return build_model(TINY_QWEN25VL, target_dir)
+
+
+def build_model(builder: str, target_dir: str | os.PathLike) -> pathlib.Path:
+    """Build `builder`'s model into `target_dir` (once; a complete build there is reused).
 
     The files are written into a temporary sibling directory that is renamed into place at the
     end, so `target_dir` is either absent (or empty) or complete. When several processes race,
@@ -149,7 +160,8 @@ def build_tiny_qwen25vl(target_dir: str | os.PathLike) -> pathlib.Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.building-"))
     try:
-        _write_tiny_qwen25vl(staging)
+        writers = {TINY_QWEN25VL: _write_tiny_qwen25vl, QWEN25VL_3B_DUMMY: _write_qwen25vl_3b_dummy}
+        writers[builder](staging)
         # rename(2) replaces a missing or empty target atomically and fails on a non-empty one.
         staging.rename(target)
     except OSError:
@@ -157,7 +169,7 @@ def build_tiny_qwen25vl(target_dir: str | os.PathLike) -> pathlib.Path:
         if is_complete(target):  # another process published first
             return target
         if target.is_dir() and any(target.iterdir()):
-            raise FileExistsError(f"{target} holds files but no finished {TINY_QWEN25VL} build; remove it or pick another directory") from None
+            raise FileExistsError(f"{target} holds files but no finished {builder} build; remove it or pick another directory") from None
         raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -166,15 +178,33 @@ def build_tiny_qwen25vl(target_dir: str | os.PathLike) -> pathlib.Path:
 
 
 def _write_tiny_qwen25vl(out: pathlib.Path) -> None:
+    tokenizer, special_ids = _write_processor_files(out, _preprocessor_config())
+    # save_pretrained writes config.json with the weights.
+    _write_model(_model_config(special_ids, tokenizer.get_vocab_size()), tokenizer, set(special_ids.values()), out)
+    _write_generation_config(out, special_ids)
+    _write_json(out / COMPLETE_MARKER, {"builder": TINY_QWEN25VL, "version": TINY_QWEN25VL_VERSION})
+
+
+def _write_qwen25vl_3b_dummy(out: pathlib.Path) -> None:
+    # Qwen2.5-VL-3B-Instruct's image processor keeps its own pixel budget (3136 .. 12845056).
+    _, special_ids = _write_processor_files(out, {**_preprocessor_config(), "min_pixels": 3136, "max_pixels": 12845056})
+    _qwen25vl_3b_config(special_ids).save_pretrained(out)
+    _write_generation_config(out, special_ids)
+    _write_json(out / COMPLETE_MARKER, {"builder": QWEN25VL_3B_DUMMY, "version": BUILD_VERSIONS[QWEN25VL_3B_DUMMY]})
+
+
+def _write_processor_files(out: pathlib.Path, preprocessor: dict[str, object]) -> tuple[Tokenizer, dict[str, int]]:
+    """Tokenizer, chat template and image processor files; returns the tokenizer and its special ids."""
     tokenizer = _train_tokenizer()
     special_ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS}
     tokenizer.save(str(out / "tokenizer.json"))
     _write_json(out / "tokenizer_config.json", _tokenizer_config(special_ids))
     _write_json(out / "chat_template.json", {"chat_template": QWEN25VL_CHAT_TEMPLATE})
-    _write_json(out / "preprocessor_config.json", _preprocessor_config())
+    _write_json(out / "preprocessor_config.json", preprocessor)
+    return tokenizer, special_ids
 
-    # save_pretrained writes config.json with the weights; generation_config.json is ours.
-    _write_model(_model_config(special_ids, tokenizer.get_vocab_size()), tokenizer, set(special_ids.values()), out)
+
+def _write_generation_config(out: pathlib.Path, special_ids: dict[str, int]) -> None:
     _write_json(
         out / "generation_config.json",
         {
@@ -183,7 +213,6 @@ def _write_tiny_qwen25vl(out: pathlib.Path) -> None:
             "pad_token_id": special_ids["<|endoftext|>"],
         },
     )
-    _write_json(out / COMPLETE_MARKER, {"builder": TINY_QWEN25VL, "version": TINY_QWEN25VL_VERSION})
 
 
 def _write_json(path: pathlib.Path, obj: dict[str, object]) -> None:
@@ -306,6 +335,57 @@ def _model_config(special_ids: dict[str, int], tokenizer_size: int) -> Qwen2_5_V
         # Untied, so the output rows zeroed in _write_model leave the input embeddings random.
         tie_word_embeddings=False,
         dtype="float32",
+    )
+
+
+def _qwen25vl_3b_config(special_ids: dict[str, int]) -> Qwen2_5_VLConfig:
+    """Qwen/Qwen2.5-VL-3B-Instruct's config.json dimensions; token ids are the local tokenizer's
+    (its vocabulary is smaller, so every id it produces is a valid row of the 151936)."""
+    from transformers import Qwen2_5_VLConfig
+
+    text_config = {
+        "vocab_size": 151936,
+        "hidden_size": 2048,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 2,
+        "hidden_act": "silu",
+        "max_position_embeddings": 128000,
+        "rms_norm_eps": 1e-6,
+        "use_sliding_window": False,
+        "sliding_window": 32768,
+        "max_window_layers": 70,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+        "bos_token_id": special_ids["<|endoftext|>"],
+        "eos_token_id": special_ids["<|im_end|>"],
+        "pad_token_id": special_ids["<|endoftext|>"],
+    }
+    vision_config = {
+        "depth": 32,
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "hidden_act": "silu",
+        "in_channels": 3,
+        "patch_size": PATCH_SIZE,
+        "spatial_merge_size": MERGE_SIZE,
+        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+        "tokens_per_second": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "out_hidden_size": 2048,
+    }
+    return Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=special_ids["<|image_pad|>"],
+        video_token_id=special_ids["<|video_pad|>"],
+        vision_start_token_id=special_ids["<|vision_start|>"],
+        vision_end_token_id=special_ids["<|vision_end|>"],
+        vision_token_id=special_ids["<|vision_pad|>"],
+        tie_word_embeddings=True,
+        dtype="bfloat16",
     )
 
 

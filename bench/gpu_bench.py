@@ -1,0 +1,487 @@
+"""GPU throughput, side by side (issue 8): capjob vs raw vLLM vs the seed's configuration vs a
+transformers loop, on the same images, prompt, output length and GPU.
+
+Every contender captions the same 640x480 JPEGs, resized to the seed's 225x225 (so each
+prompt carries the same vision tokens), with the same system + user prompt and exactly
+`--max-tokens` generated tokens (ignore_eos). The model is Qwen2.5-VL-3B-Instruct's true
+architecture with random weights (`model=qwen25vl_3b_dummy`: vLLM load_format=dummy, the
+transformers model built from the same config.json), so nothing comes from the hub.
+
+Contenders (each in its own process, so GPU memory is free for the next):
+  capjob        `python -m capjob` end to end: read parquet -> filter -> repartition -> processor
+                -> write parquet; one run per sweep point, the best one is capjob's number
+  raw_vllm      vllm.LLM.chat over the images pre-decoded in memory: the engine's ceiling
+  seed          the seed notebook through Ray Data LLM: batch_size 16, its preprocess (225x225
+                BICUBIC) and postprocess, default stages, materialize()
+  transformers  Qwen2_5_VLForConditionalGeneration.generate, batched, bf16, on a smaller sample
+
+Throughput is "steady": images finished after the first output divided by the time from the
+first to the last output (engine start-up is reported apart, as start_s). GPU utilisation is
+NVML's, sampled every 0.2 s over the same window.
+
+Every invocation appends its results to --results (JSON lines), so the contenders can run in
+separate device commands (each under 10 minutes); `report` renders them all:
+
+    python bench/gpu_bench.py data --images 3000                         # once
+    python bench/gpu_bench.py run raw_vllm transformers seed
+    python bench/gpu_bench.py run capjob --sweep engine.batch_size=32,128 engine.max_num_seqs=128,256
+    python bench/gpu_bench.py report --out docs/bench-gpu      # table (markdown), sweep.png
+
+CPU smoke run (tiny model, a few images; checks every code path, measures nothing):
+
+    python bench/gpu_bench.py --smoke data --images 8 && python bench/gpu_bench.py --smoke run capjob raw_vllm seed transformers && python bench/gpu_bench.py --smoke report
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Optional
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+SIZE = 225  # the seed's square resize, used by every contender
+SEED_BATCH_SIZE = 16
+CONTENDERS = ("capjob", "raw_vllm", "seed", "transformers")
+
+
+# --- settings shared by every contender ---------------------------------------------------
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    work = pathlib.Path(args.work)
+    return {
+        "smoke": args.smoke,
+        "work": str(work),
+        "data": str(work / "data"),
+        "results": str(pathlib.Path(args.results) if args.results else work / "results.jsonl"),
+        "model": "tiny_qwen25vl" if args.smoke else "qwen25vl_3b_dummy",
+        "resources": "local" if args.smoke else "h100x1",
+        "max_tokens": 8 if args.smoke else args.max_tokens,
+        "max_model_len": 4096 if args.smoke else 8192,
+        "temperature": 0.3,
+        "transformers_images": args.transformers_images,
+    }
+
+
+def base_overrides(s: dict[str, Any]) -> list[str]:
+    """capjob overrides that give every contender the same request (and, for raw vLLM, the
+    same engine kwargs, taken from capjob's own engine_kwargs())."""
+    overrides = [
+        f"model={s['model']}", f"resources={s['resources']}", "dataset=parquet", f"data.path={s['data']}",
+        "data.name=gpubench", "data.image_column=jpg", "data.key_column=key",
+        f"images.size={SIZE}", "images.resize=square",
+        f"caption.max_tokens={s['max_tokens']}", "caption.ignore_eos=true", f"caption.temperature={s['temperature']}",
+        f"engine.max_model_len={s['max_model_len']}", "job.resume=false",
+    ]
+    if s["smoke"]:
+        overrides += ["experiment=offline"]
+    return overrides
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from capjob.config import register_configs, to_typed
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return to_typed(hydra_compose(config_name="config", overrides=overrides))
+
+
+def prompts() -> tuple[str, str]:
+    from capjob.config import CaptionConfig
+
+    c = CaptionConfig()
+    return c.system_prompt, c.user_prompt
+
+
+# --- data --------------------------------------------------------------------------------
+
+
+def make_data(s: dict[str, Any], count: int) -> None:
+    """`count` distinct 640x480 photo-like JPEGs (crops of scikit-image's photos, jittered),
+    in the seed's layout: a `jpg` column of {bytes, path} plus a `key`."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image, ImageEnhance
+    from skimage import data as skdata
+
+    photos = [getattr(skdata, n)() for n in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")]
+    photos = [Image.fromarray(p).convert("RGB") for p in photos]
+    rng = np.random.default_rng(0)
+    out = pathlib.Path(s["data"])
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.parquet"):
+        old.unlink()
+    cells, keys, per_file = [], [], 500
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        scale = rng.uniform(1.0, 2.0)
+        big = photo.resize((int(max(640, photo.width) * scale), int(max(480, photo.height) * scale)))
+        x, y = int(rng.integers(0, big.width - 640 + 1)), int(rng.integers(0, big.height - 480 + 1))
+        img = ImageEnhance.Color(big.crop((x, y, x + 640, y + 480))).enhance(rng.uniform(0.6, 1.4))
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        cells.append({"bytes": buf.getvalue(), "path": f"img_{i:07d}.jpg"})
+        keys.append(f"img_{i:07d}")
+        if len(cells) == per_file or i == count - 1:
+            image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+            table = pa.table({"key": keys, "jpg": pa.array(cells, type=image_type)})
+            pq.write_table(table, out / f"part-{i // per_file:05d}.parquet")
+            cells, keys = [], []
+    print(f"wrote {count} images to {out}")
+
+
+def load_images(s: dict[str, Any], limit: Optional[int] = None):
+    """The images decoded and resized to the seed's 225x225, in memory (raw vLLM, transformers)."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    table = pq.read_table(s["data"], columns=["jpg"])
+    cells = table.column("jpg").to_pylist()[:limit]
+    return [Image.open(io.BytesIO(c["bytes"])).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BICUBIC) for c in cells]
+
+
+# --- measuring ------------------------------------------------------------------------------
+
+
+class GpuSampler:
+    """NVML utilisation every 0.2 s in a thread; mean over a time window afterwards."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float, float]] = []  # (time, gpu util %, memory used GiB)
+        self._stop = threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self._nvml = pynvml
+        except Exception:  # noqa: BLE001 - no NVML: a CPU smoke run
+            self._nvml = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "GpuSampler":
+        if self._nvml:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._nvml:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            util = self._nvml.nvmlDeviceGetUtilizationRates(self._handle)
+            mem = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
+            self.samples.append((time.time(), float(util.gpu), mem.used / 2**30))
+
+    def window(self, start: float, end: float) -> dict[str, Optional[float]]:
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if not inside:
+            return {"gpu_util_mean": None, "gpu_idle_share": None, "gpu_mem_peak_gib": None}
+        return {
+            "gpu_util_mean": round(sum(s[1] for s in inside) / len(inside), 1),
+            # Samples at <= 10 %: the GPU waiting for work (starved stages show up here).
+            "gpu_idle_share": round(sum(s[1] <= 10 for s in inside) / len(inside), 3),
+            "gpu_mem_peak_gib": round(max(s[2] for s in self.samples), 1),
+        }
+
+
+def steady(finish_times: list[float], tokens_per_image: int, started: float) -> dict[str, Any]:
+    """Throughput between the first and the last finished image (start-up excluded)."""
+    times = sorted(finish_times)
+    span = times[-1] - times[0] if len(times) > 1 else 0.0
+    rate = (len(times) - 1) / span if span > 0 else None
+    return {
+        "images": len(times),
+        "start_s": round(times[0] - started, 2),
+        "window": (times[0], times[-1]),
+        "images_per_s": round(rate, 3) if rate else None,
+        "output_tokens_per_s": round(rate * tokens_per_image, 1) if rate else None,
+    }
+
+
+def record(s: dict[str, Any], result: dict[str, Any]) -> None:
+    result = {k: v for k, v in result.items() if k != "window"}
+    with open(s["results"], "a") as f:
+        f.write(json.dumps(result) + "\n")
+    print("RESULT", json.dumps(result), flush=True)
+
+
+# --- contenders ------------------------------------------------------------------------------
+
+
+def run_capjob(s: dict[str, Any], point: dict[str, str]) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    out = pathlib.Path(s["work"]) / "capjob-out" / "-".join(f"{k.split('.')[-1]}{v}" for k, v in point.items())
+    overrides = base_overrides(s) + [f"sink.path={out}", f"hydra.run.dir={out}/hydra"] + [f"{k}={v}" for k, v in point.items()]
+    with GpuSampler() as gpu:
+        started = time.time()
+        proc = subprocess.run([sys.executable, "-m", "capjob", *overrides], cwd=REPO, text=True, capture_output=True)
+        ended = time.time()
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        return {"contender": "capjob", "point": point, "status": f"failed ({proc.returncode})"}
+    # Finish times from the sink: each file is written when its block leaves the engine.
+    finish: list[float] = []
+    for f in (out / "captions").rglob("*.parquet"):
+        finish += [f.stat().st_mtime] * pq.read_metadata(f).num_rows
+    report = json.loads(next((out / "reports").rglob("report.json")).read_text())
+    st = steady(finish, s["max_tokens"], started)
+    return {"contender": "capjob", "point": point, "status": "ok", **st, "wall_s": round(ended - started, 1),
+            "captioned": report.get("captioned"), **gpu.window(*st["window"]),
+            "report": str(next((out / "reports").rglob("report.md")))}
+
+
+def run_raw_vllm(s: dict[str, Any]) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+
+    from capjob.models import resolve_model_source
+    from capjob.processor import engine_kwargs
+    from capjob.runtime import decide_placement, local_gpu_count
+
+    cfg = compose(base_overrides(s))
+    source = resolve_model_source(cfg.model.source, cfg.model.builder)
+    kwargs = engine_kwargs(cfg, source, decide_placement(cfg, local_gpu_count()))
+    images = load_images(s)
+    system, user = prompts()
+    conversations = [
+        [{"role": "system", "content": system},
+         {"role": "user", "content": [{"type": "text", "text": user}, {"type": "image_pil", "image_pil": img}]}]
+        for img in images
+    ]
+    params = SamplingParams(temperature=s["temperature"], max_tokens=s["max_tokens"], ignore_eos=True)
+    with GpuSampler() as gpu:
+        t0 = time.time()
+        llm = LLM(model=source, **kwargs)
+        t1 = time.time()
+        outputs = llm.chat(conversations, params, use_tqdm=False)
+        t2 = time.time()
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    rate = len(outputs) / (t2 - t1)
+    return {"contender": "raw_vllm", "status": "ok", "images": len(outputs), "start_s": round(t1 - t0, 2),
+            "images_per_s": round(rate, 3), "output_tokens_per_s": round(tokens / (t2 - t1), 1),
+            "wall_s": round(t2 - t0, 1), **gpu.window(t1, t2)}
+
+
+def run_seed(s: dict[str, Any]) -> dict[str, Any]:
+    """The seed notebook's processor, with its API drift applied (build_llm_processor ->
+    build_processor, has_image -> prepare_multimodal_stage) and the model swapped."""
+    import ray
+    from PIL import Image
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from capjob.models import resolve_model_source
+
+    cfg = compose(base_overrides(s))
+    source = resolve_model_source(cfg.model.source, cfg.model.builder)
+    system, user = prompts()
+    max_tokens, temperature = s["max_tokens"], s["temperature"]
+
+    def preprocess(row: dict[str, Any]) -> dict[str, Any]:
+        image = Image.open(io.BytesIO(row["jpg"]["bytes"]))
+        image = image.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+        return dict(
+            messages=[{"role": "system", "content": system},
+                      {"role": "user", "content": [{"type": "text", "text": user}, {"type": "image", "image": image}]}],
+            sampling_params=dict(temperature=temperature, max_tokens=max_tokens, detokenize=False, ignore_eos=True),
+        )
+
+    def postprocess(row: dict[str, Any]) -> dict[str, Any]:
+        # The seed's output column, plus the time each row came out (for the steady window).
+        return {"generated_caption": row["generated_text"], "finished_at": time.time()}
+
+    engine = {"max_model_len": 8192, "load_format": cfg.model.load_format, "dtype": cfg.model.dtype}
+    extra: dict[str, Any] = {}
+    if s["smoke"]:  # vLLM on CPU: the same CPU placement capjob uses
+        engine.update(max_model_len=s["max_model_len"], kv_cache_memory_bytes=2**30, enforce_eager=True)
+        extra["placement_group_config"] = {"bundles": [{"CPU": 1}]}
+    config = vLLMEngineProcessorConfig(
+        model_source=source, engine_kwargs=engine, batch_size=SEED_BATCH_SIZE, concurrency=1,
+        prepare_multimodal_stage={"enabled": True}, **extra,
+    )
+    ray.init(num_cpus=8 if s["smoke"] else None)
+    with GpuSampler() as gpu:
+        started = time.time()
+        ds = ray.data.read_parquet(s["data"])
+        rows = build_processor(config, preprocess=preprocess, postprocess=postprocess)(ds).materialize()
+        ended = time.time()
+    finish = [r["finished_at"] for r in rows.iter_rows()]
+    st = steady(finish, max_tokens, started)
+    return {"contender": "seed", "status": "ok", **st, "wall_s": round(ended - started, 1), **gpu.window(*st["window"])}
+
+
+def run_transformers(s: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from capjob.models import resolve_model_source
+
+    cfg = compose(base_overrides(s))
+    source = resolve_model_source(cfg.model.source, cfg.model.builder)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    processor = AutoProcessor.from_pretrained(source)
+    processor.tokenizer.padding_side = "left"
+    config = AutoConfig.from_pretrained(source)
+    t0 = time.time()
+    with torch.device(device):  # random weights, made on the GPU (no checkpoint: load_format=dummy's twin)
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, torch_dtype=dtype).eval()
+    images = load_images(s, s["transformers_images"])
+    system, user = prompts()
+    messages = [{"role": "system", "content": system},
+                {"role": "user", "content": [{"type": "text", "text": user}, {"type": "image"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    batch, tokens, finish = SEED_BATCH_SIZE, 0, []
+    with GpuSampler() as gpu, torch.inference_mode():
+        t1 = time.time()
+        for i in range(0, len(images), batch):
+            chunk = images[i : i + batch]
+            inputs = processor(text=[text] * len(chunk), images=chunk, padding=True, return_tensors="pt").to(device)
+            out = model.generate(**inputs, max_new_tokens=s["max_tokens"], min_new_tokens=s["max_tokens"],
+                                 do_sample=True, temperature=s["temperature"])
+            tokens += (out.shape[1] - inputs["input_ids"].shape[1]) * len(chunk)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            finish += [time.time()] * len(chunk)
+        t2 = time.time()
+    rate = len(images) / (t2 - t1)
+    return {"contender": "transformers", "status": "ok", "images": len(images), "start_s": round(t1 - t0, 2),
+            "images_per_s": round(rate, 3), "output_tokens_per_s": round(tokens / (t2 - t1), 1),
+            "batch_size": batch, "wall_s": round(t2 - t0, 1), **gpu.window(t1, t2)}
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def latest(results: list[dict[str, Any]], contender: str) -> Optional[dict[str, Any]]:
+    ok = [r for r in results if r["contender"] == contender and r.get("status") == "ok" and r.get("images_per_s")]
+    if contender == "capjob":
+        return max(ok, key=lambda r: r["images_per_s"], default=None)
+    return ok[-1] if ok else None
+
+
+def render(results: list[dict[str, Any]], out: Optional[pathlib.Path]) -> str:
+    best = {c: latest(results, c) for c in CONTENDERS}
+    lines = ["| contender | images/s | output tokens/s | GPU util % | GPU idle share | start-up s | images | config |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for c, r in best.items():
+        if r:
+            config = " ".join(f"{k}={v}" for k, v in r.get("point", {}).items()) or ("batch 16, 225x225, materialize" if c == "seed" else "")
+            lines.append(f"| {c} | {r['images_per_s']} | {r['output_tokens_per_s']} | {r.get('gpu_util_mean')} | "
+                         f"{r.get('gpu_idle_share')} | {r.get('start_s')} | {r['images']} | {config} |")
+        else:
+            lines.append(f"| {c} | not run | | | | | | |")
+    cap = best["capjob"]
+    lines.append("")
+    for other, target in (("raw_vllm", 0.97), ("seed", 1.5), ("transformers", 10.0)):
+        if cap and best[other]:
+            ratio = cap["images_per_s"] / best[other]["images_per_s"]
+            lines.append(f"- capjob / {other}: **{ratio:.2f}x** images/s (target >= {target}x: {'met' if ratio >= target else 'NOT met'})")
+    sweep = [r for r in results if r["contender"] == "capjob"]
+    if sweep:
+        lines += ["", "capjob sweep:", "", "| point | images/s | output tokens/s | GPU util % | GPU idle share | start-up s | status |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for r in sweep:
+            point = " ".join(f"{k}={v}" for k, v in r.get("point", {}).items()) or "defaults"
+            lines.append(f"| {point} | {r.get('images_per_s')} | {r.get('output_tokens_per_s')} | {r.get('gpu_util_mean')} | "
+                         f"{r.get('gpu_idle_share')} | {r.get('start_s')} | {r.get('status')} |")
+    text = "\n".join(lines)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu_bench.md").write_text(text + "\n")
+        if sweep:
+            plot_sweep(sweep, best.get("raw_vllm"), out / "gpu_sweep.png")
+    return text
+
+
+def plot_sweep(sweep: list[dict[str, Any]], raw: Optional[dict[str, Any]], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["\n".join(f"{k.split('.')[-1]}={v}" for k, v in r.get("point", {}).items()) or "defaults" for r in sweep]
+    values = [r.get("images_per_s") or 0 for r in sweep]
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(sweep)), 4))
+    ax.bar(range(len(sweep)), values, color="tab:blue", label="capjob")
+    if raw:
+        ax.axhline(raw["images_per_s"], color="tab:red", linestyle="--", label="raw vLLM")
+    ax.set_xticks(range(len(sweep)), labels, fontsize=7)
+    ax.set_ylabel("images/s (steady)")
+    ax.set_title("capjob sweep, Qwen2.5-VL-3B (dummy weights), 225x225")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def sweep_points(specs: list[str]) -> list[dict[str, str]]:
+    """['engine.batch_size=32,128', 'engine.max_num_seqs=256'] -> their product."""
+    axes = [(k, v.split(",")) for k, v in (spec.split("=", 1) for spec in specs)]
+    return [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*[vals for _, vals in axes])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model: exercise every code path")
+    parser.add_argument("--work", default=os.environ.get("CAPJOB_BENCH_DIR", "/tmp/capjob-gpu-bench"))
+    parser.add_argument("--results", default=None, help="JSON-lines file results are appended to (default WORK/results.jsonl)")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--transformers-images", type=int, default=64)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("data", help="write the benchmark images")
+    d.add_argument("--images", type=int, default=3000)
+    r = sub.add_parser("run", help="run contenders (appending to the results)")
+    r.add_argument("contenders", nargs="+", choices=CONTENDERS)
+    r.add_argument("--sweep", nargs="*", default=[], help="capjob overrides with comma-separated values; their product is run")
+    r.add_argument("--isolated", default=None, help=argparse.SUPPRESS)  # internal: one contender in this process
+    p = sub.add_parser("report", help="render the results table (and the sweep plot)")
+    p.add_argument("--out", default=None)
+    args = parser.parse_args()
+    s = settings(args)
+    pathlib.Path(s["work"]).mkdir(parents=True, exist_ok=True)
+
+    if args.cmd == "data":
+        make_data(s, args.images)
+    elif args.cmd == "run" and args.isolated:
+        runners = {"raw_vllm": run_raw_vllm, "seed": run_seed, "transformers": run_transformers}
+        record(s, runners[args.isolated](s))
+    elif args.cmd == "run":
+        for contender in args.contenders:
+            if contender == "capjob":
+                for point in sweep_points(args.sweep) or [{}]:
+                    record(s, run_capjob(s, point))
+                continue
+            # Its own process: the engine's GPU memory is released before the next contender.
+            cmd = [sys.executable, __file__, *(["--smoke"] if s["smoke"] else []), "--work", s["work"], "--results", s["results"],
+                   "--max-tokens", str(args.max_tokens), "--transformers-images", str(args.transformers_images),
+                   "run", contender, "--isolated", contender]
+            if subprocess.run(cmd, cwd=REPO).returncode != 0:
+                record(s, {"contender": contender, "status": "failed"})
+    else:
+        results = [json.loads(line) for line in pathlib.Path(s["results"]).read_text().splitlines() if line.strip()]
+        print(render(results, pathlib.Path(args.out) if args.out else None))
+
+
+if __name__ == "__main__":
+    main()
