@@ -40,6 +40,7 @@ import itertools
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import threading
@@ -224,6 +225,11 @@ def record(s: dict[str, Any], result: dict[str, Any]) -> None:
     print("RESULT", json.dumps(result), flush=True)
 
 
+def engine_operator(operators: list[dict[str, Any]]) -> dict[str, Any]:
+    """The vLLM engine operator's row of capjob.report.operator_stats (wall s, rows/s)."""
+    return next((o for o in operators if "vLLMEngineStage" in o["operator"]), {})
+
+
 # --- contenders ------------------------------------------------------------------------------
 
 
@@ -231,6 +237,7 @@ def run_capjob(s: dict[str, Any], point: dict[str, str]) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     out = pathlib.Path(s["work"]) / "capjob-out" / "-".join(f"{k.split('.')[-1]}{v}" for k, v in point.items())
+    shutil.rmtree(out, ignore_errors=True)  # an earlier run's files would count as this one's
     overrides = base_overrides(s) + [f"sink.path={out}", f"hydra.run.dir={out}/hydra"] + [f"{k}={v}" for k, v in point.items()]
     with GpuSampler() as gpu:
         started = time.time()
@@ -246,6 +253,7 @@ def run_capjob(s: dict[str, Any], point: dict[str, str]) -> dict[str, Any]:
     report = json.loads(next((out / "reports").rglob("report.json")).read_text())
     st = steady(finish, s["max_tokens"], started)
     return {"contender": "capjob", "point": point, "status": "ok", **st, "wall_s": round(ended - started, 1),
+            "engine_op_rows_per_s": engine_operator(report.get("operators", [])).get("rows_per_second"),
             "captioned": report.get("captioned"), **gpu.window(*st["window"]),
             "report": str(next((out / "reports").rglob("report.md")))}
 
@@ -283,12 +291,14 @@ def run_raw_vllm(s: dict[str, Any]) -> dict[str, Any]:
 
 def run_seed(s: dict[str, Any]) -> dict[str, Any]:
     """The seed notebook's processor, with its API drift applied (build_llm_processor ->
-    build_processor, has_image -> prepare_multimodal_stage) and the model swapped."""
+    build_processor, has_image -> prepare_multimodal_stage, content type image -> image_pil) and
+    the model swapped."""
     import ray
     from PIL import Image
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     from capjob.models import resolve_model_source
+    from capjob.report import operator_stats
 
     cfg = compose(base_overrides(s))
     source = resolve_model_source(cfg.model.source, cfg.model.builder)
@@ -300,7 +310,7 @@ def run_seed(s: dict[str, Any]) -> dict[str, Any]:
         image = image.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
         return dict(
             messages=[{"role": "system", "content": system},
-                      {"role": "user", "content": [{"type": "text", "text": user}, {"type": "image", "image": image}]}],
+                      {"role": "user", "content": [{"type": "text", "text": user}, {"type": "image_pil", "image_pil": image}]}],
             sampling_params=dict(temperature=temperature, max_tokens=max_tokens, detokenize=False, ignore_eos=True),
         )
 
@@ -323,9 +333,17 @@ def run_seed(s: dict[str, Any]) -> dict[str, Any]:
         ds = ray.data.read_parquet(s["data"])
         rows = build_processor(config, preprocess=preprocess, postprocess=postprocess)(ds).materialize()
         ended = time.time()
+    # The seed reads 500-row blocks and never repartitions, so its postprocess stamps a whole
+    # block at once (2026-11-23 on the H100: all 2000 rows within 1 s of the end). Its rate is
+    # therefore the engine operator's, from Ray Data's stats, like capjob's engine_op_rows_per_s.
     finish = [r["finished_at"] for r in rows.iter_rows()]
     st = steady(finish, max_tokens, started)
-    return {"contender": "seed", "status": "ok", **st, "wall_s": round(ended - started, 1), **gpu.window(*st["window"])}
+    engine = engine_operator(operator_stats(rows)[0])
+    rate = engine.get("rows_per_second")
+    return {"contender": "seed", "status": "ok", **st, "images_per_s": rate,
+            "output_tokens_per_s": round(rate * max_tokens, 1) if rate else None, "engine_op_rows_per_s": rate,
+            "postprocess_span_s": round(st["window"][1] - st["window"][0], 2),
+            "wall_s": round(ended - started, 1), **gpu.window(ended - engine.get("wall_seconds", 0), ended)}
 
 
 def run_transformers(s: dict[str, Any]) -> dict[str, Any]:
@@ -343,7 +361,7 @@ def run_transformers(s: dict[str, Any]) -> dict[str, Any]:
     config = AutoConfig.from_pretrained(source)
     t0 = time.time()
     with torch.device(device):  # random weights, made on the GPU (no checkpoint: load_format=dummy's twin)
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, torch_dtype=dtype).eval()
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype).eval()
     images = load_images(s, s["transformers_images"])
     system, user = prompts()
     messages = [{"role": "system", "content": system},
@@ -393,8 +411,11 @@ def render(results: list[dict[str, Any]], out: Optional[pathlib.Path]) -> str:
     lines.append("")
     for other, target in (("raw_vllm", 0.97), ("seed", 1.5), ("transformers", 10.0)):
         if cap and best[other]:
-            ratio = cap["images_per_s"] / best[other]["images_per_s"]
-            lines.append(f"- capjob / {other}: **{ratio:.2f}x** images/s (target >= {target}x: {'met' if ratio >= target else 'NOT met'})")
+            # The seed's rate is its engine operator's (see run_seed): compare like with like.
+            key = "engine_op_rows_per_s" if other == "seed" and cap.get("engine_op_rows_per_s") else "images_per_s"
+            ratio = cap[key] / best[other]["images_per_s"]
+            lines.append(f"- capjob / {other}: **{ratio:.2f}x** {'engine-operator rows/s' if key != 'images_per_s' else 'images/s'}"
+                         f" (target >= {target}x: {'met' if ratio >= target else 'NOT met'})")
     sweep = [r for r in results if r["contender"] == "capjob"]
     if sweep:
         lines += ["", "capjob sweep:", "", "| point | images/s | output tokens/s | GPU util % | GPU idle share | start-up s | status |",

@@ -32,7 +32,7 @@ TINY_QWEN25VL = "tiny_qwen25vl"
 QWEN25VL_3B_DUMMY = "qwen25vl_3b_dummy"
 # Bump when the built files change, so caches never serve a stale layout.
 TINY_QWEN25VL_VERSION = "v1"
-BUILD_VERSIONS = {TINY_QWEN25VL: TINY_QWEN25VL_VERSION, QWEN25VL_3B_DUMMY: "v1"}
+BUILD_VERSIONS = {TINY_QWEN25VL: TINY_QWEN25VL_VERSION, QWEN25VL_3B_DUMMY: "v2"}
 # Written last into a build: a directory without it was never finished.
 COMPLETE_MARKER = ".capjob-build-complete.json"
 SEED = 0
@@ -188,7 +188,10 @@ def _write_tiny_qwen25vl(out: pathlib.Path) -> None:
 def _write_qwen25vl_3b_dummy(out: pathlib.Path) -> None:
     # Qwen2.5-VL-3B-Instruct's image processor keeps its own pixel budget (3136 .. 12845056).
     _, special_ids = _write_processor_files(out, {**_preprocessor_config(), "min_pixels": 3136, "max_pixels": 12845056})
-    _qwen25vl_3b_config(special_ids).save_pretrained(out)
+    config = _qwen25vl_3b_config(special_ids)
+    # A config without weights names no architecture; vLLM would then run it as a pooling model.
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    config.save_pretrained(out)
     _write_generation_config(out, special_ids)
     _write_json(out / COMPLETE_MARKER, {"builder": QWEN25VL_3B_DUMMY, "version": BUILD_VERSIONS[QWEN25VL_3B_DUMMY]})
 
