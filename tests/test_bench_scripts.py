@@ -22,3 +22,29 @@ def test_preprocess_bench_runs(tmp_path):
     result = json.loads(out_json.read_text())
     assert result["images"] == 6 and result["ratio"] > 0
     assert {row["format"] for row in result["rows"]} >= {"all"}
+
+
+def test_gpu_bench_report_ratios_and_sweep(tmp_path):
+    """The GPU report compares like with like: the seed by engine-operator rows/s, the others by
+    steady images/s; the best capjob sweep point is capjob's number."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_bench
+
+    assert gpu_bench.sweep_points(["engine.batch_size=16,64", "engine.max_num_seqs=256"]) == [
+        {"engine.batch_size": "16", "engine.max_num_seqs": "256"}, {"engine.batch_size": "64", "engine.max_num_seqs": "256"}]
+    results = [
+        {"contender": "raw_vllm", "status": "ok", "images": 100, "images_per_s": 50.0, "output_tokens_per_s": 1.0},
+        {"contender": "capjob", "point": {"engine.batch_size": "16"}, "status": "ok", "images": 100, "images_per_s": 40.0,
+         "output_tokens_per_s": 1.0, "engine_op_rows_per_s": 30.0},
+        {"contender": "capjob", "point": {"engine.batch_size": "64"}, "status": "ok", "images": 100, "images_per_s": 55.0,
+         "output_tokens_per_s": 1.0, "engine_op_rows_per_s": 45.0},
+        {"contender": "seed", "status": "ok", "images": 100, "images_per_s": 30.0, "output_tokens_per_s": 1.0, "engine_op_rows_per_s": 30.0},
+        {"contender": "transformers", "status": "failed"},
+    ]
+    text = gpu_bench.render(results, tmp_path)
+    assert "capjob / raw_vllm: **1.10x** images/s (target >= 0.97x: met)" in text
+    assert "capjob / seed: **1.50x** engine-operator rows/s (target >= 1.5x: met)" in text
+    assert "| transformers | not run |" in text and "capjob / transformers" not in text
+    assert (tmp_path / "gpu_bench.md").read_text().count("| engine.batch_size=") == 3  # best row + 2 sweep rows
+    assert (tmp_path / "gpu_sweep.png").stat().st_size > 1000
+    assert gpu_bench.engine_operator([{"operator": "MapBatches(vLLMEngineStageUDF)", "rows_per_second": 7.0}])["rows_per_second"] == 7.0

@@ -170,6 +170,8 @@ def test_qwen25vl_3b_dummy_has_the_real_3b_dimensions_and_no_weights(tmp_path):
     assert built.name == f"{models.QWEN25VL_3B_DUMMY}-{models.BUILD_VERSIONS[models.QWEN25VL_3B_DUMMY]}"
     assert not list(built.glob("*.safetensors"))
     config = AutoConfig.from_pretrained(built)
+    # Without it vLLM resolves the checkpoint as a pooling model and LLM.chat refuses it.
+    assert config.architectures == ["Qwen2_5_VLForConditionalGeneration"]
     text, vision = config.text_config, config.vision_config
     assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers) == (2048, 11008, 36)
     assert (text.num_attention_heads, text.num_key_value_heads, text.vocab_size) == (16, 2, 151936)
