@@ -511,10 +511,7 @@ def cmd_pack(args) -> None:
                 left_out=frozenset(NOT_IN_CORE) if label == "core" else frozenset())
             print(f"closure check ({label}): {len(problems)} problem(s), "
                   f"{len(accepted)} accepted deviation(s)")
-            for p in problems:
-                print(f"  PROBLEM  {p}")
-            for a in accepted:
-                print(f"  accepted {a}")
+            print_findings(problems, accepted, "PROBLEM ")
         print(f"  host packages the shipped wheels constrain (host versions not known here; "
               f"`receive` checks them on the host): {len(unknown)}")
         for u in unknown:
@@ -645,11 +642,15 @@ def host_check(manifest: dict, extra_paths: list[str] = ()) -> int:
     problems, accepted, _ = check_requirements(reqs, installed_version)
     print(f"host check: {len(reqs)} requirements on host packages, {len(problems)} not met, "
           f"{len(accepted)} accepted")
+    print_findings(problems, accepted, "NOT MET ")
+    return len(problems)
+
+
+def print_findings(problems: list, accepted: list, problem_label: str) -> None:
     for p in problems:
-        print(f"  NOT MET  {p}")
+        print(f"  {problem_label} {p}")
     for a in accepted:
         print(f"  accepted {a}")
-    return len(problems)
 
 
 def cmd_receive(args) -> None:

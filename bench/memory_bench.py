@@ -1,7 +1,7 @@
 """Memory stays flat as the dataset grows: the offline pipeline on N1 and N2 generated images.
 
 Runs the real job (tiny model, vLLM CPU) once per size as a subprocess and samples, every
-0.5 s, the driver's RSS, the summed RSS of the driver and every Ray process it started, and
+second, the driver's RSS, the summed RSS and USS of the driver and every Ray process it started, and
 the object store's use of /dev/shm (Ray's plasma store lives there). Prints a table and the
 ratio large/small of each peak. Target: < 1.2x (streaming, no materialize).
 
@@ -62,7 +62,7 @@ def run(size: int, work: pathlib.Path, extra: list[str]) -> dict[str, float]:
            f"data.name=mem{size}", "data.passthrough_columns=[]", f"sink.path={out}", "caption.max_tokens=1", "images.size=112",
            "engine.batch_size=32", "job.resume=false", *extra]
     baseline_shm = shm_used()
-    peaks = {"driver_rss": 0, "tree_rss": 0, "object_store": 0}
+    peaks = {"driver_rss": 0, "tree_rss": 0, "tree_uss": 0, "object_store": 0}
     started = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     stop = threading.Event()
@@ -74,10 +74,13 @@ def run(size: int, work: pathlib.Path, extra: list[str]) -> dict[str, float]:
                 tree = [driver, *driver.children(recursive=True)]
                 peaks["driver_rss"] = max(peaks["driver_rss"], driver.memory_info().rss)
                 peaks["tree_rss"] = max(peaks["tree_rss"], sum(p.memory_info().rss for p in tree if p.is_running()))
+                # RSS counts shared pages (torch's libraries, the object store's mapping) once per
+                # process; USS counts each page once, so its sum is what the job really holds.
+                peaks["tree_uss"] = max(peaks["tree_uss"], sum(p.memory_full_info().uss for p in tree if p.is_running()))
             except psutil.Error:
                 pass
             peaks["object_store"] = max(peaks["object_store"], shm_used() - baseline_shm)
-            time.sleep(0.5)
+            time.sleep(1.0)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -101,13 +104,14 @@ def main() -> None:
     mib = 2**20
     print(f"\ncommand: {' '.join(['python', 'bench/memory_bench.py', '--sizes', *map(str, args.sizes), *args.overrides])}")
     print(f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM\n")
-    print("| images | captioned | wall s | rows/s | driver peak RSS MiB | driver+Ray peak RSS MiB | object store peak MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| images | captioned | wall s | rows/s | driver peak RSS MiB | driver+Ray peak RSS MiB | driver+Ray peak USS MiB | object store peak MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['images']} | {r['captioned']} | {r['wall_s']:.0f} | {r['captioned'] / r['wall_s']:.1f} | "
-              f"{r['driver_rss'] / mib:.0f} | {r['tree_rss'] / mib:.0f} | {r['object_store'] / mib:.0f} |")
+              f"{r['driver_rss'] / mib:.0f} | {r['tree_rss'] / mib:.0f} | {r['tree_uss'] / mib:.0f} | {r['object_store'] / mib:.0f} |")
     small, large = results
-    for key, label in (("driver_rss", "driver peak RSS"), ("tree_rss", "driver+Ray peak RSS"), ("object_store", "object store peak")):
+    for key, label in (("driver_rss", "driver peak RSS"), ("tree_rss", "driver+Ray peak RSS"), ("tree_uss", "driver+Ray peak USS"),
+                       ("object_store", "object store peak")):
         print(f"ratio {label} {large['images']}/{small['images']} images: {large[key] / max(small[key], 1):.2f}x")
 
 

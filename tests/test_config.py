@@ -49,6 +49,7 @@ def test_offline_experiment_preset():
         ("data.limit=0", "data.limit"),
         ("engine.gpu_memory_utilization=1.5", "engine.gpu_memory_utilization"),
         ("resources.concurrency=0", "resources.concurrency"),
+        ("resources.object_store_mib=1", "resources.object_store_mib"),
         ("caption.max_tokens=0", "caption.max_tokens"),
         ("model.builder=nope", "model.builder"),
     ],

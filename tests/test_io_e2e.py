@@ -1,12 +1,15 @@
 """End to end on CPU, data in and out: every source layout and every sink (parquet/JSONL, local
 and S3 on a real S3-compatible server) through the real pipeline (Ray Data + Ray Data LLM +
-vLLM CPU, tiny model). Each run costs minutes on a small machine: five runs cover
+vLLM CPU, tiny model). Each run costs 1.5 to 2 minutes on a small machine, so eight runs cover
+every source layout x every sink format, every layout both local and on S3 (the HF layouts
+local: the hub is out of reach), and every sink format both local and on S3:
 
-    hf save_to_disk (local)          -> jsonl, local
-    parquet on S3                    -> parquet on S3
-    image folder on S3               -> jsonl.gz on S3
-    webdataset (local tar shards)    -> parquet, local
-    hf parquet folder, streaming     -> parquet on S3
+    source                           parquet sink            jsonl sink
+    hf save_to_disk (local)                                  local
+    hf parquet folder, streaming     S3
+    parquet                          S3 -> S3                local -> S3
+    image folder                     local -> local          S3 -> S3 (gzip)
+    webdataset (tar shards)          local -> local          S3 -> local
 """
 
 from __future__ import annotations
@@ -133,3 +136,28 @@ def test_hf_parquet_folder_streaming_to_parquet_on_s3(s3, bucket, tmp_path):
     capjob(s3, tmp_path, "dataset=imagenet_hf", f"data.path={data}", "data.streaming=true", "data.key_column=key",
            "data.limit=100", f"sink.path={out}", f"+sink.storage_options.client_kwargs.endpoint_url={s3.endpoint}")
     check(read_s3(s3, f"{out}/captions"), KEYS)
+
+
+def test_parquet_local_to_jsonl_on_s3(s3, bucket, tmp_path):
+    data = write_parquet(ROWS, tmp_path / "pq", files=2)
+    out = f"s3://{bucket}/out/parquet-to-jsonl"
+    capjob(s3, tmp_path, "dataset=parquet", f"data.path={data}", "data.key_column=key", "data.passthrough_columns=[label]",
+           "sink=jsonl", f"sink.path={out}")
+    assert all(f.endswith(".jsonl") for f in s3.fs.find(f"{bucket}/out/parquet-to-jsonl/captions"))
+    check(read_s3(s3, f"{out}/captions"), KEYS)
+
+
+def test_image_folder_local_to_parquet_local(s3, tmp_path):
+    data = write_image_folder(ROWS, tmp_path / "imgs")
+    capjob(s3, tmp_path, "dataset=image_folder", f"data.path={data}", f"sink.path={tmp_path}/out")
+    captions = read_local(tmp_path / "out" / "captions")
+    check(captions, set(captions.column("id").to_pylist()), label_column=None)
+    assert {pathlib.PurePosixPath(i).stem for i in captions.column("id").to_pylist()} == KEYS
+    assert all(pathlib.Path(k).is_file() for k in captions.column("source_key").to_pylist())  # local paths
+
+
+def test_webdataset_on_s3_to_jsonl_local(s3, bucket, tmp_path):
+    data = upload(write_webdataset(ROWS, tmp_path / "wds", shards=2), s3.fs, f"s3://{bucket}/in/wds")
+    capjob(s3, tmp_path, "dataset=webdataset", f"data.path={data}", "data.passthrough_columns=[cls]",
+           "sink=jsonl", f"sink.path={tmp_path}/out")
+    check(read_local(tmp_path / "out" / "captions"), KEYS, label_column="cls")

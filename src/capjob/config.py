@@ -128,6 +128,10 @@ class ResourcesConfig:
     cpu_stage_cpus: float = 1.0
     # Actors per CPU stage of the processor (chat template, tokenize, detokenize).
     cpu_stage_concurrency: int = 1
+    # Object-store budget (MiB) for the job's blocks in flight; null = Ray Data's default, a
+    # share of the node's object store. Reading runs far ahead of the engine otherwise, so
+    # memory would grow with the dataset up to that share; a bound keeps it flat.
+    object_store_mib: Optional[int] = None
 
 
 @dataclass
@@ -317,6 +321,7 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
         _require(model_parallel == 1, "engine.tensor_parallel_size", "TP/PP > 1 needs GPUs: set resources.gpus_per_worker = TP x PP")
     _require(r.num_cpus is None or r.num_cpus >= 1, "resources.num_cpus", f"must be >= 1 or null, got {r.num_cpus}")
     _require(r.preprocess_cpus > 0, "resources.preprocess_cpus", f"must be > 0, got {r.preprocess_cpus}")
+    _require(r.object_store_mib is None or r.object_store_mib >= 16, "resources.object_store_mib", f"must be null or >= 16, got {r.object_store_mib}")
     _require(r.cpu_stage_cpus > 0, "resources.cpu_stage_cpus", f"must be > 0, got {r.cpu_stage_cpus}")
     _require(r.cpu_stage_concurrency >= 1, "resources.cpu_stage_concurrency", f"must be >= 1, got {r.cpu_stage_concurrency}")
     _require(cfg.job.task_retries >= 0, "job.task_retries", f"must be >= 0, got {cfg.job.task_retries}")
