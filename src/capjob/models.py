@@ -211,10 +211,8 @@ def _write_generation_config(out: pathlib.Path, special_ids: dict[str, int]) -> 
     _write_json(
         out / "generation_config.json",
         {
-            "bos_token_id": special_ids["<|endoftext|>"],
-            "eos_token_id": [special_ids["<|im_end|>"], special_ids["<|endoftext|>"]],
-            "pad_token_id": special_ids["<|endoftext|>"],
-        },
+                "eos_token_id": [special_ids["<|im_end|>"], special_ids["<|endoftext|>"]],
+            },
     )
 
 
@@ -280,17 +278,13 @@ def _preprocessor_config() -> dict[str, object]:
         "max_pixels": MAX_PIXELS,
         "merge_size": MERGE_SIZE,
         "min_pixels": MIN_PIXELS,
-        "patch_size": PATCH_SIZE,
         "processor_class": "Qwen2_5_VLProcessor",
         "resample": 3,
         "rescale_factor": 1 / 255,
-        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
     }
 
 
 def _model_config(special_ids: dict[str, int], tokenizer_size: int) -> Qwen2_5_VLConfig:
-    from transformers import Qwen2_5_VLConfig
-
     hidden = 128
     text_config = {
         # Rounded up like Qwen's (151936 rows for 151665 tokens); the spare rows are never produced.
@@ -301,51 +295,26 @@ def _model_config(special_ids: dict[str, int], tokenizer_size: int) -> Qwen2_5_V
         # head_dim 64: vLLM's CPU attention rejects small head sizes such as 16.
         "num_attention_heads": 2,
         "num_key_value_heads": 1,
-        "hidden_act": "silu",
         "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6,
-        "use_sliding_window": False,
         # M-RoPE sections (temporal, height, width) must sum to head_dim / 2.
         "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12], "rope_theta": 1000000.0},
-        "bos_token_id": special_ids["<|endoftext|>"],
-        "eos_token_id": special_ids["<|im_end|>"],
-        "pad_token_id": special_ids["<|endoftext|>"],
     }
     vision_config = {
         "depth": 2,
         "hidden_size": 128,
         "intermediate_size": 256,
         "num_heads": 2,
-        "hidden_act": "silu",
-        "in_channels": 3,
-        "patch_size": PATCH_SIZE,
-        "spatial_merge_size": MERGE_SIZE,
-        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
-        "tokens_per_second": 2,
-        "window_size": 112,
         # Block 0 uses windowed attention, block 1 full attention: both code paths run.
         "fullatt_block_indexes": [1],
         "out_hidden_size": hidden,
     }
-    return Qwen2_5_VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=special_ids["<|image_pad|>"],
-        video_token_id=special_ids["<|video_pad|>"],
-        vision_start_token_id=special_ids["<|vision_start|>"],
-        vision_end_token_id=special_ids["<|vision_end|>"],
-        vision_token_id=special_ids["<|vision_pad|>"],
-        # Untied, so the output rows zeroed in _write_model leave the input embeddings random.
-        tie_word_embeddings=False,
-        dtype="float32",
-    )
+    # Untied, so the output rows zeroed in _write_model leave the input embeddings random.
+    return _qwen25vl_config(text_config, vision_config, special_ids, tie_word_embeddings=False, dtype="float32")
 
 
 def _qwen25vl_3b_config(special_ids: dict[str, int]) -> Qwen2_5_VLConfig:
     """Qwen/Qwen2.5-VL-3B-Instruct's config.json dimensions; token ids are the local tokenizer's
     (its vocabulary is smaller, so every id it produces is a valid row of the 151936)."""
-    from transformers import Qwen2_5_VLConfig
-
     text_config = {
         "vocab_size": 151936,
         "hidden_size": 2048,
@@ -353,22 +322,37 @@ def _qwen25vl_3b_config(special_ids: dict[str, int]) -> Qwen2_5_VLConfig:
         "num_hidden_layers": 36,
         "num_attention_heads": 16,
         "num_key_value_heads": 2,
-        "hidden_act": "silu",
         "max_position_embeddings": 128000,
-        "rms_norm_eps": 1e-6,
-        "use_sliding_window": False,
         "sliding_window": 32768,
         "max_window_layers": 70,
         "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
-        "bos_token_id": special_ids["<|endoftext|>"],
-        "eos_token_id": special_ids["<|im_end|>"],
-        "pad_token_id": special_ids["<|endoftext|>"],
     }
     vision_config = {
         "depth": 32,
         "hidden_size": 1280,
         "intermediate_size": 3420,
         "num_heads": 16,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "out_hidden_size": 2048,
+    }
+    return _qwen25vl_config(text_config, vision_config, special_ids, tie_word_embeddings=True, dtype="bfloat16")
+
+
+def _qwen25vl_config(text_config: dict, vision_config: dict, special_ids: dict[str, int], *, tie_word_embeddings: bool,
+                     dtype: str) -> Qwen2_5_VLConfig:
+    """The shared parts of both builds: Qwen's token roles and vision settings, the local ids."""
+    from transformers import Qwen2_5_VLConfig
+
+    text_config = {
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "use_sliding_window": False,
+        "bos_token_id": special_ids["<|endoftext|>"],
+        "eos_token_id": special_ids["<|im_end|>"],
+        "pad_token_id": special_ids["<|endoftext|>"],
+        **text_config,
+    }
+    vision_config = {
         "hidden_act": "silu",
         "in_channels": 3,
         "patch_size": PATCH_SIZE,
@@ -376,8 +360,7 @@ def _qwen25vl_3b_config(special_ids: dict[str, int]) -> Qwen2_5_VLConfig:
         "temporal_patch_size": TEMPORAL_PATCH_SIZE,
         "tokens_per_second": 2,
         "window_size": 112,
-        "fullatt_block_indexes": [7, 15, 23, 31],
-        "out_hidden_size": 2048,
+        **vision_config,
     }
     return Qwen2_5_VLConfig(
         text_config=text_config,
@@ -387,8 +370,8 @@ def _qwen25vl_3b_config(special_ids: dict[str, int]) -> Qwen2_5_VLConfig:
         vision_start_token_id=special_ids["<|vision_start|>"],
         vision_end_token_id=special_ids["<|vision_end|>"],
         vision_token_id=special_ids["<|vision_pad|>"],
-        tie_word_embeddings=True,
-        dtype="bfloat16",
+        tie_word_embeddings=tie_word_embeddings,
+        dtype=dtype,
     )
 
 
