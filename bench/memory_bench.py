@@ -62,6 +62,7 @@ def run(size: int, work: pathlib.Path, extra: list[str]) -> dict[str, float]:
            f"data.name=mem{size}", "data.passthrough_columns=[]", f"sink.path={out}", "caption.max_tokens=1", "images.size=112",
            "engine.batch_size=32", "job.resume=false", *extra]
     baseline_shm = shm_used()
+    at_peak: list[tuple[int, str]] = []  # (USS, process) when the tree's USS peaked
     peaks = {"driver_rss": 0, "tree_rss": 0, "tree_uss": 0, "object_store": 0}
     started = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -76,7 +77,10 @@ def run(size: int, work: pathlib.Path, extra: list[str]) -> dict[str, float]:
                 peaks["tree_rss"] = max(peaks["tree_rss"], sum(p.memory_info().rss for p in tree if p.is_running()))
                 # RSS counts shared pages (torch's libraries, the object store's mapping) once per
                 # process; USS counts each page once, so its sum is what the job really holds.
-                peaks["tree_uss"] = max(peaks["tree_uss"], sum(p.memory_full_info().uss for p in tree if p.is_running()))
+                uss = [(p.memory_full_info().uss, process_label(p)) for p in tree if p.is_running()]
+                if sum(u for u, _ in uss) > peaks["tree_uss"]:
+                    peaks["tree_uss"] = sum(u for u, _ in uss)
+                    at_peak[:] = uss
             except psutil.Error:
                 pass
             peaks["object_store"] = max(peaks["object_store"], shm_used() - baseline_shm)
@@ -90,7 +94,13 @@ def run(size: int, work: pathlib.Path, extra: list[str]) -> dict[str, float]:
     if proc.returncode != 0:
         raise SystemExit(f"capjob failed for {size} images:\n{output[-4000:]}")
     captions = sum(pq.read_metadata(f).num_rows for f in (out / "captions").glob("*.parquet"))
-    return {"images": size, "captioned": captions, "wall_s": time.time() - started, **peaks}
+    return {"images": size, "captioned": captions, "wall_s": time.time() - started, **peaks, "at_peak": at_peak}
+
+
+def process_label(p: psutil.Process) -> str:
+    """Ray names its workers by role (ray::MapWorker(...), ray::IDLE, raylet, gcs_server)."""
+    cmd = p.cmdline()
+    return (cmd[0] if cmd and cmd[0].startswith("ray::") else p.name())[:60]
 
 
 def main() -> None:
@@ -109,6 +119,14 @@ def main() -> None:
     for r in results:
         print(f"| {r['images']} | {r['captioned']} | {r['wall_s']:.0f} | {r['captioned'] / r['wall_s']:.1f} | "
               f"{r['driver_rss'] / mib:.0f} | {r['tree_rss'] / mib:.0f} | {r['tree_uss'] / mib:.0f} | {r['object_store'] / mib:.0f} |")
+    for r in results:
+        groups: dict[str, list[int]] = {}
+        for uss, label in r["at_peak"]:
+            groups.setdefault(label, []).append(uss)
+        top = sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:8]
+        print(f"\n{r['images']} images, {len(r['at_peak'])} processes at the USS peak; largest groups (count x, MiB):")
+        for label, values in top:
+            print(f"  {len(values):3d} x {label}: {sum(values) / mib:.0f}")
     small, large = results
     for key, label in (("driver_rss", "driver peak RSS"), ("tree_rss", "driver+Ray peak RSS"), ("tree_uss", "driver+Ray peak USS"),
                        ("object_store", "object store peak")):

@@ -50,6 +50,7 @@ def test_offline_experiment_preset():
         ("engine.gpu_memory_utilization=1.5", "engine.gpu_memory_utilization"),
         ("resources.concurrency=0", "resources.concurrency"),
         ("resources.object_store_mib=1", "resources.object_store_mib"),
+        ("engine.mm_processor_cache_gb=-1", "engine.mm_processor_cache_gb"),
         ("caption.max_tokens=0", "caption.max_tokens"),
         ("model.builder=nope", "model.builder"),
     ],
@@ -152,6 +153,9 @@ def test_processor_stages_follow_the_engine_switches():
 
     default = to_typed(compose([]))
     assert cpu_stages(default) == ["PrepareMultimodal", "ChatTemplate", "Tokenize"]
+    # Each image is seen once: vLLM's processed-image cache would only hold memory.
+    from capjob.processor import engine_kwargs
+    assert engine_kwargs(default, "/m", EnginePlacement(0, None))["mm_processor_cache_gb"] == 0
     offline = to_typed(compose(["experiment=offline"]))
     assert cpu_stages(offline) == ["PrepareMultimodal", "ChatTemplate"]
     assert offline.engine.enforce_eager and offline.engine.env_vars == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}

@@ -101,6 +101,10 @@ class EngineConfig:
     detokenize_stage: bool = False
     # Images per prompt the engine reserves memory for; captioning sends one.
     limit_images_per_prompt: int = 1
+    # vLLM caches processed images by content hash (4 GiB by default, in the engine process);
+    # a captioning job sees each image once, so the cache only grows memory (measured: the
+    # engine core 2.0 -> 6.0 GiB from 1,000 to 20,000 images). 0 turns it off.
+    mm_processor_cache_gb: float = 0.0
     # Anything else vLLM's EngineArgs accepts, passed through untouched.
     extra_engine_kwargs: dict[str, Any] = field(default_factory=dict)
     # Environment of the processor's actors (engine included), e.g. VLLM_* switches.
@@ -300,6 +304,7 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
     _require(e.batch_size > 0, "engine.batch_size", f"must be > 0, got {e.batch_size}")
     _require(e.max_concurrent_batches > 0, "engine.max_concurrent_batches", f"must be > 0, got {e.max_concurrent_batches}")
     _require(e.max_model_len > 0, "engine.max_model_len", f"must be > 0, got {e.max_model_len}")
+    _require(e.mm_processor_cache_gb >= 0, "engine.mm_processor_cache_gb", f"must be >= 0, got {e.mm_processor_cache_gb}")
     _require(e.max_num_seqs is None or e.max_num_seqs > 0, "engine.max_num_seqs", f"must be > 0 or null, got {e.max_num_seqs}")
     _require(0.0 < e.gpu_memory_utilization <= 1.0, "engine.gpu_memory_utilization", f"must be in (0, 1], got {e.gpu_memory_utilization}")
     _require(e.cpu_kv_cache_gib > 0, "engine.cpu_kv_cache_gib", f"must be > 0, got {e.cpu_kv_cache_gib}")

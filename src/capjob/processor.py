@@ -38,6 +38,7 @@ def engine_kwargs(cfg: CapjobConfig, model_source: str, placement: EnginePlaceme
         "load_format": m.load_format,
         "trust_remote_code": m.trust_remote_code,
         "limit_mm_per_prompt": {"image": e.limit_images_per_prompt, "video": 0},
+        "mm_processor_cache_gb": e.mm_processor_cache_gb,
     }
     if placement.gpus > 0:
         kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
