@@ -211,8 +211,10 @@ def _write_generation_config(out: pathlib.Path, special_ids: dict[str, int]) -> 
     _write_json(
         out / "generation_config.json",
         {
-                "eos_token_id": [special_ids["<|im_end|>"], special_ids["<|endoftext|>"]],
-            },
+            "bos_token_id": special_ids["<|endoftext|>"],
+            "eos_token_id": [special_ids["<|im_end|>"], special_ids["<|endoftext|>"]],
+            "pad_token_id": special_ids["<|endoftext|>"],
+        },
     )
 
 
@@ -278,9 +280,11 @@ def _preprocessor_config() -> dict[str, object]:
         "max_pixels": MAX_PIXELS,
         "merge_size": MERGE_SIZE,
         "min_pixels": MIN_PIXELS,
+        "patch_size": PATCH_SIZE,
         "processor_class": "Qwen2_5_VLProcessor",
         "resample": 3,
         "rescale_factor": 1 / 255,
+        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
     }
 
 
