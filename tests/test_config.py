@@ -169,3 +169,20 @@ def test_processor_stages_follow_the_engine_switches():
     wide = ["resources.cpu_stage_cpus=1.0", "resources.preprocess_cpus=1.0"]
     fewer, more = (to_typed(compose(["experiment=offline", *wide, *extra])) for extra in ([], ["engine.tokenize_stage=true", "engine.detokenize_stage=true"]))
     assert local_cpus_needed(more, placement) - local_cpus_needed(fewer, placement) == 2
+
+
+def test_object_store_budget_reaches_ray_data():
+    """resources.object_store_mib bounds Ray Data's executor; null leaves Ray's default."""
+    from ray.data import DataContext
+
+    from capjob.pipeline import configure_data_context
+
+    try:
+        DataContext._set_current(None)
+        local = configure_data_context(to_typed(compose(["experiment=offline"])))
+        assert local.execution_options.resource_limits.object_store_memory == 128 * 2**20
+        DataContext._set_current(None)
+        default = configure_data_context(to_typed(compose(["experiment=offline", "resources.object_store_mib=null"])))
+        assert default.execution_options.resource_limits.object_store_memory == float("inf")
+    finally:
+        DataContext._set_current(None)

@@ -161,13 +161,22 @@ def start(cfg: CapjobConfig, run_id: str) -> Started:
         placement = runtime.decide_placement(cfg, int(ray.cluster_resources().get("GPU", 0)))
     else:
         runtime.init_ray(cfg, placement, cfg.job.metrics_export_port)
+    configure_data_context(cfg)
+    ledger = metrics.start_ledger(cfg.job.name, run_id)  # keep the handle: an unreferenced actor is destroyed
+    return Started(run_id, model_source, placement, done_ids, ledger, clock, wall_clock)
+
+
+def configure_data_context(cfg: CapjobConfig) -> Any:
+    """Ray Data's process-wide settings for this job: tolerated block errors and the object-store
+    budget of the blocks in flight (resources.object_store_mib)."""
+    import ray.data
+
     data_context = ray.data.DataContext.get_current()
     data_context.max_errored_blocks = cfg.job.max_errored_blocks
     if cfg.resources.object_store_mib:
         limits = data_context.execution_options.resource_limits
         data_context.execution_options.resource_limits = limits.copy(object_store_memory=cfg.resources.object_store_mib * 2**20)
-    ledger = metrics.start_ledger(cfg.job.name, run_id)  # keep the handle: an unreferenced actor is destroyed
-    return Started(run_id, model_source, placement, done_ids, ledger, clock, wall_clock)
+    return data_context
 
 
 def task_options(cfg: CapjobConfig) -> dict[str, Any]:
