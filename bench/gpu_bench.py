@@ -112,7 +112,22 @@ def prompts() -> tuple[str, str]:
 
 def make_data(s: dict[str, Any], count: int) -> None:
     """`count` distinct 640x480 photo-like JPEGs (crops of scikit-image's photos, jittered),
-    in the seed's layout: a `jpg` column of {bytes, path} plus a `key`."""
+    in the seed's layout: a `jpg` column of {bytes, path} plus a `key`; one process per file."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    out = pathlib.Path(s["data"])
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.parquet"):
+        old.unlink()
+    per_file = 500
+    files = [(out / f"part-{n:05d}.parquet", range(start, min(start + per_file, count)))
+             for n, start in enumerate(range(0, count, per_file))]
+    with ProcessPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1)) as pool:
+        list(pool.map(_write_data_file, *zip(*files)))
+    print(f"wrote {count} images to {out}")
+
+
+def _write_data_file(path: pathlib.Path, indices: range) -> None:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -121,13 +136,9 @@ def make_data(s: dict[str, Any], count: int) -> None:
 
     photos = [getattr(skdata, n)() for n in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")]
     photos = [Image.fromarray(p).convert("RGB") for p in photos]
-    rng = np.random.default_rng(0)
-    out = pathlib.Path(s["data"])
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.parquet"):
-        old.unlink()
-    cells, keys, per_file = [], [], 500
-    for i in range(count):
+    cells, keys = [], []
+    for i in indices:
+        rng = np.random.default_rng(i)  # per image: the same images whatever the file split
         photo = photos[i % len(photos)]
         scale = rng.uniform(1.0, 2.0)
         big = photo.resize((int(max(640, photo.width) * scale), int(max(480, photo.height) * scale)))
@@ -139,12 +150,8 @@ def make_data(s: dict[str, Any], count: int) -> None:
         img.save(buf, format="JPEG", quality=90)
         cells.append({"bytes": buf.getvalue(), "path": f"img_{i:07d}.jpg"})
         keys.append(f"img_{i:07d}")
-        if len(cells) == per_file or i == count - 1:
-            image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-            table = pa.table({"key": keys, "jpg": pa.array(cells, type=image_type)})
-            pq.write_table(table, out / f"part-{i // per_file:05d}.parquet")
-            cells, keys = [], []
-    print(f"wrote {count} images to {out}")
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({"key": keys, "jpg": pa.array(cells, type=image_type)}), path)
 
 
 def load_images(s: dict[str, Any], limit: Optional[int] = None):

@@ -186,3 +186,35 @@ def test_object_store_budget_reaches_ray_data():
         assert default.execution_options.resource_limits.object_store_memory == float("inf")
     finally:
         DataContext._set_current(None)
+
+
+def test_replicas_share_a_gpu():
+    """resources.replicas_per_gpu=2: each engine asks Ray for half a GPU and half the memory
+    share, sizes its KV cache from engine.kv_cache_gib, and all replicas start at once."""
+    from ray.llm._internal.batch.stages import vLLMEngineStage
+
+    from capjob.processor import processor_config
+    from capjob.runtime import decide_placement
+
+    with pytest.raises(ConfigError, match=r"engine\.kv_cache_gib: must be set when resources\.replicas_per_gpu=2"):
+        to_typed(compose(["resources=h100x1", "resources.replicas_per_gpu=2"]))
+    with pytest.raises(ConfigError, match=r"resources\.replicas_per_gpu: sharing a GPU needs engine\.tensor_parallel_size"):
+        to_typed(compose(["resources=h100x1", "resources.replicas_per_gpu=2", "engine.kv_cache_gib=8",
+                          "engine.tensor_parallel_size=2", "resources.gpus_per_worker=2"]))
+    cfg = to_typed(compose(["resources=h100x1", "resources.replicas_per_gpu=2", "resources.concurrency=2", "engine.kv_cache_gib=16"]))
+    placement = decide_placement(cfg, available_gpus=1)
+    assert placement.gpus == 0.5
+    config = processor_config(cfg, "/m", placement)
+    assert config.engine_kwargs["gpu_memory_utilization"] == pytest.approx(0.45)
+    assert config.engine_kwargs["kv_cache_memory_bytes"] == 16 * 2**30
+    assert config.concurrency == (2, 2)
+    stage = vLLMEngineStage(
+        fn_constructor_kwargs={"engine_kwargs": dict(config.engine_kwargs), "placement_group_config": config.placement_group_config},
+        map_batches_kwargs={"accelerator_type": config.accelerator_type},
+    )
+    assert stage.map_batches_kwargs["num_gpus"] == 0.5  # what Ray schedules the engine actor with
+    # One replica per GPU stays Ray Data LLM's default: whole GPUs, utilisation as configured.
+    whole = to_typed(compose(["resources=h100x1"]))
+    config = processor_config(whole, "/m", decide_placement(whole, available_gpus=1))
+    assert config.placement_group_config is None and config.engine_kwargs["gpu_memory_utilization"] == 0.9
+    assert "kv_cache_memory_bytes" not in config.engine_kwargs

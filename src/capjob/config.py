@@ -88,6 +88,10 @@ class EngineConfig:
     # On CPU vLLM reads gpu_memory_utilization as a share of host RAM; a fixed KV cache is
     # what a CPU engine (tests, laptops) wants instead.
     cpu_kv_cache_gib: float = 1.0
+    # KV cache per GPU replica; null = what vLLM's start-up memory profile leaves under
+    # gpu_memory_utilization. Engines sharing a GPU (resources.replicas_per_gpu > 1) need it:
+    # each would count the other's allocations as its own while profiling.
+    kv_cache_gib: Optional[float] = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     quantization: Optional[str] = None
@@ -125,6 +129,10 @@ class ResourcesConfig:
     gpus_per_worker: Optional[int] = None
     # Number of engine replicas (vLLM instances).
     concurrency: int = 1
+    # Engine replicas sharing one GPU (TP = PP = 1): each gets 1/N of the GPU and of
+    # engine.gpu_memory_utilization. A small model leaves the GPU idle between one engine's
+    # steps (scheduling, input processing); a second engine fills those gaps.
+    replicas_per_gpu: int = 1
     # Logical CPUs for a local Ray; None = the machine's count, raised to fit the stages.
     num_cpus: Optional[int] = None
     # CPUs reserved by each preprocessing (decode/resize) task and each CPU stage actor.
@@ -313,6 +321,16 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
     _require(r.concurrency >= 1, "resources.concurrency", f"must be >= 1, got {r.concurrency}")
     _require(r.gpus_per_worker is None or r.gpus_per_worker >= 0, "resources.gpus_per_worker", f"must be >= 0 or null, got {r.gpus_per_worker}")
     model_parallel = e.tensor_parallel_size * e.pipeline_parallel_size
+    _require(r.replicas_per_gpu >= 1, "resources.replicas_per_gpu", f"must be >= 1, got {r.replicas_per_gpu}")
+    _require(e.kv_cache_gib is None or e.kv_cache_gib > 0, "engine.kv_cache_gib", f"must be > 0 or null, got {e.kv_cache_gib}")
+    if r.replicas_per_gpu > 1:
+        _require(model_parallel == 1, "resources.replicas_per_gpu",
+                 f"sharing a GPU needs engine.tensor_parallel_size = pipeline_parallel_size = 1, got TP x PP = {model_parallel}")
+        _require(r.gpus_per_worker in (None, 1), "resources.replicas_per_gpu",
+                 f"sharing a GPU needs resources.gpus_per_worker null or 1, got {r.gpus_per_worker}")
+        _require(e.kv_cache_gib is not None, "engine.kv_cache_gib",
+                 f"must be set when resources.replicas_per_gpu={r.replicas_per_gpu}: engines sharing a GPU "
+                 "cannot size their KV cache by profiling memory at the same time (e.g. engine.kv_cache_gib=16)")
     if r.gpus_per_worker is None:
         pass  # decided against the cluster's GPUs in runtime.py
     elif r.gpus_per_worker > 0:

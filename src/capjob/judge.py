@@ -267,7 +267,7 @@ def judge_engine_config(judge: JudgeConfig, resources: Optional[ResourcesConfig]
             extra_engine_kwargs=dict(judge.extra_engine_kwargs),
             env_vars=dict(judge.env_vars),
         ),
-        resources=replace(r, concurrency=judge.concurrency, gpus_per_worker=judge.gpus_per_worker),
+        resources=replace(r, concurrency=judge.concurrency, gpus_per_worker=judge.gpus_per_worker, replicas_per_gpu=1),
     )
 
 
@@ -407,7 +407,7 @@ def run_judge(captions: pa.Table, judge: JudgeConfig, resources: Optional[Resour
         return JUDGE_SCHEMA.empty_table().append_column(ROW_INDEX, pa.array([], pa.int64()))
     model_source = resolve_model_source(judge.model_source, judge.builder)
     placement = _placement_and_ray(cfg)
-    log.info("judge: %d captions, model %s, %s", n, model_source, f"{placement.gpus} GPU(s)" if placement.gpus else "CPU")
+    log.info("judge: %d captions, model %s, %s", n, model_source, f"{placement.gpus:g} GPU(s)" if placement.gpus else "CPU")
     run_ids = captions.column("run_id").cast(pa.string()) if "run_id" in captions.column_names else pa.nulls(n, pa.string())
     table = pa.table(
         {

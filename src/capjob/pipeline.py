@@ -40,7 +40,7 @@ class Plan:
 
     def render(self, cfg: CapjobConfig) -> str:
         p = self.placement
-        engine_where = f"{p.gpus} GPU(s){' of type ' + p.accelerator_type if p.accelerator_type else ''}" if p.gpus else "CPU"
+        engine_where = f"{p.gpus:g} GPU(s){' of type ' + p.accelerator_type if p.accelerator_type else ''}" if p.gpus else "CPU"
         lines = [
             f"capjob plan  run_id={self.run_id}",
             f"  model       {cfg.model.name}: {self.model_source}",
@@ -79,7 +79,7 @@ def make_plan(cfg: CapjobConfig, run_id: str, model_source: str, placement: Engi
     rows_per_block, num_blocks, note = partitioning(cfg, num_rows)
     r, e = cfg.resources, cfg.engine
     cpu_stage = f"{r.cpu_stage_concurrency} actor(s) x {r.cpu_stage_cpus} CPU"
-    engine_res = f"{placement.gpus} GPU" if placement.gpus else "1 CPU (vLLM CPU)"
+    engine_res = f"{placement.gpus:g} GPU" if placement.gpus else "1 CPU (vLLM CPU)"
     source = cfg.data.path or "capjob sample"
     stages = [
         ("read", f"{cfg.data.format.value}: {source}" + (f", limit {cfg.data.limit}" if cfg.data.limit else "")),
@@ -134,10 +134,7 @@ def dry_run_plan(cfg: CapjobConfig, run_id: str) -> Plan:
     from capjob import runtime
 
     model_source = cfg.model.source or f"<built locally: {cfg.model.builder}>"
-    model_parallel = cfg.engine.tensor_parallel_size * cfg.engine.pipeline_parallel_size
-    gpus = cfg.resources.gpus_per_worker
-    if gpus is None:
-        gpus = model_parallel if runtime.local_gpu_count() else 0
+    gpus = runtime.replica_gpus(cfg, runtime.local_gpu_count() > 0)
     placement = EnginePlacement(gpus, cfg.resources.accelerator_type if gpus else None)
     return make_plan(cfg, run_id, model_source, placement, cfg.data.limit)
 

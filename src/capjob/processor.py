@@ -21,10 +21,15 @@ DATA_COLUMN = "__data"
 
 @dataclass(frozen=True)
 class EnginePlacement:
-    """How one engine replica is placed: on `gpus` GPUs, or on CPU when gpus == 0."""
+    """How one engine replica is placed: on `gpus` GPUs (a fraction when replicas share one),
+    or on CPU when gpus == 0."""
 
-    gpus: int
+    gpus: float
     accelerator_type: Optional[str]
+
+    @property
+    def shares_gpu(self) -> bool:
+        return 0 < self.gpus < 1
 
 
 def engine_kwargs(cfg: CapjobConfig, model_source: str, placement: EnginePlacement) -> dict[str, Any]:
@@ -41,7 +46,10 @@ def engine_kwargs(cfg: CapjobConfig, model_source: str, placement: EnginePlaceme
         "mm_processor_cache_gb": e.mm_processor_cache_gb,
     }
     if placement.gpus > 0:
-        kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization
+        # vLLM reads the utilisation as a share of the whole GPU: replicas sharing one split it.
+        kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization * min(1.0, placement.gpus)
+        if e.kv_cache_gib is not None:
+            kwargs["kv_cache_memory_bytes"] = int(e.kv_cache_gib * 2**30)
     else:
         kwargs["kv_cache_memory_bytes"] = int(e.cpu_kv_cache_gib * 2**30)
     if e.max_num_seqs is not None:
@@ -130,6 +138,15 @@ def cpu_stages(cfg: CapjobConfig, *, multimodal: bool = True) -> list[str]:
     ) if on]
 
 
+def engine_bundles(placement: EnginePlacement) -> Optional[dict[str, Any]]:
+    """Ray resources of one engine replica; None = Ray Data LLM's default (TP x PP whole GPUs)."""
+    if placement.gpus == 0:
+        return {"bundles": [{"CPU": 1}]}  # a CPU engine must not ask Ray for a GPU
+    if placement.shares_gpu:
+        return {"bundles": [{"GPU": placement.gpus}]}
+    return None
+
+
 def processor_config(cfg: CapjobConfig, model_source: str, placement: EnginePlacement, *, multimodal: bool = True):
     """The vLLMEngineProcessorConfig for `cfg`'s engine/resources (shared by the caption pass and
     the judge pass): CPU placement when placement.gpus == 0, failed rows kept and flagged."""
@@ -143,10 +160,11 @@ def processor_config(cfg: CapjobConfig, model_source: str, placement: EnginePlac
         engine_kwargs=engine_kwargs(cfg, model_source, placement),
         batch_size=cfg.engine.batch_size,
         max_concurrent_batches=cfg.engine.max_concurrent_batches,
-        concurrency=r.concurrency,
+        # (n, n): every replica from the start. An int n lets Ray Data start one engine and add
+        # the others only once a backlog builds, each after a minutes-long engine start.
+        concurrency=(r.concurrency, r.concurrency),
         accelerator_type=placement.accelerator_type if placement.gpus else None,
-        # A CPU engine must not ask Ray for a GPU; one CPU bundle per replica.
-        placement_group_config=None if placement.gpus else {"bundles": [{"CPU": 1}]},
+        placement_group_config=engine_bundles(placement),
         prepare_multimodal_stage={"enabled": "PrepareMultimodal" in enabled, **cpu_stage},
         chat_template_stage={"enabled": "ChatTemplate" in enabled, **cpu_stage},
         tokenize_stage={"enabled": "Tokenize" in enabled, **cpu_stage},

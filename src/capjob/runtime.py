@@ -36,21 +36,29 @@ def cluster_address(cfg: CapjobConfig) -> Optional[str]:
     return cfg.resources.address or os.environ.get("RAY_ADDRESS") or None
 
 
+def replica_gpus(cfg: CapjobConfig, has_gpus: bool) -> float:
+    """GPUs one engine replica asks for: gpus_per_worker, else TP x PP on a GPU cluster (0 = vLLM
+    on CPU); 1/N of one GPU when resources.replicas_per_gpu = N share it."""
+    r, e = cfg.resources, cfg.engine
+    gpus = r.gpus_per_worker if r.gpus_per_worker is not None else (e.tensor_parallel_size * e.pipeline_parallel_size if has_gpus else 0)
+    return 1 / r.replicas_per_gpu if gpus > 0 and r.replicas_per_gpu > 1 else gpus
+
+
 def decide_placement(cfg: CapjobConfig, available_gpus: int) -> EnginePlacement:
     """GPUs per engine replica, checked against what the cluster has. Raises ConfigError."""
     r, e = cfg.resources, cfg.engine
     model_parallel = e.tensor_parallel_size * e.pipeline_parallel_size
-    gpus = r.gpus_per_worker if r.gpus_per_worker is not None else (model_parallel if available_gpus else 0)
-    if gpus > 0 and gpus > available_gpus:
+    gpus = replica_gpus(cfg, available_gpus > 0)
+    if gpus > available_gpus:
         raise ConfigError(
-            f"resources.gpus_per_worker: each engine replica needs {gpus} GPU(s) "
+            f"resources.gpus_per_worker: each engine replica needs {gpus:g} GPU(s) "
             f"(engine.tensor_parallel_size x engine.pipeline_parallel_size = {model_parallel}) "
             f"but the cluster has {available_gpus}; use resources=local on a CPU machine or lower TP/PP"
         )
-    if gpus > 0 and gpus * r.concurrency > available_gpus:
+    if gpus > 0 and gpus * r.concurrency > available_gpus + 1e-9:
         log.warning(
-            "resources.concurrency=%d replicas x %d GPU(s) > %d GPU(s): replicas beyond %d will wait",
-            r.concurrency, gpus, available_gpus, available_gpus // gpus,
+            "resources.concurrency=%d replicas x %g GPU(s) > %d GPU(s): replicas beyond %d will wait",
+            r.concurrency, gpus, available_gpus, int(available_gpus / gpus + 1e-9),
         )
     if gpus == 0 and model_parallel > 1:
         raise ConfigError("engine.tensor_parallel_size: TP/PP > 1 needs GPUs and this cluster has none")
