@@ -250,6 +250,8 @@ def run_capjob(s: dict[str, Any], point: dict[str, str]) -> dict[str, Any]:
         started = time.time()
         proc = subprocess.run([sys.executable, "-m", "capjob", *overrides], cwd=REPO, text=True, capture_output=True)
         ended = time.time()
+    # The job's log (vLLM's "Running: N reqs" lines, Ray Data's progress) for the GPU-idle hunt.
+    (out / "capjob.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         return {"contender": "capjob", "point": point, "status": f"failed ({proc.returncode})"}
