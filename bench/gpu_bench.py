@@ -420,18 +420,24 @@ def render(results: list[dict[str, Any]], out: Optional[pathlib.Path]) -> str:
     lines.append("")
     for other, target in (("raw_vllm", 0.97), ("seed", 1.5), ("transformers", 10.0)):
         if cap and best[other]:
-            # The seed's rate is its engine operator's (see run_seed): compare like with like.
-            key = "engine_op_rows_per_s" if other == "seed" and cap.get("engine_op_rows_per_s") else "images_per_s"
-            ratio = cap[key] / best[other]["images_per_s"]
-            lines.append(f"- capjob / {other}: **{ratio:.2f}x** {'engine-operator rows/s' if key != 'images_per_s' else 'images/s'}"
-                         f" (target >= {target}x: {'met' if ratio >= target else 'NOT met'})")
+            # Two views of capjob: its steady rate (first to last file written) and, stricter, its
+            # engine operator's rows over the operator's whole wall time (first wave included),
+            # the only rate the seed allows (see run_seed).
+            theirs = best[other]["images_per_s"]
+            ratios = [cap["images_per_s"] / theirs]
+            if cap.get("engine_op_rows_per_s"):
+                ratios.append(cap["engine_op_rows_per_s"] / theirs)
+            worst = min(ratios)
+            shown = " / ".join(f"{r:.2f}x" for r in ratios)
+            lines.append(f"- capjob / {other}: **{shown}** (steady / engine operator; target >= {target}x: "
+                         f"{'met' if worst >= target else 'NOT met'} on the stricter)")
     sweep = [r for r in results if r["contender"] == "capjob"]
     if sweep:
-        lines += ["", "capjob sweep:", "", "| point | images/s | output tokens/s | GPU util % | GPU idle share | start-up s | status |",
-                  "|---|---:|---:|---:|---:|---:|---|"]
+        lines += ["", "capjob sweep:", "", "| point | images/s | engine operator rows/s | output tokens/s | GPU util % | GPU idle share | start-up s | status |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
         for r in sweep:
             point = " ".join(f"{k}={v}" for k, v in r.get("point", {}).items()) or "defaults"
-            lines.append(f"| {point} | {r.get('images_per_s')} | {r.get('output_tokens_per_s')} | {r.get('gpu_util_mean')} | "
+            lines.append(f"| {point} | {r.get('images_per_s')} | {r.get('engine_op_rows_per_s')} | {r.get('output_tokens_per_s')} | {r.get('gpu_util_mean')} | "
                          f"{r.get('gpu_idle_share')} | {r.get('start_s')} | {r.get('status')} |")
     text = "\n".join(lines)
     if out:

@@ -218,3 +218,33 @@ def test_replicas_share_a_gpu():
     config = processor_config(whole, "/m", decide_placement(whole, available_gpus=1))
     assert config.placement_group_config is None and config.engine_kwargs["gpu_memory_utilization"] == 0.9
     assert "kv_cache_memory_bytes" not in config.engine_kwargs
+
+
+def test_h100_throughput_preset_feeds_the_engine(caplog):
+    """The H100 sweep's best point: 1024 sequences, as many requests in flight, and an object
+    store big enough that no stage waits; a budget below the estimate warns for a GPU engine."""
+    import logging
+
+    from ray.data import DataContext
+
+    from capjob.pipeline import configure_data_context, min_object_store_mib
+    from capjob.processor import EnginePlacement, engine_kwargs
+
+    cfg = to_typed(compose(["experiment=h100_throughput", "model=qwen25vl_3b_dummy"]))
+    e = cfg.engine
+    assert cfg.resources.name == "h100x1" and e.batch_size * e.max_concurrent_batches >= e.max_num_seqs == 1024
+    kwargs = engine_kwargs(cfg, "/m", EnginePlacement(1, "H100"))
+    assert (kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"]) == (1024, 16384)
+    assert cfg.resources.object_store_mib >= min_object_store_mib(cfg)
+    starved = to_typed(compose(["experiment=h100_throughput", "images.size=225", "engine.batch_size=64", "resources.object_store_mib=1024"]))
+    assert min_object_store_mib(starved) > 1024  # the setting that cost 11 % on the H100
+    try:
+        with caplog.at_level(logging.WARNING, logger="capjob.pipeline"):
+            DataContext._set_current(None)
+            configure_data_context(starved, EnginePlacement(0, None))
+            assert not caplog.records  # a CPU engine: any budget is enough
+            DataContext._set_current(None)
+            configure_data_context(starved, EnginePlacement(1, "H100"))
+        assert "resources.object_store_mib=1024 is below" in caplog.text
+    finally:
+        DataContext._set_current(None)
