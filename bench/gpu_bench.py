@@ -444,26 +444,34 @@ def render(results: list[dict[str, Any]], out: Optional[pathlib.Path]) -> str:
         out.mkdir(parents=True, exist_ok=True)
         (out / "gpu_bench.md").write_text(text + "\n")
         if sweep:
-            plot_sweep(sweep, best.get("raw_vllm"), out / "gpu_sweep.png")
+            plot_sweep(sweep, best, out / "gpu_sweep.png")
     return text
 
 
-def plot_sweep(sweep: list[dict[str, Any]], raw: Optional[dict[str, Any]], path: pathlib.Path) -> None:
+SHORT = {"batch_size": "bs", "max_num_seqs": "seqs", "max_num_batched_tokens": "tokens", "object_store_mib": "store MiB",
+         "replicas_per_gpu": "per GPU", "concurrency": "replicas", "kv_cache_gib": "KV GiB", "max_concurrent_batches": "batches"}
+
+
+def plot_sweep(sweep: list[dict[str, Any]], best: dict[str, Optional[dict[str, Any]]], path: pathlib.Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = ["\n".join(f"{k.split('.')[-1]}={v}" for k, v in r.get("point", {}).items()) or "defaults" for r in sweep]
-    values = [r.get("images_per_s") or 0 for r in sweep]
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(sweep)), 4))
-    ax.bar(range(len(sweep)), values, color="tab:blue", label="capjob")
-    if raw:
-        ax.axhline(raw["images_per_s"], color="tab:red", linestyle="--", label="raw vLLM")
-    ax.set_xticks(range(len(sweep)), labels, fontsize=7)
-    ax.set_ylabel("images/s (steady)")
-    ax.set_title("capjob sweep, Qwen2.5-VL-3B (dummy weights), 225x225")
-    ax.legend()
+    labels = ["\n".join(f"{SHORT.get(k.split('.')[-1], k.split('.')[-1])}={v}" for k, v in r.get("point", {}).items()) or "defaults"
+              for r in sweep]
+    x = range(len(sweep))
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(sweep)), 4.8))
+    ax.bar([i - 0.2 for i in x], [r.get("images_per_s") or 0 for r in sweep], 0.4, color="tab:blue", label="capjob steady images/s")
+    ax.bar([i + 0.2 for i in x], [r.get("engine_op_rows_per_s") or 0 for r in sweep], 0.4, color="tab:cyan",
+           label="capjob engine operator rows/s")
+    for name, color in (("raw_vllm", "tab:red"), ("seed", "tab:gray")):
+        if best.get(name):
+            ax.axhline(best[name]["images_per_s"], color=color, linestyle="--", label=name.replace("_", " "))
+    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_ylabel("images/s")
+    ax.set_title("capjob sweep, Qwen2.5-VL-3B (dummy weights), 225x225, 128 tokens")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
