@@ -91,7 +91,8 @@ def make_plan(cfg: CapjobConfig, run_id: str, model_source: str, placement: Engi
         ("decode+validate+resize", f"{r.preprocess_cpus} CPU/task, {cfg.images.resize.value} {cfg.images.size}px, rejects -> quarantine"),
         ("preprocess", "chat request (system + user prompt + image)"),
         *[(name, cpu_stage) for name in cpu_stages(cfg) if name != "Detokenize"],
-        ("vLLM engine", f"{r.concurrency} replica(s) x {engine_res}, batch_size={e.batch_size}, max_model_len={e.max_model_len}"),
+        ("vLLM engine", f"{r.concurrency} replica(s) x {engine_res}, batch_size={e.batch_size} x {e.max_concurrent_batches} in flight, "
+                        f"max_num_seqs={e.max_num_seqs or '128 (vLLM engine default)'}, max_model_len={e.max_model_len}"),
         *[(name, cpu_stage) for name in cpu_stages(cfg) if name == "Detokenize"],
         ("postprocess", "output schema; engine failures -> quarantine"),
         ("write", f"{cfg.sink.format.value} -> {cfg.sink.path}/captions (+ /quarantine)"),
