@@ -182,3 +182,33 @@ def test_qwen25vl_3b_dummy_has_the_real_3b_dimensions_and_no_weights(tmp_path):
     # Its own pixel budget (Qwen's), not the tiny model's: a 448x336 image keeps 16x12 merged tokens.
     inputs = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[Image.new("RGB", (448, 336))], return_tensors="pt")
     assert inputs["image_grid_thw"].tolist() == [[1, 24, 32]]
+
+
+REFERENCE = pathlib.Path(__file__).parent / "data" / "model_reference.json"
+PINNED_SUFFIXES = (".json",)  # configs, tokenizer, chat template: what vLLM and transformers read
+
+
+def pinned_digests(model_dir: pathlib.Path) -> dict[str, str]:
+    return {name: digest for name, digest in sorted(digests(model_dir).items())
+            if name.endswith(PINNED_SUFFIXES) and name != models.COMPLETE_MARKER}
+
+
+def test_fresh_builds_match_the_reference(tiny_model, tmp_path):
+    """A fresh build (empty cache) writes exactly the files of the reference build. The suite
+    otherwise runs on cached builds and would not notice a builder change that alters them
+    (it happened once: bos/pad ids and patch sizes lost in a refactor). A deliberate change
+    bumps models.BUILD_VERSIONS and rewrites the reference with CAPJOB_UPDATE_REFERENCE=1."""
+    import os
+
+    built = {
+        f"{models.TINY_QWEN25VL}-{models.BUILD_VERSIONS[models.TINY_QWEN25VL]}": pinned_digests(tiny_model),
+        f"{models.QWEN25VL_3B_DUMMY}-{models.BUILD_VERSIONS[models.QWEN25VL_3B_DUMMY]}": pinned_digests(
+            pathlib.Path(models.resolve_model_source(None, models.QWEN25VL_3B_DUMMY, str(tmp_path)))),
+    }
+    if os.environ.get("CAPJOB_UPDATE_REFERENCE"):
+        REFERENCE.write_text(json.dumps(built, indent=1, sort_keys=True) + "\n")
+    reference = json.loads(REFERENCE.read_text())
+    for build, files in built.items():
+        assert build in reference, f"{build}: a new build version; add it with CAPJOB_UPDATE_REFERENCE=1"
+        changed = sorted(name for name in files.keys() | reference[build].keys() if files.get(name) != reference[build].get(name))
+        assert not changed, f"{build}: {changed} differ from the reference build; bump models.BUILD_VERSIONS if intended"
