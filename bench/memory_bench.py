@@ -78,8 +78,9 @@ def run(size: int, work: pathlib.Path, extra: list[str]) -> dict[str, float]:
                 # RSS counts shared pages (torch's libraries, the object store's mapping) once per
                 # process; USS counts each page once, so its sum is what the job really holds.
                 uss = [(p.memory_full_info().uss, process_label(p)) for p in tree if p.is_running()]
-                if sum(u for u, _ in uss) > peaks["tree_uss"]:
-                    peaks["tree_uss"] = sum(u for u, _ in uss)
+                total_uss = sum(u for u, _ in uss)
+                if total_uss > peaks["tree_uss"]:
+                    peaks["tree_uss"] = total_uss
                     at_peak[:] = uss
             except psutil.Error:
                 pass

@@ -56,11 +56,16 @@ class Plan:
         return "\n".join(lines)
 
 
+def max_block_rows(cfg: CapjobConfig) -> int:
+    """The most rows a block holds when the plan sizes blocks itself."""
+    return cfg.engine.batch_size * DEFAULT_BLOCK_BATCHES
+
+
 def partitioning(cfg: CapjobConfig, num_rows: Optional[int]) -> tuple[Optional[int], Optional[int], str]:
     """(rows_per_block, num_blocks, explanation). rows_per_block repartitions while streaming;
     num_blocks (only for an explicit count over an unknown size) is a barrier."""
     d = cfg.data
-    cap = cfg.engine.batch_size * DEFAULT_BLOCK_BATCHES
+    cap = max_block_rows(cfg)
     if d.partitions is not None:
         if num_rows is not None:
             rows = max(1, math.ceil(num_rows / d.partitions))
@@ -177,8 +182,7 @@ def min_object_store_mib(cfg: CapjobConfig) -> int:
     pixels travel twice: the array and the request's image). On the H100, 0.66x this estimate
     cost 11 % of the images/s; 5x it kept the engine busy."""
     row_bytes = 2 * cfg.images.size * cfg.images.size * 3
-    block_rows = cfg.engine.batch_size * DEFAULT_BLOCK_BATCHES
-    return math.ceil(OPERATORS_SHARING_THE_BUDGET * 2 * block_rows * row_bytes / 2**20)
+    return math.ceil(OPERATORS_SHARING_THE_BUDGET * 2 * max_block_rows(cfg) * row_bytes / 2**20)
 
 
 def configure_data_context(cfg: CapjobConfig, placement: Optional[EnginePlacement] = None) -> Any:
@@ -190,15 +194,16 @@ def configure_data_context(cfg: CapjobConfig, placement: Optional[EnginePlacemen
     data_context = ray.data.DataContext.get_current()
     data_context.max_errored_blocks = cfg.job.max_errored_blocks
     budget = cfg.resources.object_store_mib
-    if placement and placement.gpus and budget and budget < min_object_store_mib(cfg):
-        log.warning(
-            "resources.object_store_mib=%d is below ~%d MiB, what the stages need to each hold two "
-            "blocks of %d rows at images.size=%d: the engine may wait for data; raise it if the node has the memory",
-            budget, min_object_store_mib(cfg), cfg.engine.batch_size * DEFAULT_BLOCK_BATCHES, cfg.images.size,
-        )
-    if cfg.resources.object_store_mib:
+    if budget:
+        needed = min_object_store_mib(cfg)
+        if placement and placement.gpus and budget < needed:
+            log.warning(
+                "resources.object_store_mib=%d is below ~%d MiB, what the stages need to each hold two "
+                "blocks of %d rows at images.size=%d: the engine may wait for data; raise it if the node has the memory",
+                budget, needed, max_block_rows(cfg), cfg.images.size,
+            )
         limits = data_context.execution_options.resource_limits
-        data_context.execution_options.resource_limits = limits.copy(object_store_memory=cfg.resources.object_store_mib * 2**20)
+        data_context.execution_options.resource_limits = limits.copy(object_store_memory=budget * 2**20)
     return data_context
 
 
