@@ -20,7 +20,8 @@ def test_preprocess_bench_runs(tmp_path):
     assert re.search(r"^ratio capjob/seed .*: \d+\.\d+x", proc.stdout, re.MULTILINE), proc.stdout
     assert "| all | 6 |" in proc.stdout  # the markdown table, with its total row
     result = json.loads(out_json.read_text())
-    assert result["images"] == 6 and result["ratio"] > 0
+    assert result["images"] == 6 and result["ratio"] > 0 and result["ceiling"] > 0
+    assert re.search(r"^ceiling on this mix .*: \d+\.\d+x", proc.stdout, re.MULTILINE), proc.stdout
     assert {row["format"] for row in result["rows"]} >= {"all"}
 
 

@@ -1,10 +1,12 @@
 import io
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from capjob.config import ImagesConfig, ResizeMode
+from capjob import images
 from capjob.images import ImageRejected, decode_image, image_bytes
 from corpus import awkward_images, broken_images
 
@@ -86,3 +88,78 @@ def test_image_cells():
     assert image_bytes(None) == (None, None)
     with pytest.raises(TypeError):
         image_bytes(3.5)
+
+
+def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _photo(mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(5)
+    smooth = np.kron(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8), np.ones((16, 16, 1), np.uint8))
+    return Image.fromarray(smooth).convert(mode)
+
+
+def _decode_with_pillow_only(data: bytes, cfg: ImagesConfig, monkeypatch) -> np.ndarray:
+    with monkeypatch.context() as m:
+        m.setattr(images, "imagecodecs", None)
+        return decode_image(data, cfg).pixels
+
+
+@pytest.mark.parametrize(
+    "fmt,mode", [("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "L"), ("PNG", "LA"), ("WEBP", "RGB"), ("WEBP", "RGBA")]
+)
+def test_png_and_webp_use_libpng_libwebp_with_pillows_result(fmt, mode, monkeypatch):
+    data = _encode(_photo(mode), fmt, **({"quality": 90} if fmt == "WEBP" else {}))
+    opened = Image.open(io.BytesIO(data))
+    assert images._decode_pixels(opened, data) is not opened  # decoded by libpng/libwebp, not Pillow
+    for cfg in (CFG, ImagesConfig(size=225, resize=ResizeMode.square)):
+        fast = decode_image(data, cfg).pixels
+        pillow = _decode_with_pillow_only(data, cfg, monkeypatch)
+        assert fast.shape == pillow.shape
+        assert np.abs(fast.astype(int) - pillow.astype(int)).max() <= 2
+
+
+def test_sixteen_bit_rgb_png_keeps_the_high_byte(monkeypatch):
+    rgb16 = (np.asarray(_photo("RGB"), dtype=np.uint16) * 257).astype(">u2")
+    data = _png(rgb16.shape[1], rgb16.shape[0], bit_depth=16, color_type=2, rows=rgb16)
+    fast = decode_image(data, CFG).pixels
+    assert np.array_equal(fast, _decode_with_pillow_only(data, CFG, monkeypatch))
+
+
+# A flipped byte in a WebP is not among them: libwebp has no checksum and decodes other pixels.
+@pytest.mark.parametrize("fmt,damage", [("PNG", "truncated"), ("PNG", "flipped byte"), ("WEBP", "truncated")])
+def test_damaged_png_and_webp_are_rejected(fmt, damage):
+    data = _encode(Image.fromarray(np.random.default_rng(6).integers(0, 256, (300, 400, 3), dtype=np.uint8)), fmt)
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data = data[:2000] + bytes([data[2000] ^ 0xFF]) + data[2001:]  # inside IDAT: CRC error
+    with pytest.raises(ImageRejected, match="^decode: "):
+        decode_image(data, CFG)
+
+
+def test_png_exif_after_the_pixels_still_turns_the_image():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    payload = exif.tobytes()[6:]  # eXIf holds the TIFF structure without JPEG's "Exif\0\0"
+    plain = _encode(_photo("RGB"), "PNG")
+    iend = plain.rindex(b"IEND") - 4
+    data = plain[:iend] + _chunk(b"eXIf", payload) + plain[iend:]
+    opened = Image.open(io.BytesIO(data))
+    assert images._decode_pixels(opened, data) is opened  # Pillow's decoder reads the late eXIf
+    out = decode_image(data, CFG)
+    height, width = out.pixels.shape[:2]
+    assert height > width  # stored 640x480, shown rotated
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+
+def _png(width: int, height: int, *, bit_depth: int, color_type: int, rows: np.ndarray) -> bytes:
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([bit_depth, color_type, 0, 0, 0])
+    raw = b"".join(b"\x00" + rows[y].tobytes() for y in range(height))
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")

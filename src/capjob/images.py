@@ -6,6 +6,13 @@ declared size is checked before decoding (decompression bombs), and the decoded 
 reduced as early as possible: JPEGs decode at 1/2, 1/4 or 1/8 scale via ``draft`` when the
 target is much smaller, then one resampling pass brings it to the configured size. What leaves
 this stage is the small RGB array, never the original bytes.
+
+PNG and WebP cannot be decoded at reduced scale, so their full decode is most of the cost.
+Pillow's own PNG decoder (generic unfiltering, then unpacking to 4 bytes a pixel) and its WebP
+path (the animation decoder, even for stills) take about twice as long as libpng and libwebp
+called directly, so common PNG and WebP images go through imagecodecs' bindings to those
+libraries; Pillow still parses the header and handles everything else (palette and 16-bit
+grey PNGs, animations, the other formats).
 """
 
 from __future__ import annotations
@@ -17,6 +24,11 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
+
+try:
+    import imagecodecs
+except ImportError:  # the Pillow path below decodes everything, only slower
+    imagecodecs = None
 
 from capjob.config import ImagesConfig, ResizeMode
 
@@ -103,9 +115,9 @@ _TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 # Modes that can be resized before _to_rgb with the same result (up to rounding): converting
-# L to RGB copies the channel, and flattening alpha onto white is linear, which commutes with
+# L to RGB copies the channel, RGBX drops its padding byte, and flattening alpha onto white is linear, which commutes with
 # PIL's (premultiplied) resampling. Everything else is normalised at full size first.
-_RESIZE_FIRST = frozenset({"RGB", "L", "RGBA", "LA"})
+_RESIZE_FIRST = frozenset({"RGB", "RGBX", "L", "RGBA", "LA"})
 
 
 def _stored_target(width: int, height: int, orientation: Any, cfg: ImagesConfig) -> tuple[int, int]:
@@ -114,6 +126,40 @@ def _stored_target(width: int, height: int, orientation: Any, cfg: ImagesConfig)
         target_w, target_h = _target_size(height, width, cfg)
         return target_h, target_w
     return _target_size(width, height, cfg)
+
+
+# PNG modes whose pixels libpng returns as 1-4 channels of 8 (or 16) bits; palette and 16-bit
+# grey PNGs keep Pillow's handling (_to_rgb).
+_FAST_PNG_MODES = frozenset({"RGB", "RGBA", "L", "LA"})
+_CHANNEL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
+def _decode_pixels(im: Image.Image, data: bytes) -> Image.Image:
+    """The fully decoded image: truncated or corrupt data raises here."""
+    if imagecodecs is not None:
+        width, height = im.size
+        if im.format == "WEBP" and im.mode in ("RGB", "RGBA") and not getattr(im, "is_animated", False):
+            # Four bytes a pixel is Pillow's own layout, so the decoded buffer becomes the image
+            # without a full-size copy (RGBX: the opaque case).
+            mode = "RGBX" if im.mode == "RGB" else "RGBA"
+            rgba = imagecodecs.webp_decode(data, hasalpha=True)
+            return _with_info(Image.frombuffer(mode, (width, height), rgba, "raw", mode, 0, 1), im)
+        # Pillow finds an eXIf chunk stored after the pixels only by decoding them itself.
+        if im.format == "PNG" and im.mode in _FAST_PNG_MODES and ("exif" in im.info or b"eXIf" not in data):
+            pixels = imagecodecs.png_decode(data)
+            if pixels.dtype == np.uint16:  # 16-bit RGB(A)/LA: the high byte, as Pillow reads them
+                pixels = (pixels >> 8).astype(np.uint8)
+            channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+            return _with_info(Image.fromarray(pixels, _CHANNEL_MODES[channels]), im)
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    im.load()
+    return im
+
+
+def _with_info(decoded: Image.Image, header: Image.Image) -> Image.Image:
+    decoded.info = header.info  # EXIF orientation is read from it
+    decoded.format = header.format
+    return decoded
 
 
 def decode_image(data: bytes | None, cfg: ImagesConfig) -> DecodedImage:
@@ -154,8 +200,7 @@ def decode_image(data: bytes | None, cfg: ImagesConfig) -> DecodedImage:
                 # 1/4 is taken now, for visibly softer 'fit' results).
                 side = max(_stored_target(width, height, orientation, cfg))
                 im.draft("RGB" if im.mode not in ("L", "CMYK") else im.mode, (side, side))
-            ImageFile.LOAD_TRUNCATED_IMAGES = False
-            im.load()  # the full decode: truncated or corrupt data fails here
+            im = _decode_pixels(im, data)
             if orientation is None:
                 orientation = im.getexif().get(_ORIENTATION, 1)
             target_w, target_h = _stored_target(width, height, orientation, cfg)
