@@ -55,7 +55,9 @@ MARKER = ".capjob-wheels.json"  # written into the install target by unpack
 
 # What capjob needs on the GPU host: pyproject.toml's [project] dependencies with the `gpu`
 # extra (ray[llm] pins vllm==0.26.0 with its audio extra), minus datasets and s3fs, which
-# the benchmark does not use (add them with `lock --req`).
+# the benchmark does not use (add them with `lock --req`), and imagecodecs, added to capjob
+# after the lock's last GPU run: without it capjob decodes PNG/WebP with Pillow (slower, same
+# pixels); the benchmark's images are JPEGs. Add it with `lock --req imagecodecs`.
 TOP_LEVEL = [
     "vllm==0.26.0",
     "ray[data,default,llm]==2.58.1",
