@@ -115,8 +115,8 @@ _TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 # Modes that can be resized before _to_rgb with the same result (up to rounding): converting
-# L to RGB copies the channel, RGBX drops its padding byte, and flattening alpha onto white is linear, which commutes with
-# PIL's (premultiplied) resampling. Everything else is normalised at full size first.
+# L to RGB copies the channel, RGBX drops its padding byte, and flattening alpha onto white is
+# linear, which commutes with PIL's (premultiplied) resampling. Everything else is normalised at full size first.
 _RESIZE_FIRST = frozenset({"RGB", "RGBX", "L", "RGBA", "LA"})
 
 
