@@ -116,7 +116,8 @@ _TRANSPOSE = {
 }
 # Modes that can be resized before _to_rgb with the same result (up to rounding): converting
 # L to RGB copies the channel, RGBX drops its padding byte, and flattening alpha onto white is
-# linear, which commutes with PIL's (premultiplied) resampling. Everything else is normalised at full size first.
+# linear, which commutes with PIL's (premultiplied) resampling. Everything else is normalised
+# at full size first.
 _RESIZE_FIRST = frozenset({"RGB", "RGBX", "L", "RGBA", "LA"})
 
 
