@@ -5,6 +5,11 @@ second, the driver's RSS, the summed RSS and USS of the driver and every Ray pro
 the object store's use of /dev/shm (Ray's plasma store lives there). Prints a table and the
 ratio large/small of each peak. Target: < 1.2x (streaming, no materialize).
 
+What sits in the object store, per operator: Ray Data's streaming executor writes its topology
+(each operator's object-store use, in = its inputs and running tasks, out = its output queue)
+to the session's ray-data log every 5 s; the bench reads that log after each run and prints
+the mean over the middle half of the run (the steady state) and the snapshot with the most.
+
     python bench/memory_bench.py --sizes 1000 20000
 """
 
@@ -14,6 +19,7 @@ import argparse
 import io
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -95,7 +101,34 @@ def run(size: int, work: pathlib.Path, extra: list[str]) -> dict[str, float]:
     if proc.returncode != 0:
         raise SystemExit(f"capjob failed for {size} images:\n{output[-4000:]}")
     captions = sum(pq.read_metadata(f).num_rows for f in (out / "captions").glob("*.parquet"))
-    return {"images": size, "captioned": captions, "wall_s": time.time() - started, **peaks, "at_peak": at_peak}
+    return {"images": size, "captioned": captions, "wall_s": time.time() - started, **peaks, "at_peak": at_peak,
+            "operators": operator_object_store(started)}
+
+
+UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+OP_LINE = re.compile(r"-- \d+: (.+?) - Tasks: .*?Resources: [\d.]+ CPU.*?, ([\d.]+)(B|KiB|MiB|GiB) object store")
+
+
+def operator_object_store(since: float) -> dict[str, object]:
+    """Per-operator object-store use from the ray-data log of the newest Ray session started
+    since `since`: {"mean": {op: MiB}, "peak_total": MiB, "peak": {op: MiB}} (empty if none)."""
+    sessions = [d for d in pathlib.Path("/tmp/ray").glob("session_2*") if d.stat().st_mtime >= since - 5]
+    logs = sorted((f for d in sessions for f in d.glob("logs/ray-data/ray-data-dataset_*.log")), key=lambda f: f.stat().st_size)
+    if not logs:
+        return {}
+    snapshots: list[dict[str, float]] = []
+    for line in logs[-1].read_text(errors="replace").splitlines():
+        if "Execution Progress:" in line:
+            snapshots.append({})
+        elif snapshots and (m := OP_LINE.search(line)):
+            snapshots[-1][m.group(1)[:48]] = float(m.group(2)) * UNITS[m.group(3)] / 2**20
+    snapshots = [s for s in snapshots if s]
+    if not snapshots:
+        return {}
+    middle = snapshots[len(snapshots) // 4: max(len(snapshots) // 4 + 1, 3 * len(snapshots) // 4)]
+    mean = {op: sum(s.get(op, 0.0) for s in middle) / len(middle) for op in snapshots[-1]}
+    peak = max(snapshots, key=lambda s: sum(s.values()))
+    return {"mean": mean, "peak_total": sum(peak.values()), "peak": peak}
 
 
 def process_label(p: psutil.Process) -> str:
@@ -106,7 +139,8 @@ def process_label(p: psutil.Process) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs=2, default=[1000, 20000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 20000],
+                        help="dataset sizes, smallest first; ratios are against the first")
     parser.add_argument("--workdir", default=None, help="where datasets and outputs go (default: a temp dir)")
     parser.add_argument("overrides", nargs="*", help="extra capjob overrides")
     args = parser.parse_args()
@@ -128,10 +162,20 @@ def main() -> None:
         print(f"\n{r['images']} images, {len(r['at_peak'])} processes at the USS peak; largest groups (count x, MiB):")
         for label, values in top:
             print(f"  {len(values):3d} x {label}: {sum(values) / mib:.0f}")
-    small, large = results
-    for key, label in (("driver_rss", "driver peak RSS"), ("tree_rss", "driver+Ray peak RSS"), ("tree_uss", "driver+Ray peak USS"),
-                       ("object_store", "object store peak")):
-        print(f"ratio {label} {large['images']}/{small['images']} images: {large[key] / max(small[key], 1):.2f}x")
+    for r in results:
+        ops = r["operators"]
+        if not ops:
+            continue
+        print(f"\n{r['images']} images, Ray Data's object store per operator, MiB (mean over the middle half of the run; "
+              f"the 5-s snapshot with the most, {ops['peak_total']:.0f} MiB in all):")
+        for op, mean in ops["mean"].items():
+            print(f"  {op:<48} {mean:7.1f} {ops['peak'].get(op, 0.0):7.1f}")
+        print(f"  {'total':<48} {sum(ops['mean'].values()):7.1f} {ops['peak_total']:7.1f}")
+    small = results[0]
+    for large in results[1:]:
+        for key, label in (("driver_rss", "driver peak RSS"), ("tree_rss", "driver+Ray peak RSS"), ("tree_uss", "driver+Ray peak USS"),
+                           ("object_store", "object store peak")):
+            print(f"ratio {label} {large['images']}/{small['images']} images: {large[key] / max(small[key], 1):.2f}x")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ def test_offline_experiment_preset():
         ("engine.gpu_memory_utilization=1.5", "engine.gpu_memory_utilization"),
         ("resources.concurrency=0", "resources.concurrency"),
         ("resources.object_store_mib=1", "resources.object_store_mib"),
+        ("resources.max_block_mib=0", "resources.max_block_mib"),
+        ("resources.wait_for_engines_s=0", "resources.wait_for_engines_s"),
         ("engine.mm_processor_cache_gb=-1", "engine.mm_processor_cache_gb"),
         ("caption.max_tokens=0", "caption.max_tokens"),
         ("model.builder=nope", "model.builder"),
@@ -152,17 +154,26 @@ def test_processor_stages_follow_the_engine_switches():
     from capjob.runtime import local_cpus_needed
 
     default = to_typed(compose([]))
-    assert cpu_stages(default) == ["PrepareMultimodal", "ChatTemplate", "Tokenize"]
+    # The caption prompt is rendered once (engine.chat_template_stages=false): no
+    # PrepareMultimodal / ChatTemplate actors; the judge's text pass keeps its ChatTemplate.
+    assert cpu_stages(default) == ["Tokenize"]
+    assert cpu_stages(default, multimodal=False) == ["ChatTemplate", "Tokenize"]
+    templated = to_typed(compose(["engine.chat_template_stages=true"]))
+    assert cpu_stages(templated) == ["PrepareMultimodal", "ChatTemplate", "Tokenize"]
     # Each image is seen once: vLLM's processed-image cache would only hold memory.
     from capjob.processor import engine_kwargs
     assert engine_kwargs(default, "/m", EnginePlacement(0, None))["mm_processor_cache_gb"] == 0
     offline = to_typed(compose(["experiment=offline"]))
-    assert cpu_stages(offline) == ["PrepareMultimodal", "ChatTemplate"]
+    assert cpu_stages(offline) == []
     assert offline.engine.enforce_eager and offline.engine.env_vars == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     config = processor_config(offline, "/m", EnginePlacement(0, None))
-    assert (config.tokenize_stage["enabled"], config.detokenize_stage["enabled"], config.chat_template_stage["enabled"]) == (False, False, True)
+    assert (config.tokenize_stage["enabled"], config.detokenize_stage["enabled"], config.chat_template_stage["enabled"],
+            config.prepare_multimodal_stage["enabled"]) == (False, False, False, False)
     assert config.runtime_env == {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
-    every = to_typed(compose(["experiment=offline", "engine.tokenize_stage=true", "engine.detokenize_stage=true"]))
+    # The one-off prompt rendering runs the two stages' own UDFs.
+    config = processor_config(offline, "/m", EnginePlacement(0, None), chat_template_stages=True)
+    assert (config.chat_template_stage["enabled"], config.prepare_multimodal_stage["enabled"]) == (True, True)
+    every = to_typed(compose(["experiment=offline", "engine.chat_template_stages=true", "engine.tokenize_stage=true", "engine.detokenize_stage=true"]))
     assert cpu_stages(every) == ["PrepareMultimodal", "ChatTemplate", "Tokenize", "Detokenize"]
     # Local Ray is sized to the actors that exist: two more stages, two more CPU requests.
     placement = EnginePlacement(0, None)
@@ -184,6 +195,17 @@ def test_object_store_budget_reaches_ray_data():
         DataContext._set_current(None)
         default = configure_data_context(to_typed(compose(["experiment=offline", "resources.object_store_mib=null"])))
         assert default.execution_options.resource_limits.object_store_memory == float("inf")
+        # resources.max_block_mib caps Ray Data's blocks (the read's, above all); null keeps 128 MiB.
+        DataContext._set_current(None)
+        assert configure_data_context(to_typed(compose(["experiment=offline"]))).target_max_block_size == 8 * 2**20
+        DataContext._set_current(None)
+        assert configure_data_context(to_typed(compose(["resources=h100x1"]))).target_max_block_size == 128 * 2**20
+        # resources.wait_for_engines_s holds the read until the actor pools are up; null: no wait.
+        DataContext._set_current(None)
+        waiting = configure_data_context(to_typed(compose(["experiment=offline", "resources.wait_for_engines_s=600"])))
+        assert waiting.wait_for_min_actors_s == 600
+        DataContext._set_current(None)
+        assert configure_data_context(to_typed(compose(["experiment=offline"]))).wait_for_min_actors_s <= 0
     finally:
         DataContext._set_current(None)
 
@@ -248,3 +270,22 @@ def test_h100_throughput_preset_feeds_the_engine(caplog):
         assert "resources.object_store_mib=1024 is below" in caplog.text
     finally:
         DataContext._set_current(None)
+
+
+def test_caption_request_sends_the_rendered_prompt_and_the_image():
+    """engine.chat_template_stages=false: preprocess hands the engine the prompt rendered once and
+    the row's image (in the shape PrepareMultimodal would give it), keyed by the row id."""
+    import numpy as np
+
+    from capjob.processor import CaptionRequest, RenderedPrompt
+
+    cfg = to_typed(compose(["experiment=offline"]))
+    row = {"image": np.zeros((4, 6, 3), dtype=np.uint8), "id": "row-1"}
+    out = CaptionRequest(cfg, RenderedPrompt("<prompt>", image_list=True, uuid_list=True))(row)
+    assert out["prompt"] == "<prompt>" and out["image"] is None and "messages" not in out
+    assert out["multimodal_data"]["image"][0].size == (6, 4) and out["multimodal_uuids"] == {"image": ["row-1"]}
+    assert out["sampling_params"]["max_tokens"] == cfg.caption.max_tokens
+    single = CaptionRequest(cfg, RenderedPrompt("<prompt>", image_list=False, uuid_list=False))(row)
+    assert single["multimodal_data"]["image"].size == (6, 4) and single["multimodal_uuids"] == {"image": "row-1"}
+    messages = CaptionRequest(cfg)(row)["messages"]  # engine.chat_template_stages=true: the stages' input
+    assert [m["role"] for m in messages] == ["system", "user"] and messages[1]["content"][0]["uuid"] == "row-1"

@@ -98,6 +98,12 @@ class EngineConfig:
     # False compiles the model (torch.compile, CUDA graphs) at start-up: faster steady state,
     # tens of seconds more start-up. The offline preset turns it off for short CPU runs.
     enforce_eager: bool = False
+    # Ray Data LLM's PrepareMultimodal and ChatTemplate actors, which parse every row's chat
+    # messages and apply the chat template. A caption request is the same system + user prompt
+    # with a different image, so by default (false) capjob renders the prompt once, through the
+    # same two stages in a one-off task, and sends prompt + image straight to the engine: two
+    # actors (0.5-0.7 GiB each, importing vLLM / transformers) and two operators fewer.
+    chat_template_stages: bool = False
     # Tokenize in a Ray Data actor before the engine (false: vLLM tokenizes inside the engine).
     tokenize_stage: bool = True
     # vLLM already returns the generated text; Ray's detokenize stage would decode it again in
@@ -144,6 +150,15 @@ class ResourcesConfig:
     # share of the node's object store. Reading runs far ahead of the engine otherwise, so
     # memory would grow with the dataset up to that share; a bound keeps it flat.
     object_store_mib: Optional[int] = None
+    # Largest block (MiB) Ray Data's operators emit; null = Ray Data's default (128 MiB). A
+    # parquet file of 1,000 encoded images is read as one block of ~56 MB that waits before the
+    # repartition; smaller read blocks keep the object store flat (docs/benchmarks.md, issue 9).
+    max_block_mib: Optional[int] = None
+    # Read nothing until every engine replica (and CPU-stage actor) is up, waiting at most this
+    # many seconds before the job fails; null: read at once. Started early, the read and decode
+    # fill the object-store budget (and overshoot it) while no engine consumes: the job's peak
+    # (local, 20,000 images: 141 instead of 207 MiB, but 12 % fewer rows/s; docs/benchmarks.md).
+    wait_for_engines_s: Optional[int] = None
 
 
 @dataclass
@@ -345,6 +360,8 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
     _require(r.num_cpus is None or r.num_cpus >= 1, "resources.num_cpus", f"must be >= 1 or null, got {r.num_cpus}")
     _require(r.preprocess_cpus > 0, "resources.preprocess_cpus", f"must be > 0, got {r.preprocess_cpus}")
     _require(r.object_store_mib is None or r.object_store_mib >= 16, "resources.object_store_mib", f"must be null or >= 16, got {r.object_store_mib}")
+    _require(r.wait_for_engines_s is None or r.wait_for_engines_s >= 1, "resources.wait_for_engines_s", f"must be null or >= 1, got {r.wait_for_engines_s}")
+    _require(r.max_block_mib is None or r.max_block_mib >= 1, "resources.max_block_mib", f"must be null or >= 1, got {r.max_block_mib}")
     _require(r.cpu_stage_cpus > 0, "resources.cpu_stage_cpus", f"must be > 0, got {r.cpu_stage_cpus}")
     _require(r.cpu_stage_concurrency >= 1, "resources.cpu_stage_concurrency", f"must be >= 1, got {r.cpu_stage_concurrency}")
     _require(cfg.job.task_retries >= 0, "job.task_retries", f"must be >= 0, got {cfg.job.task_retries}")

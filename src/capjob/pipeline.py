@@ -1,9 +1,12 @@
 """The captioning job, top to bottom as the data flows:
 
-    read -> assign ids / skip done -> repartition -> decode, validate, resize (rejects -> quarantine)
-         -> Ray Data LLM processor (vLLM) -> write captions (engine failures -> quarantine)
+    read -> repartition -> assign ids / skip done + decode, validate, resize (rejects -> quarantine)
+         + chat request -> Ray Data LLM processor (vLLM) -> postprocess + write captions (engine
+         failures -> quarantine)
 
-Nothing is materialised: Ray Data streams blocks through every stage into the sink.
+Nothing is materialised: Ray Data streams blocks through every stage into the sink. The stages
+joined by "+" run as one Ray Data operator (fused tasks, same remote args): fewer copies of
+each block wait in the object store between operators.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any, Optional
 
 from capjob.config import CapjobConfig, EvalMode
 from capjob.errors import AccountingError
-from capjob.processor import EnginePlacement, cpu_stages
+from capjob.processor import EnginePlacement, cpu_stages, task_options
 
 # Rows per block when the plan has no better number: small blocks keep memory flat and feed
 # the engine steadily (a block of 448 px images is ~0.6 MB per row once decoded).
@@ -91,10 +94,11 @@ def make_plan(cfg: CapjobConfig, run_id: str, model_source: str, placement: Engi
     source = cfg.data.path or "capjob sample"
     stages = [
         ("read", f"{cfg.data.format.value}: {source}" + (f", limit {cfg.data.limit}" if cfg.data.limit else "")),
-        ("assign ids / resume", "skip ids already in the sink" if cfg.job.resume else "resume off"),
         ("repartition", note),
+        ("assign ids / resume", "skip ids already in the sink" if cfg.job.resume else "resume off"),
         ("decode+validate+resize", f"{r.preprocess_cpus} CPU/task, {cfg.images.resize.value} {cfg.images.size}px, rejects -> quarantine"),
-        ("preprocess", "chat request (system + user prompt + image)"),
+        ("preprocess", "chat request (system + user prompt + image)" if cfg.engine.chat_template_stages
+                       else "prompt (chat template applied once, before the run) + image"),
         *[(name, cpu_stage) for name in cpu_stages(cfg) if name != "Detokenize"],
         ("vLLM engine", f"{r.concurrency} replica(s) x {engine_res}, batch_size={e.batch_size} x {e.max_concurrent_batches} in flight, "
                         f"max_num_seqs={e.max_num_seqs or '128 (vLLM engine default)'}, max_model_len={e.max_model_len}"),
@@ -204,11 +208,12 @@ def configure_data_context(cfg: CapjobConfig, placement: Optional[EnginePlacemen
             )
         limits = data_context.execution_options.resource_limits
         data_context.execution_options.resource_limits = limits.copy(object_store_memory=budget * 2**20)
+    if cfg.resources.max_block_mib:
+        data_context.target_max_block_size = cfg.resources.max_block_mib * 2**20
+    if cfg.resources.wait_for_engines_s:
+        # Ray Data starts every actor pool before it runs a task: with this set, it blocks there.
+        data_context.wait_for_min_actors_s = cfg.resources.wait_for_engines_s
     return data_context
-
-
-def task_options(cfg: CapjobConfig) -> dict[str, Any]:
-    return {"num_cpus": cfg.resources.preprocess_cpus, "max_retries": cfg.job.task_retries, "retry_exceptions": True}
 
 
 def caption_flow(cfg: CapjobConfig, job: Started, source: Any, plan: Plan) -> Any:
@@ -217,6 +222,14 @@ def caption_flow(cfg: CapjobConfig, job: Started, source: Any, plan: Plan) -> An
     from capjob.processor import build_caption_processor
 
     ds = source.dataset
+    # Repartition first, straight after the read: the read's blocks (a whole parquet file, up to
+    # resources.max_block_mib) are the largest in the job, and only the repartition holds them.
+    if plan.rows_per_block:
+        ds = ds.repartition(target_num_rows_per_block=plan.rows_per_block)
+    elif plan.num_blocks:
+        ds = ds.repartition(num_blocks=plan.num_blocks)
+    # assign_ids, prepare_images and the processor's preprocess share task_options, so Ray Data
+    # fuses them into one task per block: no copy of the raw or decoded block between them.
     ds = ds.map_batches(  # stable ids; rows a previous run finished leave here
         checkpoint.assign_ids,
         fn_kwargs={"image_column": source.image_column, "key_column": source.key_column,
@@ -224,10 +237,6 @@ def caption_flow(cfg: CapjobConfig, job: Started, source: Any, plan: Plan) -> An
         batch_format="numpy",
         **task_options(cfg),
     )
-    if plan.rows_per_block:
-        ds = ds.repartition(target_num_rows_per_block=plan.rows_per_block)
-    elif plan.num_blocks:
-        ds = ds.repartition(num_blocks=plan.num_blocks)
     ds = ds.map_batches(  # decode once, validate, resize; rejects -> quarantine
         images.prepare_images,
         fn_kwargs={

@@ -1,8 +1,11 @@
 """Stage: the Ray Data LLM processor (vLLM) that turns prepared images into captions.
 
-preprocess builds the chat request from the already-decoded small image; the processor's own
-stages then run PrepareMultimodal -> ChatTemplate -> [Tokenize] -> vLLM -> [Detokenize] (the
-bracketed ones per `engine.tokenize_stage` / `engine.detokenize_stage`); the output projection keeps only the output schema (never the image).
+preprocess builds the request from the already-decoded small image: by default the prompt that
+Ray Data LLM's PrepareMultimodal and ChatTemplate stages render, rendered once before the run
+(every caption request shares it), plus the image; with `engine.chat_template_stages` the chat
+messages, and the processor runs those two stages per row. Then [Tokenize] -> vLLM ->
+[Detokenize] (per `engine.tokenize_stage` / `engine.detokenize_stage`); the output projection
+keeps only the output schema (never the image).
 """
 
 from __future__ import annotations
@@ -66,12 +69,14 @@ def engine_kwargs(cfg: CapjobConfig, model_source: str, placement: EnginePlaceme
 
 
 class CaptionRequest:
-    """preprocess: one prepared row -> chat messages + sampling params."""
+    """preprocess: one prepared row -> chat messages + sampling params, or, given the prompt
+    already rendered (engine.chat_template_stages=false), prompt + image for the engine."""
 
-    def __init__(self, cfg: CapjobConfig):
+    def __init__(self, cfg: CapjobConfig, prompt: Optional["RenderedPrompt"] = None):
         c = cfg.caption
         self.system_prompt = c.system_prompt
         self.user_prompt = c.user_prompt
+        self.prompt = prompt
         self.sampling_params = {
             "temperature": c.temperature,
             "top_p": c.top_p,
@@ -85,19 +90,73 @@ class CaptionRequest:
 
         pixels = row["image"]
         image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), "RGB")
-        messages = [
+        if self.prompt is not None:
+            # What PrepareMultimodal + ChatTemplate would produce for this row, without them.
+            p = self.prompt
+            return {"prompt": p.text, "multimodal_data": {"image": [image] if p.image_list else image},
+                    "multimodal_uuids": {"image": [row["id"]] if p.uuid_list else row["id"]},
+                    "sampling_params": self.sampling_params, "image": None}
+        # image=None: the array has served its purpose; don't carry it through every stage.
+        return {"messages": self.messages(image, row["id"]), "sampling_params": self.sampling_params, "image": None}
+
+    def messages(self, image: Any, uuid: str) -> list[dict[str, Any]]:
+        return [
             {"role": "system", "content": self.system_prompt},
             {
                 "role": "user",
                 "content": [
                     # The row id doubles as vLLM's multimodal cache key: no hashing of pixels.
-                    {"type": "image_pil", "image_pil": image, "uuid": row["id"]},
+                    {"type": "image_pil", "image_pil": image, "uuid": uuid},
                     {"type": "text", "text": self.user_prompt},
                 ],
             },
         ]
-        # image=None: the array has served its purpose; don't carry it through every stage.
-        return {"messages": messages, "sampling_params": self.sampling_params, "image": None}
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """The chat-templated prompt every caption request shares, and the shape (one item or a
+    list) in which Ray Data LLM's PrepareMultimodal hands the image and its uuid to the engine."""
+
+    text: str
+    image_list: bool
+    uuid_list: bool
+
+
+def _render_with_stages(stages: list[Any], row: dict[str, Any]) -> RenderedPrompt:
+    """Run Ray Data LLM's own PrepareMultimodal and ChatTemplate UDFs on one row (in a one-off
+    Ray task: it imports vLLM and transformers, and its process exits afterwards)."""
+    import asyncio
+
+    async def run() -> dict[str, Any]:
+        current = dict(row)
+        for stage in stages:
+            udf = stage.fn(data_column=DATA_COLUMN, expected_input_keys=list(stage.get_required_input_keys()),
+                           **stage.fn_constructor_kwargs)
+            current[udf.IDX_IN_BATCH_COLUMN] = 0
+            async for out in udf.udf([current]):
+                current.update(out)
+        return current
+
+    out = asyncio.run(run())
+    mm, uuids = out["multimodal_data"], out.get("multimodal_uuids") or {}
+    return RenderedPrompt(out["prompt"], isinstance(mm["image"], list), isinstance(uuids.get("image"), list))
+
+
+def render_caption_prompt(cfg: CapjobConfig, model_source: str, placement: EnginePlacement) -> RenderedPrompt:
+    """The caption prompt, rendered once by the stages engine.chat_template_stages would run
+    for every row (same model config, chat template and content format)."""
+    import ray
+    from PIL import Image
+    from ray.data.llm import build_processor
+
+    config = processor_config(cfg, model_source, placement, chat_template_stages=True)
+    stages = [s for name, s in build_processor(config).stages.items() if name in ("PrepareMultimodalStage", "ChatTemplateStage")]
+    request = CaptionRequest(cfg)
+    row = {"messages": request.messages(Image.new("RGB", (cfg.images.size, cfg.images.size)), "capjob-prompt"),
+           "sampling_params": request.sampling_params}
+    render = ray.remote(num_cpus=cfg.resources.cpu_stage_cpus, max_calls=1, runtime_env=config.runtime_env)(_render_with_stages)
+    return ray.get(render.remote(stages, row))
 
 
 class CaptionRecord:
@@ -127,12 +186,16 @@ class CaptionRecord:
         return out
 
 
-def cpu_stages(cfg: CapjobConfig, *, multimodal: bool = True) -> list[str]:
-    """The processor's CPU stages that hold an actor each, in pipeline order (around the engine)."""
+def cpu_stages(cfg: CapjobConfig, *, multimodal: bool = True, chat_template_stages: Optional[bool] = None) -> list[str]:
+    """The processor's CPU stages that hold an actor each, in pipeline order (around the engine).
+    multimodal: the caption pass, whose PrepareMultimodal and ChatTemplate stages run only with
+    engine.chat_template_stages (else the prompt is rendered once); the judge's text pass keeps
+    its ChatTemplate stage."""
     e = cfg.engine
+    templated = e.chat_template_stages if chat_template_stages is None else chat_template_stages
     return [name for name, on in (
-        ("PrepareMultimodal", multimodal),
-        ("ChatTemplate", True),
+        ("PrepareMultimodal", multimodal and templated),
+        ("ChatTemplate", templated or not multimodal),
         ("Tokenize", e.tokenize_stage),
         ("Detokenize", e.detokenize_stage),
     ) if on]
@@ -147,14 +210,15 @@ def engine_bundles(placement: EnginePlacement) -> Optional[dict[str, Any]]:
     return None
 
 
-def processor_config(cfg: CapjobConfig, model_source: str, placement: EnginePlacement, *, multimodal: bool = True):
+def processor_config(cfg: CapjobConfig, model_source: str, placement: EnginePlacement, *, multimodal: bool = True,
+                     chat_template_stages: Optional[bool] = None):
     """The vLLMEngineProcessorConfig for `cfg`'s engine/resources (shared by the caption pass and
     the judge pass): CPU placement when placement.gpus == 0, failed rows kept and flagged."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
     r = cfg.resources
     cpu_stage = {"num_cpus": r.cpu_stage_cpus, "concurrency": r.cpu_stage_concurrency}
-    enabled = set(cpu_stages(cfg, multimodal=multimodal))
+    enabled = set(cpu_stages(cfg, multimodal=multimodal, chat_template_stages=chat_template_stages))
     return vLLMEngineProcessorConfig(
         model_source=model_source,
         engine_kwargs=engine_kwargs(cfg, model_source, placement),
@@ -176,16 +240,24 @@ def processor_config(cfg: CapjobConfig, model_source: str, placement: EnginePlac
     )
 
 
+def task_options(cfg: CapjobConfig) -> dict[str, Any]:
+    """Ray remote args of the pipeline's tasks (read side, preprocess, postprocess, write). Equal
+    args let Ray Data fuse neighbouring task stages into one operator."""
+    return {"num_cpus": cfg.resources.preprocess_cpus, "max_retries": cfg.job.task_retries, "retry_exceptions": True}
+
+
 def build_caption_processor(cfg: CapjobConfig, model_source: str, placement: EnginePlacement, run_id: str):
     from ray.data.llm import build_processor
 
-    r = cfg.resources
     config = processor_config(cfg, model_source, placement)
+    prompt = None if cfg.engine.chat_template_stages else render_caption_prompt(cfg, model_source, placement)
+    # The pipeline's task options: preprocess fuses into the decode task before it and
+    # postprocess into the write task after it (Ray Data fuses tasks with equal remote args).
     processor = build_processor(
         config,
-        preprocess=CaptionRequest(cfg),
-        preprocess_map_kwargs={"num_cpus": r.preprocess_cpus},
-        postprocess_map_kwargs={"num_cpus": r.preprocess_cpus},
+        preprocess=CaptionRequest(cfg, prompt),
+        preprocess_map_kwargs=task_options(cfg),
+        postprocess_map_kwargs=task_options(cfg),
     )
     # ray.llm routes failed rows around the user postprocess, returning their whole working
     # row (image, messages...). Replacing the wrapped postprocess makes every row, failed or

@@ -69,8 +69,10 @@ def local_cpus_needed(cfg: CapjobConfig, placement: EnginePlacement) -> int:
     r = cfg.resources
     engine_cpus = r.concurrency if placement.gpus == 0 else 0
     stage_cpus = len(cpu_stages(cfg)) * r.cpu_stage_concurrency * r.cpu_stage_cpus
-    # Room for read, decode, preprocess, postprocess and write tasks beside the actors.
-    task_cpus = 4 * r.preprocess_cpus
+    # Room beside the actors for a read and a repartition task (Ray Data's default of 1 CPU
+    # each) and for a decode (+ preprocess) and a write (+ postprocess) task: with less, the
+    # read and the repartition take every CPU left and the engine waits for decoded images.
+    task_cpus = 2 + 2 * r.preprocess_cpus
     return math.ceil(engine_cpus + stage_cpus + task_cpus)
 
 
