@@ -333,3 +333,12 @@ def test_storage_options_endpoint_reaches_the_ray_workers(ray_local, tmp_path):
                 url = upload(write_webdataset(ROWS, tmp_path / "wds"), other.fs, "s3://elsewhere/wds")
             _, rows = read(format=fmt, path=url, storage_options=options)
             assert len(rows) == N
+
+
+def test_remote_errors_name_the_cause_whatever_the_port():
+    from capjob.sources import describe_remote_error
+
+    unreachable = OSError('Could not connect to the endpoint URL: "http://127.0.0.1:38403/bucket/data"')
+    assert describe_remote_error("s3://bucket/data", unreachable).startswith("cannot reach the storage endpoint")
+    forbidden = OSError("An error occurred (403) when calling the HeadObject operation: Forbidden")
+    assert describe_remote_error("s3://bucket/data", forbidden).startswith("access to 's3://bucket/data' denied")

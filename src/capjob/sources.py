@@ -149,17 +149,18 @@ def describe_remote_error(path: str, error: BaseException) -> str:
     detail = f"{type(error).__name__}: {_first_line(error)}"
     if "nosuchbucket" in lowered or "bucket does not exist" in lowered:
         return f"the bucket of {path!r} does not exist"
+    # Not reaching the endpoint comes first: its message holds the URL, and a port may contain 403.
+    if any(s in lowered for s in ("could not connect", "connect timeout", "connecttimeout", "endpointconnectionerror",
+                                  "connection refused", "name or service not known", "temporary failure in name resolution",
+                                  "unreachable", "timed out", "timeout", "cannot connect")):
+        return f"cannot reach the storage endpoint for {path!r} ({detail})"
     if any(s in lowered for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "invalidtoken", "expiredtoken",
-                                  "accessdenied", "access denied", "forbidden", "permissionerror", "403")):
+                                  "accessdenied", "access denied", "forbidden", "permissionerror")) or re.search(r"\b403\b", lowered):
         return (f"access to {path!r} denied: check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                 f"AWS_PROFILE or ~/.aws) ({detail})")
     if any(s in lowered for s in ("nocredentialserror", "unable to locate credentials", "partialcredentials")):
         return (f"no credentials for {path!r}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE "
                 f"(or storage_options.anon=true for a public bucket)")
-    if any(s in lowered for s in ("could not connect", "connect timeout", "connecttimeout", "endpointconnectionerror",
-                                  "connection refused", "name or service not known", "temporary failure in name resolution",
-                                  "unreachable", "timed out", "timeout", "cannot connect")):
-        return f"cannot reach the storage endpoint for {path!r} ({detail})"
     return f"cannot read {path!r}: {detail}"
 
 
