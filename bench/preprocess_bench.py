@@ -65,11 +65,11 @@ except ImportError:
 
 try:
     from capjob.config import ImagesConfig, ResizeMode
-    from capjob.images import decode_image
+    from capjob.images import _FAST_PNG_MODES, decode_image
 except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
     from capjob.config import ImagesConfig, ResizeMode
-    from capjob.images import decode_image
+    from capjob.images import _FAST_PNG_MODES, decode_image
 
 GENERATOR_VERSION = "v2"
 SEED_SIZE = 225
@@ -287,7 +287,7 @@ def decode_floor(b: bytes) -> None:
     scale the 225 px output allows, PNG/WebP with libpng/libwebp, the fastest decoders at hand --
     and nothing else (no resize, no conversion). Its ratio to the seed is the ceiling for this mix."""
     im = Image.open(io.BytesIO(b))
-    if im.format == "PNG" and imagecodecs is not None and im.mode in ("RGB", "RGBA", "L", "LA"):
+    if im.format == "PNG" and imagecodecs is not None and im.mode in _FAST_PNG_MODES:  # as capjob picks libpng
         imagecodecs.png_decode(b)
     elif im.format == "WEBP" and imagecodecs is not None:
         imagecodecs.webp_decode(b, hasalpha=True)  # as capjob decodes it
