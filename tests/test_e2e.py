@@ -16,6 +16,7 @@ from capjob.sample_data import bundled_photos, generated_images, write_hf_parque
 from conftest import REPO
 from corpus import broken_images
 from prometheus import Prometheus, free_port
+from references import MIN_EXACT, assert_captions_match_references
 
 pytestmark = pytest.mark.e2e
 
@@ -34,11 +35,15 @@ def read_table(path: pathlib.Path) -> pa.Table:
 
 
 def test_sample_job_writes_one_caption_per_image(tmp_path):
-    proc = capjob("data.sample_size=8", f"sink.path={tmp_path}/out", "eval=stats", "job.run_id=sample-run")
+    # data.partitions: an explicit repartition moves rows between blocks before the engine.
+    proc = capjob("data.sample_size=8", "data.sample_shapes=24", "data.partitions=5", f"sink.path={tmp_path}/out",
+                  "eval=stats", "eval.reference_column=reference", "job.run_id=sample-run")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     captions = read_table(tmp_path / "out" / "captions")
-    expected = len(bundled_photos()) + 8
+    expected = len(bundled_photos()) + 8 + 24
     assert captions.num_rows == expected
+    # Each shape scene's caption is its own image's true caption: none landed under another id.
+    assert_captions_match_references(captions, 24)
     assert len(set(captions.column("id").to_pylist())) == expected
     assert all(c.strip() for c in captions.column("caption").to_pylist())
     assert min(captions.column("generated_tokens").to_pylist()) > 0
@@ -48,9 +53,12 @@ def test_sample_job_writes_one_caption_per_image(tmp_path):
     assert "image" not in captions.column_names
     assert not list((tmp_path / "out" / "quarantine").glob("*.parquet"))
     assert str(tmp_path / "out" / "captions") in proc.stdout
+    # A few captions on the console, the shape scenes' checked against their reference.
+    assert f"sample captions (5 of {expected}):" in proc.stdout and "[= reference]" in proc.stdout
     # eval=stats ran after captioning: statistics next to the run's report.
     evaluation = json.loads((tmp_path / "out" / "reports" / "sample-run" / "eval.json").read_text())
     assert evaluation["count"] == expected
+    assert evaluation["reference"]["count"] == 24 and evaluation["reference"]["exact_match"]["share"] >= MIN_EXACT
     assert (tmp_path / "out" / "reports" / "sample-run" / "eval.md").exists()
 
 

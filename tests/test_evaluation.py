@@ -25,9 +25,11 @@ from capjob.evaluation import (
     has_repeated_ngram,
     main,
     output_sink,
+    render_markdown,
     select_run,
     validate_eval,
     vocabulary_size,
+    word_f1,
     word_tokens,
 )
 from capjob.sinks import TableWriter
@@ -208,6 +210,81 @@ def test_eval_yaml_matches_the_dataclass(option):
 def test_bad_eval_values_fail_naming_the_key(cfg, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_eval(cfg)
+
+
+# --- against a reference ----------------------------------------------------------------
+
+# id -> (caption, reference): exact match ignores case and punctuation, not word order.
+REFERENCED = {
+    "r1": ("A red circle on a white background.", "a red circle on a white background"),
+    "r2": ("a blue square and a red circle on a black background", "a red circle and a blue square on a black background"),
+    "r3": ("a green star on a gray background", "a yellow star on a gray background"),
+    "r4": ("", "a purple triangle on a white background"),
+    "r5": ("a cat on a mat", None),  # no reference: not scored
+}
+
+
+def referenced_table() -> pa.Table:
+    table = captions_table({k: (c, 8, 0, "") for k, (c, _) in REFERENCED.items()})
+    return table.append_column("reference", pa.array([r for _, r in REFERENCED.values()], pa.string()))
+
+
+def test_word_f1_known_values():
+    assert word_f1(["a", "red", "circle"], ["a", "red", "circle"]) == 1.0
+    assert word_f1(["a", "red", "circle"], ["circle", "red", "a"]) == 1.0  # a bag of words
+    assert word_f1(["a", "red", "circle"], ["blue", "square"]) == 0.0
+    # 2 shared of 3 and of 4 words: P = 2/3, R = 1/2, F1 = 4/7.
+    assert word_f1(["a", "red", "dot"], ["a", "red", "big", "circle"]) == pytest.approx(4 / 7)
+    assert word_f1([], []) == 1.0 and word_f1([], ["a"]) == 0.0
+
+
+def test_reference_metrics_per_row_and_over_the_run():
+    ev = evaluate(referenced_table(), EvalConfig(reference_column="reference"))
+    rows = {r["id"]: r for r in ev.rows.to_pylist()}
+    assert [rows[i]["exact_match"] for i in REFERENCED] == [True, False, False, False, None]
+    assert rows["r2"]["word_f1"] == 1.0 and rows["r4"]["word_f1"] == 0.0 and rows["r5"]["word_f1"] is None
+    assert rows["r3"]["word_f1"] == pytest.approx(6 / 7)  # 6 of 7 words shared both ways
+    r = ev.stats["reference"]
+    assert r["column"] == "reference" and r["count"] == 4
+    assert r["exact_match"] == {"count": 1, "share": 0.25}
+    assert r["word_f1"] == pytest.approx((1 + 1 + 6 / 7 + 0) / 4)
+    assert 0 < r["bleu4"] < 1 and r["cider"] > 0
+    md = render_markdown(ev.stats)
+    assert "## Against the reference (`reference`)" in md and "| 1 (25.0%) | 0.714 |" in md
+
+
+def test_coco_scores_rank_better_captions_higher():
+    refs = [c for _, c in REFERENCED.values() if c]
+    perfect = evaluate(captions_table({f"p{i}": (c, 8, 0, "") for i, c in enumerate(refs)})
+                       .append_column("reference", pa.array(refs)), EvalConfig(reference_column="reference"))
+    worse = evaluate(referenced_table(), EvalConfig(reference_column="reference"))
+    assert perfect.stats["reference"]["exact_match"]["share"] == 1.0
+    assert perfect.stats["reference"]["bleu4"] == pytest.approx(1.0, abs=1e-6)
+    assert perfect.stats["reference"]["cider"] > worse.stats["reference"]["cider"]
+    assert perfect.stats["reference"]["bleu4"] > worse.stats["reference"]["bleu4"]
+
+
+def test_a_missing_reference_column_is_one_line():
+    with pytest.raises(SourceError, match=r"eval.reference_column: 'truth' is not a column") as e:
+        evaluate(captions_table(), EvalConfig(reference_column="truth"))
+    assert "\n" not in str(e.value)
+
+
+def test_cli_scores_against_a_reference_column(tmp_path, capsys):
+    out = write_output(tmp_path / "out", referenced_table())
+    main([str(out), "--reference-column", "reference"])
+    stats = json.loads((out / "eval.json").read_text())
+    assert stats["reference"]["exact_match"]["count"] == 1
+    table = pq.read_table(out / "evaluation" / "all.parquet")
+    assert table.column("exact_match").to_pylist().count(True) == 1
+
+
+def test_compare_markdown_shows_reference_metrics():
+    a = evaluate(referenced_table(), EvalConfig(reference_column="reference")).stats
+    b = evaluate(captions_table(), EvalConfig()).stats
+    lines = compare_markdown({"step-100": a, "step-600": b}).splitlines()
+    assert "| exact match | word F1 | BLEU-4 | CIDEr-D |" in lines[0]
+    assert "| 1 (25.0%) | 0.714 |" in lines[2] and lines[3].endswith("| n/a | n/a | n/a | n/a |")
 
 
 # --- reports -----------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Nothing lost, nothing twice: a killed driver resumes, a killed worker is retried.
 
-These run the real pipeline (Ray + vLLM CPU + tiny model) and kill real processes.
+These run the real pipeline (Ray + vLLM CPU + tiny model) and kill real processes. Shape
+scenes carry their true caption (`reference`), so each test also checks that every caption
+landed under its own image's id after the retry or the resume.
 """
 
 import io
@@ -13,35 +15,46 @@ import time
 
 import numpy as np
 import psutil
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from capjob.sample_data import _scene, write_hf_parquet
 from conftest import REPO
+from references import assert_captions_match_references, shape_rows
 
 pytestmark = pytest.mark.e2e
 
 SECRET = "sEcReT-dont-log-me-1234"
 
 
-def write_images(path, count, size, fmt, seed):
+def generated(count, size, fmt, seed):
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(count):
         buf = io.BytesIO()
         _scene(rng, *size).save(buf, format=fmt)
         rows.append((f"img_{i:04d}.{fmt.lower()}", buf.getvalue(), "generated"))
+    return rows
+
+
+def write_rows(path, rows, references):
     path.mkdir(parents=True)
-    write_hf_parquet(rows, path / "part-0.parquet")
+    write_hf_parquet(rows, path / "part-0.parquet", references)
     return rows
 
 
 def command(data, out, *extra):
+    # 24 tokens: a whole shape caption ("a red circle and an orange star on a gray background").
     return [
         sys.executable, "-m", "capjob", "experiment=offline", "data.format=parquet", f"data.path={data}",
-        "data.name=ft", "data.key_column=null", f"sink.path={out}", "caption.max_tokens=8", *extra,
+        "data.name=ft", "data.key_column=null", f"sink.path={out}", "caption.max_tokens=24", *extra,
     ]
+
+
+def captions_of(out):
+    return pa.concat_tables([pq.read_table(f) for f in sorted((out / "captions").glob("*.parquet"))])
 
 
 def ids_in(out, table):
@@ -50,7 +63,8 @@ def ids_in(out, table):
 
 
 def test_kill_driver_mid_run_then_resume_exactly_once(tmp_path):
-    rows = write_images(tmp_path / "data", 240, (320, 240), "JPEG", seed=11)
+    rows, references = shape_rows(240, seed=11)
+    write_rows(tmp_path / "data", rows, references)
     out = tmp_path / "out"
     env = {**os.environ, "HF_TOKEN": SECRET, "AWS_SECRET_ACCESS_KEY": SECRET}
     cmd = command(tmp_path / "data", out, "data.partitions=30", "engine.batch_size=8")
@@ -72,6 +86,8 @@ def test_kill_driver_mid_run_then_resume_exactly_once(tmp_path):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
     done = ids_in(out, "captions") + ids_in(out, "quarantine")
     assert len(done) == len(set(done)) == len(rows), "every id exactly once across both runs"
+    # ...and each under its own image: the resumed run's captions are the right ones too.
+    assert_captions_match_references(captions_of(out), len(rows))
 
     (report_dir,) = list((out / "reports").iterdir())  # the killed run never reached its report
     report = json.loads((report_dir / "report.json").read_text())
@@ -88,8 +104,15 @@ def test_kill_driver_mid_run_then_resume_exactly_once(tmp_path):
 
 
 def test_killed_preprocessing_worker_is_retried_exactly_once(tmp_path):
-    # Large PNGs (no reduced-scale decoding) keep decode tasks alive long enough to be killed.
-    rows = write_images(tmp_path / "data", 48, (2000, 1500), "PNG", seed=12)
+    # Large PNGs (no reduced-scale decoding) keep decode tasks alive long enough to be killed;
+    # every block also holds shape scenes, whose captions show whether the retry kept ids right.
+    large = generated(48, (2000, 1500), "PNG", seed=12)
+    scenes, captions = shape_rows(24, seed=13)
+    rows, references = [], []
+    for i in range(24):
+        rows += [*large[2 * i:2 * i + 2], scenes[i]]
+        references += [None, None, captions[i]]
+    write_rows(tmp_path / "data", rows, references)
     out = tmp_path / "out"
     proc = subprocess.Popen(command(tmp_path / "data", out, "data.partitions=12", "job.run_id=worker-kill"), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -113,3 +136,4 @@ def test_killed_preprocessing_worker_is_retried_exactly_once(tmp_path):
     assert len(done) == len(set(done)) == len(rows)
     report = json.loads((out / "reports" / "worker-kill" / "report.json").read_text())
     assert report["rows_read"] == len(rows) and report["captioned"] + report["quarantined"] == len(rows)
+    assert_captions_match_references(captions_of(out), 24)

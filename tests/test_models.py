@@ -25,9 +25,14 @@ EXPECTED_FILES = {
 }
 
 
+# Training steps of the throwaway builds that test the build mechanics, not the model.
+QUICK = 2
+
+
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> pathlib.Path:
-    return models.build_tiny_qwen25vl(tmp_path_factory.mktemp("built") / "tiny")
+def tiny_model() -> pathlib.Path:
+    """The trained build in the suite's shared cache (conftest.py): trained once per suite."""
+    return pathlib.Path(models.resolve_model_source(None, models.TINY_QWEN25VL))
 
 
 def digests(model_dir: pathlib.Path) -> dict[str, str]:
@@ -78,7 +83,7 @@ def test_transformers_tokenizes_as_the_trained_tokenizer(tiny_model):
 def test_second_build_reuses_the_first(tiny_model, monkeypatch):
     before = {p.name: p.stat().st_mtime_ns for p in tiny_model.iterdir()}
 
-    def must_not_rebuild(out):
+    def must_not_rebuild(*args):
         raise AssertionError("rebuilt a complete model")
 
     monkeypatch.setattr(models, "_write_tiny_qwen25vl", must_not_rebuild)
@@ -86,8 +91,11 @@ def test_second_build_reuses_the_first(tiny_model, monkeypatch):
     assert {p.name: p.stat().st_mtime_ns for p in tiny_model.iterdir()} == before
 
 
-def test_builds_are_deterministic(tiny_model, tmp_path):
-    assert digests(models.build_tiny_qwen25vl(tmp_path / "again")) == digests(tiny_model)
+def test_builds_are_deterministic(tmp_path):
+    """Weights included: the same seeds give the same training, so a build is reproducible."""
+    first = digests(models.build_tiny_qwen25vl(tmp_path / "one", train_steps=QUICK))
+    assert digests(models.build_tiny_qwen25vl(tmp_path / "two", train_steps=QUICK)) == first
+    assert "model.safetensors" in first
 
 
 def test_failed_build_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
@@ -96,35 +104,35 @@ def test_failed_build_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
 
     monkeypatch.setattr(models, "_write_model", crash)
     with pytest.raises(RuntimeError, match="mid-build"):
-        models.build_tiny_qwen25vl(tmp_path / "tiny")
-    assert list(tmp_path.iterdir()) == []
+        models.build_tiny_qwen25vl(tmp_path / "tiny", train_steps=QUICK)
+    assert [p.name for p in tmp_path.iterdir()] == [".tiny.lock"]
 
 
 def test_losing_a_race_uses_the_winners_build(tiny_model, tmp_path, monkeypatch):
     target = tmp_path / "tiny"
     write = models._write_tiny_qwen25vl
 
-    def write_while_another_process_publishes(out):
-        write(out)
+    def write_while_another_process_publishes(out, steps):
+        write(out, steps)
         shutil.copytree(tiny_model, target)
 
     monkeypatch.setattr(models, "_write_tiny_qwen25vl", write_while_another_process_publishes)
-    assert models.build_tiny_qwen25vl(target) == target
+    assert models.build_tiny_qwen25vl(target, train_steps=QUICK) == target
     assert models.is_complete(target)
-    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tiny.lock", "tiny"]
 
 
 def test_an_empty_target_dir_is_filled_and_a_foreign_one_refused(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert models.is_complete(models.build_tiny_qwen25vl(empty))
+    assert models.is_complete(models.build_tiny_qwen25vl(empty, train_steps=QUICK))
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError):
-        models.build_tiny_qwen25vl(foreign)
+        models.build_tiny_qwen25vl(foreign, train_steps=QUICK)
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "foreign"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["empty", "foreign"]
 
 
 def test_resolve_model_source(tiny_model, tmp_path, monkeypatch):
@@ -132,17 +140,34 @@ def test_resolve_model_source(tiny_model, tmp_path, monkeypatch):
     assert models.resolve_model_source("/models/mine", None) == "/models/mine"
     assert not list(tmp_path.iterdir())  # a set source never builds
 
-    built = models.resolve_model_source(None, "tiny_qwen25vl", str(tmp_path / "cache"))
-    assert built == str(tmp_path / "cache" / "models" / "tiny_qwen25vl-v1")
-    assert models.is_complete(built)
+    # A complete build in the cache is what resolves (the builder is not called again).
+    name = f"tiny_qwen25vl-{models.TINY_QWEN25VL_VERSION}"
+    shutil.copytree(tiny_model, tmp_path / "cache" / "models" / name)
+    monkeypatch.setattr(models, "_write_tiny_qwen25vl", lambda *args: pytest.fail("rebuilt a cached model"))
+    assert models.resolve_model_source(None, "tiny_qwen25vl", str(tmp_path / "cache")) == str(tmp_path / "cache" / "models" / name)
 
     monkeypatch.setenv("CAPJOB_CACHE", str(tmp_path / "env-cache"))
-    shutil.copytree(tiny_model, tmp_path / "env-cache" / "models" / "tiny_qwen25vl-v1")
-    assert models.resolve_model_source(None, "tiny_qwen25vl") == str(tmp_path / "env-cache" / "models" / "tiny_qwen25vl-v1")
+    shutil.copytree(tiny_model, tmp_path / "env-cache" / "models" / name)
+    assert models.resolve_model_source(None, "tiny_qwen25vl") == str(tmp_path / "env-cache" / "models" / name)
 
     for builder in (None, "nope"):
         with pytest.raises(ValueError, match="model.builder"):
             models.resolve_model_source(None, builder, str(tmp_path))
+
+
+def test_the_trained_model_captions_shape_scenes(tiny_model):
+    """The build records its accuracy on held-out scenes, and transformers' greedy decoding of
+    the saved weights reproduces captions of scenes it never saw."""
+    import torch
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from capjob.models import shapes, train
+
+    record = json.loads((tiny_model / models.COMPLETE_MARKER).read_text())
+    assert record["train_steps"] == train.TRAIN_STEPS and record["exact_match"] >= 0.97, record
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    scenes = shapes.scenes(40, seed=12345)
+    assert train.exact_match(model, AutoProcessor.from_pretrained(tiny_model), scenes) >= 0.95
 
 
 def test_processor_expands_one_image_into_its_grid(tiny_model):

@@ -137,6 +137,26 @@ def test_engine_failures_go_to_quarantine(tmp_path, no_ledger):
     assert writer.read(QUARANTINE).column("reason").to_pylist() == ["engine: boom"]
 
 
+def test_empty_captions_are_quarantined_and_counted(tmp_path, monkeypatch):
+    """A caption with no words (end-of-sequence first) is no success: quarantined with its own
+    reason and counted for the report and the metrics, never written as a caption."""
+    from capjob import metrics
+
+    recorded = {}
+    monkeypatch.setattr(metrics, "record_many", lambda run_id, key, counts: recorded.update(counts))
+    table = captions(4).append_column("__inference_error__", pa.array(["", "", "boom", ""]))
+    table = table.set_column(table.schema.get_field_index("caption"), "caption", pa.array(["a cat", "", "x", " \n"]))
+    stats = CaptionSink(sink(tmp_path), "run", "tiny").write([table], None)
+    assert (stats["captioned"], stats["quarantined"], stats["empty_captions"]) == (1, 3, 2)
+    assert recorded["rejected:empty_caption"] == 2 and recorded["rejected:engine"] == 1
+    writer = TableWriter(sink(tmp_path))
+    assert writer.read(CAPTIONS).column("caption").to_pylist() == ["a cat"]
+    reasons = dict(zip(writer.read(QUARANTINE).column("id").to_pylist(), writer.read(QUARANTINE).column("reason").to_pylist()))
+    assert reasons["img-00002"] == "engine: boom"
+    assert reasons["img-00001"].startswith("empty_caption:") and reasons["img-00003"].startswith("empty_caption:")
+    assert stats["samples"] == [{"source_key": "s3://b/img-00000.jpg", "caption": "a cat"}]
+
+
 def test_rows_per_file_gathers_blocks(tmp_path):
     """sink.rows_per_file is Ray Data's min_rows_per_write: blocks are gathered until a file holds
     at least that many rows."""

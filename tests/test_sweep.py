@@ -1,5 +1,6 @@
 """Sweeps: the report builder on synthetic job directories (fast), `capjob --multirun` wiring in
-dry-run mode (no Ray), and one real 2x2 multirun on CPU with the tiny model (e2e)."""
+dry-run mode (no Ray), and one real 2x2 multirun on CPU with the tiny model (e2e): two
+checkpoints x one or two engine replicas."""
 
 import csv
 import json
@@ -7,6 +8,8 @@ import pathlib
 import subprocess
 import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -131,6 +134,28 @@ def test_checkpoint_comparison_with_evaluation_scores(tmp_path):
     rows = list(csv.DictReader(paths["csv"].open()))
     assert rows[0]["model.source"] == "/ckpt/run-1/step-2000" and rows[0]["eval_degenerate_share"] == ""
     assert rows[1]["eval_degenerate_share"] == "0.25" and rows[1]["eval_vocabulary_size"] == "17"
+
+
+def test_checkpoints_rank_by_their_scores_against_the_reference(tmp_path):
+    """Scores against a reference caption decide the checkpoint order, not speed or path."""
+    d = tmp_path / "sweep"
+
+    def ev(exact, f1):
+        return {"count": 24, "words": {"mean": 9.0, "p50": 9.0, "p95": 12.0}, "generated_tokens": {"mean": 11.0},
+                "empty": {"count": 0, "share": 0.0}, "truncated": {"count": 0, "share": 0.0},
+                "degenerate": {"count": 0, "share": 0.0}, "vocabulary_size": 20,
+                "reference": {"column": "reference", "count": 24, "exact_match": {"count": round(24 * exact), "share": exact},
+                              "word_f1": f1, "bleu4": f1 * 0.9, "cider": f1 * 5}}
+
+    # The faster checkpoint (step-100) is the worse captioner.
+    make_job(d, 0, ["model.source=/ckpt/step-100"], rep=report(3.0, run_id="a"), evaluation=ev(0.25, 0.81))
+    make_job(d, 1, ["model.source=/ckpt/step-600"], rep=report(1.0, run_id="b"), evaluation=ev(1.0, 1.0))
+    paths = sweep.build_report(d)
+    section = paths["markdown"].read_text().split("## Checkpoint comparison", 1)[1]
+    assert "**Best checkpoint: /ckpt/step-600** (job 1): 100.0% exact match, word F1 1.000 against `reference` (24 captions)." in section
+    assert section.index("| /ckpt/step-600 | 1 | 100.0% | 1.000 |") < section.index("| /ckpt/step-100 | 0 | 25.0% | 0.810 |")
+    rows = {r["model.source"]: r for r in csv.DictReader(paths["csv"].open())}
+    assert rows["/ckpt/step-600"]["eval_exact_match"] == "1.0" and rows["/ckpt/step-100"]["eval_word_f1"] == "0.81"
 
 
 def test_overrides_are_redacted():
@@ -292,37 +317,60 @@ def test_tp_and_pp_use_rays_executor():
     assert backends == {(1, 1): "uni", (2, 1): "ray", (1, 2): "ray", (2, 2): "ray"}
 
 
+# Steps of the earlier checkpoint: far from converged (docs/benchmarks.md, "tiny trained model").
+EARLY_STEPS = 60
+
+
 @pytest.mark.e2e
-def test_real_2x2_multirun_on_cpu(tmp_path):
-    """Four real runs (Ray Data + vLLM CPU + tiny model), one after the other in one process."""
+def test_real_checkpoint_sweep_with_two_engine_replicas(tmp_path):
+    """Four real runs (Ray Data + vLLM CPU), one after the other in one process: two checkpoints
+    of the tiny model (trained for EARLY_STEPS and for the default) x one or two engine replicas,
+    over shape scenes whose true caption is known. The later checkpoint ranks first by exact
+    match, and with two replicas every caption still lands under its own image's id."""
+    from capjob import models
+    from capjob.sample_data import write_hf_parquet
+    from references import assert_captions_match_references, shape_rows
+
+    trained = models.resolve_model_source(None, models.TINY_QWEN25VL)
+    early = str(models.build_tiny_qwen25vl(tmp_path / "ckpt" / f"step-{EARLY_STEPS}", train_steps=EARLY_STEPS))
+    rows, references = shape_rows(16, seed=21)
+    (tmp_path / "data").mkdir()
+    write_hf_parquet(rows, tmp_path / "data" / "part-0.parquet", references)
     d = tmp_path / "sweep"
-    proc = multirun("data.sample_size=0", "data.limit=4", "caption.max_tokens=8",
-                    "engine.batch_size=4,8", "data.partitions=1,2", f"hydra.sweep.dir={d}", timeout=5400)
+    proc = multirun("data.format=parquet", f"data.path={tmp_path / 'data'}", "data.name=shapes", "caption.max_tokens=24",
+                    "eval=stats", "eval.reference_column=reference", f"model.source={early},{trained}",
+                    "resources.concurrency=1,2", f"hydra.sweep.dir={d}", timeout=5400)
     (tmp_path / "stdout.txt").write_text(proc.stdout)
     (tmp_path / "stderr.txt").write_text(proc.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     recs = records(d)
     assert [r["status"] for r in recs] == ["succeeded"] * 4, [r["error"] for r in recs]
+    exact = {}
     for i, rec in enumerate(recs):
         rep = json.loads((d / str(i) / "report.json").read_text())
         # its own sink: nothing skipped as "already done" by an earlier job of the sweep
         assert rec["sink_path"] == str(d / str(i) / "out")
-        assert rep["rows_read"] == 4 and rep["skipped_done"] == 0 and rep["captioned"] == 4
-        assert rep["rows_per_second"] > 0 and rep["generated_tokens_per_second"] > 0
-        assert len(list((d / str(i) / "out" / "captions").glob("*.parquet"))) >= 1
+        assert rep["rows_read"] == 16 and rep["skipped_done"] == 0 and rep["captioned"] + rep["quarantined"] == 16
+        assert rep["config"]["resources"]["concurrency"] in (1, 2)
+        source, replicas = rep["config"]["model"]["source"], rep["config"]["resources"]["concurrency"]
+        captions = pa.concat_tables([pq.read_table(f) for f in sorted((d / str(i) / "out" / "captions").glob("*.parquet"))])
+        if source == trained:  # with one engine and with two, each caption under its own id
+            assert_captions_match_references(captions, 16)
+        exact[(source, replicas)] = json.loads((d / str(i) / "eval.json").read_text())["reference"]["exact_match"]["share"]
+    assert set(exact) == {(early, 1), (early, 2), (trained, 1), (trained, 2)}
+    assert max(exact[(early, 1)], exact[(early, 2)]) < min(exact[(trained, 1)], exact[(trained, 2)])
     # each run started its own Ray and shut it down, every process it spawned gone
     assert all(r["ray"]["initialized"] and r["ray"]["cluster"] == "local (started by this job)" for r in recs)
     assert len({r["ray"]["node_id"] for r in recs}) == 4
     # (on a loaded machine some may have needed a kill after the grace period; none survives)
     assert all(r["ray"]["processes_started"] > 0 and r["ray"]["processes_left"] == [] for r in recs)
 
-    rows = list(csv.DictReader((d / "sweep.csv").open()))
-    assert len(rows) == 4 and sum(r["best"] == "True" for r in rows) == 1
-    speeds = [float(r["rows_per_second"]) for r in rows]
-    assert speeds == sorted(speeds, reverse=True) and rows[0]["best"] == "True"
-    assert {(r["engine.batch_size"], r["data.partitions"]) for r in rows} == {("4", "1"), ("4", "2"), ("8", "1"), ("8", "2")}
+    rows_csv = list(csv.DictReader((d / "sweep.csv").open()))
+    assert len(rows_csv) == 4 and sum(r["best"] == "True" for r in rows_csv) == 1
     md = (d / "sweep.md").read_text()
     assert "4 runs: 4 succeeded, 0 failed." in md and "| ★ best |" in md
+    section = md.split("## Checkpoint comparison", 1)[1]
+    assert section.lstrip().startswith(f"**Best checkpoint: {sweep._short(trained)}**"), section[:400]
     assert (d / "sweep.png").read_bytes()[:4] == PNG
     # the callback's files are what capjob-sweep-report rebuilds
     assert sweep.markdown(d, sweep.collect(d)) == md

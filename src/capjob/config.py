@@ -58,6 +58,8 @@ class DataConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     # Only for format=sample: how many images to generate besides the bundled photos.
     sample_size: int = 24
+    # dataset=sample: shape scenes with their true caption in `reference` (models/shapes.py).
+    sample_shapes: int = 24
 
 
 @dataclass
@@ -289,6 +291,9 @@ class EvalConfig:
     ngram_share: float = 0.3
     # ...or a line (same words) occurring >= `line_repeats` times.
     line_repeats: int = 2
+    # A column of the captions table holding each image's true caption (e.g. `reference`,
+    # passed through from the input): exact match, word F1, BLEU-4 and CIDEr-D against it.
+    reference_column: Optional[str] = None
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
@@ -322,6 +327,7 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
     _require(d.partitions_per_worker > 0, "data.partitions_per_worker", f"must be > 0, got {d.partitions_per_worker}")
     _require(d.format == SourceFormat.sample or bool(d.path), "data.path", f"is required for data.format={d.format.value}")
     _require(d.sample_size >= 0, "data.sample_size", f"must be >= 0, got {d.sample_size}")
+    _require(d.sample_shapes >= 0, "data.sample_shapes", f"must be >= 0, got {d.sample_shapes}")
     _require(bool(m.source) or bool(m.builder), "model.source", "set a hub id or local path (or model.builder for a locally built model)")
     _require(m.builder in (None, *MODEL_BUILDERS), "model.builder", f"unknown builder {m.builder!r}; allowed: {', '.join(MODEL_BUILDERS)}")
     _require(e.batch_size > 0, "engine.batch_size", f"must be > 0, got {e.batch_size}")

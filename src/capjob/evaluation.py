@@ -12,6 +12,13 @@ cut. A caption that ends exactly at the budget by itself is counted as truncated
 
 Words are lower-cased ``\\w+`` tokens (apostrophes kept inside words), so punctuation and case
 never count: "A cat." and "a cat" have the same words, n-grams and vocabulary.
+
+With ``eval.reference_column`` (a column holding each image's true caption, such as
+``reference`` in ``dataset=sample``), rows with a reference are also scored against it:
+exact match (same word sequence), word-level F1 (bag-of-words overlap, as SQuAD scores
+answers), and the COCO caption metrics BLEU-4 and CIDEr-D from pycocoevalcap (the scorers of
+the MS-COCO caption evaluation server). pycocoevalcap normally tokenizes with Stanford's PTB
+tokenizer (Java); here both sides are the same lower-cased word tokens instead.
 """
 
 from __future__ import annotations
@@ -64,6 +71,9 @@ EVAL_SCHEMA = pa.schema(
         ("degenerate", pa.bool_()),
         # Comma-separated flag names (empty, truncated, repeated_ngram, repeated_lines); "" if none.
         ("flags", pa.string()),
+        # Against eval.reference_column; null without a reference.
+        ("exact_match", pa.bool_()),
+        ("word_f1", pa.float64()),
     ]
 )
 
@@ -167,6 +177,41 @@ def caption_flags(caption: str, words: Sequence[str], generated_tokens: int, max
     )
 
 
+def word_f1(hypothesis: Sequence[str], reference: Sequence[str]) -> float:
+    """Bag-of-words F1 of two word_tokens lists (SQuAD's answer F1): 1.0 for the same words in
+    any order, 0.0 when none is shared; two empty lists agree (1.0)."""
+    if not hypothesis or not reference:
+        return float(not hypothesis and not reference)
+    common = sum((Counter(hypothesis) & Counter(reference)).values())
+    if not common:
+        return 0.0
+    precision, recall = common / len(hypothesis), common / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+def coco_scores(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]]) -> dict[str, Optional[float]]:
+    """Corpus BLEU-4 and CIDEr-D (pycocoevalcap) of word_tokens lists, one reference per row.
+    None for no rows. CIDEr-D's idf comes from the references given, so it compares runs over
+    the same references only (as on the COCO server)."""
+    if not hypotheses:
+        return {"bleu4": None, "cider": None}
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    res = {i: [" ".join(h)] for i, h in enumerate(hypotheses)}
+    gts = {i: [" ".join(r)] for i, r in enumerate(references)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, _ = Cider().compute_score(gts, res)
+    return {"bleu4": float(bleu[3]), "cider": float(cider)}
+
+
+def _reference_column(table: pa.Table, column: str) -> list[Optional[str]]:
+    if column not in table.column_names:
+        raise SourceError(f"eval.reference_column: {column!r} is not a column of the captions table "
+                          f"(pass it through with data.passthrough_columns); columns: {sorted(table.column_names)}")
+    return table.column(column).to_pylist()
+
+
 # --- over a table ------------------------------------------------------------------------
 
 
@@ -214,6 +259,22 @@ def evaluate(table: pa.Table, cfg: EvalConfig, *, max_tokens: Optional[int] = No
     tokens = [int(t or 0) for t in table.column("generated_tokens").to_pylist()]
     words = [word_tokens(c) for c in captions]
     flags = [caption_flags(c, w, t, limit, cfg) for c, w, t in zip(captions, words, tokens)]
+    n = len(flags)
+    exact: list[Optional[bool]] = [None] * n
+    f1: list[Optional[float]] = [None] * n
+    reference: Optional[dict[str, Any]] = None
+    if cfg.reference_column:
+        refs = [None if r is None else word_tokens(str(r)) for r in _reference_column(table, cfg.reference_column)]
+        scored = [i for i, r in enumerate(refs) if r is not None]
+        for i in scored:
+            exact[i], f1[i] = words[i] == refs[i], word_f1(words[i], refs[i])
+        reference = {
+            "column": cfg.reference_column,
+            "count": len(scored),
+            "exact_match": _share(sum(bool(exact[i]) for i in scored), len(scored)),
+            "word_f1": float(np.mean([f1[i] for i in scored])) if scored else None,
+            **coco_scores([words[i] for i in scored], [refs[i] for i in scored]),  # type: ignore[misc]
+        }
     rows = pa.table(
         {
             "id": table.column("id").cast(pa.string()),
@@ -223,10 +284,11 @@ def evaluate(table: pa.Table, cfg: EvalConfig, *, max_tokens: Optional[int] = No
             "truncated": [f.truncated for f in flags],
             "degenerate": [f.degenerate for f in flags],
             "flags": [f.names for f in flags],
+            "exact_match": exact,
+            "word_f1": f1,
         },
         schema=EVAL_SCHEMA,
     )
-    n = len(flags)
     stats = {
         "run": run,
         "models": sorted({m for m in table.column("model").to_pylist() if m}) if "model" in table.column_names else [],
@@ -243,6 +305,7 @@ def evaluate(table: pa.Table, cfg: EvalConfig, *, max_tokens: Optional[int] = No
         },
         "vocabulary_size": vocabulary_size(words),
         "settings": {"ngram": cfg.ngram, "ngram_repeats": cfg.ngram_repeats, "ngram_share": cfg.ngram_share, "line_repeats": cfg.line_repeats},
+        **({"reference": reference} if reference is not None else {}),
     }
     return Evaluation(rows, stats)
 
@@ -295,11 +358,30 @@ def render_markdown(stats: Mapping[str, Any]) -> str:
         f"Vocabulary: {s['vocabulary_size']} distinct lower-cased words.",
         "",
     ]
+    if s.get("reference"):
+        lines += _reference_markdown(s["reference"])
     if s.get("judge"):
         from capjob.judge import render_judge_markdown
 
         lines.append(render_judge_markdown(s["judge"]))
     return "\n".join(lines)
+
+
+def _reference_markdown(r: Mapping[str, Any]) -> list[str]:
+    return [
+        f"## Against the reference (`{r['column']}`)",
+        "",
+        f"{r['count']} captions have a reference.",
+        "",
+        "| exact match | word F1 | BLEU-4 | CIDEr-D |",
+        "|---:|---:|---:|---:|",
+        f"| {_pct(r['exact_match'])} | {_score(r['word_f1'])} | {_score(r['bleu4'])} | {_score(r['cider'])} |",
+        "",
+    ]
+
+
+def _score(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _histogram(ax: Any, values: list[int], stats: Mapping[str, Optional[float]], xlabel: str) -> None:
@@ -350,10 +432,13 @@ def compare_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
     """One row per eval.json content (e.g. per model checkpoint), keyed by its label; judge
     columns when any of them has a judge section."""
     judged = any(s.get("judge") for s in results.values())
+    referenced = any(s.get("reference") for s in results.values())
     lines = [
         "| | captions | words mean | words p50 | words p95 | tokens mean | empty | truncated | degenerate | vocabulary |"
+        + (" exact match | word F1 | BLEU-4 | CIDEr-D |" if referenced else "")
         + (" judge mean | judge parsed |" if judged else ""),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if judged else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|---:|" if referenced else "")
+        + ("---:|---:|" if judged else ""),
     ]
     for label, s in results.items():
         cells = [
@@ -367,6 +452,10 @@ def compare_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
             _pct(s["degenerate"]),
             str(s["vocabulary_size"]),
         ]
+        if referenced:
+            r = s.get("reference")
+            cells += ([_pct(r["exact_match"]), _score(r["word_f1"]), _score(r["bleu4"]), _score(r["cider"])] if r
+                      else ["n/a"] * 4)
         if judged:
             j = s.get("judge")
             cells += [_num(j["mean_score"]) if j else "n/a", f"{j['parsed']}/{j['count']}" if j else "n/a"]
@@ -472,11 +561,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("output", metavar="OUTPUT", help="the run's sink.path (local path or fsspec URL such as s3://bucket/prefix)")
     parser.add_argument("--max-tokens", type=_positive_int, default=None, help="the run's caption.max_tokens; without it truncation is not assessed")
     parser.add_argument("--out", type=Path, default=None, help="report directory (default: OUTPUT when local, else ./eval-<name>)")
+    parser.add_argument("--reference-column", default=None, metavar="COLUMN",
+                        help="column holding each image's true caption: exact match, word F1, BLEU-4 and CIDEr-D against it")
     args = parser.parse_args(argv)
     try:
         sink = output_sink(args.output)
         out_dir = args.out or default_out_dir(args.output)
-        _, written = evaluate_output(sink, EvalConfig(name="stats", mode=EvalMode.stats, max_tokens=args.max_tokens), out_dir)
+        _, written = evaluate_output(sink, EvalConfig(name="stats", mode=EvalMode.stats, max_tokens=args.max_tokens,
+                                                           reference_column=args.reference_column), out_dir)
     except (CapjobError, OSError) as e:
         print(f"capjob-eval: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -284,6 +284,7 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
     report_dirs = [f"{cfg.sink.path.rstrip('/')}/reports/{job.run_id}"] + ([report_dir] if report_dir else [])
     report.write(run_report, stats_text, report.plots(totals, job.wall_clock), report_dirs, cfg.sink.storage_options)
     print("\n" + report.summary_table(run_report))
+    print(sample_captions(totals.get("samples", []), result.captioned))
     print(f"\ncaptions:   {result.output}\nquarantine: {result.quarantine}\nreport:     {' and '.join(report_dirs)}", flush=True)
 
     if cfg.job.metrics_export_port:
@@ -296,6 +297,24 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
             f"run {job.run_id} lost or duplicated rows"
         )
     return result
+
+
+SAMPLE_CAPTIONS = 5
+
+
+def sample_captions(samples: list[dict[str, Any]], captioned: int) -> str:
+    """A few captions for the console, rows with a known true caption (`reference`) first,
+    each marked right or wrong against it."""
+    if not samples:
+        return ""
+    chosen = sorted(samples, key=lambda r: r.get("reference") is None)[:SAMPLE_CAPTIONS]
+    lines = [f"\nsample captions ({len(chosen)} of {captioned}):"]
+    for r in chosen:
+        mark = "" if r.get("reference") is None else ("  [= reference]" if r["caption"].strip() == r["reference"] else
+                                                      f"  [reference: {r['reference']}]")
+        caption = " ".join(r["caption"].split())
+        lines.append(f"  {str(r.get('source_key'))[-32:]:<32} {caption[:100]}{mark}")
+    return "\n".join(lines)
 
 
 def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional[str] = None) -> Optional[RunResult]:

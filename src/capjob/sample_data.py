@@ -1,10 +1,13 @@
-"""The offline `dataset=sample`: real photographs plus generated images, in the seed's HF layout.
+"""The offline `dataset=sample`: real photographs, generated images and shape scenes, in the seed's HF layout.
 
 Written once per size as parquet with an ``image`` = ``{bytes, path}`` struct column (the
-layout of BLIP3o's ``jpg`` and ImageNet's ``image``) and a ``label`` column, under the capjob
-cache. The photographs are the ones scikit-image ships; the generated images cover the sizes,
-formats and modes scraped data brings (JPEG/PNG/WebP/GIF, grayscale, palette, alpha, CMYK,
-16-bit, EXIF-rotated, tiny and very wide).
+layout of BLIP3o's ``jpg`` and ImageNet's ``image``), a ``label`` column (photo, generated,
+shapes) and a ``reference`` column, under the capjob cache. The photographs are the ones
+scikit-image ships; the generated images cover the sizes, formats and modes scraped data
+brings (JPEG/PNG/WebP/GIF, grayscale, palette, alpha, CMYK, 16-bit, EXIF-rotated, tiny and
+very wide). The shape scenes (models/shapes.py, PNG) carry their true caption in
+``reference`` (null for the other rows): the trained offline model captions them exactly,
+so a caption written under another row's id shows.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import io
 import pathlib
 import tempfile
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -20,7 +24,9 @@ from PIL import Image, ImageDraw
 
 from capjob.cache import cache_dir
 
-SAMPLE_VERSION = "v1"
+SAMPLE_VERSION = "v2"
+# Held out from training (models/train.py draws with other seeds).
+SHAPES_SEED = 7
 
 
 def bundled_photos() -> list[pathlib.Path]:
@@ -88,28 +94,42 @@ def generated_images(count: int, seed: int = 0) -> list[tuple[str, bytes]]:
     return out
 
 
-def write_hf_parquet(rows: list[tuple[str, bytes, str]], path: pathlib.Path) -> None:
-    """Write (name, bytes, label) rows as parquet with an HF-style `image` struct column."""
+def shape_images(count: int, seed: int = SHAPES_SEED) -> list[tuple[str, bytes, str]]:
+    """`count` (name, PNG bytes, true caption) shape scenes."""
+    from capjob.models import shapes
+
+    return [(f"shapes_{i:05d}.png", _encode(shapes.render(scene), "PNG"), scene.caption)
+            for i, scene in enumerate(shapes.scenes(count, seed))]
+
+
+def write_hf_parquet(rows: list[tuple[str, bytes, str]], path: pathlib.Path,
+                     references: Optional[list[Optional[str]]] = None) -> None:
+    """Write (name, bytes, label) rows as parquet with an HF-style `image` struct column and a
+    `reference` column: the true caption, null where unknown (`references` None: all null)."""
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     table = pa.table(
         {
             "image": pa.array([{"bytes": b, "path": n} for n, b, _ in rows], type=image_type),
             "label": pa.array([label for _, _, label in rows], type=pa.string()),
+            "reference": pa.array(references if references is not None else [None] * len(rows), type=pa.string()),
         }
     )
     pq.write_table(table, path)
 
 
-def ensure_sample_dataset(num_generated: int = 24) -> str:
+def ensure_sample_dataset(num_generated: int = 24, num_shapes: int = 24) -> str:
     """The sample dataset's directory, written on first use (atomically) and reused after."""
-    root = cache_dir() / "datasets" / f"sample-{SAMPLE_VERSION}-{num_generated}"
+    root = cache_dir() / "datasets" / f"sample-{SAMPLE_VERSION}-{num_generated}-{num_shapes}"
     if (root / "train-00000.parquet").exists():
         return str(root)
     rows = [(p.name, p.read_bytes(), "photo") for p in bundled_photos()]
     rows += [(n, b, "generated") for n, b in generated_images(num_generated)]
+    shape_rows = shape_images(num_shapes)
+    references: list[Optional[str]] = [None] * len(rows) + [caption for _, _, caption in shape_rows]
+    rows += [(n, b, "shapes") for n, b, _ in shape_rows]
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}-"))
-    write_hf_parquet(rows, tmp / "train-00000.parquet")
+    write_hf_parquet(rows, tmp / "train-00000.parquet", references)
     try:
         tmp.rename(root)
     except OSError:  # another process won the race; its copy is identical

@@ -229,6 +229,11 @@ def quarantine_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([{k: r.get(k) for k in QUARANTINE_SCHEMA.names} for r in rows], schema=QUARANTINE_SCHEMA)
 
 
+EMPTY_CAPTION_REASON = "empty_caption: the model ended the caption before its first word (end-of-sequence first)"
+# Captions each write task hands back for the console's few examples.
+SAMPLES_PER_BLOCK = 2
+
+
 class CaptionSink(Datasink[dict[str, Any]]):
     """Ray Data sink: each block's rows go to captions, or to quarantine when the engine failed."""
 
@@ -248,14 +253,18 @@ class CaptionSink(Datasink[dict[str, Any]]):
         writer = TableWriter(self.cfg)
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
         tables = [t for t in tables if t.num_rows]
-        stats: dict[str, Any] = {"captioned": 0, "quarantined": 0, "prompt_tokens": 0, "generated_tokens": 0,
-                                 "caption_words": [], "caption_tokens": [], "write_events": []}
+        stats: dict[str, Any] = {"captioned": 0, "quarantined": 0, "empty_captions": 0, "prompt_tokens": 0,
+                                 "generated_tokens": 0, "caption_words": [], "caption_tokens": [], "write_events": [],
+                                 "samples": []}
         if not tables:
             return stats
         table = pa.concat_tables(tables, promote_options="permissive")
         errors = table.column(ERROR_COLUMN).to_pylist() if ERROR_COLUMN in table.column_names else [""] * table.num_rows
-        failed = [i for i, e in enumerate(errors) if e]
-        ok = [i for i, e in enumerate(errors) if not e]
+        # An empty caption (end-of-sequence as the first token) is no caption: quarantined with
+        # its own reason, so it is counted, never written as a success, and can be retried.
+        empty = {i for i, c in enumerate(table.column("caption").to_pylist()) if not errors[i] and not (c or "").strip()}
+        failed = [i for i, e in enumerate(errors) if e or i in empty]
+        ok = [i for i, e in enumerate(errors) if not e and i not in empty]
         stem = f"{self.run_id}-{block_digest(table.column('id').to_pylist())}"
         if ok:
             captions = table.take(ok)
@@ -267,27 +276,33 @@ class CaptionSink(Datasink[dict[str, Any]]):
             stats["caption_tokens"] = captions.column("generated_tokens").to_pylist()
             stats["generated_tokens"] = sum(stats["caption_tokens"])
             stats["caption_words"] = [len(c.split()) for c in captions.column("caption").to_pylist()]
+            shown = [c for c in ("source_key", "caption", "reference") if c in captions.column_names]
+            stats["samples"] = captions.select(shown).slice(0, SAMPLES_PER_BLOCK).to_pylist()
         if failed:
             rejected = table.take(failed).to_pylist()
             rows = [
                 {"id": r["id"], "source_key": r.get("source_key"), "stage": "engine",
-                 "reason": f"engine: {r[ERROR_COLUMN]}"[:2000], "model": self.model_name, "run_id": self.run_id}
+                 "reason": (f"engine: {r[ERROR_COLUMN]}" if r.get(ERROR_COLUMN) else EMPTY_CAPTION_REASON)[:2000],
+                 "model": self.model_name, "run_id": self.run_id}
                 for r in rejected
             ]
             writer.write(QUARANTINE, quarantine_table(rows), stem)
             stats["quarantined"] = len(failed)
+            stats["empty_captions"] = len(empty)
         stats["write_events"] = [(time.time(), len(ok))]
         from capjob import metrics
 
         metrics.record_many(self.run_id, stem, {
             "captioned": stats["captioned"], "generated_tokens": stats["generated_tokens"],
-            "prompt_tokens": stats["prompt_tokens"], "rejected:engine": stats["quarantined"],
+            "prompt_tokens": stats["prompt_tokens"], "rejected:engine": stats["quarantined"] - stats["empty_captions"],
+            "rejected:empty_caption": stats["empty_captions"],
         })
         return stats
 
     def on_write_complete(self, write_result: WriteResult[dict[str, Any]]) -> None:
         """Runs on the driver once every block is written: the run's totals."""
         results = write_result.write_returns
-        self.totals = {key: sum(r[key] for r in results) for key in ("captioned", "quarantined", "prompt_tokens", "generated_tokens")}
-        for key in ("caption_words", "caption_tokens", "write_events"):
+        self.totals = {key: sum(r[key] for r in results)
+                       for key in ("captioned", "quarantined", "empty_captions", "prompt_tokens", "generated_tokens")}
+        for key in ("caption_words", "caption_tokens", "write_events", "samples"):
             self.totals[key] = [v for r in results for v in r[key]]

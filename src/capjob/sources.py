@@ -568,7 +568,7 @@ def read_source(cfg: DataConfig) -> Source:
     if cfg.format == SourceFormat.sample:
         from capjob.sample_data import ensure_sample_dataset
 
-        path = ensure_sample_dataset(cfg.sample_size)
+        path = ensure_sample_dataset(cfg.sample_size, cfg.sample_shapes)
         ds, num_rows, columns = _read_parquet(DataConfig(path=path, format=SourceFormat.parquet))
         description = f"capjob sample ({path})"
     elif cfg.format == SourceFormat.hf:

@@ -419,7 +419,7 @@ def csv_rows(jobs: list[Job]) -> tuple[list[str], list[dict[str, Any]]]:
               "quarantined", "rows_read", "wall_seconds", "caption_words_mean", "caption_words_p50", "caption_words_p95"]
     if has_eval:
         header += ["eval_captions", "eval_empty_share", "eval_truncated_share", "eval_degenerate_share", "eval_vocabulary_size",
-                   "eval_judge_mean_score"]
+                   "eval_judge_mean_score", "eval_exact_match", "eval_word_f1", "eval_bleu4", "eval_cider"]
     header += ["run_id", "output", "overrides", "error", "job_dir"]
     rows = []
     for job in ranked(jobs):
@@ -438,6 +438,10 @@ def csv_rows(jobs: list[Job]) -> tuple[list[str], list[dict[str, Any]]]:
                 eval_degenerate_share=(e.get("degenerate") or {}).get("share"),
                 eval_vocabulary_size=e.get("vocabulary_size"),
                 eval_judge_mean_score=(e.get("judge") or {}).get("mean_score"),
+                eval_exact_match=((e.get("reference") or {}).get("exact_match") or {}).get("share"),
+                eval_word_f1=(e.get("reference") or {}).get("word_f1"),
+                eval_bleu4=(e.get("reference") or {}).get("bleu4"),
+                eval_cider=(e.get("reference") or {}).get("cider"),
             )
         row.update(
             run_id=job.record.get("run_id") or (job.report or {}).get("run_id"),
@@ -541,17 +545,41 @@ def _label(job: Job, keys: list[str]) -> str:
     return " ".join(_short(params.get(k, "")) if len(keys) == 1 else f"{k}={_short(params.get(k, ''))}" for k in keys) or f"job {job.num}"
 
 
+def _reference_score(job: Job) -> Optional[dict[str, Any]]:
+    """The job's scores against a reference caption (eval.reference_column), if it has them."""
+    reference = (job.evaluation or {}).get("reference")
+    return reference if reference and reference.get("count") else None
+
+
 def _checkpoint_table(jobs: list[Job], model_keys: list[str], swept: list[str]) -> str:
+    """One row per job, by checkpoint; with scores against a reference caption, best first by
+    exact match (then word F1) and the best checkpoint named above the table."""
     other = [k for k in swept if k not in model_keys]
+    scored = any(_reference_score(j) for j in jobs)
     lines = [
-        "| checkpoint | job | " + "".join(f"`{k}` | " for k in other) + "rows/s | captioned | words mean | words p50 | words p95 | output |",
-        "|---|---|" + "---|" * len(other) + "---:|---:|---:|---:|---:|---|",
+        "| checkpoint | job | " + "".join(f"`{k}` | " for k in other) + ("exact match | word F1 | " if scored else "")
+        + "rows/s | captioned | words mean | words p50 | words p95 | output |",
+        "|---|---|" + "---|" * len(other) + ("---:|---:|" if scored else "") + "---:|---:|---:|---:|---:|---|",
     ]
-    for job in sorted(jobs, key=lambda j: (_label(j, model_keys), _job_sort_key(j.directory))):
-        params, w = params_of(job), job.words
+
+    def order(job: Job) -> tuple[Any, ...]:
+        r = _reference_score(job)
+        quality = (-(r["exact_match"]["share"] or 0.0), -(r["word_f1"] or 0.0)) if r else (1.0, 1.0)
+        return (*(quality if scored else ()), _label(job, model_keys), _job_sort_key(job.directory))
+
+    ordered = sorted(jobs, key=order)
+    if scored and _reference_score(ordered[0]):
+        best = ordered[0]
+        r = _reference_score(best)
+        lines[:0] = [f"**Best checkpoint: {_cell(_label(best, model_keys))}** (job {best.num}): "
+                     f"{100 * r['exact_match']['share']:.1f}% exact match, word F1 {r['word_f1']:.3f} "
+                     f"against `{r['column']}` ({r['count']} captions).", ""]
+    for job in ordered:
+        params, w, r = params_of(job), job.words, _reference_score(job)
         output = job.record.get("output") or (job.report or {}).get("output")
+        quality = (f"{100 * r['exact_match']['share']:.1f}% | {r['word_f1']:.3f} | " if r else "– | – | ") if scored else ""
         lines.append(
-            f"| {_cell(_label(job, model_keys))} | {job.num} | " + "".join(f"{_cell(params.get(k, ''))} | " for k in other)
+            f"| {_cell(_label(job, model_keys))} | {job.num} | " + "".join(f"{_cell(params.get(k, ''))} | " for k in other) + quality
             + f"{_cell(job.metric('rows_per_second')) if job.status == 'succeeded' else job.status} | {_cell(job.metric('captioned'))} | "
             f"{_cell(w.get('mean'))} | {_cell(w.get('p50'))} | {_cell(w.get('p95'))} | {('`' + output + '`') if output else '–'} |"
         )

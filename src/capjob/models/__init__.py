@@ -1,11 +1,14 @@
 """Where the captioning model comes from: a hub id / local path, or a model capjob builds itself.
 
-``tiny_qwen25vl`` is a randomly initialised Qwen2.5-VL (the real ``Qwen2_5_VLForConditionalGeneration``
+``tiny_qwen25vl`` is a small Qwen2.5-VL (the real ``Qwen2_5_VLForConditionalGeneration``
 architecture, a few layers wide) written in the layout of a hub model directory: config,
 safetensors weights, a locally trained byte-level BPE tokenizer carrying Qwen's special tokens,
 Qwen2.5-VL's chat template and image processor config. vLLM and transformers load it through
 exactly the code paths they use for ``Qwen/Qwen2.5-VL-3B-Instruct``, so the whole pipeline runs
-offline on a CPU; its captions are gibberish.
+offline on a CPU. It is trained at build time (models/train.py, a few minutes on 2 cores) to
+caption the synthetic shape scenes of models/shapes.py ("a red circle and a blue square on a
+white background"), so tests can check each caption against its own image; on any other
+image it still answers with a shape caption.
 
 ``qwen25vl_3b_dummy`` is Qwen/Qwen2.5-VL-3B-Instruct's true architecture (its config.json
 dimensions) with the same local tokenizer/processor files and no weights: vLLM loads it with
@@ -15,12 +18,13 @@ model's compute without the hub.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pathlib
 import shutil
 import tempfile
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from capjob.cache import cache_dir as default_cache_dir
 
@@ -31,8 +35,8 @@ if TYPE_CHECKING:
 TINY_QWEN25VL = "tiny_qwen25vl"
 QWEN25VL_3B_DUMMY = "qwen25vl_3b_dummy"
 # Bump when the built files change, so caches never serve a stale layout.
-TINY_QWEN25VL_VERSION = "v1"
-BUILD_VERSIONS = {TINY_QWEN25VL: TINY_QWEN25VL_VERSION, QWEN25VL_3B_DUMMY: "v2"}
+TINY_QWEN25VL_VERSION = "v2"
+BUILD_VERSIONS = {TINY_QWEN25VL: TINY_QWEN25VL_VERSION, QWEN25VL_3B_DUMMY: "v3"}
 # Written last into a build: a directory without it was never finished.
 COMPLETE_MARKER = ".capjob-build-complete.json"
 SEED = 0
@@ -125,6 +129,10 @@ and a forest covers the hills in the north of the frame.
 A cat sleeps on a windowsill next to a pot of flowers. Outside the window there are trees,
 a parked car and a child riding a scooter down the road. Numbers 1, 2, 3, 10, 42, 100 and
 2024 appear on a calendar, a clock shows 7:30, and a sign reads "Open 9am - 5pm".
+
+Shapes on a plain background: a red circle and a blue square on a white background; a green
+triangle on a black background; a yellow star and a purple circle on a gray background; an
+orange square and an orange triangle on a white background; a purple star on a black background.
 """
 
 
@@ -142,26 +150,39 @@ def is_complete(model_dir: str | os.PathLike) -> bool:
     return (pathlib.Path(model_dir) / COMPLETE_MARKER).is_file()
 
 
-def build_tiny_qwen25vl(target_dir: str | os.PathLike) -> pathlib.Path:
-    return build_model(TINY_QWEN25VL, target_dir)
+def build_tiny_qwen25vl(target_dir: str | os.PathLike, train_steps: Optional[int] = None) -> pathlib.Path:
+    return build_model(TINY_QWEN25VL, target_dir, train_steps=train_steps)
 
 
-def build_model(builder: str, target_dir: str | os.PathLike) -> pathlib.Path:
+def build_model(builder: str, target_dir: str | os.PathLike, *, train_steps: Optional[int] = None) -> pathlib.Path:
     """Build `builder`'s model into `target_dir` (once; a complete build there is reused).
 
-    The files are written into a temporary sibling directory that is renamed into place at the
-    end, so `target_dir` is either absent (or empty) or complete. When several processes race,
-    each builds its own copy, the first rename wins and the others discard theirs: the builds
-    are identical (fixed seeds).
+    `train_steps` (tiny_qwen25vl only; default models.train.TRAIN_STEPS) makes earlier or later
+    checkpoints of the same model. The files are written into a temporary sibling directory
+    that is renamed into place at the end, so `target_dir` is either absent (or empty) or
+    complete. Builds of one target are serialised by a lock file beside it (training takes
+    minutes: racing processes would each train); a process that waited reuses the winner's.
     """
     target = pathlib.Path(target_dir)
     if is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_complete(target):
+            return target
+        return _build_locked(builder, target, train_steps)
+
+
+def _build_locked(builder: str, target: pathlib.Path, train_steps: Optional[int]) -> pathlib.Path:
     staging = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.building-"))
     try:
-        writers = {TINY_QWEN25VL: _write_tiny_qwen25vl, QWEN25VL_3B_DUMMY: _write_qwen25vl_3b_dummy}
-        writers[builder](staging)
+        if builder == TINY_QWEN25VL:
+            _write_tiny_qwen25vl(staging, train_steps)
+        elif builder == QWEN25VL_3B_DUMMY:
+            _write_qwen25vl_3b_dummy(staging)
+        else:
+            raise ValueError(f"unknown model builder {builder!r}; one of: {', '.join(BUILD_VERSIONS)}")
         # rename(2) replaces a missing or empty target atomically and fails on a non-empty one.
         staging.rename(target)
     except OSError:
@@ -177,12 +198,15 @@ def build_model(builder: str, target_dir: str | os.PathLike) -> pathlib.Path:
     return target
 
 
-def _write_tiny_qwen25vl(out: pathlib.Path) -> None:
+def _write_tiny_qwen25vl(out: pathlib.Path, train_steps: Optional[int] = None) -> None:
+    from capjob.models import train
+
     tokenizer, special_ids = _write_processor_files(out, _preprocessor_config())
     # save_pretrained writes config.json with the weights.
-    _write_model(_model_config(special_ids, tokenizer.get_vocab_size()), tokenizer, set(special_ids.values()), out)
+    _write_model(_model_config(special_ids, tokenizer.get_vocab_size()), out)
     _write_generation_config(out, special_ids)
-    _write_json(out / COMPLETE_MARKER, {"builder": TINY_QWEN25VL, "version": TINY_QWEN25VL_VERSION})
+    record = train.train(out, train.TRAIN_STEPS if train_steps is None else train_steps)
+    _write_json(out / COMPLETE_MARKER, {"builder": TINY_QWEN25VL, "version": TINY_QWEN25VL_VERSION, **record})
 
 
 def _write_qwen25vl_3b_dummy(out: pathlib.Path) -> None:
@@ -312,7 +336,6 @@ def _model_config(special_ids: dict[str, int], tokenizer_size: int) -> Qwen2_5_V
         "fullatt_block_indexes": [1],
         "out_hidden_size": hidden,
     }
-    # Untied, so the output rows zeroed in _write_model leave the input embeddings random.
     return _qwen25vl_config(text_config, vision_config, special_ids, tie_word_embeddings=False, dtype="float32")
 
 
@@ -379,20 +402,12 @@ def _qwen25vl_config(text_config: dict, vision_config: dict, special_ids: dict[s
     )
 
 
-def _write_model(config: Qwen2_5_VLConfig, tokenizer: Tokenizer, special_ids: set[int], out: pathlib.Path) -> None:
+def _write_model(config: Qwen2_5_VLConfig, out: pathlib.Path) -> None:
+    """The untrained starting point: transformers' own initialisation under a fixed seed."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        # Random weights would let greedy decoding pick <|im_end|>, a padding row or a blank
-        # token first and leave an empty caption. Zero output rows give those a logit of 0,
-        # below the largest random logit, so captions are visible text.
-        lm_head = model.get_output_embeddings().weight
-        vocab = tokenizer.get_vocab_size()
-        invisible = [i for i in range(vocab) if i in special_ids or not tokenizer.decode([i]).strip()]
-        lm_head[invisible] = 0.0
-        lm_head[vocab:] = 0.0
     model.save_pretrained(out, safe_serialization=True)

@@ -1,0 +1,177 @@
+"""Train the tiny Qwen2.5-VL to caption synthetic shape scenes (models/shapes.py).
+
+A plain torch loop over transformers' own ``Qwen2_5_VLForConditionalGeneration``: no
+hand-written architecture. Each step renders a fresh batch of scenes, puts each through the
+model's own processor and chat template exactly as vLLM will (system prompt, image, user
+prompt, generation prompt), and trains on the caption tokens plus ``<|im_end|>`` only. The
+prompts vary (capjob's defaults, other captioning prompts, random text, no system prompt), so
+the model answers whatever capjob asks with the scene's caption.
+
+Measured on a 2-core machine (see docs/benchmarks.md, "tiny trained model"): the default
+``TRAIN_STEPS`` takes a few minutes and reaches the exact-match accuracy recorded in the
+build's marker file (``.capjob-build-complete.json``: ``train_steps``, ``train_seconds``,
+``exact_match`` on ``EVAL_SCENES`` held-out scenes, greedy decoding).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+from capjob.models import shapes
+
+TRAIN_STEPS = 900
+BATCH_SIZE = 32
+LEARNING_RATE = 2e-3
+WARMUP_STEPS = 30
+EVAL_SCENES = 200
+TRAIN_SEED, EVAL_SEED = 1, 2
+
+# capjob's own defaults (config.CaptionConfig) come first: they are what `capjob` sends.
+SYSTEM_PROMPTS = (
+    "You are a helpful assistant that generates accurate and descriptive captions for images.",
+    "You are a helpful assistant.",
+    None,  # the chat template then writes Qwen's default system prompt itself
+)
+USER_PROMPTS = (
+    "Describe this image in detail. Focus on the main subjects, actions, and setting.",
+    "Describe this image.",
+    "Write a short caption for this image.",
+    "What is in this picture?",
+    "Caption the image in one sentence.",
+)
+
+
+def _prompts(rng: np.random.Generator, words: list[str]) -> tuple[Optional[str], str]:
+    system = SYSTEM_PROMPTS[int(rng.integers(len(SYSTEM_PROMPTS)))]
+    if rng.random() < 0.75:
+        return system, USER_PROMPTS[int(rng.integers(len(USER_PROMPTS)))]
+    # Random text, so that no prompt (a label, an alt text in the prompt) changes the answer.
+    n = int(rng.integers(1, 16))
+    return system, " ".join(words[int(i)] for i in rng.integers(len(words), size=n))
+
+
+def messages(system: Optional[str], user: str) -> list[dict[str, Any]]:
+    content = [{"type": "image"}, {"type": "text", "text": user}]
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+
+
+class _Batches:
+    """Renders scenes and turns them into model inputs with caption-only labels."""
+
+    def __init__(self, processor: Any, corpus_words: list[str]):
+        self.processor = processor
+        self.words = corpus_words
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "right"
+        self.end = "<|im_end|>"
+
+    def encode(self, scenes: list[shapes.Scene], rng: np.random.Generator) -> dict[str, Any]:
+        import torch
+
+        prompts = [self.processor.apply_chat_template(messages(*_prompts(rng, self.words)), add_generation_prompt=True)
+                   for _ in scenes]
+        images = [shapes.render(s) for s in scenes]
+        full = [p + s.caption + self.end for p, s in zip(prompts, scenes)]
+        enc = self.processor(text=full, images=images, return_tensors="pt", padding=True)
+        prompt_lens = [len(ids) for ids in self.processor(text=prompts, images=images)["input_ids"]]
+        labels = enc["input_ids"].clone()
+        labels[enc["attention_mask"] == 0] = -100
+        for row, n in enumerate(prompt_lens):
+            labels[row, :n] = -100
+        enc["labels"] = labels
+        return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+
+
+def train(model_dir: str | os.PathLike, steps: int = TRAIN_STEPS, *, log_every: int = 50,
+          eval_at: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Train the model saved in `model_dir` in place and return its training record.
+
+    `model_dir` must hold a complete untrained build (weights, tokenizer, processor files).
+    `eval_at`: steps after which to print the exact match on 50 held-out scenes (a learning
+    curve; costs a few seconds each). Returns {"train_steps", "train_seconds", "final_loss",
+    "exact_match", "eval_scenes"}.
+    """
+    import torch
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from capjob.models import _TOKENIZER_CORPUS, SEED
+
+    model_dir = pathlib.Path(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+        model.train()
+        batches = _Batches(processor, _TOKENIZER_CORPUS.split())
+        rng = np.random.default_rng(TRAIN_SEED)
+        optimiser = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
+
+        def lr_at(step: int) -> float:
+            if step < WARMUP_STEPS:
+                return (step + 1) / WARMUP_STEPS
+            return 0.5 * (1 + math.cos(math.pi * (step - WARMUP_STEPS) / max(1, steps - WARMUP_STEPS)))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_at)
+        started = time.perf_counter()
+        loss_value = float("nan")
+        for step in range(steps):
+            batch = batches.encode([shapes.random_scene(rng) for _ in range(BATCH_SIZE)], rng)
+            loss = caption_loss(model, batch)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimiser.step()
+            schedule.step()
+            loss_value = float(loss.detach())
+            if log_every and (step % log_every == 0 or step == steps - 1):
+                print(f"tiny_qwen25vl train step {step + 1}/{steps} loss {loss_value:.4f} "
+                      f"({time.perf_counter() - started:.0f} s)", flush=True)
+            if step + 1 in eval_at:
+                model.eval()
+                print(f"tiny_qwen25vl step {step + 1}: exact match "
+                      f"{exact_match(model, processor, shapes.scenes(50, EVAL_SEED))} on 50 scenes", flush=True)
+                model.train()
+        seconds = time.perf_counter() - started
+        model.eval()
+        accuracy = exact_match(model, processor, shapes.scenes(EVAL_SCENES, EVAL_SEED))
+        model.save_pretrained(model_dir, safe_serialization=True)
+    return {"train_steps": steps, "train_seconds": round(seconds, 1), "final_loss": round(loss_value, 4),
+            "exact_match": accuracy, "eval_scenes": EVAL_SCENES}
+
+
+def caption_loss(model: Any, batch: dict[str, Any]) -> Any:
+    """Next-token cross-entropy on the labelled (caption) positions only: the output layer runs
+    on those ~12 positions per row instead of all ~120, the same loss as transformers' own."""
+    import torch.nn.functional as F
+
+    labels = batch.pop("labels")
+    hidden = model.model(**batch).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    wanted = targets != -100
+    return F.cross_entropy(model.lm_head(hidden[wanted]), targets[wanted])
+
+
+def exact_match(model: Any, processor: Any, scenes: list[shapes.Scene], batch_size: int = 50) -> float:
+    """Share of `scenes` whose greedy caption under capjob's default prompts is exactly right."""
+    import torch
+
+    right = 0
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"  # generation appends on the right
+    prompt = processor.apply_chat_template(messages(SYSTEM_PROMPTS[0], USER_PROMPTS[0]), add_generation_prompt=True)
+    with torch.no_grad():
+        for i in range(0, len(scenes), batch_size):
+            chunk = scenes[i:i + batch_size]
+            enc = processor(text=[prompt] * len(chunk), images=[shapes.render(s) for s in chunk], return_tensors="pt",
+                            padding=True)
+            out = model.generate(**enc, max_new_tokens=32, do_sample=False)
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            right += sum(t.strip() == s.caption for t, s in zip(texts, chunk))
+    tokenizer.padding_side = "right"
+    return round(right / len(scenes), 4)
