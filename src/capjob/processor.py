@@ -25,14 +25,39 @@ DATA_COLUMN = "__data"
 @dataclass(frozen=True)
 class EnginePlacement:
     """How one engine replica is placed: on `gpus` GPUs (a fraction when replicas share one),
-    or on CPU when gpus == 0."""
+    or on CPU when gpus == 0. node_gpus: the most GPUs one node of the cluster has (None:
+    not known, taken as enough for one replica)."""
 
     gpus: float
     accelerator_type: Optional[str]
+    node_gpus: Optional[int] = None
 
     @property
     def shares_gpu(self) -> bool:
         return 0 < self.gpus < 1
+
+    @property
+    def fits_one_node(self) -> bool:
+        return self.node_gpus is None or self.gpus <= self.node_gpus
+
+
+def executor_backend(cfg: CapjobConfig, placement: EnginePlacement) -> Optional[str]:
+    """vLLM's distributed_executor_backend for one replica, or None for one GPU (ray.llm then
+    runs vLLM's single-process "uni" executor).
+
+    - TP > 1 on one node: "mp", vLLM's multiprocessing executor (its own default for one
+      node). Ray Data LLM then gives the engine actor all TP x PP GPUs and vLLM starts one
+      worker process per GPU inside it. Under vLLM's Ray executor (RayExecutorV2, what ray.llm
+      picks for TP > 1) TP=2 died in engine initialisation on 2 x H200 with
+      CUBLAS_STATUS_EXECUTION_FAILED in both workers (issue 21; docs/benchmarks.md, "2 x H200").
+    - PP only, or a replica larger than any node: "ray" (PP=2 under it ran on 2 x H200; a
+      replica spanning nodes needs it)."""
+    e = cfg.engine
+    if placement.gpus == 0 or e.tensor_parallel_size * e.pipeline_parallel_size == 1:
+        return None
+    if e.tensor_parallel_size > 1 and placement.fits_one_node:
+        return "mp"
+    return "ray"
 
 
 def engine_kwargs(cfg: CapjobConfig, model_source: str, placement: EnginePlacement) -> dict[str, Any]:
@@ -61,9 +86,9 @@ def engine_kwargs(cfg: CapjobConfig, model_source: str, placement: EnginePlaceme
         kwargs["max_num_batched_tokens"] = e.max_num_batched_tokens
     if e.quantization:
         kwargs["quantization"] = e.quantization
-    if e.pipeline_parallel_size > 1:
-        # PP (and TP across nodes) needs Ray's executor; ray.llm picks it for TP > 1 itself.
-        kwargs["distributed_executor_backend"] = "ray"
+    backend = executor_backend(cfg, placement)
+    if backend:
+        kwargs["distributed_executor_backend"] = backend
     kwargs.update(e.extra_engine_kwargs)
     return kwargs
 
