@@ -250,16 +250,40 @@ def run_capjob(s: dict[str, Any], point: dict[str, str]) -> dict[str, Any]:
     out = pathlib.Path(s["work"]) / "capjob-out" / (f"{s['label']}-{name}" if s.get("label") else name)
     shutil.rmtree(out, ignore_errors=True)  # an earlier run's files would count as this one's
     overrides = base_overrides(s) + [f"sink.path={out}", f"hydra.run.dir={out}/hydra"] + [f"{k}={v}" for k, v in point.items()]
-    with GpuSampler() as gpu:
+    out.mkdir(parents=True)
+    log = out / "capjob.log"  # vLLM's "Running: N reqs" lines, Ray Data's progress; written as the job runs
+    with GpuSampler() as gpu, open(log, "w") as log_file:
         started = time.time()
-        proc = subprocess.run([sys.executable, "-m", "capjob", *overrides], cwd=REPO, text=True, capture_output=True)
+        try:
+            returncode = subprocess.run([sys.executable, "-m", "capjob", *overrides], cwd=REPO, stdout=log_file,
+                                        stderr=subprocess.STDOUT, timeout=s["timeout"]).returncode
+        except subprocess.TimeoutExpired:
+            returncode = None
         ended = time.time()
-    # The job's log (vLLM's "Running: N reqs" lines, Ray Data's progress) for the GPU-idle hunt.
-    (out / "capjob.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        return {"contender": "capjob", "point": point, "status": f"failed ({proc.returncode})"}
+    if returncode is None:
+        # Cut short (--timeout): what reached the sink still gives a steady rate over that part.
+        return {"contender": "capjob", "point": point, "status": f"timeout after {s['timeout']:g} s",
+                **partial_rate(s, out, started, gpu), "wall_s": round(ended - started, 1)}
+    if returncode != 0:
+        sys.stderr.write(log.read_text(errors="replace")[-8000:])
+        return {"contender": "capjob", "point": point, "status": f"failed ({returncode})"}
     return {"contender": "capjob", "point": point, "status": "ok", **measure_job(s, out, started, gpu), "wall_s": round(ended - started, 1)}
+
+
+def partial_rate(s: dict[str, Any], sink: pathlib.Path, started: float, gpu: "GpuSampler") -> dict[str, Any]:
+    """Steady rate of the rows a job cut short had written (no report: no engine-operator rate)."""
+    import pyarrow.parquet as pq
+
+    finish: list[float] = []
+    for f in (sink / "captions").rglob("*.parquet"):
+        try:
+            finish += [f.stat().st_mtime] * pq.read_metadata(f).num_rows
+        except Exception:  # noqa: BLE001 - a file being written when the job was stopped
+            continue
+    if not finish:
+        return {"images": 0}
+    st = steady(finish, s["max_tokens"], started)
+    return {**st, **gpu.window(*st["window"])}
 
 
 def measure_job(s: dict[str, Any], sink: pathlib.Path, started: float, gpu: "GpuSampler") -> dict[str, Any]:
@@ -305,7 +329,8 @@ def run_capjob_multirun(s: dict[str, Any], specs: list[str]) -> list[dict[str, A
         result: dict[str, Any] = {"contender": "capjob", "point": point, "sweep_dir": str(out), "sweep_job": job.name}
         if rec.get("status") != "succeeded":
             # error_type ConfigError: the combination was refused up front (e.g. TP=2 on 1 GPU).
-            results.append({**result, "status": f"failed: {rec.get('error')}", "error_type": rec.get("error_type")})
+            error = rec.get("error") or ("did not finish (the sweep was stopped)" if rec.get("status") == "running" else rec.get("status"))
+            results.append({**result, "status": f"failed: {error}", "error_type": rec.get("error_type")})
             continue
         started = dt.datetime.fromisoformat(rec["started_at"]).timestamp()
         ended = dt.datetime.fromisoformat(rec["finished_at"]).timestamp()
@@ -572,7 +597,9 @@ def main() -> None:
     r.add_argument("--multirun", nargs="*", default=None,
                    help="capjob overrides with comma-separated values, run as one `capjob --multirun` (one result per job)")
     r.add_argument("--label", default=None, help="a name recorded with each result (bench/gpu_check.sh's layout)")
-    r.add_argument("--timeout", type=float, default=None, help="--multirun: stop the sweep after this many seconds, keeping finished jobs")
+    r.add_argument("--timeout", type=float, default=None,
+                   help="stop a capjob run after this many seconds (its rate over the rows written so far is kept; "
+                        "--multirun: the finished jobs are kept)")
     r.add_argument("--isolated", default=None, help=argparse.SUPPRESS)  # internal: one contender in this process
     c = sub.add_parser("check", help="bench/gpu_check.sh's table of labelled capjob runs; exit 1 if any failed or lost rows")
     c.add_argument("--images", type=int, required=True, help="rows each run must have captioned")

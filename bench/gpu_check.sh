@@ -13,7 +13,7 @@
 #   pp2      1 replica, pipeline parallel, 2 GPUs   ... PP=2
 #   fp8      1 replica on 1 GPU, engine.quantization=fp8
 #   tp2ray   tp2 under vLLM's Ray executor (what failed in issue 21), for comparison
-#   tp2eager, tp2nofuse   tp2 without torch.compile / without its TP fusion passes (diagnosis)
+#   tp2eager tp2 without torch.compile and CUDA graphs (engine.enforce_eager=true)
 #   sweep    `capjob --multirun ... engine.tensor_parallel_size=1,2 resources.gpus_per_worker=1,2`
 #            (one replica; the two invalid combinations are refused up front), sweep.md in $OUT
 # Prints a table (bench/gpu_bench.py check) and exits 1 if a layout failed or lost a row.
@@ -61,7 +61,6 @@ for layout in "${layouts[@]}"; do
     fp8) res=$x1 point="engine.quantization=fp8" ;;
     tp2ray) res=$x2 point="$one_gpu_replica engine.tensor_parallel_size=2 +engine.extra_engine_kwargs.distributed_executor_backend=ray" ;;
     tp2eager) res=$x2 point="$one_gpu_replica engine.tensor_parallel_size=2 engine.enforce_eager=true" ;;
-    tp2nofuse) res=$x2 point="$one_gpu_replica engine.tensor_parallel_size=2 +engine.extra_engine_kwargs.compilation_config.pass_config.fuse_allreduce_rms=false +engine.extra_engine_kwargs.compilation_config.pass_config.enable_sp=false" ;;
     sweep) res=$x2 point="" ;;
     *) echo "gpu_check: unknown layout $layout" >&2; exit 2 ;;
   esac
@@ -72,11 +71,11 @@ for layout in "${layouts[@]}"; do
       run capjob --label sweep --timeout "$(( ${STEP_TIMEOUT:-540} - 25 ))" --multirun resources.concurrency=1 $engine $pin \
       engine.tensor_parallel_size=1,2 resources.gpus_per_worker=1,2 2>&1 | tee -a "$OUT/check.log"
     dir=$(ls -td "$WORK"/capjob-sweep/* 2>/dev/null | head -1)
-    [ -n "$dir" ] && cp "$dir/sweep.md" "$OUT/sweep.md" && cp "$dir/capjob.log" "$OUT/sweep.capjob.log"
+    [ -n "$dir" ] && { cp "$dir/sweep.md" "$OUT/sweep.md"; cp "$dir/capjob.log" "$OUT/sweep.capjob.log"; }
   else
     # shellcheck disable=SC2086 # the overrides are words
     timeout "${STEP_TIMEOUT:-540}" python3 bench/gpu_bench.py --work "$WORK" --results "$results" --resources "$res" \
-      run capjob --label "$layout" --sweep $engine $point $pin 2>&1 | tee -a "$OUT/check.log"
+      run capjob --label "$layout" --timeout "$(( ${STEP_TIMEOUT:-540} - 20 ))" --sweep $engine $point $pin 2>&1 | tee -a "$OUT/check.log"
     log=$(ls -td "$WORK"/capjob-out/"$layout"-* 2>/dev/null | head -1)/capjob.log
     [ -f "$log" ] && cp "$log" "$OUT/$layout.capjob.log"
   fi

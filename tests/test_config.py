@@ -292,9 +292,9 @@ def test_caption_request_sends_the_rendered_prompt_and_the_image():
 
 
 def test_tp_runs_vllms_multiprocessing_executor_on_one_node():
-    """Issue 21: TP=2 under vLLM's Ray executor (ray.llm's choice for TP > 1) died in engine
-    init on 2 x H200, so a TP replica on one node runs vLLM's own "mp" executor; PP alone and a
-    replica larger than any node keep Ray's."""
+    """Issue 21: a TP replica on one node runs vLLM's own "mp" executor (what TP=2 ran under on
+    2 x H200; ray.llm would pick vLLM's Ray executor); PP alone and a replica larger than any
+    node keep Ray's."""
     from capjob.processor import EnginePlacement, engine_kwargs, executor_backend
 
     def backend(tp, pp, node_gpus=2, gpus=None):

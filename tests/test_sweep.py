@@ -268,9 +268,9 @@ def test_single_run_errors_still_exit_2():
 @pytest.mark.e2e
 def test_tp_and_pp_executors_and_engine_resources():
     """TP/PP are plain overrides. A TP replica on one node runs vLLM's multiprocessing executor
-    and its Ray Data actor holds all TP x PP GPUs (issue 21: TP under vLLM's Ray executor died on
-    2 x H200); PP alone keeps vLLM's Ray executor, whose workers take the GPUs from a placement
-    group of one-GPU bundles while the actor holds none. Builds the processors only (no engine)."""
+    and its Ray Data actor holds all TP x PP GPUs (issue 21: what TP=2 ran under on 2 x H200);
+    PP alone keeps vLLM's Ray executor, whose workers take the GPUs from a placement group of
+    one-GPU bundles while the actor holds none. Builds the processors only (no engine)."""
     import ray
 
     from capjob.config import to_typed

@@ -45,12 +45,15 @@ def executor_backend(cfg: CapjobConfig, placement: EnginePlacement) -> Optional[
     """vLLM's distributed_executor_backend for one replica, or None for one GPU (ray.llm then
     runs vLLM's single-process "uni" executor).
 
-    - TP > 1 on one node: "mp", vLLM's multiprocessing executor (its own default for one
+    - TP > 1 on one node: "mp", vLLM's multiprocessing executor (vLLM's own default on one
       node). Ray Data LLM then gives the engine actor all TP x PP GPUs and vLLM starts one
-      worker process per GPU inside it. Under vLLM's Ray executor (RayExecutorV2, what ray.llm
-      picks for TP > 1) TP=2 died in engine initialisation on 2 x H200 with
-      CUBLAS_STATUS_EXECUTION_FAILED in both workers (issue 21; docs/benchmarks.md, "2 x H200").
-    - PP only, or a replica larger than any node: "ray" (PP=2 under it ran on 2 x H200; a
+      worker process per GPU inside it, instead of an actor holding no GPU plus a placement
+      group of worker actors (vLLM's RayExecutorV2). On 2 x H200 (issue 21) TP=2 started and
+      captioned under "mp", compiled and eager; it had never run under the Ray executor there.
+      A first, cold-cache compiled TP=2 start also died under "mp" with the error issue 21 saw
+      under Ray (illegal memory access, then CUBLAS_STATUS_EXECUTION_FAILED, in the profile
+      run): that fault is not the executor's (docs/benchmarks.md, "2 x H200").
+    - PP only, or a replica larger than any node: "ray" (PP=2 ran under it on 2 x H200; a
       replica spanning nodes needs it)."""
     e = cfg.engine
     if placement.gpus == 0 or e.tensor_parallel_size * e.pipeline_parallel_size == 1:
