@@ -66,11 +66,13 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "data": str(work / "data"),
         "results": str(pathlib.Path(args.results) if args.results else work / "results.jsonl"),
         "model": "tiny_qwen25vl" if args.smoke else "qwen25vl_3b_dummy",
-        "resources": "local" if args.smoke else "h100x1",
+        "resources": "local" if args.smoke else args.resources,
         "max_tokens": 8 if args.smoke else args.max_tokens,
         "max_model_len": 4096 if args.smoke else 8192,
         "temperature": 0.3,
         "transformers_images": args.transformers_images,
+        "label": args.label if args.cmd == "run" else None,
+        "timeout": args.timeout if args.cmd == "run" else None,
     }
 
 
@@ -168,7 +170,9 @@ def load_images(s: dict[str, Any], limit: Optional[int] = None):
 
 
 class GpuSampler:
-    """NVML utilisation every 0.2 s in a thread; mean over a time window afterwards."""
+    """NVML utilisation every 0.2 s in a thread; mean over a time window afterwards. With several
+    GPUs a sample is their mean utilisation and their summed memory (a 2-GPU layout at 50 % is
+    either both GPUs half busy or one idle)."""
 
     def __init__(self) -> None:
         self.samples: list[tuple[float, float, float]] = []  # (time, gpu util %, memory used GiB)
@@ -177,7 +181,7 @@ class GpuSampler:
             import pynvml
 
             pynvml.nvmlInit()
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
             self._nvml = pynvml
         except Exception:  # noqa: BLE001 - no NVML: a CPU smoke run
             self._nvml = None
@@ -195,9 +199,9 @@ class GpuSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
-            util = self._nvml.nvmlDeviceGetUtilizationRates(self._handle)
-            mem = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
-            self.samples.append((time.time(), float(util.gpu), mem.used / 2**30))
+            util = [self._nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._handles]
+            mem = sum(self._nvml.nvmlDeviceGetMemoryInfo(h).used for h in self._handles)
+            self.samples.append((time.time(), sum(util) / len(util), mem / 2**30))
 
     def window(self, start: float, end: float) -> dict[str, Optional[float]]:
         inside = [s for s in self.samples if start <= s[0] <= end]
@@ -227,6 +231,7 @@ def steady(finish_times: list[float], tokens_per_image: int, started: float) -> 
 
 def record(s: dict[str, Any], result: dict[str, Any]) -> None:
     result = {k: v for k, v in result.items() if k != "window"}
+    result.update(resources=s["resources"], **({"label": s["label"]} if s.get("label") else {}))
     with open(s["results"], "a") as f:
         f.write(json.dumps(result) + "\n")
     print("RESULT", json.dumps(result), flush=True)
@@ -241,30 +246,100 @@ def engine_operator(operators: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_capjob(s: dict[str, Any], point: dict[str, str]) -> dict[str, Any]:
-    import pyarrow.parquet as pq
-
-    out = pathlib.Path(s["work"]) / "capjob-out" / "-".join(f"{k.split('.')[-1]}{v}" for k, v in point.items())
+    name = "-".join(f"{k.split('.')[-1]}{v}" for k, v in point.items()) or "defaults"
+    out = pathlib.Path(s["work"]) / "capjob-out" / (f"{s['label']}-{name}" if s.get("label") else name)
     shutil.rmtree(out, ignore_errors=True)  # an earlier run's files would count as this one's
     overrides = base_overrides(s) + [f"sink.path={out}", f"hydra.run.dir={out}/hydra"] + [f"{k}={v}" for k, v in point.items()]
-    with GpuSampler() as gpu:
+    out.mkdir(parents=True)
+    log = out / "capjob.log"  # vLLM's "Running: N reqs" lines, Ray Data's progress; written as the job runs
+    with GpuSampler() as gpu, open(log, "w") as log_file:
         started = time.time()
-        proc = subprocess.run([sys.executable, "-m", "capjob", *overrides], cwd=REPO, text=True, capture_output=True)
+        try:
+            returncode = subprocess.run([sys.executable, "-m", "capjob", *overrides], cwd=REPO, stdout=log_file,
+                                        stderr=subprocess.STDOUT, timeout=s["timeout"]).returncode
+        except subprocess.TimeoutExpired:
+            returncode = None
         ended = time.time()
-    # The job's log (vLLM's "Running: N reqs" lines, Ray Data's progress) for the GPU-idle hunt.
-    (out / "capjob.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        return {"contender": "capjob", "point": point, "status": f"failed ({proc.returncode})"}
+    if returncode is None:
+        # Cut short (--timeout): what reached the sink still gives a steady rate over that part.
+        return {"contender": "capjob", "point": point, "status": f"timeout after {s['timeout']:g} s",
+                **partial_rate(s, out, started, gpu), "wall_s": round(ended - started, 1)}
+    if returncode != 0:
+        sys.stderr.write(log.read_text(errors="replace")[-8000:])
+        return {"contender": "capjob", "point": point, "status": f"failed ({returncode})"}
+    return {"contender": "capjob", "point": point, "status": "ok", **measure_job(s, out, started, gpu), "wall_s": round(ended - started, 1)}
+
+
+def partial_rate(s: dict[str, Any], sink: pathlib.Path, started: float, gpu: "GpuSampler") -> dict[str, Any]:
+    """Steady rate of the rows a job cut short had written (no report: no engine-operator rate)."""
+    import pyarrow.parquet as pq
+
+    finish: list[float] = []
+    for f in (sink / "captions").rglob("*.parquet"):
+        try:
+            finish += [f.stat().st_mtime] * pq.read_metadata(f).num_rows
+        except Exception:  # noqa: BLE001 - a file being written when the job was stopped
+            continue
+    if not finish:
+        return {"images": 0}
+    st = steady(finish, s["max_tokens"], started)
+    return {**st, **gpu.window(*st["window"])}
+
+
+def measure_job(s: dict[str, Any], sink: pathlib.Path, started: float, gpu: "GpuSampler") -> dict[str, Any]:
+    """Steady rate, engine-operator rate and GPU use of one finished capjob job, from its sink."""
+    import pyarrow.parquet as pq
+
     # Finish times from the sink: each file is written when its block leaves the engine.
     finish: list[float] = []
-    for f in (out / "captions").rglob("*.parquet"):
+    for f in (sink / "captions").rglob("*.parquet"):
         finish += [f.stat().st_mtime] * pq.read_metadata(f).num_rows
-    report = json.loads(next((out / "reports").rglob("report.json")).read_text())
+    report = json.loads(next((sink / "reports").rglob("report.json")).read_text())
     st = steady(finish, s["max_tokens"], started)
-    return {"contender": "capjob", "point": point, "status": "ok", **st, "wall_s": round(ended - started, 1),
-            "engine_op_rows_per_s": engine_operator(report.get("operators", [])).get("rows_per_second"),
-            "captioned": report.get("captioned"), **gpu.window(*st["window"]),
-            "report": str(next((out / "reports").rglob("report.md")))}
+    return {**st, "engine_op_rows_per_s": engine_operator(report.get("operators", [])).get("rows_per_second"),
+            "captioned": report.get("captioned"), "quarantined": report.get("quarantined"), **gpu.window(*st["window"]),
+            "report": str(next((sink / "reports").rglob("report.md")))}
+
+
+def run_capjob_multirun(s: dict[str, Any], specs: list[str]) -> list[dict[str, Any]]:
+    """`capjob --multirun` over `specs` (Hydra's comma-separated sweep overrides) in one process,
+    as a user runs it; one result per job, failed jobs (bad combinations) included, and the
+    sweep's own sweep.md next to them."""
+    import datetime as dt
+
+    out = pathlib.Path(s["work"]) / "capjob-sweep" / time.strftime("%Y%m%d-%H%M%S")
+    # No sink.path: each job writes into its own <job>/out (a shared sink would resume across jobs).
+    overrides = [o for o in base_overrides(s)] + [f"hydra.sweep.dir={out}"] + specs
+    with GpuSampler() as gpu:
+        try:
+            proc = subprocess.run([sys.executable, "-m", "capjob", "--multirun", *overrides], cwd=REPO, text=True,
+                                  capture_output=True, timeout=s["timeout"])
+        except subprocess.TimeoutExpired as e:  # keep the jobs that finished
+            def text(b: Any) -> str:
+                return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+
+            proc = subprocess.CompletedProcess(e.cmd, 124, text(e.stdout), text(e.stderr) + f"\n(stopped after {s['timeout']} s)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "capjob.log").write_text(proc.stdout + proc.stderr)
+    swept = [spec.split("=", 1)[0] for spec in specs if "," in spec]
+    results = []
+    for job in sorted((p for p in out.iterdir() if (p / "sweep_job.json").exists()), key=lambda p: int(p.name)):
+        rec = json.loads((job / "sweep_job.json").read_text())
+        point = {k: v for k, v in (o.split("=", 1) for o in rec["overrides"]) if k in swept}
+        result: dict[str, Any] = {"contender": "capjob", "point": point, "sweep_dir": str(out), "sweep_job": job.name}
+        if rec.get("status") != "succeeded":
+            # error_type ConfigError: the combination was refused up front (e.g. TP=2 on 1 GPU).
+            error = rec.get("error") or ("did not finish (the sweep was stopped)" if rec.get("status") == "running" else rec.get("status"))
+            results.append({**result, "status": f"failed: {error}", "error_type": rec.get("error_type")})
+            continue
+        started = dt.datetime.fromisoformat(rec["started_at"]).timestamp()
+        ended = dt.datetime.fromisoformat(rec["finished_at"]).timestamp()
+        results.append({**result, "status": "ok", **measure_job(s, pathlib.Path(rec["sink_path"]), started, gpu),
+                        "wall_s": round(ended - started, 1)})
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        results.append({"contender": "capjob", "point": {"multirun": " ".join(specs)}, "status": f"failed ({proc.returncode})"})
+    return results
 
 
 def run_raw_vllm(s: dict[str, Any]) -> dict[str, Any]:
@@ -448,6 +523,25 @@ def render(results: list[dict[str, Any]], out: Optional[pathlib.Path]) -> str:
     return text
 
 
+def check_table(results: list[dict[str, Any]], images: int) -> tuple[str, bool]:
+    """One row per capjob run (its label, or its point): OK only if it ran and every one of the
+    `images` rows came back as a caption (none quarantined, none lost)."""
+    lines = ["| layout | status | captioned | images/s (steady) | engine operator rows/s | start-up s | GPU util % | config |",
+             "|---|---|--:|--:|--:|--:|--:|---|"]
+    ok = bool(results)
+    for r in (r for r in results if r["contender"] == "capjob"):
+        point = " ".join(f"{k}={v}" for k, v in r.get("point", {}).items())
+        good = r.get("status") == "ok" and r.get("captioned") == images and not r.get("quarantined")
+        refused = r.get("sweep_job") is not None and r.get("error_type") == "ConfigError"  # a sweep's invalid combination
+        ok &= good or refused
+        status = "ok" if good else ("refused up front: " + str(r.get("status"))[len("failed: "):] if refused else
+                                    "FAILED: " + str(r.get("status")) if r.get("status") != "ok" else
+                                    f"FAILED: {r.get('captioned')} of {images} captioned, {r.get('quarantined')} quarantined")
+        lines.append(f"| {r.get('label') or point or 'defaults'} | {status} | {r.get('captioned')} | {r.get('images_per_s')} | "
+                     f"{r.get('engine_op_rows_per_s')} | {r.get('start_s')} | {r.get('gpu_util_mean')} | resources={r.get('resources')} {point} |")
+    return "\n".join(lines), ok
+
+
 SHORT = {"batch_size": "bs", "max_num_seqs": "seqs", "max_num_batched_tokens": "tokens", "object_store_mib": "store MiB",
          "replicas_per_gpu": "per GPU", "concurrency": "replicas", "kv_cache_gib": "KV GiB", "max_concurrent_batches": "batches"}
 
@@ -492,13 +586,23 @@ def main() -> None:
     parser.add_argument("--results", default=None, help="JSON-lines file results are appended to (default WORK/results.jsonl)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--transformers-images", type=int, default=64)
+    parser.add_argument("--resources", default=os.environ.get("CAPJOB_BENCH_RESOURCES", "h100x1"),
+                        help="capjob resources preset of every contender (h100x1, h200x1, h200x2, ...)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("data", help="write the benchmark images")
     d.add_argument("--images", type=int, default=3000)
     r = sub.add_parser("run", help="run contenders (appending to the results)")
     r.add_argument("contenders", nargs="+", choices=CONTENDERS)
     r.add_argument("--sweep", nargs="*", default=[], help="capjob overrides with comma-separated values; their product is run")
+    r.add_argument("--multirun", nargs="*", default=None,
+                   help="capjob overrides with comma-separated values, run as one `capjob --multirun` (one result per job)")
+    r.add_argument("--label", default=None, help="a name recorded with each result (bench/gpu_check.sh's layout)")
+    r.add_argument("--timeout", type=float, default=None,
+                   help="stop a capjob run after this many seconds (its rate over the rows written so far is kept; "
+                        "--multirun: the finished jobs are kept)")
     r.add_argument("--isolated", default=None, help=argparse.SUPPRESS)  # internal: one contender in this process
+    c = sub.add_parser("check", help="bench/gpu_check.sh's table of labelled capjob runs; exit 1 if any failed or lost rows")
+    c.add_argument("--images", type=int, required=True, help="rows each run must have captioned")
     p = sub.add_parser("report", help="render the results table (and the sweep plot)")
     p.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -512,6 +616,10 @@ def main() -> None:
         record(s, runners[args.isolated](s))
     elif args.cmd == "run":
         for contender in args.contenders:
+            if contender == "capjob" and args.multirun is not None:
+                for result in run_capjob_multirun(s, args.multirun):
+                    record(s, result)
+                continue
             if contender == "capjob":
                 for point in sweep_points(args.sweep) or [{}]:
                     record(s, run_capjob(s, point))
@@ -522,6 +630,11 @@ def main() -> None:
                    "run", contender, "--isolated", contender]
             if subprocess.run(cmd, cwd=REPO).returncode != 0:
                 record(s, {"contender": contender, "status": "failed"})
+    elif args.cmd == "check":
+        results = [json.loads(line) for line in pathlib.Path(s["results"]).read_text().splitlines() if line.strip()]
+        text, ok = check_table(results, args.images)
+        print(text)
+        sys.exit(0 if ok else 1)
     else:
         results = [json.loads(line) for line in pathlib.Path(s["results"]).read_text().splitlines() if line.strip()]
         print(render(results, pathlib.Path(args.out) if args.out else None))

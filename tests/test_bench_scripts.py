@@ -49,3 +49,23 @@ def test_gpu_bench_report_ratios_and_sweep(tmp_path):
     assert (tmp_path / "gpu_bench.md").read_text().count("| engine.batch_size=") == 3  # best row + 2 sweep rows
     assert (tmp_path / "gpu_sweep.png").stat().st_size > 1000
     assert gpu_bench.engine_operator([{"operator": "MapBatches(vLLMEngineStageUDF)", "rows_per_second": 7.0}])["rows_per_second"] == 7.0
+
+
+def test_gpu_check_table_fails_loudly():
+    """bench/gpu_check.sh's verdict: a layout passes only if every image came back captioned; a
+    sweep's combination refused up front (ConfigError) is shown, not counted as a failure."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_bench
+
+    ok = {"contender": "capjob", "label": "one", "status": "ok", "captioned": 300, "quarantined": 0, "images_per_s": 120.0,
+          "engine_op_rows_per_s": 100.0, "start_s": 150.0, "resources": "h200x1"}
+    refused = {"contender": "capjob", "label": "sweep", "point": {"engine.tensor_parallel_size": "2", "resources.gpus_per_worker": "1"},
+               "sweep_job": "2", "status": "failed: engine.tensor_parallel_size: ... must equal resources.gpus_per_worker = 1",
+               "error_type": "ConfigError", "resources": "h200x2"}
+    text, passed = gpu_bench.check_table([ok, refused], images=300)
+    assert passed and "| one | ok | 300 | 120.0 | 100.0 | 150.0 |" in text and "refused up front: engine.tensor_parallel_size" in text
+    crashed = {"contender": "capjob", "label": "tp2", "status": "failed (1)", "resources": "h200x2"}
+    lost = {**ok, "label": "pp2", "captioned": 299}
+    text, passed = gpu_bench.check_table([ok, crashed, lost], images=300)
+    assert not passed and "| tp2 | FAILED: failed (1) |" in text and "FAILED: 299 of 300 captioned" in text
+    assert gpu_bench.check_table([], images=300)[1] is False  # nothing ran: not a pass

@@ -289,3 +289,65 @@ def test_caption_request_sends_the_rendered_prompt_and_the_image():
     assert single["multimodal_data"]["image"].size == (6, 4) and single["multimodal_uuids"] == {"image": "row-1"}
     messages = CaptionRequest(cfg)(row)["messages"]  # engine.chat_template_stages=true: the stages' input
     assert [m["role"] for m in messages] == ["system", "user"] and messages[1]["content"][0]["uuid"] == "row-1"
+
+
+def test_tp_runs_vllms_multiprocessing_executor_on_one_node():
+    """Issue 21: a TP replica on one node runs vLLM's own "mp" executor (what TP=2 ran under on
+    2 x H200; ray.llm would pick vLLM's Ray executor); PP alone and a replica larger than any
+    node keep Ray's."""
+    from capjob.processor import EnginePlacement, engine_kwargs, executor_backend
+
+    def backend(tp, pp, node_gpus=2, gpus=None):
+        cfg = to_typed(compose(["resources=h200x2", "resources.concurrency=1", f"resources.gpus_per_worker={tp * pp}",
+                                f"engine.tensor_parallel_size={tp}", f"engine.pipeline_parallel_size={pp}"]))
+        placement = EnginePlacement(gpus or tp * pp, "H200", node_gpus)
+        kwargs = engine_kwargs(cfg, "/m", placement)
+        assert kwargs.get("distributed_executor_backend") == executor_backend(cfg, placement)
+        return kwargs.get("distributed_executor_backend")
+
+    assert backend(1, 1) is None  # ray.llm's single-process "uni"
+    assert backend(2, 1) == "mp"
+    assert backend(2, 1, node_gpus=None) == "mp"  # unknown node size: one node assumed
+    assert backend(4, 1, node_gpus=2) == "ray"  # spans nodes: only Ray's executor can
+    assert backend(1, 2) == "ray"
+    assert backend(2, 2, node_gpus=4) == "mp"
+    assert backend(2, 2, node_gpus=2) == "ray"
+    # an explicit choice still wins (bench/gpu_check.sh's tp2ray layout)
+    cfg = to_typed(compose(["resources=h200x2", "resources.concurrency=1", "resources.gpus_per_worker=2",
+                            "engine.tensor_parallel_size=2", "+engine.extra_engine_kwargs.distributed_executor_backend=ray"]))
+    assert engine_kwargs(cfg, "/m", EnginePlacement(2, "H200", 2))["distributed_executor_backend"] == "ray"
+
+
+def test_h200_presets():
+    from capjob.processor import EnginePlacement, engine_kwargs
+    from capjob.runtime import decide_placement
+
+    one = to_typed(compose(["experiment=h200_throughput", "model=qwen25vl_3b_dummy"]))
+    assert (one.resources.name, one.resources.accelerator_type, one.resources.concurrency) == ("h200x1", "H200", 1)
+    kwargs = engine_kwargs(one, "/m", decide_placement(one, available_gpus=1, node_gpus=1))
+    assert (kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"]) == (1024, 16384)
+    two = to_typed(compose(["resources=h200x2"]))
+    placement = decide_placement(two, available_gpus=2, node_gpus=2)
+    assert (two.resources.concurrency, placement.gpus, placement.accelerator_type) == (2, 1, "H200")
+    tp = to_typed(compose(["resources=h200x2", "resources.concurrency=1", "resources.gpus_per_worker=2", "engine.tensor_parallel_size=2"]))
+    assert engine_kwargs(tp, "/m", decide_placement(tp, available_gpus=2, node_gpus=2))["distributed_executor_backend"] == "mp"
+    assert engine_kwargs(tp, "/m", EnginePlacement(2, "H200"))["tensor_parallel_size"] == 2
+
+
+def test_accelerator_type_no_node_has_is_one_line():
+    """What Ray's cluster_resources() holds on the 2 x H200 host (label accelerator_type:H200)."""
+    from capjob.processor import EnginePlacement
+    from capjob.runtime import check_accelerator_type
+
+    h200 = {"CPU": 32.0, "GPU": 2.0, "accelerator_type:H200": 1.0, "memory": 1e11}
+    check_accelerator_type(EnginePlacement(1, "H200"), h200)
+    check_accelerator_type(EnginePlacement(1, None), h200)  # any GPU
+    check_accelerator_type(EnginePlacement(0, None), {"CPU": 2.0})  # CPU engine: no label needed
+    with pytest.raises(ConfigError) as e:
+        check_accelerator_type(EnginePlacement(1, "H100"), h200)
+    assert str(e.value).startswith("resources.accelerator_type: no node of the cluster has accelerator type 'H100'")
+    assert "2 GPU(s), accelerator type(s) H200" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"has 4 GPU\(s\), accelerator type\(s\) A10G, L4\)"):
+        check_accelerator_type(EnginePlacement(1, "H200"), {"GPU": 4.0, "accelerator_type:L4": 1.0, "accelerator_type:A10G": 1.0})
+    with pytest.raises(ConfigError, match=r"has 1 GPU\(s\), no accelerator type label"):
+        check_accelerator_type(EnginePlacement(1, "L4"), {"GPU": 1.0})

@@ -291,15 +291,17 @@ def test_single_run_errors_still_exit_2():
 
 
 @pytest.mark.e2e
-def test_tp_and_pp_use_rays_executor():
-    """TP/PP are plain overrides; a replica spanning several GPUs runs vLLM's Ray executor
-    (set by capjob for PP > 1, by ray.llm for TP > 1). Builds the processors only (no engine)."""
+def test_tp_and_pp_executors_and_engine_resources():
+    """TP/PP are plain overrides. A TP replica on one node runs vLLM's multiprocessing executor
+    and its Ray Data actor holds all TP x PP GPUs (issue 21: what TP=2 ran under on 2 x H200);
+    PP alone keeps vLLM's Ray executor, whose workers take the GPUs from a placement group of
+    one-GPU bundles while the actor holds none. Builds the processors only (no engine)."""
     import ray
 
     from capjob.config import to_typed
     from capjob.processor import EnginePlacement, build_caption_processor
 
-    backends = {}
+    seen = {}
     ray.init(address="local", num_cpus=2, include_dashboard=False)  # the processor would start one itself
     try:
         for tp, pp in ((1, 1), (2, 1), (1, 2), (2, 2)):
@@ -308,13 +310,53 @@ def test_tp_and_pp_use_rays_executor():
             # tokenizer when the processor is built, and this model does not exist.
             cfg = to_typed(compose(["experiment=offline", f"engine.tensor_parallel_size={tp}", f"engine.pipeline_parallel_size={pp}",
                                     f"resources.gpus_per_worker={gpus}", "engine.chat_template_stages=true"]))
-            processor = build_caption_processor(cfg, "/nonexistent/model", EnginePlacement(gpus, None), "r")
+            processor = build_caption_processor(cfg, "/nonexistent/model", EnginePlacement(gpus, "H200" if gpus else None, 4), "r")
             stages = processor.stages.values() if isinstance(processor.stages, dict) else processor.stages
             engine = next(s for s in stages if type(s).__name__ == "vLLMEngineStage")
-            backends[(tp, pp)] = engine.fn_constructor_kwargs["engine_kwargs"]["distributed_executor_backend"]
+            kw = engine.map_batches_kwargs
+            seen[(tp, pp)] = (engine.fn_constructor_kwargs["engine_kwargs"]["distributed_executor_backend"], kw.get("num_gpus"),
+                              "ray_remote_args_fn" in kw, kw.get("accelerator_type"))
+            if (tp, pp) == (1, 2):  # the placement group vLLM's Ray executor fills: one GPU per worker
+                pg = kw["ray_remote_args_fn"]()["scheduling_strategy"].placement_group
+                assert [b["GPU"] for b in pg.bundle_specs] == [1, 1]
+                assert all(b["accelerator_type:H200"] == 0.001 for b in pg.bundle_specs)
+                ray.util.remove_placement_group(pg)
     finally:
         ray.shutdown()
-    assert backends == {(1, 1): "uni", (2, 1): "ray", (1, 2): "ray", (2, 2): "ray"}
+    assert seen == {
+        (1, 1): ("uni", None, False, None),  # CPU engine here: its own CPU bundle
+        (2, 1): ("mp", 2, False, "H200"),
+        (1, 2): ("ray", 0, True, "H200"),
+        (2, 2): ("mp", 4, False, "H200"),
+    }
+
+
+@pytest.mark.e2e
+def test_accelerator_type_no_node_has_fails_before_engines(tmp_path):
+    """A job pinned to H100 on a cluster of H200s stops in pipeline.start (before the processor
+    exists), naming what the cluster has; here a local Ray that declares 2 GPUs labelled H200,
+    as Ray labels them on the 2 x H200 host."""
+    import ray
+
+    from capjob import pipeline, runtime
+    from capjob.config import to_typed
+    from capjob.errors import ConfigError
+
+    ray.init(address="local", num_cpus=2, num_gpus=2, resources={"accelerator_type:H200": 1}, include_dashboard=False)
+    try:
+        address = ray.get_runtime_context().gcs_address
+        cfg = to_typed(compose(["experiment=offline", "resources=h100x1", f"resources.address={address}", "job.resume=false",
+                                f"sink.path={tmp_path / 'out'}"]))
+        with pytest.raises(ConfigError, match=r"^resources\.accelerator_type: no node of the cluster has accelerator type 'H100' "
+                                              r"\(it has 2 GPU\(s\), accelerator type\(s\) H200\)"):
+            pipeline.start(cfg, "run-h100")
+        h200 = to_typed(compose(["experiment=offline", "resources=h200x2", f"resources.address={address}"]))
+        placement = runtime.decide_placement(h200, int(ray.cluster_resources()["GPU"]), runtime.largest_node_gpus())
+        assert (placement.gpus, placement.accelerator_type, placement.node_gpus) == (1, "H200", 2)
+        runtime.check_accelerator_type(placement, ray.cluster_resources())  # the right label passes
+        assert not ray.util.placement_group_table()  # no engine was placed
+    finally:
+        ray.shutdown()
 
 
 # Steps of the earlier checkpoint: far from converged (docs/benchmarks.md, "tiny trained model").

@@ -386,7 +386,9 @@ def _placement_and_ray(cfg: CapjobConfig) -> EnginePlacement:
             runtime.init_ray(cfg, EnginePlacement(0, None))
         else:
             runtime.init_ray(cfg, runtime.decide_placement(cfg, runtime.local_gpu_count()))
-    return runtime.decide_placement(cfg, int(ray.cluster_resources().get("GPU", 0)))
+    placement = runtime.decide_placement(cfg, int(ray.cluster_resources().get("GPU", 0)), runtime.largest_node_gpus())
+    runtime.check_accelerator_type(placement, ray.cluster_resources())
+    return placement
 
 
 def _num_blocks(rows: int, judge: JudgeConfig) -> int:

@@ -161,16 +161,18 @@ def start(cfg: CapjobConfig, run_id: str) -> Started:
 
     clock, wall_clock = time.monotonic(), time.time()
     address = runtime.cluster_address(cfg)
-    placement = None if address else runtime.decide_placement(cfg, runtime.local_gpu_count())
+    local_gpus = None if address else runtime.local_gpu_count()
+    placement = None if address else runtime.decide_placement(cfg, local_gpus, node_gpus=local_gpus)
     sinks.TableWriter(cfg.sink).check_writable()
     sources.preflight(cfg.data)  # path, bucket, credentials, columns: seconds, without Ray
     done_ids = checkpoint.read_done_ids(cfg.sink) if cfg.job.resume else frozenset()
     model_source = resolve_model_source(cfg.model.source, cfg.model.builder)
     if placement is None:  # a cluster we join: its GPUs decide
         runtime.init_ray(cfg, EnginePlacement(0, None))
-        placement = runtime.decide_placement(cfg, int(ray.cluster_resources().get("GPU", 0)))
+        placement = runtime.decide_placement(cfg, int(ray.cluster_resources().get("GPU", 0)), runtime.largest_node_gpus())
     else:
         runtime.init_ray(cfg, placement, cfg.job.metrics_export_port)
+    runtime.check_accelerator_type(placement, ray.cluster_resources())  # before any engine starts
     configure_data_context(cfg, placement)
     ledger = metrics.start_ledger(cfg.job.name, run_id)  # keep the handle: an unreferenced actor is destroyed
     return Started(run_id, model_source, placement, done_ids, ledger, clock, wall_clock)

@@ -25,14 +25,42 @@ DATA_COLUMN = "__data"
 @dataclass(frozen=True)
 class EnginePlacement:
     """How one engine replica is placed: on `gpus` GPUs (a fraction when replicas share one),
-    or on CPU when gpus == 0."""
+    or on CPU when gpus == 0. node_gpus: the most GPUs one node of the cluster has (None:
+    not known, taken as enough for one replica)."""
 
     gpus: float
     accelerator_type: Optional[str]
+    node_gpus: Optional[int] = None
 
     @property
     def shares_gpu(self) -> bool:
         return 0 < self.gpus < 1
+
+    @property
+    def fits_one_node(self) -> bool:
+        return self.node_gpus is None or self.gpus <= self.node_gpus
+
+
+def executor_backend(cfg: CapjobConfig, placement: EnginePlacement) -> Optional[str]:
+    """vLLM's distributed_executor_backend for one replica, or None for one GPU (ray.llm then
+    runs vLLM's single-process "uni" executor).
+
+    - TP > 1 on one node: "mp", vLLM's multiprocessing executor (vLLM's own default on one
+      node). Ray Data LLM then gives the engine actor all TP x PP GPUs and vLLM starts one
+      worker process per GPU inside it, instead of an actor holding no GPU plus a placement
+      group of worker actors (vLLM's RayExecutorV2). On 2 x H200 (issue 21) TP=2 started and
+      captioned under "mp", compiled and eager; it had never run under the Ray executor there.
+      A first, cold-cache compiled TP=2 start also died under "mp" with the error issue 21 saw
+      under Ray (illegal memory access, then CUBLAS_STATUS_EXECUTION_FAILED, in the profile
+      run): that fault is not the executor's (docs/benchmarks.md, "2 x H200").
+    - PP only, or a replica larger than any node: "ray" (PP=2 ran under it on 2 x H200; a
+      replica spanning nodes needs it)."""
+    e = cfg.engine
+    if placement.gpus == 0 or e.tensor_parallel_size * e.pipeline_parallel_size == 1:
+        return None
+    if e.tensor_parallel_size > 1 and placement.fits_one_node:
+        return "mp"
+    return "ray"
 
 
 def engine_kwargs(cfg: CapjobConfig, model_source: str, placement: EnginePlacement) -> dict[str, Any]:
@@ -61,9 +89,9 @@ def engine_kwargs(cfg: CapjobConfig, model_source: str, placement: EnginePlaceme
         kwargs["max_num_batched_tokens"] = e.max_num_batched_tokens
     if e.quantization:
         kwargs["quantization"] = e.quantization
-    if e.pipeline_parallel_size > 1:
-        # PP (and TP across nodes) needs Ray's executor; ray.llm picks it for TP > 1 itself.
-        kwargs["distributed_executor_backend"] = "ray"
+    backend = executor_backend(cfg, placement)
+    if backend:
+        kwargs["distributed_executor_backend"] = backend
     kwargs.update(e.extra_engine_kwargs)
     return kwargs
 

@@ -44,8 +44,9 @@ def replica_gpus(cfg: CapjobConfig, has_gpus: bool) -> float:
     return 1 / r.replicas_per_gpu if gpus > 0 and r.replicas_per_gpu > 1 else gpus
 
 
-def decide_placement(cfg: CapjobConfig, available_gpus: int) -> EnginePlacement:
-    """GPUs per engine replica, checked against what the cluster has. Raises ConfigError."""
+def decide_placement(cfg: CapjobConfig, available_gpus: int, node_gpus: Optional[int] = None) -> EnginePlacement:
+    """GPUs per engine replica, checked against what the cluster has (available_gpus in all,
+    node_gpus on its largest node, None: not known). Raises ConfigError."""
     r, e = cfg.resources, cfg.engine
     model_parallel = e.tensor_parallel_size * e.pipeline_parallel_size
     gpus = replica_gpus(cfg, available_gpus > 0)
@@ -62,7 +63,37 @@ def decide_placement(cfg: CapjobConfig, available_gpus: int) -> EnginePlacement:
         )
     if gpus == 0 and model_parallel > 1:
         raise ConfigError("engine.tensor_parallel_size: TP/PP > 1 needs GPUs and this cluster has none")
-    return EnginePlacement(gpus=gpus, accelerator_type=r.accelerator_type if gpus else None)
+    return EnginePlacement(gpus=gpus, accelerator_type=r.accelerator_type if gpus else None, node_gpus=node_gpus)
+
+
+def largest_node_gpus() -> int:
+    """The most GPUs one alive node of the connected Ray cluster has."""
+    import ray
+
+    return int(max((n.get("Resources", {}).get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0))
+
+
+ACCELERATOR_PREFIX = "accelerator_type:"  # Ray's per-node label resource, e.g. accelerator_type:H200
+
+
+def check_accelerator_type(placement: EnginePlacement, cluster_resources: dict[str, float]) -> None:
+    """A GPU engine pinned to resources.accelerator_type needs a node with Ray's label for it
+    (`accelerator_type:<type>` in ray.cluster_resources(); Ray names an NVIDIA H200 "H200").
+    Without one, Ray Data's engine actor would stay pending forever (the autoscaler logs "No
+    available node types can fulfill resource request"). Checked against the nodes up when the
+    job starts. Raises ConfigError naming what the cluster has."""
+    want = placement.accelerator_type
+    if not want or not placement.gpus:
+        return
+    have = sorted(k[len(ACCELERATOR_PREFIX):] for k in cluster_resources if k.startswith(ACCELERATOR_PREFIX))
+    if want in have:
+        return
+    gpus = int(cluster_resources.get("GPU", 0))
+    types = f"accelerator type(s) {', '.join(have)}" if have else "no accelerator type label"
+    raise ConfigError(
+        f"resources.accelerator_type: no node of the cluster has accelerator type {want!r} "
+        f"(it has {gpus} GPU(s), {types}); set resources.accelerator_type to one of those, or null for any GPU"
+    )
 
 
 def local_cpus_needed(cfg: CapjobConfig, placement: EnginePlacement) -> int:
