@@ -181,19 +181,6 @@ class SinkConfig:
 
 
 @dataclass
-class PromptConfig:
-    """One entry of caption.prompts: its own user prompt (str.format fields name input columns,
-    as in caption.user_prompt), token budget and optional JSON schema."""
-
-    prompt: str = ""
-    # null: caption.max_tokens.
-    max_tokens: Optional[int] = None
-    # A JSON schema (mapping, or its JSON text): vLLM's structured outputs constrain the answer
-    # to it, and the column holds the parsed object as JSON text. null: free text.
-    json_schema: Optional[Any] = None
-
-
-@dataclass
 class CaptionConfig:
     """The request(s) sent for each image, consumed by processor.py (and sinks.py for the
     prefix/suffix of sink=txt)."""
@@ -208,10 +195,14 @@ class CaptionConfig:
     # Benchmarks set this so that every contender generates exactly max_tokens.
     ignore_eos: bool = False
     seed: Optional[int] = None
-    # Several captions per image: {name: {prompt, max_tokens, json_schema}} gives one column
-    # `caption_<name>` per entry (in this order) instead of `caption`; empty: user_prompt alone.
-    prompts: dict[str, PromptConfig] = field(default_factory=dict)
-    # JSON schema of the single-prompt caption (see PromptConfig.json_schema).
+    # Several captions per image: {name: {prompt, max_tokens, json_schema}} (or {name: prompt})
+    # gives one column `caption_<name>` per entry (in this order) instead of `caption`; empty:
+    # user_prompt alone. prompt: as user_prompt; max_tokens: null = caption.max_tokens;
+    # json_schema: as below. Entries are checked by processor.prompt_specs (values are untyped
+    # here: Hydra cannot add keys to a dict of dataclasses from the command line).
+    prompts: dict[str, Any] = field(default_factory=dict)
+    # A JSON schema (mapping, or its JSON text): vLLM's structured outputs constrain the caption
+    # to it and the column holds the parsed object as compact JSON text. null: free text.
     json_schema: Optional[Any] = None
     # sink=txt only: written verbatim before / after the caption in each .txt (trigger words).
     prefix: str = ""

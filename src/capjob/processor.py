@@ -82,7 +82,8 @@ GROUP_COLUMN = "__group"
 # sample of rows only; the sink takes it out of the row.
 THUMBNAIL_COLUMN = "__thumbnail"
 THUMBNAIL_PX = 256
-# About this many rows per run carry a thumbnail; the contact sheet picks 16 of them evenly.
+# About this many rows per run carry a thumbnail (when the row count is known); the contact
+# sheet keeps the THUMBNAIL_CANDIDATES of smallest id hash and shows 16 of them.
 THUMBNAIL_CANDIDATES = 256
 # Where the user prompt goes in the prompt rendered once (engine.chat_template_stages=false).
 USER_PROMPT_SLOT = "\u0000capjob-user-prompt\u0000"
@@ -158,6 +159,9 @@ def parse_json_schema(value: Any, key: str) -> Optional[dict[str, Any]]:
     return value
 
 
+PROMPT_KEYS = ("prompt", "max_tokens", "json_schema")
+
+
 def prompt_specs(c: Any) -> list[PromptSpec]:
     """The requests each image gets (caption.prompts in order, else caption.user_prompt alone).
     c: CaptionConfig (OmegaConf containers are accepted). Raises ConfigError naming the key."""
@@ -174,12 +178,19 @@ def prompt_specs(c: Any) -> list[PromptSpec]:
         key = f"caption.prompts.{name}"
         if not (name.isidentifier() and name.isascii()):
             raise ConfigError(f"{key}: a prompt name must be a Python identifier (letters, digits, _), it names the column caption_<name>")
-        prompt = p["prompt"] if isinstance(p, dict) else p.prompt
-        max_tokens = (p.get("max_tokens") if isinstance(p, dict) else p.max_tokens) or c.max_tokens
-        schema = p.get("json_schema") if isinstance(p, dict) else p.json_schema
-        if not str(prompt or "").strip():
+        p = _plain(p)
+        if isinstance(p, str):
+            p = {"prompt": p}
+        if not isinstance(p, dict):
+            raise ConfigError(f"{key}: must be a prompt string or {{prompt, max_tokens, json_schema}}, got {type(p).__name__}")
+        unknown = sorted(set(p) - set(PROMPT_KEYS))
+        if unknown:
+            raise ConfigError(f"{key}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(PROMPT_KEYS)}")
+        prompt, schema = p.get("prompt"), p.get("json_schema")
+        max_tokens = c.max_tokens if p.get("max_tokens") is None else p["max_tokens"]
+        if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError(f"{key}.prompt: must not be empty")
-        if max_tokens <= 0:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
             raise ConfigError(f"{key}.max_tokens: must be > 0, got {max_tokens}")
         specs.append(PromptSpec(f"{key}.prompt", name, prompt, max_tokens,
                                 parse_json_schema(_plain(schema), f"{key}.json_schema"), prompt_fields(prompt, f"{key}.prompt")))
@@ -187,9 +198,9 @@ def prompt_specs(c: Any) -> list[PromptSpec]:
 
 
 def _plain(value: Any) -> Any:
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig, ListConfig, OmegaConf
 
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 def validate_prompts(c: Any) -> None:
@@ -228,17 +239,23 @@ def format_prompt(spec: PromptSpec, row: dict[str, Any]) -> str:
 
 
 def thumbnail_every(expected_rows: Optional[int]) -> int:
-    """1 in how many rows carries a thumbnail: about THUMBNAIL_CANDIDATES per run (64 when the
-    row count is unknown)."""
+    """1 in how many rows carries a thumbnail: about THUMBNAIL_CANDIDATES per run; every row
+    when the row count is unknown (a 256 px JPEG is ~1 ms of CPU next to the decode, and the
+    sink passes on only the sample the contact sheet keeps)."""
     if not expected_rows:
-        return 64
+        return 1
     return max(1, -(-expected_rows // THUMBNAIL_CANDIDATES))
 
 
-def is_thumbnail_row(row_id: str, every: int) -> bool:
+def row_hash(row_id: str) -> int:
+    """A stable 64-bit hash of a row id: the thumbnail sample is the rows of smallest hash."""
     import hashlib
 
-    return every <= 1 or int.from_bytes(hashlib.blake2b(row_id.encode(), digest_size=8).digest(), "big") % every == 0
+    return int.from_bytes(hashlib.blake2b(str(row_id).encode(), digest_size=8).digest(), "big")
+
+
+def is_thumbnail_row(row_id: str, every: int) -> bool:
+    return every <= 1 or row_hash(row_id) % every == 0
 
 
 def thumbnail_jpeg(image: Any) -> bytes:

@@ -48,7 +48,7 @@ from ray.data.datasource.datasink import Datasink, WriteResult
 
 from capjob.config import SinkConfig, SinkFormat
 from capjob.errors import CapjobError, SinkError
-from capjob.processor import CAPTION_COLUMN, ERROR_COLUMN, THUMBNAIL_COLUMN, quarantine_reason
+from capjob.processor import CAPTION_COLUMN, ERROR_COLUMN, THUMBNAIL_COLUMN, quarantine_reason, row_hash
 
 CAPTIONS = "captions"
 QUARANTINE = "quarantine"
@@ -449,10 +449,12 @@ class CaptionSink(Datasink[dict[str, Any]]):
             texts = {c: captions.column(c).to_pylist() for c in text_columns}
             keys = captions.column("source_key").to_pylist()
             ids = captions.column("id").to_pylist()
-            for j, i in enumerate(ok):
-                if thumbnails[i]:
-                    stats["samples"].append({"time": now, "id": ids[j], "source_key": keys[j],
-                                             "captions": {c: texts[c][j] for c in text_columns}, "thumbnail": thumbnails[i]})
+            samples = [{"time": now, "hash": row_hash(ids[j]), "id": ids[j], "source_key": keys[j],
+                        "captions": {c: texts[c][j] for c in text_columns}, "thumbnail": thumbnails[i]}
+                       for j, i in enumerate(ok) if thumbnails[i]]
+            from capjob.reporting.contact_sheet import offer_samples
+
+            stats["samples"] = offer_samples(self.run_id, samples)
         if failed:
             rejected = table.take(failed)
             rows = [
@@ -475,6 +477,11 @@ class CaptionSink(Datasink[dict[str, Any]]):
         })
         return stats
 
+    def on_write_start(self, schema: Any = None) -> None:
+        from capjob.reporting.contact_sheet import start_sample_keeper
+
+        self._keeper = start_sample_keeper(self.run_id)  # the handle keeps the actor alive
+
     def on_write_complete(self, write_result: WriteResult[dict[str, Any]]) -> None:
         """Runs on the driver once every block is written: the run's totals (and, for sink=txt,
         the .txt names more than one image was written to, over every run of this sink)."""
@@ -482,7 +489,9 @@ class CaptionSink(Datasink[dict[str, Any]]):
         self.totals = {key: sum(r[key] for r in results) for key in ("captioned", "quarantined", "prompt_tokens", "generated_tokens")}
         for key in ("caption_words", "caption_tokens", "write_events", "samples"):
             self.totals[key] = [v for r in results for v in r[key]]
-        self.totals["samples"].sort(key=lambda s: s["time"])
+        from capjob.reporting.contact_sheet import kept_samples
+
+        self.totals["samples"] = kept_samples(self.run_id, self.totals["samples"])
         if self.cfg.format == SinkFormat.txt:
             collisions = txt_collisions(TableWriter(self.cfg).read(CAPTIONS, columns=["id", "txt_file"]))
             self.totals["txt_collisions"] = collisions
