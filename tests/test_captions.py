@@ -99,6 +99,7 @@ def test_caption_request_per_prompt():
     assert short["sampling_params"]["max_tokens"] == 8 and "structured_outputs" not in short["sampling_params"]
     assert objects["sampling_params"]["max_tokens"] == 40
     assert objects["sampling_params"]["structured_outputs"]["json"]["required"] == ["shape"]
+    assert objects["sampling_params"]["structured_outputs"]["disable_any_whitespace"] is True
     # One image, one uuid: vLLM's processor/encoder caches serve the second prompt.
     assert short["multimodal_uuids"] == objects["multimodal_uuids"] == {"image": "row-1"}
     # The thumbnail rides on the first prompt's request only.

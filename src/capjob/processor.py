@@ -299,8 +299,11 @@ class CaptionRequest:
             "ignore_eos": c.ignore_eos,
             **({"seed": c.seed} if c.seed is not None else {}),
         }
+        # Compact JSON (no whitespace between tokens): whitespace is valid JSON, and a model may
+        # spend its whole token budget on it, leaving an unterminated object.
         self.sampling_params = {name: {**base, "max_tokens": spec.max_tokens,
-                                       **({"structured_outputs": {"json": spec.json_schema}} if spec.json_schema else {})}
+                                       **({"structured_outputs": {"json": spec.json_schema, "disable_any_whitespace": True}}
+                                          if spec.json_schema else {})}
                                 for name, spec in self.specs.items()}
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
