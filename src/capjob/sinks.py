@@ -147,6 +147,24 @@ def deserialize(data: bytes, name: str, fmt: SinkFormat, columns: Optional[list[
     return t.select(columns) if columns else t
 
 
+def write_local_atomic(final: str, data: bytes) -> None:
+    """A local file appears whole or not at all: written and fsynced under a hidden temporary
+    name in its folder (created if needed), then renamed into place."""
+    directory, base = os.path.split(final)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{base}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 class TableWriter:
     """Atomic writes of Arrow tables into <sink.path>/<table>/ in the configured format."""
 
@@ -213,18 +231,7 @@ class TableWriter:
         if not self.local:
             self.fs.pipe_file(final, data)
             return final
-        os.makedirs(directory, exist_ok=True)
-        tmp = f"{directory}/.{stem}.{uuid.uuid4().hex}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_local_atomic(final, data)
         return final
 
     def list_files(self, table_name: str) -> list[str]:
@@ -347,23 +354,7 @@ class TxtWriter:
             self.fs.pipe({self.path(n): data for n, data in files.items()})
             return
         for name, data in files.items():
-            final = self.path(name)
-            directory, base = os.path.split(final)
-            os.makedirs(directory, exist_ok=True)
-            tmp = os.path.join(directory, f".{base}.{uuid.uuid4().hex}.tmp")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, final)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
-
-    def read(self, name: str) -> bytes:
-        return self.fs.cat_file(self.path(name))
+            write_local_atomic(self.path(name), data)
 
 
 def txt_dir(cfg: SinkConfig) -> str:
