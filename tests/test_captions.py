@@ -79,6 +79,7 @@ def test_prompts_config_and_errors():
         (["caption.prefix=sks"], "caption.prefix: prefix/suffix apply to sink=txt only"),
         (["sink=txt", "sink.txt_column=caption_x"], "sink.txt_column: 'caption_x' is not a caption column"),
         ([*TWO_PROMPTS, f"caption.json_schema={SCHEMA}"], "caption.json_schema: with caption.prompts, set json_schema per prompt"),
+        ([*TWO_PROMPTS, "eval=stats"], "eval.mode: evaluation reads the single `caption` column"),
     ):
         with pytest.raises(ConfigError) as e:
             typed(*overrides)
@@ -128,6 +129,20 @@ def test_json_answers_are_parsed_or_quarantined():
     assert free["caption"] == "{not json, and fine" and free[ERROR_COLUMN] == ""
     engine = record(record_input("short", "", error="ValueError: too long"))
     assert engine[ERROR_COLUMN] == "ValueError: too long"
+
+
+def test_single_prompt_json_schema_fills_the_caption_column():
+    cfg = typed(f"caption.json_schema={SCHEMA}")
+    request = CaptionRequest(cfg, RenderedPrompt(USER_PROMPT_SLOT, image_list=False, uuid_list=False))
+    out = request({"image": np.zeros((4, 4, 3), dtype=np.uint8), "id": "r"})
+    assert out["sampling_params"]["structured_outputs"]["json"]["required"] == ["shape"] and out["prompt"] == cfg.caption.user_prompt
+    record = CaptionRecord("m", "r", [], cfg.caption)
+    data = record_input(None, '{"shape":"square"}')
+    del data[DATA_COLUMN][PROMPT_COLUMN], data[DATA_COLUMN][GROUP_COLUMN]
+    row = record(data)
+    assert row["caption"] == '{"shape":"square"}' and row[ERROR_COLUMN] == "" and PROMPT_COLUMN not in row
+    data[DATA_COLUMN]["generated_text"] = "{"
+    assert record(data)[ERROR_COLUMN].startswith("json: Expecting property name enclosed in double quotes")
 
 
 def test_requests_regroup_to_one_row_per_image():

@@ -394,6 +394,8 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
     from capjob.processor import validate_prompts
 
     validate_prompts(c)
+    _require(not c.prompts or cfg.eval.mode == EvalMode.off, "eval.mode",
+             "evaluation reads the single `caption` column; with caption.prompts run capjob-eval on a copy of the output instead, or eval=off")
     if cfg.sink.format != SinkFormat.txt:
         _require(not (c.prefix or c.suffix), "caption.prefix", "prefix/suffix apply to sink=txt only; the caption columns stay as generated")
     elif cfg.sink.txt_column is not None:
