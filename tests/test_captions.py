@@ -100,7 +100,6 @@ def test_caption_request_per_prompt():
     assert short["sampling_params"]["max_tokens"] == 8 and "structured_outputs" not in short["sampling_params"]
     assert objects["sampling_params"]["max_tokens"] == 40
     assert objects["sampling_params"]["structured_outputs"]["json"]["required"] == ["shape"]
-    assert objects["sampling_params"]["structured_outputs"]["disable_any_whitespace"] is True
     # One image, one uuid: vLLM's processor/encoder caches serve the second prompt.
     assert short["multimodal_uuids"] == objects["multimodal_uuids"] == {"image": "row-1"}
     # The thumbnail rides on the first prompt's request only.
@@ -108,6 +107,9 @@ def test_caption_request_per_prompt():
     # Several prompts: the engine gets a processor cache for the image's repeated requests.
     assert engine_kwargs(cfg, "m", EnginePlacement(0, None))["mm_processor_cache_gb"] > 0
     assert engine_kwargs(typed(), "m", EnginePlacement(0, None))["mm_processor_cache_gb"] == 0
+    # A JSON schema: compact answers (no whitespace for the model to spend its tokens on).
+    assert engine_kwargs(cfg, "m", EnginePlacement(0, None))["structured_outputs_config"] == {"backend": "xgrammar", "disable_any_whitespace": True}
+    assert "structured_outputs_config" not in engine_kwargs(typed(), "m", EnginePlacement(0, None))
 
 
 def record_input(name, text, error="", group="g1", thumb=None, **extra):

@@ -70,6 +70,11 @@ def engine_kwargs(cfg: CapjobConfig, model_source: str, placement: EnginePlaceme
         # a small processor cache runs the HF image processor once for them (vLLM's encoder
         # cache, keyed by the same uuid, shares the vision embeddings between them anyway).
         kwargs["mm_processor_cache_gb"] = MULTI_PROMPT_PROCESSOR_CACHE_GB
+    if any(spec.json_schema for spec in prompt_specs(cfg.caption)):
+        # Compact JSON: vLLM's grammar otherwise allows whitespace between tokens, and a model may
+        # spend its whole token budget on it (seen with the tiny model: newlines until
+        # max_tokens, an unterminated object). An engine-wide switch of the xgrammar backend.
+        kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
     kwargs.update(e.extra_engine_kwargs)
     return kwargs
 
@@ -299,11 +304,8 @@ class CaptionRequest:
             "ignore_eos": c.ignore_eos,
             **({"seed": c.seed} if c.seed is not None else {}),
         }
-        # Compact JSON (no whitespace between tokens): whitespace is valid JSON, and a model may
-        # spend its whole token budget on it, leaving an unterminated object.
         self.sampling_params = {name: {**base, "max_tokens": spec.max_tokens,
-                                       **({"structured_outputs": {"json": spec.json_schema, "disable_any_whitespace": True}}
-                                          if spec.json_schema else {})}
+                                       **({"structured_outputs": {"json": spec.json_schema}} if spec.json_schema else {})}
                                 for name, spec in self.specs.items()}
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
