@@ -299,6 +299,14 @@ def jpeg(color: str, size=(200, 120)) -> bytes:
     return buf.getvalue()
 
 
+def test_wrap_to_width():
+    from capjob.reporting.contact_sheet import wrap_to_width
+
+    assert wrap_to_width("a bb ccc dddd", len, 6) == ["a bb", "ccc", "dddd"]
+    assert wrap_to_width("x" * 14 + " y", len, 6) == ["xxxxxx", "xxxxxx", "xx y"]
+    assert wrap_to_width("  ", len, 6) == []
+
+
 def test_pick_evenly():
     assert pick_evenly(list(range(5))) == list(range(5))
     picked = pick_evenly(list(range(100)), 16)

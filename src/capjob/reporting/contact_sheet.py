@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import io
-import textwrap
 from typing import Any, Optional
 
 SHEET_SIZE = 16
@@ -115,6 +114,29 @@ def _caption_text(sample: dict[str, Any]) -> str:
     return "  ".join(f"[{name.removeprefix('caption_')}] {text}" for name, text in captions.items())
 
 
+def wrap_to_width(text: str, width_of: Any, max_width: float) -> list[str]:
+    """Greedy word wrap by rendered width (width_of: text -> pixels); a word wider than a line
+    is cut between characters."""
+    lines: list[str] = []
+    line = ""
+    for word in " ".join(text.split()).split(" "):
+        candidate = f"{line} {word}" if line else word
+        if width_of(candidate) <= max_width:
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        line = ""
+        for ch in word:
+            if width_of(line + ch) > max_width and line:
+                lines.append(line)
+                line = ""
+            line += ch
+    if line:
+        lines.append(line)
+    return lines
+
+
 def _font(size: int) -> Any:
     from PIL import ImageFont
 
@@ -140,15 +162,14 @@ def render_png(samples: list[dict[str, Any]], title: str = "") -> bytes:
         draw.text((8, 8), title, fill="black", font=title_font)
     if not samples:
         draw.text((8, top + 8), "no captioned rows in this run", fill="gray", font=font)
-    chars = max(10, int(PNG_CELL_WIDTH / (PNG_FONT_SIZE * 0.55)))
     for i, sample in enumerate(samples):
         x, y = (i % COLUMNS) * PNG_CELL_WIDTH, top + (i // COLUMNS) * cell_h
         thumb = Image.open(io.BytesIO(sample["thumbnail"])).convert("RGB")
         thumb.thumbnail((PNG_THUMB, PNG_THUMB))
         sheet.paste(thumb, (x + (PNG_CELL_WIDTH - thumb.width) // 2, y + (PNG_THUMB - thumb.height) // 2))
-        lines = textwrap.wrap(_caption_text(sample), chars) or ["(empty caption)"]
+        lines = wrap_to_width(_caption_text(sample), lambda t: draw.textlength(t, font=font), PNG_CELL_WIDTH - 12) or ["(empty caption)"]
         if len(lines) > PNG_LINES:
-            lines = lines[: PNG_LINES - 1] + [lines[PNG_LINES - 1][: chars - 1] + "\u2026"]
+            lines = lines[: PNG_LINES - 1] + [lines[PNG_LINES - 1][:-1] + "\u2026"]
         for j, line in enumerate(lines):
             draw.text((x + 6, y + PNG_THUMB + 10 + j * line_h), line, fill="black", font=font)
     buf = io.BytesIO()
