@@ -97,13 +97,16 @@ def make_plan(cfg: CapjobConfig, run_id: str, model_source: str, placement: Engi
         ("repartition", note),
         ("assign ids / resume", "skip ids already in the sink" if cfg.job.resume else "resume off"),
         ("decode+validate+resize", f"{r.preprocess_cpus} CPU/task, {cfg.images.resize.value} {cfg.images.size}px, rejects -> quarantine"),
-        ("preprocess", "chat request (system + user prompt + image)" if cfg.engine.chat_template_stages
-                       else "prompt (chat template applied once, before the run) + image"),
+        ("preprocess", ("chat request (system + user prompt + image)" if cfg.engine.chat_template_stages
+                        else "prompt (chat template applied once, before the run) + image")
+                       + (f", one request per prompt ({len(cfg.caption.prompts)})" if cfg.caption.prompts else "")),
         *[(name, cpu_stage) for name in cpu_stages(cfg) if name != "Detokenize"],
         ("vLLM engine", f"{r.concurrency} replica(s) x {engine_res}, batch_size={e.batch_size} x {e.max_concurrent_batches} in flight, "
                         f"max_num_seqs={e.max_num_seqs or '128 (vLLM engine default)'}, max_model_len={e.max_model_len}"),
         *[(name, cpu_stage) for name in cpu_stages(cfg) if name == "Detokenize"],
         ("postprocess", "output schema; engine failures -> quarantine"),
+        *([("regroup", f"1 actor: the {len(cfg.caption.prompts)} request(s) of each image -> one row "
+                       f"({', '.join('caption_' + n for n in cfg.caption.prompts)})")] if cfg.caption.prompts else []),
         ("write", f"{cfg.sink.format.value} -> {cfg.sink.path}/captions (+ /quarantine)"),
     ]
     return Plan(run_id, model_source, placement, rows_per_block, num_blocks, note, stages)
