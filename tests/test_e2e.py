@@ -132,8 +132,12 @@ def test_run_report(monitored_run):
     assert report["gpus"]["count"] == 0
     md = (report_dir / "report.md").read_text()
     assert "| captioned | 6 |" in md and "vLLMEngineStageUDF" in md
-    for png in ("throughput.png", "caption_length.png"):
+    for png in ("throughput.png", "caption_length.png", "samples.png"):
         assert (report_dir / png).read_bytes()[:4] == b"\x89PNG"
+    # The contact sheet: every captioned image (6), and each quarantined one with its reason.
+    html = (report_dir / "samples.html").read_text(encoding="utf-8")
+    assert html.count("<figure>") == 6 and "Quarantined (6)" in html
+    assert "astronaut.png</td><td>engine</td>" in html and "truncated.jpg</td><td>images</td><td>decode:" in html
     # The final summary table is printed at the end of the run.
     assert "| captioned | 6 |" in proc.stdout
 

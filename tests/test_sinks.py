@@ -138,23 +138,28 @@ def test_engine_failures_go_to_quarantine(tmp_path, no_ledger):
 
 
 def test_empty_captions_are_quarantined_and_counted(tmp_path, monkeypatch):
-    """A caption with no words (end-of-sequence first) is no success: quarantined with its own
-    reason and counted for the report and the metrics, never written as a caption."""
+    """A caption with no words (end-of-sequence first) is no success: the postprocess marks it,
+    the sink quarantines it with its own reason and counts it for the report and the metrics."""
     from capjob import metrics
+    from capjob.config import CaptionConfig
+    from capjob.processor import DATA_COLUMN, EMPTY_CAPTION, CaptionRecord
+
+    record = CaptionRecord("tiny", "run", [], CaptionConfig())
+    row = {"id": "i", "source_key": "k", "image_width": 8, "image_height": 8, "num_generated_tokens": 1}
+    assert record({DATA_COLUMN: {**row, "generated_text": " \n"}})["__inference_error__"] == EMPTY_CAPTION
+    assert record({DATA_COLUMN: {**row, "generated_text": "a cat"}})["__inference_error__"] == ""
 
     recorded = {}
     monkeypatch.setattr(metrics, "record_many", lambda run_id, key, counts: recorded.update(counts))
-    table = captions(4).append_column("__inference_error__", pa.array(["", "", "boom", ""]))
-    table = table.set_column(table.schema.get_field_index("caption"), "caption", pa.array(["a cat", "", "x", " \n"]))
+    table = captions(4).append_column("__inference_error__", pa.array(["", EMPTY_CAPTION, "boom", EMPTY_CAPTION]))
     stats = CaptionSink(sink(tmp_path), "run", "tiny").write([table], None)
-    assert (stats["captioned"], stats["quarantined"], stats["empty_captions"]) == (1, 3, 2)
+    assert (stats["captioned"], stats["quarantined"]) == (1, 3)
     assert recorded["rejected:empty_caption"] == 2 and recorded["rejected:engine"] == 1
     writer = TableWriter(sink(tmp_path))
-    assert writer.read(CAPTIONS).column("caption").to_pylist() == ["a cat"]
+    assert writer.read(CAPTIONS).num_rows == 1
     reasons = dict(zip(writer.read(QUARANTINE).column("id").to_pylist(), writer.read(QUARANTINE).column("reason").to_pylist()))
     assert reasons["img-00002"] == "engine: boom"
-    assert reasons["img-00001"].startswith("empty_caption:") and reasons["img-00003"].startswith("empty_caption:")
-    assert stats["samples"] == [{"source_key": "s3://b/img-00000.jpg", "caption": "a cat"}]
+    assert reasons["img-00001"] == reasons["img-00003"] == EMPTY_CAPTION
 
 
 def test_rows_per_file_gathers_blocks(tmp_path):

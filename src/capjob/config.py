@@ -29,6 +29,7 @@ class SourceFormat(str, enum.Enum):
 class SinkFormat(str, enum.Enum):
     parquet = "parquet"
     jsonl = "jsonl"
+    txt = "txt"  # one <image stem>.txt per image (sinks.py), plus a parquet manifest for resume
 
 
 class ResizeMode(str, enum.Enum):
@@ -174,13 +175,21 @@ class SinkConfig:
     compression: str = "snappy"
     rows_per_file: Optional[int] = None
     storage_options: dict[str, Any] = field(default_factory=dict)
+    # format=txt: the folder of the .txt files (local path or fsspec URL); null: <path>/txt.
+    txt_dir: Optional[str] = None
+    # format=txt: the output column written into each .txt; null: `caption`, or with
+    # caption.prompts the first prompt's `caption_<name>`.
+    txt_column: Optional[str] = None
 
 
 @dataclass
 class CaptionConfig:
-    """The request sent for each image, consumed by processor.py."""
+    """The request(s) sent for each image, consumed by processor.py (and sinks.py for the
+    prefix/suffix of sink=txt)."""
 
     system_prompt: str = "You are a helpful assistant that generates accurate and descriptive captions for images."
+    # May name input columns as str.format fields ("Rewrite this alt text: {txt}"); they must
+    # exist in the dataset (checked before Ray starts) and are passed through to the output.
     user_prompt: str = "Describe this image in detail. Focus on the main subjects, actions, and setting."
     temperature: float = 0.3
     top_p: float = 1.0
@@ -188,6 +197,18 @@ class CaptionConfig:
     # Benchmarks set this so that every contender generates exactly max_tokens.
     ignore_eos: bool = False
     seed: Optional[int] = None
+    # Several captions per image: {name: {prompt, max_tokens, json_schema}} (or {name: prompt})
+    # gives one column `caption_<name>` per entry (in this order) instead of `caption`; empty:
+    # user_prompt alone. prompt: as user_prompt; max_tokens: null = caption.max_tokens;
+    # json_schema: as below. Entries are checked by processor.prompt_specs (values are untyped
+    # here: Hydra cannot add keys to a dict of dataclasses from the command line).
+    prompts: dict[str, Any] = field(default_factory=dict)
+    # A JSON schema (mapping, or its JSON text): vLLM's structured outputs constrain the caption
+    # to it and the column holds the parsed object as compact JSON text. null: free text.
+    json_schema: Optional[Any] = None
+    # sink=txt only: written verbatim before / after the caption in each .txt (trigger words).
+    prefix: str = ""
+    suffix: str = ""
 
 
 @dataclass
@@ -376,6 +397,18 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
     _require(c.temperature >= 0, "caption.temperature", f"must be >= 0, got {c.temperature}")
     _require(0 < c.top_p <= 1, "caption.top_p", f"must be in (0, 1], got {c.top_p}")
     _require(bool(c.user_prompt.strip()), "caption.user_prompt", "must not be empty")
+    from capjob.processor import validate_prompts
+
+    validate_prompts(c)
+    _require(not c.prompts or cfg.eval.mode == EvalMode.off, "eval.mode",
+             "evaluation reads the single `caption` column; with caption.prompts run capjob-eval on a copy of the output instead, or eval=off")
+    if cfg.sink.format != SinkFormat.txt:
+        _require(not (c.prefix or c.suffix), "caption.prefix", "prefix/suffix apply to sink=txt only; the caption columns stay as generated")
+    elif cfg.sink.txt_column is not None:
+        from capjob.processor import caption_columns
+
+        _require(cfg.sink.txt_column in caption_columns(c), "sink.txt_column",
+                 f"{cfg.sink.txt_column!r} is not a caption column; allowed: {', '.join(caption_columns(c))}")
     _require(i.size >= 28, "images.size", f"must be >= 28 (one vision patch), got {i.size}")
     _require(i.max_pixels > 0, "images.max_pixels", f"must be > 0, got {i.max_pixels}")
     from capjob.evaluation import validate_eval

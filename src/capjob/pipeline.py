@@ -97,13 +97,16 @@ def make_plan(cfg: CapjobConfig, run_id: str, model_source: str, placement: Engi
         ("repartition", note),
         ("assign ids / resume", "skip ids already in the sink" if cfg.job.resume else "resume off"),
         ("decode+validate+resize", f"{r.preprocess_cpus} CPU/task, {cfg.images.resize.value} {cfg.images.size}px, rejects -> quarantine"),
-        ("preprocess", "chat request (system + user prompt + image)" if cfg.engine.chat_template_stages
-                       else "prompt (chat template applied once, before the run) + image"),
+        ("preprocess", ("chat request (system + user prompt + image)" if cfg.engine.chat_template_stages
+                        else "prompt (chat template applied once, before the run) + image")
+                       + (f", one request per prompt ({len(cfg.caption.prompts)})" if cfg.caption.prompts else "")),
         *[(name, cpu_stage) for name in cpu_stages(cfg) if name != "Detokenize"],
         ("vLLM engine", f"{r.concurrency} replica(s) x {engine_res}, batch_size={e.batch_size} x {e.max_concurrent_batches} in flight, "
                         f"max_num_seqs={e.max_num_seqs or '128 (vLLM engine default)'}, max_model_len={e.max_model_len}"),
         *[(name, cpu_stage) for name in cpu_stages(cfg) if name == "Detokenize"],
         ("postprocess", "output schema; engine failures -> quarantine"),
+        *([("regroup", f"1 actor: the {len(cfg.caption.prompts)} request(s) of each image -> one row "
+                       f"({', '.join('caption_' + n for n in cfg.caption.prompts)})")] if cfg.caption.prompts else []),
         ("write", f"{cfg.sink.format.value} -> {cfg.sink.path}/captions (+ /quarantine)"),
     ]
     return Plan(run_id, model_source, placement, rows_per_block, num_blocks, note, stages)
@@ -165,6 +168,7 @@ def start(cfg: CapjobConfig, run_id: str) -> Started:
     placement = None if address else runtime.decide_placement(cfg, local_gpus, node_gpus=local_gpus)
     sinks.TableWriter(cfg.sink).check_writable()
     sources.preflight(cfg.data)  # path, bucket, credentials, columns: seconds, without Ray
+    preflight_prompt_columns(cfg)
     done_ids = checkpoint.read_done_ids(cfg.sink) if cfg.job.resume else frozenset()
     model_source = resolve_model_source(cfg.model.source, cfg.model.builder)
     if placement is None:  # a cluster we join: its GPUs decide
@@ -218,6 +222,37 @@ def configure_data_context(cfg: CapjobConfig, placement: Optional[EnginePlacemen
     return data_context
 
 
+def data_with_prompt_columns(cfg: CapjobConfig) -> Any:
+    """cfg.data with the input columns the caption prompts name added to the pass-through ones."""
+    import dataclasses
+
+    from capjob.processor import prompt_columns
+
+    extra = [c for c in prompt_columns(cfg.caption) if c not in cfg.data.passthrough_columns]
+    return dataclasses.replace(cfg.data, passthrough_columns=[*cfg.data.passthrough_columns, *extra]) if extra else cfg.data
+
+
+def preflight_prompt_columns(cfg: CapjobConfig) -> None:
+    """The columns a caption prompt names ({label}) exist in the dataset: checked like the
+    pass-through columns (after those, so that an error here is the prompt's), reported as
+    the prompt's key."""
+    from capjob import sources
+    from capjob.errors import ConfigError, SourceError
+    from capjob.processor import prompt_specs
+
+    data = data_with_prompt_columns(cfg)
+    if data is cfg.data:
+        return
+    try:
+        sources.preflight(data)
+    except SourceError as e:
+        for spec in prompt_specs(cfg.caption):
+            missing = next((f for f in spec.fields if repr(f) in str(e) and f not in cfg.data.passthrough_columns), None)
+            if missing:
+                raise ConfigError(f"{spec.key}: names column {{{missing}}}, which the dataset does not have ({e})") from None
+        raise
+
+
 def caption_flow(cfg: CapjobConfig, job: Started, source: Any, plan: Plan) -> Any:
     """The lazy Ray Dataset from source rows to output rows, stage by stage."""
     from capjob import checkpoint, images
@@ -251,7 +286,8 @@ def caption_flow(cfg: CapjobConfig, job: Started, source: Any, plan: Plan) -> An
         batch_format="numpy",
         **task_options(cfg),
     )
-    return build_caption_processor(cfg, job.model_source, job.placement, job.run_id)(ds)
+    return build_caption_processor(cfg, job.model_source, job.placement, job.run_id,
+                                   passthrough_columns=source.passthrough_columns, expected_rows=source.num_rows)(ds)
 
 
 def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_config: dict[str, Any], report_dir: Optional[str]) -> RunResult:
@@ -259,6 +295,7 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
     import ray
 
     from capjob import report, runtime, sinks
+    from capjob.reporting.contact_sheet import run_contact_sheet
 
     writer = sinks.TableWriter(cfg.sink)
     counts = ray.get(job.ledger.totals.remote())
@@ -283,8 +320,13 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
         resolved_config=resolved_config,
         cluster_resources=ray.cluster_resources(),
     )
+    if "txt_collisions" in totals:
+        collisions = totals["txt_collisions"]
+        run_report["txt_collisions"] = {"count": len(collisions), "examples": dict(list(collisions.items())[:20])}
     report_dirs = [f"{cfg.sink.path.rstrip('/')}/reports/{job.run_id}"] + ([report_dir] if report_dir else [])
-    report.write(run_report, stats_text, report.plots(totals, job.wall_clock), report_dirs, cfg.sink.storage_options)
+    images = {**report.plots(totals, job.wall_clock),
+              **run_contact_sheet(cfg.sink, job.run_id, totals.get("samples", []), result.captioned)}
+    report.write(run_report, stats_text, images, report_dirs, cfg.sink.storage_options)
     print("\n" + report.summary_table(run_report))
     print(sample_captions(totals.get("samples", []), result.captioned))
     print(f"\ncaptions:   {result.output}\nquarantine: {result.quarantine}\nreport:     {' and '.join(report_dirs)}", flush=True)
@@ -312,9 +354,10 @@ def sample_captions(samples: list[dict[str, Any]], captioned: int) -> str:
     chosen = sorted(samples, key=lambda r: r.get("reference") is None)[:SAMPLE_CAPTIONS]
     lines = [f"\nsample captions ({len(chosen)} of {captioned}):"]
     for r in chosen:
-        mark = "" if r.get("reference") is None else ("  [= reference]" if r["caption"].strip() == r["reference"] else
+        text = next(iter(r["captions"].values()), "") or ""
+        mark = "" if r.get("reference") is None else ("  [= reference]" if text.strip() == r["reference"] else
                                                       f"  [reference: {r['reference']}]")
-        caption = " ".join(r["caption"].split())
+        caption = " ".join(text.split())
         lines.append(f"  {str(r.get('source_key'))[-32:]:<32} {caption[:100]}{mark}")
     return "\n".join(lines)
 
@@ -327,11 +370,11 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
         print(dry_run_plan(cfg, run_id).render(cfg))
         return None
     job = start(cfg, run_id)
-    source = sources.read_source(cfg.data)
+    source = sources.read_source(data_with_prompt_columns(cfg))
     plan = make_plan(cfg, run_id, job.model_source, job.placement, source.num_rows)
     print(plan.render(cfg), flush=True)
     dataset = caption_flow(cfg, job, source, plan)
-    sink = sinks.CaptionSink(cfg.sink, run_id, cfg.model.name)
+    sink = sinks.CaptionSink(cfg.sink, run_id, cfg.model.name, cfg.caption, data_root=cfg.data.path)
     dataset.write_datasink(sink, ray_remote_args=task_options(cfg))  # streams: nothing is materialised
     result = finish(cfg, job, dataset, sink, resolved_config, report_dir)
     if cfg.eval.mode != EvalMode.off:

@@ -18,6 +18,7 @@ import numpy as np
 from capjob.config import CapjobConfig
 
 ERROR_COLUMN = "__inference_error__"
+MULTI_PROMPT_PROCESSOR_CACHE_GB = 1.0
 # The processor keeps each row's working data in this column (ray.llm Processor.DATA_COLUMN).
 DATA_COLUMN = "__data"
 
@@ -92,42 +93,272 @@ def engine_kwargs(cfg: CapjobConfig, model_source: str, placement: EnginePlaceme
     backend = executor_backend(cfg, placement)
     if backend:
         kwargs["distributed_executor_backend"] = backend
+    if len(cfg.caption.prompts) > 1 and not e.mm_processor_cache_gb:
+        # The requests of one image (one per prompt) reach the engine together under one uuid:
+        # a small processor cache runs the HF image processor once for them (vLLM's encoder
+        # cache, keyed by the same uuid, shares the vision embeddings between them anyway).
+        kwargs["mm_processor_cache_gb"] = MULTI_PROMPT_PROCESSOR_CACHE_GB
+    if any(spec.json_schema for spec in prompt_specs(cfg.caption)):
+        # Compact JSON: vLLM's grammar otherwise allows whitespace between tokens, and a model may
+        # spend its whole token budget on it (seen with the tiny model: newlines until
+        # max_tokens, an unterminated object). An engine-wide switch of the xgrammar backend.
+        kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
     kwargs.update(e.extra_engine_kwargs)
     return kwargs
 
 
+# Per-request columns of a multi-prompt run: the prompt's name, and a token unique to the image
+# row (ids may repeat in a dataset; the token never does) by which its requests are regrouped.
+PROMPT_COLUMN = "__prompt"
+GROUP_COLUMN = "__group"
+# A small JPEG of the image for the run's contact sheet (reporting/contact_sheet.py), set on a
+# sample of rows only; the sink takes it out of the row.
+THUMBNAIL_COLUMN = "__thumbnail"
+THUMBNAIL_PX = 256
+# About this many rows per run carry a thumbnail (when the row count is known); the contact
+# sheet keeps the THUMBNAIL_CANDIDATES of smallest id hash and shows 16 of them.
+THUMBNAIL_CANDIDATES = 256
+# Where the user prompt goes in the prompt rendered once (engine.chat_template_stages=false).
+USER_PROMPT_SLOT = "\u0000capjob-user-prompt\u0000"
+CAPTION_COLUMN = "caption"
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """One request per image: name None = the single caption.user_prompt (column `caption`),
+    else an entry of caption.prompts (column `caption_<name>`). `fields` are the input columns
+    the prompt names."""
+
+    key: str
+    name: Optional[str]
+    template: str
+    max_tokens: int
+    json_schema: Optional[dict[str, Any]]
+    fields: tuple[str, ...]
+
+    @property
+    def column(self) -> str:
+        return CAPTION_COLUMN if self.name is None else f"{CAPTION_COLUMN}_{self.name}"
+
+
+def prompt_fields(template: str, key: str) -> tuple[str, ...]:
+    """The input columns a str.format template names, in order. Raises ConfigError for a
+    malformed template (a lone brace), a positional field ({} or {0}) or an attribute/index
+    access ({a.b}, {a[0]}): a field is a column name, literal braces are {{ and }}."""
+    import string
+
+    from capjob.errors import ConfigError
+
+    names: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e} (a field is {{column}}; write {{{{ and }}}} for literal braces)") from None
+    for _, name, spec, _ in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier():
+            raise ConfigError(f"{key}: field {{{name}}} must name an input column, e.g. {{label}} "
+                              "(write {{ and }} for literal braces)")
+        if spec and "{" in spec:
+            raise ConfigError(f"{key}: nested field in {{{name}:{spec}}} is not supported")
+        if name not in names:
+            names.append(name)
+    return tuple(names)
+
+
+def parse_json_schema(value: Any, key: str) -> Optional[dict[str, Any]]:
+    """caption.json_schema / caption.prompts.<name>.json_schema as a dict: a mapping, or its JSON
+    text. Checked against the JSON Schema metaschema (jsonschema); ConfigError otherwise."""
+    import json
+
+    from capjob.errors import ConfigError
+
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{key}: not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: must be a JSON schema object, got {type(value).__name__}")
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(value).check_schema(value)
+    except jsonschema.SchemaError as e:
+        raise ConfigError(f"{key}: not a valid JSON schema: {e.message}") from None
+    return value
+
+
+PROMPT_KEYS = ("prompt", "max_tokens", "json_schema")
+
+
+def prompt_specs(c: Any) -> list[PromptSpec]:
+    """The requests each image gets (caption.prompts in order, else caption.user_prompt alone).
+    c: CaptionConfig (OmegaConf containers are accepted). Raises ConfigError naming the key."""
+    from capjob.errors import ConfigError
+
+    if not c.prompts:
+        return [PromptSpec("caption.user_prompt", None, c.user_prompt, c.max_tokens,
+                           parse_json_schema(_plain(c.json_schema), "caption.json_schema"),
+                           prompt_fields(c.user_prompt, "caption.user_prompt"))]
+    if c.json_schema is not None:
+        raise ConfigError("caption.json_schema: with caption.prompts, set json_schema per prompt (caption.prompts.<name>.json_schema)")
+    specs = []
+    for name, p in c.prompts.items():
+        key = f"caption.prompts.{name}"
+        if not (name.isidentifier() and name.isascii()):
+            raise ConfigError(f"{key}: a prompt name must be a Python identifier (letters, digits, _), it names the column caption_<name>")
+        p = _plain(p)
+        if isinstance(p, str):
+            p = {"prompt": p}
+        if not isinstance(p, dict):
+            raise ConfigError(f"{key}: must be a prompt string or {{prompt, max_tokens, json_schema}}, got {type(p).__name__}")
+        unknown = sorted(set(p) - set(PROMPT_KEYS))
+        if unknown:
+            raise ConfigError(f"{key}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(PROMPT_KEYS)}")
+        prompt, schema = p.get("prompt"), p.get("json_schema")
+        max_tokens = c.max_tokens if p.get("max_tokens") is None else p["max_tokens"]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ConfigError(f"{key}.prompt: must not be empty")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
+            raise ConfigError(f"{key}.max_tokens: must be > 0, got {max_tokens}")
+        specs.append(PromptSpec(f"{key}.prompt", name, prompt, max_tokens,
+                                parse_json_schema(_plain(schema), f"{key}.json_schema"), prompt_fields(prompt, f"{key}.prompt")))
+    return specs
+
+
+def _plain(value: Any) -> Any:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def validate_prompts(c: Any) -> None:
+    prompt_specs(c)
+
+
+def prompt_columns(c: Any) -> list[str]:
+    """Input columns named by any prompt, in order of first use."""
+    out: list[str] = []
+    for spec in prompt_specs(c):
+        out += [f for f in spec.fields if f not in out]
+    return out
+
+
+def caption_columns(c: Any) -> list[str]:
+    return [spec.column for spec in prompt_specs(c)]
+
+
+def _field_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()  # numpy scalar
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def format_prompt(spec: PromptSpec, row: dict[str, Any]) -> str:
+    """spec's prompt with the row's values for its fields (None -> "", bytes as UTF-8 text)."""
+    if not spec.fields:
+        return spec.template
+    return spec.template.format_map({name: _field_value(row.get(name)) for name in spec.fields})
+
+
+def thumbnail_every(expected_rows: Optional[int]) -> int:
+    """1 in how many rows carries a thumbnail: about THUMBNAIL_CANDIDATES per run; every row
+    when the row count is unknown (a 256 px JPEG is ~1 ms of CPU next to the decode, and the
+    sink passes on only the sample the contact sheet keeps)."""
+    if not expected_rows:
+        return 1
+    return max(1, -(-expected_rows // THUMBNAIL_CANDIDATES))
+
+
+def row_hash(row_id: str) -> int:
+    """A stable 64-bit hash of a row id: the thumbnail sample is the rows of smallest hash."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(str(row_id).encode(), digest_size=8).digest(), "big")
+
+
+def is_thumbnail_row(row_id: str, every: int) -> bool:
+    return every <= 1 or row_hash(row_id) % every == 0
+
+
+def thumbnail_jpeg(image: Any) -> bytes:
+    import io
+
+    small = image.copy()
+    small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=82)
+    return buf.getvalue()
+
+
+def expand_prompts(batch: dict[str, np.ndarray], *, names: list[str]) -> dict[str, np.ndarray]:
+    """map_batches UDF of a multi-prompt run: each image row becomes one request row per prompt
+    (same pixels, same id), tagged with the prompt's name and the image row's group token."""
+    import uuid
+
+    n = len(batch["id"])
+    repeat = np.repeat(np.arange(n), len(names))
+    out = {column: values[repeat] for column, values in batch.items()}
+    out[PROMPT_COLUMN] = np.asarray(names * n, dtype=object)
+    out[GROUP_COLUMN] = np.repeat(np.asarray([uuid.uuid4().hex for _ in range(n)], dtype=object), len(names))
+    return out
+
+
 class CaptionRequest:
     """preprocess: one prepared row -> chat messages + sampling params, or, given the prompt
-    already rendered (engine.chat_template_stages=false), prompt + image for the engine."""
+    already rendered (engine.chat_template_stages=false), prompt + image for the engine. In a
+    multi-prompt run each row is one (image, prompt) request, the prompt named by PROMPT_COLUMN."""
 
-    def __init__(self, cfg: CapjobConfig, prompt: Optional["RenderedPrompt"] = None):
+    def __init__(self, cfg: CapjobConfig, prompt: Optional["RenderedPrompt"] = None, thumbnail_every: int = 0):
         c = cfg.caption
         self.system_prompt = c.system_prompt
-        self.user_prompt = c.user_prompt
+        self.specs = {spec.name: spec for spec in prompt_specs(c)}
+        self.first = next(iter(self.specs))
         self.prompt = prompt
-        self.sampling_params = {
+        self.thumbnail_every = thumbnail_every
+        base = {
             "temperature": c.temperature,
             "top_p": c.top_p,
-            "max_tokens": c.max_tokens,
             "ignore_eos": c.ignore_eos,
             **({"seed": c.seed} if c.seed is not None else {}),
         }
+        self.sampling_params = {name: {**base, "max_tokens": spec.max_tokens,
+                                       **({"structured_outputs": {"json": spec.json_schema}} if spec.json_schema else {})}
+                                for name, spec in self.specs.items()}
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         from PIL import Image
 
+        name = row.get(PROMPT_COLUMN, self.first)
+        spec = self.specs[name]
+        text = format_prompt(spec, row)
         pixels = row["image"]
         image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), "RGB")
+        # image=None: the array has served its purpose; don't carry it through every stage.
+        out: dict[str, Any] = {"sampling_params": self.sampling_params[name], "image": None, THUMBNAIL_COLUMN: None}
+        if self.thumbnail_every and name == self.first and is_thumbnail_row(str(row["id"]), self.thumbnail_every):
+            out[THUMBNAIL_COLUMN] = thumbnail_jpeg(image)
         if self.prompt is not None:
             # What PrepareMultimodal + ChatTemplate would produce for this row, without them.
             p = self.prompt
-            return {"prompt": p.text, "multimodal_data": {"image": [image] if p.image_list else image},
-                    "multimodal_uuids": {"image": [row["id"]] if p.uuid_list else row["id"]},
-                    "sampling_params": self.sampling_params, "image": None}
-        # image=None: the array has served its purpose; don't carry it through every stage.
-        return {"messages": self.messages(image, row["id"]), "sampling_params": self.sampling_params, "image": None}
+            # The row id doubles as vLLM's multimodal cache key: no hashing of pixels, and the
+            # requests of one image (one per prompt) share it.
+            return {**out, "prompt": p.text.replace(USER_PROMPT_SLOT, text),
+                    "multimodal_data": {"image": [image] if p.image_list else image},
+                    "multimodal_uuids": {"image": [row["id"]] if p.uuid_list else row["id"]}}
+        return {**out, "messages": self.messages(image, row["id"], text)}
 
-    def messages(self, image: Any, uuid: str) -> list[dict[str, Any]]:
+    def messages(self, image: Any, uuid: str, text: str) -> list[dict[str, Any]]:
         return [
             {"role": "system", "content": self.system_prompt},
             {
@@ -135,7 +366,7 @@ class CaptionRequest:
                 "content": [
                     # The row id doubles as vLLM's multimodal cache key: no hashing of pixels.
                     {"type": "image_pil", "image_pil": image, "uuid": uuid},
-                    {"type": "text", "text": self.user_prompt},
+                    {"type": "text", "text": text},
                 ],
             },
         ]
@@ -143,8 +374,9 @@ class CaptionRequest:
 
 @dataclass(frozen=True)
 class RenderedPrompt:
-    """The chat-templated prompt every caption request shares, and the shape (one item or a
-    list) in which Ray Data LLM's PrepareMultimodal hands the image and its uuid to the engine."""
+    """The chat-templated prompt every caption request shares, with USER_PROMPT_SLOT where each
+    request's user prompt goes, and the shape (one item or a list) in which Ray Data LLM's
+    PrepareMultimodal hands the image and its uuid to the engine."""
 
     text: str
     image_list: bool
@@ -173,45 +405,148 @@ def _render_with_stages(stages: list[Any], row: dict[str, Any]) -> RenderedPromp
 
 def render_caption_prompt(cfg: CapjobConfig, model_source: str, placement: EnginePlacement) -> RenderedPrompt:
     """The caption prompt, rendered once by the stages engine.chat_template_stages would run
-    for every row (same model config, chat template and content format)."""
+    for every row (same model config, chat template and content format), with a slot for each
+    request's user prompt. A chat template that does not copy the user text verbatim (exactly
+    one slot in its output) fails with a ConfigError pointing at engine.chat_template_stages."""
     import ray
     from PIL import Image
     from ray.data.llm import build_processor
 
+    from capjob.errors import ConfigError
+
     config = processor_config(cfg, model_source, placement, chat_template_stages=True)
     stages = [s for name, s in build_processor(config).stages.items() if name in ("PrepareMultimodalStage", "ChatTemplateStage")]
     request = CaptionRequest(cfg)
-    row = {"messages": request.messages(Image.new("RGB", (cfg.images.size, cfg.images.size)), "capjob-prompt"),
-           "sampling_params": request.sampling_params}
+    row = {"messages": request.messages(Image.new("RGB", (cfg.images.size, cfg.images.size)), "capjob-prompt", USER_PROMPT_SLOT),
+           "sampling_params": request.sampling_params[request.first]}
     render = ray.remote(num_cpus=cfg.resources.cpu_stage_cpus, max_calls=1, runtime_env=config.runtime_env)(_render_with_stages)
-    return ray.get(render.remote(stages, row))
+    rendered = ray.get(render.remote(stages, row))
+    if rendered.text.count(USER_PROMPT_SLOT) != 1:
+        raise ConfigError("engine.chat_template_stages: this model's chat template does not copy the user prompt verbatim; "
+                          "set engine.chat_template_stages=true to apply it to every request")
+    return rendered
+
+
+# Kinds of quarantine reason set after the engine; anything else in ERROR_COLUMN is the engine's.
+REASON_KINDS = ("engine", "json", "json_schema", "empty_caption")
+# An empty caption (end-of-sequence as the first token) is no caption: quarantined with its own
+# reason, so it is counted, never written as a success, and a later run can retry it.
+EMPTY_CAPTION = "empty_caption: the model ended the caption before its first word (end-of-sequence first)"
+
+
+def quarantine_reason(error: str) -> str:
+    """The quarantine reason for an ERROR_COLUMN value: "<kind>: <message>", kind "engine"
+    unless it already names one of REASON_KINDS."""
+    kind = error.split(":", 1)[0]
+    return error if kind in REASON_KINDS and ":" in error else f"engine: {error}"
+
+
+def _parse_json(text: str, schema: dict[str, Any]) -> tuple[Optional[str], str]:
+    """(the parsed object as compact JSON text, "") or (None, "json: <parser message>")."""
+    import json
+
+    import jsonschema
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, f"json: {e}"
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError as e:
+        return None, f"json_schema: {e.message}"
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")), ""
 
 
 class CaptionRecord:
-    """postprocess for every row, successful or failed: project to the output schema."""
+    """postprocess for every row, successful or failed: project to the output schema. An engine
+    failure (its message) or an answer that does not parse against its JSON schema ("json: ...",
+    "json_schema: ...") sets ERROR_COLUMN (see quarantine_reason). In a multi-prompt run
+    a row is one request; RegroupPrompts makes one row per image of them."""
 
-    def __init__(self, model_name: str, run_id: str, passthrough_columns: list[str]):
+    def __init__(self, model_name: str, run_id: str, passthrough_columns: list[str], caption: Any):
         self.model_name = model_name
         self.run_id = run_id
         self.passthrough_columns = passthrough_columns
+        specs = prompt_specs(caption)
+        self.schemas = {spec.name: spec.json_schema for spec in specs}
+        self.multi = specs[0].name is not None
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         data = row[DATA_COLUMN]
+        name = data.get(PROMPT_COLUMN)
+        text = data.get("generated_text") or ""
+        error = data.get(ERROR_COLUMN) or ""
+        schema = self.schemas.get(name)
+        if schema is not None and not error:
+            parsed, error = _parse_json(text, schema)
+            text = parsed if parsed is not None else text
+        if not error and not text.strip():
+            error = EMPTY_CAPTION
         out = {
             "id": data["id"],
             "source_key": data["source_key"],
-            "caption": data.get("generated_text") or "",
+            CAPTION_COLUMN: text,
             "prompt_tokens": int(data.get("num_input_tokens") or 0),
             "generated_tokens": int(data.get("num_generated_tokens") or 0),
             "image_width": int(data["image_width"]),
             "image_height": int(data["image_height"]),
             "model": self.model_name,
             "run_id": self.run_id,
-            ERROR_COLUMN: data.get(ERROR_COLUMN) or "",
+            ERROR_COLUMN: error,
+            THUMBNAIL_COLUMN: data.get(THUMBNAIL_COLUMN),
         }
+        if self.multi:
+            out[PROMPT_COLUMN] = name
+            out[GROUP_COLUMN] = data[GROUP_COLUMN]
         for column in self.passthrough_columns:
             out[column] = data.get(column)
         return out
+
+
+def merge_requests(parts: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """One output row from the request rows of one image (one per prompt, any order): a
+    `caption_<name>` column per prompt, token counts summed, the failures joined (any failure
+    quarantines the image), the thumbnail from whichever part has it."""
+    by_name = {p[PROMPT_COLUMN]: p for p in parts}
+    first = by_name[names[0]]
+    out = {k: v for k, v in first.items() if k not in (CAPTION_COLUMN, PROMPT_COLUMN, GROUP_COLUMN)}
+    for name in names:
+        out[f"{CAPTION_COLUMN}_{name}"] = by_name[name][CAPTION_COLUMN]
+    # Ordered like a single-prompt row: the captions right after source_key.
+    ordered = {"id": out.pop("id"), "source_key": out.pop("source_key")}
+    ordered.update({f"{CAPTION_COLUMN}_{n}": out.pop(f"{CAPTION_COLUMN}_{n}") for n in names})
+    ordered.update(out)
+    ordered["prompt_tokens"] = sum(p["prompt_tokens"] for p in parts)
+    ordered["generated_tokens"] = sum(p["generated_tokens"] for p in parts)
+    reasons = [(n, quarantine_reason(by_name[n][ERROR_COLUMN])) for n in names if by_name[n][ERROR_COLUMN]]
+    # The first reason's kind ("engine", "json"...) leads, for the report's counts.
+    ordered[ERROR_COLUMN] = (reasons[0][1].split(":", 1)[0] + ": " + "; ".join(f"prompt {n}: {r}" for n, r in reasons)) if reasons else ""
+    ordered[THUMBNAIL_COLUMN] = next((p[THUMBNAIL_COLUMN] for p in parts if p.get(THUMBNAIL_COLUMN)), None)
+    return ordered
+
+
+class RegroupPrompts:
+    """Ray Data actor (one per run) after the processor of a multi-prompt run: collects the
+    request rows of each image, which the engine returns in completion order and in any block,
+    and emits one row per image once all its prompts are in. It holds only the images still in
+    flight. Should the actor die, the requests it held are lost: the run's accounting then fails
+    loudly and the next run (resume) captions those images again."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.pending: dict[str, list[dict[str, Any]]] = {}
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        out = []
+        for row in batch.to_pylist():
+            parts = self.pending.setdefault(row[GROUP_COLUMN], [])
+            parts.append(row)
+            if len(parts) == len(self.names):
+                out.append(merge_requests(self.pending.pop(row[GROUP_COLUMN]), self.names))
+        return pa.Table.from_pylist(out)
 
 
 def cpu_stages(cfg: CapjobConfig, *, multimodal: bool = True, chat_template_stages: Optional[bool] = None) -> list[str]:
@@ -274,21 +609,39 @@ def task_options(cfg: CapjobConfig) -> dict[str, Any]:
     return {"num_cpus": cfg.resources.preprocess_cpus, "max_retries": cfg.job.task_retries, "retry_exceptions": True}
 
 
-def build_caption_processor(cfg: CapjobConfig, model_source: str, placement: EnginePlacement, run_id: str):
+def build_caption_processor(cfg: CapjobConfig, model_source: str, placement: EnginePlacement, run_id: str,
+                            passthrough_columns: Optional[list[str]] = None, expected_rows: Optional[int] = None):
+    """dataset -> dataset of output rows: [expand to one request per prompt] -> the Ray Data LLM
+    processor -> [regroup to one row per image]. passthrough_columns: the source's (data's
+    pass-through plus the columns the prompts name); expected_rows sizes the thumbnail sample."""
     from ray.data.llm import build_processor
 
     config = processor_config(cfg, model_source, placement)
     prompt = None if cfg.engine.chat_template_stages else render_caption_prompt(cfg, model_source, placement)
+    specs = prompt_specs(cfg.caption)
     # The pipeline's task options: preprocess fuses into the decode task before it and
     # postprocess into the write task after it (Ray Data fuses tasks with equal remote args).
     processor = build_processor(
         config,
-        preprocess=CaptionRequest(cfg, prompt),
+        preprocess=CaptionRequest(cfg, prompt, thumbnail_every(expected_rows)),
         preprocess_map_kwargs=task_options(cfg),
         postprocess_map_kwargs=task_options(cfg),
     )
     # ray.llm routes failed rows around the user postprocess, returning their whole working
     # row (image, messages...). Replacing the wrapped postprocess makes every row, failed or
     # not, leave in the same small schema.
-    processor.postprocess = CaptionRecord(cfg.model.name, run_id, list(cfg.data.passthrough_columns))
-    return processor
+    columns = list(cfg.data.passthrough_columns) if passthrough_columns is None else list(passthrough_columns)
+    processor.postprocess = CaptionRecord(cfg.model.name, run_id, columns, cfg.caption)
+    if specs[0].name is None:
+        return processor
+    names = [spec.name for spec in specs]
+
+    def flow(ds: Any) -> Any:
+        ds = ds.map_batches(expand_prompts, fn_kwargs={"names": names}, batch_format="numpy", **task_options(cfg))
+        ds = processor(ds)
+        # One actor sees every request row, so the rows of an image always meet; it only moves
+        # small rows (the captions), so it takes no CPU from the engine's share.
+        return ds.map_batches(RegroupPrompts, fn_constructor_kwargs={"names": names}, batch_format="pyarrow",
+                              batch_size=None, concurrency=1, num_cpus=0)
+
+    return flow

@@ -5,7 +5,10 @@ Layout under ``sink.path`` (a local path or any fsspec URL: ``s3://bucket/prefix
     captions/<run_id>-<block digest>.parquet     one row per captioned image
     quarantine/<run_id>-<block digest>.parquet   one row per rejected image, with stage and reason
 
-(``.jsonl``, ``.jsonl.gz`` or ``.jsonl.zst`` with ``sink.format=jsonl``.) File names are the run id
+(``.jsonl``, ``.jsonl.gz`` or ``.jsonl.zst`` with ``sink.format=jsonl``.) ``sink.format=txt`` writes
+one UTF-8 ``<image stem>.txt`` per captioned image into ``sink.txt_dir`` (default ``<path>/txt``;
+names: ``txt_name``) and the parquet files above as its manifest (the rows, with ``txt_file``),
+so resume and the report work as for parquet. File names are the run id
 (a UTC timestamp + random suffix, unique per run) and a digest of the row ids the file holds
 (unique per block within a run), so runs and workers never collide, and a retried task rewrites
 the same file instead of adding a duplicate. Every file is serialised in memory first; a local
@@ -30,7 +33,9 @@ import hashlib
 import io
 import json
 import os
+import re
 import time
+import unicodedata
 import uuid
 from typing import Any, Iterable, Optional
 
@@ -43,7 +48,7 @@ from ray.data.datasource.datasink import Datasink, WriteResult
 
 from capjob.config import SinkConfig, SinkFormat
 from capjob.errors import CapjobError, SinkError
-from capjob.processor import ERROR_COLUMN
+from capjob.processor import CAPTION_COLUMN, ERROR_COLUMN, THUMBNAIL_COLUMN, quarantine_reason, row_hash
 
 CAPTIONS = "captions"
 QUARANTINE = "quarantine"
@@ -65,10 +70,15 @@ JSONL_CODECS = {"none": "", "gzip": ".gz", "zstd": ".zst"}
 JSONL_SUFFIXES = tuple(".jsonl" + ext for ext in JSONL_CODECS.values())
 
 
+def table_format(cfg: SinkConfig) -> SinkFormat:
+    """The format of the captions/quarantine tables: sink=txt keeps them in parquet (manifest)."""
+    return SinkFormat.jsonl if cfg.format == SinkFormat.jsonl else SinkFormat.parquet
+
+
 def _codec(cfg: SinkConfig) -> str:
     codec = (cfg.compression or "none").strip().lower()
     codec = "none" if codec in ("uncompressed", "null", "") else codec
-    allowed = PARQUET_CODECS if cfg.format == SinkFormat.parquet else tuple(JSONL_CODECS)
+    allowed = PARQUET_CODECS if table_format(cfg) == SinkFormat.parquet else tuple(JSONL_CODECS)
     if codec not in allowed:
         raise SinkError(
             f"sink.compression: {cfg.compression!r} is not available for sink.format={cfg.format.value}; "
@@ -78,7 +88,7 @@ def _codec(cfg: SinkConfig) -> str:
 
 
 def _file_suffix(cfg: SinkConfig) -> str:
-    if cfg.format == SinkFormat.parquet:
+    if table_format(cfg) == SinkFormat.parquet:
         return ".parquet"
     return ".jsonl" + JSONL_CODECS[_codec(cfg)]
 
@@ -112,7 +122,7 @@ def serialize(table: pa.Table, cfg: SinkConfig) -> bytes:
     """The bytes of one output file."""
     codec = _codec(cfg)
     buf = io.BytesIO()
-    if cfg.format == SinkFormat.parquet:
+    if table_format(cfg) == SinkFormat.parquet:
         pq.write_table(table, buf, compression=codec)
         return buf.getvalue()
     lines = "".join(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in table.to_pylist()).encode()
@@ -126,7 +136,7 @@ def serialize(table: pa.Table, cfg: SinkConfig) -> bytes:
 
 def deserialize(data: bytes, name: str, fmt: SinkFormat, columns: Optional[list[str]] = None) -> pa.Table:
     """One output file back as a table (suffix decides the compression)."""
-    if fmt == SinkFormat.parquet:
+    if fmt != SinkFormat.jsonl:
         return pq.read_table(io.BytesIO(data), columns=columns)
     for codec, ext in JSONL_CODECS.items():
         if ext and name.endswith(".jsonl" + ext):
@@ -135,6 +145,24 @@ def deserialize(data: bytes, name: str, fmt: SinkFormat, columns: Optional[list[
     rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
     t = pa.Table.from_pylist(rows)
     return t.select(columns) if columns else t
+
+
+def write_local_atomic(final: str, data: bytes) -> None:
+    """A local file appears whole or not at all: written and fsynced under a hidden temporary
+    name in its folder (created if needed), then renamed into place."""
+    directory, base = os.path.split(final)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{base}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 class TableWriter:
@@ -181,6 +209,19 @@ class TableWriter:
             fs.rm_file(probe)
         except Exception as e:  # noqa: BLE001 - s3fs/botocore raise many types
             raise SinkError(f"sink.path: {describe_remote_error(self.cfg.path, e)}") from None
+        if self.cfg.format == SinkFormat.txt:
+            url = txt_dir(self.cfg)
+            try:
+                fs, root = probe_filesystem(url, self.cfg.storage_options)
+                probe = f"{root.rstrip('/')}/.capjob-write-probe-{uuid.uuid4().hex}"
+                if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+                    fs.makedirs(root, exist_ok=True)
+                fs.pipe_file(probe, b"ok")
+                fs.rm_file(probe)
+            except CapjobError as e:
+                raise SinkError(f"sink.txt_dir: {e}") from None
+            except Exception as e:  # noqa: BLE001
+                raise SinkError(f"sink.txt_dir: {describe_remote_error(url, e)}") from None
 
     def write(self, table_name: str, table: pa.Table, stem: str) -> str:
         """Write `table` as <table_name>/<stem><suffix>; returns the file's (protocol-less) path."""
@@ -190,24 +231,13 @@ class TableWriter:
         if not self.local:
             self.fs.pipe_file(final, data)
             return final
-        os.makedirs(directory, exist_ok=True)
-        tmp = f"{directory}/.{stem}.{uuid.uuid4().hex}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_local_atomic(final, data)
         return final
 
     def list_files(self, table_name: str) -> list[str]:
         """Complete files of one table (any compression of the configured format)."""
         directory = self.table_dir(table_name)
-        suffixes = (".parquet",) if self.cfg.format == SinkFormat.parquet else JSONL_SUFFIXES
+        suffixes = (".parquet",) if table_format(self.cfg) == SinkFormat.parquet else JSONL_SUFFIXES
         try:
             self.fs.invalidate_cache(directory)  # other processes write here
             names = self.fs.ls(directory, detail=False)
@@ -229,18 +259,139 @@ def quarantine_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([{k: r.get(k) for k in QUARANTINE_SCHEMA.names} for r in rows], schema=QUARANTINE_SCHEMA)
 
 
-EMPTY_CAPTION_REASON = "empty_caption: the model ended the caption before its first word (end-of-sequence first)"
-# Captions each write task hands back for the console's few examples.
-SAMPLES_PER_BLOCK = 2
+# --------------------------------------------------------------------------- sink=txt
+
+# Image extensions a key's last part loses to become the .txt stem (sources.IMAGE_EXTENSIONS
+# and their common spellings); any other suffix ("a.b") is part of the stem.
+STEM_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jxl", ".avif", ".heic")
+# Characters no file name on Linux, macOS, Windows or S3 tools handles well.
+_UNSAFE = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]')
+_MAX_NAME_BYTES = 200  # below the 255-byte limit of common file systems, room for -<hash>.txt
+
+
+def _strip_scheme(path: str) -> str:
+    return re.sub(r"^[A-Za-z][A-Za-z0-9+.-]*://", "", path)
+
+
+def _safe_part(part: str) -> str:
+    part = unicodedata.normalize("NFC", part)
+    part = _UNSAFE.sub("_", part).rstrip(" .")
+    if part.startswith("."):  # hidden files are skipped by trainers, listings and resume
+        part = "_" + part[1:]
+    encoded = part.encode("utf-8")
+    if len(encoded) > _MAX_NAME_BYTES:
+        part = encoded[:_MAX_NAME_BYTES].decode("utf-8", "ignore")
+    return part or "_"
+
+
+def txt_name(source_key: str, data_root: Optional[str] = None) -> str:
+    """The .txt path (relative to sink.txt_dir, "/"-separated) for an image's source key.
+
+    * A key under data_root (image_folder: the file's path) keeps its folders relative to it,
+      mirroring the input tree ("<root>/dogs/rex.jpg" -> "dogs/rex.txt"); a key that is a path
+      elsewhere keeps its folders without the scheme and leading "/" ("s3://b/x/a.png" under
+      another root -> "b/x/a.txt"); a plain key is one name ("000123" -> "000123.txt").
+    * The last part loses a known image extension (STEM_EXTENSIONS); other dots stay.
+    * Each part is NFC-normalised; characters unsafe in file names (<>:"/\\|?* and control
+      characters) become "_", a leading "." becomes "_", "." and ".." parts are dropped, parts
+      are cut to 200 bytes. When any of that changed the key, "-<8 hex of sha1(key)>" is added
+      to the stem, so two keys that clean up to the same text still get two names.
+    Two keys with the same stem and different image extensions ("a.jpg", "a.png") share a name:
+    CaptionSink reports such collisions (see txt_collisions)."""
+    key = str(source_key).replace("\\", "/")
+    path = _strip_scheme(key)
+    if data_root:
+        root = _strip_scheme(data_root).rstrip("/")
+        if root and (path == root or path.startswith(root + "/")):
+            path = path[len(root):]
+        elif root and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", data_root) and path.startswith("/"):
+            local_root = os.path.abspath(root)
+            if path.startswith(local_root + "/"):
+                path = path[len(local_root):]
+    raw_parts = path.split("/")
+    parts = [p for p in raw_parts if p not in ("", ".", "..")]
+    if not parts:
+        parts = ["_"]
+    last = parts[-1]
+    lower = last.lower()
+    for ext in STEM_EXTENSIONS:
+        if lower.endswith(ext) and len(last) > len(ext):
+            last = last[: -len(ext)]
+            break
+    parts[-1] = last
+    safe = [_safe_part(p) for p in parts]
+    dropped = any(p in (".", "..") for p in raw_parts)
+    if safe != parts or dropped:
+        safe[-1] = f"{safe[-1]}-{hashlib.sha1(key.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+    return "/".join(safe) + ".txt"
+
+
+def txt_text(caption: Any, prefix: str, suffix: str) -> bytes:
+    """The bytes of one .txt: prefix + caption + suffix, verbatim, UTF-8 (no BOM, no newline added)."""
+    return f"{prefix}{'' if caption is None else caption}{suffix}".encode("utf-8")
+
+
+class TxtWriter:
+    """Atomic writes of one .txt per image into sink.txt_dir (local: hidden temporary name, then
+    rename; object stores: one upload per object, several in flight)."""
+
+    def __init__(self, cfg: SinkConfig):
+        self.url = txt_dir(cfg)
+        try:
+            self.fs, self.root = fsspec.url_to_fs(self.url, **cfg.storage_options)
+        except (ImportError, ValueError, TypeError) as e:
+            raise SinkError(f"sink.txt_dir {self.url!r}: {e}") from None
+        self.local = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
+
+    def path(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+    def write_all(self, files: dict[str, bytes]) -> None:
+        """files: {relative name: bytes}."""
+        if not files:
+            return
+        if not self.local:
+            self.fs.pipe({self.path(n): data for n, data in files.items()})
+            return
+        for name, data in files.items():
+            write_local_atomic(self.path(name), data)
+
+
+def txt_dir(cfg: SinkConfig) -> str:
+    return cfg.txt_dir or f"{cfg.path.rstrip('/')}/txt"
+
+
+def txt_collisions(manifest: pa.Table) -> dict[str, list[str]]:
+    """{txt_file: ids} for every .txt name that more than one id was written to (any run of
+    this sink), from the manifest's id and txt_file columns."""
+    if manifest.num_rows == 0 or "txt_file" not in manifest.column_names:
+        return {}
+    grouped = pa.table({"txt_file": manifest.column("txt_file"), "id": manifest.column("id")}).group_by("txt_file").aggregate(
+        [("id", "distinct")])
+    return {name: sorted(ids) for name, ids in zip(grouped.column("txt_file").to_pylist(), grouped.column("id_distinct").to_pylist())
+            if len(ids) > 1}
+
+
+def caption_columns_of(table: pa.Table) -> list[str]:
+    """The caption column(s) of an output table: `caption`, else every `caption_<name>`."""
+    if CAPTION_COLUMN in table.column_names:
+        return [CAPTION_COLUMN]
+    return [c for c in table.column_names if c.startswith(CAPTION_COLUMN + "_")]
 
 
 class CaptionSink(Datasink[dict[str, Any]]):
-    """Ray Data sink: each block's rows go to captions, or to quarantine when the engine failed."""
+    """Ray Data sink: each block's rows go to captions, or to quarantine when the engine (or the
+    JSON parse) failed; with sink=txt, captioned rows also get their .txt, written before the
+    manifest file that marks them done."""
 
-    def __init__(self, cfg: SinkConfig, run_id: str, model_name: str):
+    def __init__(self, cfg: SinkConfig, run_id: str, model_name: str, caption: Any = None, data_root: Optional[str] = None):
         self.cfg = cfg
         self.run_id = run_id
         self.model_name = model_name
+        self.prefix = getattr(caption, "prefix", "") or ""
+        self.suffix = getattr(caption, "suffix", "") or ""
+        self.txt_column = cfg.txt_column
+        self.data_root = data_root
 
     @property
     def min_rows_per_write(self) -> Optional[int]:
@@ -249,60 +400,98 @@ class CaptionSink(Datasink[dict[str, Any]]):
     def get_name(self) -> str:
         return f"Captions({self.cfg.format.value})"
 
+    def _write_txt(self, captions: pa.Table) -> pa.Table:
+        column = self.txt_column or caption_columns_of(captions)[0]
+        names = [txt_name(k, self.data_root) for k in captions.column("source_key").to_pylist()]
+        files: dict[str, bytes] = {}
+        for name, text in zip(names, captions.column(column).to_pylist()):
+            files[name] = txt_text(text, self.prefix, self.suffix)
+        TxtWriter(self.cfg).write_all(files)
+        return captions.append_column("txt_file", pa.array(names, pa.string()))
+
     def write(self, blocks: Iterable[Block], ctx: Any) -> dict[str, Any]:
         writer = TableWriter(self.cfg)
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
         tables = [t for t in tables if t.num_rows]
-        stats: dict[str, Any] = {"captioned": 0, "quarantined": 0, "empty_captions": 0, "prompt_tokens": 0,
-                                 "generated_tokens": 0, "caption_words": [], "caption_tokens": [], "write_events": [],
-                                 "samples": []}
+        stats: dict[str, Any] = {"captioned": 0, "quarantined": 0, "prompt_tokens": 0, "generated_tokens": 0,
+                                 "caption_words": [], "caption_tokens": [], "write_events": [], "samples": [],
+                                 "quarantined_by_kind": {}}
         if not tables:
             return stats
         table = pa.concat_tables(tables, promote_options="permissive")
         errors = table.column(ERROR_COLUMN).to_pylist() if ERROR_COLUMN in table.column_names else [""] * table.num_rows
-        # An empty caption (end-of-sequence as the first token) is no caption: quarantined with
-        # its own reason, so it is counted, never written as a success, and can be retried.
-        empty = {i for i, c in enumerate(table.column("caption").to_pylist()) if not errors[i] and not (c or "").strip()}
-        failed = [i for i, e in enumerate(errors) if e or i in empty]
-        ok = [i for i, e in enumerate(errors) if not e and i not in empty]
+        thumbnails = table.column(THUMBNAIL_COLUMN).to_pylist() if THUMBNAIL_COLUMN in table.column_names else [None] * table.num_rows
+        table = table.drop_columns([c for c in (ERROR_COLUMN, THUMBNAIL_COLUMN) if c in table.column_names])
+        failed = [i for i, e in enumerate(errors) if e]
+        ok = [i for i, e in enumerate(errors) if not e]
         stem = f"{self.run_id}-{block_digest(table.column('id').to_pylist())}"
+        now = time.time()
         if ok:
             captions = table.take(ok)
-            if ERROR_COLUMN in captions.column_names:
-                captions = captions.drop_columns([ERROR_COLUMN])
+            if self.cfg.format == SinkFormat.txt:
+                captions = self._write_txt(captions)
             writer.write(CAPTIONS, captions, stem)
+            text_columns = caption_columns_of(captions)
             stats["captioned"] = len(ok)
             stats["prompt_tokens"] = sum(captions.column("prompt_tokens").to_pylist())
             stats["caption_tokens"] = captions.column("generated_tokens").to_pylist()
             stats["generated_tokens"] = sum(stats["caption_tokens"])
-            stats["caption_words"] = [len(c.split()) for c in captions.column("caption").to_pylist()]
-            shown = [c for c in ("source_key", "caption", "reference") if c in captions.column_names]
-            stats["samples"] = captions.select(shown).slice(0, SAMPLES_PER_BLOCK).to_pylist()
+            stats["caption_words"] = [len((c or "").split()) for c in captions.column(text_columns[0]).to_pylist()]
+            texts = {c: captions.column(c).to_pylist() for c in text_columns}
+            keys = captions.column("source_key").to_pylist()
+            ids = captions.column("id").to_pylist()
+            # A true caption passed through (dataset=sample's `reference`): the console marks each shown caption against it.
+            refs = captions.column("reference").to_pylist() if "reference" in captions.column_names else [None] * len(ok)
+            samples = [{"time": now, "hash": row_hash(ids[j]), "id": ids[j], "source_key": keys[j],
+                        "captions": {c: texts[c][j] for c in text_columns}, "reference": refs[j], "thumbnail": thumbnails[i]}
+                       for j, i in enumerate(ok) if thumbnails[i]]
+            from capjob.reporting.contact_sheet import offer_samples
+
+            stats["samples"] = offer_samples(self.run_id, samples)
         if failed:
-            rejected = table.take(failed).to_pylist()
+            rejected = table.take(failed)
             rows = [
                 {"id": r["id"], "source_key": r.get("source_key"), "stage": "engine",
-                 "reason": (f"engine: {r[ERROR_COLUMN]}" if r.get(ERROR_COLUMN) else EMPTY_CAPTION_REASON)[:2000],
-                 "model": self.model_name, "run_id": self.run_id}
-                for r in rejected
+                 "reason": quarantine_reason(errors[i])[:2000], "model": self.model_name, "run_id": self.run_id}
+                for i, r in zip(failed, rejected.to_pylist())
             ]
             writer.write(QUARANTINE, quarantine_table(rows), stem)
             stats["quarantined"] = len(failed)
-            stats["empty_captions"] = len(empty)
-        stats["write_events"] = [(time.time(), len(ok))]
+            for r in rows:
+                kind = r["reason"].split(":", 1)[0]
+                stats["quarantined_by_kind"][kind] = stats["quarantined_by_kind"].get(kind, 0) + 1
+        stats["write_events"] = [(now, len(ok))]
         from capjob import metrics
 
         metrics.record_many(self.run_id, stem, {
             "captioned": stats["captioned"], "generated_tokens": stats["generated_tokens"],
-            "prompt_tokens": stats["prompt_tokens"], "rejected:engine": stats["quarantined"] - stats["empty_captions"],
-            "rejected:empty_caption": stats["empty_captions"],
+            "prompt_tokens": stats["prompt_tokens"],
+            **{f"rejected:{kind}": n for kind, n in stats["quarantined_by_kind"].items()},
         })
         return stats
 
+    def on_write_start(self, schema: Any = None) -> None:
+        from capjob.reporting.contact_sheet import start_sample_keeper
+
+        self._keeper = start_sample_keeper(self.run_id)  # the handle keeps the actor alive
+
     def on_write_complete(self, write_result: WriteResult[dict[str, Any]]) -> None:
-        """Runs on the driver once every block is written: the run's totals."""
+        """Runs on the driver once every block is written: the run's totals (and, for sink=txt,
+        the .txt names more than one image was written to, over every run of this sink)."""
         results = write_result.write_returns
-        self.totals = {key: sum(r[key] for r in results)
-                       for key in ("captioned", "quarantined", "empty_captions", "prompt_tokens", "generated_tokens")}
+        self.totals = {key: sum(r[key] for r in results) for key in ("captioned", "quarantined", "prompt_tokens", "generated_tokens")}
         for key in ("caption_words", "caption_tokens", "write_events", "samples"):
             self.totals[key] = [v for r in results for v in r[key]]
+        from capjob.reporting.contact_sheet import kept_samples
+
+        self.totals["samples"] = kept_samples(self.run_id, self.totals["samples"])
+        if self.cfg.format == SinkFormat.txt:
+            collisions = txt_collisions(TableWriter(self.cfg).read(CAPTIONS, columns=["id", "txt_file"]))
+            self.totals["txt_collisions"] = collisions
+            if collisions:
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "sink=txt: %d .txt name(s) were written for more than one image (same stem, another extension or "
+                    "folder?); each holds one of their captions, all captions are in %s. First: %s",
+                    len(collisions), TableWriter(self.cfg).url(CAPTIONS), next(iter(collisions.items())))

@@ -1,0 +1,1 @@
+"""Human-facing views of a run's output (the contact sheet)."""
