@@ -266,7 +266,9 @@ class CaptionSink(Datasink[dict[str, Any]]):
             stats["prompt_tokens"] = sum(captions.column("prompt_tokens").to_pylist())
             stats["caption_tokens"] = captions.column("generated_tokens").to_pylist()
             stats["generated_tokens"] = sum(stats["caption_tokens"])
-            stats["caption_words"] = [len(c.split()) for c in captions.column("caption").to_pylist()]
+            from capjob.evaluation import word_tokens  # the one word counter: report and eval agree
+
+            stats["caption_words"] = [len(word_tokens(c)) for c in captions.column("caption").to_pylist()]
         if failed:
             rejected = table.take(failed).to_pylist()
             rows = [
