@@ -32,8 +32,9 @@ log_path: Optional[str] = None
 log = logging.getLogger("capjob")
 
 
-class Interrupted(Exception):
-    """Ctrl-C during a run: the message is the one line the user sees."""
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: the message is the one line the user sees. A KeyboardInterrupt, so
+    that a sweep stops too rather than recording the run as failed and starting the next."""
 
 
 def out(text: str = "") -> None:
@@ -105,6 +106,7 @@ def session(run_dir: str, level: str = "warning") -> Iterator[None]:
         traceback.print_exc(file=log_file)  # the console gets one line (cli.py); the log the whole story
         raise
     finally:
+        _shutdown_ray()  # before the fds are restored: Ray's log thread still prints worker lines
         log.removeHandler(console_handler)
         root.handlers, root.level = old_handlers, old_level
         sys.stdout.flush()
@@ -117,6 +119,15 @@ def session(run_dir: str, level: str = "warning") -> Iterator[None]:
         _err.close()
         _out = _err = None
         log_file.close()
+
+
+def _shutdown_ray() -> None:
+    ray = sys.modules.get("ray")
+    try:
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+    except BaseException:  # noqa: BLE001 - a second Ctrl-C during shutdown: exit anyway
+        pass
 
 
 def quiet() -> bool:
@@ -148,11 +159,13 @@ class Progress:
     """One live progress line from the run's ledger (counts per block, see metrics.py).
 
     On a terminal the line is rewritten in place every second. Elsewhere (CI logs, pipes) a
-    line is printed at each quarter of the work done, so that a log holds a handful of lines.
+    line is printed at each quarter of the work done (with the size unknown, once a minute), so
+    that a log holds a handful of lines.
     `totals` returns the ledger's counters; `total_rows` the source's rows (None: unknown).
     """
 
     WINDOW_S = 30.0  # images/s over the last 30 s: the steady rate, not the start-up's average
+    HEARTBEAT_S = 60.0  # off a terminal, with the size unknown: a line a minute
 
     def __init__(self, totals: Callable[[], dict[str, int]], total_rows: Optional[int], interval_s: float = 1.0):
         self._totals = totals
@@ -163,6 +176,7 @@ class Progress:
         self._samples: list[tuple[float, int]] = []
         self._tty = is_terminal()
         self._printed_quarter = 0
+        self._last_print = time.monotonic()
         self.last: dict[str, int] = {}
 
     def __enter__(self) -> "Progress":
@@ -208,3 +222,6 @@ class Progress:
                 if quarter > self._printed_quarter:
                     self._printed_quarter = quarter
                     out(line)
+            elif time.monotonic() - self._last_print >= self.HEARTBEAT_S:
+                self._last_print = time.monotonic()
+                out(line)

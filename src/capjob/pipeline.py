@@ -368,7 +368,7 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
     return result
 
 
-def nothing_left(cfg: CapjobConfig, job: Started, source: Any) -> bool:
+def nothing_left(cfg: CapjobConfig, job: Started, source: Any, num_rows: Optional[int]) -> bool:
     """True when every row of the source is already in the sink, found before any engine starts.
 
     Only checked when the sink holds at least as many ids as the source has rows (a resumed run
@@ -378,7 +378,7 @@ def nothing_left(cfg: CapjobConfig, job: Started, source: Any) -> bool:
 
     from capjob import checkpoint, metrics
 
-    if not job.done_ids or source.num_rows is None or len(job.done_ids) < source.num_rows:
+    if not job.done_ids or num_rows is None or len(job.done_ids) < num_rows:
         return False
     probe_id = f"{job.run_id}-resume-check"
     probe = metrics.start_ledger(cfg.job.name, probe_id)
@@ -408,27 +408,32 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
         console.out(dry_run_plan(cfg, run_id, checked.rows).render(cfg))
         console.out(checked.render(cfg.job.resume))
         return None
-    job = start(cfg, run_id)
-    source = sources.read_source(cfg.data)
-    if nothing_left(cfg, job, source):
-        console.out(f"capjob: nothing left to do: all {source.num_rows} rows of {cfg.data.name} are already in "
-                    f"{cfg.sink.path} (captions or quarantine); no engine started. job.resume=false captions them again")
-        return None
-    plan = make_plan(cfg, run_id, job.model_source, job.placement, source.num_rows)
-    console.out(plan.render(cfg))
-    if job.done_ids:
-        console.out(f"  resume      {len(job.done_ids)} id(s) already in the sink are skipped")
-    if job.dashboard_url:
-        console.out(f"  dashboard   http://{job.dashboard_url}")
-    if console.log_path and console.quiet():
-        console.out(f"  log         {console.log_path} (Ray, vLLM; job.log_level=info shows them here)")
-    dataset = caption_flow(cfg, job, source, plan)
-    sink = sinks.CaptionSink(cfg.sink, run_id, cfg.model.name)
-    progress = console.Progress(lambda: ray.get(job.ledger.totals.remote(), timeout=5), source.num_rows)
+    job: Optional[Started] = None
+    dataset = sink = None
     try:
-        with progress:
+        job = start(cfg, run_id)
+        source = sources.read_source(cfg.data)
+        # Ray Data does not count every source up front (the sample set); its files may tell.
+        num_rows = source.num_rows if source.num_rows is not None else preflight.source_rows(cfg.data)
+        if nothing_left(cfg, job, source, num_rows):
+            console.out(f"capjob: nothing left to do: all {num_rows} rows of {cfg.data.name} are already in "
+                        f"{cfg.sink.path} (captions or quarantine); no engine started. job.resume=false captions them again")
+            return None
+        plan = make_plan(cfg, run_id, job.model_source, job.placement, source.num_rows)
+        console.out(plan.render(cfg))
+        if job.done_ids:
+            console.out(f"  resume      {len(job.done_ids)} id(s) already in the sink are skipped")
+        if job.dashboard_url:
+            console.out(f"  dashboard   http://{job.dashboard_url}")
+        if console.log_path and console.quiet():
+            console.out(f"  log         {console.log_path} (Ray, vLLM; job.log_level=info shows them here)")
+        dataset = caption_flow(cfg, job, source, plan)
+        sink = sinks.CaptionSink(cfg.sink, run_id, cfg.model.name)
+        with console.Progress(lambda: ray.get(job.ledger.totals.remote(), timeout=5), num_rows):
             dataset.write_datasink(sink, ray_remote_args=task_options(cfg))  # streams: nothing is materialised
     except KeyboardInterrupt:
+        if job is None:
+            raise console.Interrupted("capjob: interrupted while starting, before any caption; run the same command to start again") from None
         result = finish(cfg, job, dataset, sink, resolved_config, report_dir, interrupted=True)
         raise console.Interrupted(
             f"capjob: interrupted after {result.captioned} captions; run the same command to resume "

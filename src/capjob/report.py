@@ -77,7 +77,8 @@ def operator_stats(dataset: Any) -> tuple[list[dict[str, Any]], str]:
         seen.add(id(level))
         for parent in getattr(level, "parents", None) or []:
             visit(parent)
-        rows.extend(_operator_row(op) for op in level.operators_stats)
+        # A read's logical "ReadFiles" row is empty (0 s, 0 rows): its ListFiles/ReadFiles* operators carry it.
+        rows.extend(r for r in map(_operator_row, level.operators_stats) if r["wall_seconds"] or r["input_rows"] or r["output_rows"])
 
     visit(summary)
     return rows, text
@@ -234,7 +235,8 @@ def plots(write_stats: dict[str, Any], started_at: float, timeline: Optional[dic
         if t_info.get(key) is not None:
             ax.axvline(t_info[key], color="gray", linestyle=style, label=f"{label} ({t_info[key]:.0f} s)")
     if t_info.get("steady_rows_per_second"):
-        ax.axhline(t_info["steady_rows_per_second"], color="tab:orange", linewidth=0.8, label=f"steady {t_info['steady_rows_per_second']:.2f} images/s")
+        ax.hlines(t_info["steady_rows_per_second"], t_info.get("first_caption_s") or 0, ended_at - started_at,
+                  color="tab:orange", linewidth=0.8, label=f"steady {t_info['steady_rows_per_second']:.2f} images/s")
     ax.set_xlim(0, max(ended_at - started_at, 1.0))
     ax.set_xlabel("seconds since the run started")
     ax.set_ylabel("images captioned / s")
