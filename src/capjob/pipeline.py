@@ -156,19 +156,22 @@ def dry_run_plan(cfg: CapjobConfig, run_id: str, num_rows: Optional[int] = None)
 
 
 def start(cfg: CapjobConfig, run_id: str) -> Started:
-    """Every check that can fail before data flows: GPUs, sink, done ids, model, Ray."""
-    import ray
-
-    from capjob import checkpoint, metrics, preflight, runtime, sinks, sources
-    from capjob.models import resolve_model_source
+    """Every check that can fail before data flows: model, GPUs, sink, data, done ids, Ray."""
+    from capjob import preflight
 
     clock, wall_clock = time.monotonic(), time.time()
+    # First, before the imports of Ray (seconds): a missing model is the commonest first mistake.
+    preflight.check_model(cfg.model.source, cfg.model.builder, cfg.model.load_format)
+    import ray
+
+    from capjob import checkpoint, metrics, runtime, sinks, sources
+    from capjob.models import resolve_model_source
+
     address = runtime.cluster_address(cfg)
     placement = None if address else runtime.decide_placement(cfg, runtime.local_gpu_count())
     sinks.TableWriter(cfg.sink).check_writable()
     sources.preflight(cfg.data)  # path, bucket, credentials, columns: seconds, without Ray
     preflight.check_hub_dataset(cfg.data)
-    preflight.check_model(cfg.model.source, cfg.model.builder, cfg.model.load_format)
     done_ids = checkpoint.read_done_ids(cfg.sink) if cfg.job.resume else frozenset()
     model_source = resolve_model_source(cfg.model.source, cfg.model.builder)
     if placement is None:  # a cluster we join: its GPUs decide

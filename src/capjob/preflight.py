@@ -295,12 +295,12 @@ class Checked:
 
 def run_all(cfg: Any) -> Checked:
     """Every preflight (data, model, sink, done ids), without Ray. Raises CapjobError."""
+    model = check_model(cfg.model.source, cfg.model.builder, cfg.model.load_format)  # first: imports no ray.data
     from capjob import sinks, sources
 
+    sinks.TableWriter(cfg.sink).check_writable()
     sources.preflight(cfg.data)
     check_hub_dataset(cfg.data)
-    model = check_model(cfg.model.source, cfg.model.builder, cfg.model.load_format)
-    sinks.TableWriter(cfg.sink).check_writable()
     done = done_ids(cfg.sink) if cfg.job.resume else frozenset()
     return Checked(model=model, done=len(done), rows=source_rows(cfg.data))
 
