@@ -268,3 +268,39 @@ def test_dashboard_on_unless_switched_off(monkeypatch):
     monkeypatch.setenv("CAPJOB_RAY_DASHBOARD", "")
     assert _include_dashboard(cfg) is True
 
+
+
+# --- Ctrl-C: a real run, interrupted as a terminal does (SIGINT to the process group) -----------
+
+
+@pytest.mark.e2e
+def test_ctrl_c_is_one_line_and_leaves_a_partial_report(tmp_path):
+    import re
+    import signal
+
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "capjob", "experiment=offline", "data.sample_size=60", "engine.batch_size=4",
+         f"sink.path={out}", f"hydra.run.dir={tmp_path}/run"],
+        cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 600
+    while not list((out / "captions").glob("*.parquet")):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "no caption was written"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr[-3000:]
+    match = re.fullmatch(r"capjob: interrupted after (\d+) captions; run the same command to resume \(partial report: (.+)\)", lines[0])
+    assert match, lines[0]
+    written = sum(pq.read_metadata(f).num_rows for f in (out / "captions").glob("*.parquet"))
+    assert int(match.group(1)) == written > 0
+    report = json.loads((pathlib.Path(match.group(2)) / "report.json").read_text())
+    assert report["interrupted"] is True and report["captioned"] == written
+    assert "Interrupted" in (tmp_path / "run" / "report.md").read_text()
+    assert "Traceback" not in stdout + stderr

@@ -183,9 +183,11 @@ class Progress:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        if exc_type is None:
+            self._tick(final=True)  # the last counts, which the last tick may have missed
         if self._tty and self._samples:
             out()
 
@@ -206,22 +208,25 @@ class Progress:
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval):
-            try:
-                self.last = self._totals()
-            except Exception:  # noqa: BLE001 - the ledger may be busy; next tick
-                continue
-            captioned, quarantined, total = self.counts()
-            self._samples.append((time.monotonic(), captioned))
-            line = progress_line(captioned, quarantined, total, self.rate())
-            if self._tty:
-                stream = _out or sys.stdout
-                stream.write("\r\x1b[K" + line)
-                stream.flush()
-            elif total:
-                quarter = min(4, 4 * (captioned + quarantined) // total)
-                if quarter > self._printed_quarter:
-                    self._printed_quarter = quarter
-                    out(line)
-            elif time.monotonic() - self._last_print >= self.HEARTBEAT_S:
-                self._last_print = time.monotonic()
+            self._tick()
+
+    def _tick(self, final: bool = False) -> None:
+        try:
+            self.last = self._totals()
+        except Exception:  # noqa: BLE001 - the ledger may be busy; next tick
+            return
+        captioned, quarantined, total = self.counts()
+        self._samples.append((time.monotonic(), captioned))
+        line = progress_line(captioned, quarantined, total, self.rate())
+        if self._tty:
+            stream = _out or sys.stdout
+            stream.write("\r\x1b[K" + line)
+            stream.flush()
+        elif total:
+            quarter = min(4, 4 * (captioned + quarantined) // total)
+            if quarter > self._printed_quarter or (final and self._printed_quarter < 4):
+                self._printed_quarter = max(quarter, self._printed_quarter + final)
                 out(line)
+        elif final or time.monotonic() - self._last_print >= self.HEARTBEAT_S:
+            self._last_print = time.monotonic()
+            out(line)
