@@ -13,9 +13,9 @@ import os
 import pathlib
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from capjob.errors import CapjobError, ConfigError
+from capjob.errors import ConfigError
 
 # vLLM needs these from a model folder (transformers' file names). A trainer checkpoint often
 # has config + weights + tokenizer only: the processor and the chat template are what it lacks.
@@ -175,16 +175,6 @@ def check_model(source: Optional[str], builder: Optional[str], load_format: str 
     return _check_hub_model(source, load_format)
 
 
-def _hub_unreachable(key: str, repo_id: str, what: str, error: BaseException) -> ConfigError:
-    import huggingface_hub
-    from huggingface_hub import constants as hf_constants
-
-    return ConfigError(
-        f"{key}: the Hugging Face hub is not reachable ({type(error).__name__}) and {what} {repo_id} is not in the "
-        f"local cache ({hf_constants.HF_HUB_CACHE}); download it there or set {key} to a local folder"
-    )
-
-
 def check_hub_repo(repo_id: str, repo_type: str, key: str) -> None:
     """A hub repository is reachable (one HEAD/GET, HUB_TIMEOUT_S) or raise ConfigError naming why."""
     import huggingface_hub
@@ -206,12 +196,14 @@ def check_hub_repo(repo_id: str, repo_type: str, key: str) -> None:
     except RepositoryNotFoundError:
         raise ConfigError(f"{key}: no {what} {repo_id} on the Hugging Face hub (private? set HF_TOKEN)") from None
     except Exception as e:  # noqa: BLE001 - requests/httpx raise many connection error types
-        raise _hub_unreachable(key, repo_id, what, e) from None
+        raise ConfigError(
+            f"{key}: the Hugging Face hub is not reachable ({type(e).__name__}) and {what} {repo_id} is not in the "
+            f"local cache ({hf_constants.HF_HUB_CACHE}); download it there or set {key} to a local folder"
+        ) from None
 
 
 def _check_hub_model(repo_id: str, load_format: str) -> str:
     import huggingface_hub
-    from huggingface_hub import constants as hf_constants
     from huggingface_hub.utils import HFValidationError
 
     try:
@@ -233,7 +225,6 @@ def check_hub_dataset(data: Any) -> None:
 
     if data.format != SourceFormat.hf or not data.path or os.path.exists(data.path) or "://" in data.path or _looks_like_path(data.path):
         return
-    import huggingface_hub
     from huggingface_hub import constants as hf_constants
 
     cached_name = "datasets--" + data.path.replace("/", "--")
@@ -304,5 +295,3 @@ def run_all(cfg: Any) -> Checked:
     done = done_ids(cfg.sink) if cfg.job.resume else frozenset()
     return Checked(model=model, done=len(done), rows=source_rows(cfg.data))
 
-
-__all__ = ["CapjobError", "check_keys", "check_model", "hydra_error_line", "run_all", "source_rows", "unknown_keys"]
