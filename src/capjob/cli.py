@@ -108,9 +108,12 @@ def _compositions(overrides: list[str], multirun: bool) -> list[list[str]]:
         return [overrides]
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    values = [[o.input_line] if not o.is_sweep_override() else
-              [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in parsed]
+    parsed = OverridesParser.create().parse_overrides(overrides)  # a parse error is the user's: raised
+    try:
+        values = [[o.input_line] if not o.is_sweep_override() else
+                  [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in parsed]
+    except Exception:  # noqa: BLE001 - a sweep Hydra expands itself (glob over a group): Hydra checks it
+        return []
     firsts = [v[0] for v in values]
     out = [firsts]
     for i, options in enumerate(values):
@@ -140,6 +143,10 @@ def check_command_line(argv: list[str]) -> None:
 
 
 def main() -> None:
+    import logging
+
+    # A sweep's runs log here; a single run routes logging itself (console.session).
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     register_configs()
     check_command_line(sys.argv[1:])
     _main()
