@@ -465,4 +465,4 @@ def evaluate(cfg: CapjobConfig, result: RunResult, report_dir: Optional[str]) ->
             fs.put_file(str(written[name]), f"{root}/{pathlib.Path(written[name]).name}")
     from capjob import console
 
-    console.out(f"evaluation: {local_dir} and {cfg.sink.path.rstrip('/')}/reports/{result.run_id}", flush=True)
+    console.out(f"evaluation: {local_dir} and {cfg.sink.path.rstrip('/')}/reports/{result.run_id}")
