@@ -6,6 +6,11 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 
+# Ray's dashboard is on by default for a local run; in the tests (and the capjob processes they
+# start) it is off: measured on 2 cores it triples ray.init (9.8 -> 29 s) and adds ~1 GiB of RSS
+# to every Ray start-up (bench/dashboard_bench.py, docs/benchmarks.md).
+os.environ.setdefault("CAPJOB_RAY_DASHBOARD", "0")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):

@@ -34,11 +34,23 @@ def read_table(path: pathlib.Path) -> pa.Table:
     return pa.concat_tables([pq.read_table(f) for f in files]) if files else pa.table({})
 
 
+# What a good run must not show a person (each seen on the console before capjob.log took them).
+CONSOLE_NOISE = ("core_worker.cc", "Failed to convert column", "Triton", "Traceback", "WARNING", "(pid=", "INFO")
+
+
 def test_sample_job_writes_one_caption_per_image(tmp_path):
     # data.partitions: an explicit repartition moves rows between blocks before the engine.
     proc = capjob("data.sample_size=8", "data.sample_shapes=24", "data.partitions=5", f"sink.path={tmp_path}/out",
-                  "eval=stats", "eval.reference_column=reference", "job.run_id=sample-run")
+                  "eval=stats", "eval.reference_column=reference", "job.run_id=sample-run", f"hydra.run.dir={tmp_path}/run")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    # The console at the default log level: plan, progress, summary; Ray's and vLLM's logs in the run dir.
+    console = (proc.stdout + proc.stderr).splitlines()
+    assert len(console) < 40, "\n".join(console)
+    assert not [line for line in console if any(n in line for n in CONSOLE_NOISE)], "\n".join(console)
+    assert "captioned 44 / 44" in proc.stdout  # the last progress line
+    log = (tmp_path / "run" / "capjob.log").read_text()
+    assert "vLLMEngineStageUDF" in log and "Started a local Ray instance" in log
+    assert not (tmp_path / "run" / "cli.log").exists()
     captions = read_table(tmp_path / "out" / "captions")
     expected = len(bundled_photos()) + 8 + 24
     assert captions.num_rows == expected
@@ -60,6 +72,20 @@ def test_sample_job_writes_one_caption_per_image(tmp_path):
     assert evaluation["count"] == expected
     assert evaluation["reference"]["count"] == 24 and evaluation["reference"]["exact_match"]["share"] >= MIN_EXACT
     assert (tmp_path / "out" / "reports" / "sample-run" / "eval.md").exists()
+    # One word counter: the run's report and the evaluation agree on the same captions.
+    report = json.loads((tmp_path / "out" / "reports" / "sample-run" / "report.json").read_text())
+    assert report["caption_words"]["mean"] == round(evaluation["words"]["mean"], 2)
+    timeline = report["timeline"]
+    assert 0 < timeline["engine_ready_s"] <= timeline["first_caption_s"] < report["wall_seconds"]
+
+    # The same command again: every row is in the sink, so it says so and starts no engine.
+    again = capjob("data.sample_size=8", f"sink.path={tmp_path}/out", "eval=stats", f"hydra.run.dir={tmp_path}/again")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
+    assert again.stdout.strip().splitlines() == [
+        f"capjob: nothing left to do: all {expected} rows of sample are already in {tmp_path}/out "
+        "(captions or quarantine); no engine started. job.resume=false captions them again"]
+    assert "vLLMEngineStageUDF" not in (tmp_path / "again" / "capjob.log").read_text()
+    assert read_table(tmp_path / "out" / "captions").num_rows == expected
 
 
 def square_photo() -> tuple[str, bytes]:

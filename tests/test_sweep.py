@@ -230,10 +230,21 @@ def records(sweep_dir):
     return [json.loads(p.read_text()) for p in sorted(sweep_dir.glob(f"*/{sweep.JOB_RECORD}"), key=lambda p: int(p.parent.name))]
 
 
+def checkpoint_folders(root, *names):
+    """Checkpoint folders with the files the dry run's model check looks for."""
+    for name in names:
+        (root / name).mkdir(parents=True)
+        for f in ("config.json", "tokenizer.json", "preprocessor_config.json", "chat_template.json", "model.safetensors"):
+            (root / name / f).write_text("{}")
+    return [str(root / n) for n in names]
+
+
 def test_multirun_records_failures_and_goes_on(tmp_path):
     d = tmp_path / "sweep"
-    proc = multirun("engine.batch_size=-1,8", "model.source=/ckpt/a,/ckpt/b", "job.dry_run=true",
-                    "+sink.storage_options.secret=hunter2", f"hydra.sweep.dir={d}")
+    a, b = checkpoint_folders(tmp_path / "ckpt", "a", "b")
+    # A secret where the dry run's sink check accepts it (credentials in sink.storage_options it refuses).
+    proc = multirun("engine.batch_size=-1,8", f"model.source={a},{b}", "job.dry_run=true",
+                    "+engine.env_vars.HF_TOKEN=hunter2", f"hydra.sweep.dir={d}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("capjob: error: engine.batch_size: must be > 0, got -1") == 2
     recs = records(d)
@@ -247,7 +258,7 @@ def test_multirun_records_failures_and_goes_on(tmp_path):
     for path in d.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".yaml", ".md", ".csv", ".txt", ".log"):
             assert "hunter2" not in path.read_text(), path
-    assert "+sink.storage_options.secret=***" in (d / "multirun.yaml").read_text()
+    assert "+engine.env_vars.HF_TOKEN=***" in (d / "multirun.yaml").read_text()
     md = (d / "sweep.md").read_text()
     assert "4 runs: 0 succeeded, 2 failed, 2 dry runs." in md
     assert "## Checkpoint comparison" in md and "## Failed runs" in md
@@ -274,10 +285,9 @@ def test_multirun_refuses_a_shared_sink_with_resume(tmp_path):
 def test_a_type_error_stops_the_sweep_before_any_run(tmp_path):
     d = tmp_path / "sweep"
     proc = multirun("engine.batch_size=8,abc", "job.dry_run=true", "+sink.storage_options.secret=hunter2", f"hydra.sweep.dir={d}")
-    assert proc.returncode == 1
-    assert "Value 'abc' of type 'str' could not be converted to Integer" in proc.stderr
-    assert not records(d)
-    assert "hunter2" not in (d / "multirun.yaml").read_text()
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "capjob: error: engine.batch_size: Value 'abc' of type 'str' could not be converted to Integer"
+    assert not d.exists()  # refused before Hydra's launcher: no sweep directory, no records
 
 
 def test_single_run_errors_still_exit_2():

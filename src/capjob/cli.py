@@ -1,6 +1,9 @@
-"""`capjob`: compose the Hydra config, validate it, run the pipeline.
+"""`capjob`: compose the Hydra config, check it, run the pipeline.
 
-Errors a user can act on print as one `capjob: error: ...` line (exit 2), never a traceback.
+Errors a user can act on print as one `capjob: error: ...` line (exit 2), never a traceback:
+capjob's own checks and Hydra's composition errors alike (an unknown group option, an unknown
+key, even one added with `+`, a value of the wrong type). The overrides are composed once with
+Hydra's compose API before Hydra's app runs, so that Hydra never prints its multi-line errors.
 
 `capjob --multirun a=1,2 b=x,y` runs every combination in this process, one after the other
 (see capjob.sweep): a failed run is recorded in its job directory instead of ending the sweep,
@@ -9,7 +12,7 @@ and each run shuts down the Ray it started before the next one begins.
 
 from __future__ import annotations
 
-import logging
+import itertools
 import pathlib
 import sys
 from typing import Any
@@ -21,16 +24,31 @@ from omegaconf.errors import OmegaConfBaseException
 from capjob.config import register_configs, to_typed
 from capjob.errors import CapjobError
 
+# Flags after which Hydra prints something and exits, or reads another config: Hydra handles them.
+HYDRA_ONLY_FLAGS = ("-h", "--help", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
+                    "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun")
+# Flags that take a value (the next argument, unless written flag=value).
+VALUE_FLAGS = ("--cfg", "-c", "--package", "-p")
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
 
 def _conf_dir() -> str:
     packaged = pathlib.Path(__file__).parent / "conf"  # wheel installs
     return str(packaged if packaged.is_dir() else pathlib.Path(__file__).resolve().parents[2] / "conf")
 
 
-def _run(cfg: DictConfig, report_dir: str) -> Any:
-    typed = to_typed(cfg)
-    from capjob import pipeline
+def fail(message: str) -> None:
+    from capjob import console
 
+    console.error(f"capjob: error: {message}")
+    sys.exit(2)
+
+
+def _run(cfg: DictConfig, report_dir: str) -> Any:
+    from capjob import pipeline, preflight
+
+    preflight.check_keys(cfg)
+    typed = to_typed(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     return pipeline.run(typed, resolved, report_dir=report_dir)
 
@@ -40,21 +58,97 @@ def _main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from capjob import console
+
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         from capjob import sweep
 
         sweep.run_job(cfg, _run)  # records failures, never raises for one; releases Ray
         return
+    run_dir = HydraConfig.get().runtime.output_dir
     try:
-        _run(cfg, HydraConfig.get().runtime.output_dir)
+        with console.session(run_dir, str(OmegaConf.select(cfg, "job.log_level") or "warning")):
+            _run(cfg, run_dir)
     except (CapjobError, OmegaConfBaseException) as e:
-        print(f"capjob: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
+    except console.Interrupted as e:
+        console.error(str(e))
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - a fault capjob did not foresee: the traceback goes to the log
+        where = f"; traceback in {console.log_path}" if console.log_path else ""
+        console.error(f"capjob: failed: {type(e).__name__}: {preflight_line(e)}{where}")
+        sys.exit(1)
+
+
+def preflight_line(error: BaseException) -> str:
+    from capjob.preflight import _first_line
+
+    return _first_line(str(error))[:500]
+
+
+def _overrides(argv: list[str]) -> tuple[list[str], bool]:
+    """(config overrides, multirun) from the command line, Hydra's flags left out."""
+    out, multirun, skip = [], False, False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in MULTIRUN_FLAGS:
+            multirun = True
+        elif arg in VALUE_FLAGS:
+            skip = True
+        elif not arg.startswith("-"):
+            out.append(arg)
+    return out, multirun
+
+
+def _compositions(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The override lists to check: the command's own, or for a sweep each swept value once
+    (the other sweeps at their first value) rather than every combination."""
+    if not multirun:
+        return [overrides]
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)  # a parse error is the user's: raised
+    try:
+        values = [[o.input_line] if not o.is_sweep_override() else
+                  [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in parsed]
+    except Exception:  # noqa: BLE001 - a sweep Hydra expands itself (glob over a group): Hydra checks it
+        return []
+    firsts = [v[0] for v in values]
+    out = [firsts]
+    for i, options in enumerate(values):
+        out += [firsts[:i] + [v] + firsts[i + 1:] for v in options[1:]]
+    return out
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Compose the config the way Hydra's app will and refuse what it would refuse, or what it
+    would silently accept (a key added with `+` that capjob does not know), as one line."""
+    if any(a.split("=", 1)[0] in HYDRA_ONLY_FLAGS for a in argv):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    from capjob import preflight
+
+    overrides, multirun = _overrides(argv)
+    try:
+        with initialize_config_dir(config_dir=_conf_dir(), version_base="1.3", job_name="capjob"):
+            for chosen in itertools.islice(_compositions(overrides, multirun), 64):
+                preflight.check_keys(compose(config_name="config", overrides=chosen))
+    except CapjobError as e:
+        fail(str(e))
+    except (HydraException, OmegaConfBaseException) as e:
+        fail(preflight.hydra_error_line(e))
 
 
 def main() -> None:
+    import logging
+
+    # A sweep's runs log here; a single run routes logging itself (console.session).
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     register_configs()
+    check_command_line(sys.argv[1:])
     _main()
 
 

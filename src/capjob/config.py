@@ -162,6 +162,9 @@ class ResourcesConfig:
     # fill the object-store budget (and overshoot it) while no engine consumes: the job's peak
     # (local, 20,000 images: 141 instead of 207 MiB, but 12 % fewer rows/s; docs/benchmarks.md).
     wait_for_engines_s: Optional[int] = None
+    # Ray's dashboard for a local cluster (its URL is printed with the plan); null: on when Ray's
+    # dashboard dependencies (ray[default]) are installed, as ray.init decides.
+    include_dashboard: Optional[bool] = None
 
 
 @dataclass
@@ -241,6 +244,9 @@ class JobConfig:
     # cluster you join keeps its own (`ray start --metrics-export-port`).
     metrics_export_port: Optional[int] = None
     max_errored_blocks: int = 0
+    # Console: at "warning" it shows capjob's plan, one progress line, warnings and the summary;
+    # Ray's and vLLM's logs go to <run dir>/capjob.log. "info" or "debug" shows them all here.
+    log_level: str = "warning"
 
 
 class EvalMode(str, enum.Enum):
@@ -392,6 +398,9 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
     _require(r.cpu_stage_cpus > 0, "resources.cpu_stage_cpus", f"must be > 0, got {r.cpu_stage_cpus}")
     _require(r.cpu_stage_concurrency >= 1, "resources.cpu_stage_concurrency", f"must be >= 1, got {r.cpu_stage_concurrency}")
     _require(cfg.job.task_retries >= 0, "job.task_retries", f"must be >= 0, got {cfg.job.task_retries}")
+    from capjob.console import LOG_LEVELS
+
+    _require(cfg.job.log_level.lower() in LOG_LEVELS, "job.log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {cfg.job.log_level!r}")
     _require(cfg.job.max_errored_blocks >= 0, "job.max_errored_blocks", f"must be >= 0, got {cfg.job.max_errored_blocks}")
     _require(c.max_tokens > 0, "caption.max_tokens", f"must be > 0, got {c.max_tokens}")
     _require(c.temperature >= 0, "caption.temperature", f"must be >= 0, got {c.temperature}")

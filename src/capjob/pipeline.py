@@ -143,43 +143,51 @@ class Started:
     ledger: Any
     clock: float
     wall_clock: float
+    dashboard_url: Optional[str] = None
+    report_dirs: list[str] = field(default_factory=list)
 
 
-def dry_run_plan(cfg: CapjobConfig, run_id: str) -> Plan:
-    """The plan for the target cluster, printed without Ray, GPUs or the model."""
+def dry_run_plan(cfg: CapjobConfig, run_id: str, num_rows: Optional[int] = None) -> Plan:
+    """The plan for the target cluster, printed without Ray, GPUs or the model (num_rows: the
+    source's rows where known without reading it, else data.limit)."""
     from capjob import runtime
 
     model_source = cfg.model.source or f"<built locally: {cfg.model.builder}>"
     gpus = runtime.replica_gpus(cfg, runtime.local_gpu_count() > 0)
     placement = EnginePlacement(gpus, cfg.resources.accelerator_type if gpus else None)
-    return make_plan(cfg, run_id, model_source, placement, cfg.data.limit)
+    return make_plan(cfg, run_id, model_source, placement, num_rows if num_rows is not None else cfg.data.limit)
 
 
 def start(cfg: CapjobConfig, run_id: str) -> Started:
-    """Every check that can fail before data flows: GPUs, sink, done ids, model, Ray."""
+    """Every check that can fail before data flows: model, GPUs, sink, data, done ids, Ray."""
+    from capjob import preflight
+
+    clock, wall_clock = time.monotonic(), time.time()
+    # First, before the imports of Ray (seconds): a missing model is the commonest first mistake.
+    preflight.check_model(cfg.model.source, cfg.model.builder, cfg.model.load_format)
     import ray
 
     from capjob import checkpoint, metrics, runtime, sinks, sources
     from capjob.models import resolve_model_source
 
-    clock, wall_clock = time.monotonic(), time.time()
     address = runtime.cluster_address(cfg)
     local_gpus = None if address else runtime.local_gpu_count()
     placement = None if address else runtime.decide_placement(cfg, local_gpus, node_gpus=local_gpus)
     sinks.TableWriter(cfg.sink).check_writable()
     sources.preflight(cfg.data)  # path, bucket, credentials, columns: seconds, without Ray
     preflight_prompt_columns(cfg)
+    preflight.check_hub_dataset(cfg.data)
     done_ids = checkpoint.read_done_ids(cfg.sink) if cfg.job.resume else frozenset()
     model_source = resolve_model_source(cfg.model.source, cfg.model.builder)
     if placement is None:  # a cluster we join: its GPUs decide
-        runtime.init_ray(cfg, EnginePlacement(0, None))
+        ray_info = runtime.init_ray(cfg, EnginePlacement(0, None))
         placement = runtime.decide_placement(cfg, int(ray.cluster_resources().get("GPU", 0)), runtime.largest_node_gpus())
     else:
-        runtime.init_ray(cfg, placement, cfg.job.metrics_export_port)
+        ray_info = runtime.init_ray(cfg, placement, cfg.job.metrics_export_port)
     runtime.check_accelerator_type(placement, ray.cluster_resources())  # before any engine starts
     configure_data_context(cfg, placement)
     ledger = metrics.start_ledger(cfg.job.name, run_id)  # keep the handle: an unreferenced actor is destroyed
-    return Started(run_id, model_source, placement, done_ids, ledger, clock, wall_clock)
+    return Started(run_id, model_source, placement, done_ids, ledger, clock, wall_clock, ray_info.get("dashboard_url"))
 
 
 # Ray Data splits the object-store budget between the operators (read ... write, about a dozen
@@ -203,6 +211,10 @@ def configure_data_context(cfg: CapjobConfig, placement: Optional[EnginePlacemen
 
     data_context = ray.data.DataContext.get_current()
     data_context.max_errored_blocks = cfg.job.max_errored_blocks
+    from capjob import console
+
+    if console.quiet():  # the log file would only collect the bars' redraws
+        data_context.enable_progress_bars = False
     budget = cfg.resources.object_store_mib
     if budget:
         needed = min_object_store_mib(cfg)
@@ -290,16 +302,67 @@ def caption_flow(cfg: CapjobConfig, job: Started, source: Any, plan: Plan) -> An
                                    passthrough_columns=source.passthrough_columns, expected_rows=source.num_rows)(ds)
 
 
-def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_config: dict[str, Any], report_dir: Optional[str]) -> RunResult:
-    """Account for every row, write the report, fail loudly on a mismatch."""
+def engine_ready_at() -> Optional[float]:
+    """When the last of this job's Ray Data actors (engine replicas, CPU-stage actors) finished
+    starting: the GCS sets an actor's start time once its constructor, here vLLM's start-up,
+    has returned. Unix seconds; None where the actor table cannot tell (best effort)."""
     import ray
 
-    from capjob import report, runtime, sinks
+    try:
+        job_id = ray.get_runtime_context().get_job_id()
+        times = [a["StartTime"] / 1000 for a in ray._private.state.actors().values()
+                 if "MapWorker" in (a.get("ActorClassName") or "") and a.get("JobID") == job_id and a.get("StartTime")]
+    except Exception:  # noqa: BLE001 - a private API: no marker rather than no report
+        return None
+    return max(times) if times else None
+
+
+def totals_from_sink(cfg: CapjobConfig, run_id: str) -> dict[str, Any]:
+    """The write totals of a run that never reached on_write_complete (interrupted), rebuilt
+    from the files it wrote: each write is one file named <run_id>-<digest>, atomic."""
+    import os
+
+    from capjob import sinks
+    from capjob.evaluation import word_tokens
+
+    writer = sinks.TableWriter(cfg.sink)
+    totals: dict[str, Any] = {"captioned": 0, "quarantined": 0, "prompt_tokens": 0, "generated_tokens": 0,
+                              "caption_words": [], "caption_tokens": [], "write_events": []}
+    for table_name in (sinks.CAPTIONS, sinks.QUARANTINE):
+        for name in writer.list_files(table_name):
+            if not name.rsplit("/", 1)[-1].startswith(f"{run_id}-"):
+                continue
+            table = sinks.deserialize(writer.fs.cat_file(name), name, cfg.sink.format)
+            if table_name == sinks.QUARANTINE:
+                totals["quarantined"] += sum(1 for s in table.column("stage").to_pylist() if s == "engine")
+                continue
+            tokens = table.column("generated_tokens").to_pylist()
+            totals["captioned"] += table.num_rows
+            totals["prompt_tokens"] += sum(table.column("prompt_tokens").to_pylist())
+            totals["generated_tokens"] += sum(tokens)
+            totals["caption_tokens"] += tokens
+            totals["caption_words"] += [len(word_tokens(c)) for c in table.column("caption").to_pylist()]
+            mtime = writer.fs.modified(name).timestamp() if not writer.local else os.path.getmtime(name)
+            totals["write_events"].append((mtime, table.num_rows))
+    return totals
+
+
+def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_config: dict[str, Any],
+           report_dir: Optional[str], interrupted: bool = False) -> RunResult:
+    """Account for every row, write the report, fail loudly on a mismatch. An interrupted run
+    (Ctrl-C) gets a partial report from what it wrote, and no accounting check."""
+    import ray
+
+    from capjob import console, report, runtime, sinks
     from capjob.reporting.contact_sheet import run_contact_sheet
 
     writer = sinks.TableWriter(cfg.sink)
-    counts = ray.get(job.ledger.totals.remote())
-    totals = sink.totals
+    try:
+        counts = ray.get(job.ledger.totals.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - after Ctrl-C the ledger may be gone with Ray's workers
+        counts = {}
+    totals = totals_from_sink(cfg, job.run_id) if interrupted else sink.totals
+    end = time.time()
     result = RunResult(
         run_id=job.run_id,
         output=writer.url(sinks.CAPTIONS),
@@ -313,23 +376,33 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
     )
     by_reason = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("rejected:") and v}
     operators, stats_text = report.operator_stats(dataset)
+    timeline = report.timeline(totals.get("write_events", []), job.wall_clock, end, engine_ready_at())
+    try:
+        resources = ray.cluster_resources()
+    except Exception:  # noqa: BLE001 - interrupted: Ray may be shutting down
+        resources = {}
     run_report = report.build(
         result=result.to_dict(),
         write_stats={**totals, "quarantined_by_reason": by_reason},
         operators=operators,
         resolved_config=resolved_config,
-        cluster_resources=ray.cluster_resources(),
+        cluster_resources=resources,
+        timeline=timeline,
+        interrupted=interrupted,
     )
     if "txt_collisions" in totals:
         collisions = totals["txt_collisions"]
         run_report["txt_collisions"] = {"count": len(collisions), "examples": dict(list(collisions.items())[:20])}
     report_dirs = [f"{cfg.sink.path.rstrip('/')}/reports/{job.run_id}"] + ([report_dir] if report_dir else [])
-    images = {**report.plots(totals, job.wall_clock),
+    images = {**report.plots(totals, job.wall_clock, timeline),
               **run_contact_sheet(cfg.sink, job.run_id, totals.get("samples", []), result.captioned)}
     report.write(run_report, stats_text, images, report_dirs, cfg.sink.storage_options)
-    print("\n" + report.summary_table(run_report))
-    print(sample_captions(totals.get("samples", []), result.captioned))
-    print(f"\ncaptions:   {result.output}\nquarantine: {result.quarantine}\nreport:     {' and '.join(report_dirs)}", flush=True)
+    job.report_dirs = report_dirs
+    if interrupted:
+        return result
+    console.out("\n" + report.summary_table(run_report))
+    console.out(sample_captions(totals.get("samples", []), result.captioned))
+    console.out(f"\ncaptions:   {result.output}\nquarantine: {result.quarantine}\nreport:     {' and '.join(report_dirs)}")
 
     if cfg.job.metrics_export_port:
         # Keep the endpoint up for a few report intervals so a scraper sees the final counts.
@@ -362,20 +435,77 @@ def sample_captions(samples: list[dict[str, Any]], captioned: int) -> str:
     return "\n".join(lines)
 
 
+def nothing_left(cfg: CapjobConfig, job: Started, source: Any, num_rows: Optional[int]) -> bool:
+    """True when every row of the source is already in the sink, found before any engine starts.
+
+    Only checked when the sink holds at least as many ids as the source has rows (a resumed run
+    that still has work pays nothing): then the source's ids are computed once, by the same
+    assign_ids stage the run uses, counted against a ledger of their own (not the run's)."""
+    import ray
+
+    from capjob import checkpoint, metrics
+
+    if not job.done_ids or num_rows is None or len(job.done_ids) < num_rows:
+        return False
+    probe_id = f"{job.run_id}-resume-check"
+    probe = metrics.start_ledger(cfg.job.name, probe_id)
+    try:
+        left = source.dataset.map_batches(
+            checkpoint.assign_ids,
+            fn_kwargs={"image_column": source.image_column, "key_column": source.key_column,
+                       "done_ids": job.done_ids, "run_id": probe_id},
+            batch_format="numpy",
+            **task_options(cfg),
+        ).count()
+    finally:
+        ray.kill(probe)
+    return left == 0
+
+
 def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional[str] = None) -> Optional[RunResult]:
-    from capjob import sinks, sources
+    """The job: preflight, plan, stream every row to the sink, report. Raises CapjobError for
+    what the user can fix, console.Interrupted on Ctrl-C (after writing a partial report)."""
+    import ray
+
+    from capjob import console, preflight, sinks, sources
 
     run_id = cfg.job.run_id or new_run_id()
     if cfg.job.dry_run:
-        print(dry_run_plan(cfg, run_id).render(cfg))
+        checked = preflight.run_all(cfg)  # data, model, sink, done ids: what the real run checks first
+        console.out(dry_run_plan(cfg, run_id, checked.rows).render(cfg))
+        console.out(checked.render(cfg.job.resume))
         return None
-    job = start(cfg, run_id)
-    source = sources.read_source(data_with_prompt_columns(cfg))
-    plan = make_plan(cfg, run_id, job.model_source, job.placement, source.num_rows)
-    print(plan.render(cfg), flush=True)
-    dataset = caption_flow(cfg, job, source, plan)
-    sink = sinks.CaptionSink(cfg.sink, run_id, cfg.model.name, cfg.caption, data_root=cfg.data.path)
-    dataset.write_datasink(sink, ray_remote_args=task_options(cfg))  # streams: nothing is materialised
+    job: Optional[Started] = None
+    dataset = sink = None
+    try:
+        job = start(cfg, run_id)
+        source = sources.read_source(data_with_prompt_columns(cfg))
+        # Ray Data does not count every source up front (the sample set); its files may tell.
+        num_rows = source.num_rows if source.num_rows is not None else preflight.source_rows(cfg.data)
+        if nothing_left(cfg, job, source, num_rows):
+            console.out(f"capjob: nothing left to do: all {num_rows} rows of {cfg.data.name} are already in "
+                        f"{cfg.sink.path} (captions or quarantine); no engine started. job.resume=false captions them again")
+            return None
+        plan = make_plan(cfg, run_id, job.model_source, job.placement, source.num_rows)
+        console.out(plan.render(cfg))
+        if job.done_ids:
+            console.out(f"  resume      {len(job.done_ids)} id(s) already in the sink are skipped")
+        if job.dashboard_url:
+            console.out(f"  dashboard   http://{job.dashboard_url}")
+        if console.log_path and console.quiet():
+            console.out(f"  log         {console.log_path} (Ray, vLLM; job.log_level=info shows them here)")
+        dataset = caption_flow(cfg, job, source, plan)
+        sink = sinks.CaptionSink(cfg.sink, run_id, cfg.model.name, cfg.caption, data_root=cfg.data.path)
+        with console.Progress(lambda: ray.get(job.ledger.totals.remote(), timeout=5), num_rows):
+            dataset.write_datasink(sink, ray_remote_args=task_options(cfg))  # streams: nothing is materialised
+    except KeyboardInterrupt:
+        if job is None:
+            raise console.Interrupted("capjob: interrupted while starting, before any caption; run the same command to start again") from None
+        result = finish(cfg, job, dataset, sink, resolved_config, report_dir, interrupted=True)
+        raise console.Interrupted(
+            f"capjob: interrupted after {result.captioned} captions; run the same command to resume "
+            f"(partial report: {job.report_dirs[0]})"
+        ) from None
     result = finish(cfg, job, dataset, sink, resolved_config, report_dir)
     if cfg.eval.mode != EvalMode.off:
         evaluate(cfg, result, report_dir)
@@ -397,4 +527,6 @@ def evaluate(cfg: CapjobConfig, result: RunResult, report_dir: Optional[str]) ->
     for name in ("json", "markdown", "histogram"):
         if name in written:
             fs.put_file(str(written[name]), f"{root}/{pathlib.Path(written[name]).name}")
-    print(f"evaluation: {local_dir} and {cfg.sink.path.rstrip('/')}/reports/{result.run_id}", flush=True)
+    from capjob import console
+
+    console.out(f"evaluation: {local_dir} and {cfg.sink.path.rstrip('/')}/reports/{result.run_id}")

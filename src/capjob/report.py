@@ -68,27 +68,58 @@ def operator_stats(dataset: Any) -> tuple[list[dict[str, Any]], str]:
         text = summary.to_string()
     except Exception as e:  # noqa: BLE001 - stats are best effort; the run itself succeeded
         return [], f"(Ray Data stats unavailable: {e})"
-    rows = []
-    levels, seen = [summary], set()
-    while levels:  # the write's summary, then its parents (every earlier operator), recursively
-        level = levels.pop()
+    rows: list[dict[str, Any]] = []
+    seen: set[int] = set()
+
+    def visit(level: Any) -> None:  # parents (earlier operators) first: pipeline order
         if id(level) in seen:
-            continue
+            return
         seen.add(id(level))
-        levels.extend(getattr(level, "parents", None) or [])
-        for op in level.operators_stats:
-            out_rows = op.output_num_rows.sum if op.output_num_rows else None
-            seconds = op.time_total_s or 0.0
-            rows.append(
-                {
-                    "operator": op.operator_name,
-                    "wall_seconds": round(seconds, 3),
-                    "input_rows": op.total_input_num_rows,
-                    "output_rows": out_rows,
-                    "rows_per_second": round(out_rows / seconds, 2) if out_rows and seconds else None,
-                }
-            )
+        for parent in getattr(level, "parents", None) or []:
+            visit(parent)
+        # A read's logical "ReadFiles" row is empty (0 s, 0 rows): its ListFiles/ReadFiles* operators carry it.
+        rows.extend(r for r in map(_operator_row, level.operators_stats) if r["wall_seconds"] or r["input_rows"] or r["output_rows"])
+
+    visit(summary)
     return rows, text
+
+
+def _operator_row(op: Any) -> dict[str, Any]:
+    """One operator's wall time and rows. A write operator outputs one result row per written
+    block, not the rows it wrote: its rows are its input rows."""
+    rows_in = op.total_input_num_rows
+    rows_out = op.output_num_rows.sum if op.output_num_rows else 0
+    if "write" in op.operator_name.lower():
+        rows_out = rows_in or 0
+    seconds = op.time_total_s or 0.0
+    return {
+        "operator": op.operator_name,
+        "wall_seconds": round(seconds, 3),
+        "input_rows": rows_in or 0,
+        "output_rows": rows_out,
+        "rows_per_second": round(rows_out / seconds, 2) if rows_out and seconds else 0.0,
+    }
+
+
+def timeline(write_events: list[tuple[float, int]], started_at: float, ended_at: float,
+             engine_ready_at: Optional[float] = None) -> dict[str, Optional[float]]:
+    """The run's wall time split at the first caption: start-up (Ray, model, engine, the first
+    batch) and steady captioning. Times in seconds since the run started (unix time
+    `started_at`); write_events are (unix time, rows) per written block."""
+    events = sorted(e for e in write_events if e[1] > 0)
+    wall = max(ended_at - started_at, 0.0)
+    first = events[0][0] - started_at if events else None
+    steady_rows = sum(n for _, n in events[1:])
+    steady_s = wall - first if first is not None else 0.0
+    return {
+        "wall_seconds": round(wall, 3),
+        "engine_ready_s": round(engine_ready_at - started_at, 3) if engine_ready_at else None,
+        "first_caption_s": round(first, 3) if first is not None else None,
+        "startup_seconds": round(first, 3) if first is not None else round(wall, 3),
+        "steady_seconds": round(steady_s, 3),
+        # The first block's rows arrive at the split point: the steady rate counts the rows after it.
+        "steady_rows_per_second": round(steady_rows / (events[-1][0] - events[0][0]), 3) if len(events) > 1 and events[-1][0] > events[0][0] else None,
+    }
 
 
 def build(
@@ -98,10 +129,14 @@ def build(
     operators: list[dict[str, Any]],
     resolved_config: dict[str, Any],
     cluster_resources: dict[str, float],
+    timeline: Optional[dict[str, Optional[float]]] = None,
+    interrupted: bool = False,
 ) -> dict[str, Any]:
     wall = result["wall_seconds"]
     return {
         **result,
+        "interrupted": interrupted,
+        "timeline": timeline or {},
         "rows_per_second": round(result["captioned"] / wall, 3) if wall else None,
         "generated_tokens": write_stats["generated_tokens"],
         "prompt_tokens": write_stats["prompt_tokens"],
@@ -130,8 +165,8 @@ def summary_table(report: dict[str, Any]) -> str:
         f"| captioned | {report['captioned']} |",
         f"| quarantined | {report['quarantined']} (images {report['quarantined_images']}, engine {report['quarantined_engine']}) |",
         f"| empty captions (quarantined) | {report.get('empty_captions', 0)} |",
-        f"| wall time | {report['wall_seconds']:.1f} s |",
-        f"| rows/s | {report['rows_per_second']} |",
+        f"| wall time | {report['wall_seconds']:.1f} s{_split(report.get('timeline') or {})} |",
+        f"| rows/s (whole run / steady) | {report['rows_per_second']} / {_or_dash((report.get('timeline') or {}).get('steady_rows_per_second'))} |",
         f"| generated tokens/s | {report['generated_tokens_per_second']} |",
         f"| prompt tokens/s | {report['prompt_tokens_per_second']} |",
         f"| caption words mean / p50 / p95 | {words['mean']} / {words['p50']} / {words['p95']} |",
@@ -139,10 +174,22 @@ def summary_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _or_dash(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _split(t: dict[str, Optional[float]]) -> str:
+    if t.get("first_caption_s") is None:
+        return ""
+    ready = f", engine ready at {t['engine_ready_s']:.1f} s" if t.get("engine_ready_s") is not None else ""
+    return f" = start-up {t['startup_seconds']:.1f} s (to the first caption{ready}) + steady captioning {t['steady_seconds']:.1f} s"
+
+
 def markdown(report: dict[str, Any]) -> str:
     parts = [
         f"# capjob run {report['run_id']}",
         "",
+        *(["**Interrupted** (Ctrl-C): a partial report; the same command resumes.", ""] if report.get("interrupted") else []),
         f"Output: `{report['output']}`  ",
         f"Quarantine: `{report['quarantine']}`  ",
         f"Config hash: `{report['config_hash']}`; GPUs: {report['gpus']['count']} {', '.join(report['gpus']['types'])}  ",
@@ -154,28 +201,50 @@ def markdown(report: dict[str, Any]) -> str:
         parts += ["", "| quarantine reason | rows |", "|---|---|"]
         parts += [f"| {k} | {v} |" for k, v in sorted(report["quarantined_by_reason"].items())]
     if report["operators"]:
-        parts += ["", "## Ray Data operators", "", "| operator | wall s | rows out | rows/s |", "|---|---|---|---|"]
-        parts += [f"| {o['operator']} | {o['wall_seconds']} | {o['output_rows']} | {o['rows_per_second']} |" for o in report["operators"]]
-    parts += ["", "![rows/s over time](throughput.png)", "", "![caption length](caption_length.png)", ""]
+        parts += ["", "## Ray Data operators (pipeline order)", "", "| operator | wall s | rows in | rows out | rows/s |", "|---|---|---|---|---|"]
+        parts += [f"| {o['operator']} | {o['wall_seconds']} | {_or_dash(o['input_rows'])} | {_or_dash(o['output_rows'])} | {_or_dash(o['rows_per_second'])} |"
+                  for o in report["operators"]]
+    parts += ["", "![images/s over time](throughput.png)", "", "![caption length](caption_length.png)", ""]
     return "\n".join(parts)
 
 
-def plots(write_stats: dict[str, Any], started_at: float) -> dict[str, bytes]:
+def throughput_series(write_events: list[tuple[float, int]], started_at: float, ended_at: float, bins: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """(bin start s, images/s in the bin) from t = 0 to the end of the run: each written
+    block's rows counted in the bin of its write time. Bins of at least 1 s."""
+    wall = max(ended_at - started_at, 1e-6)
+    width = max(1.0, wall / bins)
+    edges = np.arange(0.0, wall + width, width)
+    t = np.array([e[0] - started_at for e in write_events], dtype=float)
+    n = np.array([e[1] for e in write_events], dtype=float)
+    counts, _ = np.histogram(t, bins=edges, weights=n) if len(t) else (np.zeros(len(edges) - 1), None)
+    return edges[:-1], counts / width
+
+
+def plots(write_stats: dict[str, Any], started_at: float, timeline: Optional[dict[str, Optional[float]]] = None) -> dict[str, bytes]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    t_info = timeline or {}
     out: dict[str, bytes] = {}
     events = sorted(write_stats.get("write_events", []))
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    if events:
-        t = np.array([e[0] - started_at for e in events])
-        rows = np.cumsum([e[1] for e in events])
-        ax.plot(t, rows / np.maximum(t, 1e-6), marker="o")
-    ax.set_xlabel("seconds since start")
-    ax.set_ylabel("captioned rows / s (cumulative)")
+    ended_at = started_at + (t_info.get("wall_seconds") or (events[-1][0] - started_at if events else 1.0))
+    starts, rate = throughput_series(events, started_at, ended_at)
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    width = starts[1] - starts[0] if len(starts) > 1 else 1.0
+    ax.step(np.append(starts, starts[-1] + width), np.append(rate, rate[-1] if len(rate) else 0), where="post", label="images/s")
+    for key, label, style in (("engine_ready_s", "engine ready", "--"), ("first_caption_s", "first caption", ":")):
+        if t_info.get(key) is not None:
+            ax.axvline(t_info[key], color="gray", linestyle=style, label=f"{label} ({t_info[key]:.0f} s)")
+    if t_info.get("steady_rows_per_second"):
+        ax.hlines(t_info["steady_rows_per_second"], t_info.get("first_caption_s") or 0, ended_at - started_at,
+                  color="tab:orange", linewidth=0.8, label=f"steady {t_info['steady_rows_per_second']:.2f} images/s")
+    ax.set_xlim(0, max(ended_at - started_at, 1.0))
+    ax.set_xlabel("seconds since the run started")
+    ax.set_ylabel("images captioned / s")
     ax.set_title("Throughput over time")
+    ax.legend(fontsize="small", loc="upper left")
     fig.tight_layout()
     out["throughput.png"] = _png(fig)
     fig, ax = plt.subplots(figsize=(6, 3.2))

@@ -116,10 +116,21 @@ def init_ray(cfg: CapjobConfig, placement: EnginePlacement, metrics_export_port:
         kwargs["address"] = address
     else:
         kwargs["num_cpus"] = max(cfg.resources.num_cpus or os.cpu_count() or 1, local_cpus_needed(cfg, placement))
-        kwargs["include_dashboard"] = False
+        # None: Ray starts its dashboard when its dependencies are installed (ray[default]).
+        kwargs["include_dashboard"] = _include_dashboard(cfg)
         if metrics_export_port:
             kwargs["_metrics_export_port"] = metrics_export_port
             # Every second rather than every 10: a short run's last counts must reach the endpoint.
             kwargs["_system_config"] = {"metrics_report_interval_ms": METRICS_REPORT_INTERVAL_MS}
-    ray.init(**kwargs)
-    return {"address": address or "local", "resources": ray.cluster_resources()}
+    context = ray.init(**kwargs)
+    return {"address": address or "local", "resources": ray.cluster_resources(),
+            "dashboard_url": getattr(context, "dashboard_url", None) or None}
+
+
+def _include_dashboard(cfg: CapjobConfig) -> Optional[bool]:
+    """resources.include_dashboard, unless CAPJOB_RAY_DASHBOARD=0/1 overrides it (the test suite
+    sets 0: see README, "Tests")."""
+    env = os.environ.get("CAPJOB_RAY_DASHBOARD")
+    if env is not None and env != "":
+        return env.lower() not in ("0", "false", "no")
+    return cfg.resources.include_dashboard

@@ -436,7 +436,9 @@ class CaptionSink(Datasink[dict[str, Any]]):
             stats["prompt_tokens"] = sum(captions.column("prompt_tokens").to_pylist())
             stats["caption_tokens"] = captions.column("generated_tokens").to_pylist()
             stats["generated_tokens"] = sum(stats["caption_tokens"])
-            stats["caption_words"] = [len((c or "").split()) for c in captions.column(text_columns[0]).to_pylist()]
+            from capjob.evaluation import word_tokens  # the one word counter: report and eval agree
+
+            stats["caption_words"] = [len(word_tokens(c or "")) for c in captions.column(text_columns[0]).to_pylist()]
             texts = {c: captions.column(c).to_pylist() for c in text_columns}
             keys = captions.column("source_key").to_pylist()
             ids = captions.column("id").to_pylist()

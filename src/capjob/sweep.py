@@ -107,11 +107,14 @@ def _redact_hydra_yaml(path: Path) -> None:
         return
     data = redact(data)
     overrides = (data.get("hydra") or {}).get("overrides") or {}
+    redacted_any = False
     for name, values in list(overrides.items()):
         if isinstance(values, list):
             overrides[name] = [redact_override(str(v)) for v in values]
+            redacted_any |= overrides[name] != [str(v) for v in values]
     job = (data.get("hydra") or {}).get("job") or {}
-    if isinstance(job.get("override_dirname"), str) and SECRET_KEY.search(job["override_dirname"]):
+    # Per override, not a search of the joined string: "(^|_)token$" only matches a key's end.
+    if isinstance(job.get("override_dirname"), str) and (redacted_any or SECRET_KEY.search(job["override_dirname"])):
         job["override_dirname"] = ",".join(sorted(redact_override(str(o)) for o in overrides.get("task") or []))
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 

@@ -1,0 +1,297 @@
+"""Checks that run in seconds, before Ray starts: overrides, config keys, model, data, sink.
+
+Every fault found here is a CapjobError whose message is one line naming the key to change; the
+CLI prints it as `capjob: error: ...` and exits 2. The same checks run for a dry run
+(`job.dry_run=true`), so a CI job that dry-runs its config before submitting it catches them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import pathlib
+from typing import Any, Optional
+
+from omegaconf import DictConfig
+
+from capjob.errors import ConfigError
+
+# vLLM needs these from a model folder (transformers' file names). A trainer checkpoint often
+# has config + weights + tokenizer only: the processor and the chat template are what it lacks.
+MODEL_FILES: dict[str, tuple[str, ...]] = {
+    "config": ("config.json",),
+    "tokenizer": ("tokenizer.json", "tokenizer.model", "vocab.json"),
+    "processor": ("preprocessor_config.json", "processor_config.json"),
+}
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+# Configs that hold a chat template inline (older checkpoints).
+CHAT_TEMPLATE_CONFIGS = ("tokenizer_config.json", "processor_config.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+HUB_TIMEOUT_S = 5.0
+
+
+# --- Config keys -----------------------------------------------------------------------------
+
+
+def close_keys(key: str, candidates: list[str]) -> str:
+    """' (did you mean a.b?)' for the closest candidates (difflib ratio >= 0.6), else ''."""
+    matches = difflib.get_close_matches(key, candidates, n=2, cutoff=0.6)
+    return f"; did you mean {' or '.join(matches)}?" if matches else ""
+
+
+def schema_keys(schema: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a dataclass schema, nested dataclasses included."""
+    out = []
+    for name, kind in _field_types(schema).items():
+        out.append(f"{prefix}{name}")
+        if dataclasses.is_dataclass(kind):
+            out += schema_keys(kind, f"{prefix}{name}.")
+    return out
+
+
+def _field_types(schema: type) -> dict[str, Any]:
+    import typing
+
+    names = {f.name for f in dataclasses.fields(schema)}
+    return {k: v for k, v in typing.get_type_hints(schema).items() if k in names}
+
+
+def unknown_keys(cfg: Any, schema: type, prefix: str = "") -> list[str]:
+    """Dotted keys of `cfg` that `schema` (a dataclass) does not define. Keys under dict-typed
+    fields (storage_options, env_vars, extra_engine_kwargs) are free-form and never reported.
+    Hydra refuses `engine.batchsize=4` itself but adds `+engine.batchsize=4`: this catches both."""
+    types = _field_types(schema)
+    out = []
+    for key in cfg.keys() if isinstance(cfg, DictConfig) else []:
+        key = str(key)
+        if key not in types:
+            out.append(f"{prefix}{key}")
+            continue
+        child_type = types[key]
+        if dataclasses.is_dataclass(child_type):
+            child = cfg._get_node(key)
+            if isinstance(child, DictConfig) and not child._is_none():
+                out += unknown_keys(child, child_type, f"{prefix}{key}.")
+    return out
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first key the schema lacks, with the closest known keys."""
+    from capjob.config import CapjobConfig
+
+    unknown = unknown_keys(cfg, CapjobConfig)
+    if unknown:
+        key = unknown[0]
+        more = f" (and {len(unknown) - 1} more unknown key(s): {', '.join(unknown[1:4])})" if len(unknown) > 1 else ""
+        raise ConfigError(f"{key}: unknown key{close_keys(key, schema_keys(CapjobConfig))}{more}")
+
+
+# --- Hydra's own errors as one line ------------------------------------------------------------
+
+
+def hydra_error_line(error: BaseException) -> str:
+    """One line for an error Hydra raised while composing the config (unknown group option,
+    unknown key, wrong type, unparsable override); Hydra's own text is several lines."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    from capjob.config import CapjobConfig
+
+    if isinstance(error, MissingConfigException):
+        missing = (error.missing_cfg_file or "").strip("/")
+        group, _, option = missing.rpartition("/")
+        if group and error.options:
+            return (f"{group}={option}: no such option; options: {', '.join(error.options)}"
+                    + close_keys(option, list(error.options)).replace("did you mean ", f"did you mean {group}="))
+        return _first_line(str(error))
+    from hydra.errors import OverrideParseException
+
+    if isinstance(error, OverrideParseException):
+        return f"cannot parse the override {error.override!r}: {_first_line(error.message)}"
+    cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
+    if isinstance(cause, OmegaConfBaseException):
+        key = getattr(cause, "full_key", None) or ""
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
+            return f"{key}: unknown key{close_keys(key, schema_keys(CapjobConfig))}"
+        message = _first_line(getattr(cause, "msg", None) or str(cause))
+        return f"{key}: {message}" if key and not message.startswith(key) else message
+    return _first_line(str(error))
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else text.strip()
+
+
+# --- Model ---------------------------------------------------------------------------------------
+
+
+def _has_chat_template(folder: pathlib.Path) -> bool:
+    import json
+
+    if any((folder / name).is_file() for name in CHAT_TEMPLATE_FILES):
+        return True
+    for name in CHAT_TEMPLATE_CONFIGS:
+        try:
+            if json.loads((folder / name).read_text()).get("chat_template"):
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
+def missing_model_files(folder: pathlib.Path, load_format: str = "auto") -> list[str]:
+    """What a model folder lacks for captioning, as file names a user can look for."""
+    missing = [" or ".join(names) for kind, names in MODEL_FILES.items() if not any((folder / n).is_file() for n in names)]
+    if not _has_chat_template(folder):
+        missing.append(" or ".join(CHAT_TEMPLATE_FILES) + " (or a chat_template in tokenizer_config.json)")
+    if load_format != "dummy" and not any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir()):
+        missing.append("weights (*.safetensors)")
+    return missing
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or os.path.isabs(source) or source.count("/") > 1
+
+
+def check_model(source: Optional[str], builder: Optional[str], load_format: str = "auto") -> str:
+    """Where the model comes from, checked without loading it. Returns a short description for
+    the plan; raises ConfigError (one line) when vLLM could not load it: a folder that is missing
+    or lacks config/tokenizer/processor/chat template/weights, a hub id that is neither in the
+    local Hugging Face cache nor reachable (no network, HF_HUB_OFFLINE, unknown or gated repo)."""
+    if not source:
+        return f"built locally ({builder})"
+    if "://" in source:  # s3://... : vLLM's own loaders, checked when the engine starts
+        return source
+    folder = pathlib.Path(source).expanduser()
+    if folder.exists() or _looks_like_path(source):
+        if not folder.is_dir():
+            raise ConfigError(f"model.source: {source} is not a folder (a local model is a folder with config.json, tokenizer and weights)")
+        missing = missing_model_files(folder, load_format)
+        if missing:
+            raise ConfigError(f"model.source: {source} lacks {'; '.join(missing)}")
+        return f"local folder {source}"
+    return _check_hub_model(source, load_format)
+
+
+def check_hub_repo(repo_id: str, repo_type: str, key: str) -> None:
+    """A hub repository is reachable (one HEAD/GET, HUB_TIMEOUT_S) or raise ConfigError naming why."""
+    import huggingface_hub
+    from huggingface_hub import constants as hf_constants
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
+
+    what = "model" if repo_type == "model" else "dataset"
+    if hf_constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"{key}: {what} {repo_id} is not in the local Hugging Face cache "
+                          f"({hf_constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set")
+    try:
+        api = huggingface_hub.HfApi()
+        if repo_type == "model":
+            api.model_info(repo_id, timeout=HUB_TIMEOUT_S)
+        else:
+            api.dataset_info(repo_id, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        raise ConfigError(f"{key}: {what} {repo_id} is gated: accept its licence on the hub and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{key}: no {what} {repo_id} on the Hugging Face hub (private? set HF_TOKEN)") from None
+    except Exception as e:  # noqa: BLE001 - requests/httpx raise many connection error types
+        raise ConfigError(
+            f"{key}: the Hugging Face hub is not reachable ({type(e).__name__}) and {what} {repo_id} is not in the "
+            f"local cache ({hf_constants.HF_HUB_CACHE}); download it there or set {key} to a local folder"
+        ) from None
+
+
+def _check_hub_model(repo_id: str, load_format: str) -> str:
+    import huggingface_hub
+    from huggingface_hub.utils import HFValidationError
+
+    try:
+        cached = pathlib.Path(huggingface_hub.snapshot_download(repo_id, local_files_only=True))
+        if not missing_model_files(cached, load_format):
+            return f"hub {repo_id} (in the local cache)"
+    except HFValidationError as e:
+        raise ConfigError(f"model.source: {repo_id!r} is neither a folder nor a hub id ({_first_line(str(e))})") from None
+    except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError and friends)
+        pass
+    check_hub_repo(repo_id, "model", "model.source")
+    return f"hub {repo_id} (reachable)"
+
+
+def check_hub_dataset(data: Any) -> None:
+    """data.format=hf with a hub id: in the local cache (a `datasets--org--name` folder in the hub
+    cache, or the datasets cache), or reachable. Local folders are sources.preflight's."""
+    from capjob.config import SourceFormat
+
+    if data.format != SourceFormat.hf or not data.path or os.path.exists(data.path) or "://" in data.path or _looks_like_path(data.path):
+        return
+    from huggingface_hub import constants as hf_constants
+
+    cached_name = "datasets--" + data.path.replace("/", "--")
+    datasets_cache = os.environ.get("HF_DATASETS_CACHE") or os.path.join(hf_constants.HF_HOME, "datasets")
+    if (pathlib.Path(hf_constants.HF_HUB_CACHE) / cached_name).is_dir() or any(
+        pathlib.Path(datasets_cache).glob(data.path.replace("/", "___") + "*")
+    ):
+        return
+    check_hub_repo(data.path, "dataset", "data.path")
+
+
+# --- Data and sink ---------------------------------------------------------------------------------
+
+
+def source_rows(data: Any) -> Optional[int]:
+    """The number of rows the source holds, where the files say it without reading images
+    (sample set, parquet footers, image files); None where only a full read could tell."""
+    from capjob.config import SourceFormat
+
+    rows: Optional[int] = None
+    try:
+        if data.format == SourceFormat.sample:
+            from capjob.sample_data import bundled_photos
+
+            rows = len(bundled_photos()) + data.sample_size
+        elif data.format == SourceFormat.parquet:
+            import pyarrow.dataset as pads
+            import fsspec
+
+            fs, root = fsspec.url_to_fs(data.path, **data.storage_options)
+            rows = pads.dataset(root, filesystem=fs, format="parquet").count_rows()
+    except Exception:  # noqa: BLE001 - a count is a hint; the real read reports real errors
+        rows = None
+    if data.limit is not None:
+        rows = min(rows, data.limit) if rows is not None else None
+    return rows
+
+
+def done_ids(sink: Any) -> frozenset[str]:
+    """The ids the sink already holds (captions + quarantine), as resume reads them."""
+    from capjob import checkpoint
+
+    return checkpoint.read_done_ids(sink)
+
+
+@dataclasses.dataclass
+class Checked:
+    model: str
+    done: int
+    rows: Optional[int]
+
+    def render(self, resume: bool) -> str:
+        rows = "unknown until read" if self.rows is None else str(self.rows)
+        if not resume:
+            return f"  sink        {self.done} id(s) already there; job.resume=false: all {rows} rows are captioned again"
+        left = "unknown until read" if self.rows is None else f"at most {max(0, self.rows - self.done)}"
+        return f"  resume      {self.done} id(s) already in the sink; source rows: {rows}; left to caption: {left}"
+
+
+def run_all(cfg: Any) -> Checked:
+    """Every preflight (data, model, sink, done ids), without Ray. Raises CapjobError."""
+    model = check_model(cfg.model.source, cfg.model.builder, cfg.model.load_format)  # first: imports no ray.data
+    from capjob import sinks, sources
+
+    sinks.TableWriter(cfg.sink).check_writable()
+    sources.preflight(cfg.data)
+    check_hub_dataset(cfg.data)
+    done = done_ids(cfg.sink) if cfg.job.resume else frozenset()
+    return Checked(model=model, done=len(done), rows=source_rows(cfg.data))
+
