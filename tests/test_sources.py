@@ -14,7 +14,7 @@ import pytest
 
 from capjob.config import DataConfig, SourceFormat, to_typed
 from capjob.errors import CapjobError, ConfigError, SourceError
-from capjob.sources import decode_webdataset_sample, preflight, read_source
+from capjob.stages.sources import decode_webdataset_sample, preflight, read_source
 from conftest import REPO, compose
 from iolayouts import (key_of, make_rows, upload, write_hf_parquet_dir, write_hf_save_to_disk, write_image_folder,
                        write_parquet, write_webdataset)
@@ -336,7 +336,7 @@ def test_storage_options_endpoint_reaches_the_ray_workers(ray_local, tmp_path):
 
 
 def test_remote_errors_name_the_cause_whatever_the_port():
-    from capjob.sources import describe_remote_error
+    from capjob.stages.sources import describe_remote_error
 
     unreachable = OSError('Could not connect to the endpoint URL: "http://127.0.0.1:38403/bucket/data"')
     assert describe_remote_error("s3://bucket/data", unreachable).startswith("cannot reach the storage endpoint")

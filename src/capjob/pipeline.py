@@ -120,6 +120,9 @@ class RunResult:
     quarantined_images: int
     quarantined_engine: int
     wall_seconds: float
+    # Items the source looked at (files, members, rows) = rows it emitted + skipped_by_source.
+    source_items: int = 0
+    skipped_by_source: dict[str, int] = field(default_factory=dict)
 
     @property
     def quarantined(self) -> int:
@@ -156,7 +159,8 @@ def start(cfg: CapjobConfig, run_id: str) -> Started:
     """Every check that can fail before data flows: GPUs, sink, done ids, model, Ray."""
     import ray
 
-    from capjob import checkpoint, metrics, runtime, sinks, sources
+    from capjob import checkpoint, metrics, runtime, sinks
+    from capjob.stages import sources
     from capjob.models import resolve_model_source
 
     clock, wall_clock = time.monotonic(), time.time()
@@ -164,7 +168,7 @@ def start(cfg: CapjobConfig, run_id: str) -> Started:
     placement = None if address else runtime.decide_placement(cfg, runtime.local_gpu_count())
     sinks.TableWriter(cfg.sink).check_writable()
     sources.preflight(cfg.data)  # path, bucket, credentials, columns: seconds, without Ray
-    done_ids = checkpoint.read_done_ids(cfg.sink) if cfg.job.resume else frozenset()
+    done_ids = checkpoint.read_done_ids(cfg.sink, cfg.job.retry_quarantined) if cfg.job.resume else frozenset()
     model_source = resolve_model_source(cfg.model.source, cfg.model.builder)
     if placement is None:  # a cluster we join: its GPUs decide
         runtime.init_ray(cfg, EnginePlacement(0, None))
@@ -220,6 +224,7 @@ def caption_flow(cfg: CapjobConfig, job: Started, source: Any, plan: Plan) -> An
     """The lazy Ray Dataset from source rows to output rows, stage by stage."""
     from capjob import checkpoint, images
     from capjob.processor import build_caption_processor
+    from capjob.stages.sources import Fetcher
 
     ds = source.dataset
     # Repartition first, straight after the read: the read's blocks (a whole parquet file, up to
@@ -243,7 +248,7 @@ def caption_flow(cfg: CapjobConfig, job: Started, source: Any, plan: Plan) -> An
             "cfg": cfg.images,
             "image_column": source.image_column,
             "passthrough_columns": source.passthrough_columns,
-            "storage_options": cfg.data.storage_options,
+            "fetcher": Fetcher.from_config(cfg.data),
             "quarantine": images.QuarantineTarget(cfg.sink, job.run_id, cfg.model.name),
         },
         batch_format="numpy",
@@ -257,6 +262,7 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
     import ray
 
     from capjob import report, runtime, sinks
+    from capjob.stages.sources.common import ITEMS_COUNTER, skipped_totals
 
     writer = sinks.TableWriter(cfg.sink)
     counts = ray.get(job.ledger.totals.remote())
@@ -272,6 +278,9 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
         quarantined_engine=totals["quarantined"],
         wall_seconds=time.monotonic() - job.clock,
     )
+    result.skipped_by_source = skipped_totals(counts)
+    # Layouts without skippable items (parquet, hf) emit every item they read as a row.
+    result.source_items = counts.get(ITEMS_COUNTER, result.rows_read + sum(result.skipped_by_source.values()))
     by_reason = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("rejected:") and v}
     operators, stats_text = report.operator_stats(dataset)
     run_report = report.build(
@@ -299,14 +308,15 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
 
 
 def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional[str] = None) -> Optional[RunResult]:
-    from capjob import sinks, sources
+    from capjob import sinks
+    from capjob.stages import sources
 
     run_id = cfg.job.run_id or new_run_id()
     if cfg.job.dry_run:
         print(dry_run_plan(cfg, run_id).render(cfg))
         return None
     job = start(cfg, run_id)
-    source = sources.read_source(cfg.data)
+    source = sources.read_source(cfg.data, run_id)
     plan = make_plan(cfg, run_id, job.model_source, job.placement, source.num_rows)
     print(plan.render(cfg), flush=True)
     dataset = caption_flow(cfg, job, source, plan)

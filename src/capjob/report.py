@@ -123,6 +123,7 @@ def summary_table(report: dict[str, Any]) -> str:
     lines = [
         "| metric | value |",
         "|---|---|",
+        *_items_line(report),
         f"| rows read | {report['rows_read']} |",
         f"| skipped (already done) | {report['skipped_done']} |",
         f"| captioned | {report['captioned']} |",
@@ -134,6 +135,17 @@ def summary_table(report: dict[str, Any]) -> str:
         f"| caption words mean / p50 / p95 | {words['mean']} / {words['p50']} / {words['p95']} |",
     ]
     return "\n".join(lines)
+
+
+def _items_line(report: dict[str, Any]) -> list[str]:
+    """items seen = rows + skipped, as the source counted them (files, members, cells)."""
+    if "source_items" not in report:
+        return []
+    skipped = report.get("skipped_by_source") or {}
+    total = sum(skipped.values())
+    reasons = "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
+    return [f"| items seen = rows + skipped | {report['source_items']} = {report['source_items'] - total} + {total}"
+            f"{' (' + reasons + ')' if reasons else ''} |"]
 
 
 def markdown(report: dict[str, Any]) -> str:
