@@ -215,7 +215,9 @@ def _http_get(url: str, fetch: FetchConfig, options: dict[str, Any]) -> tuple[by
                 failure.retry_after = float(retry_after) if retry_after.isdigit() else 0.0  # type: ignore[attr-defined]
                 raise failure
             chunks, size = [], 0
-            for chunk in response.iter_content(chunk_size=1 << 16):
+            # read1: whatever one socket read returns, so that a server dripping bytes cannot
+            # hold the thread past the deadline (a full-chunk read would wait for 64 KiB).
+            while chunk := response.raw.read1(1 << 16, decode_content=True):
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > fetch.max_bytes:

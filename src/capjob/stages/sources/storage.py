@@ -17,6 +17,7 @@ import re
 from typing import Any, Optional
 
 import fsspec
+import fsspec.core
 import fsspec.implementations.local
 import pyarrow.fs as pafs
 
@@ -44,7 +45,7 @@ def protocol_of(url: str) -> str:
 
 
 def _protocol_sections(storage_options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    known = set(fsspec.registry.known_implementations) | {"file", "http", "https"}
+    known = set(fsspec.available_protocols()) | {"file", "http", "https"}
     flat, sections = {}, {}
     for k, v in (storage_options or {}).items():
         if str(k).lower() in known and isinstance(v, dict):
