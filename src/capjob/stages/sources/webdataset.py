@@ -178,9 +178,10 @@ def _read_shards(shards: list[tuple[str, str]], others: list[tuple[str, str]], s
 
 def _table(rows: list[dict[str, Any]], image_column: str) -> pa.Table:
     for row in rows:
-        row.setdefault(SKIP_COLUMN, None)
         row.setdefault(ITEM_COLUMN, row.get("__key__"))
-        row.setdefault(image_column, None)
+    # from_pylist takes its columns from the first row only: give every row every column.
+    columns = list(dict.fromkeys(["__key__", "__url__", image_column, SKIP_COLUMN, *(k for r in rows for k in r)]))
+    rows = [{c: r.get(c) for c in columns} for r in rows]
     try:
         return pa.Table.from_pylist(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError):  # a member decoded as int in one sample, text in another
