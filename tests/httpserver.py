@@ -93,6 +93,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
+    def handle_error(self, request, client_address) -> None:  # clients that hang up are expected here
+        pass
+
 
 class LocalHTTPServer:
     def __init__(self, images: Optional[dict[str, bytes]] = None):
