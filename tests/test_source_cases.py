@@ -243,6 +243,8 @@ def test_case5_s3_options_never_reach_http(http):
     assert options_for("s3://b/x.jpg", options, base="s3://b/") == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}, "anon": True}
     assert options_for("https://h/x.jpg", options, base="s3://b/") == {"headers": {"X-Test": "1"}}
     assert options_for("/local/x.jpg", options, base="s3://b/") == {}
+    assert options_for("hf://datasets/u/r/x.jpg", options, base="/data/hf") == {}
+    assert options_for("gs://b/x.jpg", options, base="s3://b/") == {}  # S3's options are not GCS's
     assert options_for("s3://b/x.jpg", options, base="/data/urls.parquet") == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}, "anon": True}
     fetcher = Fetcher(options, "s3://bucket/urls.parquet", FAST)
     assert fetcher.get(f"{http.url}/img/{ROWS[0][0]}") == JPG  # was TypeError / "not found"

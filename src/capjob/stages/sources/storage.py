@@ -2,8 +2,9 @@
 errors of an unreadable location, and the fast probe that finds them before Ray starts.
 
 ``data.storage_options`` holds fsspec options. Flat keys (``client_kwargs``, ``anon``...) are
-the options of the object store the data lives in: ``data.path``'s protocol, and any object-store
-URL (``s3://``, ``gs://``...) in the cells. They never reach ``http(s)://`` or local cells -- an
+the options of the object store the data lives in: ``data.path``'s protocol, or, when data.path
+is not on an object store, object-store URLs (``s3://``, ``gs://``...) in the cells. They never
+reach ``http(s)://``, ``hf://`` or local cells -- an
 S3 ``client_kwargs.endpoint_url`` handed to aiohttp fails every fetch. A key named after a
 protocol (``http: {headers: {...}}``, ``s3: {...}``) holds that protocol's own options and
 applies to it alone.
@@ -34,8 +35,8 @@ _CREDENTIAL_KEY = re.compile(
     r"|secret|password|session_token|access_key|api[_-]?key|private[_-]?key",
     re.I,
 )
-# Protocols that never take the object store's flat options.
-_OWN_OPTIONS_ONLY = frozenset({"http", "https", "file", "local", "data"})
+# Object stores: the protocols that take the flat options when data.path is not on one.
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"})
 
 
 def protocol_of(url: str) -> str:
@@ -60,8 +61,11 @@ def options_for(url: str, storage_options: dict[str, Any], base: Optional[str] =
     are meant for it (`url` is on `base`'s protocol -- data.path's --, or on an object store)."""
     flat, sections = _protocol_sections(storage_options)
     protocol = protocol_of(url)
-    same = base is not None and protocol_of(base) == protocol
-    options = dict(flat) if same or protocol not in _OWN_OPTIONS_ONLY else {}
+    base_protocol = protocol_of(base) if base is not None else None
+    if base_protocol == protocol or (base_protocol not in OBJECT_STORES and protocol in OBJECT_STORES):
+        options = dict(flat)
+    else:
+        options = {}
     own = sections.get(protocol) or (sections.get("http") if protocol == "https" else None) or {}
     return {**options, **own}
 
