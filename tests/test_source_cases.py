@@ -92,9 +92,10 @@ def test_case1_struct_path_on_s3_and_hf_style_urls(s3_env, http):
     fetcher = Fetcher()
     got = resolve_batch([{"bytes": None, "path": "s3://cells/a/0000.jpg"},
                          {"bytes": None, "path": f"{http.url}/img/{ROWS[1][0]}"},
-                         {"bytes": None, "path": None}], fetcher)
+                         {"bytes": None, "path": None}, {"bytes": b"", "path": "empty.jpg"}], fetcher)
     assert got[0] == JPG and got[1] == ROWS[1][1]
-    assert isinstance(got[2], ImageRejected) and got[2].reason == "empty: 0 bytes and no path"
+    assert isinstance(got[2], ImageRejected) and got[2].reason == "empty: no bytes and no path"
+    assert got[3] == b""  # an empty file stays one: decode_image quarantines it as "empty: 0 bytes"
 
 
 # --- 2. a column holding a list of images --------------------------------------------------
@@ -289,6 +290,11 @@ def test_case6_remote_folder_fetch_failure_is_refetched_with_its_reason(s3_env, 
 
 
 def test_case6_retry_quarantined_reasons_on_a_later_run(tmp_path):
+    from conftest import compose
+
+    from capjob.config import to_typed
+
+    assert to_typed(compose(["job.retry_quarantined=[fetch,engine]"])).job.retry_quarantined == ["fetch", "engine"]
     from capjob.checkpoint import read_done_ids
     from capjob.sinks import CAPTIONS, QUARANTINE, TableWriter, quarantine_table
 

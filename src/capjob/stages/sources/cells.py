@@ -115,11 +115,11 @@ def resolve_cell(cell: Any) -> Resolved:
         return cell.tobytes()
     if isinstance(cell, dict):
         data, path = cell.get("bytes"), cell.get("path")
-        if data is not None and len(data):
+        if data is not None:  # b"" is an empty file, not a missing one: quarantined as empty
             return bytes(data)
         if isinstance(path, str) and path:
             return resolve_text(path)
-        return ImageRejected("empty", "0 bytes and no path")
+        return ImageRejected("empty", "no bytes and no path")
     if isinstance(cell, str):
         return resolve_text(cell)
     if isinstance(cell, (list, tuple)) or (isinstance(cell, np.ndarray) and cell.dtype == object):
