@@ -380,3 +380,15 @@ def test_parquet_and_hf_cells_are_rows_whatever_they_hold():
     assert resolved[:2] == [JPG, JPG]
     assert [r.reason.split(":")[0] for r in resolved[2:]] == ["empty", "empty", "empty", "empty", "unsupported", "unsupported"]
     assert all(identity(c) is not None for c in cells)  # ids never raise either
+
+
+def test_unreadable_sources_fail_in_preflight_in_one_line(tmp_path):
+    (tmp_path / "wds").mkdir()
+    (tmp_path / "wds" / "shard-0.tar").write_bytes(b"this is not a tar file" * 100)
+    with pytest.raises(SourceError, match="holds no webdataset sample with an image") as e:
+        preflight(DataConfig(format=SourceFormat.webdataset, path=str(tmp_path / "wds")))
+    assert "\n" not in str(e.value)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".hidden").write_bytes(b"x")
+    with pytest.raises(SourceError, match="no files under"):
+        preflight(DataConfig(format=SourceFormat.image_folder, path=str(tmp_path / "empty")))

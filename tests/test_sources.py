@@ -398,3 +398,14 @@ def test_list_of_images_exploded_through_read_source(ray_local, tmp_path):
     assert by_key["a#1"]["bytes"] == ROWS[1][1] and by_key["c#0"] is None
     source = read_source(DataConfig(**base, image_index=0))
     assert sorted((r[source.key_column], r["images"] is not None) for r in source.dataset.take_all()) == [("a#0", True), ("b#0", True), ("c#0", False)]
+
+
+def test_cli_list_of_images_fails_before_ray(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "multi").mkdir()
+    pq.write_table(pa.table({"images": pa.array([[ROWS[0][1], ROWS[1][1]]], pa.list_(pa.binary())), "id": ["a"]}),
+                   tmp_path / "multi" / "p.parquet")
+    proc = capjob_cli("dataset=parquet", f"data.path={tmp_path}/multi", "data.image_column=images", env={}, tmp_path=tmp_path)
+    assert_one_error_line(proc, "data.image_column: 'images'", "holds a list of images", "data.image_index=N", "data.explode_images=true")
