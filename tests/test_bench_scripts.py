@@ -49,3 +49,18 @@ def test_gpu_bench_report_ratios_and_sweep(tmp_path):
     assert (tmp_path / "gpu_bench.md").read_text().count("| engine.batch_size=") == 3  # best row + 2 sweep rows
     assert (tmp_path / "gpu_sweep.png").stat().st_size > 1000
     assert gpu_bench.engine_operator([{"operator": "MapBatches(vLLMEngineStageUDF)", "rows_per_second": 7.0}])["rows_per_second"] == 7.0
+
+
+def test_url_fetch_bench_runs(tmp_path):
+    out_json = tmp_path / "url_fetch.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "url_fetch_bench.py"), "--urls", "20", "--slow", "0.2", "--json", str(out_json)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| rows/s |" in proc.stdout and "| fetch: 403 Forbidden | 0 |" in proc.stdout, proc.stdout
+    result = json.loads(out_json.read_text())
+    old, new = result["results"].values()
+    assert new["outcomes"]["fetch: 403 Forbidden"] == result["kinds"]["403"]  # the true reason, per URL
+    kinds = result["kinds"]
+    assert new["outcomes"]["image"] == kinds.get("ok", 0) + kinds.get("slow", 0) + kinds.get("flaky", 0)

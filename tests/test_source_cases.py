@@ -16,10 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from capjob.config import DataConfig, FetchConfig, SinkConfig, SourceFormat
+from capjob.config import DataConfig, FetchConfig, ImagesConfig, SinkConfig, SourceFormat
 from capjob.errors import SourceError
 from capjob.images import ImageRejected, decode_image
-from capjob.config import ImagesConfig
 from capjob.stages.sources import hf, image_folder, preflight, webdataset
 from capjob.stages.sources.cells import Fetcher, identity, resolve_batch, resolve_cell
 from capjob.stages.sources.common import ITEM_COLUMN, SKIP_COLUMN, select_images
@@ -296,7 +295,7 @@ def test_case6_retry_quarantined_reasons_on_a_later_run(tmp_path):
 
     assert to_typed(compose(["job.retry_quarantined=[fetch,engine]"])).job.retry_quarantined == ["fetch", "engine"]
     from capjob.checkpoint import read_done_ids
-    from capjob.sinks import CAPTIONS, QUARANTINE, TableWriter, quarantine_table
+    from capjob.sinks import QUARANTINE, TableWriter, quarantine_table
 
     sink = SinkConfig(path=str(tmp_path / "out"))
     rows = [{"id": "f", "source_key": "f", "stage": "images", "reason": "fetch: 503 Service Unavailable after 4 attempts: u", "model": "m", "run_id": "r"},
@@ -306,7 +305,6 @@ def test_case6_retry_quarantined_reasons_on_a_later_run(tmp_path):
     assert read_done_ids(sink) == {"f", "d", "e"}
     assert read_done_ids(sink, ["fetch"]) == {"d", "e"}
     assert read_done_ids(sink, ["fetch", "engine"]) == {"d"}
-    del CAPTIONS
 
 
 # --- 7. URL lists at scale ------------------------------------------------------------------
