@@ -4,7 +4,7 @@ Generates ``--images`` small JPEGs (drawn gradients, 160 x 120, ~3-4 KB each), w
 every layout capjob reads -- parquet (HF-style ``image`` = {bytes, path} struct), HF
 ``save_to_disk``, an HF hub-style parquet folder read streaming, an image folder, webdataset tar
 shards -- locally and, for the file layouts, into a bucket of a local S3-compatible server
-(moto, as in the tests). Then, for each, it times ``capjob.sources.read_source`` + iterating the
+(moto, as in the tests). Then, for each, it times ``capjob.stages.sources.read_source`` + iterating the
 whole dataset in Ray (every image's bytes are touched; no decoding, no inference) on a local Ray
 with ``--cpus`` CPUs, ``--repeats`` times, and prints a markdown table (median of the repeats).
 
@@ -53,7 +53,7 @@ def layouts(rows, root: pathlib.Path, shards: int) -> dict[str, tuple[pathlib.Pa
 def time_read(path: str, kwargs: dict) -> tuple[int, int, float]:
     """(rows, image bytes, seconds) of read_source + a full iteration."""
     from capjob.config import DataConfig, SourceFormat
-    from capjob.sources import read_source
+    from capjob.stages.sources import read_source
 
     t0 = time.perf_counter()
     source = read_source(DataConfig(path=path, **{**kwargs, "format": SourceFormat(kwargs["format"])}))

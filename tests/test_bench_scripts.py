@@ -69,3 +69,17 @@ def test_gpu_check_table_fails_loudly():
     text, passed = gpu_bench.check_table([ok, crashed, lost], images=300)
     assert not passed and "| tp2 | FAILED: failed (1) |" in text and "FAILED: 299 of 300 captioned" in text
     assert gpu_bench.check_table([], images=300)[1] is False  # nothing ran: not a pass
+
+def test_url_fetch_bench_runs(tmp_path):
+    out_json = tmp_path / "url_fetch.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "url_fetch_bench.py"), "--urls", "20", "--slow", "0.2", "--json", str(out_json)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| rows/s |" in proc.stdout and "| fetch: 403 Forbidden | 0 |" in proc.stdout, proc.stdout
+    result = json.loads(out_json.read_text())
+    old, new = result["results"].values()
+    assert new["outcomes"]["fetch: 403 Forbidden"] == result["kinds"]["403"]  # the true reason, per URL
+    kinds = result["kinds"]
+    assert new["outcomes"]["image"] == kinds.get("ok", 0) + kinds.get("slow", 0) + kinds.get("flaky", 0)

@@ -7,7 +7,8 @@ from PIL import Image
 
 from capjob.config import ImagesConfig, ResizeMode
 from capjob import images
-from capjob.images import ImageRejected, decode_image, image_bytes
+from capjob.images import ImageRejected, decode_image
+from capjob.stages.sources.cells import identity, resolve_cell
 from corpus import awkward_images, broken_images
 
 CFG = ImagesConfig(size=448)
@@ -83,11 +84,12 @@ def test_square_mode_matches_the_seed_size():
 
 
 def test_image_cells():
-    assert image_bytes({"bytes": b"abc", "path": "x.jpg"}) == (b"abc", "x.jpg")
-    assert image_bytes(b"abc") == (b"abc", None)
-    assert image_bytes(None) == (None, None)
-    with pytest.raises(TypeError):
-        image_bytes(3.5)
+    assert resolve_cell({"bytes": b"abc", "path": "x.jpg"}) == b"abc"
+    assert resolve_cell({"bytes": None, "path": "x.jpg"}) == "x.jpg"
+    assert resolve_cell(b"abc") == b"abc"
+    assert resolve_cell(None).reason == "empty: no image (null cell)"
+    assert resolve_cell(3.5).reason == "unsupported: image cell of type float"
+    assert identity({"bytes": None, "path": "x.jpg"}) == (None, "x.jpg") and identity(3.5) == (None, None)
 
 
 def _encode(im: Image.Image, fmt: str, **kw) -> bytes:

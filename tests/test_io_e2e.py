@@ -83,7 +83,9 @@ def check(captions: pa.Table, ids: set[str], label_column: str | None = "label")
     assert set(captions.column("model").to_pylist()) == {"tiny_qwen25vl"}
     assert "image" not in captions.column_names
     if label_column:
-        by_key = dict(zip(captions.column("source_key").to_pylist(), captions.column(label_column).to_pylist()))
+        # A webdataset key is <shard>/<sample key>: compare by the sample key.
+        by_key = dict(zip((pathlib.PurePosixPath(k).name for k in captions.column("source_key").to_pylist()),
+                          captions.column(label_column).to_pylist()))
         assert {k: int(v) for k, v in by_key.items()} == LABELS
 
 
@@ -120,14 +122,42 @@ def test_image_folder_on_s3_to_jsonl_gzip_on_s3(s3, bucket, tmp_path):
     assert all(i.startswith(f"{bucket}/in/images/cls_") for i in captions.column("source_key").to_pylist())
 
 
+def wds_ids(shards: int = 2) -> set[str]:
+    """Ids of write_webdataset's samples: <shard>/<key>, unique across shards."""
+    return {f"shard-{i % shards:05d}.tar/{key_of(n)}" for i, (n, _, _) in enumerate(ROWS)}
+
+
 def test_webdataset_local_to_parquet_local(s3, tmp_path):
+    """Also issue 17: a shard whose member names carry dots and one sample without an image (it
+    once failed the run after the engine started) -- the two dotted images are captioned as two
+    rows, the sample without an image and a stray file are counted as skipped in the report."""
+    import io
+    import tarfile
+
     data = write_webdataset(ROWS, tmp_path / "wds", shards=2)
+    with tarfile.open(data / "shard-00002.tar", "w") as tar:
+        for name, member in [("2023.05.01_beach.jpg", ROWS[0][1]), ("2023.05.01_beach.cls", b"1"),
+                             ("2023.05.02_dog.jpg", ROWS[1][1]), ("2023.05.02_dog.cls", b"2"), ("lonely.cls", b"3")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(member)
+            tar.addfile(info, io.BytesIO(member))
+    (data / "README.md").write_text("shards\n")
     capjob(s3, tmp_path, "dataset=webdataset", f"data.path={data}", "data.passthrough_columns=[cls]",
-           f"sink.path={tmp_path}/out", "sink.rows_per_file=4")
+           f"sink.path={tmp_path}/out", "sink.rows_per_file=4", "job.run_id=wds-run")
     captions = read_local(tmp_path / "out" / "captions")
-    check(captions, KEYS, label_column="cls")
+    dotted = {"shard-00002.tar/2023.05.01_beach", "shard-00002.tar/2023.05.02_dog"}
+    assert set(captions.column("id").to_pylist()) == wds_ids() | dotted
+    cls = dict(zip(captions.column("id").to_pylist(), captions.column("cls").to_pylist()))
+    assert {cls[k] for k in dotted} == {1, 2}
+    import pyarrow.compute as pc
+
+    check(captions.filter(pc.is_in(captions.column("id"), pa.array(sorted(wds_ids())))), wds_ids(), label_column="cls")
     sizes = [pq.ParquetFile(f).metadata.num_rows for f in (tmp_path / "out" / "captions").glob("*.parquet")]
-    assert sum(sizes) == N and len(sizes) <= 2, sizes  # blocks gathered into files of >= 4 rows
+    assert sum(sizes) == N + 2 and len(sizes) <= 3, sizes  # blocks gathered into files of >= 4 rows
+    report = json.loads((tmp_path / "out" / "reports" / "wds-run" / "report.json").read_text())
+    assert report["skipped_by_source"] == {"sample without an image": 1, "not a tar shard (.md)": 1}
+    assert report["source_items"] == N + 2 + 2 and report["captioned"] == N + 2
+    assert "| items seen = rows + skipped | 10 = 8 + 2" in (tmp_path / "out" / "reports" / "wds-run" / "report.md").read_text()
 
 
 def test_hf_parquet_folder_streaming_to_parquet_on_s3(s3, bucket, tmp_path):
@@ -160,4 +190,41 @@ def test_webdataset_on_s3_to_jsonl_local(s3, bucket, tmp_path):
     data = upload(write_webdataset(ROWS, tmp_path / "wds", shards=2), s3.fs, f"s3://{bucket}/in/wds")
     capjob(s3, tmp_path, "dataset=webdataset", f"data.path={data}", "data.passthrough_columns=[cls]",
            "sink=jsonl", f"sink.path={tmp_path}/out")
-    check(read_local(tmp_path / "out" / "captions"), KEYS, label_column="cls")
+    check(read_local(tmp_path / "out" / "captions"), wds_ids(), label_column="cls")
+
+
+def test_real_cells_parquet_local_to_parquet_local(s3, tmp_path):
+    """Issue 17, cases 3, 5, 6 and 7 in one run: a parquet whose image cells are what real
+    datasets hold -- a local path, base64 text, a data: URI, URLs on a
+    local HTTP server (one answers 503 twice then the image, one 403, one HTML) -- while
+    data.storage_options carries S3 options (they must not reach the HTTP fetches)."""
+    import base64
+
+    from httpserver import LocalHTTPServer
+
+    names = [n for n, _, _ in ROWS]
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / names[0]).write_bytes(ROWS[0][1])
+    with LocalHTTPServer({n: b for n, b, _ in ROWS}) as http:
+        cells = {
+            "path": str(tmp_path / "files" / names[0]),
+            "base64": base64.b64encode(ROWS[1][1]).decode(),
+            "data-uri": "data:image/png;base64," + base64.b64encode(ROWS[2][1]).decode(),
+            "url": f"{http.url}/img/{names[3]}",
+            "url-503-twice": f"{http.url}/flaky/2/{names[4]}",
+            "url-403": f"{http.url}/status/403",
+            "url-html": f"{http.url}/html",
+        }
+        (tmp_path / "pq").mkdir()
+        pq.write_table(pa.table({"key": list(cells), "image": list(cells.values())}), tmp_path / "pq" / "part-0.parquet")
+        capjob(s3, tmp_path, "dataset=parquet", f"data.path={tmp_path}/pq", "data.key_column=key",
+               "+data.storage_options.client_kwargs.endpoint_url=http://127.0.0.1:9", "+data.storage_options.anon=true",
+               "data.fetch.backoff_s=0.05", f"sink.path={tmp_path}/out", "job.run_id=cells-run")
+        assert http.requests[f"/flaky/2/{names[4]}"] == 3 and http.requests["/status/403"] == 1
+    captions = read_local(tmp_path / "out" / "captions")
+    assert sorted(captions.column("id").to_pylist()) == ["base64", "data-uri", "path", "url", "url-503-twice"]
+    quarantine = read_local(tmp_path / "out" / "quarantine")
+    reasons = dict(zip(quarantine.column("id").to_pylist(), quarantine.column("reason").to_pylist()))
+    assert reasons["url-403"].startswith("fetch: 403 Forbidden: http://127.0.0.1:")
+    assert reasons["url-html"] == "not_an_image: looks like HTML/XML text"
+    assert len(reasons) == 2

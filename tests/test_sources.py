@@ -14,7 +14,7 @@ import pytest
 
 from capjob.config import DataConfig, SourceFormat, to_typed
 from capjob.errors import CapjobError, ConfigError, SourceError
-from capjob.sources import decode_webdataset_sample, preflight, read_source
+from capjob.stages.sources import preflight, read_source
 from conftest import REPO, compose
 from iolayouts import (key_of, make_rows, upload, write_hf_parquet_dir, write_hf_save_to_disk, write_image_folder,
                        write_parquet, write_webdataset)
@@ -147,7 +147,7 @@ def test_single_parquet_file_on_s3_and_path_column(ray_local, layouts, tmp_path)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from capjob.images import _fetch
+    from capjob.stages.sources.cells import Fetcher
 
     folder = layouts["s3_image_folder"]
     urls = [f"{folder}/cls_{lab % 2}/{'nested/' if i % 2 else ''}{name}" for i, (name, _, lab) in enumerate(ROWS)]
@@ -155,15 +155,7 @@ def test_single_parquet_file_on_s3_and_path_column(ray_local, layouts, tmp_path)
     pq.write_table(pa.table({"url": urls}), tmp_path / "urls" / "part-0.parquet")
     source, rows = read(format="parquet", path=str(tmp_path / "urls"), image_column="url")
     assert sorted(r["url"] for r in rows) == sorted(urls)
-    assert _fetch(urls[0], {}) == ROWS[0][1]
-
-
-def test_webdataset_decoder():
-    sample = {"__key__": "k", "__url__": "u", "png": b"PNG", "cls": b"3\n", "txt": b"a cat", "bin": b"\x00"}
-    assert decode_webdataset_sample(sample, "image") == {"__key__": "k", "__url__": "u", "image": b"PNG", "cls": 3, "txt": "a cat", "bin": b"\x00"}
-    both = {"__key__": "k", "png": b"PNG", "jpg": b"JPG"}
-    assert decode_webdataset_sample(both, "jpg")["jpg"] == b"JPG"
-    assert decode_webdataset_sample({"__key__": "k", "json": b"{}"}, "image")["image"] is None
+    assert Fetcher().get(urls[0]) == ROWS[0][1]
 
 
 # --- errors, in process ---------------------------------------------------------------------
@@ -336,9 +328,84 @@ def test_storage_options_endpoint_reaches_the_ray_workers(ray_local, tmp_path):
 
 
 def test_remote_errors_name_the_cause_whatever_the_port():
-    from capjob.sources import describe_remote_error
+    from capjob.stages.sources import describe_remote_error
 
     unreachable = OSError('Could not connect to the endpoint URL: "http://127.0.0.1:38403/bucket/data"')
     assert describe_remote_error("s3://bucket/data", unreachable).startswith("cannot reach the storage endpoint")
     forbidden = OSError("An error occurred (403) when calling the HeadObject operation: Forbidden")
     assert describe_remote_error("s3://bucket/data", forbidden).startswith("access to 's3://bucket/data' denied")
+
+
+# --- issue 17: items seen = rows + skipped, through Ray and the run's ledger -----------------
+
+
+def _ledger_read(cfg: DataConfig):
+    import ray
+
+    from capjob import metrics
+    from capjob.stages.sources.common import ITEMS_COUNTER, skipped_totals
+
+    run_id = f"t{uuid.uuid4().hex[:8]}"
+    ledger = metrics.start_ledger("test", run_id)
+    source = read_source(cfg, run_id)
+    rows = source.dataset.take_all()
+    totals = ray.get(ledger.totals.remote())
+    ray.kill(ledger)
+    return source, rows, totals.get(ITEMS_COUNTER, 0), skipped_totals(totals)
+
+
+@pytest.mark.parametrize("layout", ["image_folder", "s3_image_folder"])
+def test_image_folder_items_seen_are_rows_plus_skipped(layout, ray_local, layouts):
+    source, rows, items, skipped = _ledger_read(DataConfig(format=SourceFormat.image_folder, path=layouts[layout]))
+    assert len(rows) == N and items == N + 3  # README.txt, labels.json, .thumbnails/<image>
+    assert skipped == {"not an image (.txt)": 1, "not an image (.json)": 1, "hidden file": 1}
+    assert all(image_bytes(r["image"]) == DATA[pathlib.PurePosixPath(r["path"]).stem] for r in rows)
+
+
+def test_webdataset_items_seen_are_rows_plus_skipped(ray_local, tmp_path):
+    import io
+    import tarfile
+
+    root = write_webdataset(ROWS, tmp_path / "wds", shards=2)
+    with tarfile.open(root / "shard-00002.tar", "w") as tar:  # a sample without an image, dotted names
+        for name, data in [("lonely.cls", b"1"), ("2023.05.01_a.jpg", ROWS[0][1]), ("2023.05.02_b.jpg", ROWS[1][1])]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (root / "index.json").write_text("{}")
+    source, rows, items, skipped = _ledger_read(DataConfig(format=SourceFormat.webdataset, path=str(root)))
+    keys = sorted(r["__key__"] for r in rows)
+    assert len(rows) == N + 2 and len(set(keys)) == len(keys)
+    assert "shard-00002.tar/2023.05.01_a" in keys and "shard-00002.tar/2023.05.02_b" in keys
+    assert skipped == {"sample without an image": 1, "not a tar shard (.json)": 1}
+    assert items == len(rows) + 2
+
+
+def test_list_of_images_exploded_through_read_source(ray_local, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    images = pa.array([[{"bytes": ROWS[0][1], "path": None}, {"bytes": ROWS[1][1], "path": None}], [{"bytes": ROWS[2][1], "path": None}], []],
+                      pa.list_(struct))
+    (tmp_path / "lists").mkdir()
+    pq.write_table(pa.table({"images": images, "key": ["a", "b", "c"]}), tmp_path / "lists" / "p.parquet")
+    base = dict(format=SourceFormat.parquet, path=str(tmp_path / "lists"), image_column="images", key_column="key")
+    source = read_source(DataConfig(**base, explode_images=True))
+    rows = source.dataset.take_all()
+    assert sorted(r[source.key_column] for r in rows) == ["a#0", "a#1", "b#0", "c#0"]
+    by_key = {r[source.key_column]: r["images"] for r in rows}
+    assert by_key["a#1"]["bytes"] == ROWS[1][1] and by_key["c#0"] is None
+    source = read_source(DataConfig(**base, image_index=0))
+    assert sorted((r[source.key_column], r["images"] is not None) for r in source.dataset.take_all()) == [("a#0", True), ("b#0", True), ("c#0", False)]
+
+
+def test_cli_list_of_images_fails_before_ray(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "multi").mkdir()
+    pq.write_table(pa.table({"images": pa.array([[ROWS[0][1], ROWS[1][1]]], pa.list_(pa.binary())), "id": ["a"]}),
+                   tmp_path / "multi" / "p.parquet")
+    proc = capjob_cli("dataset=parquet", f"data.path={tmp_path}/multi", "data.image_column=images", env={}, tmp_path=tmp_path)
+    assert_one_error_line(proc, "data.image_column: 'images'", "holds a list of images", "data.image_index=N", "data.explode_images=true")

@@ -9,13 +9,13 @@ image is decoded, so a crashed run resumes without redoing or losing rows.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from capjob.config import SinkConfig
-from capjob.images import image_bytes
 from capjob import metrics
+from capjob.stages.sources.cells import identity
 from capjob.sinks import CAPTIONS, QUARANTINE, TableWriter, block_digest
 
 
@@ -30,11 +30,18 @@ def row_id(key: Any, data: Optional[bytes]) -> str:
     return content_id(data)
 
 
-def read_done_ids(sink: SinkConfig) -> frozenset[str]:
+def read_done_ids(sink: SinkConfig, retry_quarantined: Sequence[str] = ()) -> frozenset[str]:
+    """Ids in the sink's captions and quarantine, except quarantined ids whose stage or reason
+    kind (before ':') is in `retry_quarantined` (job.retry_quarantined): those run again."""
     writer = TableWriter(sink)
-    done: set[str] = set()
-    for table in (CAPTIONS, QUARANTINE):
-        done.update(i for i in writer.read(table, columns=["id"]).column("id").to_pylist() if i is not None)
+    done: set[str] = set(i for i in writer.read(CAPTIONS, columns=["id"]).column("id").to_pylist() if i is not None)
+    retry = set(retry_quarantined)
+    quarantined = writer.read(QUARANTINE, columns=["id", "stage", "reason"] if retry else ["id"])
+    if not retry:
+        return frozenset(done | {i for i in quarantined.column("id").to_pylist() if i is not None})
+    for rid, stage, reason in zip(*(quarantined.column(c).to_pylist() for c in ("id", "stage", "reason"))):
+        if rid is not None and stage not in retry and (reason or "").split(":", 1)[0] not in retry:
+            done.add(rid)
     return frozenset(done)
 
 
@@ -51,7 +58,7 @@ def assign_ids(
     keys = batch[key_column] if key_column else [None] * len(images)
     ids, source_keys, keep = [], [], []
     for key, cell in zip(keys, images):
-        data, path = image_bytes(cell) if not isinstance(cell, str) else (None, cell)
+        data, path = identity(cell)
         if isinstance(key, bytes):
             key = key.decode()
         rid = row_id(key, data if data is not None else (path or "").encode())

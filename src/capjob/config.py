@@ -38,6 +38,26 @@ class ResizeMode(str, enum.Enum):
 
 
 @dataclass
+class FetchConfig:
+    """`data.fetch`: how the image stage fetches cells that point elsewhere (URLs, object-store
+    paths, HF `{bytes: null, path}` structs), consumed by stages/sources/cells.py."""
+
+    # Fetches in flight per task: a URL list is latency-bound, and one slow host holds one thread.
+    concurrency: int = 16
+    connect_timeout_s: float = 5.0
+    # Most seconds to wait for data, and to receive a whole body.
+    read_timeout_s: float = 30.0
+    # Extra attempts for transient failures only (429, 5xx, timeouts, resets); 403/404 are final.
+    retries: int = 3
+    # First wait before a retry; doubles each attempt (with jitter), at most 8 s.
+    backoff_s: float = 0.5
+    max_redirects: int = 5
+    # A body larger than this is not an image to caption (an HTML error page is small).
+    max_bytes: int = 64 * 2**20
+    user_agent: str = "capjob/0.1 (batch image captioning; python-requests)"
+
+
+@dataclass
 class DataConfig:
     """`dataset` group (values under `data`): where images come from, consumed by sources.py."""
 
@@ -61,6 +81,13 @@ class DataConfig:
     sample_size: int = 24
     # dataset=sample: shape scenes with their true caption in `reference` (models/shapes.py).
     sample_shapes: int = 24
+
+    # A column holding a list of images: caption the N-th (0-based; a row with fewer is
+    # quarantined) ...
+    image_index: Optional[int] = None
+    # ... or each one, one row per image, keyed `<key>#<i>`.
+    explode_images: bool = False
+    fetch: FetchConfig = field(default_factory=FetchConfig)
 
 
 @dataclass
@@ -248,6 +275,10 @@ class JobConfig:
     # Ray's and vLLM's logs go to <run dir>/capjob.log. "info" or "debug" shows them all here.
     log_level: str = "warning"
 
+    # Quarantine reasons (the kind before ':', e.g. [fetch, engine]) whose rows a resumed run
+    # tries again instead of skipping them as done.
+    retry_quarantined: list[str] = field(default_factory=list)
+
 
 class EvalMode(str, enum.Enum):
     off = "off"
@@ -353,6 +384,14 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
     _require(d.partitions is None or d.partitions > 0, "data.partitions", f"must be a positive integer or null (automatic), got {d.partitions}")
     _require(d.partitions_per_worker > 0, "data.partitions_per_worker", f"must be > 0, got {d.partitions_per_worker}")
     _require(d.format == SourceFormat.sample or bool(d.path), "data.path", f"is required for data.format={d.format.value}")
+    _require(d.image_index is None or d.image_index >= 0, "data.image_index", f"must be >= 0 or null, got {d.image_index}")
+    _require(d.image_index is None or not d.explode_images, "data.explode_images", "set data.image_index or data.explode_images, not both")
+    f = d.fetch
+    _require(f.concurrency >= 1, "data.fetch.concurrency", f"must be >= 1, got {f.concurrency}")
+    _require(f.retries >= 0, "data.fetch.retries", f"must be >= 0, got {f.retries}")
+    _require(f.connect_timeout_s > 0 and f.read_timeout_s > 0, "data.fetch.read_timeout_s",
+             f"timeouts must be > 0, got connect {f.connect_timeout_s}, read {f.read_timeout_s}")
+    _require(f.backoff_s >= 0, "data.fetch.backoff_s", f"must be >= 0, got {f.backoff_s}")
     _require(d.sample_size >= 0, "data.sample_size", f"must be >= 0, got {d.sample_size}")
     _require(d.sample_shapes >= 0, "data.sample_shapes", f"must be >= 0, got {d.sample_shapes}")
     _require(bool(m.source) or bool(m.builder), "model.source", "set a hub id or local path (or model.builder for a locally built model)")

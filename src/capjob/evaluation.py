@@ -43,7 +43,7 @@ from matplotlib.ticker import MaxNLocator
 from capjob.config import EvalConfig, EvalMode, JudgeConfig, ResourcesConfig, SinkConfig, SinkFormat
 from capjob.errors import CapjobError, ConfigError, SinkError, SourceError
 from capjob.sinks import CAPTIONS, TableWriter
-from capjob.sources import describe_remote_error
+from capjob.stages.sources import describe_remote_error
 
 EVALUATION = "evaluation"
 REQUIRED_COLUMNS = ("id", "caption", "generated_tokens")

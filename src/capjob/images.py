@@ -226,54 +226,30 @@ def decode_image(data: bytes | None, cfg: ImagesConfig) -> DecodedImage:
     return DecodedImage(pixels=pixels, source_width=width, source_height=height, source_format=fmt)
 
 
-def image_bytes(value: Any) -> tuple[bytes | None, str | None]:
-    """The bytes and path of an image cell: raw bytes, an HF `{bytes, path}` struct, or None."""
-    if value is None:
-        return None, None
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value), None
-    if isinstance(value, dict):
-        data = value.get("bytes")
-        path = value.get("path")
-        return (bytes(data) if data is not None else None), (str(path) if path else None)
-    if isinstance(value, np.ndarray) and value.dtype == np.uint8:
-        return value.tobytes(), None
-    raise TypeError(f"unsupported image cell type {type(value).__name__}")
-
-
-def _fetch(location: str, storage_options: dict[str, Any]) -> bytes:
-    import fsspec
-
-    with fsspec.open(location, "rb", **storage_options) as f:
-        return f.read()
-
-
 def prepare_images(
     batch: dict[str, np.ndarray],
     *,
     cfg: ImagesConfig,
     image_column: str,
     passthrough_columns: list[str],
-    storage_options: dict[str, Any],
+    fetcher: Any,
     quarantine: "QuarantineTarget",
 ) -> dict[str, Any]:
     """map_batches UDF: decode every image once; valid ones continue as small RGB arrays,
-    rejected ones are written to quarantine with their reason and leave the stream."""
+    rejected ones are written to quarantine with their reason and leave the stream. Cells that
+    point elsewhere are fetched first, together (`fetcher`: stages.sources.cells.Fetcher)."""
+    from capjob.stages.sources.cells import resolve_batch
+
     ids = list(batch["id"])
     kept: list[int] = []
     pixels: list[np.ndarray] = []
     widths: list[int] = []
     heights: list[int] = []
     rejected: list[dict[str, Any]] = []
-    for i, cell in enumerate(batch[image_column]):
+    for i, data in enumerate(resolve_batch(batch[image_column], fetcher)):
         try:
-            if isinstance(cell, str):
-                try:
-                    data = _fetch(cell, storage_options)
-                except Exception as e:  # noqa: BLE001
-                    raise ImageRejected("fetch", f"{cell}: {type(e).__name__}: {e}") from None
-            else:
-                data, _ = image_bytes(cell)
+            if isinstance(data, ImageRejected):
+                raise data
             decoded = decode_image(data, cfg)
         except ImageRejected as rejection:
             rejected.append({"id": ids[i], "source_key": batch["source_key"][i], "stage": "images", "reason": rejection.reason})

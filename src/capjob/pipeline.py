@@ -123,6 +123,9 @@ class RunResult:
     quarantined_images: int
     quarantined_engine: int
     wall_seconds: float
+    # Items the source looked at (files, members, rows) = rows it emitted + skipped_by_source.
+    source_items: int = 0
+    skipped_by_source: dict[str, int] = field(default_factory=dict)
 
     @property
     def quarantined(self) -> int:
@@ -167,7 +170,8 @@ def start(cfg: CapjobConfig, run_id: str) -> Started:
     preflight.check_model(cfg.model.source, cfg.model.builder, cfg.model.load_format)
     import ray
 
-    from capjob import checkpoint, metrics, runtime, sinks, sources
+    from capjob import checkpoint, metrics, runtime, sinks
+    from capjob.stages import sources
     from capjob.models import resolve_model_source
 
     address = runtime.cluster_address(cfg)
@@ -177,7 +181,7 @@ def start(cfg: CapjobConfig, run_id: str) -> Started:
     sources.preflight(cfg.data)  # path, bucket, credentials, columns: seconds, without Ray
     preflight_prompt_columns(cfg)
     preflight.check_hub_dataset(cfg.data)
-    done_ids = checkpoint.read_done_ids(cfg.sink) if cfg.job.resume else frozenset()
+    done_ids = checkpoint.read_done_ids(cfg.sink, cfg.job.retry_quarantined) if cfg.job.resume else frozenset()
     model_source = resolve_model_source(cfg.model.source, cfg.model.builder)
     if placement is None:  # a cluster we join: its GPUs decide
         ray_info = runtime.init_ray(cfg, EnginePlacement(0, None))
@@ -248,7 +252,7 @@ def preflight_prompt_columns(cfg: CapjobConfig) -> None:
     """The columns a caption prompt names ({label}) exist in the dataset: checked like the
     pass-through columns (after those, so that an error here is the prompt's), reported as
     the prompt's key."""
-    from capjob import sources
+    from capjob.stages import sources
     from capjob.errors import ConfigError, SourceError
     from capjob.processor import prompt_specs
 
@@ -269,6 +273,7 @@ def caption_flow(cfg: CapjobConfig, job: Started, source: Any, plan: Plan) -> An
     """The lazy Ray Dataset from source rows to output rows, stage by stage."""
     from capjob import checkpoint, images
     from capjob.processor import build_caption_processor
+    from capjob.stages.sources import Fetcher
 
     ds = source.dataset
     # Repartition first, straight after the read: the read's blocks (a whole parquet file, up to
@@ -292,7 +297,7 @@ def caption_flow(cfg: CapjobConfig, job: Started, source: Any, plan: Plan) -> An
             "cfg": cfg.images,
             "image_column": source.image_column,
             "passthrough_columns": source.passthrough_columns,
-            "storage_options": cfg.data.storage_options,
+            "fetcher": Fetcher.from_config(cfg.data),
             "quarantine": images.QuarantineTarget(cfg.sink, job.run_id, cfg.model.name),
         },
         batch_format="numpy",
@@ -355,6 +360,7 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
 
     from capjob import console, report, runtime, sinks
     from capjob.reporting.contact_sheet import run_contact_sheet
+    from capjob.stages.sources.common import ITEMS_COUNTER, skipped_totals
 
     writer = sinks.TableWriter(cfg.sink)
     try:
@@ -374,6 +380,9 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
         quarantined_engine=totals["quarantined"],
         wall_seconds=time.monotonic() - job.clock,
     )
+    result.skipped_by_source = skipped_totals(counts)
+    # Layouts without skippable items (parquet, hf) emit every item they read as a row.
+    result.source_items = counts.get(ITEMS_COUNTER, result.rows_read + sum(result.skipped_by_source.values()))
     by_reason = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("rejected:") and v}
     operators, stats_text = report.operator_stats(dataset)
     timeline = report.timeline(totals.get("write_events", []), job.wall_clock, end, engine_ready_at())
@@ -467,7 +476,8 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
     what the user can fix, console.Interrupted on Ctrl-C (after writing a partial report)."""
     import ray
 
-    from capjob import console, preflight, sinks, sources
+    from capjob import console, preflight, sinks
+    from capjob.stages import sources
 
     run_id = cfg.job.run_id or new_run_id()
     if cfg.job.dry_run:
@@ -479,7 +489,7 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
     dataset = sink = None
     try:
         job = start(cfg, run_id)
-        source = sources.read_source(data_with_prompt_columns(cfg))
+        source = sources.read_source(data_with_prompt_columns(cfg), run_id)
         # Ray Data does not count every source up front (the sample set); its files may tell.
         num_rows = source.num_rows if source.num_rows is not None else preflight.source_rows(cfg.data)
         if nothing_left(cfg, job, source, num_rows):

@@ -287,7 +287,8 @@ class Checked:
 def run_all(cfg: Any) -> Checked:
     """Every preflight (data, model, sink, done ids), without Ray. Raises CapjobError."""
     model = check_model(cfg.model.source, cfg.model.builder, cfg.model.load_format)  # first: imports no ray.data
-    from capjob import sinks, sources
+    from capjob import sinks
+    from capjob.stages import sources
 
     sinks.TableWriter(cfg.sink).check_writable()
     sources.preflight(cfg.data)

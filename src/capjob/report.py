@@ -160,6 +160,7 @@ def summary_table(report: dict[str, Any]) -> str:
     lines = [
         "| metric | value |",
         "|---|---|",
+        *_items_line(report),
         f"| rows read | {report['rows_read']} |",
         f"| skipped (already done) | {report['skipped_done']} |",
         f"| captioned | {report['captioned']} |",
@@ -183,6 +184,16 @@ def _split(t: dict[str, Optional[float]]) -> str:
         return ""
     ready = f", engine ready at {t['engine_ready_s']:.1f} s" if t.get("engine_ready_s") is not None else ""
     return f" = start-up {t['startup_seconds']:.1f} s (to the first caption{ready}) + steady captioning {t['steady_seconds']:.1f} s"
+
+def _items_line(report: dict[str, Any]) -> list[str]:
+    """items seen = rows + skipped, as the source counted them (files, members, cells)."""
+    if "source_items" not in report:
+        return []
+    skipped = report.get("skipped_by_source") or {}
+    total = sum(skipped.values())
+    reasons = "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
+    return [f"| items seen = rows + skipped | {report['source_items']} = {report['source_items'] - total} + {total}"
+            f"{' (' + reasons + ')' if reasons else ''} |"]
 
 
 def markdown(report: dict[str, Any]) -> str:

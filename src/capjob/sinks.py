@@ -169,7 +169,7 @@ class TableWriter:
     """Atomic writes of Arrow tables into <sink.path>/<table>/ in the configured format."""
 
     def __init__(self, cfg: SinkConfig):
-        from capjob.sources import check_storage_options
+        from capjob.stages.sources import check_storage_options
 
         self.cfg = cfg
         try:
@@ -193,7 +193,7 @@ class TableWriter:
     def check_writable(self) -> None:
         """Fail before inference when the sink cannot be written (missing bucket, denied,
         unreachable endpoint...): write and delete a probe object, with short timeouts."""
-        from capjob.sources import describe_remote_error, probe_filesystem
+        from capjob.stages.sources import describe_remote_error, probe_filesystem
 
         try:
             fs, root = probe_filesystem(self.cfg.path, self.cfg.storage_options)

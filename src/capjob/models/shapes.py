@@ -10,7 +10,7 @@ The same renderer makes the training data (models/train.py) and the shape rows o
 ``dataset=sample`` (sample_data.py), so what the offline model is asked to caption is drawn
 exactly as what it learnt from. Scenes are ``SCENE_SIZE`` pixels square: under capjob's
 default resize (longest side 448, never upscaled) they reach the engine unchanged, as a 4 x 4
-grid of Qwen2.5-VL's merged 28-pixel patches.
+grid of Qwen2.5-VL's merged 28-pixel patches, each shape inside one cell of that grid.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def random_scene(rng: np.random.Generator) -> Scene:
             picks.append(pick)
     shapes = []
     for i, (kind, colour) in enumerate(picks):
-        # Large shapes: each covers several of the 16 merged patches the model sees.
+        # Large shapes: each covers several of the 16 image tokens the model sees.
         if count == 1:
             radius = float(rng.uniform(0.26, 0.36) * SCENE_SIZE)
             cx = float(rng.uniform(radius + 3, SCENE_SIZE - radius - 3))
@@ -117,6 +117,33 @@ def render(scene: Scene) -> Image.Image:
         else:
             draw.polygon(_polygon(s), fill=fill)
     return im
+
+
+def token_labels(scene: Scene, cell: int = 28) -> tuple[list[int], list[int]]:
+    """What each image token shows, for training: Qwen2.5-VL hands the language model one token
+    per `cell` x `cell` pixels (row-major). Per token, the shape covering at least a quarter of
+    it (index into SHAPES, +1; 0 for none) and its colour (index into COLOURS, or
+    len(COLOURS) + index into BACKGROUNDS where no shape covers it)."""
+    mask = Image.new("L", (SCENE_SIZE, SCENE_SIZE), 0)
+    draw = ImageDraw.Draw(mask)
+    for i, s in enumerate(scene.shapes, 1):
+        if s.kind == "circle":
+            draw.ellipse([s.cx - s.radius, s.cy - s.radius, s.cx + s.radius, s.cy + s.radius], fill=i)
+        else:
+            draw.polygon(_polygon(s), fill=i)
+    cells = np.asarray(mask).reshape(SCENE_SIZE // cell, cell, SCENE_SIZE // cell, cell).transpose(0, 2, 1, 3)
+    kinds, colours = [], []
+    background = len(COLOURS) + list(BACKGROUNDS).index(scene.background)
+    for counts in (np.bincount(c.ravel(), minlength=len(scene.shapes) + 1) for c in cells.reshape(-1, cell * cell)):
+        top = int(np.argmax(counts[1:])) + 1 if len(counts) > 1 else 0
+        if top and counts[top] * 4 >= cell * cell:
+            shape = scene.shapes[top - 1]
+            kinds.append(SHAPES.index(shape.kind) + 1)
+            colours.append(list(COLOURS).index(shape.colour))
+        else:
+            kinds.append(0)
+            colours.append(background)
+    return kinds, colours
 
 
 def scenes(count: int, seed: int) -> list[Scene]:

@@ -1,0 +1,1 @@
+"""The job's stages that are packages of their own (one module per variant)."""

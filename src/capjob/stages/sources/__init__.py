@@ -1,0 +1,153 @@
+"""Stage: read the configured dataset into a Ray Dataset, lazily.
+
+Every layout ends as rows that carry the image in ``Source.image_column`` (raw bytes, an HF
+``{bytes, path}`` struct, a path/URL string, base64 text; cells.py), an optional key column and
+pass-through columns. Problems a user can fix (missing path, bucket, credentials or column, an
+unreachable endpoint, a list-of-images column without an option) surface in ``preflight`` as one
+SourceError line, in seconds, before Ray or any engine starts.
+
+One module per layout (``data.format``), each holding that layout's rules:
+
+* ``hf``           -- hf.py: hub id, local folder of data files (image-folder builder included)
+                      or ``save_to_disk`` folder; ``data.split``, ``data.streaming``.
+* ``parquet``      -- parquet.py: files or folders, local or any fsspec URL (``s3://...``);
+                      img2dataset's URL lists are parquet with a URL column.
+* ``image_folder`` -- image_folder.py: image files, recursive, local or remote.
+* ``webdataset``   -- webdataset.py: tar shards, local or remote.
+
+Shared: storage.py (filesystems, per-protocol options, one-line errors), cells.py (what an image
+cell holds, remote fetch with timeouts and retries), common.py (accounting, lists of images).
+
+Remote storage: fsspec/s3fs with ``data.storage_options``; credentials come only from the
+environment or the standard AWS/fsspec configuration (``AWS_ACCESS_KEY_ID``..., ``AWS_PROFILE``,
+``~/.aws``), and ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) selects an S3-compatible store.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from capjob.config import DataConfig, SourceFormat
+from capjob.errors import SourceError
+from capjob.stages.sources import hf, image_folder, parquet, webdataset
+from capjob.stages.sources.cells import Fetcher
+from capjob.stages.sources.common import Source, account, check_image_list, require_columns, select_images, skipped_totals
+from capjob.stages.sources.storage import check_storage_options, describe_remote_error, probe, probe_filesystem
+
+__all__ = ["Fetcher", "Source", "check_storage_options", "describe_remote_error", "preflight", "probe_filesystem",
+           "read_source", "skipped_totals"]
+
+# The key column of rows cut from a list of images: `<key>#<i>`.
+IMAGE_KEY_COLUMN = "__image_key__"
+
+
+def _resolved_columns(cfg: DataConfig) -> tuple[str, Optional[str]]:
+    """(image column, key column) as the layout defines them."""
+    if cfg.format == SourceFormat.image_folder:
+        return "image", cfg.key_column or "path"  # an image file is its own key: its path
+    if cfg.format == SourceFormat.webdataset:
+        return cfg.image_column, cfg.key_column or "__key__"
+    return cfg.image_column, cfg.key_column
+
+
+def _check_columns(cfg: DataConfig, columns: list[str]) -> None:
+    image_column, key_column = _resolved_columns(cfg)
+    require_columns(columns, DataConfig(**{**cfg.__dict__, "key_column": key_column}), image_column)
+
+
+def _inspect(cfg: DataConfig) -> tuple[str, list[str], bool]:
+    """(kind, columns, image column holds lists) of a file-based layout, checked without Ray."""
+    assert cfg.path is not None
+    kind = probe(cfg.path, cfg.storage_options)
+    if cfg.format == SourceFormat.parquet:
+        schema = parquet.parquet_schema(cfg.path, cfg.storage_options, kind)
+        columns = list(schema.names)
+        _check_columns(cfg, columns)
+        return kind, columns, check_image_list(cfg, parquet.image_type(schema, cfg.image_column), repr(cfg.path))
+    if cfg.format == SourceFormat.webdataset:
+        columns = webdataset.first_sample_columns(cfg, kind)
+    else:
+        image_folder.preflight(cfg, kind)
+        columns = ["image", "path"]
+    _check_columns(cfg, columns)
+    if cfg.image_index is not None or cfg.explode_images:
+        option = "data.image_index" if cfg.image_index is not None else "data.explode_images"
+        raise SourceError(f"{option}: data.format={cfg.format.value} has one image per row, not a list")
+    return kind, columns, False
+
+
+def preflight(cfg: DataConfig) -> None:
+    """Everything about the input a user can get wrong, checked without Ray and without reading
+    the data: credentials kept out of the config, the path (or bucket, endpoint, access), the
+    columns and their types (a parquet footer, the first webdataset sample, a local HF dataset's
+    features). Seconds, so that the job can fail before it starts Ray or any engine. (A hub
+    dataset is checked by read_source, when it is opened.)"""
+    check_storage_options(cfg.storage_options, "data.storage_options")
+    if cfg.format == SourceFormat.sample:
+        return
+    if not cfg.path:
+        raise SourceError(f"data.path: is required for data.format={cfg.format.value}")
+    if cfg.format == SourceFormat.hf:
+        if hf.hf_kind(cfg.path) != "hub":  # local: metadata only (memory-mapped / schema-inferred)
+            loaded = hf.load_hf(cfg, streaming=hf.hf_kind(cfg.path) == "local")
+            require_columns(hf.hf_columns(loaded), cfg, cfg.image_column)
+            check_image_list(cfg, hf.image_type(loaded, cfg.image_column), repr(cfg.path))
+        return
+    _inspect(cfg)
+
+
+def read_source(cfg: DataConfig, run_id: Optional[str] = None) -> Source:
+    """The configured dataset, limited, with its image/key columns resolved and checked.
+
+    With `run_id` (a run's ledger is up), layouts whose items can be skipped (image folders,
+    webdatasets) count items seen and skipped per reason into the ledger (common.account)."""
+    check_storage_options(cfg.storage_options, "data.storage_options")
+    image_column, key_column = _resolved_columns(cfg)
+    listed = False
+    if cfg.format == SourceFormat.sample:
+        from capjob.sample_data import ensure_sample_dataset
+
+        path = ensure_sample_dataset(cfg.sample_size, cfg.sample_shapes)
+        ds, num_rows = parquet.read_parquet(DataConfig(path=path, format=SourceFormat.parquet), "directory"), None
+        description = f"capjob sample ({path})"
+    elif cfg.format == SourceFormat.hf:
+        ds, num_rows, columns, listed = hf.read_hf(cfg)
+        description = f"Hugging Face dataset {cfg.path} [{cfg.split}]{' streaming' if cfg.streaming else ''}"
+    elif cfg.format == SourceFormat.parquet:
+        kind, columns, listed = _inspect(cfg)
+        ds, num_rows = parquet.read_parquet(cfg, kind), None
+        description = f"parquet {cfg.path}"
+    elif cfg.format == SourceFormat.image_folder:
+        _inspect(cfg)
+        ds, num_rows = image_folder.read_image_folder(cfg)
+        ds = ds.map_batches(account, fn_kwargs={"run_id": run_id}, batch_format="pyarrow", batch_size=None)
+        description = f"image folder {cfg.path}"
+    elif cfg.format == SourceFormat.webdataset:
+        _inspect(cfg)
+        ds, num_rows = webdataset.read_webdataset(cfg), None
+        ds = ds.map_batches(account, fn_kwargs={"run_id": run_id}, batch_format="pyarrow", batch_size=None)
+        description = f"webdataset {cfg.path}"
+    else:  # pragma: no cover - the enum is exhaustive
+        raise SourceError(f"data.format: unknown {cfg.format}")
+
+    if listed:
+        keyed = IMAGE_KEY_COLUMN if key_column else None
+        ds = ds.map_batches(select_images, batch_format="numpy", fn_kwargs={
+            "image_column": image_column, "key_column": key_column, "image_index": cfg.image_index, "keyed_column": keyed})
+        key_column = keyed or key_column
+        if cfg.explode_images:
+            num_rows = None
+    if cfg.shuffle_seed is not None:
+        ds = ds.random_shuffle(seed=cfg.shuffle_seed)
+    if cfg.limit is not None:
+        ds = ds.limit(cfg.limit)
+        # Unknown size: the limit is the plan's upper bound.
+        num_rows = min(num_rows, cfg.limit) if num_rows is not None else cfg.limit
+    return Source(
+        dataset=ds,
+        image_column=image_column,
+        key_column=key_column,
+        passthrough_columns=list(cfg.passthrough_columns),
+        num_rows=num_rows,
+        description=description,
+    )

@@ -1,0 +1,259 @@
+"""Layout ``webdataset``: tar shards (``*.tar``, ``*.tar.gz``, ``*.tgz``), local or any fsspec URL.
+
+Samples are formed as the webdataset library forms them (``webdataset.tariterators``:
+``base_plus_ext`` and ``group_by_keys``): a member's key is its path up to the first dot of its
+base name, the rest (lower-cased) its suffix, and consecutive members with one key are one
+sample. Metadata members (``__*__``) are skipped as webdataset skips them.
+
+What webdataset leaves to its user, capjob decides here, with every member accounted for:
+
+* A sample with several image members (``2023.05.01_beach.jpg`` and ``2023.05.02_dog.jpg`` share
+  the key ``2023``; ``k.0.jpg``/``k.1.jpg`` are one sample with two images) is split: one row per
+  image member, keyed by the member's name without its image extension (``2023.05.01_beach``;
+  the full name where two image members share a stem). A member whose name starts with that
+  stem joins its row (``2023.05.01_beach.txt`` as column ``txt``); the others join every row of
+  the sample under their suffix.
+* ``data.image_column`` naming an extension (``jpg``) picks that member; the sample's other
+  image members are skipped (``image member not selected``).
+* An image member is one whose last extension a Pillow decoder registers, or whose bytes Pillow
+  identifies.
+* Skipped and counted: samples without an image, members without a key or an extension, a
+  repeated suffix in one sample, non-tar files next to the shards, and the rest of a shard
+  that cannot be read past some point (``unreadable shard``).
+
+A row's key (``__key__``) is ``<shard path relative to data.path>/<sample key>``: unique across
+shards by construction, as two shards may hold the same sample key.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import tarfile
+from typing import Any, Iterator, Optional
+
+import pyarrow as pa
+import ray.data
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from capjob.config import DataConfig
+from capjob.errors import SourceError
+from capjob.stages.sources.common import ITEM_COLUMN, SKIP_COLUMN
+from capjob.stages.sources.image_folder import extension, image_extensions, sniff_image
+from capjob.stages.sources.storage import describe_remote_error, filesystem_for, hidden, inspect_file, open_file
+
+# Members decoded to text (and ints for class indices); everything else stays bytes.
+TEXT_SUFFIXES = {"txt", "text", "caption", "json", "jsonl", "url", "key", "id"}
+INT_SUFFIXES = {"cls", "cls2", "index", "inx"}
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+ROWS_PER_BLOCK = 256
+# webdataset.tariterators.base_plus_ext and the metadata rule of tar_file_iterator.
+_BASE_PLUS_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_SKIP_META = re.compile(r"__[^/]*__($|/)")
+
+
+def base_plus_ext(path: str) -> tuple[Optional[str], Optional[str]]:
+    match = _BASE_PLUS_EXT.match(path)
+    return (match.group(1), match.group(2)) if match else (None, None)
+
+
+def _decode(suffix: str, value: bytes) -> Any:
+    last = suffix.rsplit(".", 1)[-1]
+    if last in TEXT_SUFFIXES or last in INT_SUFFIXES:
+        text = value.decode("utf-8", "replace").strip()
+        if last in INT_SUFFIXES:
+            try:
+                return int(text)
+            except ValueError:
+                pass
+        return text
+    return value
+
+
+def _is_image(suffix: str, value: bytes) -> bool:
+    last = suffix.rsplit(".", 1)[-1]
+    if last in image_extensions():
+        return True
+    if last in TEXT_SUFFIXES or last in INT_SUFFIXES:
+        return False
+    return sniff_image(value[:4096])
+
+
+def sample_rows(key: str, members: dict[str, bytes], image_column: str) -> Iterator[dict[str, Any]]:
+    """The rows of one sample (see the module docstring), and a skip row per member not used.
+    Rows carry `__key__` = `key` (+ '.' + stem when split), the image in `image_column`, and
+    the other members by suffix."""
+    if image_column != "image" and image_column in members:
+        images = [image_column]
+        for s in members:
+            if s != image_column and _is_image(s, members[s]):
+                yield {ITEM_COLUMN: f"{key}.{s}", SKIP_COLUMN: f"image member not selected (data.image_column={image_column})"}
+        rest = {s: v for s, v in members.items() if s not in images and not _is_image(s, v)}
+        yield {"__key__": key, image_column: members[image_column], **{s: _decode(s, v) for s, v in rest.items()}}
+        return
+    images = [s for s, v in members.items() if _is_image(s, v)]
+    if not images:
+        yield {ITEM_COLUMN: key, SKIP_COLUMN: "sample without an image"}
+        return
+    others = {s: v for s, v in members.items() if s not in images}
+    if len(images) == 1:
+        yield {"__key__": key, image_column: members[images[0]], **{s: _decode(s, v) for s, v in others.items()}}
+        return
+    stems = {s: (s.rsplit(".", 1)[0] if "." in s else "") for s in images}
+    taken: set[str] = set()
+    for s in images:
+        stem = stems[s]
+        unique = stem and list(stems.values()).count(stem) == 1
+        own = {o[len(stem) + 1:]: v for o, v in others.items() if unique and o.startswith(stem + ".")}
+        taken.update(f"{stem}.{o}" for o in own)
+        shared = {o: v for o, v in others.items() if not any(o.startswith(t + ".") for t in stems.values() if t)}
+        row_key = f"{key}.{stem}" if unique else f"{key}.{s}"
+        yield {"__key__": row_key, image_column: members[s],
+               **{o: _decode(o, v) for o, v in shared.items()}, **{o: _decode(o, v) for o, v in own.items()}}
+    for o in others:
+        if o not in taken and any(o.startswith(t + ".") for t in stems.values() if t):
+            yield {ITEM_COLUMN: f"{key}.{o}", SKIP_COLUMN: "member of no image row"}
+
+
+def shard_rows(fileobj: Any, shard: str, image_column: str) -> Iterator[dict[str, Any]]:
+    """Every member of one tar stream as rows (with `__key__` prefixed by `shard`) or skip rows."""
+    current: Optional[str] = None
+    members: dict[str, bytes] = {}
+
+    def flush() -> Iterator[dict[str, Any]]:
+        if current is not None and members:
+            for row in sample_rows(f"{shard}/{current}", members, image_column):
+                yield row
+
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+            for info in tar:
+                name = info.name
+                if not info.isreg():
+                    if not info.isdir():
+                        yield {ITEM_COLUMN: f"{shard}/{name}", SKIP_COLUMN: "not a regular file"}
+                    continue
+                item = f"{shard}/{name}"
+                if ("/" not in name and name.startswith("__") and name.endswith("__")) or _SKIP_META.match(name):
+                    yield {ITEM_COLUMN: item, SKIP_COLUMN: "webdataset metadata"}
+                    continue
+                key, suffix = base_plus_ext(name)
+                if key is None or suffix is None:
+                    reason = "hidden file" if hidden(name) else "member without an extension"
+                    yield {ITEM_COLUMN: item, SKIP_COLUMN: reason}
+                    continue
+                suffix = suffix.lower()
+                data = tar.extractfile(info).read()  # type: ignore[union-attr]
+                if key != current:
+                    yield from flush()
+                    current, members = key, {}
+                if suffix in members:
+                    yield {ITEM_COLUMN: item, SKIP_COLUMN: "repeated suffix in a sample"}
+                    continue
+                members[suffix] = data
+        yield from flush()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        yield from flush()
+        yield {ITEM_COLUMN: f"{shard}#unreadable", SKIP_COLUMN: f"unreadable shard ({type(e).__name__})"}
+
+
+def _read_shards(shards: list[tuple[str, str]], others: list[tuple[str, str]], storage_options: dict[str, Any],
+                 image_column: str) -> Iterator[pa.Table]:
+    rows: list[dict[str, Any]] = [{ITEM_COLUMN: rel, SKIP_COLUMN: reason} for rel, reason in others]
+    for url, rel in shards:
+        try:
+            with open_file(url, storage_options) as f:
+                for row in shard_rows(f, rel, image_column):
+                    row.setdefault("__url__", url)
+                    rows.append(row)
+                    if len(rows) >= ROWS_PER_BLOCK:
+                        yield _table(rows, image_column)
+                        rows = []
+        except Exception as e:  # noqa: BLE001 - a shard that cannot be opened costs its own items only
+            rows.append({ITEM_COLUMN: f"{rel}#unreadable", SKIP_COLUMN: f"unreadable shard ({type(e).__name__})", "__url__": url})
+    if rows:
+        yield _table(rows, image_column)
+
+
+def _table(rows: list[dict[str, Any]], image_column: str) -> pa.Table:
+    for row in rows:
+        row.setdefault(ITEM_COLUMN, row.get("__key__"))
+    # from_pylist takes its columns from the first row only: give every row every column.
+    columns = list(dict.fromkeys(["__key__", "__url__", image_column, SKIP_COLUMN, *(k for r in rows for k in r)]))
+    rows = [{c: r.get(c) for c in columns} for r in rows]
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # a member decoded as int in one sample, text in another
+        fixed = [{k: (v if v is None or isinstance(v, (bytes, str)) or k == image_column else str(v)) for k, v in r.items()} for r in rows]
+        return pa.Table.from_pylist(fixed)
+
+
+class WebDatasetShards(Datasource):
+    """Tar shards read by Ray tasks, a contiguous group of shards per task."""
+
+    def __init__(self, shards: list[tuple[str, str]], others: list[tuple[str, str]], storage_options: dict[str, Any], image_column: str):
+        self._shards, self._others = shards, others
+        self._options, self._image_column = storage_options, image_column
+
+    def estimate_inmemory_data_size(self) -> Optional[int]:
+        return None
+
+    def get_name(self) -> str:
+        return "WebDataset"
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None, data_context: Any = None) -> list[ReadTask]:
+        n = max(1, min(len(self._shards), parallelism if parallelism and parallelism > 0 else len(self._shards)))
+        groups = [self._shards[i::n] for i in range(n)]
+        tasks = []
+        for i, group in enumerate(groups):
+            others = self._others if i == 0 else []
+            meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+            tasks.append(ReadTask(functools.partial(_read_shards, group, others, self._options, self._image_column), meta,
+                                  per_task_row_limit=per_task_row_limit))
+        return tasks
+
+
+def list_shards(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """([(shard URL, path relative to data.path)], [(other file, skip reason)])."""
+    assert cfg.path is not None
+    fs, root = filesystem_for(cfg.path, cfg.storage_options)
+    try:
+        if not fs.isdir(root):
+            return [(cfg.path, root.rsplit("/", 1)[-1])], []
+        listed = sorted(fs.find(root, detail=False))
+    except Exception as e:  # noqa: BLE001
+        raise SourceError(f"data.path: {describe_remote_error(cfg.path, e)}") from None
+    prefix = root.rstrip("/") + "/"
+    protocol = "" if "://" not in cfg.path else cfg.path.split("://", 1)[0] + "://"
+    shards, others = [], []
+    for p in listed:
+        rel = p[len(prefix):] if p.startswith(prefix) else p
+        if any(hidden(part) for part in rel.split("/")):
+            others.append((rel, "hidden file"))
+        elif p.lower().endswith(SHARD_SUFFIXES):
+            shards.append((protocol + p, rel))
+        else:
+            others.append((rel, f"not a tar shard (.{extension(p) or 'no extension'})"))
+    if not shards:
+        raise SourceError(f"data.path: no tar shards ({', '.join('*' + s for s in SHARD_SUFFIXES)}) under {cfg.path!r}")
+    return shards, others
+
+
+def first_sample_columns(cfg: DataConfig, kind: str) -> list[str]:
+    """The columns of the first row of the first shard (read up to its first image row)."""
+    assert cfg.path is not None
+    first = inspect_file(cfg.path, cfg.storage_options, kind, ["tar", "tgz", "gz"], "tar")
+    try:
+        with open_file(first, cfg.storage_options) as f:
+            for row in shard_rows(f, "", cfg.image_column):
+                if row.get(SKIP_COLUMN) is None and "__key__" in row:
+                    return ["__url__", *[c for c in row if c != ITEM_COLUMN]]
+    except Exception as e:  # noqa: BLE001
+        raise SourceError(f"data.path: {describe_remote_error(first, e)}") from None
+    raise SourceError(f"data.path: {first!r} holds no webdataset sample with an image (members named <key>.<ext>)")
+
+
+def read_webdataset(cfg: DataConfig) -> ray.data.Dataset:
+    shards, others = list_shards(cfg)
+    return ray.data.read_datasource(WebDatasetShards(shards, others, cfg.storage_options, cfg.image_column))
