@@ -95,7 +95,8 @@ def make_plan(cfg: CapjobConfig, run_id: str, model_source: str, placement: Engi
     stages = [
         ("read", f"{cfg.data.format.value}: {source}" + (f", limit {cfg.data.limit}" if cfg.data.limit else "")),
         ("repartition", note),
-        ("assign ids / resume", "skip ids already in the sink" if cfg.job.resume else "resume off"),
+        ("assign ids / resume", {True: "skip ids already in the sink (same caption settings)", "force": "skip ids already in the sink, whatever their settings",
+                                 False: "start over (the sink's captions and quarantine are deleted first)"}[cfg.job.resume]),
         ("decode+validate+resize", f"{r.preprocess_cpus} CPU/task, {cfg.images.resize.value} {cfg.images.size}px, rejects -> quarantine"),
         ("preprocess", "chat request (system + user prompt + image)" if cfg.engine.chat_template_stages
                        else "prompt (chat template applied once, before the run) + image"),
@@ -120,6 +121,8 @@ class RunResult:
     quarantined_images: int
     quarantined_engine: int
     wall_seconds: float
+    # Keys that reached several images and ids written more than once (stages/ids.duplicates).
+    duplicates: dict[str, Any] = field(default_factory=dict)
 
     @property
     def quarantined(self) -> int:
@@ -136,7 +139,7 @@ class Started:
     run_id: str
     model_source: str
     placement: EnginePlacement
-    done_ids: frozenset[str]
+    done: Any  # stages.ids.DoneIds, in the object store
     ledger: Any
     clock: float
     wall_clock: float
@@ -164,8 +167,9 @@ def start(cfg: CapjobConfig, run_id: str) -> Started:
     placement = None if address else runtime.decide_placement(cfg, runtime.local_gpu_count())
     sinks.TableWriter(cfg.sink).check_writable()
     sources.preflight(cfg.data)  # path, bucket, credentials, columns: seconds, without Ray
-    done_ids = checkpoint.read_done_ids(cfg.sink) if cfg.job.resume else frozenset()
     model_source = resolve_model_source(cfg.model.source, cfg.model.builder)
+    # job.resume / retry_quarantined and the caption-settings fingerprint: refuses in one line.
+    done = checkpoint.prepare(cfg, run_id, model_source)
     if placement is None:  # a cluster we join: its GPUs decide
         runtime.init_ray(cfg, EnginePlacement(0, None))
         placement = runtime.decide_placement(cfg, int(ray.cluster_resources().get("GPU", 0)))
@@ -173,7 +177,7 @@ def start(cfg: CapjobConfig, run_id: str) -> Started:
         runtime.init_ray(cfg, placement, cfg.job.metrics_export_port)
     configure_data_context(cfg, placement)
     ledger = metrics.start_ledger(cfg.job.name, run_id)  # keep the handle: an unreferenced actor is destroyed
-    return Started(run_id, model_source, placement, done_ids, ledger, clock, wall_clock)
+    return Started(run_id, model_source, placement, done.put(), ledger, clock, wall_clock)
 
 
 # Ray Data splits the object-store budget between the operators (read ... write, about a dozen
@@ -197,6 +201,10 @@ def configure_data_context(cfg: CapjobConfig, placement: Optional[EnginePlacemen
 
     data_context = ray.data.DataContext.get_current()
     data_context.max_errored_blocks = cfg.job.max_errored_blocks
+    # data.limit takes the first N rows in source order (files sorted by path, rows in file
+    # order), the same N on every run: without this, Ray Data's limit keeps whichever blocks
+    # arrive first from the parallel reads, so a resumed run could take other rows.
+    data_context.execution_options.preserve_order = cfg.data.limit is not None
     budget = cfg.resources.object_store_mib
     if budget:
         needed = min_object_store_mib(cfg)
@@ -218,8 +226,9 @@ def configure_data_context(cfg: CapjobConfig, placement: Optional[EnginePlacemen
 
 def caption_flow(cfg: CapjobConfig, job: Started, source: Any, plan: Plan) -> Any:
     """The lazy Ray Dataset from source rows to output rows, stage by stage."""
-    from capjob import checkpoint, images
+    from capjob import images
     from capjob.processor import build_caption_processor
+    from capjob.stages import ids
 
     ds = source.dataset
     # Repartition first, straight after the read: the read's blocks (a whole parquet file, up to
@@ -231,9 +240,9 @@ def caption_flow(cfg: CapjobConfig, job: Started, source: Any, plan: Plan) -> An
     # assign_ids, prepare_images and the processor's preprocess share task_options, so Ray Data
     # fuses them into one task per block: no copy of the raw or decoded block between them.
     ds = ds.map_batches(  # stable ids; rows a previous run finished leave here
-        checkpoint.assign_ids,
+        ids.assign_ids,
         fn_kwargs={"image_column": source.image_column, "key_column": source.key_column,
-                   "done_ids": job.done_ids, "run_id": job.run_id},
+                   "done": job.done, "run_id": job.run_id},
         batch_format="numpy",
         **task_options(cfg),
     )
@@ -271,6 +280,7 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
         quarantined_images=counts.get("images_rejected", 0),
         quarantined_engine=totals["quarantined"],
         wall_seconds=time.monotonic() - job.clock,
+        duplicates=run_duplicates(cfg, job.run_id),
     )
     by_reason = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("rejected:") and v}
     operators, stats_text = report.operator_stats(dataset)
@@ -289,6 +299,11 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
     if cfg.job.metrics_export_port:
         # Keep the endpoint up for a few report intervals so a scraper sees the final counts.
         time.sleep(3 * runtime.METRICS_REPORT_INTERVAL_MS / 1000)
+    dup = result.duplicates
+    if dup.get("keys_with_several_images") or dup.get("ids_written_more_than_once"):
+        print(f"duplicates: {dup['keys_with_several_images']} key(s) held several different images, each captioned "
+              f"under its own id (e.g. {', '.join(map(str, dup['key_examples']))}); {dup['ids_written_more_than_once']} "
+              f"id(s) were the same key and bytes more than once (e.g. {', '.join(dup['id_examples'])})", flush=True)
     expected = result.rows_read - result.skipped_done
     if expected != result.captioned + result.quarantined:
         raise AccountingError(
@@ -296,6 +311,23 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
             f"run {job.run_id} lost or duplicated rows"
         )
     return result
+
+
+def run_duplicates(cfg: CapjobConfig, run_id: str) -> dict[str, Any]:
+    """stages/ids.duplicates over the rows this run wrote (its files start with its run id)."""
+    import pyarrow as pa
+
+    from capjob import sinks
+    from capjob.stages import ids
+
+    writer = sinks.TableWriter(cfg.sink)
+    tables = [
+        sinks.deserialize(writer.fs.cat_file(name), name, cfg.sink.format, ["id", "source_key"])
+        for table in (sinks.CAPTIONS, sinks.QUARANTINE)
+        for name in writer.list_files(table) if name.rsplit("/", 1)[-1].startswith(f"{run_id}-")
+    ]
+    empty = pa.table({"id": pa.array([], pa.string()), "source_key": pa.array([], pa.string())})
+    return ids.duplicates(pa.concat_tables(tables, promote_options="permissive") if tables else empty)
 
 
 def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional[str] = None) -> Optional[RunResult]:

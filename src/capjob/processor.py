@@ -88,16 +88,19 @@ class CaptionRequest:
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         from PIL import Image
 
-        pixels = row["image"]
-        image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), "RGB")
+        from capjob.stages.ids import image_uuid
+
+        pixels = np.ascontiguousarray(row["image"], dtype=np.uint8)
+        image = Image.fromarray(pixels, "RGB")
+        uuid = image_uuid(pixels)  # vLLM's cache key: the pixels it gets, never the row's key
         if self.prompt is not None:
             # What PrepareMultimodal + ChatTemplate would produce for this row, without them.
             p = self.prompt
             return {"prompt": p.text, "multimodal_data": {"image": [image] if p.image_list else image},
-                    "multimodal_uuids": {"image": [row["id"]] if p.uuid_list else row["id"]},
+                    "multimodal_uuids": {"image": [uuid] if p.uuid_list else uuid},
                     "sampling_params": self.sampling_params, "image": None}
         # image=None: the array has served its purpose; don't carry it through every stage.
-        return {"messages": self.messages(image, row["id"]), "sampling_params": self.sampling_params, "image": None}
+        return {"messages": self.messages(image, uuid), "sampling_params": self.sampling_params, "image": None}
 
     def messages(self, image: Any, uuid: str) -> list[dict[str, Any]]:
         return [
@@ -105,7 +108,7 @@ class CaptionRequest:
             {
                 "role": "user",
                 "content": [
-                    # The row id doubles as vLLM's multimodal cache key: no hashing of pixels.
+                    # vLLM's multimodal cache key (stages/ids.image_uuid: a digest of the pixels).
                     {"type": "image_pil", "image_pil": image, "uuid": uuid},
                     {"type": "text", "text": self.user_prompt},
                 ],
