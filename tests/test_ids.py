@@ -130,6 +130,14 @@ def test_resume_false_starts_over_instead_of_adding_a_second_copy(tmp_path, caps
         checkpoint.prepare(cfg, "run3", "/models/x")
 
 
+def test_settings_of_a_run_that_wrote_nothing_do_not_bind_the_sink(tmp_path):
+    checkpoint.prepare(typed(f"sink.path={tmp_path}/out"), "crashed", "/models/x")  # then died before any write
+    cfg = typed(f"sink.path={tmp_path}/out", "caption.max_tokens=64")
+    checkpoint.prepare(cfg, "run2", "/models/x")
+    write_rows(cfg.sink, CAPTIONS, [{"id": "a#1", "caption": "c"}], "run2-x")
+    assert len(checkpoint.prepare(cfg, "run3", "/models/x")) == 1
+
+
 def test_sink_without_recorded_settings_is_refused_unless_forced(tmp_path):
     cfg = typed(f"sink.path={tmp_path}/out")
     write_rows(cfg.sink, CAPTIONS, [{"id": "a", "caption": "c"}], "old-x")

@@ -22,14 +22,22 @@ one line naming what differs, so a sink never silently mixes captions of two set
   text before the first ``:``) is listed are not done: this run tries them again, and their
   old quarantine rows are removed from the sink first (rewritten files, atomically replaced).
 
-Why not Ray Data's own ``ray.data.checkpoint.CheckpointConfig`` (Ray 2.58.1): it filters the
-*read* output by an id column that must already be in the source rows, while capjob's ids are
-derived after the read (content digests, stages/ids.py); it records ids by wrapping Ray's
-built-in datasinks' write path, and capjob writes through its own ``CaptionSink`` plus
-quarantine rows from the image stage, which it would not see, so rejected rows would be redone
-on every resume; and it loads the checkpointed ids on the driver into one numpy array of the id
-column's type (for string ids an object array: about 100 bytes an id, 2 GB at 20M, measured in
-docs/benchmarks.md, "Resume at scale") before shipping it to the read tasks.
+Why not Ray Data's own ``ray.data.checkpoint.CheckpointConfig`` (Ray 2.58.1; read in
+ray/data/checkpoint and ray/data/_internal/planner/checkpoint):
+
+* its filter runs straight after the Read op, on an id column the read output must already
+  hold. capjob's ids are derived after the read from the image bytes (stages/ids.py); filtering
+  on the source key instead brings back the loss of issue 18 (a duplicate key skips an image).
+* it records an id when its row reaches the Write op. Rows the image stage quarantines leave
+  the stream before that (they are written by capjob's own task), so every resume would decode
+  and reject them again; and for a custom ``Datasink`` such as ``CaptionSink`` (not one of Ray's
+  file datasinks) it writes the data first and the checkpoint after: a crash in between writes
+  those rows again (at-least-once), where capjob's sink itself is the record (exactly once).
+* it loads the ids into one numpy array of the column's type, an object array of Python strings
+  for string ids, and asks up to 10 CheckpointFilter actors for max(1 GiB, 1.5 x that size) of
+  memory each; capjob's sorted uint64 hashes are 8 bytes an id, shared zero-copy by every task.
+  Measured with 20M done ids (bench/resume_bench.py, docs/benchmarks.md "Resume at scale"):
+  RAY_CHECKPOINT_MEASURED.
 """
 
 from __future__ import annotations
@@ -177,10 +185,23 @@ def has_rows(sink: SinkConfig) -> bool:
     return any(writer.list_files(t) for t in (CAPTIONS, QUARANTINE))
 
 
+def _delete_records(sink: SinkConfig) -> None:
+    fs, root = _fs(sink)
+    try:
+        records = [n for n in fs.ls(f"{root}/{RUNS}", detail=False) if n.endswith(".json")]
+    except FileNotFoundError:
+        records = []
+    if records:
+        fs.rm(records)
+
+
 def check_resume(sink: SinkConfig, resume: Any, settings: dict[str, Any]) -> None:
     """Refuse, in one line, to resume from or add to a sink whose captions were made with other
     settings (job.resume=true), or whose settings are unknown (a sink from an older capjob)."""
-    if resume != True or not has_rows(sink):  # noqa: E712 - True, not "force"
+    if not has_rows(sink):
+        _delete_records(sink)  # runs that wrote nothing made no caption to compare with
+        return
+    if resume != True:  # noqa: E712 - True, not "force"
         return
     recorded = recorded_settings(sink)
     if not recorded:
@@ -207,13 +228,7 @@ def start_over(sink: SinkConfig) -> int:
         if files:
             writer.fs.rm(files)
             removed += len(files)
-    fs, root = _fs(sink)
-    try:
-        records = [n for n in fs.ls(f"{root}/{RUNS}", detail=False) if n.endswith(".json")]
-    except FileNotFoundError:
-        records = []
-    if records:
-        fs.rm(records)
+    _delete_records(sink)
     return removed
 
 
