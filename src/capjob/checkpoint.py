@@ -47,7 +47,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import logging
 import os
 import pathlib
 from typing import Any, Optional
@@ -62,8 +61,6 @@ from capjob.sinks import CAPTIONS, QUARANTINE, TableWriter, deserialize
 from capjob.stages.ids import ID_SCHEME, DoneIds, hash_ids
 
 RUNS = "runs"
-
-log = logging.getLogger(__name__)
 
 
 class ResumeError(ConfigError):
@@ -239,8 +236,7 @@ def start_over(sink: SinkConfig) -> int:
 
 def _retried(table: pa.Table, retry: list[str]) -> pa.Array:
     """Mask of quarantine rows whose stage or reason kind is in `retry`."""
-    kinds = pc.utf8_slice_codeunits(table.column("reason"), 0, 10_000)
-    kind = pc.list_element(pc.split_pattern(kinds, ":", max_splits=1), 0)
+    kind = pc.list_element(pc.split_pattern(table.column("reason"), ":", max_splits=1), 0)
     wanted = pa.array(retry, pa.string())
     return pc.or_(pc.is_in(table.column("stage"), value_set=wanted), pc.is_in(pc.utf8_trim_whitespace(kind), value_set=wanted))
 
