@@ -286,21 +286,22 @@ def test_h100_throughput_preset_feeds_the_engine(caplog):
 
 def test_caption_request_sends_the_rendered_prompt_and_the_image():
     """engine.chat_template_stages=false: preprocess hands the engine the prompt rendered once and
-    the row's image (in the shape PrepareMultimodal would give it), keyed by the row id."""
+    the row's image (in the shape PrepareMultimodal would give it), named by its pixels."""
     import numpy as np
 
     from capjob.processor import CaptionRequest, RenderedPrompt
+    from capjob.stages.ids import image_uuid
 
     cfg = to_typed(compose(["experiment=offline"]))
     row = {"image": np.zeros((4, 6, 3), dtype=np.uint8), "id": "row-1"}
     out = CaptionRequest(cfg, RenderedPrompt("<prompt>", image_list=True, uuid_list=True))(row)
     assert out["prompt"] == "<prompt>" and out["image"] is None and "messages" not in out
-    assert out["multimodal_data"]["image"][0].size == (6, 4) and out["multimodal_uuids"] == {"image": ["row-1"]}
+    assert out["multimodal_data"]["image"][0].size == (6, 4) and out["multimodal_uuids"] == {"image": [image_uuid(row["image"])]}
     assert out["sampling_params"]["max_tokens"] == cfg.caption.max_tokens
     single = CaptionRequest(cfg, RenderedPrompt("<prompt>", image_list=False, uuid_list=False))(row)
-    assert single["multimodal_data"]["image"].size == (6, 4) and single["multimodal_uuids"] == {"image": "row-1"}
+    assert single["multimodal_data"]["image"].size == (6, 4) and single["multimodal_uuids"] == {"image": image_uuid(row["image"])}
     messages = CaptionRequest(cfg)(row)["messages"]  # engine.chat_template_stages=true: the stages' input
-    assert [m["role"] for m in messages] == ["system", "user"] and messages[1]["content"][0]["uuid"] == "row-1"
+    assert [m["role"] for m in messages] == ["system", "user"] and messages[1]["content"][0]["uuid"] == image_uuid(row["image"])
 
 
 def test_tp_runs_vllms_multiprocessing_executor_on_one_node():

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from capjob.sample_data import _scene, write_hf_parquet
+from capjob.stages import ids
 from conftest import REPO
 from references import assert_captions_match_references, shape_rows
 
@@ -64,10 +65,23 @@ def ids_in(out, table):
 
 def test_kill_driver_mid_run_then_resume_exactly_once(tmp_path):
     rows, references = shape_rows(240, seed=11)
+    # A key column in which the first image and a later one share the key "dup" (two different
+    # images of one size, on different backgrounds), and the same two images again under fresh
+    # keys: at temperature 0 each "dup" row must get the caption its own bytes get, and both
+    # must survive the resume.
+    j = max(i for i, r in enumerate(references) if r.rsplit(" on a ", 1)[1] != references[0].rsplit(" on a ", 1)[1])
+    keys = [name for name, _, _ in rows]
+    keys[0] = keys[j] = "dup"
+    keys += ["fresh-first", "fresh-last"]
+    rows += [("fresh-first", rows[0][1], "shapes"), ("fresh-last", rows[j][1], "shapes")]
+    references += [references[0], references[j]]
     write_rows(tmp_path / "data", rows, references)
+    pq.write_table(pq.read_table(tmp_path / "data" / "part-0.parquet").append_column("key", pa.array(keys)),
+                   tmp_path / "data" / "part-0.parquet")
     out = tmp_path / "out"
     env = {**os.environ, "HF_TOKEN": SECRET, "AWS_SECRET_ACCESS_KEY": SECRET}
-    cmd = command(tmp_path / "data", out, "data.partitions=30", "engine.batch_size=8")
+    cmd = [a if a != "data.key_column=null" else "data.key_column=key"
+           for a in command(tmp_path / "data", out, "data.partitions=30", "engine.batch_size=8", "caption.temperature=0")]
     first = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 900
@@ -94,6 +108,22 @@ def test_kill_driver_mid_run_then_resume_exactly_once(tmp_path):
     assert report["skipped_done"] == len(set(done_first))
     assert report["captioned"] + report["quarantined"] == len(rows) - len(set(done_first))
     assert f"| skipped (already done) | {len(set(done_first))} |" in (report_dir / "report.md").read_text()
+    captions = pa.concat_tables([pq.read_table(f) for f in sorted((out / "captions").glob("*.parquet"))])
+    by_key: dict[str, list] = {}
+    for row in captions.select(["source_key", "id", "caption"]).to_pylist():
+        by_key.setdefault(row["source_key"], []).append(row)
+    dup = {r["id"]: r["caption"] for r in by_key["dup"]}
+    first, last = ids.row_id("dup", rows[0][1]), ids.row_id("dup", rows[j][1])
+    assert set(dup) == {first, last}, by_key["dup"]
+    assert dup[first] == by_key["fresh-first"][0]["caption"] and dup[last] == by_key["fresh-last"][0]["caption"]
+    assert dup[first] != dup[last]  # image-dependent captions: the test tells the two images apart
+
+    # Other caption settings on the same sink stop in preflight, in one line naming them.
+    changed = subprocess.run([*cmd, "caption.temperature=0.5"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 2, changed.stdout[-2000:] + changed.stderr[-3000:]
+    error = [line for line in changed.stderr.splitlines() if line.startswith("capjob: error:")]
+    assert len(error) == 1 and "caption.temperature 0.0 -> 0.5" in error[0], changed.stderr[-3000:]
+
     print(f"kill-and-resume: first run finished {len(set(done_first))} rows before SIGKILL; "
           f"second run skipped {report['skipped_done']} and processed {report['captioned'] + report['quarantined']}")
 

@@ -1,76 +1,308 @@
-"""Stage: give every input row a stable id and skip the ids a previous run already finished.
+"""Resume: which rows a sink already holds, and whether this run may add to it.
 
-Open-source Ray Data has no job-level checkpointing, so capjob derives it from its own output:
-an id is done once it is in a complete captions or quarantine file (sinks.py writes those
-atomically). A re-run with the same sink reads the ids back and filters them out before any
-image is decoded, so a crashed run resumes without redoing or losing rows.
+An id is done once it is in a complete captions or quarantine file (sinks.py writes those
+atomically). A re-run on the same sink reads the ids back (``read_done_ids``) and the id stage
+(stages/ids.py) drops them before any image is decoded, so a crashed run resumes without
+redoing or losing rows. The ids travel as sorted 64-bit hashes placed once in Ray's object
+store, not as a Python set in every task's arguments (docs/benchmarks.md, "Resume at scale":
+20M done ids).
+
+What made a caption is recorded with the run: ``<sink.path>/runs/<run_id>.json`` holds the
+fingerprint of every setting that changes a caption (``caption_settings``: model source,
+builder and revision, prompts, sampling, ``images.*``, ``engine.max_model_len``...). A run
+whose settings differ from those the sink's captions were made with stops in preflight with
+one line naming what differs, so a sink never silently mixes captions of two settings:
+
+* ``job.resume=true`` (default): skip the done ids; refuse a sink made with other settings.
+* ``job.resume=force``: skip the done ids whatever the settings (the new run's settings are
+  recorded next to the old ones).
+* ``job.resume=false``: start over: the sink's captions, quarantine rows and fingerprints are
+  deleted first (a line says how many files), so no image ends with two captions from two runs.
+* ``job.retry_quarantined=[fetch,engine]``: quarantined rows whose stage or reason kind (the
+  text before the first ``:``) is listed are not done: this run tries them again, and their
+  old quarantine rows are removed from the sink first (rewritten files, atomically replaced).
+
+Why not Ray Data's own ``ray.data.checkpoint.CheckpointConfig`` (Ray 2.58.1; read in
+ray/data/checkpoint and ray/data/_internal/planner/checkpoint):
+
+* its filter runs straight after the Read op, on an id column the read output must already
+  hold. capjob's ids are derived after the read from the image bytes (stages/ids.py); filtering
+  on the source key instead brings back the loss of issue 18 (a duplicate key skips an image).
+* it records an id when its row reaches the Write op. Rows the image stage quarantines leave
+  the stream before that (they are written by capjob's own task), so every resume would decode
+  and reject them again; and for a custom ``Datasink`` such as ``CaptionSink`` (not one of Ray's
+  file datasinks) it writes the data first and the checkpoint after: a crash in between writes
+  those rows again (at-least-once), where capjob's sink itself is the record (exactly once).
+* it loads the ids into one numpy array of the column's type, an object array of Python strings
+  for string ids, and asks up to 10 CheckpointFilter actors for max(1 GiB, 1.5 x that size) of
+  memory each; capjob's sorted uint64 hashes are 8 bytes an id, shared zero-copy by every task.
+  Measured with 20M done ids (bench/resume_bench.py, docs/benchmarks.md "Resume at scale"):
+  Ray's loader took 96 s (capjob's 25 s) and built a 1.4 GiB object array; a process resolving
+  it (as each filter actor does) grew by 1.7 GiB of private memory, and each actor asks for
+  2.1 GiB; capjob's id stage keeps 0 MiB private for the set (153 MiB shared, read-only).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
-from typing import Any, Optional, Sequence
+import json
+import os
+import pathlib
+from typing import Any, Optional
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from capjob.config import SinkConfig
-from capjob import metrics
-from capjob.stages.sources.cells import identity
-from capjob.sinks import CAPTIONS, QUARANTINE, TableWriter, block_digest
+from capjob.config import CapjobConfig, SinkConfig, SinkFormat
+from capjob.errors import ConfigError
+from capjob.sinks import CAPTIONS, QUARANTINE, TableWriter, deserialize
+from capjob.stages.ids import ID_SCHEME, DoneIds, hash_ids
 
-
-def content_id(data: Optional[bytes]) -> str:
-    return "sha1:" + hashlib.sha1(data or b"").hexdigest()
-
-
-def row_id(key: Any, data: Optional[bytes]) -> str:
-    """The source key when the dataset has one, else a hash of the image bytes."""
-    if key is not None and str(key) != "":
-        return str(key)
-    return content_id(data)
+RUNS = "runs"
 
 
-def read_done_ids(sink: SinkConfig, retry_quarantined: Sequence[str] = ()) -> frozenset[str]:
-    """Ids in the sink's captions and quarantine, except quarantined ids whose stage or reason
-    kind (before ':') is in `retry_quarantined` (job.retry_quarantined): those run again."""
+class ResumeError(ConfigError):
+    """The sink holds captions this run must not be mixed with (or resumed from)."""
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def model_revision(model_source: str) -> str:
+    """What identifies the weights behind `model_source`, cheaply: for a local folder a digest
+    of its config files and of each weight file's size, first and last MiB (a retrained
+    checkpoint with the same file sizes differs there); for a hub id the commit the local
+    Hugging Face cache resolves `main` to, else "unresolved"."""
+    path = pathlib.Path(model_source)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
+            size = f.stat().st_size
+            h.update(f"{f.name}\0{size}\0".encode())
+            with open(f, "rb") as fh:
+                if f.suffix in (".json", ".txt", ".jinja") and size <= 4 << 20:
+                    h.update(fh.read())
+                else:
+                    h.update(fh.read(1 << 20))
+                    if size > 2 << 20:
+                        fh.seek(-(1 << 20), os.SEEK_END)
+                        h.update(fh.read())
+        return "sha256:" + h.hexdigest()[:16]
+    try:
+        from huggingface_hub import constants
+
+        ref = pathlib.Path(constants.HF_HUB_CACHE) / f"models--{model_source.replace('/', '--')}" / "refs" / "main"
+        return ref.read_text().strip() if ref.is_file() else "unresolved"
+    except Exception:  # noqa: BLE001 - no hub library or an unreadable cache: nothing to add
+        return "unresolved"
+
+
+def caption_settings(cfg: CapjobConfig, model_source: str) -> dict[str, Any]:
+    """Every setting that changes what caption an image gets (or which id it is filed under),
+    flat, with the config key as name. Left out on purpose: layout and speed settings (batch
+    sizes, replicas, TP/PP, object store) and the data path (a later run may add new input)."""
+    m, e, c, i = cfg.model, cfg.engine, cfg.caption, cfg.images
+    from capjob.models import BUILD_VERSIONS
+
+    return {
+        "model.source": m.source,
+        "model.builder": m.builder if not m.source else None,
+        "model.builder_version": BUILD_VERSIONS.get(m.builder) if m.builder and not m.source else None,
+        "model.revision": model_revision(model_source),
+        "model.dtype": m.dtype,
+        "model.load_format": m.load_format,
+        "caption.system_prompt": c.system_prompt,
+        "caption.user_prompt": c.user_prompt,
+        "caption.temperature": c.temperature,
+        "caption.top_p": c.top_p,
+        "caption.max_tokens": c.max_tokens,
+        "caption.ignore_eos": c.ignore_eos,
+        "caption.seed": c.seed,
+        "images.size": i.size,
+        "images.resize": i.resize.value,
+        "images.max_pixels": i.max_pixels,
+        "images.min_side": i.min_side,
+        "engine.max_model_len": e.max_model_len,
+        "engine.quantization": e.quantization,
+        "engine.limit_images_per_prompt": e.limit_images_per_prompt,
+        "engine.extra_engine_kwargs": json.dumps(e.extra_engine_kwargs, sort_keys=True, default=str),
+        "data.key_column": cfg.data.key_column,
+        "data.image_column": cfg.data.image_column,
+        "ids.scheme": ID_SCHEME,
+    }
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "...\""
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [f"{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _fs(sink: SinkConfig) -> tuple[Any, str]:
     writer = TableWriter(sink)
-    done: set[str] = set(i for i in writer.read(CAPTIONS, columns=["id"]).column("id").to_pylist() if i is not None)
-    retry = set(retry_quarantined)
-    quarantined = writer.read(QUARANTINE, columns=["id", "stage", "reason"] if retry else ["id"])
-    if not retry:
-        return frozenset(done | {i for i in quarantined.column("id").to_pylist() if i is not None})
-    for rid, stage, reason in zip(*(quarantined.column(c).to_pylist() for c in ("id", "stage", "reason"))):
-        if rid is not None and stage not in retry and (reason or "").split(":", 1)[0] not in retry:
-            done.add(rid)
-    return frozenset(done)
+    return writer.fs, writer.root.rstrip("/")
 
 
-def assign_ids(
-    batch: dict[str, np.ndarray],
-    *,
-    image_column: str,
-    key_column: Optional[str],
-    done_ids: frozenset[str],
-    run_id: str,
-) -> dict[str, Any]:
-    """map_batches UDF: add `id` and `source_key`, drop rows whose id is already done."""
-    images = batch[image_column]
-    keys = batch[key_column] if key_column else [None] * len(images)
-    ids, source_keys, keep = [], [], []
-    for key, cell in zip(keys, images):
-        data, path = identity(cell)
-        if isinstance(key, bytes):
-            key = key.decode()
-        rid = row_id(key, data if data is not None else (path or "").encode())
-        source_key = str(key) if key is not None else (path or rid)
-        ids.append(rid)
-        source_keys.append(source_key)
-        keep.append(rid not in done_ids)
-    mask = np.asarray(keep, dtype=bool)
-    key = block_digest(ids)
-    metrics.record(run_id, "read", key, len(ids))
-    metrics.record(run_id, "skipped", key, int((~mask).sum()))
-    out = {name: np.asarray(col, dtype=object)[mask] if not isinstance(col, np.ndarray) else col[mask] for name, col in batch.items()}
-    out["id"] = np.asarray(ids, dtype=object)[mask]
-    out["source_key"] = np.asarray(source_keys, dtype=object)[mask]
+def recorded_settings(sink: SinkConfig) -> list[tuple[str, dict[str, Any]]]:
+    """(run_id, settings) of every run recorded in the sink, oldest first."""
+    fs, root = _fs(sink)
+    directory = f"{root}/{RUNS}"
+    try:
+        fs.invalidate_cache(directory)
+        names = sorted(n for n in fs.ls(directory, detail=False) if n.endswith(".json"))
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        record = json.loads(fs.cat_file(name))
+        out.append((record.get("run_id", name.rsplit("/", 1)[-1][:-5]), record["settings"]))
     return out
+
+
+def record_settings(sink: SinkConfig, run_id: str, settings: dict[str, Any]) -> None:
+    """Write this run's settings next to its captions, before any caption is written."""
+    record = {"run_id": run_id, "fingerprint": fingerprint(settings), "settings": settings,
+              "started": dt.datetime.now(dt.timezone.utc).isoformat()}
+    writer = TableWriter(sink)
+    directory = f"{writer.root.rstrip('/')}/{RUNS}"
+    if writer.local:  # object stores have no folders (and s3fs.makedirs would create a bucket)
+        writer.fs.makedirs(directory, exist_ok=True)
+    writer.fs.pipe_file(f"{directory}/{run_id}.json", json.dumps(record, indent=1).encode())
+
+
+def has_rows(sink: SinkConfig) -> bool:
+    writer = TableWriter(sink)
+    return any(writer.list_files(t) for t in (CAPTIONS, QUARANTINE))
+
+
+def _delete_records(sink: SinkConfig) -> None:
+    fs, root = _fs(sink)
+    try:
+        records = [n for n in fs.ls(f"{root}/{RUNS}", detail=False) if n.endswith(".json")]
+    except FileNotFoundError:
+        records = []
+    if records:
+        fs.rm(records)
+
+
+def check_resume(sink: SinkConfig, resume: Any, settings: dict[str, Any]) -> None:
+    """Refuse, in one line, to resume from or add to a sink whose captions were made with other
+    settings (job.resume=true), or whose settings are unknown (a sink from an older capjob)."""
+    if not has_rows(sink):
+        _delete_records(sink)  # runs that wrote nothing made no caption to compare with
+        return
+    if resume != True:  # noqa: E712 - True, not "force"
+        return
+    recorded = recorded_settings(sink)
+    if not recorded:
+        raise ResumeError(
+            f"job.resume: {sink.path} holds captions without a record of the settings that made them "
+            "(written by an older capjob); use another sink.path, job.resume=false to start over, "
+            "or job.resume=force to add to it anyway")
+    for run_id, old in recorded:
+        diff = differences(old, settings)
+        if diff:
+            raise ResumeError(
+                f"job.resume: {sink.path} holds captions made with other settings (run {run_id}): "
+                f"{'; '.join(diff)}; use another sink.path, job.resume=false to start over, "
+                "or job.resume=force to add to it anyway")
+
+
+def start_over(sink: SinkConfig) -> int:
+    """job.resume=false: delete the sink's captions, quarantine rows and run records (reports
+    stay). Returns the number of files deleted."""
+    writer = TableWriter(sink)
+    removed = 0
+    for table in (CAPTIONS, QUARANTINE):
+        files = writer.list_files(table)
+        if files:
+            writer.fs.rm(files)
+            removed += len(files)
+    _delete_records(sink)
+    return removed
+
+
+# --------------------------------------------------------------------------- done ids
+
+
+def _retried(table: pa.Table, retry: list[str]) -> pa.Array:
+    """Mask of quarantine rows whose stage or reason kind is in `retry`."""
+    kind = pc.list_element(pc.split_pattern(table.column("reason"), ":", max_splits=1), 0)
+    wanted = pa.array(retry, pa.string())
+    return pc.or_(pc.is_in(table.column("stage"), value_set=wanted), pc.is_in(pc.utf8_trim_whitespace(kind), value_set=wanted))
+
+
+def read_done_ids(sink: SinkConfig, retry_quarantined: Optional[list[str]] = None) -> DoneIds:
+    """The ids the sink's captions and quarantine files hold, file by file (the driver never
+    holds more than one file's ids as strings), minus quarantined rows to retry."""
+    writer = TableWriter(sink)
+    chunks = []
+    for table_name in (CAPTIONS, QUARANTINE):
+        retry = retry_quarantined if table_name == QUARANTINE else None
+        columns = ["id", "stage", "reason"] if retry else ["id"]
+        for name in writer.list_files(table_name):
+            if sink.format == SinkFormat.parquet:
+                import pyarrow.parquet as pq
+
+                with writer.fs.open(name, "rb") as f:
+                    table = pq.read_table(f, columns=columns)
+            else:
+                table = deserialize(writer.fs.cat_file(name), name, sink.format, columns)
+            if retry and table.num_rows:
+                table = table.filter(pc.invert(_retried(table, retry)))
+            ids = table.column("id").drop_null() if table.num_rows else pa.array([], pa.string())
+            chunks.append(hash_ids(ids))
+    return DoneIds.from_hash_chunks(chunks)
+
+
+def drop_retried_quarantine(sink: SinkConfig, retry: list[str]) -> int:
+    """Remove the quarantine rows this run retries: each file holding some is rewritten without
+    them under a new name (atomically) and the old file deleted. Returns the rows removed."""
+    if not retry:
+        return 0
+    writer = TableWriter(sink)
+    removed = 0
+    for name in writer.list_files(QUARANTINE):
+        table = deserialize(writer.fs.cat_file(name), name, sink.format)
+        mask = _retried(table, retry)
+        hits = int(pc.sum(mask).as_py() or 0)
+        if not hits:
+            continue
+        kept = table.filter(pc.invert(mask))
+        stem = name.rsplit("/", 1)[-1].split(".", 1)[0]
+        if kept.num_rows:
+            writer.write(QUARANTINE, kept, f"{stem}-kept")
+        writer.fs.rm_file(name)
+        removed += hits
+    return removed
+
+
+def prepare(cfg: CapjobConfig, run_id: str, model_source: str) -> DoneIds:
+    """Preflight of the sink for this run (job.resume, job.retry_quarantined), then record the
+    run's settings. Returns the done ids to skip (empty when starting over)."""
+    from capjob import console
+
+    sink, job = cfg.sink, cfg.job
+    settings = caption_settings(cfg, model_source)
+    if job.resume is False:
+        removed = start_over(sink)
+        if removed:
+            console.out(f"job.resume=false: starting over, deleted {removed} caption/quarantine file(s) under {sink.path}")
+        record_settings(sink, run_id, settings)
+        return DoneIds(np.empty(0, dtype=np.uint64))
+    check_resume(sink, job.resume, settings)
+    retried = drop_retried_quarantine(sink, list(job.retry_quarantined))
+    if retried:
+        console.out(f"job.retry_quarantined: retrying {retried} quarantined row(s) ({', '.join(job.retry_quarantined)})")
+    done = read_done_ids(sink, list(job.retry_quarantined))
+    record_settings(sink, run_id, settings)
+    return done

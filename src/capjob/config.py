@@ -259,8 +259,13 @@ class JobConfig:
     run_id: Optional[str] = None
     # Print the plan (stages, partitions, workers, GPUs) and exit without inference.
     dry_run: bool = False
-    # Skip ids already present in the sink's captions/quarantine.
-    resume: bool = True
+    # true: skip ids already in the sink's captions/quarantine, refusing a sink whose captions
+    # were made with other caption settings; force: skip them whatever the settings; false:
+    # start over (the sink's captions and quarantine rows are deleted first). checkpoint.py.
+    resume: Any = True
+    # Quarantined rows whose stage or reason kind (e.g. fetch, engine, decode) is listed are
+    # tried again by this run instead of being skipped as done.
+    retry_quarantined: list[str] = field(default_factory=list)
     # Ray's own fault tolerance, passed through rather than re-implemented: retries of a
     # capjob task whose worker died or raised (read, ids, decode, write), and how many blocks
     # may fail for good before the run aborts (0: any lost block fails the run; a value > 0
@@ -436,6 +441,10 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
     _require(r.max_block_mib is None or r.max_block_mib >= 1, "resources.max_block_mib", f"must be null or >= 1, got {r.max_block_mib}")
     _require(r.cpu_stage_cpus > 0, "resources.cpu_stage_cpus", f"must be > 0, got {r.cpu_stage_cpus}")
     _require(r.cpu_stage_concurrency >= 1, "resources.cpu_stage_concurrency", f"must be >= 1, got {r.cpu_stage_concurrency}")
+    resume = cfg.job.resume
+    if isinstance(resume, str) and resume.strip().lower() in ("true", "false"):
+        resume = cfg.job.resume = resume.strip().lower() == "true"
+    _require(resume is True or resume is False or resume == "force", "job.resume", f"must be true, false or force, got {resume!r}")
     _require(cfg.job.task_retries >= 0, "job.task_retries", f"must be >= 0, got {cfg.job.task_retries}")
     from capjob.console import LOG_LEVELS
 

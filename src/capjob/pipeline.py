@@ -95,7 +95,8 @@ def make_plan(cfg: CapjobConfig, run_id: str, model_source: str, placement: Engi
     stages = [
         ("read", f"{cfg.data.format.value}: {source}" + (f", limit {cfg.data.limit}" if cfg.data.limit else "")),
         ("repartition", note),
-        ("assign ids / resume", "skip ids already in the sink" if cfg.job.resume else "resume off"),
+        ("assign ids / resume", {True: "skip ids already in the sink (same caption settings)", "force": "skip ids already in the sink, whatever their settings",
+                                 False: "start over (the sink's captions and quarantine are deleted first)"}[cfg.job.resume]),
         ("decode+validate+resize", f"{r.preprocess_cpus} CPU/task, {cfg.images.resize.value} {cfg.images.size}px, rejects -> quarantine"),
         ("preprocess", ("chat request (system + user prompt + image)" if cfg.engine.chat_template_stages
                         else "prompt (chat template applied once, before the run) + image")
@@ -126,6 +127,8 @@ class RunResult:
     # Items the source looked at (files, members, rows) = rows it emitted + skipped_by_source.
     source_items: int = 0
     skipped_by_source: dict[str, int] = field(default_factory=dict)
+    # Keys that reached several images and ids written more than once (stages/ids.duplicates).
+    duplicates: dict[str, Any] = field(default_factory=dict)
 
     @property
     def quarantined(self) -> int:
@@ -142,12 +145,13 @@ class Started:
     run_id: str
     model_source: str
     placement: EnginePlacement
-    done_ids: frozenset[str]
+    done: Any  # stages.ids.DoneIds, in the object store
     ledger: Any
     clock: float
     wall_clock: float
     dashboard_url: Optional[str] = None
     report_dirs: list[str] = field(default_factory=list)
+    done_count: int = 0  # len(done) before it went to the object store
 
 
 def dry_run_plan(cfg: CapjobConfig, run_id: str, num_rows: Optional[int] = None) -> Plan:
@@ -181,8 +185,9 @@ def start(cfg: CapjobConfig, run_id: str) -> Started:
     sources.preflight(cfg.data)  # path, bucket, credentials, columns: seconds, without Ray
     preflight_prompt_columns(cfg)
     preflight.check_hub_dataset(cfg.data)
-    done_ids = checkpoint.read_done_ids(cfg.sink, cfg.job.retry_quarantined) if cfg.job.resume else frozenset()
     model_source = resolve_model_source(cfg.model.source, cfg.model.builder)
+    # job.resume / retry_quarantined and the caption-settings fingerprint: refuses in one line.
+    done = checkpoint.prepare(cfg, run_id, model_source)
     if placement is None:  # a cluster we join: its GPUs decide
         ray_info = runtime.init_ray(cfg, EnginePlacement(0, None))
         placement = runtime.decide_placement(cfg, int(ray.cluster_resources().get("GPU", 0)), runtime.largest_node_gpus())
@@ -191,7 +196,8 @@ def start(cfg: CapjobConfig, run_id: str) -> Started:
     runtime.check_accelerator_type(placement, ray.cluster_resources())  # before any engine starts
     configure_data_context(cfg, placement)
     ledger = metrics.start_ledger(cfg.job.name, run_id)  # keep the handle: an unreferenced actor is destroyed
-    return Started(run_id, model_source, placement, done_ids, ledger, clock, wall_clock, ray_info.get("dashboard_url"))
+    return Started(run_id, model_source, placement, done.put(), ledger, clock, wall_clock, ray_info.get("dashboard_url"),
+                   done_count=len(done))
 
 
 # Ray Data splits the object-store budget between the operators (read ... write, about a dozen
@@ -219,6 +225,10 @@ def configure_data_context(cfg: CapjobConfig, placement: Optional[EnginePlacemen
 
     if console.quiet():  # the log file would only collect the bars' redraws
         data_context.enable_progress_bars = False
+    # data.limit takes the first N rows in source order (files sorted by path, rows in file
+    # order), the same N on every run: without this, Ray Data's limit keeps whichever blocks
+    # arrive first from the parallel reads, so a resumed run could take other rows.
+    data_context.execution_options.preserve_order = cfg.data.limit is not None
     budget = cfg.resources.object_store_mib
     if budget:
         needed = min_object_store_mib(cfg)
@@ -271,9 +281,10 @@ def preflight_prompt_columns(cfg: CapjobConfig) -> None:
 
 def caption_flow(cfg: CapjobConfig, job: Started, source: Any, plan: Plan) -> Any:
     """The lazy Ray Dataset from source rows to output rows, stage by stage."""
-    from capjob import checkpoint, images
+    from capjob import images
     from capjob.processor import build_caption_processor
     from capjob.stages.sources import Fetcher
+    from capjob.stages import ids
 
     ds = source.dataset
     # Repartition first, straight after the read: the read's blocks (a whole parquet file, up to
@@ -285,9 +296,9 @@ def caption_flow(cfg: CapjobConfig, job: Started, source: Any, plan: Plan) -> An
     # assign_ids, prepare_images and the processor's preprocess share task_options, so Ray Data
     # fuses them into one task per block: no copy of the raw or decoded block between them.
     ds = ds.map_batches(  # stable ids; rows a previous run finished leave here
-        checkpoint.assign_ids,
+        ids.assign_ids,
         fn_kwargs={"image_column": source.image_column, "key_column": source.key_column,
-                   "done_ids": job.done_ids, "run_id": job.run_id},
+                   "done": job.done, "run_id": job.run_id},
         batch_format="numpy",
         **task_options(cfg),
     )
@@ -379,6 +390,7 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
         quarantined_images=counts.get("images_rejected", 0),
         quarantined_engine=totals["quarantined"],
         wall_seconds=time.monotonic() - job.clock,
+        duplicates=run_duplicates(cfg, job.run_id),
     )
     result.skipped_by_source = skipped_totals(counts)
     # Layouts without skippable items (parquet, hf) emit every item they read as a row.
@@ -416,6 +428,11 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
     if cfg.job.metrics_export_port:
         # Keep the endpoint up for a few report intervals so a scraper sees the final counts.
         time.sleep(3 * runtime.METRICS_REPORT_INTERVAL_MS / 1000)
+    dup = result.duplicates
+    if dup.get("keys_with_several_images") or dup.get("ids_written_more_than_once"):
+        console.out(f"duplicates: {dup['keys_with_several_images']} key(s) held several different images, each captioned "
+                    f"under its own id (e.g. {', '.join(map(str, dup['key_examples']))}); {dup['ids_written_more_than_once']} "
+                    f"id(s) were the same key and bytes more than once (e.g. {', '.join(dup['id_examples'])})")
     expected = result.rows_read - result.skipped_done
     if expected != result.captioned + result.quarantined:
         raise AccountingError(
@@ -452,23 +469,41 @@ def nothing_left(cfg: CapjobConfig, job: Started, source: Any, num_rows: Optiona
     assign_ids stage the run uses, counted against a ledger of their own (not the run's)."""
     import ray
 
-    from capjob import checkpoint, metrics
+    from capjob import metrics
+    from capjob.stages import ids
 
-    if not job.done_ids or num_rows is None or len(job.done_ids) < num_rows:
+    if not job.done_count or num_rows is None or job.done_count < num_rows:
         return False
     probe_id = f"{job.run_id}-resume-check"
     probe = metrics.start_ledger(cfg.job.name, probe_id)
     try:
         left = source.dataset.map_batches(
-            checkpoint.assign_ids,
+            ids.assign_ids,
             fn_kwargs={"image_column": source.image_column, "key_column": source.key_column,
-                       "done_ids": job.done_ids, "run_id": probe_id},
+                       "done": job.done, "run_id": probe_id},
             batch_format="numpy",
             **task_options(cfg),
         ).count()
     finally:
         ray.kill(probe)
     return left == 0
+
+
+def run_duplicates(cfg: CapjobConfig, run_id: str) -> dict[str, Any]:
+    """stages/ids.duplicates over the rows this run wrote (its files start with its run id)."""
+    import pyarrow as pa
+
+    from capjob import sinks
+    from capjob.stages import ids
+
+    writer = sinks.TableWriter(cfg.sink)
+    tables = [
+        sinks.deserialize(writer.fs.cat_file(name), name, cfg.sink.format, ["id", "source_key"])
+        for table in (sinks.CAPTIONS, sinks.QUARANTINE)
+        for name in writer.list_files(table) if name.rsplit("/", 1)[-1].startswith(f"{run_id}-")
+    ]
+    empty = pa.table({"id": pa.array([], pa.string()), "source_key": pa.array([], pa.string())})
+    return ids.duplicates(pa.concat_tables(tables, promote_options="permissive") if tables else empty)
 
 
 def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional[str] = None) -> Optional[RunResult]:
@@ -498,8 +533,8 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
             return None
         plan = make_plan(cfg, run_id, job.model_source, job.placement, source.num_rows)
         console.out(plan.render(cfg))
-        if job.done_ids:
-            console.out(f"  resume      {len(job.done_ids)} id(s) already in the sink are skipped")
+        if job.done_count:
+            console.out(f"  resume      {job.done_count} id(s) already in the sink are skipped")
         if job.dashboard_url:
             console.out(f"  dashboard   http://{job.dashboard_url}")
         if console.log_path and console.quiet():

@@ -339,11 +339,16 @@ class CaptionRequest:
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         from PIL import Image
 
+        from capjob.stages.ids import image_uuid
+
         name = row.get(PROMPT_COLUMN, self.first)
         spec = self.specs[name]
         text = format_prompt(spec, row)
-        pixels = row["image"]
-        image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), "RGB")
+        pixels = np.ascontiguousarray(row["image"], dtype=np.uint8)
+        image = Image.fromarray(pixels, "RGB")
+        # vLLM's multimodal cache key: the pixels it gets, never the row's key; the requests of
+        # one image (one per prompt) share it.
+        uuid = image_uuid(pixels)
         # image=None: the array has served its purpose; don't carry it through every stage.
         out: dict[str, Any] = {"sampling_params": self.sampling_params[name], "image": None, THUMBNAIL_COLUMN: None}
         if self.thumbnail_every and name == self.first and is_thumbnail_row(str(row["id"]), self.thumbnail_every):
@@ -351,12 +356,10 @@ class CaptionRequest:
         if self.prompt is not None:
             # What PrepareMultimodal + ChatTemplate would produce for this row, without them.
             p = self.prompt
-            # The row id doubles as vLLM's multimodal cache key: no hashing of pixels, and the
-            # requests of one image (one per prompt) share it.
             return {**out, "prompt": p.text.replace(USER_PROMPT_SLOT, text),
                     "multimodal_data": {"image": [image] if p.image_list else image},
-                    "multimodal_uuids": {"image": [row["id"]] if p.uuid_list else row["id"]}}
-        return {**out, "messages": self.messages(image, row["id"], text)}
+                    "multimodal_uuids": {"image": [uuid] if p.uuid_list else uuid}}
+        return {**out, "messages": self.messages(image, uuid, text)}
 
     def messages(self, image: Any, uuid: str, text: str) -> list[dict[str, Any]]:
         return [
@@ -364,7 +367,7 @@ class CaptionRequest:
             {
                 "role": "user",
                 "content": [
-                    # The row id doubles as vLLM's multimodal cache key: no hashing of pixels.
+                    # vLLM's multimodal cache key (stages/ids.image_uuid: a digest of the pixels).
                     {"type": "image_pil", "image_pil": image, "uuid": uuid},
                     {"type": "text", "text": text},
                 ],

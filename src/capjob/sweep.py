@@ -246,7 +246,7 @@ def run_job(cfg: DictConfig, run: Callable[[DictConfig, str], Any]) -> None:
                     f"sink.path: {record['sink_path']!r} is also the output of job {owner} of this sweep; "
                     f"with job.resume=true this run would skip the rows job {owner} captioned. Leave sink.path "
                     "unset (each job writes into its own directory), make it differ per job "
-                    "(e.g. 'sink.path=s3://bucket/sweep/${hydra:job.num}') or set job.resume=false"
+                    f"(e.g. 'sink.path=s3://bucket/sweep/${{hydra:job.num}}') or set job.resume=false (which deletes job {owner}'s captions first)"
                 )
             result = run(cfg, str(job_dir))
             if result is None:
