@@ -101,7 +101,9 @@ def test_caption_request_per_prompt():
     assert objects["sampling_params"]["max_tokens"] == 40
     assert objects["sampling_params"]["structured_outputs"]["json"]["required"] == ["shape"]
     # One image, one uuid: vLLM's processor/encoder caches serve the second prompt.
-    assert short["multimodal_uuids"] == objects["multimodal_uuids"] == {"image": "row-1"}
+    from capjob.stages.ids import image_uuid
+
+    assert short["multimodal_uuids"] == objects["multimodal_uuids"] == {"image": image_uuid(row["image"])}
     # The thumbnail rides on the first prompt's request only.
     assert Image.open(io.BytesIO(short[THUMBNAIL_COLUMN])).size == (60, 40) and objects[THUMBNAIL_COLUMN] is None
     # Several prompts: the engine gets a processor cache for the image's repeated requests.

@@ -369,19 +369,20 @@ def test_accelerator_type_no_node_has_fails_before_engines(tmp_path):
         ray.shutdown()
 
 
-# Steps of the earlier checkpoint: far from converged (docs/benchmarks.md, "tiny trained model").
-EARLY_STEPS = 60
+# Steps of the earlier checkpoint: it has not learnt the backgrounds yet (docs/benchmarks.md,
+# "tiny trained model").
+EARLY_STEPS = 20
 
 
 @pytest.mark.e2e
 def test_real_checkpoint_sweep_with_two_engine_replicas(tmp_path):
     """Four real runs (Ray Data + vLLM CPU), one after the other in one process: two checkpoints
     of the tiny model (trained for EARLY_STEPS and for the default) x one or two engine replicas,
-    over shape scenes whose true caption is known. The later checkpoint ranks first by exact
-    match, and with two replicas every caption still lands under its own image's id."""
+    over shape scenes whose true caption is known. The later checkpoint ranks first (exact
+    match, then word F1), and with two replicas every caption still lands under its own image's id."""
     from capjob import models
     from capjob.sample_data import write_hf_parquet
-    from references import assert_captions_match_references, shape_rows
+    from references import assert_captions_fit_their_images, shape_rows
 
     trained = models.resolve_model_source(None, models.TINY_QWEN25VL)
     early = str(models.build_tiny_qwen25vl(tmp_path / "ckpt" / f"step-{EARLY_STEPS}", train_steps=EARLY_STEPS))
@@ -397,7 +398,7 @@ def test_real_checkpoint_sweep_with_two_engine_replicas(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     recs = records(d)
     assert [r["status"] for r in recs] == ["succeeded"] * 4, [r["error"] for r in recs]
-    exact = {}
+    scores = {}
     for i, rec in enumerate(recs):
         rep = json.loads((d / str(i) / "report.json").read_text())
         # its own sink: nothing skipped as "already done" by an earlier job of the sweep
@@ -407,10 +408,11 @@ def test_real_checkpoint_sweep_with_two_engine_replicas(tmp_path):
         source, replicas = rep["config"]["model"]["source"], rep["config"]["resources"]["concurrency"]
         captions = pa.concat_tables([pq.read_table(f) for f in sorted((d / str(i) / "out" / "captions").glob("*.parquet"))])
         if source == trained:  # with one engine and with two, each caption under its own id
-            assert_captions_match_references(captions, 16)
-        exact[(source, replicas)] = json.loads((d / str(i) / "eval.json").read_text())["reference"]["exact_match"]["share"]
-    assert set(exact) == {(early, 1), (early, 2), (trained, 1), (trained, 2)}
-    assert max(exact[(early, 1)], exact[(early, 2)]) < min(exact[(trained, 1)], exact[(trained, 2)])
+            assert_captions_fit_their_images(captions, 16)
+        reference = json.loads((d / str(i) / "eval.json").read_text())["reference"]
+        scores[(source, replicas)] = (reference["exact_match"]["share"], reference["word_f1"])
+    assert set(scores) == {(early, 1), (early, 2), (trained, 1), (trained, 2)}
+    assert max(scores[(early, 1)], scores[(early, 2)]) < min(scores[(trained, 1)], scores[(trained, 2)]), scores
     # each run started its own Ray and shut it down, every process it spawned gone
     assert all(r["ray"]["initialized"] and r["ray"]["cluster"] == "local (started by this job)" for r in recs)
     assert len({r["ray"]["node_id"] for r in recs}) == 4

@@ -1,9 +1,9 @@
 """`python -m capjob.models BUILDER OUT [--train-steps N]`: build one of capjob's own models into a
 folder, e.g. two checkpoints of the tiny model for a checkpoint sweep:
 
-    python -m capjob.models tiny_qwen25vl ckpt/step-60 --train-steps 60
-    python -m capjob.models tiny_qwen25vl ckpt/step-600
-    capjob --multirun experiment=offline model.source=ckpt/step-60,ckpt/step-600 \\
+    python -m capjob.models tiny_qwen25vl ckpt/step-20 --train-steps 20
+    python -m capjob.models tiny_qwen25vl ckpt/step-400
+    capjob --multirun experiment=offline model.source=ckpt/step-20,ckpt/step-400 \\
         eval=stats eval.reference_column=reference
 """
 
