@@ -238,7 +238,7 @@ def test_cli_sink_errors_are_one_line_before_ray(s3, tmp_path):
     ):
         t0 = time.monotonic()
         proc = subprocess.run(
-            [sys.executable, "-m", "capjob", "experiment=offline", "model.source=unused-never-loaded", *overrides],
+            [sys.executable, "-m", "capjob", "experiment=offline", *overrides],
             cwd=REPO, env={**os.environ, **s3.env()}, capture_output=True, text=True, timeout=120,
         )
         errors = [line for line in proc.stderr.splitlines() if line.startswith("capjob: error:")]

@@ -254,7 +254,7 @@ def test_automatic_partitions_are_a_multiple_of_the_workers():
 
 def capjob_cli(*overrides: str, env: dict[str, str], tmp_path: pathlib.Path) -> subprocess.CompletedProcess:
     # model.source: a model is never loaded when the input fails, so skip building the tiny one.
-    cmd = [sys.executable, "-m", "capjob", "experiment=offline", "model.source=unused-never-loaded",
+    cmd = [sys.executable, "-m", "capjob", "experiment=offline",
            f"sink.path={tmp_path}/out", *overrides]
     return subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
                           capture_output=True, text=True, timeout=240)

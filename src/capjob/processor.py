@@ -503,8 +503,15 @@ class CaptionRecord:
             out[PROMPT_COLUMN] = name
             out[GROUP_COLUMN] = data[GROUP_COLUMN]
         for column in self.passthrough_columns:
-            out[column] = data.get(column)
+            out[column] = missing_as_none(data.get(column))
         return out
+
+
+def missing_as_none(value: Any) -> Any:
+    """A pass-through value as the output holds it: a missing one is None. Ray Data's numpy
+    batches turn a block's all-null column into float NaN; written as is, that block's file
+    would type the column double and the sink's files could no longer be read together."""
+    return None if isinstance(value, float) and value != value else value
 
 
 def merge_requests(parts: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:

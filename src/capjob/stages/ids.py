@@ -174,11 +174,13 @@ def label_rows(batch: dict[str, np.ndarray], image_column: str, key_column: Opti
     ids, source_keys = [], []
     for key, cell in zip(keys, images):
         data, path = identity(cell)
+        # An HF {bytes, path} cell names its file even when its bytes are there: the source key.
+        name = path or (cell.get("path") if isinstance(cell, dict) else None) or None
         if isinstance(key, bytes):
             key = key.decode()
         rid = row_id(key, data, path)
         ids.append(rid)
-        source_keys.append(str(key) if key is not None and str(key) != "" else (path or rid))
+        source_keys.append(str(key) if key is not None and str(key) != "" else (name or rid))
     return number_repeats(ids), source_keys
 
 
