@@ -442,7 +442,7 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
     return result
 
 
-SAMPLE_CAPTIONS = 5
+SAMPLE_CAPTIONS = 3
 
 
 def sample_captions(samples: list[dict[str, Any]], captioned: int) -> str:
@@ -451,7 +451,7 @@ def sample_captions(samples: list[dict[str, Any]], captioned: int) -> str:
     if not samples:
         return ""
     chosen = sorted(samples, key=lambda r: r.get("reference") is None)[:SAMPLE_CAPTIONS]
-    lines = [f"\nsample captions ({len(chosen)} of {captioned}):"]
+    lines = [f"sample captions ({len(chosen)} of {captioned}):"]
     for r in chosen:
         text = next(iter(r["captions"].values()), "") or ""
         mark = "" if r.get("reference") is None else ("  [= reference]" if text.strip() == r["reference"] else

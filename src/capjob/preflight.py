@@ -247,9 +247,9 @@ def source_rows(data: Any) -> Optional[int]:
     rows: Optional[int] = None
     try:
         if data.format == SourceFormat.sample:
-            from capjob.sample_data import bundled_photos
+            from capjob.sample_data import sample_rows
 
-            rows = len(bundled_photos()) + data.sample_size
+            rows = sample_rows(data.sample_size, data.sample_shapes)
         elif data.format == SourceFormat.parquet:
             import pyarrow.dataset as pads
             import fsspec

@@ -164,8 +164,8 @@ def summary_table(report: dict[str, Any]) -> str:
         f"| rows read | {report['rows_read']} |",
         f"| skipped (already done) | {report['skipped_done']} |",
         f"| captioned | {report['captioned']} |",
-        f"| quarantined | {report['quarantined']} (images {report['quarantined_images']}, engine {report['quarantined_engine']}) |",
-        f"| empty captions (quarantined) | {report.get('empty_captions', 0)} |",
+        f"| quarantined | {report['quarantined']} (images {report['quarantined_images']}, engine {report['quarantined_engine']}, "
+        f"of which empty captions {report.get('empty_captions', 0)}) |",
         f"| wall time | {report['wall_seconds']:.1f} s{_split(report.get('timeline') or {})} |",
         f"| rows/s (whole run / steady) | {report['rows_per_second']} / {_or_dash((report.get('timeline') or {}).get('steady_rows_per_second'))} |",
         f"| generated tokens/s | {report['generated_tokens_per_second']} |",

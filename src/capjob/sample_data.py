@@ -117,6 +117,11 @@ def write_hf_parquet(rows: list[tuple[str, bytes, str]], path: pathlib.Path,
     pq.write_table(table, path)
 
 
+def sample_rows(num_generated: int, num_shapes: int) -> int:
+    """How many rows ensure_sample_dataset(num_generated, num_shapes) holds, without writing it."""
+    return len(bundled_photos()) + num_generated + num_shapes
+
+
 def ensure_sample_dataset(num_generated: int = 24, num_shapes: int = 24) -> str:
     """The sample dataset's directory, written on first use (atomically) and reused after."""
     root = cache_dir() / "datasets" / f"sample-{SAMPLE_VERSION}-{num_generated}-{num_shapes}"
