@@ -422,8 +422,9 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
     if interrupted:
         return result
     console.out("\n" + report.summary_table(run_report))
-    console.out(sample_captions(totals.get("samples", []), result.captioned))
-    console.out(f"\ncaptions:   {result.output}\nquarantine: {result.quarantine}\nreport:     {' and '.join(report_dirs)}")
+    if totals.get("samples"):
+        console.out(sample_captions(totals["samples"], result.captioned))
+    console.out(f"captions:   {result.output}\nquarantine: {result.quarantine}\nreport:     {' and '.join(report_dirs)}")
 
     if cfg.job.metrics_export_port:
         # Keep the endpoint up for a few report intervals so a scraper sees the final counts.
