@@ -147,8 +147,10 @@ def test_webdataset_local_to_parquet_local(s3, tmp_path):
            f"sink.path={tmp_path}/out", "sink.rows_per_file=4", "job.run_id=wds-run")
     captions = read_local(tmp_path / "out" / "captions")
     dotted = {"shard-00002.tar/2023.05.01_beach", "shard-00002.tar/2023.05.02_dog"}
-    assert set(captions.column("id").to_pylist()) == wds_ids() | dotted
-    cls = dict(zip(captions.column("id").to_pylist(), captions.column("cls").to_pylist()))
+    # ids are <key>#<content digest> (stages/ids.py): the keys are the webdataset keys.
+    assert set(captions.column("source_key").to_pylist()) == wds_ids() | dotted
+    assert all(i.startswith(k + "#") for i, k in zip(captions.column("id").to_pylist(), captions.column("source_key").to_pylist()))
+    cls = dict(zip(captions.column("source_key").to_pylist(), captions.column("cls").to_pylist()))
     assert {cls[k] for k in dotted} == {1, 2}
     import pyarrow.compute as pc
 
@@ -223,9 +225,9 @@ def test_real_cells_parquet_local_to_parquet_local(s3, tmp_path):
                "data.fetch.backoff_s=0.05", f"sink.path={tmp_path}/out", "job.run_id=cells-run")
         assert http.requests[f"/flaky/2/{names[4]}"] == 3 and http.requests["/status/403"] == 1
     captions = read_local(tmp_path / "out" / "captions")
-    assert sorted(captions.column("id").to_pylist()) == ["base64", "data-uri", "path", "url", "url-503-twice"]
+    assert sorted(captions.column("source_key").to_pylist()) == ["base64", "data-uri", "path", "url", "url-503-twice"]
     quarantine = read_local(tmp_path / "out" / "quarantine")
-    reasons = dict(zip(quarantine.column("id").to_pylist(), quarantine.column("reason").to_pylist()))
+    reasons = dict(zip(quarantine.column("source_key").to_pylist(), quarantine.column("reason").to_pylist()))
     assert reasons["url-403"].startswith("fetch: 403 Forbidden: http://127.0.0.1:")
     assert reasons["url-html"] == "not_an_image: looks like HTML/XML text"
     assert len(reasons) == 2
