@@ -154,7 +154,7 @@ def test_webdataset_local_to_parquet_local(s3, tmp_path):
     assert {cls[k] for k in dotted} == {1, 2}
     import pyarrow.compute as pc
 
-    check(captions.filter(pc.is_in(captions.column("id"), pa.array(sorted(wds_ids())))), wds_ids(), label_column="cls")
+    check(captions.filter(pc.is_in(captions.column("source_key"), pa.array(sorted(wds_ids())))), wds_ids(), label_column="cls")
     sizes = [pq.ParquetFile(f).metadata.num_rows for f in (tmp_path / "out" / "captions").glob("*.parquet")]
     assert sum(sizes) == N + 2 and len(sizes) <= 3, sizes  # blocks gathered into files of >= 4 rows
     report = json.loads((tmp_path / "out" / "reports" / "wds-run" / "report.json").read_text())
