@@ -162,6 +162,20 @@ def test_empty_captions_are_quarantined_and_counted(tmp_path, monkeypatch):
     assert reasons["img-00001"] == reasons["img-00003"] == EMPTY_CAPTION
 
 
+def test_all_null_pass_through_blocks_keep_the_column_type(tmp_path, no_ledger):
+    """A block whose pass-through column is all null (Arrow's null type) is written with the
+    source's type, else string: the sink's files stay readable together."""
+    cfg = sink(tmp_path)
+    CaptionSink(cfg, "run", "tiny").write([captions(2).append_column("reference", pa.array(["a", None]))], None)
+    CaptionSink(cfg, "run", "tiny").write([captions(2, start=2).append_column("reference", pa.nulls(2))], None)
+    CaptionSink(cfg, "run", "tiny", column_types={"score": pa.int64()}).write(
+        [captions(2, start=4).append_column("reference", pa.nulls(2)).append_column("score", pa.nulls(2))], None)
+    files = sorted((tmp_path / CAPTIONS).glob("*.parquet"))
+    assert {pq.read_schema(f).field("reference").type for f in files} == {pa.string()}
+    assert any(pq.read_schema(f).field("score").type == pa.int64() for f in files if "score" in pq.read_schema(f).names)
+    assert pq.read_table(tmp_path / CAPTIONS).num_rows == 6
+
+
 def test_rows_per_file_gathers_blocks(tmp_path):
     """sink.rows_per_file is Ray Data's min_rows_per_write: blocks are gathered until a file holds
     at least that many rows."""

@@ -446,6 +446,17 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
 SAMPLE_CAPTIONS = 3
 
 
+def passthrough_types(source: Any) -> dict[str, Any]:
+    """The Arrow types of the source's pass-through columns, when the reader knows its schema
+    without reading data (parquet footers, HF features); {} otherwise."""
+    try:
+        schema = source.dataset.schema(fetch_if_missing=False)
+        arrow = getattr(schema, "base_schema", None) if schema is not None else None
+        return {c: arrow.field(c).type for c in source.passthrough_columns if arrow is not None and c in arrow.names}
+    except Exception:  # noqa: BLE001 - a hint for the sink's typing; never worth failing the run
+        return {}
+
+
 def sample_captions(samples: list[dict[str, Any]], captioned: int) -> str:
     """A few captions for the console, rows with a known true caption (`reference`) first,
     each marked right or wrong against it."""
@@ -541,7 +552,8 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
         if console.log_path and console.quiet():
             console.out(f"  log         {console.log_path} (Ray, vLLM; job.log_level=info shows them here)")
         dataset = caption_flow(cfg, job, source, plan)
-        sink = sinks.CaptionSink(cfg.sink, run_id, cfg.model.name, cfg.caption, data_root=cfg.data.path)
+        sink = sinks.CaptionSink(cfg.sink, run_id, cfg.model.name, cfg.caption, data_root=cfg.data.path,
+                                 column_types=passthrough_types(source))
         with console.Progress(lambda: ray.get(job.ledger.totals.remote(), timeout=5), num_rows):
             dataset.write_datasink(sink, ray_remote_args=task_options(cfg))  # streams: nothing is materialised
     except KeyboardInterrupt:

@@ -379,13 +379,26 @@ def caption_columns_of(table: pa.Table) -> list[str]:
     return [c for c in table.column_names if c.startswith(CAPTION_COLUMN + "_")]
 
 
+def typed_nulls(table: pa.Table, column_types: dict[str, pa.DataType]) -> pa.Table:
+    """A block whose pass-through column holds no value at all reaches the sink as Arrow's null
+    type; written so, that file's schema would differ from the others' and the sink's files
+    could not be read together. Such a column takes the source's type (string where unknown)."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_null(field.type):
+            table = table.set_column(i, field.name, table.column(i).cast(column_types.get(field.name, pa.string())))
+    return table
+
+
 class CaptionSink(Datasink[dict[str, Any]]):
     """Ray Data sink: each block's rows go to captions, or to quarantine when the engine (or the
     JSON parse) failed; with sink=txt, captioned rows also get their .txt, written before the
     manifest file that marks them done."""
 
-    def __init__(self, cfg: SinkConfig, run_id: str, model_name: str, caption: Any = None, data_root: Optional[str] = None):
+    def __init__(self, cfg: SinkConfig, run_id: str, model_name: str, caption: Any = None, data_root: Optional[str] = None,
+                 column_types: Optional[dict[str, pa.DataType]] = None):
         self.cfg = cfg
+        # The source's types of the pass-through columns, where the reader knew them up front.
+        self.column_types = column_types or {}
         self.run_id = run_id
         self.model_name = model_name
         self.prefix = getattr(caption, "prefix", "") or ""
@@ -422,6 +435,7 @@ class CaptionSink(Datasink[dict[str, Any]]):
         errors = table.column(ERROR_COLUMN).to_pylist() if ERROR_COLUMN in table.column_names else [""] * table.num_rows
         thumbnails = table.column(THUMBNAIL_COLUMN).to_pylist() if THUMBNAIL_COLUMN in table.column_names else [None] * table.num_rows
         table = table.drop_columns([c for c in (ERROR_COLUMN, THUMBNAIL_COLUMN) if c in table.column_names])
+        table = typed_nulls(table, self.column_types)
         failed = [i for i, e in enumerate(errors) if e]
         ok = [i for i, e in enumerate(errors) if not e]
         stem = f"{self.run_id}-{block_digest(table.column('id').to_pylist())}"
