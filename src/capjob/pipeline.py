@@ -450,9 +450,11 @@ def passthrough_types(source: Any) -> dict[str, Any]:
     """The Arrow types of the source's pass-through columns, when the reader knows its schema
     without reading data (parquet footers, HF features); {} otherwise."""
     try:
+        import pyarrow as pa
+
         schema = source.dataset.schema(fetch_if_missing=False)
-        arrow = getattr(schema, "base_schema", None) if schema is not None else None
-        return {c: arrow.field(c).type for c in source.passthrough_columns if arrow is not None and c in arrow.names}
+        types = dict(zip(schema.names, schema.types)) if schema is not None else {}
+        return {c: t for c, t in types.items() if c in source.passthrough_columns and isinstance(t, pa.DataType)}
     except Exception:  # noqa: BLE001 - a hint for the sink's typing; never worth failing the run
         return {}
 
