@@ -4,6 +4,7 @@
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -238,9 +239,13 @@ def test_job_submission_succeeds_and_writes_parquet(ray_head, tmp_path):
     report = json.loads((out / "reports" / "submitted" / "report.json").read_text())
     assert report["captioned"] == 4
     # the driver joined the head (RAY_ADDRESS set by the job server) instead of starting a Ray
+    # (Ray's own lines go to capjob.log in the run directory, whose path the console prints.)
     logs = job_logs(ray_head, "capjob-test-ok")
-    assert "Started a local Ray instance" not in logs
-    assert "Connecting to existing Ray cluster" in logs
+    match = re.search(r"log\s+(\S+capjob\.log)", logs)
+    assert match, logs[-3000:]
+    ray_log = pathlib.Path(match.group(1)).read_text()
+    assert "Started a local Ray instance" not in logs + ray_log
+    assert "Connecting to existing Ray cluster" in ray_log
 
 
 @pytest.mark.e2e
