@@ -115,7 +115,8 @@ def test_dry_run_says_what_the_sink_holds_and_what_is_left(tmp_path):
     writer.write(QUARANTINE, pa.table({"id": ["d"]}), "earlier-run-1")
     proc = capjob(tmp_path, "experiment=offline", "job.dry_run=true", "data.sample_size=6", f"sink.path={tmp_path}/out")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "4 id(s) already in the sink; source rows: 18; left to caption: at most 14" in proc.stdout
+    # 12 photos + 6 generated images + 24 shape scenes (data.sample_shapes)
+    assert "4 id(s) already in the sink; source rows: 42; left to caption: at most 38" in proc.stdout
     assert not proc.ray_started and proc.seconds < PREFLIGHT_LIMIT_S
 
 
