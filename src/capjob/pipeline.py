@@ -279,12 +279,24 @@ def preflight_prompt_columns(cfg: CapjobConfig) -> None:
         raise
 
 
+def with_ids(cfg: CapjobConfig, ds: Any, source: Any, done: Any, run_id: str) -> Any:
+    """The id stage (stages/ids.assign_ids): rows get `id` and `source_key`, done ones leave,
+    counts go to `run_id`'s ledger. One definition for the run and the nothing-left check."""
+    from capjob.stages import ids
+
+    return ds.map_batches(
+        ids.assign_ids,
+        fn_kwargs={"image_column": source.image_column, "key_column": source.key_column, "done": done, "run_id": run_id},
+        batch_format="numpy",
+        **task_options(cfg),
+    )
+
+
 def caption_flow(cfg: CapjobConfig, job: Started, source: Any, plan: Plan) -> Any:
     """The lazy Ray Dataset from source rows to output rows, stage by stage."""
     from capjob import images
     from capjob.processor import build_caption_processor
     from capjob.stages.sources import Fetcher
-    from capjob.stages import ids
 
     ds = source.dataset
     # Repartition first, straight after the read: the read's blocks (a whole parquet file, up to
@@ -295,13 +307,7 @@ def caption_flow(cfg: CapjobConfig, job: Started, source: Any, plan: Plan) -> An
         ds = ds.repartition(num_blocks=plan.num_blocks)
     # assign_ids, prepare_images and the processor's preprocess share task_options, so Ray Data
     # fuses them into one task per block: no copy of the raw or decoded block between them.
-    ds = ds.map_batches(  # stable ids; rows a previous run finished leave here
-        ids.assign_ids,
-        fn_kwargs={"image_column": source.image_column, "key_column": source.key_column,
-                   "done": job.done, "run_id": job.run_id},
-        batch_format="numpy",
-        **task_options(cfg),
-    )
+    ds = with_ids(cfg, ds, source, job.done, job.run_id)  # stable ids; rows a previous run finished leave here
     ds = ds.map_batches(  # decode once, validate, resize; rejects -> quarantine
         images.prepare_images,
         fn_kwargs={
@@ -484,20 +490,13 @@ def nothing_left(cfg: CapjobConfig, job: Started, source: Any, num_rows: Optiona
     import ray
 
     from capjob import metrics
-    from capjob.stages import ids
 
     if not job.done_count or num_rows is None or job.done_count < num_rows:
         return False
     probe_id = f"{job.run_id}-resume-check"
     probe = metrics.start_ledger(cfg.job.name, probe_id)
     try:
-        left = source.dataset.map_batches(
-            ids.assign_ids,
-            fn_kwargs={"image_column": source.image_column, "key_column": source.key_column,
-                       "done": job.done, "run_id": probe_id},
-            batch_format="numpy",
-            **task_options(cfg),
-        ).count()
+        left = with_ids(cfg, source.dataset, source, job.done, probe_id).count()
     finally:
         ray.kill(probe)
     return left == 0
