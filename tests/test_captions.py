@@ -345,3 +345,17 @@ def test_sample_keeper_keeps_the_smallest_hashes():
     for h in (9, 1, 7, 3, 8, 2):
         keeper.offer([{"hash": h, "id": str(h)}])
     assert sorted(s["hash"] for s in keeper.samples()) == [1, 2, 3]
+
+
+def test_text_before_image_puts_the_shared_prompt_first():
+    """caption.text_before_image (issue 22): the user prompt ahead of the image, so every request
+    starts with the same system + user tokens for vLLM's prefix cache; it is part of the run's
+    settings only when set (older runs keep their fingerprint)."""
+    from capjob.checkpoint import caption_settings
+
+    image = Image.new("RGB", (4, 4))
+    kinds = lambda cfg: [p["type"] for p in CaptionRequest(cfg).messages(image, "u", "say")[1]["content"]]  # noqa: E731
+    assert kinds(typed()) == ["image_pil", "text"]
+    assert kinds(typed("caption.text_before_image=true")) == ["text", "image_pil"]
+    assert "caption.text_before_image" not in caption_settings(typed(), "m")
+    assert caption_settings(typed("caption.text_before_image=true"), "m")["caption.text_before_image"] is True

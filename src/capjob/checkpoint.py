@@ -120,6 +120,8 @@ def caption_settings(cfg: CapjobConfig, model_source: str) -> dict[str, Any]:
         "caption.max_tokens": c.max_tokens,
         "caption.ignore_eos": c.ignore_eos,
         "caption.seed": c.seed,
+        # Only when set: the fingerprints of runs from before the option stay as they were.
+        **({"caption.text_before_image": True} if c.text_before_image else {}),
         "images.size": i.size,
         "images.resize": i.resize.value,
         "images.max_pixels": i.max_pixels,

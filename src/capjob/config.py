@@ -227,6 +227,10 @@ class CaptionConfig:
     # Benchmarks set this so that every contender generates exactly max_tokens.
     ignore_eos: bool = False
     seed: Optional[int] = None
+    # Order of the user turn: false puts the image before the user prompt (Qwen's own examples);
+    # true puts the prompt first, so every request starts with the same system + user tokens and
+    # vLLM's prefix cache serves them instead of prefilling them again (issue 22: the H200 preset).
+    text_before_image: bool = False
     # Several captions per image: {name: {prompt, max_tokens, json_schema}} (or {name: prompt})
     # gives one column `caption_<name>` per entry (in this order) instead of `caption`; empty:
     # user_prompt alone. prompt: as user_prompt; max_tokens: null = caption.max_tokens;

@@ -322,6 +322,7 @@ class CaptionRequest:
     def __init__(self, cfg: CapjobConfig, prompt: Optional["RenderedPrompt"] = None, thumbnail_every: int = 0):
         c = cfg.caption
         self.system_prompt = c.system_prompt
+        self.text_before_image = c.text_before_image
         self.specs = {spec.name: spec for spec in prompt_specs(c)}
         self.first = next(iter(self.specs))
         self.prompt = prompt
@@ -362,17 +363,11 @@ class CaptionRequest:
         return {**out, "messages": self.messages(image, uuid, text)}
 
     def messages(self, image: Any, uuid: str, text: str) -> list[dict[str, Any]]:
-        return [
-            {"role": "system", "content": self.system_prompt},
-            {
-                "role": "user",
-                "content": [
-                    # vLLM's multimodal cache key (stages/ids.image_uuid: a digest of the pixels).
-                    {"type": "image_pil", "image_pil": image, "uuid": uuid},
-                    {"type": "text", "text": text},
-                ],
-            },
-        ]
+        # vLLM's multimodal cache key (stages/ids.image_uuid: a digest of the pixels).
+        parts = [{"type": "image_pil", "image_pil": image, "uuid": uuid}, {"type": "text", "text": text}]
+        if self.text_before_image:
+            parts.reverse()
+        return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": parts}]
 
 
 @dataclass(frozen=True)
