@@ -27,6 +27,13 @@ separate device commands (each under 10 minutes); `report` renders them all:
     python bench/gpu_bench.py run capjob --sweep engine.batch_size=32,128 engine.max_num_seqs=128,256
     python bench/gpu_bench.py report --out docs/bench-gpu      # table (markdown), sweep.png
 
+Issue 22's additions: `--experiment h200_throughput` and `run --set k=v ...` (overrides every
+contender gets; raw vLLM's engine kwargs follow them), `--raw-api generate|chat`, `--profile S`
+(py-spy over the engine core and its front-end for S seconds of the steady window; Profiler),
+MFU (FLOP_PER_IMAGE over PEAK_FLOPS), vLLM's stat-line means, end-to-end wall and, for raw vLLM,
+its image decoding; `report` ends with every run's row (runs_table). bench/gpu_issue22.sh runs
+the issue's session.
+
 CPU smoke run (tiny model, a few images; checks every code path, measures nothing):
 
     python bench/gpu_bench.py --smoke data --images 8 && python bench/gpu_bench.py --smoke run capjob raw_vllm seed transformers && python bench/gpu_bench.py --smoke report
@@ -53,6 +60,20 @@ sys.path.insert(0, str(REPO / "src"))
 SIZE = 225  # the seed's square resize, used by every contender
 SEED_BATCH_SIZE = 16
 CONTENDERS = ("capjob", "raw_vllm", "seed", "transformers")
+# Useful work per caption (issue 22's count for Qwen2.5-VL-3B, 225x225 -> 64 vision tokens, ~100
+# prompt tokens, 128 output tokens; 2 FLOP per parameter per token): vision encoder ~0.34 TFLOP,
+# prefill ~0.6, decode ~0.8. Prefix-cache hits are not subtracted: MFU is of the useful work.
+FLOP_PER_IMAGE = 1.76e12
+# Dense bf16 peak of an H100/H200 SXM (NVIDIA's datasheet, without sparsity), as in issue 22.
+PEAK_FLOPS = 989e12
+
+
+def mfu_pct(images_per_s: Optional[float], max_tokens: int) -> Optional[float]:
+    """Model FLOP utilisation, %, of the dense bf16 peak; None off the 128-token workload the
+    FLOP count is for."""
+    if not images_per_s or max_tokens != 128:
+        return None
+    return round(100 * images_per_s * FLOP_PER_IMAGE / PEAK_FLOPS, 1)
 
 
 # --- settings shared by every contender ---------------------------------------------------
@@ -73,6 +94,11 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "transformers_images": args.transformers_images,
         "label": args.label if args.cmd == "run" else None,
         "timeout": args.timeout if args.cmd == "run" else None,
+        "experiment": args.experiment,
+        "set": list(getattr(args, "set", None) or []),
+        "raw_api": getattr(args, "raw_api", "generate"),
+        "profile_s": getattr(args, "profile", 0.0) or 0.0,
+        "profile_delay_s": getattr(args, "profile_delay", 10.0),
     }
 
 
@@ -88,7 +114,10 @@ def base_overrides(s: dict[str, Any]) -> list[str]:
     ]
     if s["smoke"]:
         overrides += ["experiment=offline"]
-    return overrides
+    elif s.get("experiment"):
+        overrides += [f"experiment={s['experiment']}"]
+    # --set: overrides every contender gets (raw vLLM too: its engine kwargs come from them).
+    return overrides + list(s.get("set") or [])
 
 
 def compose(overrides: list[str]):
@@ -215,6 +244,130 @@ class GpuSampler:
         }
 
 
+class Profiler:
+    """py-spy over the engine's processes for one steady window: once `ready()` is true, wait
+    `delay` s, then sample for `duration` s (100 Hz, no pause of the target, one file per process
+    and thread-tagged stacks). The processes: vLLM's EngineCore (scheduler, input preparation,
+    model launch, sampling) and its parent, the engine front-end (input processing, output
+    processing; the Ray Data actor in capjob, the bench itself for raw vLLM). Results go to
+    WORK/profiles/<label>-<role>.txt (py-spy's raw format) and a summary to stdout and
+    `self.summary` (each thread's busy share and its heaviest frames)."""
+
+    def __init__(self, s: dict[str, Any], label: str, ready: Any) -> None:
+        self.duration, self.delay, self.ready, self.label = s["profile_s"], s["profile_delay_s"], ready, label
+        self.dir = pathlib.Path(s["work"]) / "profiles"
+        self.summary: dict[str, Any] = {}
+        self.window: Optional[tuple[float, float]] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "Profiler":
+        if self.duration > 0 and shutil.which("py-spy"):
+            self._thread.start()
+        elif self.duration > 0:
+            print("profile: py-spy not on PATH, no profile", flush=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()  # a profile not started by now never will be
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.duration + 30)
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self.ready():
+            if self._stop.wait(0.5):
+                return
+        if self._stop.wait(self.delay):
+            return
+        cores = [p for p in psutil.process_iter(["pid", "name", "cmdline"])
+                 if "EngineCore" in (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])]
+        targets = {}
+        for i, core in enumerate(cores):
+            suffix = f"{i}" if len(cores) > 1 else ""
+            targets[f"enginecore{suffix}"] = core.pid
+            try:
+                targets[f"frontend{suffix}"] = core.parent().pid
+            except Exception:  # noqa: BLE001 - the parent went away
+                pass
+        if not targets:
+            print("profile: no EngineCore process found", flush=True)
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        procs = {}
+        start = time.time()
+        for role, pid in targets.items():
+            path = self.dir / f"{self.label}-{role}.txt"
+            # GPU_BENCH_NATIVE=1: the engine core's C/C++ frames too (what a Python frame's own time is).
+            native = ["--native"] if role.startswith("enginecore") and os.environ.get("GPU_BENCH_NATIVE") == "1" else []
+            procs[role] = (path, subprocess.Popen(
+                ["py-spy", "record", "--pid", str(pid), "--duration", str(int(self.duration)), "--rate", "100",
+                 "--format", "raw", "--threads", "--nonblocking", *native, "--output", str(path)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        for role, (path, proc) in procs.items():
+            _, err = proc.communicate(timeout=self.duration + 60)
+            if proc.returncode or not path.exists():
+                print(f"profile: py-spy on {role} failed: {err[-500:]}", flush=True)
+                continue
+            self.summary[role] = summarize_profile(path, self.duration, 100)
+        self.window = (start, start + self.duration)
+        for role, summ in self.summary.items():
+            print(f"PROFILE {self.label} {role}: " + json.dumps(summ), flush=True)
+
+
+def summarize_profile(path: pathlib.Path, duration: float, rate: int, top: int = 40) -> dict[str, Any]:
+    """py-spy raw stacks -> per thread: share of the window it was running Python (samples over
+    duration x rate) and the frames (function, file) taking the largest inclusive share of it."""
+    import collections
+    import re
+
+    threads: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    totals: collections.Counter = collections.Counter()
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        thread = frames[0] if frames[0].startswith(("thread", "process")) else "main"
+        body = frames[1:] if thread != "main" else frames
+        n = int(count)
+        totals[thread] += n
+        seen = set()
+        for f in body:
+            name = re.sub(r":\d+\)$", ")", f)  # the function, not the line
+            name = re.sub(r"\(/.*/(site-packages|python3\.\d+)/", "(", name)
+            if name not in seen:
+                seen.add(name)
+                threads[thread][name] += n
+    out = {}
+    for thread, total in totals.most_common(3):
+        out[thread] = {"busy_share": round(total / (duration * rate), 3),
+                       "frames": {f: round(c / total, 3) for f, c in threads[thread].most_common(top)}}
+    return out
+
+
+def vllm_log_stats(log: pathlib.Path) -> dict[str, Any]:
+    """Means of vLLM's periodic stat lines (log_engine_metrics) over the lines with requests
+    running: generated tokens/s, running requests, KV cache use, prefix-cache hit rate."""
+    import re
+
+    pattern = re.compile(r"Avg prompt throughput: ([\d.]+) tokens/s, Avg generation throughput: ([\d.]+) tokens/s, "
+                         r"Running: (\d+) reqs, Waiting: (\d+) reqs(?:, (?:Deferred|Preemptions): \d+(?: reqs)?)*, GPU KV cache usage: ([\d.]+)%"
+                         r"(?:, Prefix cache hit rate: ([\d.]+)%)?")
+    rows = [m.groups() for m in pattern.finditer(log.read_text(errors="replace"))] if log.exists() else []
+    rows = [r for r in rows if int(r[2]) > 0]
+    if not rows:
+        return {}
+
+    def mean(i: int) -> float:
+        vals = [float(r[i]) for r in rows if r[i] is not None]
+        return round(sum(vals) / len(vals), 1) if vals else None
+
+    return {"vllm_gen_tok_s": mean(1), "vllm_prompt_tok_s": mean(0), "vllm_running": mean(2), "vllm_waiting": mean(3),
+            "vllm_kv_pct": mean(4), "vllm_prefix_hit_pct": mean(5), "vllm_stat_lines": len(rows)}
+
+
 def steady(finish_times: list[float], tokens_per_image: int, started: float) -> dict[str, Any]:
     """Throughput between the first and the last finished image (start-up excluded)."""
     times = sorted(finish_times)
@@ -232,6 +385,9 @@ def steady(finish_times: list[float], tokens_per_image: int, started: float) -> 
 def record(s: dict[str, Any], result: dict[str, Any]) -> None:
     result = {k: v for k, v in result.items() if k != "window"}
     result.update(resources=s["resources"], **({"label": s["label"]} if s.get("label") else {}))
+    if result.get("images_per_s"):
+        result["mfu_pct"] = mfu_pct(result["images_per_s"], s["max_tokens"])
+    result.update(experiment=s.get("experiment"), set=s.get("set"))
     with open(s["results"], "a") as f:
         f.write(json.dumps(result) + "\n")
     print("RESULT", json.dumps(result), flush=True)
@@ -252,7 +408,9 @@ def run_capjob(s: dict[str, Any], point: dict[str, str]) -> dict[str, Any]:
     overrides = base_overrides(s) + [f"sink.path={out}", f"hydra.run.dir={out}/hydra"] + [f"{k}={v}" for k, v in point.items()]
     out.mkdir(parents=True)
     log = out / "capjob.log"  # vLLM's "Running: N reqs" lines, Ray Data's progress; written as the job runs
-    with GpuSampler() as gpu, open(log, "w") as log_file:
+    label = f"capjob-{s['label'] or name}"
+    profiler = Profiler(s, label, lambda: any(out.rglob("*.parquet")))
+    with GpuSampler() as gpu, open(log, "w") as log_file, profiler:
         started = time.time()
         try:
             returncode = subprocess.run([sys.executable, "-m", "capjob", *overrides], cwd=REPO, stdout=log_file,
@@ -267,7 +425,17 @@ def run_capjob(s: dict[str, Any], point: dict[str, str]) -> dict[str, Any]:
     if returncode != 0:
         sys.stderr.write(log.read_text(errors="replace")[-8000:])
         return {"contender": "capjob", "point": point, "status": f"failed ({returncode})"}
-    return {"contender": "capjob", "point": point, "status": "ok", **measure_job(s, out, started, gpu), "wall_s": round(ended - started, 1)}
+    result = {"contender": "capjob", "point": point, "status": "ok", **measure_job(s, out, started, gpu),
+              # vLLM's stat lines go to the job's full log (the console shows capjob's own lines).
+              "wall_s": round(ended - started, 1), **vllm_log_stats(out / "hydra" / "capjob.log")}
+    return with_profile(result, profiler, gpu)
+
+
+def with_profile(result: dict[str, Any], profiler: "Profiler", gpu: "GpuSampler") -> dict[str, Any]:
+    if profiler.window:
+        result["profile_gpu_util"] = gpu.window(*profiler.window)["gpu_util_mean"]
+        result["profile"] = profiler.summary
+    return result
 
 
 def partial_rate(s: dict[str, Any], sink: pathlib.Path, started: float, gpu: "GpuSampler") -> dict[str, Any]:
@@ -275,7 +443,7 @@ def partial_rate(s: dict[str, Any], sink: pathlib.Path, started: float, gpu: "Gp
     import pyarrow.parquet as pq
 
     finish: list[float] = []
-    for f in (sink / "captions").rglob("*.parquet"):
+    for f in [*(sink / "captions").rglob("*.parquet"), *(sink / "quarantine").rglob("*.parquet")]:
         try:
             finish += [f.stat().st_mtime] * pq.read_metadata(f).num_rows
         except Exception:  # noqa: BLE001 - a file being written when the job was stopped
@@ -290,13 +458,19 @@ def measure_job(s: dict[str, Any], sink: pathlib.Path, started: float, gpu: "Gpu
     """Steady rate, engine-operator rate and GPU use of one finished capjob job, from its sink."""
     import pyarrow.parquet as pq
 
-    # Finish times from the sink: each file is written when its block leaves the engine.
+    # Finish times from the sink: each file is written when its block leaves the engine. Quarantined
+    # rows count too: the engine generated their tokens all the same (the dummy model's random
+    # weights often generate special tokens only, an empty caption; seen 2026-12-03, issue 22).
     finish: list[float] = []
-    for f in (sink / "captions").rglob("*.parquet"):
+    for f in [*(sink / "captions").rglob("*.parquet"), *(sink / "quarantine").rglob("*.parquet")]:
         finish += [f.stat().st_mtime] * pq.read_metadata(f).num_rows
     report = json.loads(next((sink / "reports").rglob("report.json")).read_text())
     st = steady(finish, s["max_tokens"], started)
+    timeline = report.get("timeline") or {}
+    # Ray Data's operator timeline: each operator's wall time and rate (where a stage waits).
+    ops = [{k: o.get(k) for k in ("operator", "wall_seconds", "rows_per_second")} for o in report.get("operators", [])]
     return {**st, "engine_op_rows_per_s": engine_operator(report.get("operators", [])).get("rows_per_second"),
+            "engine_ready_s": timeline.get("engine_ready_s"), "operators": ops,
             "captioned": report.get("captioned"), "quarantined": report.get("quarantined"), **gpu.window(*st["window"]),
             "report": str(next((sink / "reports").rglob("report.md")))}
 
@@ -343,34 +517,101 @@ def run_capjob_multirun(s: dict[str, Any], specs: list[str]) -> list[dict[str, A
 
 
 def run_raw_vllm(s: dict[str, Any]) -> dict[str, Any]:
+    """vllm.LLM on one GPU with capjob's engine kwargs, as a user script would run it: decode and
+    resize every image (timed, serial), build the engine, hand it every request at once.
+    --raw-api generate (the fastest offline API: the chat template rendered once, each request a
+    prompt + PIL image) or chat (LLM.chat: the template applied per request). Finish times come
+    from LLM's progress-bar hook, so its steady rate has capjob's definition (first to last
+    caption); start_s runs from this process's start to the engine being ready, decoding
+    excluded; wall_s from the process's start to the last caption, decoding included."""
+    command_start = float(os.environ.get("GPU_BENCH_T0") or time.time())
     from vllm import LLM, SamplingParams
 
     from capjob.models import resolve_model_source
-    from capjob.processor import engine_kwargs
+    from capjob.processor import CaptionRequest, engine_kwargs
     from capjob.runtime import decide_placement, local_gpu_count
 
     cfg = compose(base_overrides(s))
     source = resolve_model_source(cfg.model.source, cfg.model.builder)
     kwargs = engine_kwargs(cfg, source, decide_placement(cfg, local_gpu_count()))
+    patched = unpinned_mm_batches() if os.environ.get("GPU_BENCH_NO_PIN") == "1" else None
+    t_decode = time.time()
     images = load_images(s)
+    decode_s = time.time() - t_decode
     system, user = prompts()
-    conversations = [
-        [{"role": "system", "content": system},
-         {"role": "user", "content": [{"type": "text", "text": user}, {"type": "image_pil", "image_pil": img}]}]
-        for img in images
-    ]
+    # capjob's own message layout (caption.text_before_image decides the order).
+    request = CaptionRequest(cfg)
     params = SamplingParams(temperature=s["temperature"], max_tokens=s["max_tokens"], ignore_eos=True)
-    with GpuSampler() as gpu:
+    stamps: list[float] = []
+    label = f"raw_vllm-{s['raw_api']}" + (f"-{s['label']}" if s.get("label") else "")
+    profiler = Profiler(s, label, lambda: bool(stamps))
+    with GpuSampler() as gpu, profiler:
         t0 = time.time()
         llm = LLM(model=source, **kwargs)
         t1 = time.time()
-        outputs = llm.chat(conversations, params, use_tqdm=False)
+        if s["raw_api"] == "chat":
+            conversations = [request.messages(img, f"raw-{i}", user) for i, img in enumerate(images)]
+            outputs = llm.chat(conversations, params, use_tqdm=stamping_tqdm(stamps))
+        else:
+            from transformers import AutoProcessor
+
+            text = AutoProcessor.from_pretrained(source).apply_chat_template(
+                [{"role": "system", "content": system},
+                 {"role": "user", "content": [{"type": "image"} if p["type"] == "image_pil" else p
+                                              for p in request.messages(None, "", user)[1]["content"]]}],
+                add_generation_prompt=True, tokenize=False)
+            outputs = llm.generate([{"prompt": text, "multi_modal_data": {"image": img}} for img in images], params,
+                                   use_tqdm=stamping_tqdm(stamps))
         t2 = time.time()
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    rate = len(outputs) / (t2 - t1)
-    return {"contender": "raw_vllm", "status": "ok", "images": len(outputs), "start_s": round(t1 - t0, 2),
-            "images_per_s": round(rate, 3), "output_tokens_per_s": round(tokens / (t2 - t1), 1),
-            "wall_s": round(t2 - t0, 1), **gpu.window(t1, t2)}
+    st = steady(stamps, s["max_tokens"], command_start + decode_s)
+    whole = len(outputs) / (t2 - t1)
+    # images_per_s: every request over the engine's whole run (t1 -> t2), as in issue 8's runs; the
+    # steady rate is inflated here, since LLM stamps the requests that finished while it was still
+    # adding (processing) requests all at once when it starts collecting.
+    return with_profile({"contender": "raw_vllm", "api": s["raw_api"], "status": "ok", **st,
+                         **({"patch": patched} if patched else {}),
+                         "images_per_s": round(whole, 3), "images_per_s_steady": st["images_per_s"],
+                         "engine_ready_s": round(t1 - t0, 2), "start_s": round(t1 - command_start - decode_s, 2),
+                         "first_caption_s": round(st["start_s"], 2), "decode_s": round(decode_s, 1),
+                         "output_tokens_per_s": round(tokens / (t2 - t1), 1),
+                         "wall_s": round(t2 - command_start, 1), **gpu.window(t1, t2)}, profiler, gpu)
+
+
+def unpinned_mm_batches() -> str:
+    """Experiment (issue 22): vLLM batches the images of a step for the vision encoder by
+    concatenating their pixel values into freshly pinned host memory
+    (MultiModalFlatField._reduce_data); the profile put 78 % of the engine core's time there.
+    This makes that concatenation use ordinary memory. It works for raw vLLM only, whose engine
+    core is forked from this process (capjob's is spawned by a Ray actor)."""
+    from vllm.multimodal.inputs import MultiModalFlatField
+
+    original = MultiModalFlatField._reduce_data
+
+    def _reduce_data(self: Any, batch: Any, *, pin_memory: bool) -> Any:
+        return original(self, batch, pin_memory=False)
+
+    MultiModalFlatField._reduce_data = _reduce_data
+    return "mm batches not pinned"
+
+
+def stamping_tqdm(stamps: list[float]) -> Any:
+    """A tqdm class for LLM's use_tqdm hook that records the time of every finished request
+    (LLM updates its "Processed prompts" bar once per request that finishes) and prints nothing."""
+    from tqdm import tqdm
+
+    class Stamping(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._stamp = str(kwargs.get("desc", "")).startswith("Processed")
+            kwargs.update(file=open(os.devnull, "w"), mininterval=3600)
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: int = 1) -> Any:
+            if self._stamp:
+                stamps.extend([time.time()] * n)
+            return super().update(n)
+
+    return Stamping
 
 
 def run_seed(s: dict[str, Any]) -> dict[str, Any]:
@@ -523,6 +764,28 @@ def render(results: list[dict[str, Any]], out: Optional[pathlib.Path]) -> str:
     return text
 
 
+def runs_table(results: list[dict[str, Any]]) -> str:
+    """Every run in order (issue 22's table): rates, NVML busy, MFU, start-up, end-to-end wall and
+    vLLM's own stat-line means."""
+    lines = ["| run | images | images/s | engine op rows/s | GPU busy % | MFU % | start-up s | wall s | vLLM running | vLLM gen tok/s | prefix hit % | status |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+    for r in results:
+        what = r["contender"] + (f" ({r['api']})" if r.get("api") else "")
+        point = " ".join(f"{k}={v}" for k, v in r.get("point", {}).items())
+        extra = " ".join(r.get("set") or [])
+        name = " ".join(x for x in (r.get("label"), what, point, extra) if x)
+        start = r.get("start_s")
+        if r.get("first_caption_s") is not None:
+            start = f"{start} (first caption {r['first_caption_s']})"
+        wall = r.get("wall_s")
+        if r.get("decode_s") is not None:
+            wall = f"{wall} (decode {r['decode_s']})"
+        lines.append(f"| {name} | {r.get('images')} | {r.get('images_per_s')} | {r.get('engine_op_rows_per_s', '–')} | "
+                     f"{r.get('gpu_util_mean')} | {r.get('mfu_pct')} | {start} | {wall} | {r.get('vllm_running', '–')} | "
+                     f"{r.get('vllm_gen_tok_s', '–')} | {r.get('vllm_prefix_hit_pct', '–')} | {r.get('status')} |")
+    return "\n".join(lines)
+
+
 def check_table(results: list[dict[str, Any]], images: int) -> tuple[str, bool]:
     """One row per capjob run (its label, or its point): OK only if it ran and every one of the
     `images` rows came back as a caption (none quarantined, none lost)."""
@@ -588,6 +851,7 @@ def main() -> None:
     parser.add_argument("--transformers-images", type=int, default=64)
     parser.add_argument("--resources", default=os.environ.get("CAPJOB_BENCH_RESOURCES", "h100x1"),
                         help="capjob resources preset of every contender (h100x1, h200x1, h200x2, ...)")
+    parser.add_argument("--experiment", default=None, help="capjob experiment preset of every contender (h200_throughput)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("data", help="write the benchmark images")
     d.add_argument("--images", type=int, default=3000)
@@ -600,6 +864,11 @@ def main() -> None:
     r.add_argument("--timeout", type=float, default=None,
                    help="stop a capjob run after this many seconds (its rate over the rows written so far is kept; "
                         "--multirun: the finished jobs are kept)")
+    r.add_argument("--set", nargs="*", default=[], help="capjob overrides for every contender (raw vLLM's engine kwargs too)")
+    r.add_argument("--raw-api", choices=["generate", "chat"], default="generate",
+                   help="raw vLLM's API: generate (prompt rendered once; the fastest) or chat")
+    r.add_argument("--profile", type=float, default=0.0, help="py-spy the engine processes for this many seconds (0: off)")
+    r.add_argument("--profile-delay", type=float, default=10.0, help="seconds after the first caption before profiling")
     r.add_argument("--isolated", default=None, help=argparse.SUPPRESS)  # internal: one contender in this process
     c = sub.add_parser("check", help="bench/gpu_check.sh's table of labelled capjob runs; exit 1 if any failed or lost rows")
     c.add_argument("--images", type=int, required=True, help="rows each run must have captioned")
@@ -627,8 +896,12 @@ def main() -> None:
             # Its own process: the engine's GPU memory is released before the next contender.
             cmd = [sys.executable, __file__, *(["--smoke"] if s["smoke"] else []), "--work", s["work"], "--results", s["results"],
                    "--max-tokens", str(args.max_tokens), "--transformers-images", str(args.transformers_images),
-                   "run", contender, "--isolated", contender]
-            if subprocess.run(cmd, cwd=REPO).returncode != 0:
+                   "--resources", args.resources, *(["--experiment", args.experiment] if args.experiment else []),
+                   "run", contender, "--isolated", contender, "--raw-api", args.raw_api, "--profile", str(args.profile),
+                   "--profile-delay", str(args.profile_delay), *(["--label", args.label] if args.label else []),
+                   *(["--set", *args.set] if args.set else [])]
+            env = {**os.environ, "GPU_BENCH_T0": str(time.time())}  # the command's start, for start-up and wall
+            if subprocess.run(cmd, cwd=REPO, env=env).returncode != 0:
                 record(s, {"contender": contender, "status": "failed"})
     elif args.cmd == "check":
         results = [json.loads(line) for line in pathlib.Path(s["results"]).read_text().splitlines() if line.strip()]
@@ -638,6 +911,8 @@ def main() -> None:
     else:
         results = [json.loads(line) for line in pathlib.Path(s["results"]).read_text().splitlines() if line.strip()]
         print(render(results, pathlib.Path(args.out) if args.out else None))
+        print()
+        print(runs_table(results))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,39 @@ def test_gpu_bench_report_ratios_and_sweep(tmp_path):
     assert gpu_bench.engine_operator([{"operator": "MapBatches(vLLMEngineStageUDF)", "rows_per_second": 7.0}])["rows_per_second"] == 7.0
 
 
+def test_gpu_bench_profile_stats_and_mfu(tmp_path):
+    """Issue 22's readings: py-spy's raw stacks as each thread's busy share and heaviest frames,
+    vLLM's stat lines as means over the lines with requests running, MFU from the FLOP count,
+    and the table of every run."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_bench
+
+    stacks = tmp_path / "p.txt"
+    stacks.write_text("thread (0x1);run (/x/site-packages/vllm/core.py:10);schedule (/x/site-packages/vllm/sched.py:5) 30\n"
+                      "thread (0x1);run (/x/site-packages/vllm/core.py:12);execute (/x/site-packages/vllm/runner.py:7) 60\n"
+                      "thread (0x2);send (/x/python3.12/threading.py:3) 10\n")
+    summary = gpu_bench.summarize_profile(stacks, duration=1.0, rate=100)
+    main = summary["thread (0x1)"]
+    assert main["busy_share"] == 0.9 and summary["thread (0x2)"]["busy_share"] == 0.1
+    assert main["frames"] == {"run (vllm/core.py)": 1.0, "execute (vllm/runner.py)": 0.667, "schedule (vllm/sched.py)": 0.333}
+    log = tmp_path / "capjob.log"
+    line = ("Engine 000: Avg prompt throughput: {p} tokens/s, Avg generation throughput: {g} tokens/s, Running: {r} reqs, "
+            "Waiting: 0 reqs, GPU KV cache usage: 5.0%, Prefix cache hit rate: {h}%\n")
+    log.write_text(line.format(p=0.0, g=0.0, r=0, h=0.0) + line.format(p=100.0, g=20000.0, r=1000, h=30.0)
+                   + line.format(p=300.0, g=30000.0, r=1024, h=40.0).replace("Waiting: 0 reqs", "Waiting: 0 reqs, Preemptions: 2"))
+    stats = gpu_bench.vllm_log_stats(log)
+    assert stats["vllm_gen_tok_s"] == 25000.0 and stats["vllm_running"] == 1012.0 and stats["vllm_prefix_hit_pct"] == 35.0
+    assert stats["vllm_stat_lines"] == 2 and gpu_bench.vllm_log_stats(tmp_path / "none.log") == {}
+    assert gpu_bench.mfu_pct(127.5, 128) == 22.7 and gpu_bench.mfu_pct(127.5, 8) is None
+    table = gpu_bench.runs_table([
+        {"contender": "raw_vllm", "api": "generate", "label": "raw12k", "images": 12000, "images_per_s": 95.0, "start_s": 70,
+         "first_caption_s": 110, "wall_s": 250, "decode_s": 40, "status": "ok"},
+        {"contender": "capjob", "label": "P2", "set": ["engine.max_num_seqs=2048"], "images": 4000, "images_per_s": 250.0,
+         "mfu_pct": 44.5, "status": "ok"}])
+    assert "| raw12k raw_vllm (generate) | 12000 | 95.0 | – |" in table and "70 (first caption 110) | 250 (decode 40)" in table
+    assert "| P2 capjob engine.max_num_seqs=2048 | 4000 | 250.0 |" in table and "| 44.5 |" in table
+
+
 def test_gpu_check_table_fails_loudly():
     """bench/gpu_check.sh's verdict: a layout passes only if every image came back captioned; a
     sweep's combination refused up front (ConfigError) is shown, not counted as a failure."""
