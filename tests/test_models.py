@@ -159,26 +159,48 @@ def test_resolve_model_source(tiny_model, tmp_path, monkeypatch):
 
 def test_the_trained_model_captions_shape_scenes(tiny_model):
     """The build records its training, and transformers' greedy decoding of the saved weights
-    describes scenes it never saw: the background always right (what the e2e tests rely on to
-    tell a caption under the wrong id), every caption a scene caption of the trained grammar."""
+    captions scenes it never saw exactly right (the issue's bar, >= 95%), one shape and two;
+    every caption a scene caption of the trained grammar."""
     import re
 
     import torch
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     from capjob.models import shapes, train
-    from references import background
+    from references import MIN_EXACT
 
     record = json.loads((tiny_model / models.COMPLETE_MARKER).read_text())
     assert record["train_steps"] == train.TRAIN_STEPS and record["eval_scenes"] == train.EVAL_SCENES
+    assert record["exact_match"] >= MIN_EXACT, record
     processor = AutoProcessor.from_pretrained(tiny_model)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    scenes = shapes.scenes(40, seed=12345)
+    scenes = shapes.scenes(60, seed=12345)
     captions = train.greedy_captions(model, processor, scenes)
-    assert sum(background(c) == s.background for c, s in zip(captions, scenes)) >= 0.95 * len(scenes), captions
+    for count in (1, 2):
+        pairs = [(c, s.caption) for c, s in zip(captions, scenes) if len(s.shapes) == count]
+        assert len(pairs) >= 20 and sum(c == want for c, want in pairs) >= MIN_EXACT * len(pairs), pairs
     words = "|".join([*shapes.SHAPES, *shapes.COLOURS, *shapes.BACKGROUNDS])
     grammar = re.compile(rf"an? ({words}) ({words})( and an? ({words}) ({words}))? on a ({words}) background")
     assert all(grammar.fullmatch(c) for c in captions), captions
+
+
+def test_scene_captions_name_shapes_by_kind_not_place():
+    """Two shapes sit in cells of their own, left and right; the caption orders them by kind
+    (then colour), so the same pair reads the same whichever side each is on."""
+    from capjob.models import shapes
+
+    scenes = shapes.scenes(200, seed=3)
+    pairs = [s for s in scenes if len(s.shapes) == 2]
+    assert {s.shapes[0].kind == min(s.shapes, key=shapes.caption_order).kind for s in pairs} == {True, False}
+    for s in pairs:
+        first, second = sorted(s.shapes, key=shapes.caption_order)
+        assert s.caption.index(f" {first.colour} {first.kind}") < s.caption.index(f" {second.colour} {second.kind}")
+        assert shapes.render(s).size == (2 * shapes.SCENE_SIZE, shapes.SCENE_SIZE)
+        assert s.shapes[0].cx < shapes.SCENE_SIZE < s.shapes[1].cx
+    single = next(s for s in scenes if len(s.shapes) == 1)
+    assert shapes.render(single).size == (shapes.SCENE_SIZE, shapes.SCENE_SIZE)
+    kinds, _ = shapes.token_labels(pairs[0])
+    assert len(kinds) == 8 * 4 and set(kinds[:2]) == {0}  # 8 x 4 merged tokens; corners show background
 
 
 def test_processor_expands_one_image_into_its_grid(tiny_model):

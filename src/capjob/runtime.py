@@ -115,6 +115,10 @@ def init_ray(cfg: CapjobConfig, placement: EnginePlacement, metrics_export_port:
     if address:
         kwargs["address"] = address
     else:
+        # "local": a Ray of this job's own. Without it ray.init joins whatever `ray start` last
+        # left in /tmp/ray/ray_current_cluster on this machine (a live cluster: "num_cpus ...
+        # must not be provided"; a stopped one: a hang), although no address was asked for.
+        kwargs["address"] = "local"
         kwargs["num_cpus"] = max(cfg.resources.num_cpus or os.cpu_count() or 1, local_cpus_needed(cfg, placement))
         # None: Ray starts its dashboard when its dependencies are installed (ray[default]).
         kwargs["include_dashboard"] = _include_dashboard(cfg)

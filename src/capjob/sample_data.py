@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from capjob.cache import cache_dir
 
-SAMPLE_VERSION = "v2"
+SAMPLE_VERSION = "v3"
 # Held out from training (models/train.py draws with other seeds).
 SHAPES_SEED = 7
 

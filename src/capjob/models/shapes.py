@@ -1,16 +1,21 @@
 """Synthetic shape scenes whose true caption is known: what the trained tiny model learns to see.
 
 A scene is one or two filled shapes (circle, square, triangle, star) in named colours on a
-plain named background, drawn with Pillow. Its caption names them left to right:
+plain named background, drawn with Pillow. Its caption names them in a fixed order of kinds
+(circle, square, triangle, star), not of places:
 
     "a green triangle on a black background"
     "a red circle and an orange square on a white background"
 
 The same renderer makes the training data (models/train.py) and the shape rows of
 ``dataset=sample`` (sample_data.py), so what the offline model is asked to caption is drawn
-exactly as what it learnt from. Scenes are ``SCENE_SIZE`` pixels square: under capjob's
-default resize (longest side 448, never upscaled) they reach the engine unchanged, as a 4 x 4
-grid of Qwen2.5-VL's merged 28-pixel patches, each shape inside one cell of that grid.
+exactly as what it learnt from. Each shape has a ``SCENE_SIZE``-pixel square cell of its own,
+side by side (112 x 112 or 224 x 112 px), with the shape large and near the cell's centre.
+Under capjob's default resize (longest side 448, never upscaled) a scene reaches the engine
+unchanged, as a 4 x 4 or 8 x 4 grid of Qwen2.5-VL's merged 28-pixel patches; the vision
+tower's 112-pixel attention windows then hold one shape each. Measured (docs/benchmarks.md,
+"Tiny trained model"): two shapes squeezed into one 112-pixel square, or placed anywhere, are
+learnt far more slowly by a model this small than one shape per cell.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SCENE_SIZE = 112
+RADIUS = 0.30  # circumradius, share of SCENE_SIZE
+JITTER = 2.0  # pixels, uniform, on each shape's radius and centre
 SHAPES = ("circle", "square", "triangle", "star")
 # Saturated colours far apart in RGB, none of them a background colour.
 COLOURS = {
@@ -48,12 +55,25 @@ class Shape:
 @dataclass(frozen=True)
 class Scene:
     background: str
-    shapes: tuple[Shape, ...]  # left to right
+    shapes: tuple[Shape, ...]  # left to right, one SCENE_SIZE cell each
+
+    @property
+    def width(self) -> int:
+        """Pixels: one SCENE_SIZE-square cell per shape, side by side."""
+        return SCENE_SIZE * len(self.shapes)
 
     @property
     def caption(self) -> str:
-        named = " and ".join(f"{_article(s.colour)} {s.colour} {s.kind}" for s in self.shapes)
+        """The shapes in CAPTION_ORDER, whatever their places, then the background."""
+        named = " and ".join(f"{_article(s.colour)} {s.colour} {s.kind}" for s in sorted(self.shapes, key=caption_order))
         return f"{named} on a {self.background} background"
+
+
+def caption_order(shape: Shape) -> tuple[int, int]:
+    """Captions name shapes in the order of SHAPES, two of one kind in the order of COLOURS: a
+    model this small learns that content-based order in a few hundred steps, and left to right
+    hardly at all (its M-RoPE gives image columns almost no angle; docs/benchmarks.md)."""
+    return SHAPES.index(shape.kind), list(COLOURS).index(shape.colour)
 
 
 # Shapes stand upright (square sides level, triangle and star pointing up): a turned square is a
@@ -66,8 +86,9 @@ def _article(word: str) -> str:
 
 
 def random_scene(rng: np.random.Generator) -> Scene:
-    """One or two shapes (even odds); two never share both kind and colour, and sit in the
-    left and right halves so that "left to right" is unambiguous."""
+    """One or two shapes (even odds); two never share both kind and colour. Each shape sits
+    near the centre of its own SCENE_SIZE-pixel cell (a few pixels of jitter in place and size),
+    so every shape is drawn as large as a single one."""
     background = str(rng.choice(list(BACKGROUNDS)))
     count = int(rng.integers(1, 3))
     picks: list[tuple[str, str]] = []
@@ -77,15 +98,10 @@ def random_scene(rng: np.random.Generator) -> Scene:
             picks.append(pick)
     shapes = []
     for i, (kind, colour) in enumerate(picks):
-        # Large shapes: each covers several of the 16 image tokens the model sees.
-        if count == 1:
-            radius = float(rng.uniform(0.26, 0.36) * SCENE_SIZE)
-            cx = float(rng.uniform(radius + 3, SCENE_SIZE - radius - 3))
-        else:
-            half = SCENE_SIZE / 2
-            radius = float(rng.uniform(0.17, 0.23) * SCENE_SIZE)
-            cx = float(rng.uniform(radius + 2, half - radius + 1) + i * half)
-        cy = float(rng.uniform(radius + 3, SCENE_SIZE - radius - 3))
+        jitter = rng.uniform(-JITTER, JITTER, size=3)
+        radius = float(RADIUS * SCENE_SIZE + jitter[0])
+        cx = float((i + 0.5) * SCENE_SIZE + jitter[1])
+        cy = float(0.5 * SCENE_SIZE + jitter[2])
         shapes.append(Shape(kind, colour, cx, cy, radius, UPRIGHT[kind]))
     return Scene(background, tuple(shapes))
 
@@ -107,8 +123,8 @@ def _polygon(shape: Shape) -> list[tuple[float, float]]:
 
 
 def render(scene: Scene) -> Image.Image:
-    """The scene as an RGB image of SCENE_SIZE x SCENE_SIZE pixels."""
-    im = Image.new("RGB", (SCENE_SIZE, SCENE_SIZE), BACKGROUNDS[scene.background])
+    """The scene as an RGB image of scene.width x SCENE_SIZE pixels."""
+    im = Image.new("RGB", (scene.width, SCENE_SIZE), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(im)
     for s in scene.shapes:
         fill = COLOURS[s.colour]
@@ -124,14 +140,14 @@ def token_labels(scene: Scene, cell: int = 28) -> tuple[list[int], list[int]]:
     per `cell` x `cell` pixels (row-major). Per token, the shape covering at least a quarter of
     it (index into SHAPES, +1; 0 for none) and its colour (index into COLOURS, or
     len(COLOURS) + index into BACKGROUNDS where no shape covers it)."""
-    mask = Image.new("L", (SCENE_SIZE, SCENE_SIZE), 0)
+    mask = Image.new("L", (scene.width, SCENE_SIZE), 0)
     draw = ImageDraw.Draw(mask)
     for i, s in enumerate(scene.shapes, 1):
         if s.kind == "circle":
             draw.ellipse([s.cx - s.radius, s.cy - s.radius, s.cx + s.radius, s.cy + s.radius], fill=i)
         else:
             draw.polygon(_polygon(s), fill=i)
-    cells = np.asarray(mask).reshape(SCENE_SIZE // cell, cell, SCENE_SIZE // cell, cell).transpose(0, 2, 1, 3)
+    cells = np.asarray(mask).reshape(SCENE_SIZE // cell, cell, scene.width // cell, cell).transpose(0, 2, 1, 3)
     kinds, colours = [], []
     background = len(COLOURS) + list(BACKGROUNDS).index(scene.background)
     for counts in (np.bincount(c.ravel(), minlength=len(scene.shapes) + 1) for c in cells.reshape(-1, cell * cell)):

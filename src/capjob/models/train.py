@@ -38,7 +38,7 @@ import numpy as np
 
 from capjob.models import shapes
 
-TRAIN_STEPS = 400
+TRAIN_STEPS = 800
 BATCH_SIZE = 16
 LEARNING_RATE = 2e-3
 WARMUP_STEPS = 30
@@ -93,13 +93,16 @@ class _Batches:
         prompts = [self.processor.apply_chat_template(messages(*_prompts(rng, self.words)), add_generation_prompt=True)
                    for _ in scenes]
         images = [shapes.render(s) for s in scenes]
-        full = [p + s.caption + self.end for p, s in zip(prompts, scenes)]
-        enc = self.processor(text=full, images=images, return_tensors="pt", padding=True)
-        prompt_lens = [len(ids) for ids in self.processor(text=prompts, images=images)["input_ids"]]
+        answers = [s.caption + self.end for s in scenes]
+        enc = self.processor(text=[p + a for p, a in zip(prompts, answers)], images=images, return_tensors="pt",
+                             padding=True)
+        # The answer follows the generation prompt's newline, where Qwen's pre-tokenizer always
+        # splits: it is the same tokens alone as at the end of the row.
+        answer_lens = [len(ids) for ids in self.tokenizer(answers)["input_ids"]]
         labels = enc["input_ids"].clone()
         labels[enc["attention_mask"] == 0] = -100
-        for row, n in enumerate(prompt_lens):
-            labels[row, :n] = -100
+        for row, (n, length) in enumerate(zip(answer_lens, enc["attention_mask"].sum(dim=1).tolist())):
+            labels[row, :length - n] = -100
         enc["labels"] = labels
         return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
 
@@ -114,12 +117,26 @@ def train(model_dir: str | os.PathLike, steps: int = TRAIN_STEPS, *, log_every: 
     "exact_match", "eval_scenes"}.
     """
     import torch
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-    from capjob.models import _TOKENIZER_CORPUS, SEED
+    from transformers import AutoProcessor
 
     model_dir = pathlib.Path(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
+    threads = torch.get_num_threads()
+    # One thread: the same float sums (so the same weights) on any machine, and no thrashing
+    # when other processes share the cores (2 threads beside a busy Ray run ran 10x slower here).
+    torch.set_num_threads(1)
+    try:
+        return _train(model_dir, processor, steps, log_every, eval_at)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(model_dir: pathlib.Path, processor: Any, steps: int, log_every: int, eval_at: tuple[int, ...]) -> dict[str, Any]:
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from capjob.models import _TOKENIZER_CORPUS, SEED
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
