@@ -203,8 +203,9 @@ def guarded_engine_udf() -> type:
     from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStageUDF, vLLMOutputData
 
     class vLLMEngineStageUDFWithCrashLedger(vLLMEngineStageUDF):
-        """The engine stage UDF (the name keeps Ray Data LLM's, which Ray Data shows as the
-        operator's, "MapBatches(vLLMEngineStageUDF...)"), guarded by the run's CrashLedger."""
+        """Ray Data LLM's engine stage UDF guarded by the run's CrashLedger. Its name starts with
+        the original's: Ray Data names the operator after it ("MapBatches(vLLMEngineStageUDF...)"),
+        and reports, benchmarks and tests find the engine operator by that name."""
 
         def __init__(self, *args: Any, crash_ledger: str, max_engine_deaths: int, **kwargs: Any) -> None:
             import ray
