@@ -204,6 +204,8 @@ def test_poison_row_that_kills_the_engine_is_quarantined(tmp_path):
     assert report["quarantined_by_reason"] == {"engine_crash": 1}
     crashes = report["engine_crashes"]
     assert crashes["engine_deaths"] == 2 and crashes["quarantined"] == [bad["id"]], crashes
+    md = (out / "reports" / "poison" / "report.md").read_text()
+    assert "| engine_crash | 1 |" in md and "Engine deaths: 2 (" in md and bad["id"] in md
     first, last = crashes["rows_in_flight_at_deaths"]
     assert last == [bad["id"]]  # the second death: the poison row alone in the engine
     assert bad["id"] in first and len(first) >= 2  # the first: its batch-mate (captioned) at least
