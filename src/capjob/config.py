@@ -145,6 +145,11 @@ class EngineConfig:
     # a captioning job sees each image once, so the cache only grows memory (measured: the
     # engine core 2.0 -> 6.0 GiB from 1,000 to 20,000 images). 0 turns it off.
     mm_processor_cache_gb: float = 0.0
+    # A row in flight at this many engine deaths (the vLLM engine process died, e.g. a crash in
+    # a kernel on one input) makes its batch's next attempt run alone in the engine and row by
+    # row: the next death names the row, which is then quarantined (stage engine_crash) while
+    # the rest is captioned. A poison row costs K + 1 engine restarts (stages/engine_guard.py).
+    max_engine_deaths_per_batch: int = 2
     # Anything else vLLM's EngineArgs accepts, passed through untouched.
     extra_engine_kwargs: dict[str, Any] = field(default_factory=dict)
     # Environment of the processor's actors (engine included), e.g. VLLM_* switches.
@@ -407,6 +412,8 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
     _require(m.builder in (None, *MODEL_BUILDERS), "model.builder", f"unknown builder {m.builder!r}; allowed: {', '.join(MODEL_BUILDERS)}")
     _require(e.batch_size > 0, "engine.batch_size", f"must be > 0, got {e.batch_size}")
     _require(e.max_concurrent_batches > 0, "engine.max_concurrent_batches", f"must be > 0, got {e.max_concurrent_batches}")
+    _require(e.max_engine_deaths_per_batch >= 1, "engine.max_engine_deaths_per_batch",
+             f"must be >= 1, got {e.max_engine_deaths_per_batch}")
     _require(e.max_model_len > 0, "engine.max_model_len", f"must be > 0, got {e.max_model_len}")
     _require(e.mm_processor_cache_gb >= 0, "engine.mm_processor_cache_gb", f"must be >= 0, got {e.mm_processor_cache_gb}")
     _require(e.max_num_seqs is None or e.max_num_seqs > 0, "engine.max_num_seqs", f"must be > 0 or null, got {e.max_num_seqs}")

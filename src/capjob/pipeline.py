@@ -152,6 +152,7 @@ class Started:
     dashboard_url: Optional[str] = None
     report_dirs: list[str] = field(default_factory=list)
     done_count: int = 0  # len(done) before it went to the object store
+    crashes: Any = None  # stages.engine_guard.CrashLedger actor (the driver's handle keeps it alive)
 
 
 def dry_run_plan(cfg: CapjobConfig, run_id: str, num_rows: Optional[int] = None) -> Plan:
@@ -175,7 +176,7 @@ def start(cfg: CapjobConfig, run_id: str) -> Started:
     import ray
 
     from capjob import checkpoint, metrics, runtime, sinks
-    from capjob.stages import sources
+    from capjob.stages import engine_guard, sources
     from capjob.models import resolve_model_source
 
     address = runtime.cluster_address(cfg)
@@ -196,8 +197,9 @@ def start(cfg: CapjobConfig, run_id: str) -> Started:
     runtime.check_accelerator_type(placement, ray.cluster_resources())  # before any engine starts
     configure_data_context(cfg, placement)
     ledger = metrics.start_ledger(cfg.job.name, run_id)  # keep the handle: an unreferenced actor is destroyed
+    crashes = engine_guard.start_ledger(run_id, cfg.engine.max_engine_deaths_per_batch)
     return Started(run_id, model_source, placement, done.put(), ledger, clock, wall_clock, ray_info.get("dashboard_url"),
-                   done_count=len(done))
+                   done_count=len(done), crashes=crashes)
 
 
 # Ray Data splits the object-store budget between the operators (read ... write, about a dozen
@@ -320,8 +322,11 @@ def caption_flow(cfg: CapjobConfig, job: Started, source: Any, plan: Plan) -> An
         batch_format="numpy",
         **task_options(cfg),
     )
+    from capjob.stages.engine_guard import ledger_name
+
     return build_caption_processor(cfg, job.model_source, job.placement, job.run_id,
-                                   passthrough_columns=source.passthrough_columns, expected_rows=source.num_rows)(ds)
+                                   passthrough_columns=source.passthrough_columns, expected_rows=source.num_rows,
+                                   crash_ledger=ledger_name(job.run_id) if job.crashes is not None else None)(ds)
 
 
 def engine_ready_at() -> Optional[float]:
@@ -346,6 +351,7 @@ def totals_from_sink(cfg: CapjobConfig, run_id: str) -> dict[str, Any]:
 
     from capjob import sinks
     from capjob.evaluation import word_tokens
+    from capjob.sinks import ENGINE_STAGES
 
     writer = sinks.TableWriter(cfg.sink)
     totals: dict[str, Any] = {"captioned": 0, "quarantined": 0, "prompt_tokens": 0, "generated_tokens": 0,
@@ -356,7 +362,7 @@ def totals_from_sink(cfg: CapjobConfig, run_id: str) -> dict[str, Any]:
                 continue
             table = sinks.deserialize(writer.fs.cat_file(name), name, cfg.sink.format)
             if table_name == sinks.QUARANTINE:
-                totals["quarantined"] += sum(1 for s in table.column("stage").to_pylist() if s == "engine")
+                totals["quarantined"] += sum(1 for s in table.column("stage").to_pylist() if s in ENGINE_STAGES)
                 continue
             tokens = table.column("generated_tokens").to_pylist()
             totals["captioned"] += table.num_rows
@@ -417,6 +423,10 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
         timeline=timeline,
         interrupted=interrupted,
     )
+    crashes = engine_crash_summary(job)
+    if crashes.get("engine_deaths"):
+        # The engine deaths a batch was retried after, and the rows quarantined as engine_crash.
+        run_report["engine_crashes"] = crashes
     if "txt_collisions" in totals:
         collisions = totals["txt_collisions"]
         run_report["txt_collisions"] = {"count": len(collisions), "examples": dict(list(collisions.items())[:20])}
@@ -447,6 +457,18 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
             f"run {job.run_id} lost or duplicated rows"
         )
     return result
+
+
+def engine_crash_summary(job: Started) -> dict[str, Any]:
+    """stages.engine_guard.CrashLedger.summary of the run ({} when there is no ledger)."""
+    import ray
+
+    if job.crashes is None:
+        return {}
+    try:
+        return ray.get(job.crashes.summary.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - after Ctrl-C the ledger may be gone with Ray's workers
+        return {}
 
 
 SAMPLE_CAPTIONS = 3

@@ -426,7 +426,7 @@ def render_caption_prompt(cfg: CapjobConfig, model_source: str, placement: Engin
 
 
 # Kinds of quarantine reason set after the engine; anything else in ERROR_COLUMN is the engine's.
-REASON_KINDS = ("engine", "json", "json_schema", "empty_caption")
+REASON_KINDS = ("engine", "engine_crash", "json", "json_schema", "empty_caption")
 # An empty caption (end-of-sequence as the first token) is no caption: quarantined with its own
 # reason, so it is counted, never written as a success, and a later run can retry it.
 EMPTY_CAPTION = "empty_caption: the model ended the caption before its first word (end-of-sequence first)"
@@ -615,10 +615,14 @@ def task_options(cfg: CapjobConfig) -> dict[str, Any]:
 
 
 def build_caption_processor(cfg: CapjobConfig, model_source: str, placement: EnginePlacement, run_id: str,
-                            passthrough_columns: Optional[list[str]] = None, expected_rows: Optional[int] = None):
+                            passthrough_columns: Optional[list[str]] = None, expected_rows: Optional[int] = None,
+                            crash_ledger: Optional[str] = None):
     """dataset -> dataset of output rows: [expand to one request per prompt] -> the Ray Data LLM
     processor -> [regroup to one row per image]. passthrough_columns: the source's (data's
-    pass-through plus the columns the prompts name); expected_rows sizes the thumbnail sample."""
+    pass-through plus the columns the prompts name); expected_rows sizes the thumbnail sample.
+    crash_ledger: the name of the run's stages.engine_guard.CrashLedger actor, which the engine
+    stage then uses to quarantine a row that kills the engine (None: Ray Data LLM's engine stage
+    as is, which retries such a row without end)."""
     from ray.data.llm import build_processor
 
     config = processor_config(cfg, model_source, placement)
@@ -637,6 +641,10 @@ def build_caption_processor(cfg: CapjobConfig, model_source: str, placement: Eng
     # not, leave in the same small schema.
     columns = list(cfg.data.passthrough_columns) if passthrough_columns is None else list(passthrough_columns)
     processor.postprocess = CaptionRecord(cfg.model.name, run_id, columns, cfg.caption)
+    if crash_ledger:
+        from capjob.stages.engine_guard import guard_engine_stage
+
+        guard_engine_stage(processor, crash_ledger, cfg.engine.max_engine_deaths_per_batch)
     if specs[0].name is None:
         return processor
     names = [spec.name for spec in specs]

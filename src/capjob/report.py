@@ -211,6 +211,10 @@ def markdown(report: dict[str, Any]) -> str:
     if report["quarantined_by_reason"]:
         parts += ["", "| quarantine reason | rows |", "|---|---|"]
         parts += [f"| {k} | {v} |" for k, v in sorted(report["quarantined_by_reason"].items())]
+    crashes = report.get("engine_crashes")
+    if crashes:
+        parts += ["", f"Engine deaths: {crashes['engine_deaths']} (the vLLM engine process died and its batches were retried); "
+                      f"rows quarantined as engine_crash: {', '.join(crashes['quarantined']) or 'none'}"]
     if report["operators"]:
         parts += ["", "## Ray Data operators (pipeline order)", "", "| operator | wall s | rows in | rows out | rows/s |", "|---|---|---|---|---|"]
         parts += [f"| {o['operator']} | {o['wall_seconds']} | {_or_dash(o['input_rows'])} | {_or_dash(o['output_rows'])} | {_or_dash(o['rows_per_second'])} |"

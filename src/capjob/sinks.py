@@ -255,6 +255,17 @@ class TableWriter:
         return pa.concat_tables(tables, promote_options="permissive")
 
 
+# The quarantine `stage` of rows the sink quarantines: "engine" (the engine's own failure, or an
+# answer that does not parse), or "engine_crash" (a row that killed the engine again and again:
+# stages/engine_guard.py).
+ENGINE_STAGES = ("engine", "engine_crash")
+
+
+def engine_stage(reason: str) -> str:
+    """The quarantine stage of a reason set after the images stage ("<kind>: <message>")."""
+    return "engine_crash" if reason.split(":", 1)[0] == "engine_crash" else "engine"
+
+
 def quarantine_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([{k: r.get(k) for k in QUARANTINE_SCHEMA.names} for r in rows], schema=QUARANTINE_SCHEMA)
 
@@ -467,7 +478,7 @@ class CaptionSink(Datasink[dict[str, Any]]):
         if failed:
             rejected = table.take(failed)
             rows = [
-                {"id": r["id"], "source_key": r.get("source_key"), "stage": "engine",
+                {"id": r["id"], "source_key": r.get("source_key"), "stage": engine_stage(quarantine_reason(errors[i])),
                  "reason": quarantine_reason(errors[i])[:2000], "model": self.model_name, "run_id": self.run_id}
                 for i, r in zip(failed, rejected.to_pylist())
             ]
