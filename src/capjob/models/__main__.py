@@ -2,8 +2,8 @@
 folder, e.g. two checkpoints of the tiny model for a checkpoint sweep:
 
     python -m capjob.models tiny_qwen25vl ckpt/step-20 --train-steps 20
-    python -m capjob.models tiny_qwen25vl ckpt/step-400
-    capjob --multirun experiment=offline model.source=ckpt/step-20,ckpt/step-400 \\
+    python -m capjob.models tiny_qwen25vl ckpt/step-1000
+    capjob --multirun experiment=offline model.source=ckpt/step-20,ckpt/step-1000 \\
         eval=stats eval.reference_column=reference
 """
 
