@@ -376,10 +376,11 @@ EARLY_STEPS = 20
 
 @pytest.mark.e2e
 def test_real_checkpoint_sweep_with_two_engine_replicas(tmp_path):
-    """Four real runs (Ray Data + vLLM CPU), one after the other in one process: two checkpoints
-    of the tiny model (trained for EARLY_STEPS and for the default) x one or two engine replicas,
-    over shape scenes whose true caption is known. The later checkpoint ranks first (exact
-    match, then word F1), and with two replicas every caption still lands under its own image's id."""
+    """Two real runs (Ray Data + vLLM CPU), one after the other in one process: two checkpoints
+    of the tiny model (trained for EARLY_STEPS and for the default), each with two engine
+    replicas (one replica is what every other e2e run uses), over shape scenes whose true
+    caption is known. The later checkpoint ranks first (exact match, then word F1), and with two
+    replicas every caption still lands under its own image's id."""
     from capjob import models
     from capjob.sample_data import write_hf_parquet
     from references import assert_captions_fit_their_images, shape_rows
@@ -392,37 +393,37 @@ def test_real_checkpoint_sweep_with_two_engine_replicas(tmp_path):
     d = tmp_path / "sweep"
     proc = multirun("data.format=parquet", f"data.path={tmp_path / 'data'}", "data.name=shapes", "caption.max_tokens=24",
                     "eval=stats", "eval.reference_column=reference", f"model.source={early},{trained}",
-                    "resources.concurrency=1,2", f"hydra.sweep.dir={d}", timeout=5400)
+                    "resources.concurrency=2", f"hydra.sweep.dir={d}", timeout=2700)
     (tmp_path / "stdout.txt").write_text(proc.stdout)
     (tmp_path / "stderr.txt").write_text(proc.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     recs = records(d)
-    assert [r["status"] for r in recs] == ["succeeded"] * 4, [r["error"] for r in recs]
+    assert [r["status"] for r in recs] == ["succeeded"] * 2, [r["error"] for r in recs]
     scores = {}
     for i, rec in enumerate(recs):
         rep = json.loads((d / str(i) / "report.json").read_text())
         # its own sink: nothing skipped as "already done" by an earlier job of the sweep
         assert rec["sink_path"] == str(d / str(i) / "out")
         assert rep["rows_read"] == 16 and rep["skipped_done"] == 0 and rep["captioned"] + rep["quarantined"] == 16
-        assert rep["config"]["resources"]["concurrency"] in (1, 2)
-        source, replicas = rep["config"]["model"]["source"], rep["config"]["resources"]["concurrency"]
+        assert rep["config"]["resources"]["concurrency"] == 2
+        source = rep["config"]["model"]["source"]
         captions = pa.concat_tables([pq.read_table(f) for f in sorted((d / str(i) / "out" / "captions").glob("*.parquet"))])
-        if source == trained:  # with one engine and with two, each caption under its own id
+        if source == trained:  # with two engines, each caption under its own id
             assert_captions_fit_their_images(captions, 16)
         reference = json.loads((d / str(i) / "eval.json").read_text())["reference"]
-        scores[(source, replicas)] = (reference["exact_match"]["share"], reference["word_f1"])
-    assert set(scores) == {(early, 1), (early, 2), (trained, 1), (trained, 2)}
-    assert max(scores[(early, 1)], scores[(early, 2)]) < min(scores[(trained, 1)], scores[(trained, 2)]), scores
+        scores[source] = (reference["exact_match"]["share"], reference["word_f1"])
+    assert set(scores) == {early, trained}
+    assert scores[early] < scores[trained], scores
     # each run started its own Ray and shut it down, every process it spawned gone
     assert all(r["ray"]["initialized"] and r["ray"]["cluster"] == "local (started by this job)" for r in recs)
-    assert len({r["ray"]["node_id"] for r in recs}) == 4
+    assert len({r["ray"]["node_id"] for r in recs}) == 2
     # (on a loaded machine some may have needed a kill after the grace period; none survives)
     assert all(r["ray"]["processes_started"] > 0 and r["ray"]["processes_left"] == [] for r in recs)
 
     rows_csv = list(csv.DictReader((d / "sweep.csv").open()))
-    assert len(rows_csv) == 4 and sum(r["best"] == "True" for r in rows_csv) == 1
+    assert len(rows_csv) == 2 and sum(r["best"] == "True" for r in rows_csv) == 1
     md = (d / "sweep.md").read_text()
-    assert "4 runs: 4 succeeded, 0 failed." in md and "| ★ best |" in md
+    assert "2 runs: 2 succeeded, 0 failed." in md and "| ★ best |" in md
     section = md.split("## Checkpoint comparison", 1)[1]
     assert section.lstrip().startswith(f"**Best checkpoint: {sweep._short(trained)}**"), section[:400]
     assert (d / "sweep.png").read_bytes()[:4] == PNG
