@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, compose
+from conftest import REPO, compose, early_checkpoint
 
 VENV_BIN = pathlib.Path(sys.executable).parent
 ENGINE_RESOURCE = "vlm_node"  # the custom resource of the "GPU" node, as accelerator_type:<X> on a real cluster
@@ -197,14 +197,24 @@ class RayNode:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def stop(self):
+    def terminate(self):
+        """SIGTERM to `ray start --block`: it stops what it started (see stop)."""
         import psutil
 
         try:
-            started = psutil.Process(self.proc.pid).children(recursive=True)
+            self.started = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
-            started = []
-        self.proc.send_signal(signal.SIGTERM)
+            self.started = []
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self):
+        """Wait for the node to stop; kill by pid what it started and left alive."""
+        import psutil
+
+        if not hasattr(self, "started"):
+            self.terminate()
+        started = self.started
         try:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -255,18 +265,10 @@ def two_nodes(s3_env, tmp_path_factory):
         resources = wait_for_nodes(head.address, 2, nodes)
         yield {"address": head.address, "head_env": head_env, "gpu_env": gpu_env, "resources": resources, "nodes": nodes}
     finally:
+        for node in reversed(nodes):  # the worker node first, then the head; both stop in parallel
+            node.terminate()
         for node in reversed(nodes):
             node.stop()
-
-
-def early_checkpoint():
-    """The tiny model after EARLY_STEPS steps, built once into the tests' capjob cache."""
-    from capjob import models
-    from capjob.cache import cache_dir
-    from test_sweep import EARLY_STEPS
-
-    return models.build_tiny_qwen25vl(cache_dir() / "models" / f"tiny_qwen25vl-{models.TINY_QWEN25VL_VERSION}-steps{EARLY_STEPS}",
-                                      train_steps=EARLY_STEPS)
 
 
 ROWS = 12
@@ -284,7 +286,7 @@ def test_checkpoint_sweep_from_s3_on_two_nodes(two_nodes, s3_env, tmp_path):
     from test_sweep import EARLY_STEPS
 
     trained = models.resolve_model_source(None, models.TINY_QWEN25VL)
-    early = early_checkpoint()
+    early = early_checkpoint(EARLY_STEPS)
     urls = {"early": f"s3://ckpts/tiny/step-{EARLY_STEPS}", "trained": "s3://ckpts/tiny/step-400"}
     upload_model(s3_env, early, urls["early"])
     upload_model(s3_env, trained, urls["trained"])
@@ -298,7 +300,8 @@ def test_checkpoint_sweep_from_s3_on_two_nodes(two_nodes, s3_env, tmp_path):
     started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "capjob", "--multirun", "experiment=offline", "data.format=parquet", "data.path=s3://data/shapes",
-         "data.name=shapes", "caption.max_tokens=24", "eval=stats", "eval.reference_column=reference",
+         # six blocks: six write tasks, which Ray Data spreads over the nodes
+         "data.name=shapes", "data.partitions=6", "caption.max_tokens=24", "eval=stats", "eval.reference_column=reference",
          f"+resources.engine_resources.{ENGINE_RESOURCE}=0.001", f"model.source={urls['early']},{urls['trained']}",
          f"hydra.sweep.dir={d}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
@@ -311,6 +314,7 @@ def test_checkpoint_sweep_from_s3_on_two_nodes(two_nodes, s3_env, tmp_path):
 
     head_id = next(n for n, res in two_nodes["resources"].items() if ENGINE_RESOURCE not in res)
     gpu_id = next(n for n, res in two_nodes["resources"].items() if ENGINE_RESOURCE in res)
+    f1 = {}
     for i, rec in enumerate(recs):
         assert rec["ray"]["cluster"] == "existing cluster (disconnected)" and rec["ray"]["node_id"] == head_id  # the driver's node
         rep = json.loads((d / str(i) / "report.json").read_text())
@@ -323,6 +327,8 @@ def test_checkpoint_sweep_from_s3_on_two_nodes(two_nodes, s3_env, tmp_path):
         assert sum(rep["write_nodes"].values()) == ROWS
         if rep["config"]["model"]["source"] == urls["trained"]:
             assert_captions_fit_their_images(captions, ROWS)
+        f1[rep["config"]["model"]["source"]] = json.loads((d / str(i) / "eval.json").read_text())["reference"]["word_f1"]
+    assert f1[urls["early"]] < f1[urls["trained"]], f1  # the checkpoints differ, and in the right direction
 
     # The weights went from S3 to the engine's node only, into its own cache; the driver's node
     # got the tokenizer files (for the prompt and Ray Data LLM's config check), never a weight.
@@ -337,6 +343,7 @@ def test_checkpoint_sweep_from_s3_on_two_nodes(two_nodes, s3_env, tmp_path):
     md = (d / "sweep.md").read_text()
     assert "2 runs: 2 succeeded, 0 failed." in md
     section = md.split("## Checkpoint comparison", 1)[1]
-    assert "step-400" in section and f"step-{EARLY_STEPS}" in section
+    assert section.lstrip().startswith("**Best checkpoint: step-400**"), section[:300]
+    assert f"| step-{EARLY_STEPS} | 0 |" in section
     assert len(list(csv.DictReader((d / "sweep.csv").open()))) == 2
     print(f"two-node sweep: {seconds:.0f} s for 2 runs")

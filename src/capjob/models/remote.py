@@ -174,4 +174,5 @@ def node_local_stage_udfs(stages: dict[str, Any], model_source: str) -> None:
         engine = "vLLMEngine" in name
         if engine and ray_llm_loads(model_source):
             continue
-        stage.fn = _on_node(stage.fn, engine)
+        # StatefulStage (pydantic) validates an assigned `fn` as an instance; it holds a class.
+        object.__setattr__(stage, "fn", _on_node(stage.fn, engine))
