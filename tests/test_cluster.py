@@ -160,6 +160,41 @@ def test_model_url_preflight_and_fetch_once_per_node_and_revision(s3_env, tmp_pa
     assert not [p for p in cache.iterdir() if ".fetching-" in p.name]  # staging folders never stay
 
 
+def test_stage_udfs_load_a_model_url_on_their_own_node(s3_env, tmp_path, monkeypatch):
+    """node_local_stage_udfs: a Ray Data LLM stage built for a model URL that Ray's loader does not
+    take (s3a://) copies the model into its own node's capjob cache when its actor starts (here:
+    the UDF constructed in this process) and loads the tokenizer from there; Ray's own schemes
+    are left to Ray Data LLM's engine stage."""
+    from ray.llm._internal.batch.stages import DetokenizeStage, vLLMEngineStage
+
+    from capjob import models
+    from capjob.models import remote
+
+    dummy = models.resolve_model_source(None, models.QWEN25VL_3B_DUMMY)  # real tokenizer files, no weights
+    upload_model(s3_env, dummy, "s3://ckpts/dummy")
+    monkeypatch.setenv("CAPJOB_CACHE", str(tmp_path / "node-cache"))
+    url = "s3a://ckpts/dummy"
+    stage = DetokenizeStage(fn_constructor_kwargs={"model": url, "trust_remote_code": False}, map_batches_kwargs={"concurrency": 1})
+    original = stage.fn
+    remote.node_local_stage_udfs({"DetokenizeStage": stage}, url)
+    assert issubclass(stage.fn, original) and stage.fn.__name__ == original.__name__
+    udf = stage.fn(data_column="__data", expected_input_keys=["generated_tokens"], **stage.fn_constructor_kwargs)
+    ids = udf.tokenizer.encode("a red circle on a white background")
+    assert udf.tokenizer.decode(ids) == "a red circle on a white background"
+    copies = list((tmp_path / "node-cache" / "models" / remote.REMOTE_DIR).glob("ckpts--dummy-*"))
+    assert len(copies) == 1 and (copies[0] / "tokenizer.json").read_bytes() == (pathlib.Path(dummy) / "tokenizer.json").read_bytes()
+    assert stage.fn_constructor_kwargs["model"] == url  # the stage's kwargs stay as built (Ray Data keys its UDF instances by them)
+
+    engine_kwargs = {"max_model_len": 512, "load_format": "dummy"}
+    for source, wrapped in (("s3://ckpts/dummy", False), (url, True)):
+        engine = vLLMEngineStage(fn_constructor_kwargs={"model": source, "engine_kwargs": dict(engine_kwargs), "batch_size": 1,
+                                                        "max_concurrent_batches": 1},
+                                 map_batches_kwargs={"concurrency": 1})
+        before = engine.fn
+        remote.node_local_stage_udfs({"vLLMEngineStage": engine}, source)
+        assert (engine.fn is not before) == wrapped, source
+
+
 # --- e2e: a two-node cluster on this machine ----------------------------------------------------------
 
 
