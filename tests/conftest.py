@@ -20,6 +20,16 @@ def _isolated_cache(tmp_path_factory):
     yield cache
 
 
+def early_checkpoint(steps: int):
+    """The tiny model after `steps` training steps (an early checkpoint for sweeps), built once
+    into the tests' capjob cache and shared by the tests that sweep checkpoints."""
+    from capjob import models
+    from capjob.cache import cache_dir
+
+    target = cache_dir() / "models" / f"{models.TINY_QWEN25VL}-{models.TINY_QWEN25VL_VERSION}-steps{steps}"
+    return models.build_tiny_qwen25vl(target, train_steps=steps)
+
+
 def compose(overrides: list[str] | None = None):
     """Compose conf/config.yaml with Hydra's compose API, as the CLI does."""
     from hydra import compose as hydra_compose

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from capjob import sweep
-from conftest import REPO, compose
+from conftest import REPO, compose, early_checkpoint
 
 PNG = b"\x89PNG"
 
@@ -386,7 +386,7 @@ def test_real_checkpoint_sweep_with_two_engine_replicas(tmp_path):
     from references import assert_captions_fit_their_images, shape_rows
 
     trained = models.resolve_model_source(None, models.TINY_QWEN25VL)
-    early = str(models.build_tiny_qwen25vl(tmp_path / "ckpt" / f"step-{EARLY_STEPS}", train_steps=EARLY_STEPS))
+    early = str(early_checkpoint(EARLY_STEPS))  # shared with test_cluster's sweep (built once per test cache)
     rows, references = shape_rows(16, seed=21)
     (tmp_path / "data").mkdir()
     write_hf_parquet(rows, tmp_path / "data" / "part-0.parquet", references)

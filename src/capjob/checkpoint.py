@@ -74,7 +74,15 @@ def model_revision(model_source: str) -> str:
     """What identifies the weights behind `model_source`, cheaply: for a local folder a digest
     of its config files and of each weight file's size, first and last MiB (a retrained
     checkpoint with the same file sizes differs there); for a hub id the commit the local
-    Hugging Face cache resolves `main` to, else "unresolved"."""
+    Hugging Face cache resolves `main` to, else "unresolved"; for a model on object storage
+    (s3://...) a digest of its objects' ETags (models.remote.revision: one listing)."""
+    from capjob.models import remote
+
+    if remote.is_url(model_source):
+        try:
+            return "etag:" + remote.revision(remote.listing(model_source))
+        except Exception:  # noqa: BLE001 - preflight reports an unreadable URL; this is a fingerprint
+            return "unresolved"
     path = pathlib.Path(model_source)
     if path.is_dir():
         h = hashlib.sha256()

@@ -197,6 +197,10 @@ class ResourcesConfig:
     # Ray's dashboard for a local cluster (its URL is printed with the plan); null: on when Ray's
     # dashboard dependencies (ray[default]) are installed, as ray.init decides.
     include_dashboard: Optional[bool] = None
+    # Custom Ray resources each engine replica asks for, on top of its CPU/GPU: pins the engines
+    # to the nodes started with them (`ray start --resources='{"vlm_node": 1}'`), the way
+    # accelerator_type pins them by Ray's GPU label. E.g. {vlm_node: 0.001}; {}: any node.
+    engine_resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -333,6 +333,9 @@ def build_judge_processor(judge: JudgeConfig, cfg: CapjobConfig, model_source: s
         preprocess_map_kwargs={"num_cpus": r.preprocess_cpus},
         postprocess_map_kwargs={"num_cpus": r.preprocess_cpus},
     )
+    from capjob.models.remote import node_local_stage_udfs
+
+    node_local_stage_udfs(processor.stages, model_source)
     # As for captions: failed rows would bypass the user postprocess with their whole working
     # row; replacing the wrapped postprocess gives every row the same small schema.
     processor.postprocess = JudgeRecord(cfg.model.name, judge.raw_chars)

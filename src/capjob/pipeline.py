@@ -195,6 +195,9 @@ def start(cfg: CapjobConfig, run_id: str) -> Started:
     else:
         ray_info = runtime.init_ray(cfg, placement, cfg.job.metrics_export_port)
     runtime.check_accelerator_type(placement, ray.cluster_resources())  # before any engine starts
+    runtime.check_engine_resources(cfg.resources.engine_resources, ray.cluster_resources())
+    if address:  # Ray's tasks and actors open local paths on their own nodes: each must see them
+        runtime.check_paths_on_nodes(cfg, model_source)
     configure_data_context(cfg, placement)
     ledger = metrics.start_ledger(cfg.job.name, run_id)  # keep the handle: an unreferenced actor is destroyed
     crashes = engine_guard.start_ledger(run_id, cfg.engine.max_engine_deaths_per_batch)
@@ -427,6 +430,8 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
     if crashes.get("engine_deaths"):
         # The engine deaths a batch was retried after, and the rows quarantined as engine_crash.
         run_report["engine_crashes"] = crashes
+    if totals.get("write_nodes"):
+        run_report["write_nodes"] = dict(sorted(totals["write_nodes"].items()))  # {Ray node id: rows written there}
     if "txt_collisions" in totals:
         collisions = totals["txt_collisions"]
         run_report["txt_collisions"] = {"count": len(collisions), "examples": dict(list(collisions.items())[:20])}

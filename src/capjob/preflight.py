@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from capjob.errors import ConfigError
+from capjob.errors import CapjobError, ConfigError
 
 # vLLM needs these from a model folder (transformers' file names). A trainer checkpoint often
 # has config + weights + tokenizer only: the processor and the chat template are what it lacks.
@@ -162,8 +162,10 @@ def check_model(source: Optional[str], builder: Optional[str], load_format: str 
     local Hugging Face cache nor reachable (no network, HF_HUB_OFFLINE, unknown or gated repo)."""
     if not source:
         return f"built locally ({builder})"
-    if "://" in source:  # s3://... : vLLM's own loaders, checked when the engine starts
-        return source
+    from capjob.models import remote
+
+    if remote.is_url(source):
+        return check_model_url(source, load_format)
     folder = pathlib.Path(source).expanduser()
     if folder.exists() or _looks_like_path(source):
         if not folder.is_dir():
@@ -173,6 +175,46 @@ def check_model(source: Optional[str], builder: Optional[str], load_format: str 
             raise ConfigError(f"model.source: {source} lacks {'; '.join(missing)}")
         return f"local folder {source}"
     return _check_hub_model(source, load_format)
+
+
+def check_model_url(url: str, load_format: str = "auto") -> str:
+    """A model folder on object storage (s3://... or any fsspec URL), checked by one listing
+    with short timeouts: reachable, and holding what missing_model_files asks of a local folder.
+    Returns the plan's description; raises ConfigError (one line)."""
+    from capjob.models import remote
+    from capjob.stages.sources.storage import describe_remote_error, probe_filesystem
+
+    try:
+        fs, root = probe_filesystem(url, {})
+        entries = remote.listing(url, fs=fs, root=root)
+    except FileNotFoundError:
+        raise ConfigError(f"model.source: no files under {url} (a model folder holds config.json, tokenizer, processor and weights)") from None
+    except CapjobError as e:
+        raise ConfigError(f"model.source: {e}") from None
+    except Exception as e:  # noqa: BLE001 - s3fs/botocore/aiohttp raise many types
+        raise ConfigError(f"model.source: {describe_remote_error(url, e)}") from None
+    names = {e["name"] for e in entries if "/" not in e["name"]}
+    missing = [" or ".join(n) for n in MODEL_FILES.values() if not names.intersection(n)]
+    if not names.intersection(CHAT_TEMPLATE_FILES):
+        inline = False
+        for name in CHAT_TEMPLATE_CONFIGS:
+            if name in names:
+                try:
+                    import json
+
+                    inline = bool(json.loads(fs.cat_file(f"{root.rstrip('/')}/{name}")).get("chat_template"))
+                except Exception:  # noqa: BLE001 - unreadable: reported as missing
+                    inline = False
+            if inline:
+                break
+        if not inline:
+            missing.append(" or ".join(CHAT_TEMPLATE_FILES) + " (or a chat_template in tokenizer_config.json)")
+    if load_format != "dummy" and not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
+        missing.append("weights (*.safetensors)")
+    if missing:
+        raise ConfigError(f"model.source: {url} lacks {'; '.join(missing)}")
+    loader = "Ray Data LLM's loader" if remote.ray_llm_loads(url) else "capjob's fetch"
+    return f"{url} ({len(entries)} files, revision {remote.revision(entries)}; {loader} copies it to each node that runs a stage)"
 
 
 def check_hub_repo(repo_id: str, repo_type: str, key: str) -> None:

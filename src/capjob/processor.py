@@ -412,8 +412,12 @@ def render_caption_prompt(cfg: CapjobConfig, model_source: str, placement: Engin
 
     from capjob.errors import ConfigError
 
+    from capjob.models.remote import node_local_stage_udfs
+
     config = processor_config(cfg, model_source, placement, chat_template_stages=True)
-    stages = [s for name, s in build_processor(config).stages.items() if name in ("PrepareMultimodalStage", "ChatTemplateStage")]
+    built = build_processor(config)
+    node_local_stage_udfs(built.stages, model_source)  # a model URL is loaded on the task's node
+    stages = [s for name, s in built.stages.items() if name in ("PrepareMultimodalStage", "ChatTemplateStage")]
     request = CaptionRequest(cfg)
     row = {"messages": request.messages(Image.new("RGB", (cfg.images.size, cfg.images.size)), "capjob-prompt", USER_PROMPT_SLOT),
            "sampling_params": request.sampling_params[request.first]}
@@ -569,12 +573,17 @@ def cpu_stages(cfg: CapjobConfig, *, multimodal: bool = True, chat_template_stag
     ) if on]
 
 
-def engine_bundles(placement: EnginePlacement) -> Optional[dict[str, Any]]:
-    """Ray resources of one engine replica; None = Ray Data LLM's default (TP x PP whole GPUs)."""
+def engine_bundles(placement: EnginePlacement, extra: Optional[dict[str, float]] = None) -> Optional[dict[str, Any]]:
+    """Ray resources of one engine replica; None = Ray Data LLM's default (TP x PP bundles of
+    1 GPU + 1 CPU). `extra`: resources.engine_resources, custom resources added to every bundle
+    (Ray Data LLM passes them on as the engine actor's `resources`)."""
+    extra = {k: float(v) for k, v in (extra or {}).items()}
     if placement.gpus == 0:
-        return {"bundles": [{"CPU": 1}]}  # a CPU engine must not ask Ray for a GPU
+        return {"bundles": [{"CPU": 1, **extra}]}  # a CPU engine must not ask Ray for a GPU
     if placement.shares_gpu:
-        return {"bundles": [{"GPU": placement.gpus}]}
+        return {"bundles": [{"GPU": placement.gpus, **extra}]}
+    if extra:
+        return {"bundle_per_worker": {"GPU": 1, "CPU": 1, **extra}}
     return None
 
 
@@ -596,7 +605,7 @@ def processor_config(cfg: CapjobConfig, model_source: str, placement: EnginePlac
         # the others only once a backlog builds, each after a minutes-long engine start.
         concurrency=(r.concurrency, r.concurrency),
         accelerator_type=placement.accelerator_type if placement.gpus else None,
-        placement_group_config=engine_bundles(placement),
+        placement_group_config=engine_bundles(placement, r.engine_resources),
         prepare_multimodal_stage={"enabled": "PrepareMultimodal" in enabled, **cpu_stage},
         chat_template_stage={"enabled": "ChatTemplate" in enabled, **cpu_stage},
         tokenize_stage={"enabled": "Tokenize" in enabled, **cpu_stage},
@@ -636,6 +645,9 @@ def build_caption_processor(cfg: CapjobConfig, model_source: str, placement: Eng
         preprocess_map_kwargs=task_options(cfg),
         postprocess_map_kwargs=task_options(cfg),
     )
+    from capjob.models.remote import node_local_stage_udfs
+
+    node_local_stage_udfs(processor.stages, model_source)  # each stage loads a model URL on its own node
     # ray.llm routes failed rows around the user postprocess, returning their whole working
     # row (image, messages...). Replacing the wrapped postprocess makes every row, failed or
     # not, leave in the same small schema.

@@ -138,3 +138,138 @@ def _include_dashboard(cfg: CapjobConfig) -> Optional[bool]:
     if env is not None and env != "":
         return env.lower() not in ("0", "false", "no")
     return cfg.resources.include_dashboard
+
+
+# Ray's built-in resource names: what is not one of these (or a node:/accelerator_type: label)
+# is a custom resource some nodes were started with.
+BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def custom_resources(cluster_resources: dict[str, float]) -> list[str]:
+    return sorted(k for k in cluster_resources if k not in BUILTIN_RESOURCES and not k.startswith(("node:", ACCELERATOR_PREFIX)))
+
+
+def check_engine_resources(wanted: dict[str, float], cluster_resources: dict[str, float]) -> None:
+    """resources.engine_resources: every custom resource an engine replica asks for is on some
+    node, in at least that amount; otherwise its actor would wait forever, as for a missing
+    accelerator type. Raises ConfigError naming the custom resources the cluster has."""
+    for name, amount in (wanted or {}).items():
+        if cluster_resources.get(name, 0) >= float(amount) > 0:
+            continue
+        have = custom_resources(cluster_resources)
+        raise ConfigError(
+            f"resources.engine_resources: no node of the cluster has {amount:g} of resource {name!r} "
+            f"(custom resources it has: {', '.join(have) or 'none'}); start the engine nodes with "
+            f"`ray start --resources='{{\"{name}\": 1}}'` or remove it"
+        )
+
+
+# --- paths every node must see ----------------------------------------------------------------
+
+PROBE_TIMEOUT_S = 120  # a node that must first start a worker process on a loaded machine
+
+
+def path_signature(path: str) -> Optional[str]:
+    """What a node sees at a local path, comparable between nodes: None (nothing there), the
+    size of a file, or a digest of a folder's top-level names and file sizes (the first 1,000
+    names). Two nodes on one shared mount (or with identical copies) agree; a node that lacks
+    the folder, or has another one there, does not."""
+    import hashlib
+
+    try:
+        if not os.path.isdir(path):
+            return f"file:{os.path.getsize(path)}" if os.path.isfile(path) else None
+        entries = sorted((e.name, e.stat().st_size if e.is_file() else -1) for e in os.scandir(path)
+                         if not e.name.startswith(".capjob-write-probe"))[:1000]
+    except OSError:
+        return None
+    return "dir:" + hashlib.sha256(repr(entries).encode()).hexdigest()[:16]
+
+
+def node_paths(paths: list[str]) -> dict[str, Optional[str]]:
+    """Ray task body: path_signature of each path, as this node sees it."""
+    return {p: path_signature(p) for p in paths}
+
+
+def local_paths(cfg: CapjobConfig, model_source: Optional[str]) -> dict[str, str]:
+    """{config key: absolute path} of the job's local paths (not URLs, not hub ids) that Ray
+    tasks and actors open on their own nodes: the model folder, the data, the sink."""
+    from capjob.models import remote
+    from capjob.stages.sources.storage import protocol_of
+
+    found: dict[str, str] = {}
+    if model_source and not remote.is_url(model_source) and os.path.isdir(os.path.expanduser(model_source)):
+        found["model.source" if cfg.model.source else "model.builder"] = os.path.abspath(os.path.expanduser(model_source))
+    if cfg.data.path and protocol_of(cfg.data.path) == "file" and os.path.exists(os.path.expanduser(cfg.data.path)):
+        found["data.path"] = os.path.abspath(os.path.expanduser(cfg.data.path.removeprefix("file://")))
+    for key, path in (("sink.path", cfg.sink.path), ("sink.txt_dir", cfg.sink.txt_dir)):
+        if path and protocol_of(path) == "file":
+            found[key] = os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
+    return found
+
+
+def unseen_paths(paths: dict[str, str], driver: dict[str, Optional[str]],
+                 nodes: dict[str, dict[str, Optional[str]]]) -> list[tuple[str, str, str]]:
+    """(config key, node, what the node sees) for every path some node does not see as the
+    driver does: "nothing" or "other files"."""
+    out = []
+    for key, path in paths.items():
+        for node, view in nodes.items():
+            seen = view.get(path)
+            if seen != driver.get(path):
+                out.append((key, node, "nothing" if seen is None else "other files"))
+                break
+    return out
+
+
+def refusal(cfg: CapjobConfig, key: str, path: str, node: str, seen: str) -> str:
+    """The one-line error for a local path a node does not see, naming the fix."""
+    where = f"node {node} sees {seen} there"
+    if key == "model.builder":
+        name = f"{cfg.model.builder}"
+        return (f"model.builder: the {name} model capjob built at {path} is on the driver's disk only ({where}); upload it "
+                f"(e.g. `aws s3 sync {path} s3://BUCKET/models/{name}`) and set model.source=s3://BUCKET/models/{name}")
+    if key == "model.source":
+        fix = "put the checkpoint on object storage and set model.source=s3://BUCKET/... (each node downloads it), or on a mount every node shares"
+    elif key == "data.path":
+        fix = "set data.path to an object store URL (s3://BUCKET/...) or a mount every node shares"
+    else:
+        fix = f"set {key} to an object store URL (s3://BUCKET/...) or a mount every node shares"
+    return f"{key}: {path} is a local path that not every node of the cluster sees ({where}); {fix}"
+
+
+def check_paths_on_nodes(cfg: CapjobConfig, model_source: Optional[str], probe: Optional[Any] = None) -> int:
+    """On a cluster: every local path of the job (local_paths) is seen by every alive node as by
+    the driver, else ConfigError (refusal). `probe(paths) -> {node: {path: signature}}` asks the
+    nodes (default: one zero-CPU Ray task pinned to each). Returns the number of nodes asked."""
+    paths = local_paths(cfg, model_source)
+    if not paths:
+        return 0
+    views = (probe or probe_nodes)(sorted(set(paths.values())))
+    driver = node_paths(sorted(set(paths.values())))
+    for key, node, seen in unseen_paths(paths, driver, views):
+        raise ConfigError(refusal(cfg, key, paths[key], node, seen))
+    return len(views)
+
+
+def probe_nodes(paths: list[str]) -> dict[str, dict[str, Optional[str]]]:
+    """{node "ip (id prefix)": node_paths(paths) there} for every alive node of the connected
+    cluster. A node that does not answer within PROBE_TIMEOUT_S is left out (logged): its tasks
+    would wait for it too."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(node_paths)
+    refs = {}
+    for n in ray.nodes():
+        if n.get("Alive"):
+            label = f"{n.get('NodeManagerAddress')} ({n['NodeID'][:8]})"
+            refs[label] = probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(paths)
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
+    out = {}
+    for label, ref in refs.items():
+        if ref in ready:
+            out[label] = ray.get(ref)
+        else:
+            log.warning("node %s did not answer the path check within %d s; its view of %s is not checked", label, PROBE_TIMEOUT_S, paths)
+    return out

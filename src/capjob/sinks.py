@@ -400,6 +400,16 @@ def typed_nulls(table: pa.Table, column_types: dict[str, pa.DataType]) -> pa.Tab
     return table
 
 
+def _node_id() -> str:
+    """The Ray node this task runs on (hex id), "" outside Ray."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - informative only
+        return ""
+
+
 class CaptionSink(Datasink[dict[str, Any]]):
     """Ray Data sink: each block's rows go to captions, or to quarantine when the engine (or the
     JSON parse) failed; with sink=txt, captioned rows also get their .txt, written before the
@@ -488,6 +498,8 @@ class CaptionSink(Datasink[dict[str, Any]]):
                 kind = r["reason"].split(":", 1)[0]
                 stats["quarantined_by_kind"][kind] = stats["quarantined_by_kind"].get(kind, 0) + 1
         stats["write_events"] = [(now, len(ok))]
+        # Which node wrote how many rows: on a cluster, the report shows the writes spread out.
+        stats["write_nodes"] = {_node_id(): table.num_rows}
         from capjob import metrics
 
         metrics.record_many(self.run_id, stem, {
@@ -509,6 +521,10 @@ class CaptionSink(Datasink[dict[str, Any]]):
         self.totals = {key: sum(r[key] for r in results) for key in ("captioned", "quarantined", "prompt_tokens", "generated_tokens")}
         for key in ("caption_words", "caption_tokens", "write_events", "samples"):
             self.totals[key] = [v for r in results for v in r[key]]
+        self.totals["write_nodes"] = {}
+        for r in results:
+            for node, rows in r.get("write_nodes", {}).items():
+                self.totals["write_nodes"][node] = self.totals["write_nodes"].get(node, 0) + rows
         from capjob.reporting.contact_sheet import kept_samples
 
         self.totals["samples"] = kept_samples(self.run_id, self.totals["samples"])

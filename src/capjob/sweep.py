@@ -173,7 +173,9 @@ def release_ray() -> dict[str, Any]:
             children = psutil.Process().children(recursive=True)
         except Exception:  # noqa: BLE001 - psutil missing: rely on ray.shutdown alone
             psutil, children = None, []
-        started_local = getattr(ray._private.worker, "_global_node", None) is not None
+        # A driver that joined a cluster holds a connect-only Node too; only one that started
+        # the cluster holds its head.
+        started_local = bool(getattr(getattr(ray._private.worker, "_global_node", None), "head", False))
         info["cluster"] = "local (started by this job)" if started_local else "existing cluster (disconnected)"
         ray.shutdown(wait_for_processes=True)
         killed: list[dict[str, Any]] = []
@@ -484,7 +486,7 @@ def _is_model_key(key: str) -> bool:
 def _short(value: str) -> str:
     """A path-like checkpoint value shortened for a table label or an axis tick."""
     value = value.rstrip("/")
-    return value.rsplit("/", 1)[-1] if "/" in value and len(value) > 24 else value
+    return value.rsplit("/", 1)[-1] if "/" in value and (len(value) > 24 or "://" in value) else value
 
 
 def markdown(sweep_dir: Path, jobs: list[Job]) -> str:
