@@ -12,7 +12,6 @@ import csv
 import json
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO, compose, early_checkpoint
+from test_jobs import free_ports, ray_start_children, stop_ray_start
 
 VENV_BIN = pathlib.Path(sys.executable).parent
 ENGINE_RESOURCE = "vlm_node"  # the custom resource of the "GPU" node, as accelerator_type:<X> on a real cluster
@@ -198,12 +198,6 @@ def test_stage_udfs_load_a_model_url_on_their_own_node(s3_env, tmp_path, monkeyp
 # --- e2e: a two-node cluster on this machine ----------------------------------------------------------
 
 
-def free_ports(n):
-    from test_jobs import free_ports as ports
-
-    return ports(n)
-
-
 class RayNode:
     """One `ray start --block` on 127.0.0.1 with its own ports, temp dir and environment (its
     workers inherit it: each node gets its own Hugging Face and capjob caches). No `ray stop`:
@@ -234,35 +228,15 @@ class RayNode:
 
     def terminate(self):
         """SIGTERM to `ray start --block`: it stops what it started (see stop)."""
-        import psutil
-
-        try:
-            self.started = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            self.started = []
+        self.started = ray_start_children(self.proc)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
 
     def stop(self):
         """Wait for the node to stop; kill by pid what it started and left alive."""
-        import psutil
-
         if not hasattr(self, "started"):
             self.terminate()
-        started = self.started
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        _, alive = psutil.wait_procs(started, timeout=30)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        self.log.close()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        stop_ray_start(self.proc, self.log, self.temp_dir, self.started)
 
 
 def wait_for_nodes(address, count, nodes, timeout=180):

@@ -166,28 +166,42 @@ class RayHead:
         return (pathlib.Path(self.temp_dir) / "ray-start.log").read_text()
 
     def stop(self):
-        """SIGTERM to `ray start --block` makes it stop what it started; anything of ours still
-        alive after that (workers, job drivers) is killed by pid."""
-        import psutil
+        stop_ray_start(self.proc, self.log, self.temp_dir)
 
+
+def ray_start_children(proc):
+    """The processes a `ray start --block` started (its raylet, GCS, workers...)."""
+    import psutil
+
+    try:
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop_ray_start(proc, log, temp_dir, started=None):
+    """SIGTERM to `ray start --block` makes it stop what it started; anything of ours still alive
+    after that (workers, job drivers) is killed by pid, then its log closed and temp dir removed.
+    `started`: its children listed before it was signalled (ray_start_children), if it was."""
+    import psutil
+
+    if started is None:
+        started = ray_start_children(proc)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    _, alive = psutil.wait_procs(started, timeout=30)
+    for p in alive:
         try:
-            started = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            started = []
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        _, alive = psutil.wait_procs(started, timeout=30)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        self.log.close()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+            p.kill()
+        except psutil.Error:
+            pass
+    log.close()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
