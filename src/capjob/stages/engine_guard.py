@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 # Test-only (see the module docstring): the source_key or id of the row that kills the engine.
 POISON_ENV = "CAPJOB_TEST_ENGINE_POISON"
+POISON_SETTLE_S = 3.0
 REASON_KIND = "engine_crash"
 
 
@@ -219,9 +220,13 @@ def guarded_engine_udf() -> type:
             self.engine_id = f"{ray.get_runtime_context().get_actor_id()}:{os.getpid()}"
             self.poison: Optional[str] = os.environ.get(POISON_ENV) or None
 
-        def _poison_check(self, rows: list[dict[str, Any]]) -> None:
+        async def _poison_check(self, rows: list[dict[str, Any]]) -> None:
             if self.poison and any(self.poison in (r.get("source_key"), r.get("id")) for r in rows):
                 kill_engine_core()
+                # Let vLLM's client see the death before the batch is sent, so that its requests
+                # fail with EngineDeadError as in a real crash; sent while vLLM was still shutting
+                # its client down, they waited forever once (the e2e run hit its 600 s timeout).
+                await asyncio.sleep(POISON_SETTLE_S)
 
         def _crash_row(self, row: dict[str, Any], deaths: int, batch_uuid: uuid.UUID) -> dict[str, Any]:
             # The failed-row shape of vLLMEngineStageUDF._generate_with_error_handling, so
@@ -241,7 +246,7 @@ def guarded_engine_udf() -> type:
                     # An engine death ends the process (os._exit in Ray Data LLM, or a kill):
                     # no finally runs, the attempt stays open, and its retry counts the death.
                     try:
-                        self._poison_check(batch)
+                        await self._poison_check(batch)
                         async for out in super().udf(batch):
                             yield out
                     finally:
@@ -260,7 +265,7 @@ def guarded_engine_udf() -> type:
                     attempt = uuid.uuid4().hex
                     await self.ledger.begin.remote(attempt, [key], True, self.engine_id)
                     try:
-                        self._poison_check([row])
+                        await self._poison_check([row])
                         out = await self._generate_with_error_handling(row, batch_uuid)
                     finally:
                         await self.ledger.end.remote(attempt)
