@@ -14,8 +14,8 @@ side by side (112 x 112 or 224 x 112 px), with the shape large and near the cell
 Under capjob's default resize (longest side 448, never upscaled) a scene reaches the engine
 unchanged, as a 4 x 4 or 8 x 4 grid of Qwen2.5-VL's merged 28-pixel patches; the vision
 tower's 112-pixel attention windows then hold one shape each. Measured (docs/benchmarks.md,
-"Tiny trained model"): two shapes squeezed into one 112-pixel square, or placed anywhere, are
-learnt far more slowly by a model this small than one shape per cell.
+"Tiny trained model"): what made a model this small learn two-shape scenes was naming them by
+kind; one cell per shape keeps every shape as large as a single one.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Scene:
 
     @property
     def caption(self) -> str:
-        """The shapes in CAPTION_ORDER, whatever their places, then the background."""
+        """The shapes in caption_order, whatever their places, then the background."""
         named = " and ".join(f"{_article(s.colour)} {s.colour} {s.kind}" for s in sorted(self.shapes, key=caption_order))
         return f"{named} on a {self.background} background"
 
@@ -122,16 +122,21 @@ def _polygon(shape: Shape) -> list[tuple[float, float]]:
     return points
 
 
+def _draw(draw: ImageDraw.ImageDraw, shape: Shape, fill: object) -> None:
+    """One filled shape: the same pixels in the image (render) and in its token mask (token_labels)."""
+    if shape.kind == "circle":
+        draw.ellipse([shape.cx - shape.radius, shape.cy - shape.radius, shape.cx + shape.radius, shape.cy + shape.radius],
+                     fill=fill)
+    else:
+        draw.polygon(_polygon(shape), fill=fill)
+
+
 def render(scene: Scene) -> Image.Image:
     """The scene as an RGB image of scene.width x SCENE_SIZE pixels."""
     im = Image.new("RGB", (scene.width, SCENE_SIZE), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(im)
     for s in scene.shapes:
-        fill = COLOURS[s.colour]
-        if s.kind == "circle":
-            draw.ellipse([s.cx - s.radius, s.cy - s.radius, s.cx + s.radius, s.cy + s.radius], fill=fill)
-        else:
-            draw.polygon(_polygon(s), fill=fill)
+        _draw(draw, s, COLOURS[s.colour])
     return im
 
 
@@ -143,10 +148,7 @@ def token_labels(scene: Scene, cell: int = 28) -> tuple[list[int], list[int]]:
     mask = Image.new("L", (scene.width, SCENE_SIZE), 0)
     draw = ImageDraw.Draw(mask)
     for i, s in enumerate(scene.shapes, 1):
-        if s.kind == "circle":
-            draw.ellipse([s.cx - s.radius, s.cy - s.radius, s.cx + s.radius, s.cy + s.radius], fill=i)
-        else:
-            draw.polygon(_polygon(s), fill=i)
+        _draw(draw, s, i)
     cells = np.asarray(mask).reshape(SCENE_SIZE // cell, cell, scene.width // cell, cell).transpose(0, 2, 1, 3)
     kinds, colours = [], []
     background = len(COLOURS) + list(BACKGROUNDS).index(scene.background)
