@@ -294,11 +294,11 @@ def test_caption_request_sends_the_rendered_prompt_and_the_image():
 
     cfg = to_typed(compose(["experiment=offline"]))
     row = {"image": np.zeros((4, 6, 3), dtype=np.uint8), "id": "row-1"}
-    out = CaptionRequest(cfg, RenderedPrompt("<prompt>", image_list=True, uuid_list=True))(row)
+    out = CaptionRequest(cfg, RenderedPrompt("<prompt>", image_list=True, uuid_list=True, content_format="openai"))(row)
     assert out["prompt"] == "<prompt>" and out["image"] is None and "messages" not in out
     assert out["multimodal_data"]["image"][0].size == (6, 4) and out["multimodal_uuids"] == {"image": [image_uuid(row["image"])]}
     assert out["sampling_params"]["max_tokens"] == cfg.caption.max_tokens
-    single = CaptionRequest(cfg, RenderedPrompt("<prompt>", image_list=False, uuid_list=False))(row)
+    single = CaptionRequest(cfg, RenderedPrompt("<prompt>", image_list=False, uuid_list=False, content_format="openai"))(row)
     assert single["multimodal_data"]["image"].size == (6, 4) and single["multimodal_uuids"] == {"image": image_uuid(row["image"])}
     messages = CaptionRequest(cfg)(row)["messages"]  # engine.chat_template_stages=true: the stages' input
     assert [m["role"] for m in messages] == ["system", "user"] and messages[1]["content"][0]["uuid"] == image_uuid(row["image"])

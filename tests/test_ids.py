@@ -67,7 +67,7 @@ def test_image_uuid_is_bound_to_the_pixels():
 def test_caption_request_names_the_image_by_its_pixels_not_the_row_id():
     from capjob.processor import CaptionRequest, RenderedPrompt
 
-    request = CaptionRequest(typed(), RenderedPrompt("p", image_list=False, uuid_list=False))
+    request = CaptionRequest(typed(), RenderedPrompt("p", image_list=False, uuid_list=False, content_format="openai"))
     pixels = np.full((28, 28, 3), 7, np.uint8)
     one = request({"image": pixels, "id": "k#1"})["multimodal_uuids"]["image"]
     two = request({"image": pixels, "id": "other"})["multimodal_uuids"]["image"]

@@ -104,6 +104,11 @@ class ModelConfig:
     load_format: str = "auto"
 
 
+# vLLM's ChatTemplateContentFormatOption (vllm/renderers/hf.py); Ray Data LLM's
+# PrepareMultimodal stage takes the last two.
+CHAT_TEMPLATE_CONTENT_FORMATS = ("auto", "string", "openai")
+
+
 @dataclass
 class EngineConfig:
     """`engine` group: the vLLM engine and the Ray Data LLM processor, consumed by processor.py."""
@@ -134,6 +139,14 @@ class EngineConfig:
     # same two stages in a one-off task, and sends prompt + image straight to the engine: two
     # actors (0.5-0.7 GiB each, importing vLLM / transformers) and two operators fewer.
     chat_template_stages: bool = False
+    # How a chat message's parts (image, text) reach the chat template, as vLLM's
+    # --chat-template-content-format: "string" flattens them into one string (Ray Data LLM's
+    # default: the image placeholder, a newline, the text), "openai" hands the template the list
+    # of parts. "auto" = what vLLM's LLM.chat and OpenAI server pick for the model (they read the
+    # template: one that loops over the parts gets "openai"). Qwen2.5-VL's template does, and
+    # was trained without that newline: the tiny model wrote 8 of 100 captions wrong with it,
+    # 1 of 100 without (docs/benchmarks.md, "Tiny trained model").
+    chat_template_content_format: str = "auto"
     # Tokenize in a Ray Data actor before the engine (false: vLLM tokenizes inside the engine).
     tokenize_stage: bool = True
     # vLLM already returns the generated text; Ray's detokenize stage would decode it again in
@@ -419,6 +432,8 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
     _require(e.max_engine_deaths_per_batch >= 1, "engine.max_engine_deaths_per_batch",
              f"must be >= 1, got {e.max_engine_deaths_per_batch}")
     _require(e.max_model_len > 0, "engine.max_model_len", f"must be > 0, got {e.max_model_len}")
+    _require(e.chat_template_content_format in CHAT_TEMPLATE_CONTENT_FORMATS, "engine.chat_template_content_format",
+             f"must be one of {', '.join(CHAT_TEMPLATE_CONTENT_FORMATS)}, got {e.chat_template_content_format!r}")
     _require(e.mm_processor_cache_gb >= 0, "engine.mm_processor_cache_gb", f"must be >= 0, got {e.mm_processor_cache_gb}")
     _require(e.max_num_seqs is None or e.max_num_seqs > 0, "engine.max_num_seqs", f"must be > 0 or null, got {e.max_num_seqs}")
     _require(0.0 < e.gpu_memory_utilization <= 1.0, "engine.gpu_memory_utilization", f"must be in (0, 1], got {e.gpu_memory_utilization}")

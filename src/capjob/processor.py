@@ -373,39 +373,61 @@ class CaptionRequest:
 @dataclass(frozen=True)
 class RenderedPrompt:
     """The chat-templated prompt every caption request shares, with USER_PROMPT_SLOT where each
-    request's user prompt goes, and the shape (one item or a list) in which Ray Data LLM's
-    PrepareMultimodal hands the image and its uuid to the engine."""
+    request's user prompt goes, the shape (one item or a list) in which Ray Data LLM's
+    PrepareMultimodal hands the image and its uuid to the engine, and the chat template content
+    format ("string" or "openai") it was rendered with."""
 
     text: str
     image_list: bool
     uuid_list: bool
+    content_format: str
 
 
-def _render_with_stages(stages: list[Any], row: dict[str, Any]) -> RenderedPrompt:
-    """Run Ray Data LLM's own PrepareMultimodal and ChatTemplate UDFs on one row (in a one-off
-    Ray task: it imports vLLM and transformers, and its process exits afterwards)."""
+def resolve_content_format(model_config_kwargs: dict[str, Any], given: str) -> str:
+    """engine.chat_template_content_format as Ray Data LLM's PrepareMultimodal stage takes it:
+    `given` unless "auto", else vLLM's own choice for the model's chat template (what LLM.chat
+    and vLLM's OpenAI server use, vllm/renderers/hf.py). Imports vLLM: call it in a task."""
+    if given != "auto":
+        return given
+    from vllm.config import ModelConfig
+    from vllm.renderers.hf import resolve_chat_template_content_format
+    from vllm.tokenizers.registry import cached_tokenizer_from_config
+
+    model_config = ModelConfig(**model_config_kwargs)
+    return resolve_chat_template_content_format(None, None, "auto", cached_tokenizer_from_config(model_config),
+                                                model_config=model_config)
+
+
+def _render_with_stages(stages: list[Any], row: dict[str, Any], content_format: str) -> RenderedPrompt:
+    """Run Ray Data LLM's own PrepareMultimodal and ChatTemplate UDFs on one row, PrepareMultimodal
+    with `content_format` resolved (in a one-off Ray task: it imports vLLM and transformers, and
+    its process exits afterwards)."""
     import asyncio
 
-    async def run() -> dict[str, Any]:
-        current = dict(row)
+    async def run() -> tuple[dict[str, Any], str]:
+        current, resolved = dict(row), content_format
         for stage in stages:
-            udf = stage.fn(data_column=DATA_COLUMN, expected_input_keys=list(stage.get_required_input_keys()),
-                           **stage.fn_constructor_kwargs)
+            kwargs = dict(stage.fn_constructor_kwargs)
+            if "chat_template_content_format" in kwargs:
+                resolved = resolve_content_format(kwargs["model_config_kwargs"], content_format)
+                kwargs["chat_template_content_format"] = resolved
+            udf = stage.fn(data_column=DATA_COLUMN, expected_input_keys=list(stage.get_required_input_keys()), **kwargs)
             current[udf.IDX_IN_BATCH_COLUMN] = 0
             async for out in udf.udf([current]):
                 current.update(out)
-        return current
+        return current, resolved
 
-    out = asyncio.run(run())
+    out, resolved = asyncio.run(run())
     mm, uuids = out["multimodal_data"], out.get("multimodal_uuids") or {}
-    return RenderedPrompt(out["prompt"], isinstance(mm["image"], list), isinstance(uuids.get("image"), list))
+    return RenderedPrompt(out["prompt"], isinstance(mm["image"], list), isinstance(uuids.get("image"), list), resolved)
 
 
 def render_caption_prompt(cfg: CapjobConfig, model_source: str, placement: EnginePlacement) -> RenderedPrompt:
     """The caption prompt, rendered once by the stages engine.chat_template_stages would run
     for every row (same model config, chat template and content format), with a slot for each
-    request's user prompt. A chat template that does not copy the user text verbatim (exactly
-    one slot in its output) fails with a ConfigError pointing at engine.chat_template_stages."""
+    request's user prompt, and the content format resolved for those stages. Without
+    engine.chat_template_stages, a chat template that does not copy the user text verbatim
+    (exactly one slot in its output) fails with a ConfigError pointing at that switch."""
     import ray
     from PIL import Image
     from ray.data.llm import build_processor
@@ -422,8 +444,8 @@ def render_caption_prompt(cfg: CapjobConfig, model_source: str, placement: Engin
     row = {"messages": request.messages(Image.new("RGB", (cfg.images.size, cfg.images.size)), "capjob-prompt", USER_PROMPT_SLOT),
            "sampling_params": request.sampling_params[request.first]}
     render = ray.remote(num_cpus=cfg.resources.cpu_stage_cpus, max_calls=1, runtime_env=config.runtime_env)(_render_with_stages)
-    rendered = ray.get(render.remote(stages, row))
-    if rendered.text.count(USER_PROMPT_SLOT) != 1:
+    rendered = ray.get(render.remote(stages, row, cfg.engine.chat_template_content_format))
+    if not cfg.engine.chat_template_stages and rendered.text.count(USER_PROMPT_SLOT) != 1:
         raise ConfigError("engine.chat_template_stages: this model's chat template does not copy the user prompt verbatim; "
                           "set engine.chat_template_stages=true to apply it to every request")
     return rendered
@@ -588,9 +610,12 @@ def engine_bundles(placement: EnginePlacement, extra: Optional[dict[str, float]]
 
 
 def processor_config(cfg: CapjobConfig, model_source: str, placement: EnginePlacement, *, multimodal: bool = True,
-                     chat_template_stages: Optional[bool] = None):
+                     chat_template_stages: Optional[bool] = None, content_format: Optional[str] = None):
     """The vLLMEngineProcessorConfig for `cfg`'s engine/resources (shared by the caption pass and
-    the judge pass): CPU placement when placement.gpus == 0, failed rows kept and flagged."""
+    the judge pass): CPU placement when placement.gpus == 0, failed rows kept and flagged.
+    content_format: PrepareMultimodal's chat template content format as resolved by
+    render_caption_prompt (None: engine.chat_template_content_format, "auto" read as Ray Data
+    LLM's default "string" until resolved)."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
     r = cfg.resources
@@ -606,7 +631,8 @@ def processor_config(cfg: CapjobConfig, model_source: str, placement: EnginePlac
         concurrency=(r.concurrency, r.concurrency),
         accelerator_type=placement.accelerator_type if placement.gpus else None,
         placement_group_config=engine_bundles(placement, r.engine_resources),
-        prepare_multimodal_stage={"enabled": "PrepareMultimodal" in enabled, **cpu_stage},
+        prepare_multimodal_stage={"enabled": "PrepareMultimodal" in enabled, **cpu_stage,
+                                  "chat_template_content_format": content_format or _given_content_format(cfg)},
         chat_template_stage={"enabled": "ChatTemplate" in enabled, **cpu_stage},
         tokenize_stage={"enabled": "Tokenize" in enabled, **cpu_stage},
         detokenize_stage={"enabled": "Detokenize" in enabled, **cpu_stage},
@@ -615,6 +641,11 @@ def processor_config(cfg: CapjobConfig, model_source: str, placement: EnginePlac
         log_engine_metrics=True,
         runtime_env={"env_vars": {k: str(v) for k, v in cfg.engine.env_vars.items()}} if cfg.engine.env_vars else None,
     )
+
+
+def _given_content_format(cfg: CapjobConfig) -> str:
+    given = cfg.engine.chat_template_content_format
+    return "string" if given == "auto" else given
 
 
 def task_options(cfg: CapjobConfig) -> dict[str, Any]:
@@ -634,8 +665,11 @@ def build_caption_processor(cfg: CapjobConfig, model_source: str, placement: Eng
     as is, which retries such a row without end)."""
     from ray.data.llm import build_processor
 
-    config = processor_config(cfg, model_source, placement)
-    prompt = None if cfg.engine.chat_template_stages else render_caption_prompt(cfg, model_source, placement)
+    # Rendered (and its content format resolved) before the processor is built: the per-row
+    # stages of engine.chat_template_stages need the same format.
+    rendered = render_caption_prompt(cfg, model_source, placement)
+    config = processor_config(cfg, model_source, placement, content_format=rendered.content_format)
+    prompt = None if cfg.engine.chat_template_stages else rendered
     specs = prompt_specs(cfg.caption)
     # The pipeline's task options: preprocess fuses into the decode task before it and
     # postprocess into the write task after it (Ray Data fuses tasks with equal remote args).
