@@ -53,6 +53,7 @@ def test_offline_experiment_preset():
         ("resources.max_block_mib=0", "resources.max_block_mib"),
         ("resources.wait_for_engines_s=0", "resources.wait_for_engines_s"),
         ("engine.mm_processor_cache_gb=-1", "engine.mm_processor_cache_gb"),
+        ("engine.chat_template_content_format=json", "engine.chat_template_content_format"),
         ("caption.max_tokens=0", "caption.max_tokens"),
         ("model.builder=nope", "model.builder"),
     ],
@@ -185,6 +186,9 @@ def test_processor_stages_follow_the_engine_switches():
     # The one-off prompt rendering runs the two stages' own UDFs.
     config = processor_config(offline, "/m", EnginePlacement(0, None), chat_template_stages=True)
     assert (config.chat_template_stage["enabled"], config.prepare_multimodal_stage["enabled"]) == (True, True)
+    # The content format the rendering task resolved reaches the per-row stage too.
+    resolved = processor_config(offline, "/m", EnginePlacement(0, None), chat_template_stages=True, content_format="openai")
+    assert resolved.prepare_multimodal_stage["chat_template_content_format"] == "openai"
     every = to_typed(compose(["experiment=offline", "engine.chat_template_stages=true", "engine.tokenize_stage=true", "engine.detokenize_stage=true"]))
     assert cpu_stages(every) == ["PrepareMultimodal", "ChatTemplate", "Tokenize", "Detokenize"]
     # Local Ray is sized to the actors that exist: two more stages, two more CPU requests.

@@ -383,35 +383,35 @@ class RenderedPrompt:
     content_format: str
 
 
-def resolve_content_format(model_config_kwargs: dict[str, Any], given: str) -> str:
+def resolve_content_format(model_config: Any, given: str) -> str:
     """engine.chat_template_content_format as Ray Data LLM's PrepareMultimodal stage takes it:
-    `given` unless "auto", else vLLM's own choice for the model's chat template (what LLM.chat
-    and vLLM's OpenAI server use, vllm/renderers/hf.py). Imports vLLM: call it in a task."""
+    `given` unless "auto", else vLLM's own choice for the chat template of `model_config` (a
+    vllm.config.ModelConfig): what LLM.chat and vLLM's OpenAI server use (vllm/renderers/hf.py).
+    Imports vLLM: call it in a task."""
     if given != "auto":
         return given
-    from vllm.config import ModelConfig
     from vllm.renderers.hf import resolve_chat_template_content_format
     from vllm.tokenizers.registry import cached_tokenizer_from_config
 
-    model_config = ModelConfig(**model_config_kwargs)
     return resolve_chat_template_content_format(None, None, "auto", cached_tokenizer_from_config(model_config),
                                                 model_config=model_config)
 
 
 def _render_with_stages(stages: list[Any], row: dict[str, Any], content_format: str) -> RenderedPrompt:
     """Run Ray Data LLM's own PrepareMultimodal and ChatTemplate UDFs on one row, PrepareMultimodal
-    with `content_format` resolved (in a one-off Ray task: it imports vLLM and transformers, and
-    its process exits afterwards)."""
+    with `content_format` resolved for its model (in a one-off Ray task: it imports vLLM and
+    transformers, and its process exits afterwards)."""
     import asyncio
 
     async def run() -> tuple[dict[str, Any], str]:
         current, resolved = dict(row), content_format
         for stage in stages:
-            kwargs = dict(stage.fn_constructor_kwargs)
-            if "chat_template_content_format" in kwargs:
-                resolved = resolve_content_format(kwargs["model_config_kwargs"], content_format)
-                kwargs["chat_template_content_format"] = resolved
-            udf = stage.fn(data_column=DATA_COLUMN, expected_input_keys=list(stage.get_required_input_keys()), **kwargs)
+            udf = stage.fn(data_column=DATA_COLUMN, expected_input_keys=list(stage.get_required_input_keys()),
+                           **stage.fn_constructor_kwargs)
+            if hasattr(udf, "chat_template_content_format"):
+                # PrepareMultimodalUDF (ray 2.58.1) holds its vLLM ModelConfig, built on this node
+                # (a model URL already swapped for the local copy by models/remote.py).
+                resolved = udf.chat_template_content_format = resolve_content_format(udf.model_config, content_format)
             current[udf.IDX_IN_BATCH_COLUMN] = 0
             async for out in udf.udf([current]):
                 current.update(out)
