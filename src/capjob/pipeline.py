@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from capjob.config import CapjobConfig, EvalMode
 from capjob.errors import AccountingError
-from capjob.processor import EnginePlacement, cpu_stages, task_options
+from capjob.processor import EnginePlacement, cpu_stages, submit_caption_prompt, task_options
 
 # Rows per block when the plan has no better number: small blocks keep memory flat and feed
 # the engine steadily (a block of 448 px images is ~0.6 MB per row once decoded).
@@ -153,6 +153,7 @@ class Started:
     report_dirs: list[str] = field(default_factory=list)
     done_count: int = 0  # len(done) before it went to the object store
     crashes: Any = None  # stages.engine_guard.CrashLedger actor (the driver's handle keeps it alive)
+    prompt: Any = None  # ObjectRef of processor.submit_caption_prompt's task, running meanwhile
 
 
 def dry_run_plan(cfg: CapjobConfig, run_id: str, num_rows: Optional[int] = None) -> Plan:
@@ -199,10 +200,11 @@ def start(cfg: CapjobConfig, run_id: str) -> Started:
     if address:  # Ray's tasks and actors open local paths on their own nodes: each must see them
         runtime.check_paths_on_nodes(cfg, model_source)
     configure_data_context(cfg, placement)
+    prompt = submit_caption_prompt(cfg, model_source, placement)  # its task overlaps what follows
     ledger = metrics.start_ledger(cfg.job.name, run_id)  # keep the handle: an unreferenced actor is destroyed
     crashes = engine_guard.start_ledger(run_id, cfg.engine.max_engine_deaths_per_batch)
     return Started(run_id, model_source, placement, done.put(), ledger, clock, wall_clock, ray_info.get("dashboard_url"),
-                   done_count=len(done), crashes=crashes)
+                   done_count=len(done), crashes=crashes, prompt=prompt)
 
 
 # Ray Data splits the object-store budget between the operators (read ... write, about a dozen
@@ -329,7 +331,8 @@ def caption_flow(cfg: CapjobConfig, job: Started, source: Any, plan: Plan) -> An
 
     return build_caption_processor(cfg, job.model_source, job.placement, job.run_id,
                                    passthrough_columns=source.passthrough_columns, expected_rows=source.num_rows,
-                                   crash_ledger=ledger_name(job.run_id) if job.crashes is not None else None)(ds)
+                                   crash_ledger=ledger_name(job.run_id) if job.crashes is not None else None,
+                                   pending_prompt=job.prompt)(ds)
 
 
 def engine_ready_at() -> Optional[float]:

@@ -422,17 +422,13 @@ def _render_with_stages(stages: list[Any], row: dict[str, Any], content_format: 
     return RenderedPrompt(out["prompt"], isinstance(mm["image"], list), isinstance(uuids.get("image"), list), resolved)
 
 
-def render_caption_prompt(cfg: CapjobConfig, model_source: str, placement: EnginePlacement) -> RenderedPrompt:
-    """The caption prompt, rendered once by the stages engine.chat_template_stages would run
-    for every row (same model config, chat template and content format), with a slot for each
-    request's user prompt, and the content format resolved for those stages. Without
-    engine.chat_template_stages, a chat template that does not copy the user text verbatim
-    (exactly one slot in its output) fails with a ConfigError pointing at that switch."""
+def submit_caption_prompt(cfg: CapjobConfig, model_source: str, placement: EnginePlacement) -> Any:
+    """Start rendering the caption prompt (render_caption_prompt's one-off task) and return its
+    ObjectRef: submitted as soon as Ray is up, the task (a fresh worker importing vLLM: 25 s of
+    a warm start on the H200 host, docs/benchmarks.md issue 22) overlaps the rest of start-up."""
     import ray
     from PIL import Image
     from ray.data.llm import build_processor
-
-    from capjob.errors import ConfigError
 
     from capjob.models.remote import node_local_stage_udfs
 
@@ -444,7 +440,22 @@ def render_caption_prompt(cfg: CapjobConfig, model_source: str, placement: Engin
     row = {"messages": request.messages(Image.new("RGB", (cfg.images.size, cfg.images.size)), "capjob-prompt", USER_PROMPT_SLOT),
            "sampling_params": request.sampling_params[request.first]}
     render = ray.remote(num_cpus=cfg.resources.cpu_stage_cpus, max_calls=1, runtime_env=config.runtime_env)(_render_with_stages)
-    rendered = ray.get(render.remote(stages, row, cfg.engine.chat_template_content_format))
+    return render.remote(stages, row, cfg.engine.chat_template_content_format)
+
+
+def render_caption_prompt(cfg: CapjobConfig, model_source: str, placement: EnginePlacement,
+                          pending: Any = None) -> RenderedPrompt:
+    """The caption prompt, rendered once by the stages engine.chat_template_stages would run
+    for every row (same model config, chat template and content format), with a slot for each
+    request's user prompt, and the content format resolved for those stages. pending: the
+    ObjectRef of submit_caption_prompt (None: submitted now). Without
+    engine.chat_template_stages, a chat template that does not copy the user text verbatim
+    (exactly one slot in its output) fails with a ConfigError pointing at that switch."""
+    import ray
+
+    from capjob.errors import ConfigError
+
+    rendered = ray.get(pending if pending is not None else submit_caption_prompt(cfg, model_source, placement))
     if not cfg.engine.chat_template_stages and rendered.text.count(USER_PROMPT_SLOT) != 1:
         raise ConfigError("engine.chat_template_stages: this model's chat template does not copy the user prompt verbatim; "
                           "set engine.chat_template_stages=true to apply it to every request")
@@ -656,18 +667,19 @@ def task_options(cfg: CapjobConfig) -> dict[str, Any]:
 
 def build_caption_processor(cfg: CapjobConfig, model_source: str, placement: EnginePlacement, run_id: str,
                             passthrough_columns: Optional[list[str]] = None, expected_rows: Optional[int] = None,
-                            crash_ledger: Optional[str] = None):
+                            crash_ledger: Optional[str] = None, pending_prompt: Any = None):
     """dataset -> dataset of output rows: [expand to one request per prompt] -> the Ray Data LLM
     processor -> [regroup to one row per image]. passthrough_columns: the source's (data's
     pass-through plus the columns the prompts name); expected_rows sizes the thumbnail sample.
     crash_ledger: the name of the run's stages.engine_guard.CrashLedger actor, which the engine
     stage then uses to quarantine a row that kills the engine (None: Ray Data LLM's engine stage
-    as is, which retries such a row without end)."""
+    as is, which retries such a row without end). pending_prompt: submit_caption_prompt's
+    ObjectRef, if the job submitted it early."""
     from ray.data.llm import build_processor
 
     # Rendered (and its content format resolved) before the processor is built: the per-row
     # stages of engine.chat_template_stages need the same format.
-    rendered = render_caption_prompt(cfg, model_source, placement)
+    rendered = render_caption_prompt(cfg, model_source, placement, pending_prompt)
     config = processor_config(cfg, model_source, placement, content_format=rendered.content_format)
     prompt = None if cfg.engine.chat_template_stages else rendered
     specs = prompt_specs(cfg.caption)
