@@ -300,10 +300,12 @@ class Profiler:
         for role, pid in targets.items():
             path = self.dir / f"{self.label}-{role}.txt"
             # GPU_BENCH_NATIVE=1: the engine core's C/C++ frames too (what a Python frame's own time is).
-            native = ["--native"] if role.startswith("enginecore") and os.environ.get("GPU_BENCH_NATIVE") == "1" else []
+            # py-spy pauses the target for those ("Can't get native stack traces with the
+            # --nonblocking option": session 8 lost raw vLLM's native profile to it).
+            native = ["--native"] if role.startswith("enginecore") and os.environ.get("GPU_BENCH_NATIVE") == "1" else ["--nonblocking"]
             procs[role] = (path, subprocess.Popen(
                 ["py-spy", "record", "--pid", str(pid), "--duration", str(int(self.duration)), "--rate", "100",
-                 "--format", "raw", "--threads", "--nonblocking", *native, "--output", str(path)],
+                 "--format", "raw", "--threads", *native, "--output", str(path)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
         for role, (path, proc) in procs.items():
             _, err = proc.communicate(timeout=self.duration + 60)

@@ -14,6 +14,15 @@
 #   bench/gpu_issue22.sh D   # (cut short on 2026-12-03: run it first next time) raw vLLM over 4,000 with the vision
 #                            # encoder's pixel batches unpinned; capjob as it was over 12,000, with the
 #                            # engine core's native frames profiled
+# Session 8 (2026-12-03 afternoon; bench/pin_micro.py runs first, in the first wheel call):
+#   bench/gpu_issue22.sh E   # capjob with 2 and then 3 engine replicas sharing the H200 over 12,000
+#                            # (each its own engine core + front-end: both per-process ceilings x N)
+#   bench/gpu_issue22.sh F   # raw vLLM over 12,000 (warm compile cache; engine core profiled with native
+#                            # frames: py-spy refuses --native with --nonblocking, so none), then E's best
+#                            # with the encoder batches unpinned in every process (GPU_BENCH_NO_PIN=1 +
+#                            # bench/nopin_site/sitecustomize.py) over 12,000
+# Since session 8 experiment=h200_throughput itself runs two replicas (E's rpg2): A-D's "base" now
+# means that; raw() keeps raw vLLM at one engine.
 #
 # Points (each on top of experiment=h200_throughput; issue 22's candidates). One knob at a time
 # would take more device minutes than a session has (~200 s a point, start-up included):
@@ -33,6 +42,18 @@ mkdir -p "$OUT" "$WORK" "$WORK4"
 LOG=$OUT/session-$1.log
 cg() { echo "+engine.extra_engine_kwargs.compilation_config={max_cudagraph_capture_size:$1}"; }
 P2="$(cg 1024) caption.text_before_image=true +engine.extra_engine_kwargs.stream_interval=128"
+R2="resources.replicas_per_gpu=2 resources.concurrency=2 engine.kv_cache_gib=16"
+R3="resources.replicas_per_gpu=3 resources.concurrency=3 engine.kv_cache_gib=12"
+DEADLINE=$(( $(date +%s) + ${CALL_S:-585} ))  # this device call's end (10-minute limit, less a margin)
+left() { echo $(( DEADLINE - $(date +%s) )); }
+best_of() {  # best_of LABEL...: the label with the highest engine-operator rate among ok capjob runs
+  python3 - "$RESULTS" "$@" <<'EOF2'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+ok = [r for r in rows if r.get("contender") == "capjob" and r.get("label") in sys.argv[2:] and r.get("engine_op_rows_per_s")]
+print(max(ok, key=lambda r: r["engine_op_rows_per_s"])["label"] if ok else sys.argv[2])
+EOF2
+}
 P3="$(cg 2048) caption.text_before_image=true +engine.extra_engine_kwargs.stream_interval=128 engine.max_num_seqs=2048 engine.max_num_batched_tokens=32768 engine.batch_size=256"
 
 images() {  # images DIR N: write N images unless DIR holds them
@@ -56,8 +77,11 @@ capjob() {  # capjob WORK LABEL TIMEOUT OVERRIDES...
 raw() {  # raw WORK LABEL TIMEOUT API OVERRIDES...
   local work=$1 label=$2 t=$3 api=$4; shift 4
   echo "=== raw vLLM $api $label ($(date -u +%T)): $*"
+  # One engine with a profiled KV cache, as measured in sessions 7 and 8 (the preset has run two
+  # replicas with a fixed KV cache since session 8; raw vLLM is one LLM).
   timeout "$t" python3 bench/gpu_bench.py --work "$work" --resources h200x1 --experiment h200_throughput --results "$RESULTS" \
-    run raw_vllm --label "$label" --raw-api "$api" --profile "${PROFILE:-0}" --profile-delay 20 --set "$@"
+    run raw_vllm --label "$label" --raw-api "$api" --profile "${PROFILE:-0}" --profile-delay 20 --set \
+    resources.replicas_per_gpu=1 resources.concurrency=1 engine.kv_cache_gib=null "$@"
 }
 collect() {
   cp "$RESULTS" "$OUT/results.jsonl" 2>/dev/null
@@ -104,6 +128,21 @@ EOF
       GPU_BENCH_NO_PIN=1 PROFILE=15 raw "$WORK4" raw4k-nopin 240 generate
       # capjob as the preset stands, 4,000 images (the device minutes left), native frames profiled too
       GPU_BENCH_NATIVE=1 PROFILE=15 capjob "$WORK4" base4k-native 300
+      ;;
+    E)
+      images "$WORK" 12000 || exit 1
+      # shellcheck disable=SC2086
+      PROFILE=15 capjob "$WORK" rpg2 320 $R2
+      # shellcheck disable=SC2086
+      PROFILE=15 capjob "$WORK" rpg3 "$(left)" $R3
+      ;;
+    F)
+      images "$WORK" 12000 || exit 1
+      GPU_BENCH_NATIVE=1 PROFILE=15 raw "$WORK" raw12k-warm 290 generate
+      best=$(best_of rpg2 rpg3); echo "best of E: $best"
+      case $best in rpg3) set_=$R3 ;; *) set_=$R2 ;; esac
+      # shellcheck disable=SC2086
+      PYTHONPATH=$PWD/bench/nopin_site:$PYTHONPATH GPU_BENCH_NO_PIN=1 PROFILE=15 capjob "$WORK" "$best-nopin" "$(left)" $set_
       ;;
   esac
   collect

@@ -116,3 +116,50 @@ def test_url_fetch_bench_runs(tmp_path):
     assert new["outcomes"]["fetch: 403 Forbidden"] == result["kinds"]["403"]  # the true reason, per URL
     kinds = result["kinds"]
     assert new["outcomes"]["image"] == kinds.get("ok", 0) + kinds.get("slow", 0) + kinds.get("flaky", 0)
+
+
+def test_profile_frames_busy_self_and_key_frames():
+    """bench/profile_frames.py (issue 22's profile tables): the busiest engine thread, its busy share
+    over the window, innermost frames with their line, and each key frame's inclusive share."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import profile_frames
+
+    step = "thread (7): MainThread;run_busy_loop (/x/site-packages/vllm/v1/engine/core.py:10)"
+    raw = "\n".join([
+        f"{step};execute_mm_encoder (/x/site-packages/vllm/v1/worker/gpu/mm/encoder_runner.py:60);"
+        "_reduce_data (/x/site-packages/vllm/multimodal/inputs.py:571) 30",
+        f"{step};Qwen2Model.forward (/x/site-packages/vllm/model_executor/models/qwen2.py:400) 60",
+        f"{step} 10",
+        "thread (8): Thread-1 (process_input_sockets);poll (/x/site-packages/zmq/sugar/poll.py:1) 500",  # not an engine thread
+        "garbage line",
+    ])
+    result = profile_frames.analyze(raw, duration=1.0, rate=200)
+    assert result["thread"] == "thread (7): MainThread" and result["samples"] == 100 and result["busy"] == 0.5
+    assert result["self"][0] == ("Qwen2Model.forward (vllm/model_executor/models/qwen2.py:400)", 0.6)
+    assert result["incl"]["_reduce_data"] == ("_reduce_data (vllm/multimodal/inputs.py)", 0.3)
+    assert result["incl"]["execute_mm_encoder"][1] == 0.3 and result["incl"]["Qwen2Model.forward"][1] == 0.6
+    assert "busy 0.5" in profile_frames.render("p.txt", result)
+    assert profile_frames.analyze("")["samples"] == 0
+
+
+def test_nopin_sitecustomize_unpins_vllm_encoder_batches():
+    """bench/nopin_site (issue 22's unpinned run): with GPU_BENCH_NO_PIN=1 every process that has the
+    folder on PYTHONPATH batches vLLM's multimodal fields with pin_memory=False, whatever vLLM asks;
+    without the variable nothing is hooked."""
+    check = ("import sys, torch\n"
+             "hooked = any(type(f).__name__ == '_Hook' for f in sys.meta_path)\n"
+             "if not hooked: print('NOT HOOKED'); sys.exit(0)\n"
+             "from vllm.multimodal import inputs\n"
+             "seen = []\n"
+             "def fake(self, batch, *, pin_memory): seen.append(pin_memory); return batch\n"
+             "for name in ('MultiModalFlatField', 'MultiModalBatchedField'):\n"
+             "    cls = getattr(inputs, name)\n"
+             "    cls._reduce_data.__kwdefaults__['_original'] = fake  # what the hook's wrapper calls\n"
+             "    cls._reduce_data(None, [torch.ones(1)], pin_memory=True)\n"
+             "print('PINNED', seen)\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO / "bench" / "nopin_site")}
+    off = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120)
+    assert off.returncode == 0 and "NOT HOOKED" in off.stdout, off.stderr[-2000:]
+    on = subprocess.run([sys.executable, "-c", check], env={**env, "GPU_BENCH_NO_PIN": "1"}, capture_output=True, text=True, timeout=300)
+    assert on.returncode == 0, on.stderr[-2000:]
+    assert "PINNED [False, False]" in on.stdout, on.stdout + on.stderr[-2000:]

@@ -340,9 +340,14 @@ def test_h200_presets():
     from capjob.runtime import decide_placement
 
     one = to_typed(compose(["experiment=h200_throughput", "model=qwen25vl_3b_dummy"]))
-    assert (one.resources.name, one.resources.accelerator_type, one.resources.concurrency) == ("h200x1", "H200", 1)
-    kwargs = engine_kwargs(one, "/m", decide_placement(one, available_gpus=1, node_gpus=1))
+    assert (one.resources.name, one.resources.accelerator_type, one.resources.concurrency) == ("h200x1", "H200", 2)
+    # Two engines share the H200 (issue 22: 167 images/s against ~128 for one): half a GPU each,
+    # each with its own fixed KV cache and its half of the memory budget.
+    placement = decide_placement(one, available_gpus=1, node_gpus=1)
+    assert (one.resources.replicas_per_gpu, placement.gpus) == (2, 0.5)
+    kwargs = engine_kwargs(one, "/m", placement)
     assert (kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"]) == (1024, 16384)
+    assert (kwargs["kv_cache_memory_bytes"], kwargs["gpu_memory_utilization"]) == (16 * 2**30, 0.45)
     two = to_typed(compose(["resources=h200x2"]))
     placement = decide_placement(two, available_gpus=2, node_gpus=2)
     assert (two.resources.concurrency, placement.gpus, placement.accelerator_type) == (2, 1, "H200")
