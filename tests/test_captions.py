@@ -373,10 +373,16 @@ def test_rendered_prompt_is_the_models_own_chat_template(builder):
     from capjob import models
     from capjob.processor import _render_with_stages, processor_config
 
+    import ray
+
     source = models.resolve_model_source(None, builder)
     cfg = typed(f"model.builder={builder}")
-    stages = [s for name, s in build_processor(processor_config(cfg, source, EnginePlacement(0, None), chat_template_stages=True)).stages.items()
-              if name in ("PrepareMultimodalStage", "ChatTemplateStage")]
+    ray.init(address="local", num_cpus=1, include_dashboard=False)  # build_processor would start one and leave it
+    try:
+        stages = [s for name, s in build_processor(processor_config(cfg, source, EnginePlacement(0, None), chat_template_stages=True)).stages.items()
+                  if name in ("PrepareMultimodalStage", "ChatTemplateStage")]
+    finally:
+        ray.shutdown()
     request = CaptionRequest(cfg)
     row = {"messages": request.messages(Image.new("RGB", (64, 64)), "u", USER_PROMPT_SLOT), "sampling_params": {}}
     own = AutoProcessor.from_pretrained(source).apply_chat_template(

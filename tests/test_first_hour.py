@@ -283,7 +283,9 @@ def test_ctrl_c_is_one_line_and_leaves_a_partial_report(tmp_path):
 
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "capjob", "experiment=offline", "data.sample_size=60", "engine.batch_size=4",
+        # 300 shape scenes: the trained model captions the sample's 96 rows in ~12 s once the
+        # engine is up, so the first file could land as the run ends and Ctrl-C find nothing to stop.
+        [sys.executable, "-m", "capjob", "experiment=offline", "data.sample_size=60", "data.sample_shapes=300", "engine.batch_size=4",
          f"sink.path={out}", f"hydra.run.dir={tmp_path}/run"],
         cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

@@ -316,10 +316,11 @@ def test_tp_and_pp_executors_and_engine_resources():
     try:
         for tp, pp in ((1, 1), (2, 1), (1, 2), (2, 2)):
             gpus = tp * pp if tp * pp > 1 else 0
-            # chat_template_stages: the prompt-once default renders the prompt with the model's
-            # tokenizer when the processor is built, and this model does not exist.
+            # chat_template_stages with a content format given: the prompt-once default (and the
+            # format's detection) render with the model's tokenizer, and this model does not exist.
             cfg = to_typed(compose(["experiment=offline", f"engine.tensor_parallel_size={tp}", f"engine.pipeline_parallel_size={pp}",
-                                    f"resources.gpus_per_worker={gpus}", "engine.chat_template_stages=true"]))
+                                    f"resources.gpus_per_worker={gpus}", "engine.chat_template_stages=true",
+                                    "engine.chat_template_content_format=openai"]))
             processor = build_caption_processor(cfg, "/nonexistent/model", EnginePlacement(gpus, "H200" if gpus else None, 4), "r")
             stages = processor.stages.values() if isinstance(processor.stages, dict) else processor.stages
             engine = next(s for s in stages if type(s).__name__ == "vLLMEngineStage")

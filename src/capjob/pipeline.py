@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from capjob.config import CapjobConfig, EvalMode
 from capjob.errors import AccountingError
-from capjob.processor import EnginePlacement, cpu_stages, submit_caption_prompt, task_options
+from capjob.processor import EnginePlacement, cpu_stages, needs_rendered_prompt, submit_caption_prompt, task_options
 
 # Rows per block when the plan has no better number: small blocks keep memory flat and feed
 # the engine steadily (a block of 448 px images is ~0.6 MB per row once decoded).
@@ -200,7 +200,8 @@ def start(cfg: CapjobConfig, run_id: str) -> Started:
     if address:  # Ray's tasks and actors open local paths on their own nodes: each must see them
         runtime.check_paths_on_nodes(cfg, model_source)
     configure_data_context(cfg, placement)
-    prompt = submit_caption_prompt(cfg, model_source, placement)  # its task overlaps what follows
+    # Its task overlaps what follows (a fresh worker importing vLLM: 25-38 s, serial before).
+    prompt = submit_caption_prompt(cfg, model_source, placement) if needs_rendered_prompt(cfg) else None
     ledger = metrics.start_ledger(cfg.job.name, run_id)  # keep the handle: an unreferenced actor is destroyed
     crashes = engine_guard.start_ledger(run_id, cfg.engine.max_engine_deaths_per_batch)
     return Started(run_id, model_source, placement, done.put(), ledger, clock, wall_clock, ray_info.get("dashboard_url"),

@@ -422,6 +422,13 @@ def _render_with_stages(stages: list[Any], row: dict[str, Any], content_format: 
     return RenderedPrompt(out["prompt"], isinstance(mm["image"], list), isinstance(uuids.get("image"), list), resolved)
 
 
+def needs_rendered_prompt(cfg: CapjobConfig) -> bool:
+    """The caption prompt is rendered before the run unless the per-row stages apply the chat
+    template (engine.chat_template_stages) with a content format given outright."""
+    e = cfg.engine
+    return not e.chat_template_stages or e.chat_template_content_format == "auto"
+
+
 def submit_caption_prompt(cfg: CapjobConfig, model_source: str, placement: EnginePlacement) -> Any:
     """Start rendering the caption prompt (render_caption_prompt's one-off task) and return its
     ObjectRef: submitted as soon as Ray is up, the task (a fresh worker importing vLLM: 25 s of
@@ -679,8 +686,8 @@ def build_caption_processor(cfg: CapjobConfig, model_source: str, placement: Eng
 
     # Rendered (and its content format resolved) before the processor is built: the per-row
     # stages of engine.chat_template_stages need the same format.
-    rendered = render_caption_prompt(cfg, model_source, placement, pending_prompt)
-    config = processor_config(cfg, model_source, placement, content_format=rendered.content_format)
+    rendered = render_caption_prompt(cfg, model_source, placement, pending_prompt) if needs_rendered_prompt(cfg) else None
+    config = processor_config(cfg, model_source, placement, content_format=rendered.content_format if rendered else None)
     prompt = None if cfg.engine.chat_template_stages else rendered
     specs = prompt_specs(cfg.caption)
     # The pipeline's task options: preprocess fuses into the decode task before it and
