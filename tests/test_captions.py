@@ -399,3 +399,34 @@ def test_rendered_prompt_is_the_models_own_chat_template(builder):
     cfg = typed(f"model.builder={builder}", "caption.text_before_image=true")
     row["messages"] = CaptionRequest(cfg).messages(Image.new("RGB", (64, 64)), "u", USER_PROMPT_SLOT)
     assert USER_PROMPT_SLOT + "<|vision_start|>" in _render_with_stages(stages, dict(row), "auto").text
+
+
+def test_rendered_prompt_is_kept_per_model_files_and_settings(tmp_path, monkeypatch):
+    """The prompt rendered for a local model folder is kept in capjob's cache and reused without
+    the render task (a fresh worker importing vLLM: 25-38 s of every start); the key follows
+    the files the render reads and the settings, not the weights."""
+    import ray
+
+    from capjob.processor import keep_prompt, prompt_cache_path, render_caption_prompt, submit_caption_prompt
+
+    monkeypatch.setenv("CAPJOB_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    model.mkdir()
+    for name, text in {"config.json": "{}", "chat_template.json": '{"chat_template": "a"}', "model.safetensors": "w1"}.items():
+        (model / name).write_text(text)
+    cfg = typed()
+    key = prompt_cache_path(cfg, str(model))
+    assert key.parent == tmp_path / "cache" / "prompts"
+    (model / "model.safetensors").write_text("w2")  # another checkpoint of the same run
+    assert prompt_cache_path(cfg, str(model)) == key
+    assert prompt_cache_path(typed("caption.system_prompt=Be brief."), str(model)) != key
+    assert prompt_cache_path(typed("engine.chat_template_content_format=string"), str(model)) != key
+    assert prompt_cache_path(cfg, "Qwen/Qwen2.5-VL-3B-Instruct") is None  # a hub id: rendered every time
+    kept = RenderedPrompt(f"<sys>{USER_PROMPT_SLOT}<end>", image_list=True, uuid_list=False, content_format="openai")
+    keep_prompt(key, kept)
+    assert not ray.is_initialized()
+    assert submit_caption_prompt(cfg, str(model), EnginePlacement(0, None)) == kept
+    assert render_caption_prompt(cfg, str(model), EnginePlacement(0, None)) == kept
+    assert not ray.is_initialized()  # no render task
+    (model / "chat_template.json").write_text('{"chat_template": "b"}')
+    assert prompt_cache_path(cfg, str(model)) != key

