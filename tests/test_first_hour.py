@@ -288,6 +288,9 @@ def test_ctrl_c_is_one_line_and_leaves_a_partial_report(tmp_path):
         [sys.executable, "-m", "capjob", "experiment=offline", "data.sample_size=60", "data.sample_shapes=300", "engine.batch_size=4",
          f"sink.path={out}", f"hydra.run.dir={tmp_path}/run"],
         cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # As a terminal would: a pytest started in the background of a non-interactive shell
+        # inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 600
     while not list((out / "captions").glob("*.parquet")):
