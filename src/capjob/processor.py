@@ -438,9 +438,9 @@ def prompt_cache_path(cfg: CapjobConfig, model_source: str) -> Optional[Any]:
     (<capjob cache>/prompts/<sha256>.json), or None for a hub id or URL. The key covers what
     the render reads: every file of the folder but the weights (chat template, tokenizer,
     processor and model config: checkpoints of one run share it), the caption, model and
-    content-format settings, the placeholder image's size and the versions of Ray, vLLM,
-    transformers and capjob, and this module's code. A hit skips the render task, a fresh worker importing vLLM
-    (25-38 s of every start, docs/benchmarks.md issue 22)."""
+    content-format settings, the placeholder image's size, the versions of Ray, vLLM,
+    transformers and capjob, and this module's code. A hit skips the render task, a fresh
+    worker importing vLLM (25-38 s of every start, docs/benchmarks.md issue 22)."""
     import dataclasses
     import hashlib
     import json
@@ -744,7 +744,7 @@ def build_caption_processor(cfg: CapjobConfig, model_source: str, placement: Eng
     crash_ledger: the name of the run's stages.engine_guard.CrashLedger actor, which the engine
     stage then uses to quarantine a row that kills the engine (None: Ray Data LLM's engine stage
     as is, which retries such a row without end). pending_prompt: submit_caption_prompt's
-    ObjectRef, if the job submitted it early."""
+    result, if the job submitted it early."""
     from ray.data.llm import build_processor
 
     # Rendered (and its content format resolved) before the processor is built: the per-row
