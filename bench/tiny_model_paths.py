@@ -12,7 +12,6 @@ Results: docs/benchmarks.md, "Tiny trained model" (issue 16). About 5 minutes on
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import subprocess
@@ -68,11 +67,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from PIL import Image
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     from capjob import models
-    from capjob.models import train
+    from capjob.models import shapes, train
     from capjob.sample_data import shape_images, write_hf_parquet
 
     model = models.resolve_model_source(None, models.TINY_QWEN25VL)
@@ -81,15 +79,8 @@ def main() -> None:
     paths: dict[str, list[str]] = {}
 
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(model)
-    prompt = processor.apply_chat_template(train.messages(train.SYSTEM_PROMPTS[0], train.USER_PROMPTS[0]), add_generation_prompt=True)
-    captions = []
-    with torch.no_grad():
-        for _, data, _ in scenes:
-            enc = processor(text=[prompt], images=[Image.open(io.BytesIO(data)).convert("RGB")], return_tensors="pt")
-            out = hf.generate(**enc, max_new_tokens=32, do_sample=False)
-            captions.append(processor.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
-    paths["transformers generate"] = captions
+    # The same scenes as the PNGs (lossless), captioned as test_models.py holds the model to.
+    paths["transformers generate"] = train.greedy_captions(hf, AutoProcessor.from_pretrained(model), shapes.scenes(args.scenes, args.seed))
     paths["vLLM LLM.chat alone"] = vllm_alone(model, args.scenes, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"

@@ -367,24 +367,21 @@ def test_rendered_prompt_is_the_models_own_chat_template(builder):
     what the model's own processor renders (what it was trained on, and what vLLM's LLM.chat
     sends). Ray Data LLM's default content format "string" put a newline after the image
     (`<|vision_end|>\\n`): the tiny model captioned 8 of 100 scenes wrong through capjob, 1 alone."""
-    from ray.data.llm import build_processor
+    import ray
     from transformers import AutoProcessor
 
     from capjob import models
-    from capjob.processor import _render_with_stages, processor_config
-
-    import ray
+    from capjob.processor import _render_with_stages, render_inputs
 
     source = models.resolve_model_source(None, builder)
     cfg = typed(f"model.builder={builder}")
-    ray.init(address="local", num_cpus=1, include_dashboard=False)  # build_processor would start one and leave it
+    ray.init(address="local", num_cpus=1, include_dashboard=False)  # building the stages would start one and leave it
     try:
-        stages = [s for name, s in build_processor(processor_config(cfg, source, EnginePlacement(0, None), chat_template_stages=True)).stages.items()
-                  if name in ("PrepareMultimodalStage", "ChatTemplateStage")]
+        stages, row, _ = render_inputs(cfg, source, EnginePlacement(0, None))
+        _, text_first, _ = render_inputs(typed(f"model.builder={builder}", "caption.text_before_image=true"), source,
+                                         EnginePlacement(0, None))
     finally:
         ray.shutdown()
-    request = CaptionRequest(cfg)
-    row = {"messages": request.messages(Image.new("RGB", (64, 64)), "u", USER_PROMPT_SLOT), "sampling_params": {}}
     own = AutoProcessor.from_pretrained(source).apply_chat_template(
         [{"role": "system", "content": cfg.caption.system_prompt},
          {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": USER_PROMPT_SLOT}]}], add_generation_prompt=True)
@@ -396,9 +393,7 @@ def test_rendered_prompt_is_the_models_own_chat_template(builder):
     flat = _render_with_stages(stages, dict(row), "string")
     assert flat.content_format == "string" and "<|vision_end|>\n" + USER_PROMPT_SLOT in flat.text
     # text_before_image: the template places the parts in the order given.
-    cfg = typed(f"model.builder={builder}", "caption.text_before_image=true")
-    row["messages"] = CaptionRequest(cfg).messages(Image.new("RGB", (64, 64)), "u", USER_PROMPT_SLOT)
-    assert USER_PROMPT_SLOT + "<|vision_start|>" in _render_with_stages(stages, dict(row), "auto").text
+    assert USER_PROMPT_SLOT + "<|vision_start|>" in _render_with_stages(stages, text_first, "auto").text
 
 
 def test_rendered_prompt_is_kept_per_model_files_and_settings(tmp_path, monkeypatch):

@@ -153,7 +153,7 @@ class Started:
     report_dirs: list[str] = field(default_factory=list)
     done_count: int = 0  # len(done) before it went to the object store
     crashes: Any = None  # stages.engine_guard.CrashLedger actor (the driver's handle keeps it alive)
-    prompt: Any = None  # ObjectRef of processor.submit_caption_prompt's task, running meanwhile
+    prompt: Any = None  # processor.submit_caption_prompt's result: the kept prompt, or its task running meanwhile
 
 
 def dry_run_plan(cfg: CapjobConfig, run_id: str, num_rows: Optional[int] = None) -> Plan:

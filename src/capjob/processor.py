@@ -478,17 +478,11 @@ def keep_prompt(path: Any, rendered: RenderedPrompt) -> None:
     partial.replace(path)
 
 
-def submit_caption_prompt(cfg: CapjobConfig, model_source: str, placement: EnginePlacement) -> Any:
-    """The caption prompt kept from an earlier run (prompt_cache_path), or else the ObjectRef of
-    its render task (render_caption_prompt's one-off task), started now: submitted as soon as
-    Ray is up, the task (a fresh worker importing vLLM: 25 s of a warm start on the H200 host,
-    docs/benchmarks.md issue 22) overlaps the rest of start-up."""
-    import json
-
-    kept = prompt_cache_path(cfg, model_source)
-    if kept is not None and kept.is_file():
-        return RenderedPrompt(**json.loads(kept.read_text()))
-    import ray
+def render_inputs(cfg: CapjobConfig, model_source: str, placement: EnginePlacement) -> tuple[list[Any], dict[str, Any], Any]:
+    """What the render task takes: Ray Data LLM's PrepareMultimodal and ChatTemplate stages as
+    engine.chat_template_stages would run them (a model URL resolved on the task's node), the
+    one row they render (system prompt, a placeholder image, USER_PROMPT_SLOT), and the
+    processor's runtime_env. Building the stages starts Ray if it is not up."""
     from PIL import Image
     from ray.data.llm import build_processor
 
@@ -496,17 +490,42 @@ def submit_caption_prompt(cfg: CapjobConfig, model_source: str, placement: Engin
 
     config = processor_config(cfg, model_source, placement, chat_template_stages=True)
     built = build_processor(config)
-    node_local_stage_udfs(built.stages, model_source)  # a model URL is loaded on the task's node
+    node_local_stage_udfs(built.stages, model_source)
     stages = [s for name, s in built.stages.items() if name in ("PrepareMultimodalStage", "ChatTemplateStage")]
     request = CaptionRequest(cfg)
     row = {"messages": request.messages(Image.new("RGB", (cfg.images.size, cfg.images.size)), "capjob-prompt", USER_PROMPT_SLOT),
            "sampling_params": request.sampling_params[request.first]}
-    render = ray.remote(num_cpus=cfg.resources.cpu_stage_cpus, max_calls=1, runtime_env=config.runtime_env)(_render_with_stages)
-    return render.remote(stages, row, cfg.engine.chat_template_content_format)
+    return stages, row, config.runtime_env
+
+
+@dataclass(frozen=True)
+class PendingPrompt:
+    """submit_caption_prompt's render task in flight (`ref`, its ObjectRef) and where its
+    result is to be kept (prompt_cache_path; None: not kept)."""
+
+    ref: Any
+    keep_at: Optional[Any]
+
+
+def submit_caption_prompt(cfg: CapjobConfig, model_source: str, placement: EnginePlacement) -> RenderedPrompt | PendingPrompt:
+    """The caption prompt kept from an earlier run (prompt_cache_path), or else its render task
+    (render_caption_prompt's one-off task), started now: submitted as soon as Ray is up, the
+    task (a fresh worker importing vLLM: 25 s of a warm start on the H200 host,
+    docs/benchmarks.md issue 22) overlaps the rest of start-up."""
+    import json
+
+    kept = prompt_cache_path(cfg, model_source)
+    if kept is not None and kept.is_file():
+        return RenderedPrompt(**json.loads(kept.read_text()))
+    import ray
+
+    stages, row, runtime_env = render_inputs(cfg, model_source, placement)
+    render = ray.remote(num_cpus=cfg.resources.cpu_stage_cpus, max_calls=1, runtime_env=runtime_env)(_render_with_stages)
+    return PendingPrompt(render.remote(stages, row, cfg.engine.chat_template_content_format), kept)
 
 
 def render_caption_prompt(cfg: CapjobConfig, model_source: str, placement: EnginePlacement,
-                          pending: Any = None) -> RenderedPrompt:
+                          pending: RenderedPrompt | PendingPrompt | None = None) -> RenderedPrompt:
     """The caption prompt, rendered once by the stages engine.chat_template_stages would run
     for every row (same model config, chat template and content format), with a slot for each
     request's user prompt, and the content format resolved for those stages. pending:
@@ -522,10 +541,9 @@ def render_caption_prompt(cfg: CapjobConfig, model_source: str, placement: Engin
     else:
         import ray
 
-        rendered = ray.get(pending)
-    kept = prompt_cache_path(cfg, model_source) if rendered is not pending else None
-    if kept is not None:
-        keep_prompt(kept, rendered)
+        rendered = ray.get(pending.ref)
+        if pending.keep_at is not None:
+            keep_prompt(pending.keep_at, rendered)
     if not cfg.engine.chat_template_stages and rendered.text.count(USER_PROMPT_SLOT) != 1:
         raise ConfigError("engine.chat_template_stages: this model's chat template does not copy the user prompt verbatim; "
                           "set engine.chat_template_stages=true to apply it to every request")
