@@ -64,7 +64,7 @@ def ids_in(out, table):
 
 
 def test_kill_driver_mid_run_then_resume_exactly_once(tmp_path):
-    rows, references = shape_rows(240, seed=11)
+    rows, references = shape_rows(120, seed=11)
     # A key column in which the first image and a later one share the key "dup" (two different
     # images of one size, on different backgrounds), and the same two images again under fresh
     # keys: at temperature 0 each "dup" row must get the caption its own bytes get, and both
