@@ -100,7 +100,7 @@ def make_plan(cfg: CapjobConfig, run_id: str, model_source: str, placement: Engi
                                  False: "start over (the sink's captions and quarantine are deleted first)"}[cfg.job.resume]),
         ("decode+validate+resize", f"{r.preprocess_cpus} CPU/task, {cfg.images.resize.value} {cfg.images.size}px, rejects -> quarantine"),
         ("preprocess", ("chat request (system + user prompt + image)" if cfg.engine.chat_template_stages
-                        else "prompt (chat template applied once, before the run) + image")
+                        else "prompt (chat template applied once per run, while the engines start) + image")
                        + (f", one request per prompt ({len(cfg.caption.prompts)})" if cfg.caption.prompts else "")),
         *[(name, cpu_stage) for name in cpu_stages(cfg) if name != "Detokenize"],
         ("vLLM engine", f"{r.concurrency} replica(s) x {engine_res}, batch_size={e.batch_size} x {e.max_concurrent_batches} in flight, "

@@ -1,8 +1,9 @@
 """Stage: the Ray Data LLM processor (vLLM) that turns prepared images into captions.
 
 preprocess builds the request from the already-decoded small image: by default the prompt that
-Ray Data LLM's PrepareMultimodal and ChatTemplate stages render, rendered once before the run
-(every caption request shares it), plus the image; with `engine.chat_template_stages` the chat
+Ray Data LLM's PrepareMultimodal and ChatTemplate stages render, rendered once per run in a
+one-off task that runs while Ray Data and the engines start (every caption request shares it;
+preprocess fetches it), plus the image; with `engine.chat_template_stages` the chat
 messages, and the processor runs those two stages per row. Then [Tokenize] -> vLLM ->
 [Detokenize] (per `engine.tokenize_stage` / `engine.detokenize_stage`); the output projection
 keeps only the output schema (never the image).
@@ -431,7 +432,7 @@ def _render_with_stages(stages: list[Any], row: dict[str, Any], content_format: 
 
 
 def needs_rendered_prompt(cfg: CapjobConfig) -> bool:
-    """The caption prompt is rendered before the run unless the per-row stages apply the chat
+    """The caption prompt is rendered once per run unless the per-row stages apply the chat
     template (engine.chat_template_stages) with a content format given outright."""
     e = cfg.engine
     return not e.chat_template_stages or e.chat_template_content_format == "auto"
