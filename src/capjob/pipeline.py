@@ -577,10 +577,7 @@ def run_duplicates(cfg: CapjobConfig, run_id: str) -> dict[str, Any]:
 def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional[str] = None) -> Optional[RunResult]:
     """The job: preflight, plan, stream every row to the sink, report. Raises CapjobError for
     what the user can fix, console.Interrupted on Ctrl-C (after writing a partial report)."""
-    import ray
-
-    from capjob import console, preflight, sinks
-    from capjob.stages import sources
+    from capjob import console, preflight
 
     run_id = cfg.job.run_id or new_run_id()
     if cfg.job.dry_run:
@@ -591,7 +588,12 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
     job: Optional[Started] = None
     dataset = sink = None
     try:
-        job = start(cfg, run_id)
+        job = start(cfg, run_id)  # the model checked first, before Ray and Ray Data are imported (seconds)
+        import ray
+
+        from capjob import sinks
+        from capjob.stages import sources
+
         source = sources.read_source(data_with_prompt_columns(cfg), run_id)
         console.startup_mark("source read")
         # Ray Data does not count every source up front (the sample set); its files may tell.
