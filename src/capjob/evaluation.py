@@ -41,7 +41,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from capjob.config import EvalConfig, EvalMode, JudgeConfig, ResourcesConfig, SinkConfig, SinkFormat
-from capjob.errors import CapjobError, ConfigError, SinkError, SourceError
+from capjob.config import validate_eval  # noqa: F401 - defined with the config: checking it imports nothing heavy
+from capjob.errors import CapjobError, SinkError, SourceError
 from capjob.sinks import CAPTIONS, TableWriter
 from capjob.stages.sources import describe_remote_error
 
@@ -80,40 +81,6 @@ EVAL_SCHEMA = pa.schema(
 _WORD = re.compile(r"\w+(?:['’]\w+)*")
 
 
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
-
-
-def validate_eval(cfg: EvalConfig) -> EvalConfig:
-    """Range checks the types cannot express. Raises ConfigError naming the key."""
-    _require(cfg.max_tokens is None or cfg.max_tokens > 0, "eval.max_tokens", f"must be > 0 or null, got {cfg.max_tokens}")
-    _require(cfg.ngram >= 1, "eval.ngram", f"must be >= 1, got {cfg.ngram}")
-    _require(cfg.ngram_repeats >= 2, "eval.ngram_repeats", f"must be >= 2, got {cfg.ngram_repeats}")
-    _require(0 < cfg.ngram_share <= 1, "eval.ngram_share", f"must be in (0, 1], got {cfg.ngram_share}")
-    _require(cfg.line_repeats >= 2, "eval.line_repeats", f"must be >= 2, got {cfg.line_repeats}")
-    if cfg.mode == EvalMode.judge:
-        j = cfg.judge
-        _require(bool(j.model_source) or bool(j.builder), "eval.judge.model_source", "set a hub id or local path (or eval.judge.builder)")
-        _require("{caption}" in j.prompt, "eval.judge.prompt", "must contain the placeholder {caption}")
-        _require(j.max_tokens > 0, "eval.judge.max_tokens", f"must be > 0, got {j.max_tokens}")
-        _require(j.batch_size > 0, "eval.judge.batch_size", f"must be > 0, got {j.batch_size}")
-        _require(j.concurrency >= 1, "eval.judge.concurrency", f"must be >= 1, got {j.concurrency}")
-        _require(j.builder in (None, "tiny_qwen25vl"), "eval.judge.builder", f"unknown builder {j.builder!r}; allowed: tiny_qwen25vl")
-        _require(j.temperature >= 0, "eval.judge.temperature", f"must be >= 0, got {j.temperature}")
-        _require(j.max_concurrent_batches > 0, "eval.judge.max_concurrent_batches", f"must be > 0, got {j.max_concurrent_batches}")
-        _require(j.max_model_len > j.max_tokens, "eval.judge.max_model_len", f"must be > eval.judge.max_tokens ({j.max_tokens}), got {j.max_model_len}")
-        _require(j.max_num_seqs is None or j.max_num_seqs > 0, "eval.judge.max_num_seqs", f"must be > 0 or null, got {j.max_num_seqs}")
-        _require(j.tensor_parallel_size >= 1, "eval.judge.tensor_parallel_size", f"must be >= 1, got {j.tensor_parallel_size}")
-        _require(
-            j.gpus_per_worker is None or j.gpus_per_worker in (0, j.tensor_parallel_size),
-            "eval.judge.gpus_per_worker",
-            f"must be null, 0 (CPU) or eval.judge.tensor_parallel_size ({j.tensor_parallel_size}), got {j.gpus_per_worker}",
-        )
-        _require(0.0 < j.gpu_memory_utilization <= 1.0, "eval.judge.gpu_memory_utilization", f"must be in (0, 1], got {j.gpu_memory_utilization}")
-        _require(j.cpu_kv_cache_gib > 0, "eval.judge.cpu_kv_cache_gib", f"must be > 0, got {j.cpu_kv_cache_gib}")
-        _require(j.raw_chars >= 0, "eval.judge.raw_chars", f"must be >= 0, got {j.raw_chars}")
-    return cfg
 
 
 # --- per caption -------------------------------------------------------------------------
