@@ -889,7 +889,7 @@ def startup_table(results: list[dict[str, Any]]) -> str:
     for r in results:
         t = r.get("startup")
         if t:
-            lines.append(f"| {r.get('label') or r['contender']} | " + " | ".join(str(t.get(k, "–")) for k in STARTUP_STEPS)
+            lines.append(f"| {r.get('label') or ''} {r['contender']} | " + " | ".join(str(t.get(k, "–")) for k in STARTUP_STEPS)
                          + f" | {t.get('torch_compile_s', '–')} |")
     return "\n".join(lines)
 
