@@ -410,6 +410,7 @@ def startup_timeline(logs: list[pathlib.Path], started: float) -> dict[str, Any]
 
     steps: dict[str, list[float]] = {}
     compile_s: list[float] = []
+    marks: dict[str, float] = {}
     starts: dict[str, float] = {}  # dataset name -> its start
     seen: set[str] = set()
     for log in logs:
@@ -439,6 +440,10 @@ def startup_timeline(logs: list[pathlib.Path], started: float) -> dict[str, Any]
             m = re.search(r"torch\.compile took ([\d.]+) s", line)
             if m:
                 compile_s.append(float(m.group(1)))
+            # capjob's own marks (console.startup_mark: seconds since its process started)
+            m = re.search(r"start-up \+([\d.]+) s: (.+)$", line)
+            if m:
+                marks[m.group(2).strip()] = float(m.group(1))
     out: dict[str, Any] = {}
     for key, times in steps.items():
         out[f"{key}_s"] = round(min(times) - started, 1)
@@ -446,6 +451,8 @@ def startup_timeline(logs: list[pathlib.Path], started: float) -> dict[str, Any]
             out[f"{key}_last_s"] = round(max(times) - started, 1)
     if compile_s:
         out["torch_compile_s"] = compile_s
+    if marks:
+        out["capjob_marks"] = marks
     return out
 
 

@@ -178,6 +178,7 @@ def test_gpu_bench_startup_timeline(tmp_path):
     full = tmp_path / "full.log"
     full.write_text("\n".join([
         "2026-12-03 16:06:08,500\tINFO worker.py:2024 -- Started a local Ray instance.",
+        "2026-12-03 16:06:09,000\tINFO console.py:55 -- start-up +9.1 s: Ray up",
         "2026-12-03 16:06:30,000\tINFO streaming_executor.py:214 -- Starting execution of Dataset peek_1. Full logs are in x",
         "2026-12-03 16:06:30,001\tINFO streaming_executor.py:215 -- Execution plan of Dataset peek_1: InputDataBuffer[Input] -> LimitOperator[limit=4]",
         "2026-12-03 16:06:58,250\tINFO streaming_executor.py:214 -- Starting execution of Dataset main_2. Full logs are in x",
@@ -194,4 +195,5 @@ def test_gpu_bench_startup_timeline(tmp_path):
     console.write_text("2026-12-03 16:06:08,500\tINFO worker.py:2024 -- Started a local Ray instance.\n")
     t = gpu_bench.startup_timeline([console, full, tmp_path / "missing.log"], started)
     assert t == {"ray_up_s": 8.5, "ray_data_start_s": 58.2, "engine_actor_s": 81.0, "engine_core_spawn_s": 104.0,
-                 "engine_core_spawn_last_s": 106.0, "engine_ready_s": 140.0, "engine_ready_last_s": 141.0, "torch_compile_s": [6.5]}
+                 "engine_core_spawn_last_s": 106.0, "engine_ready_s": 140.0, "engine_ready_last_s": 141.0, "torch_compile_s": [6.5],
+                 "capjob_marks": {"Ray up": 9.1}}
