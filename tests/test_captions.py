@@ -425,3 +425,55 @@ def test_rendered_prompt_is_kept_per_model_files_and_settings(tmp_path, monkeypa
     assert not ray.is_initialized()  # no render task
     (model / "chat_template.json").write_text('{"chat_template": "b"}')
     assert prompt_cache_path(cfg, str(model)) != key
+
+
+def test_requests_fetch_the_prompt_while_it_renders_and_the_driver_stops_on_a_bad_one(tmp_path):
+    """engine.chat_template_stages=false: the processor is built, and Ray Data and the engines
+    start, while the prompt renders (a fresh worker importing vLLM: 25-38 s). The request
+    builder fetches it in its own task; the driver's watch keeps it for later runs, and a
+    prompt the requests cannot use stops the run, interrupted in its execution, with the
+    one-line ConfigError (never a quarantined row)."""
+    import json
+
+    import ray
+
+    from capjob.processor import PendingPrompt, PromptWatch
+
+    cfg = typed()
+    row = {"image": np.zeros((4, 6, 3), dtype=np.uint8), "id": "row-1"}
+
+    @ray.remote
+    def render(text: str, delay_s: float) -> RenderedPrompt:  # the render task's result, late
+        time.sleep(delay_s)
+        return RenderedPrompt(text, image_list=False, uuid_list=False, content_format="openai")
+
+    @ray.remote(max_retries=0)
+    def preprocess(request: CaptionRequest, row: dict) -> str:  # what a Ray Data preprocess task runs
+        return request(row)["prompt"]
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        good = PendingPrompt(render.remote(f"<s>{USER_PROMPT_SLOT}<e>", 3.0), tmp_path / "prompts" / "kept.json")
+        watch = PromptWatch(good)
+        assert not watch.done.is_set()  # nothing waited for the render
+        assert ray.get(preprocess.remote(CaptionRequest(cfg, good), row)) == f"<s>{cfg.caption.user_prompt}<e>"
+        with watch.guard():
+            assert watch.done.wait(30)
+        assert watch.error is None and watch.rendered.text == f"<s>{USER_PROMPT_SLOT}<e>"
+        assert json.loads((tmp_path / "prompts" / "kept.json").read_text())["text"] == watch.rendered.text
+
+        bad = PendingPrompt(render.remote("<s>the user text dropped<e>", 3.0), None)
+        watch = PromptWatch(bad)
+        began = time.monotonic()
+        with pytest.raises(ConfigError, match="does not copy the user prompt verbatim"):
+            with watch.guard():
+                while time.monotonic() - began < 60:  # Ray Data's execution polls like this
+                    time.sleep(0.01)
+        assert time.monotonic() - began < 30
+        with pytest.raises(ConfigError, match="does not copy the user prompt verbatim"):  # the task's own copy
+            ray.get(preprocess.remote(CaptionRequest(cfg, bad), row))
+        with pytest.raises(ConfigError):  # known before the execution: raised on entry
+            with watch.guard():
+                pass
+    finally:
+        ray.shutdown()

@@ -50,6 +50,16 @@ def test_sample_job_writes_one_caption_per_image(tmp_path):
     assert "captioned 44 / 44" in proc.stdout  # the last progress line
     log = (tmp_path / "run" / "capjob.log").read_text()
     assert "vLLMEngineStageUDF" in log and "Started a local Ray instance" in log
+    # The start-up timeline (docs/benchmarks.md, issue 22) is read from these lines.
+    assert "start-up +" in log and "Ray Data execution starts" in log
+    # The caption prompt, rendered while Ray Data and the engine started (or kept by an earlier
+    # run), is kept for the next runs of this model.
+    from capjob.config import to_typed
+    from capjob.models import resolve_model_source
+    from capjob.processor import prompt_cache_path
+    from conftest import compose
+
+    assert prompt_cache_path(to_typed(compose(["experiment=offline"])), resolve_model_source(None, "tiny_qwen25vl")).is_file()
     assert not (tmp_path / "run" / "cli.log").exists()
     captions = read_table(tmp_path / "out" / "captions")
     expected = len(bundled_photos()) + 8 + 24

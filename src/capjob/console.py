@@ -37,6 +37,24 @@ class Interrupted(KeyboardInterrupt):
     that a sweep stops too rather than recording the run as failed and starting the next."""
 
 
+def process_seconds() -> Optional[float]:
+    """Seconds since this process started (the command), or None where psutil cannot tell."""
+    try:
+        import psutil
+
+        return time.time() - psutil.Process(os.getpid()).create_time()
+    except Exception:  # noqa: BLE001 - a log marker, never worth failing the run
+        return None
+
+
+def startup_mark(phase: str) -> None:
+    """Log one start-up phase done, with the seconds since the command started, to capjob.log
+    (INFO): the start-up timeline of docs/benchmarks.md ("Start-up timeline (session 9)") is
+    read from these lines."""
+    since = process_seconds()
+    log.info("start-up +%s s: %s", f"{since:.1f}" if since is not None else "?", phase)
+
+
 def out(text: str = "") -> None:
     stream = _out or sys.stdout
     stream.write(text + "\n")

@@ -21,7 +21,8 @@ from typing import Any, Optional
 
 from capjob.config import CapjobConfig, EvalMode
 from capjob.errors import AccountingError
-from capjob.processor import EnginePlacement, cpu_stages, needs_rendered_prompt, submit_caption_prompt, task_options
+from capjob.processor import (EnginePlacement, PendingPrompt, PromptWatch, cpu_stages, needs_rendered_prompt, submit_caption_prompt,
+                              task_options)
 
 # Rows per block when the plan has no better number: small blocks keep memory flat and feed
 # the engine steadily (a block of 448 px images is ~0.6 MB per row once decoded).
@@ -99,7 +100,7 @@ def make_plan(cfg: CapjobConfig, run_id: str, model_source: str, placement: Engi
                                  False: "start over (the sink's captions and quarantine are deleted first)"}[cfg.job.resume]),
         ("decode+validate+resize", f"{r.preprocess_cpus} CPU/task, {cfg.images.resize.value} {cfg.images.size}px, rejects -> quarantine"),
         ("preprocess", ("chat request (system + user prompt + image)" if cfg.engine.chat_template_stages
-                        else "prompt (chat template applied once, before the run) + image")
+                        else "prompt (chat template applied once per run, while the engines start) + image")
                        + (f", one request per prompt ({len(cfg.caption.prompts)})" if cfg.caption.prompts else "")),
         *[(name, cpu_stage) for name in cpu_stages(cfg) if name != "Detokenize"],
         ("vLLM engine", f"{r.concurrency} replica(s) x {engine_res}, batch_size={e.batch_size} x {e.max_concurrent_batches} in flight, "
@@ -154,6 +155,17 @@ class Started:
     done_count: int = 0  # len(done) before it went to the object store
     crashes: Any = None  # stages.engine_guard.CrashLedger actor (the driver's handle keeps it alive)
     prompt: Any = None  # processor.submit_caption_prompt's result: the kept prompt, or its task running meanwhile
+    # The driver's watch on that task when the requests fetch its result themselves (processor.PromptWatch).
+    prompt_watch: Optional[PromptWatch] = None
+
+    def guard_prompt(self) -> Any:
+        """Around the Ray Data execution: a render that fails stops the run with its error."""
+        import contextlib
+
+        return self.prompt_watch.guard() if self.prompt_watch is not None else contextlib.nullcontext()
+
+    def prompt_error(self) -> Optional[BaseException]:
+        return self.prompt_watch.error if self.prompt_watch is not None else None
 
 
 def dry_run_plan(cfg: CapjobConfig, run_id: str, num_rows: Optional[int] = None) -> Plan:
@@ -170,8 +182,10 @@ def dry_run_plan(cfg: CapjobConfig, run_id: str, num_rows: Optional[int] = None)
 def start(cfg: CapjobConfig, run_id: str) -> Started:
     """Every check that can fail before data flows: model, GPUs, sink, data, done ids, Ray."""
     from capjob import preflight
+    from capjob.console import startup_mark
 
     clock, wall_clock = time.monotonic(), time.time()
+    startup_mark("config composed, job starting")
     # First, before the imports of Ray (seconds): a missing model is the commonest first mistake.
     preflight.check_model(cfg.model.source, cfg.model.builder, cfg.model.load_format)
     import ray
@@ -179,6 +193,8 @@ def start(cfg: CapjobConfig, run_id: str) -> Started:
     from capjob import checkpoint, metrics, runtime, sinks
     from capjob.stages import engine_guard, sources
     from capjob.models import resolve_model_source
+
+    startup_mark("model checked, driver modules imported")
 
     address = runtime.cluster_address(cfg)
     local_gpus = None if address else runtime.local_gpu_count()
@@ -190,6 +206,9 @@ def start(cfg: CapjobConfig, run_id: str) -> Started:
     model_source = resolve_model_source(cfg.model.source, cfg.model.builder)
     # job.resume / retry_quarantined and the caption-settings fingerprint: refuses in one line.
     done = checkpoint.prepare(cfg, run_id, model_source)
+    startup_mark("preflight done (sink, data, model source, done ids)")
+    import ray.data  # noqa: F401 - before the thread below: it imports ray.data.llm, the main thread ray.data's modules
+    runtime.import_in_background()  # the processor's imports (vLLM: 10-26 s) while Ray starts
     if placement is None:  # a cluster we join: its GPUs decide
         ray_info = runtime.init_ray(cfg, EnginePlacement(0, None))
         placement = runtime.decide_placement(cfg, int(ray.cluster_resources().get("GPU", 0)), runtime.largest_node_gpus())
@@ -200,12 +219,17 @@ def start(cfg: CapjobConfig, run_id: str) -> Started:
     if address:  # Ray's tasks and actors open local paths on their own nodes: each must see them
         runtime.check_paths_on_nodes(cfg, model_source)
     configure_data_context(cfg, placement)
+    startup_mark("Ray up")
     # Its task overlaps what follows (a fresh worker importing vLLM: 25-38 s, serial before).
     prompt = submit_caption_prompt(cfg, model_source, placement) if needs_rendered_prompt(cfg) else None
+    # Without engine.chat_template_stages nothing waits for the render before Ray Data starts:
+    # the request builders fetch it; the driver only watches it (keeps it, checks it).
+    watch = PromptWatch(prompt) if isinstance(prompt, PendingPrompt) and not cfg.engine.chat_template_stages else None
     ledger = metrics.start_ledger(cfg.job.name, run_id)  # keep the handle: an unreferenced actor is destroyed
     crashes = engine_guard.start_ledger(run_id, cfg.engine.max_engine_deaths_per_batch)
+    startup_mark("prompt " + ("submitted" if prompt is not None else "not needed") + ", ledger actors started")
     return Started(run_id, model_source, placement, done.put(), ledger, clock, wall_clock, ray_info.get("dashboard_url"),
-                   done_count=len(done), crashes=crashes, prompt=prompt)
+                   done_count=len(done), crashes=crashes, prompt=prompt, prompt_watch=watch)
 
 
 # Ray Data splits the object-store budget between the operators (read ... write, about a dozen
@@ -569,6 +593,7 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
     try:
         job = start(cfg, run_id)
         source = sources.read_source(data_with_prompt_columns(cfg), run_id)
+        console.startup_mark("source read")
         # Ray Data does not count every source up front (the sample set); its files may tell.
         num_rows = source.num_rows if source.num_rows is not None else preflight.source_rows(cfg.data)
         if nothing_left(cfg, job, source, num_rows):
@@ -584,11 +609,14 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
         if console.log_path and console.quiet():
             console.out(f"  log         {console.log_path} (Ray, vLLM; job.log_level=info shows them here)")
         dataset = caption_flow(cfg, job, source, plan)
+        console.startup_mark("caption flow built (processor, prompt); Ray Data execution starts")
         sink = sinks.CaptionSink(cfg.sink, run_id, cfg.model.name, cfg.caption, data_root=cfg.data.path,
                                  column_types=passthrough_types(source))
-        with console.Progress(lambda: ray.get(job.ledger.totals.remote(), timeout=5), num_rows):
+        with console.Progress(lambda: ray.get(job.ledger.totals.remote(), timeout=5), num_rows), job.guard_prompt():
             dataset.write_datasink(sink, ray_remote_args=task_options(cfg))  # streams: nothing is materialised
     except KeyboardInterrupt:
+        if job is not None and job.prompt_error() is not None:  # the watch stopped the run
+            raise job.prompt_error() from None
         if job is None:
             raise console.Interrupted("capjob: interrupted while starting, before any caption; run the same command to start again") from None
         result = finish(cfg, job, dataset, sink, resolved_config, report_dir, interrupted=True)

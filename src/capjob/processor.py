@@ -1,8 +1,9 @@
 """Stage: the Ray Data LLM processor (vLLM) that turns prepared images into captions.
 
 preprocess builds the request from the already-decoded small image: by default the prompt that
-Ray Data LLM's PrepareMultimodal and ChatTemplate stages render, rendered once before the run
-(every caption request shares it), plus the image; with `engine.chat_template_stages` the chat
+Ray Data LLM's PrepareMultimodal and ChatTemplate stages render, rendered once per run in a
+one-off task that runs while Ray Data and the engines start (every caption request shares it;
+preprocess fetches it), plus the image; with `engine.chat_template_stages` the chat
 messages, and the processor runs those two stages per row. Then [Tokenize] -> vLLM ->
 [Detokenize] (per `engine.tokenize_stage` / `engine.detokenize_stage`); the output projection
 keeps only the output schema (never the image).
@@ -10,8 +11,9 @@ keeps only the output schema (never the image).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -316,11 +318,18 @@ def expand_prompts(batch: dict[str, np.ndarray], *, names: list[str]) -> dict[st
 
 class CaptionRequest:
     """preprocess: one prepared row -> chat messages + sampling params, or, given the prompt
-    already rendered (engine.chat_template_stages=false), prompt + image for the engine. In a
-    multi-prompt run each row is one (image, prompt) request, the prompt named by PROMPT_COLUMN."""
+    rendered once (engine.chat_template_stages=false), prompt + image for the engine. In a
+    multi-prompt run each row is one (image, prompt) request, the prompt named by PROMPT_COLUMN.
 
-    def __init__(self, cfg: CapjobConfig, prompt: Optional["RenderedPrompt"] = None, thumbnail_every: int = 0):
+    prompt: the RenderedPrompt, or the PendingPrompt of its render task still running when the
+    processor is built: each process fetches it on its first row (fetch_prompt), so that Ray
+    Data and the engine actors start while it renders. A render that fails, or a prompt that
+    fails check_rendered, raises in the task (never a quarantined row); the driver's PromptWatch
+    sees the same result and stops the run with that error."""
+
+    def __init__(self, cfg: CapjobConfig, prompt: "RenderedPrompt | PendingPrompt | None" = None, thumbnail_every: int = 0):
         c = cfg.caption
+        self.chat_template_stages = cfg.engine.chat_template_stages
         self.system_prompt = c.system_prompt
         self.text_before_image = c.text_before_image
         self.specs = {spec.name: spec for spec in prompt_specs(c)}
@@ -357,7 +366,7 @@ class CaptionRequest:
             out[THUMBNAIL_COLUMN] = thumbnail_jpeg(image)
         if self.prompt is not None:
             # What PrepareMultimodal + ChatTemplate would produce for this row, without them.
-            p = self.prompt
+            p = self.prompt if isinstance(self.prompt, RenderedPrompt) else fetch_prompt(self.prompt, self.chat_template_stages)
             return {**out, "prompt": p.text.replace(USER_PROMPT_SLOT, text),
                     "multimodal_data": {"image": [image] if p.image_list else image},
                     "multimodal_uuids": {"image": [uuid] if p.uuid_list else uuid}}
@@ -424,7 +433,7 @@ def _render_with_stages(stages: list[Any], row: dict[str, Any], content_format: 
 
 
 def needs_rendered_prompt(cfg: CapjobConfig) -> bool:
-    """The caption prompt is rendered before the run unless the per-row stages apply the chat
+    """The caption prompt is rendered once per run unless the per-row stages apply the chat
     template (engine.chat_template_stages) with a content format given outright."""
     e = cfg.engine
     return not e.chat_template_stages or e.chat_template_content_format == "auto"
@@ -545,10 +554,115 @@ def render_caption_prompt(cfg: CapjobConfig, model_source: str, placement: Engin
         rendered = ray.get(pending.ref)
         if pending.keep_at is not None:
             keep_prompt(pending.keep_at, rendered)
-    if not cfg.engine.chat_template_stages and rendered.text.count(USER_PROMPT_SLOT) != 1:
+    return check_rendered(rendered, cfg.engine.chat_template_stages)
+
+
+def check_rendered(rendered: RenderedPrompt, chat_template_stages: bool) -> RenderedPrompt:
+    """`rendered` if the requests can use it: with engine.chat_template_stages=false the chat
+    template must copy the user text verbatim (exactly one USER_PROMPT_SLOT in its output),
+    else a ConfigError pointing at that switch."""
+    from capjob.errors import ConfigError
+
+    if not chat_template_stages and rendered.text.count(USER_PROMPT_SLOT) != 1:
         raise ConfigError("engine.chat_template_stages: this model's chat template does not copy the user prompt verbatim; "
                           "set engine.chat_template_stages=true to apply it to every request")
     return rendered
+
+
+# The prompts this process fetched (fetch_prompt), by their render task's ObjectRef (hex).
+_FETCHED_PROMPTS: dict[str, RenderedPrompt] = {}
+
+
+def fetch_prompt(pending: PendingPrompt, chat_template_stages: bool = False) -> RenderedPrompt:
+    """The result of `pending`'s render task, checked (check_rendered), fetched once per process
+    (a Ray Data task blocks here until the render is done; Ray lends its CPU meanwhile). Raises
+    what the render task raised, or check_rendered's ConfigError, on every call."""
+    key = pending.ref.hex()
+    if key not in _FETCHED_PROMPTS:
+        import ray
+
+        _FETCHED_PROMPTS[key] = ray.get(pending.ref)
+    return check_rendered(_FETCHED_PROMPTS[key], chat_template_stages)
+
+
+class PromptWatch:
+    """The driver's side of a prompt the request builders fetch themselves (CaptionRequest with
+    a PendingPrompt): a daemon thread waits for the render task, keeps its result for later runs
+    (keep_prompt) and checks it (check_rendered). A failure is kept in `error`; while the run's
+    Ray Data execution is under guard(), it also interrupts the main thread, so that the run
+    stops with that one error rather than with the tasks' failures (each raises it too,
+    task_retries times)."""
+
+    def __init__(self, pending: PendingPrompt, chat_template_stages: bool = False):
+        import threading
+
+        self.pending = pending
+        self.chat_template_stages = chat_template_stages
+        self.rendered: Optional[RenderedPrompt] = None
+        self.error: Optional[BaseException] = None
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._armed = False
+        threading.Thread(target=self._wait, name="capjob-prompt", daemon=True).start()
+
+    def _wait(self) -> None:
+        import _thread
+
+        import ray
+
+        try:
+            rendered = ray.get(self.pending.ref)
+            if self.pending.keep_at is not None:
+                keep_prompt(self.pending.keep_at, rendered)
+            self.rendered = check_rendered(rendered, self.chat_template_stages)
+            from capjob.console import startup_mark
+
+            startup_mark("caption prompt rendered")
+        except Exception as e:  # noqa: BLE001 - handed to the main thread (SystemExit: Ray shut down meanwhile)
+            self.error = e
+            with self._lock:
+                if self._armed:
+                    _thread.interrupt_main()
+        finally:
+            self.done.set()
+
+    def _rendered_or_failed(self) -> bool:
+        import ray
+
+        try:
+            return bool(ray.wait([self.pending.ref], timeout=0)[0])
+        except Exception:  # noqa: BLE001 - Ray going down with the run: nothing to wait for
+            return False
+
+    def raise_error(self) -> None:
+        """Raise the render's failure, if it failed."""
+        if self.error is not None:
+            raise self.error
+
+    @contextlib.contextmanager
+    def guard(self, wait_on_error_s: float = 10.0) -> Iterator[None]:
+        """Around the run's Ray Data execution (main thread): a render failure raises its error
+        here (on entry if already known; else the thread's KeyboardInterrupt becomes the error
+        on the way out). When the body fails first (the tasks' own copies of the error may
+        reach Ray Data before the driver's fetch returns), the watch gets wait_on_error_s to
+        tell. A KeyboardInterrupt that still arrives after the guard (the thread fired just as
+        it closed) is the caller's to map: check `error` first (pipeline.run does)."""
+        with self._lock:
+            self.raise_error()
+            self._armed = True
+        try:
+            yield
+        except BaseException as e:
+            with self._lock:
+                self._armed = False
+            if not isinstance(e, KeyboardInterrupt) and self._rendered_or_failed():
+                self.done.wait(wait_on_error_s)
+            self.raise_error()
+            raise
+        finally:
+            with self._lock:
+                self._armed = False
+        self.raise_error()
 
 
 # Kinds of quarantine reason set after the engine; anything else in ERROR_COLUMN is the engine's.
@@ -770,14 +884,22 @@ def build_caption_processor(cfg: CapjobConfig, model_source: str, placement: Eng
     crash_ledger: the name of the run's stages.engine_guard.CrashLedger actor, which the engine
     stage then uses to quarantine a row that kills the engine (None: Ray Data LLM's engine stage
     as is, which retries such a row without end). pending_prompt: submit_caption_prompt's
-    result, if the job submitted it early."""
+    result, if the job submitted it early; a PendingPrompt (its render task still running) is
+    handed to the request builder as is, without engine.chat_template_stages (the caller
+    watches it: PromptWatch), so that the processor is built, and Ray Data and the engines
+    start, while it renders."""
     from ray.data.llm import build_processor
 
-    # Rendered (and its content format resolved) before the processor is built: the per-row
-    # stages of engine.chat_template_stages need the same format.
-    rendered = render_caption_prompt(cfg, model_source, placement, pending_prompt) if needs_rendered_prompt(cfg) else None
+    if not cfg.engine.chat_template_stages and isinstance(pending_prompt, PendingPrompt):
+        # Nothing built here depends on the prompt: PrepareMultimodal (the stage that takes the
+        # content format) is off, and each preprocess task fetches the prompt on its first row.
+        rendered, prompt = None, pending_prompt
+    else:
+        # Rendered (and its content format resolved) before the processor is built: the per-row
+        # stages of engine.chat_template_stages need the same format.
+        rendered = render_caption_prompt(cfg, model_source, placement, pending_prompt) if needs_rendered_prompt(cfg) else None
+        prompt = None if cfg.engine.chat_template_stages else rendered
     config = processor_config(cfg, model_source, placement, content_format=rendered.content_format if rendered else None)
-    prompt = None if cfg.engine.chat_template_stages else rendered
     specs = prompt_specs(cfg.caption)
     # The pipeline's task options: preprocess fuses into the decode task before it and
     # postprocess into the write task after it (Ray Data fuses tasks with equal remote args).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from typing import Any, Optional
 
 from capjob.config import CapjobConfig
@@ -105,6 +106,34 @@ def local_cpus_needed(cfg: CapjobConfig, placement: EnginePlacement) -> int:
     # read and the repartition take every CPU left and the engine waits for decoded images.
     task_cpus = 2 + 2 * r.preprocess_cpus
     return math.ceil(engine_cpus + stage_cpus + task_cpus)
+
+
+# What the driver imports to build the Ray Data LLM processor (and the prompt-render task's
+# stages): ray.data.llm imports vLLM, torch and transformers (its vLLM stage module and its
+# SGLang config), 10-26 s of the driver's start-up on the 2-core CI machine (session 9).
+ENGINE_DRIVER_MODULES = ("ray.data.llm",)
+
+
+def import_in_background(modules: tuple[str, ...] = ENGINE_DRIVER_MODULES) -> threading.Thread:
+    """Import `modules` in a daemon thread, so that the import overlaps what the main thread does
+    meanwhile (Ray's start, which mostly waits on the processes it spawns). The main thread's own
+    import of the same module waits for this one (Python's per-module import lock) and raises
+    any error of it; this thread ignores errors. Call after the main thread imported the
+    packages both share (ray, ray.data): two threads importing one package's modules in opposite
+    orders could each wait for the other."""
+
+    def run() -> None:
+        import importlib
+
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except BaseException:  # noqa: BLE001 - the main thread's import raises it again, where it is handled
+                return
+
+    thread = threading.Thread(target=run, name="capjob-import", daemon=True)
+    thread.start()
+    return thread
 
 
 def init_ray(cfg: CapjobConfig, placement: EnginePlacement, metrics_export_port: Optional[int] = None) -> dict[str, Any]:
