@@ -33,6 +33,8 @@
 #   bench/gpu_issue22.sh I   # raw vLLM over 12,000 with a fresh compile cache ("raw-cold"; decoding in 16
 #                            # processes), raw vLLM warm over 1,000 (start-up only), then the best capjob
 #                            # point over 12,000 (warm) as "final"
+#   bench/gpu_issue22.sh J   # (the device time left) s8base again (warm) and K again: the run-to-run spread
+# Measured 2026-12-03 (docs/benchmarks.md "Session 9"): MPS slower, K the winner, now in the preset.
 # K = the per-engine CPU knobs, each on a ceiling that session 8's profile named:
 #   compile_mm_encoder (torch.compile of the vision blocks; vLLM 0.26's cudagraph_mm_encoder exists in
 #   the V1 model runner only, and this engine runs the V2 runner) + CUDA graphs captured up to 4,096
@@ -58,7 +60,7 @@ WORK1=/tmp/capjob-gpu-bench-1k # the first 1,000 (raw vLLM's warm start-up, sess
 RESULTS=$WORK/results.jsonl
 mkdir -p "$OUT" "$WORK" "$WORK4"
 LOG=$OUT/session-$1.log
-cg() { echo "+engine.extra_engine_kwargs.compilation_config={max_cudagraph_capture_size:$1}"; }
+cg() { echo "++engine.extra_engine_kwargs.compilation_config={max_cudagraph_capture_size:$1}"; }
 P2="$(cg 1024) caption.text_before_image=true +engine.extra_engine_kwargs.stream_interval=128"
 R2="resources.replicas_per_gpu=2 resources.concurrency=2 engine.kv_cache_gib=16"
 R3="resources.replicas_per_gpu=3 resources.concurrency=3 engine.kv_cache_gib=12"
@@ -75,13 +77,16 @@ EOF2
 P3="$(cg 2048) caption.text_before_image=true +engine.extra_engine_kwargs.stream_interval=128 engine.max_num_seqs=2048 engine.max_num_batched_tokens=32768 engine.batch_size=256"
 # Session 9 (arrays: the capture-size list holds brackets, which the shell would glob).
 SIZES=1,2,4,8,16,24,32,40,48,56,64,72,80,88,96,104,112,120,128,136,144,152,160,168,176,184,192,200,208,216,224,232,240,248,256,272,288,304,320,336,352,368,384,400,416,432,448,464,480,496,512,576,640,704,768,832,896,960,1024,1088,1152,1216,1280,1344,1408,1472,1536,1600,1664,1728,1792,1856,1920,1984,2048,2112,2176,2240,2304,2368,2432,2496,2560,2624,2688,2752,2816,2880,2944,3008,3072,3136,3200,3264,3328,3392,3456,3520,3584,3648,3712,3776,3840,3904,3968,4032,4096
+# Since session 9 the preset itself holds K: S8 turns it back into the preset as session 8 left it
+# (G-J's s8base and mps runs and raw vLLM's engine kwargs are measured with it).
+S8=(engine.log_engine_metrics=true engine.detokenize_stage=false "~engine.extra_engine_kwargs.compilation_config")
 K_FRONT=(engine.log_engine_metrics=false engine.detokenize_stage=true)
-K=("+engine.extra_engine_kwargs.compilation_config={compile_mm_encoder:true,cudagraph_capture_sizes:[$SIZES]}" "${K_FRONT[@]}")
+K=("++engine.extra_engine_kwargs.compilation_config={compile_mm_encoder:true,cudagraph_capture_sizes:[$SIZES]}" "${K_FRONT[@]}")
 # K with vLLM's V1 model runner, whose CUDA graphs of the vision encoder (cudagraph_mm_encoder) the
 # V2 runner lacks
-KV1=("+engine.extra_engine_kwargs.compilation_config={compile_mm_encoder:true,cudagraph_mm_encoder:true,cudagraph_capture_sizes:[$SIZES]}" "+engine.env_vars.VLLM_USE_V2_MODEL_RUNNER=0" "${K_FRONT[@]}")
+KV1=("++engine.extra_engine_kwargs.compilation_config={compile_mm_encoder:true,cudagraph_mm_encoder:true,cudagraph_capture_sizes:[$SIZES]}" "+engine.env_vars.VLLM_USE_V2_MODEL_RUNNER=0" "${K_FRONT[@]}")
 # K without the compiled encoder (the fallback if K's engines fail to start)
-K_NOENC=("+engine.extra_engine_kwargs.compilation_config={cudagraph_capture_sizes:[$SIZES]}" "${K_FRONT[@]}")
+K_NOENC=("++engine.extra_engine_kwargs.compilation_config={cudagraph_capture_sizes:[$SIZES]}" "${K_FRONT[@]}")
 R3S=(resources.replicas_per_gpu=3 resources.concurrency=3 engine.kv_cache_gib=12)
 MPS_BIN=$(command -v nvidia-cuda-mps-control || ls /usr/local/nvidia/bin/nvidia-cuda-mps-control 2>/dev/null)
 mps_start() {  # CUDA MPS: a user-space control daemon (no card setting); its pipe and log dirs are private
@@ -115,7 +120,7 @@ EOF2
 better() { python3 -c "import sys; sys.exit(0 if float('$1') > 1.05 * float('$2') else 1)"; }  # $1 beats $2 by > 5 %
 snap() { cp "$RESULTS" "$OUT/results.jsonl" 2>/dev/null; }  # a call cut by the lease still brings the runs done
 run_point() {  # run_point LABEL TIMEOUT: the point a session-9 label names, MPS on when the label says so
-  local label=$1 t=$2 args=() mps=0
+  local label=$1 t=$2 args=("${S8[@]}") mps=0
   case $label in *mps3*) args+=("${R3S[@]}") ;; esac
   case $label in *mps*) mps=1 ;; esac
   case ${label#final-} in
@@ -204,9 +209,9 @@ EOF
       ;;
     G)
       images "$WORK" 12000 || exit 1
-      PROFILE=15 capjob "$WORK" s8base 330; snap
+      PROFILE=15 capjob "$WORK" s8base 330 "${S8[@]}"; snap
       if mps_start; then
-        PROFILE=15 capjob "$WORK" mps2 "$(left)"; snap
+        PROFILE=15 capjob "$WORK" mps2 "$(left)" "${S8[@]}"; snap
         mps_stop
       fi
       # no MPS, or its engines failed to start under it: K on rpg2 now
@@ -223,6 +228,7 @@ EOF
         fi
         run_point "K-$lay" "$(left)"
         [ "$(rate "K-$lay")" = 0 ] && [ "$(left)" -gt 200 ] && run_point "Knoenc-$lay" "$(left)"
+        [ "$lay" = rpg2 ] && [ "$(left)" -gt 230 ] && run_point Kfront-rpg2 "$(left)"
       else
         # no MPS (G ran K on rpg2): the front-end knobs alone (which half of K did it), then, if the
         # call has the time, K with vLLM's V1 model runner and the encoder's CUDA graphs
@@ -235,7 +241,7 @@ EOF
       # raw vLLM, one engine, capjob's engine kwargs as the preset stood (K's compile settings are
       # capjob's knob, not raw's), fresh vLLM/inductor/Triton caches: cold
       mkdir -p /tmp/cold && VLLM_CACHE_ROOT=/tmp/cold/vllm TORCHINDUCTOR_CACHE_DIR=/tmp/cold/inductor TRITON_CACHE_DIR=/tmp/cold/triton \
-        DECODE=16 raw "$WORK" raw-cold 330 generate; snap
+        DECODE=16 raw "$WORK" raw-cold 330 generate "${S8[@]}"; snap
       # the best capjob point so far, again (warm compile cache)
       best=$(python3 - "$RESULTS" <<'EOF2'
 import json, sys
@@ -249,8 +255,12 @@ EOF2
       # raw vLLM warm (the cache raw-cold wrote), 1,000 images: its start-up only
       if [ "$(left)" -gt 100 ]; then
         images "$WORK1" 1000 && VLLM_CACHE_ROOT=/tmp/cold/vllm TORCHINDUCTOR_CACHE_DIR=/tmp/cold/inductor TRITON_CACHE_DIR=/tmp/cold/triton \
-          DECODE=16 raw "$WORK1" raw-warm-1k "$(left)" generate; snap
+          DECODE=16 raw "$WORK1" raw-warm-1k "$(left)" generate "${S8[@]}"; snap
       fi
+      ;;
+    J)  # the device time left after I: the baseline again (warm) and K again, for the run-to-run spread
+      PROFILE=15 capjob "$WORK" s8base-warm 200 "${S8[@]}"; snap
+      [ "$(left)" -gt 150 ] && run_point K-rpg2-again "$(left)"
       ;;
     E)
       images "$WORK" 12000 || exit 1

@@ -348,6 +348,11 @@ def test_h200_presets():
     kwargs = engine_kwargs(one, "/m", placement)
     assert (kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"]) == (1024, 16384)
     assert (kwargs["kv_cache_memory_bytes"], kwargs["gpu_memory_utilization"]) == (16 * 2**30, 0.45)
+    # Session 9 (267 against 227 images/s): the vision blocks compiled, CUDA graphs to 4,096 tokens,
+    # no Ray metrics, captions decoded in Ray Data's Detokenize actors.
+    compilation = kwargs["compilation_config"]
+    assert compilation["compile_mm_encoder"] is True and max(compilation["cudagraph_capture_sizes"]) == 4096
+    assert not one.engine.log_engine_metrics and one.engine.detokenize_stage
     two = to_typed(compose(["resources=h200x2"]))
     placement = decide_placement(two, available_gpus=2, node_gpus=2)
     assert (two.resources.concurrency, placement.gpus, placement.accelerator_type) == (2, 1, "H200")
