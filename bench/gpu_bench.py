@@ -99,6 +99,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "raw_api": getattr(args, "raw_api", "generate"),
         "profile_s": getattr(args, "profile", 0.0) or 0.0,
         "profile_delay_s": getattr(args, "profile_delay", 10.0),
+        "decode_workers": getattr(args, "decode_workers", 1),
     }
 
 
@@ -185,14 +186,27 @@ def _write_data_file(path: pathlib.Path, indices: range) -> None:
     pq.write_table(pa.table({"key": keys, "jpg": pa.array(cells, type=image_type)}), path)
 
 
-def load_images(s: dict[str, Any], limit: Optional[int] = None):
-    """The images decoded and resized to the seed's 225x225, in memory (raw vLLM, transformers)."""
+def load_images(s: dict[str, Any], limit: Optional[int] = None, workers: int = 1):
+    """The images decoded and resized to the seed's 225x225, in memory (raw vLLM, transformers).
+    workers > 1: in that many processes, in order (a user script with a process pool; session 9 of
+    issue 22, to give raw vLLM the shortest wall time)."""
     import pyarrow.parquet as pq
-    from PIL import Image
 
     table = pq.read_table(s["data"], columns=["jpg"])
-    cells = table.column("jpg").to_pylist()[:limit]
-    return [Image.open(io.BytesIO(c["bytes"])).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BICUBIC) for c in cells]
+    blobs = [c["bytes"] for c in table.column("jpg").to_pylist()[:limit]]
+    if workers <= 1:
+        return _decode(blobs)
+    from concurrent.futures import ProcessPoolExecutor
+
+    chunks = [blobs[i : i + 250] for i in range(0, len(blobs), 250)]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return [img for part in pool.map(_decode, chunks) for img in part]
+
+
+def _decode(blobs: list[bytes]) -> list[Any]:
+    from PIL import Image
+
+    return [Image.open(io.BytesIO(b)).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BICUBIC) for b in blobs]
 
 
 # --- measuring ------------------------------------------------------------------------------
@@ -370,6 +384,78 @@ def vllm_log_stats(log: pathlib.Path) -> dict[str, Any]:
             "vllm_kv_pct": mean(4), "vllm_prefix_hit_pct": mean(5), "vllm_stat_lines": len(rows)}
 
 
+def startup_timeline(logs: list[pathlib.Path], started: float) -> dict[str, Any]:
+    """capjob's start-up, seconds from the command's start (`started`, epoch s) to each step, read
+    from the job's logs (the console log and the run dir's full log; Ray's and vLLM's own
+    timestamps, local time, vLLM's without a year): Ray up; Ray Data starts the caption dataset
+    (the one whose plan holds the vLLM engine stage; capjob may peek at the source first); the
+    engine actors' first vLLM line (they configure vLLM); the engine cores spawn (first, last);
+    the engines are ready (vLLM's "init engine ... took": first, last); vLLM's torch.compile
+    times. Missing steps are left out. The first caption comes from the sink (measure_job)."""
+    import datetime as dt
+    import re
+
+    year = dt.datetime.fromtimestamp(started).year
+    ray_ts = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})")
+    vllm_ts = re.compile(r"(?:INFO|WARNING|DEBUG|ERROR) (\d\d-\d\d \d\d:\d\d:\d\d)")
+
+    def at(line: str) -> Optional[float]:
+        m = ray_ts.search(line)
+        if m:
+            return time.mktime(dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timetuple()) + int(m.group(2)) / 1000
+        m = vllm_ts.search(line)
+        if m:
+            return time.mktime(dt.datetime.strptime(f"{year}-{m.group(1)}", "%Y-%m-%d %H:%M:%S").timetuple())
+        return None
+
+    steps: dict[str, list[float]] = {}
+    compile_s: list[float] = []
+    marks: dict[str, float] = {}
+    starts: dict[str, float] = {}  # dataset name -> its start
+    seen: set[str] = set()
+    for log in logs:
+        if not log.exists():
+            continue
+        for line in log.read_text(errors="replace").splitlines():
+            if line in seen:  # the console log repeats some of the full log's lines
+                continue
+            seen.add(line)
+            t = at(line)
+            m = re.search(r"Starting execution of Dataset (\S+)\.", line)
+            if m and t:
+                starts[m.group(1)] = t
+            m = re.search(r"Execution plan of Dataset (\S+):", line)
+            if m and "vLLMEngineStage" in line and m.group(1) in starts:
+                steps.setdefault("ray_data_start", []).append(starts[m.group(1)])
+            if t is None:
+                continue
+            if "Started a local Ray instance" in line:
+                steps.setdefault("ray_up", []).append(t)
+            elif "vLLMEngineStage" in line and "EngineCore" not in line and vllm_ts.search(line):
+                steps.setdefault("engine_actor", []).append(t)
+            if "Initializing a V1 LLM engine" in line:
+                steps.setdefault("engine_core_spawn", []).append(t)
+            if "init engine (profile, create kv cache, warmup model) took" in line:
+                steps.setdefault("engine_ready", []).append(t)
+            m = re.search(r"torch\.compile took ([\d.]+) s", line)
+            if m:
+                compile_s.append(float(m.group(1)))
+            # capjob's own marks (console.startup_mark: seconds since its process started)
+            m = re.search(r"start-up \+([\d.]+) s: (.+)$", line)
+            if m:
+                marks[m.group(2).strip()] = float(m.group(1))
+    out: dict[str, Any] = {}
+    for key, times in steps.items():
+        out[f"{key}_s"] = round(min(times) - started, 1)
+        if key in ("engine_core_spawn", "engine_ready") and len(times) > 1:
+            out[f"{key}_last_s"] = round(max(times) - started, 1)
+    if compile_s:
+        out["torch_compile_s"] = compile_s
+    if marks:
+        out["capjob_marks"] = marks
+    return out
+
+
 def steady(finish_times: list[float], tokens_per_image: int, started: float) -> dict[str, Any]:
     """Throughput between the first and the last finished image (start-up excluded)."""
     times = sorted(finish_times)
@@ -423,13 +509,15 @@ def run_capjob(s: dict[str, Any], point: dict[str, str]) -> dict[str, Any]:
     if returncode is None:
         # Cut short (--timeout): what reached the sink still gives a steady rate over that part.
         return {"contender": "capjob", "point": point, "status": f"timeout after {s['timeout']:g} s",
-                **partial_rate(s, out, started, gpu), "wall_s": round(ended - started, 1)}
+                **partial_rate(s, out, started, gpu), "wall_s": round(ended - started, 1),
+                "startup": startup_timeline([log, out / "hydra" / "capjob.log"], started)}
     if returncode != 0:
         sys.stderr.write(log.read_text(errors="replace")[-8000:])
         return {"contender": "capjob", "point": point, "status": f"failed ({returncode})"}
     result = {"contender": "capjob", "point": point, "status": "ok", **measure_job(s, out, started, gpu),
               # vLLM's stat lines go to the job's full log (the console shows capjob's own lines).
               "wall_s": round(ended - started, 1), **vllm_log_stats(out / "hydra" / "capjob.log")}
+    result["startup"] = {**startup_timeline([log, out / "hydra" / "capjob.log"], started), "first_caption_s": result.get("start_s")}
     return with_profile(result, profiler, gpu)
 
 
@@ -538,7 +626,8 @@ def run_raw_vllm(s: dict[str, Any]) -> dict[str, Any]:
     kwargs = engine_kwargs(cfg, source, decide_placement(cfg, local_gpu_count()))
     patched = unpinned_mm_batches() if os.environ.get("GPU_BENCH_NO_PIN") == "1" else None
     t_decode = time.time()
-    images = load_images(s)
+    t_imports = time.time()
+    images = load_images(s, workers=s["decode_workers"])
     decode_s = time.time() - t_decode
     system, user = prompts()
     # capjob's own message layout (caption.text_before_image decides the order).
@@ -576,6 +665,13 @@ def run_raw_vllm(s: dict[str, Any]) -> dict[str, Any]:
                          "images_per_s": round(whole, 3), "images_per_s_steady": st["images_per_s"],
                          "engine_ready_s": round(t1 - t0, 2), "start_s": round(t1 - command_start - decode_s, 2),
                          "first_caption_s": round(st["start_s"], 2), "decode_s": round(decode_s, 1),
+                         "decode_workers": s["decode_workers"], "compile_cache": os.environ.get("VLLM_CACHE_ROOT", "default"),
+                         # The same steps as capjob's timeline, from the command's start: imports
+                         # (vLLM, capjob's config) and decoding, LLM() ready, the first caption
+                         # (LLM.generate processes every request before it collects an output).
+                         "startup": {"imports_s": round(t_imports - command_start, 1),
+                                     "decoded_s": round(t0 - command_start, 1), "engine_ready_s": round(t1 - command_start, 1),
+                                     "first_caption_s": round(st["window"][0] - command_start, 1)},
                          "output_tokens_per_s": round(tokens / (t2 - t1), 1),
                          "wall_s": round(t2 - command_start, 1), **gpu.window(t1, t2)}, profiler, gpu)
 
@@ -788,6 +884,23 @@ def runs_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+STARTUP_STEPS = ("ray_up_s", "ray_data_start_s", "engine_actor_s", "engine_core_spawn_s", "engine_ready_s",
+                 "engine_ready_last_s", "imports_s", "decoded_s", "first_caption_s")
+
+
+def startup_table(results: list[dict[str, Any]]) -> str:
+    """Each run's start-up timeline (startup_timeline; raw vLLM's from its own clock), seconds
+    from the command's start."""
+    lines = ["| run | " + " | ".join(k[:-2].replace("_", " ") for k in STARTUP_STEPS) + " | torch.compile s |",
+             "|---|" + "--:|" * (len(STARTUP_STEPS) + 1)]
+    for r in results:
+        t = r.get("startup")
+        if t:
+            lines.append(f"| {r.get('label') or ''} {r['contender']} | " + " | ".join(str(t.get(k, "–")) for k in STARTUP_STEPS)
+                         + f" | {t.get('torch_compile_s', '–')} |")
+    return "\n".join(lines)
+
+
 def check_table(results: list[dict[str, Any]], images: int) -> tuple[str, bool]:
     """One row per capjob run (its label, or its point): OK only if it ran and every one of the
     `images` rows came back as a caption (none quarantined, none lost)."""
@@ -871,6 +984,7 @@ def main() -> None:
                    help="raw vLLM's API: generate (prompt rendered once; the fastest) or chat")
     r.add_argument("--profile", type=float, default=0.0, help="py-spy the engine processes for this many seconds (0: off)")
     r.add_argument("--profile-delay", type=float, default=10.0, help="seconds after the first caption before profiling")
+    r.add_argument("--decode-workers", type=int, default=1, help="raw vLLM: processes that decode and resize the images (1: serial)")
     r.add_argument("--isolated", default=None, help=argparse.SUPPRESS)  # internal: one contender in this process
     c = sub.add_parser("check", help="bench/gpu_check.sh's table of labelled capjob runs; exit 1 if any failed or lost rows")
     c.add_argument("--images", type=int, required=True, help="rows each run must have captioned")
@@ -900,7 +1014,8 @@ def main() -> None:
                    "--max-tokens", str(args.max_tokens), "--transformers-images", str(args.transformers_images),
                    "--resources", args.resources, *(["--experiment", args.experiment] if args.experiment else []),
                    "run", contender, "--isolated", contender, "--raw-api", args.raw_api, "--profile", str(args.profile),
-                   "--profile-delay", str(args.profile_delay), *(["--label", args.label] if args.label else []),
+                   "--profile-delay", str(args.profile_delay), "--decode-workers", str(args.decode_workers),
+                   *(["--label", args.label] if args.label else []),
                    *(["--set", *args.set] if args.set else [])]
             env = {**os.environ, "GPU_BENCH_T0": str(time.time())}  # the command's start, for start-up and wall
             if subprocess.run(cmd, cwd=REPO, env=env).returncode != 0:
@@ -915,6 +1030,8 @@ def main() -> None:
         print(render(results, pathlib.Path(args.out) if args.out else None))
         print()
         print(runs_table(results))
+        print()
+        print(startup_table(results))
 
 
 if __name__ == "__main__":

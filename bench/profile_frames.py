@@ -21,7 +21,7 @@ from typing import Any
 # input processing (HF image processor), output processing (detokenizer) and stat logging.
 KEY = ("_reduce_data", "group_and_batch_mm_kwargs", "execute_mm_encoder", "embed_multimodal", "Qwen2Model.forward",
        "Scheduler.schedule", "update_from_output", "prepare_inputs", "Sampler", "process_inputs", "process_outputs",
-       "_call_hf_processor", "decode_next", "StatLoggerManager.record", "_generate_async")
+       "_call_hf_processor", "decode_next", "StatLoggerManager.record", "Metric._record", "_generate_async")
 THREADS = ("MainThread", "run_loop")
 
 

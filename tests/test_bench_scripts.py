@@ -163,3 +163,37 @@ def test_nopin_sitecustomize_unpins_vllm_encoder_batches():
     on = subprocess.run([sys.executable, "-c", check], env={**env, "GPU_BENCH_NO_PIN": "1"}, capture_output=True, text=True, timeout=300)
     assert on.returncode == 0, on.stderr[-2000:]
     assert "PINNED [False, False]" in on.stdout, on.stdout + on.stderr[-2000:]
+
+
+def test_gpu_bench_startup_timeline(tmp_path):
+    """capjob's start-up steps from its logs (issue 22, session 9): Ray's and vLLM's own timestamps,
+    the caption dataset (not capjob's peek at the source), both engines' spawn and readiness."""
+    import time
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_bench
+
+    started = time.mktime(time.strptime("2026-12-03 16:06:00", "%Y-%m-%d %H:%M:%S"))
+    actor = "\x1b[36m(MapWorker(MapBatches(vLLMEngineStageUDFWithCrashLedger)) pid=7887)\x1b[0m"
+    full = tmp_path / "full.log"
+    full.write_text("\n".join([
+        "2026-12-03 16:06:08,500\tINFO worker.py:2024 -- Started a local Ray instance.",
+        "2026-12-03 16:06:09,000\tINFO console.py:55 -- start-up +9.1 s: Ray up",
+        "2026-12-03 16:06:30,000\tINFO streaming_executor.py:214 -- Starting execution of Dataset peek_1. Full logs are in x",
+        "2026-12-03 16:06:30,001\tINFO streaming_executor.py:215 -- Execution plan of Dataset peek_1: InputDataBuffer[Input] -> LimitOperator[limit=4]",
+        "2026-12-03 16:06:58,250\tINFO streaming_executor.py:214 -- Starting execution of Dataset main_2. Full logs are in x",
+        "2026-12-03 16:06:58,251\tINFO streaming_executor.py:215 -- Execution plan of Dataset main_2: InputDataBuffer[Input] -> "
+        "ActorPoolMapOperator[MapBatches(vLLMEngineStageUDFWithCrashLedger)]",
+        f"{actor} INFO 12-03 16:07:21 [model.py:623] Resolved architecture: Qwen2_5_VLForConditionalGeneration",
+        f"{actor} (EngineCore pid=8544) INFO 12-03 16:07:44 [core.py:116] Initializing a V1 LLM engine (v0.26.0) with config: x",
+        f"{actor} (EngineCore pid=8545) INFO 12-03 16:07:46 [core.py:116] Initializing a V1 LLM engine (v0.26.0) with config: x",
+        f"{actor} (EngineCore pid=8544) INFO 12-03 16:08:00 [backends.py:400] torch.compile took 6.5 s in total",
+        f"{actor} (EngineCore pid=8544) INFO 12-03 16:08:20 [core.py:347] init engine (profile, create kv cache, warmup model) took 33.21 s",
+        f"{actor} (EngineCore pid=8545) INFO 12-03 16:08:21 [core.py:347] init engine (profile, create kv cache, warmup model) took 34.00 s",
+    ]) + "\n")
+    console = tmp_path / "console.log"
+    console.write_text("2026-12-03 16:06:08,500\tINFO worker.py:2024 -- Started a local Ray instance.\n")
+    t = gpu_bench.startup_timeline([console, full, tmp_path / "missing.log"], started)
+    assert t == {"ray_up_s": 8.5, "ray_data_start_s": 58.2, "engine_actor_s": 81.0, "engine_core_spawn_s": 104.0,
+                 "engine_core_spawn_last_s": 106.0, "engine_ready_s": 140.0, "engine_ready_last_s": 141.0, "torch_compile_s": [6.5],
+                 "capjob_marks": {"Ray up": 9.1}}

@@ -341,6 +341,7 @@ class CaptionRequest:
             "top_p": c.top_p,
             "ignore_eos": c.ignore_eos,
             **({"seed": c.seed} if c.seed is not None else {}),
+            **engine_detokenize(cfg.engine),
         }
         self.sampling_params = {name: {**base, "max_tokens": spec.max_tokens,
                                        **({"structured_outputs": {"json": spec.json_schema}} if spec.json_schema else {})}
@@ -793,6 +794,13 @@ class RegroupPrompts:
         return pa.Table.from_pylist(out)
 
 
+def engine_detokenize(e: Any) -> dict[str, Any]:
+    """SamplingParams entries for engine config `e`: {"detokenize": False} when Ray Data LLM's
+    Detokenize stage decodes the generated tokens (engine.detokenize_stage), so vLLM's front-end
+    does not decode them a second time, token by token; else {} (vLLM's default: it decodes)."""
+    return {"detokenize": False} if e.detokenize_stage else {}
+
+
 def cpu_stages(cfg: CapjobConfig, *, multimodal: bool = True, chat_template_stages: Optional[bool] = None) -> list[str]:
     """The processor's CPU stages that hold an actor each, in pipeline order (around the engine).
     multimodal: the caption pass, whose PrepareMultimodal and ChatTemplate stages run only with
@@ -851,7 +859,7 @@ def processor_config(cfg: CapjobConfig, model_source: str, placement: EnginePlac
         detokenize_stage={"enabled": "Detokenize" in enabled, **cpu_stage},
         # Failed rows come back with __inference_error__ (quarantine, or a judge failure).
         should_continue_on_error=True,
-        log_engine_metrics=True,
+        log_engine_metrics=cfg.engine.log_engine_metrics,
         runtime_env={"env_vars": {k: str(v) for k, v in cfg.engine.env_vars.items()}} if cfg.engine.env_vars else None,
     )
 
