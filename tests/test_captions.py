@@ -437,6 +437,9 @@ def test_requests_fetch_the_prompt_while_it_renders_and_the_driver_stops_on_a_ba
 
     import ray
 
+    import signal
+
+    from capjob.processor import WATCH_SIGNAL as PROCESSOR_WATCH_SIGNAL
     from capjob.processor import PendingPrompt, PromptWatch
 
     cfg = typed()
@@ -465,11 +468,18 @@ def test_requests_fetch_the_prompt_while_it_renders_and_the_driver_stops_on_a_ba
         bad = PendingPrompt(render.remote("<s>the user text dropped<e>", 3.0), None)
         watch = PromptWatch(bad)
         began = time.monotonic()
-        with pytest.raises(ConfigError, match="does not copy the user prompt verbatim"):
-            with watch.guard():
-                while time.monotonic() - began < 60:  # Ray Data's execution polls like this
-                    time.sleep(0.01)
+        # SIGINT ignored, as in a command started in the background or under nohup: the watch
+        # must not depend on it (it once did: _thread.interrupt_main() then does nothing).
+        sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            with pytest.raises(ConfigError, match="does not copy the user prompt verbatim"):
+                with watch.guard():
+                    while time.monotonic() - began < 60:  # Ray Data's execution polls like this
+                        time.sleep(0.01)
+        finally:
+            signal.signal(signal.SIGINT, sigint)
         assert time.monotonic() - began < 30
+        assert signal.getsignal(PROCESSOR_WATCH_SIGNAL) == signal.SIG_DFL  # the guard's handler is gone
         with pytest.raises(ConfigError, match="does not copy the user prompt verbatim"):  # the task's own copy
             ray.get(preprocess.remote(CaptionRequest(cfg, bad), row))
         with pytest.raises(ConfigError):  # known before the execution: raised on entry

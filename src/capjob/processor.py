@@ -12,6 +12,7 @@ keeps only the output schema (never the image).
 from __future__ import annotations
 
 import contextlib
+import signal
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -585,6 +586,15 @@ def fetch_prompt(pending: PendingPrompt, chat_template_stages: bool = False) -> 
     return check_rendered(_FETCHED_PROMPTS[key], chat_template_stages)
 
 
+# The signal number whose Python handler PromptWatch.guard installs (main thread) and its watch
+# thread triggers with _thread.interrupt_main: never sent to the process by capjob.
+WATCH_SIGNAL = signal.SIGUSR2
+
+
+def _interrupted_by_watch(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 class PromptWatch:
     """The driver's side of a prompt the request builders fetch themselves (CaptionRequest with
     a PendingPrompt): a daemon thread waits for the render task, keeps its result for later runs
@@ -622,7 +632,7 @@ class PromptWatch:
             self.error = e
             with self._lock:
                 if self._armed:
-                    _thread.interrupt_main()
+                    _thread.interrupt_main(WATCH_SIGNAL)
         finally:
             self.done.set()
 
@@ -646,11 +656,20 @@ class PromptWatch:
         on the way out). When the body fails first (the tasks' own copies of the error may
         reach Ray Data before the driver's fetch returns), the watch gets wait_on_error_s to
         tell. A KeyboardInterrupt that still arrives after the guard (the thread fired just as
-        it closed) is the caller's to map: check `error` first (pipeline.run does)."""
-        with self._lock:
-            self.raise_error()
-            self._armed = True
+        it closed) is the caller's to map: check `error` first (pipeline.run does). Outside the
+        main thread nothing is interrupted: the tasks' own errors end the execution."""
+        import threading
+
+        # The watch thread interrupts the main thread through a Python handler of its own:
+        # SIGINT's may be ignored (a command started in the background or under nohup inherits
+        # SIG_IGN, and then _thread.interrupt_main() does nothing), and a user's Ctrl-C keeps
+        # its meaning. interrupt_main(WATCH_SIGNAL) sends no OS signal; it runs this handler.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(WATCH_SIGNAL, _interrupted_by_watch) if main else None
         try:
+            with self._lock:
+                self.raise_error()
+                self._armed = main
             yield
         except BaseException as e:
             with self._lock:
@@ -662,6 +681,8 @@ class PromptWatch:
         finally:
             with self._lock:
                 self._armed = False
+            if main:  # None: a handler not installed from Python, left as the default
+                signal.signal(WATCH_SIGNAL, signal.SIG_DFL if previous is None else previous)
         self.raise_error()
 
 
