@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
 
-from capjob.config import ResourcesConfig, SinkConfig
+from capjob.config import ResourcesConfig, SinkConfig, validate_eval
 from capjob.errors import ConfigError
-from capjob.evaluation import EvalConfig, EvalMode, JudgeConfig, compare_markdown, evaluate, render_markdown, validate_eval
+from capjob.evaluation import EvalConfig, EvalMode, JudgeConfig, compare_markdown, evaluate, render_markdown
 from capjob.judge import (
     JUDGE_SCHEMA,
     REASON_CHARS,

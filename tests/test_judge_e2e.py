@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from capjob.config import ResourcesConfig, SinkConfig
-from capjob.evaluation import EvalConfig, EvalMode, JudgeConfig, evaluate_output, validate_eval
+from capjob.config import ResourcesConfig, SinkConfig, validate_eval
+from capjob.evaluation import EvalConfig, EvalMode, JudgeConfig, evaluate_output
 from capjob.judge import JUDGE_SCHEMA
 
 pytestmark = pytest.mark.e2e

@@ -41,7 +41,6 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from capjob.config import EvalConfig, EvalMode, JudgeConfig, ResourcesConfig, SinkConfig, SinkFormat
-from capjob.config import validate_eval  # noqa: F401 - defined with the config: checking it imports nothing heavy
 from capjob.errors import CapjobError, SinkError, SourceError
 from capjob.sinks import CAPTIONS, TableWriter
 from capjob.stages.sources import describe_remote_error

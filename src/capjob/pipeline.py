@@ -21,8 +21,8 @@ from typing import Any, Optional
 
 from capjob.config import CapjobConfig, EvalMode
 from capjob.errors import AccountingError
-from capjob.processor import (EnginePlacement, PendingPrompt, PromptWatch, cpu_stages, needs_rendered_prompt, submit_caption_prompt,
-                              task_options)
+from capjob.processor import (EnginePlacement, PromptWatch, cpu_stages, needs_rendered_prompt, requests_fetch_prompt,
+                              submit_caption_prompt, task_options)
 
 # Rows per block when the plan has no better number: small blocks keep memory flat and feed
 # the engine steadily (a block of 448 px images is ~0.6 MB per row once decoded).
@@ -224,7 +224,7 @@ def start(cfg: CapjobConfig, run_id: str) -> Started:
     prompt = submit_caption_prompt(cfg, model_source, placement) if needs_rendered_prompt(cfg) else None
     # Without engine.chat_template_stages nothing waits for the render before Ray Data starts:
     # the request builders fetch it; the driver only watches it (keeps it, checks it).
-    watch = PromptWatch(prompt) if isinstance(prompt, PendingPrompt) and not cfg.engine.chat_template_stages else None
+    watch = PromptWatch(prompt) if requests_fetch_prompt(cfg, prompt) else None
     ledger = metrics.start_ledger(cfg.job.name, run_id)  # keep the handle: an unreferenced actor is destroyed
     crashes = engine_guard.start_ledger(run_id, cfg.engine.max_engine_deaths_per_batch)
     startup_mark("prompt " + ("submitted" if prompt is not None else "not needed") + ", ledger actors started")

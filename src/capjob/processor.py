@@ -544,8 +544,6 @@ def render_caption_prompt(cfg: CapjobConfig, model_source: str, placement: Engin
     runs. Without engine.chat_template_stages, a chat template that does not copy the user
     text verbatim (exactly one slot in its output) fails with a ConfigError pointing at that
     switch."""
-    from capjob.errors import ConfigError
-
     pending = pending if pending is not None else submit_caption_prompt(cfg, model_source, placement)
     if isinstance(pending, RenderedPrompt):
         rendered = pending
@@ -556,6 +554,13 @@ def render_caption_prompt(cfg: CapjobConfig, model_source: str, placement: Engin
         if pending.keep_at is not None:
             keep_prompt(pending.keep_at, rendered)
     return check_rendered(rendered, cfg.engine.chat_template_stages)
+
+
+def requests_fetch_prompt(cfg: CapjobConfig, prompt: Any) -> bool:
+    """True when `prompt` (submit_caption_prompt's result) is a render still running that the
+    request builders fetch themselves (engine.chat_template_stages=false): the processor is then
+    built without waiting for it, and the driver watches it (PromptWatch)."""
+    return isinstance(prompt, PendingPrompt) and not cfg.engine.chat_template_stages
 
 
 def check_rendered(rendered: RenderedPrompt, chat_template_stages: bool) -> RenderedPrompt:
@@ -911,7 +916,7 @@ def build_caption_processor(cfg: CapjobConfig, model_source: str, placement: Eng
     start, while it renders."""
     from ray.data.llm import build_processor
 
-    if not cfg.engine.chat_template_stages and isinstance(pending_prompt, PendingPrompt):
+    if requests_fetch_prompt(cfg, pending_prompt):
         # Nothing built here depends on the prompt: PrepareMultimodal (the stage that takes the
         # content format) is off, and each preprocess task fetches the prompt on its first row.
         rendered, prompt = None, pending_prompt
