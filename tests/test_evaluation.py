@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from capjob.config import SinkConfig, SinkFormat
+from capjob.config import SinkConfig, SinkFormat, validate_eval
 from capjob.errors import ConfigError, SourceError
 from capjob.evaluation import (
     EVAL_SCHEMA,
@@ -27,7 +27,6 @@ from capjob.evaluation import (
     output_sink,
     render_markdown,
     select_run,
-    validate_eval,
     vocabulary_size,
     word_f1,
     word_tokens,
