@@ -197,3 +197,14 @@ def test_gpu_bench_startup_timeline(tmp_path):
     assert t == {"ray_up_s": 8.5, "ray_data_start_s": 58.2, "engine_actor_s": 81.0, "engine_core_spawn_s": 104.0,
                  "engine_core_spawn_last_s": 106.0, "engine_ready_s": 140.0, "engine_ready_last_s": 141.0, "torch_compile_s": [6.5],
                  "capjob_marks": {"Ray up": 9.1}}
+
+
+def test_tiny_train_speed_bench_runs():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "tiny_train_speed.py"), "--steps", "2", "--reps", "1"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"^\| (.+?) \| (\d+\.\d+) \| (\d+\.\d+)x \| (\d+\.\d+) \|$", proc.stdout, re.MULTILINE)
+    assert [r[0] for r in rows] == ["1 thread, Conv3d (before)", "2 threads, Conv3d", "2 threads, matmul (now)"], proc.stdout
+    assert rows[0][2] == "1.00"
+    # the patch embedding's two forms are the same sums: the same loss after the same steps
+    assert abs(float(rows[1][3]) - float(rows[2][3])) < 1e-3, proc.stdout

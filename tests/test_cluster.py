@@ -5,8 +5,8 @@ Fast: the refusal (its decision and one-line message, with the nodes' views give
 resources, a model URL's preflight and capjob's per-node fetch against moto's S3 server.
 e2e: a two-node Ray cluster on this machine (two `ray start` processes, each with its own temp
 dir, Hugging Face cache and capjob cache); the engine is pinned by a custom resource to the node
-that is not the driver's, the checkpoints come from S3 (moto), and a sweep over two of them
-runs there."""
+that is not the driver's, the checkpoint comes from S3 (moto), and a sweep of it with two engine
+replicas runs there."""
 
 import csv
 import json
@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, compose, early_checkpoint
+from conftest import REPO, compose
 from test_jobs import free_ports, ray_start_children, stop_ray_start
 
 VENV_BIN = pathlib.Path(sys.executable).parent
@@ -280,25 +280,23 @@ def two_nodes(s3_env, tmp_path_factory):
             node.stop()
 
 
-ROWS = 12
+ROWS = 20  # the issue's bar (>= 95% exact) then allows one miss (docs/benchmarks.md, tiny model v4)
 
 
 @pytest.mark.e2e
 def test_checkpoint_sweep_from_s3_on_two_nodes(two_nodes, s3_env, tmp_path):
-    """Two checkpoints on S3, swept on the two-node cluster: each run's engine lands on the node
-    that is not the driver's, loads its checkpoint from S3 into that node's own cache (the driver
-    only ever holds the tokenizer files), captions every row exactly once, and its tasks write
-    from both nodes; sweep.md compares the checkpoints."""
+    """A sweep over a checkpoint on S3, on the two-node cluster, with two engine replicas: both
+    engines land on the node that is not the driver's and load the checkpoint from S3 into that
+    node's own cache (the driver only ever holds the tokenizer files), every row is captioned
+    exactly once under its own image's id, and the job's tasks write from both nodes. One job:
+    the sweep's between-jobs path and the comparison of two checkpoints run in test_sweep's
+    local sweep (each job here costs ~2 minutes on a 2-core machine)."""
     from capjob import models, sweep
     from capjob.sample_data import write_hf_parquet
     from references import assert_captions_fit_their_images, shape_rows
-    from test_sweep import EARLY_STEPS
 
-    trained = models.resolve_model_source(None, models.TINY_QWEN25VL)
-    early = early_checkpoint(EARLY_STEPS)
-    urls = {"early": f"s3://ckpts/tiny/step-{EARLY_STEPS}", "trained": "s3://ckpts/tiny/step-400"}
-    upload_model(s3_env, early, urls["early"])
-    upload_model(s3_env, trained, urls["trained"])
+    url = "s3://ckpts/tiny/step-1000"
+    upload_model(s3_env, models.resolve_model_source(None, models.TINY_QWEN25VL), url)
     rows, references = shape_rows(ROWS, seed=24)
     write_hf_parquet(rows, tmp_path / "part-0.parquet", references)
     s3_env.bucket("data")
@@ -311,48 +309,42 @@ def test_checkpoint_sweep_from_s3_on_two_nodes(two_nodes, s3_env, tmp_path):
         [sys.executable, "-m", "capjob", "--multirun", "experiment=offline", "data.format=parquet", "data.path=s3://data/shapes",
          # six blocks: six write tasks, which Ray Data spreads over the nodes
          "data.name=shapes", "data.partitions=6", "caption.max_tokens=24", "eval=stats", "eval.reference_column=reference",
-         f"+resources.engine_resources.{ENGINE_RESOURCE}=0.001", f"model.source={urls['early']},{urls['trained']}",
+         f"+resources.engine_resources.{ENGINE_RESOURCE}=0.001", "resources.concurrency=2", f"model.source={url}",
          f"hydra.sweep.dir={d}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     seconds = time.monotonic() - started
     (tmp_path / "stdout.txt").write_text(proc.stdout)
     (tmp_path / "stderr.txt").write_text(proc.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    recs = [json.loads((d / str(i) / sweep.JOB_RECORD).read_text()) for i in range(2)]
-    assert [r["status"] for r in recs] == ["succeeded"] * 2, [r["error"] for r in recs]
+    rec = json.loads((d / "0" / sweep.JOB_RECORD).read_text())
+    assert rec["status"] == "succeeded", rec["error"]
 
     head_id = next(n for n, res in two_nodes["resources"].items() if ENGINE_RESOURCE not in res)
     gpu_id = next(n for n, res in two_nodes["resources"].items() if ENGINE_RESOURCE in res)
-    f1 = {}
-    for i, rec in enumerate(recs):
-        assert rec["ray"]["cluster"] == "existing cluster (disconnected)" and rec["ray"]["node_id"] == head_id  # the driver's node
-        rep = json.loads((d / str(i) / "report.json").read_text())
-        captions = pa.concat_tables([pq.read_table(f) for f in sorted((d / str(i) / "out" / "captions").glob("*.parquet"))])
-        ids = captions.column("id").to_pylist()
-        # every row exactly once: captioned or quarantined, no id twice
-        assert rep["rows_read"] == ROWS and rep["captioned"] + rep["quarantined"] == ROWS and len(set(ids)) == len(ids) == rep["captioned"]
-        # the job's write tasks ran on both nodes
-        assert set(rep["write_nodes"]) == {head_id, gpu_id}, rep["write_nodes"]
-        assert sum(rep["write_nodes"].values()) == ROWS
-        if rep["config"]["model"]["source"] == urls["trained"]:
-            assert_captions_fit_their_images(captions, ROWS)
-        f1[rep["config"]["model"]["source"]] = json.loads((d / str(i) / "eval.json").read_text())["reference"]["word_f1"]
-    assert f1[urls["early"]] < f1[urls["trained"]], f1  # the checkpoints differ, and in the right direction
+    assert rec["ray"]["cluster"] == "existing cluster (disconnected)" and rec["ray"]["node_id"] == head_id  # the driver's node
+    rep = json.loads((d / "0" / "report.json").read_text())
+    assert rep["config"]["resources"]["concurrency"] == 2 and rep["config"]["model"]["source"] == url
+    captions = pa.concat_tables([pq.read_table(f) for f in sorted((d / "0" / "out" / "captions").glob("*.parquet"))])
+    ids = captions.column("id").to_pylist()
+    # every row exactly once: captioned or quarantined, no id twice
+    assert rep["rows_read"] == ROWS and rep["captioned"] + rep["quarantined"] == ROWS and len(set(ids)) == len(ids) == rep["captioned"]
+    # with two engines, each caption under its own image's id
+    assert_captions_fit_their_images(captions, ROWS)
+    # the job's write tasks ran on both nodes
+    assert set(rep["write_nodes"]) == {head_id, gpu_id}, rep["write_nodes"]
+    assert sum(rep["write_nodes"].values()) == ROWS
+    assert json.loads((d / "0" / "eval.json").read_text())["reference"]["word_f1"] > 0.7
 
-    # The weights went from S3 to the engine's node only, into its own cache; the driver's node
+    # The weights went from S3 to the engines' node only, into its own cache; the driver's node
     # got the tokenizer files (for the prompt and Ray Data LLM's config check), never a weight.
+    name = "models--" + url.replace("/", "--")
     gpu_hub = pathlib.Path(two_nodes["gpu_env"]["HF_HOME"]) / "hub"
     head_hub = pathlib.Path(two_nodes["head_env"]["HF_HOME"]) / "hub"
-    for url in urls.values():
-        name = "models--" + url.replace("/", "--")
-        assert list((gpu_hub / name).glob("snapshots/*/model.safetensors")), sorted(gpu_hub.glob("*"))
-        assert not list((head_hub / name).glob("snapshots/*/*.safetensors"))
+    assert list((gpu_hub / name).glob("snapshots/*/model.safetensors")), sorted(gpu_hub.glob("*"))
+    assert not list((head_hub / name).glob("snapshots/*/*.safetensors"))
     assert not (pathlib.Path(two_nodes["gpu_env"]["CAPJOB_CACHE"]) / "models" / f"tiny_qwen25vl-{models.TINY_QWEN25VL_VERSION}").exists()
 
     md = (d / "sweep.md").read_text()
-    assert "2 runs: 2 succeeded, 0 failed." in md
-    section = md.split("## Checkpoint comparison", 1)[1]
-    assert section.lstrip().startswith("**Best checkpoint: step-400**"), section[:300]
-    assert f"| step-{EARLY_STEPS} | 0 |" in section
-    assert len(list(csv.DictReader((d / "sweep.csv").open()))) == 2
-    print(f"two-node sweep: {seconds:.0f} s for 2 runs")
+    assert "1 run: 1 succeeded, 0 failed." in md, md[:500]
+    assert len(list(csv.DictReader((d / "sweep.csv").open()))) == 1
+    print(f"two-node sweep: {seconds:.0f} s for 1 run")

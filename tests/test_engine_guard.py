@@ -1,5 +1,5 @@
 """The crash ledger and isolation lock of stages/engine_guard.py (the e2e with a real engine death
-is tests/test_fault_tolerance.py::test_poison_row_that_kills_the_engine_is_quarantined)."""
+is tests/test_fault_tolerance.py::test_killed_worker_and_poison_row_cost_one_row)."""
 
 import asyncio
 
@@ -114,3 +114,52 @@ def test_isolated_batch_waits_for_shared_ones_and_holds_the_engine_alone():
         return log
 
     assert asyncio.run(scenario()) == ["s1+", "s1-", "x+", "x-", "s2+", "s2-"]
+
+
+def test_crash_row_keeps_the_columns_of_a_row_the_engine_ran():
+    """A quarantined engine_crash row leaves the engine stage with the columns of a row the
+    engine ran: Ray Data LLM's own request preparation (the real `_prepare_llm_request`) takes
+    the prompt, image and sampling params out of each row it sends, and the crash row drops the
+    same. Once it kept them, its batch became a block of another type (image arrays, a params
+    dict) that the operator could not concatenate with its other blocks: the engine actor's task
+    failed with ArrowTypeError after the poison row was quarantined (found in session 10, when
+    a run had more than one batch per block)."""
+    import uuid
+
+    import numpy as np
+    from ray.data._internal.arrow_ops import transform_pyarrow
+    from ray.data.block import BlockAccessor
+    from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineWrapper, vLLMTaskType
+
+    from capjob.stages.engine_guard import guarded_engine_udf
+
+    udf = object.__new__(guarded_engine_udf())
+    udf.max_engine_deaths = 1
+
+    class Preparation(vLLMEngineWrapper):  # the wrapper's request preparation, without an engine
+        def __init__(self) -> None:
+            self.task_type, self.request_id, self.idx_in_batch_column = vLLMTaskType.GENERATE, 0, udf.IDX_IN_BATCH_COLUMN
+            self._image_row_column_warning_logged = True
+
+        async def _maybe_get_lora_request(self, row):
+            return None
+
+    def input_row(i: int) -> dict:
+        return {"id": f"row-{i}", "reference": None, "prompt": "<|im_start|>user ...", "image": [np.zeros((28, 28, 3), np.uint8)],
+                "multimodal_uuids": {"image": [f"sha1:{i}"]}, "sampling_params": {"max_tokens": 8, "temperature": 0.0},
+                udf.IDX_IN_BATCH_COLUMN: i}
+
+    ran = input_row(0)
+    asyncio.run(Preparation()._prepare_llm_request(ran))
+    ran.update({"prompt": "<|im_start|>user ...", "prompt_token_ids": [1, 2], "num_input_tokens": 2, "generated_tokens": [3],
+                "generated_text": "a red circle", "num_generated_tokens": 1, "embeddings": None, "metrics": None,
+                "logprobs": None, "prompt_logprobs": None, "request_id": 0, "batch_uuid": "b", "time_taken_llm": 0.5,
+                "params": "SamplingParams(...)", "__inference_error__": ""})
+    crashed = input_row(1)
+    crashed.update(udf._crash_row(crashed, 2, uuid.uuid4()))
+    assert set(crashed) == set(ran)
+    assert crashed["__inference_error__"].startswith("engine_crash: the vLLM engine died 2 times")
+    # The two rows as blocks of the operator's output ({"__data": rows}, StatefulStageUDF's shape): one type.
+    blocks = [BlockAccessor.batch_to_block({"__data": rows}) for rows in ([ran], [crashed], [ran, crashed])]
+    assert all(not str(b.schema.field("__data").type).startswith("extension") for b in blocks)
+    assert transform_pyarrow.concat(blocks, promote_types=True).num_rows == 4

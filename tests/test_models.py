@@ -91,6 +91,25 @@ def test_second_build_reuses_the_first(tiny_model, monkeypatch):
     assert {p.name: p.stat().st_mtime_ns for p in tiny_model.iterdir()} == before
 
 
+def test_training_runs_the_patch_embedding_as_the_same_matrix_product(tiny_model):
+    """models/train.py trains with the vision tower's Conv3d patch embedding run as one matrix
+    product (faster on CPU): the same output, to float rounding, and the model's own forward
+    (what is saved and what vLLM runs) back once the instance attribute is deleted."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from capjob.models import train
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32)
+    embed = model.model.visual.patch_embed
+    patches = torch.randn(64, embed.in_channels * embed.temporal_patch_size * embed.patch_size ** 2)
+    conv = embed(patches)
+    train.patch_embed_as_matmul(model)
+    assert torch.allclose(embed(patches), conv, atol=1e-5) and embed(patches).shape == conv.shape == (64, embed.embed_dim)
+    del embed.forward
+    assert torch.equal(embed(patches), conv)
+
+
 def test_builds_are_deterministic(tmp_path):
     """Weights included: the same seeds give the same training, so a build is reproducible (the
     build record differs only in its training time)."""

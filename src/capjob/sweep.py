@@ -493,7 +493,7 @@ def markdown(sweep_dir: Path, jobs: list[Job]) -> str:
     swept, fixed = swept_parameters(jobs)
     best = best_job(jobs)
     counts = {s: sum(1 for j in jobs if j.status == s) for s in ("succeeded", "failed", "dry_run", "unknown")}
-    summary = f"{len(jobs)} runs: {counts['succeeded']} succeeded, {counts['failed']} failed"
+    summary = f"{len(jobs)} run{'' if len(jobs) == 1 else 's'}: {counts['succeeded']} succeeded, {counts['failed']} failed"
     if counts["dry_run"]:
         summary += f", {counts['dry_run']} dry runs"
     if counts["unknown"]:

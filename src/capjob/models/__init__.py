@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 TINY_QWEN25VL = "tiny_qwen25vl"
 QWEN25VL_3B_DUMMY = "qwen25vl_3b_dummy"
 # Bump when the built files change, so caches never serve a stale layout.
-TINY_QWEN25VL_VERSION = "v3"
+TINY_QWEN25VL_VERSION = "v4"
 BUILD_VERSIONS = {TINY_QWEN25VL: TINY_QWEN25VL_VERSION, QWEN25VL_3B_DUMMY: "v3"}
 # Written last into a build: a directory without it was never finished.
 COMPLETE_MARKER = ".capjob-build-complete.json"

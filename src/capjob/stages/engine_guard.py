@@ -196,6 +196,12 @@ def kill_engine_core() -> None:
         os._exit(1)
 
 
+# The input columns vLLMEngineWrapper._prepare_llm_request pops from each row it sends to the
+# engine (Ray 2.58.1, ray/llm/_internal/batch/stages/vllm_engine_stage.py).
+ENGINE_REQUEST_KEYS = ("prompt", "tokenized_prompt", "multimodal_data", "image", "mm_processor_kwargs", "multimodal_uuids",
+                       "tokenization_kwargs", "sampling_params", "pooling_params")
+
+
 @functools.cache
 def guarded_engine_udf() -> type:
     """Ray Data LLM's vLLMEngineStageUDF with the crash ledger (a function: importing Ray Data
@@ -230,7 +236,13 @@ def guarded_engine_udf() -> type:
 
         def _crash_row(self, row: dict[str, Any], deaths: int, batch_uuid: uuid.UUID) -> dict[str, Any]:
             # The failed-row shape of vLLMEngineStageUDF._generate_with_error_handling, so
-            # failed rows of either kind have the same columns.
+            # failed rows of either kind have the same columns. `row` is the batch's own input
+            # dict, which Ray Data LLM updates with this output: drop what the engine's request
+            # takes out of a row it runs, or this row alone would keep its image and sampling
+            # params, and its batch becomes a block that no other block of the operator can be
+            # concatenated with (ArrowTypeError, the actor's task fails).
+            for key in ENGINE_REQUEST_KEYS:
+                row.pop(key, None)
             empty = vLLMOutputData(prompt=truncate_str(row.get("prompt") or "", 200), prompt_token_ids=None, num_input_tokens=0)
             return {**empty.model_dump(), "request_id": -1, self.IDX_IN_BATCH_COLUMN: row[self.IDX_IN_BATCH_COLUMN],
                     "batch_uuid": batch_uuid.hex, "time_taken_llm": -1, "params": "",
