@@ -18,7 +18,6 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from capjob.sample_data import _scene, write_hf_parquet
 from capjob.stages import ids
