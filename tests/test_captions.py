@@ -427,6 +427,24 @@ def test_rendered_prompt_is_kept_per_model_files_and_settings(tmp_path, monkeypa
     assert prompt_cache_path(cfg, str(model)) != key
 
 
+def test_prompt_key_ignores_sys_path_repeats(tmp_path, monkeypatch):
+    """The kept prompt's key names the installed versions once each: a driver whose sys.path
+    holds site-packages twice (e2e run drivers in the suite listed each distribution 2 or 3 times)
+    once keyed runs apart, so a run did not find the prompt an earlier one kept (the suite's
+    sample job on a fresh cache, session 10)."""
+    import site
+    import sys
+
+    from capjob.processor import prompt_cache_path
+
+    monkeypatch.setenv("CAPJOB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    key = prompt_cache_path(typed(), str(tmp_path / "model"))
+    monkeypatch.setattr(sys, "path", [*sys.path, *site.getsitepackages()])
+    assert prompt_cache_path(typed(), str(tmp_path / "model")) == key
+
+
 def test_requests_fetch_the_prompt_while_it_renders_and_the_driver_stops_on_a_bad_one(tmp_path):
     """engine.chat_template_stages=false: the processor is built, and Ray Data and the engines
     start, while the prompt renders (a fresh worker importing vLLM: 25-38 s). The request

