@@ -6,8 +6,6 @@ test_captions_e2e.py."""
 from __future__ import annotations
 
 import io
-import json
-import os
 import random
 import subprocess
 import sys
@@ -15,7 +13,6 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
