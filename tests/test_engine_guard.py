@@ -159,6 +159,7 @@ def test_crash_row_keeps_the_columns_of_a_row_the_engine_ran():
     crashed.update(udf._crash_row(crashed, 2, uuid.uuid4()))
     assert set(crashed) == set(ran)
     assert crashed["__inference_error__"].startswith("engine_crash: the vLLM engine died 2 times")
+    assert crashed["prompt"] == "<|im_start|>user ..."  # the failed prompt's opening stays, for the quarantine row
     # The two rows as blocks of the operator's output ({"__data": rows}, StatefulStageUDF's shape): one type.
     blocks = [BlockAccessor.batch_to_block({"__data": rows}) for rows in ([ran], [crashed], [ran, crashed])]
     assert all(not str(b.schema.field("__data").type).startswith("extension") for b in blocks)

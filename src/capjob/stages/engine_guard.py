@@ -241,9 +241,10 @@ def guarded_engine_udf() -> type:
             # takes out of a row it runs, or this row alone would keep its image and sampling
             # params, and its batch becomes a block that no other block of the operator can be
             # concatenated with (ArrowTypeError, the actor's task fails).
+            prompt = row.get("prompt") or ""
             for key in ENGINE_REQUEST_KEYS:
                 row.pop(key, None)
-            empty = vLLMOutputData(prompt=truncate_str(row.get("prompt") or "", 200), prompt_token_ids=None, num_input_tokens=0)
+            empty = vLLMOutputData(prompt=truncate_str(prompt, 200), prompt_token_ids=None, num_input_tokens=0)
             return {**empty.model_dump(), "request_id": -1, self.IDX_IN_BATCH_COLUMN: row[self.IDX_IN_BATCH_COLUMN],
                     "batch_uuid": batch_uuid.hex, "time_taken_llm": -1, "params": "",
                     "__inference_error__": crash_reason(deaths, self.max_engine_deaths)}
