@@ -482,7 +482,7 @@ def record(s: dict[str, Any], result: dict[str, Any]) -> None:
 
 
 def engine_operator(operators: list[dict[str, Any]]) -> dict[str, Any]:
-    """The vLLM engine operator's row of capjob.report.operator_stats (wall s, rows/s)."""
+    """The vLLM engine operator's row of capjob.reporting.report.operator_stats (wall s, rows/s)."""
     return next((o for o in operators if "vLLMEngineStage" in o["operator"]), {})
 
 
@@ -618,7 +618,7 @@ def run_raw_vllm(s: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
     from capjob.models import resolve_model_source
-    from capjob.processor import CaptionRequest, engine_kwargs
+    from capjob.stages.caption.processor import CaptionRequest, engine_kwargs
     from capjob.runtime import decide_placement, local_gpu_count
 
     cfg = compose(base_overrides(s))
@@ -721,7 +721,7 @@ def run_seed(s: dict[str, Any]) -> dict[str, Any]:
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     from capjob.models import resolve_model_source
-    from capjob.report import operator_stats
+    from capjob.reporting.report import operator_stats
 
     cfg = compose(base_overrides(s))
     source = resolve_model_source(cfg.model.source, cfg.model.builder)

@@ -175,7 +175,7 @@ SMOKE_DEEP = ["vllm:LLM", "ray.data.llm:build_processor", "xgrammar", "flashinfe
               "flashinfer.sampling", "cutlass", "vllm.vllm_flash_attn",
               "vllm.v1.attention.backends.flash_attn", "vllm.v1.attention.backends.flashinfer",
               "vllm.v1.sample.ops.topk_topp_sampler", "vllm.multimodal", "capjob.pipeline",
-              "capjob.processor", "hydra", "omegaconf"]
+              "capjob.stages.caption.processor", "hydra", "omegaconf"]
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -65,11 +65,11 @@ except ImportError:
 
 try:
     from capjob.config import ImagesConfig, ResizeMode
-    from capjob.images import _FAST_PNG_MODES, decode_image
+    from capjob.stages.images import _FAST_PNG_MODES, decode_image
 except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
     from capjob.config import ImagesConfig, ResizeMode
-    from capjob.images import _FAST_PNG_MODES, decode_image
+    from capjob.stages.images import _FAST_PNG_MODES, decode_image
 
 GENERATOR_VERSION = "v2"
 SEED_SIZE = 225

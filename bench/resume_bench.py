@@ -84,7 +84,7 @@ def child(args: argparse.Namespace) -> None:
 
     from capjob import checkpoint, metrics
     from capjob.config import CapjobConfig, DataConfig, SinkConfig, SourceFormat
-    from capjob.sinks import CAPTIONS, TableWriter
+    from capjob.stages.sinks import CAPTIONS, TableWriter
     from capjob.stages import ids
 
     sink = SinkConfig(path=args.sink)

@@ -29,7 +29,7 @@ import io, json, sys
 from PIL import Image
 from vllm import LLM, SamplingParams
 from capjob.config import CaptionConfig
-from capjob.sample_data import shape_images
+from capjob.stages.sources.sample import shape_images
 c = CaptionConfig()
 llm = LLM(model={model!r}, dtype="float32", enforce_eager=True, max_model_len=4096,
           limit_mm_per_prompt={{"image": 1, "video": 0}}, kv_cache_memory_bytes=2**30)
@@ -71,7 +71,7 @@ def main() -> None:
 
     from capjob import models
     from capjob.models import shapes, train
-    from capjob.sample_data import shape_images, write_hf_parquet
+    from capjob.stages.sources.sample import shape_images, write_hf_parquet
 
     model = models.resolve_model_source(None, models.TINY_QWEN25VL)
     scenes = shape_images(args.scenes, args.seed)

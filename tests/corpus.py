@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from capjob.sample_data import _scene
+from capjob.stages.sources.sample import _scene
 
 
 def _save(im: Image.Image, fmt: str, **kw) -> bytes:

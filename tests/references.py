@@ -16,7 +16,7 @@ MIN_EXACT = 0.95
 
 def shape_rows(count: int, seed: int, prefix: str = "shapes") -> tuple[list[tuple[str, bytes, str]], list[str]]:
     """`count` shape scenes as write_hf_parquet rows (name, PNG bytes, label) and their captions."""
-    from capjob.sample_data import shape_images
+    from capjob.stages.sources.sample import shape_images
 
     scenes = shape_images(count, seed)
     return [(f"{prefix}_{i:05d}.png", data, "shapes") for i, (_, data, _) in enumerate(scenes)], [c for _, _, c in scenes]

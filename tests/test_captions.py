@@ -18,13 +18,13 @@ from PIL import Image
 
 from capjob.config import SinkConfig, SinkFormat, to_typed
 from capjob.errors import ConfigError
-from capjob.processor import (
+from capjob.stages.caption.processor import (
     DATA_COLUMN, ERROR_COLUMN, GROUP_COLUMN, PROMPT_COLUMN, THUMBNAIL_COLUMN, USER_PROMPT_SLOT,
     CaptionRecord, CaptionRequest, RegroupPrompts, RenderedPrompt, caption_columns, engine_kwargs,
     EnginePlacement, expand_prompts, format_prompt, prompt_columns, prompt_fields, prompt_specs,
 )
 from capjob.reporting.contact_sheet import contact_sheet, pick_evenly
-from capjob.sinks import CAPTIONS, QUARANTINE, CaptionSink, TableWriter, txt_name, txt_text
+from capjob.stages.sinks import CAPTIONS, QUARANTINE, CaptionSink, TableWriter, txt_name, txt_text
 from conftest import REPO, compose
 
 SCHEMA = "{type:object,properties:{shape:{type:string,enum:[circle,square]}},required:[shape],additionalProperties:false}"
@@ -177,7 +177,7 @@ def test_requests_regroup_to_one_row_per_image():
 
 
 def test_cli_prompt_column_missing_is_one_line_before_ray(tmp_path):
-    from capjob.sample_data import generated_images, write_hf_parquet
+    from capjob.stages.sources.sample import generated_images, write_hf_parquet
 
     write_hf_parquet([(n, b, "a label") for n, b in generated_images(2)], tmp_path / "part-0.parquet")
     t0 = time.monotonic()
@@ -247,7 +247,7 @@ def txt_sink(path, **kw) -> SinkConfig:
 
 
 def test_txt_sink_writes_sidecars_and_a_manifest(tmp_path, no_ledger):
-    from capjob.checkpoint import read_done_ids
+    from capjob.stages.resume import read_done_ids
 
     cfg = txt_sink(tmp_path / "out", txt_dir=str(tmp_path / "images"))
     caption = typed("sink=txt", "caption.prefix='sks, '", "caption.suffix=' [end]'").caption
@@ -348,7 +348,7 @@ def test_text_before_image_puts_the_shared_prompt_first():
     """caption.text_before_image (issue 22): the user prompt ahead of the image, so every request
     starts with the same system + user tokens for vLLM's prefix cache; it is part of the run's
     settings only when set (older runs keep their fingerprint)."""
-    from capjob.checkpoint import caption_settings
+    from capjob.stages.resume import caption_settings
 
     image = Image.new("RGB", (4, 4))
     kinds = lambda cfg: [p["type"] for p in CaptionRequest(cfg).messages(image, "u", "say")[1]["content"]]  # noqa: E731
@@ -368,7 +368,7 @@ def test_rendered_prompt_is_the_models_own_chat_template(builder):
     from transformers import AutoProcessor
 
     from capjob import models
-    from capjob.processor import _render_with_stages, render_inputs
+    from capjob.stages.caption.processor import _render_with_stages, render_inputs
 
     source = models.resolve_model_source(None, builder)
     cfg = typed(f"model.builder={builder}")
@@ -399,7 +399,7 @@ def test_rendered_prompt_is_kept_per_model_files_and_settings(tmp_path, monkeypa
     the files the render reads and the settings, not the weights."""
     import ray
 
-    from capjob.processor import keep_prompt, prompt_cache_path, render_caption_prompt, submit_caption_prompt
+    from capjob.stages.caption.processor import keep_prompt, prompt_cache_path, render_caption_prompt, submit_caption_prompt
 
     monkeypatch.setenv("CAPJOB_CACHE", str(tmp_path / "cache"))
     model = tmp_path / "model"
@@ -432,7 +432,7 @@ def test_prompt_key_ignores_sys_path_repeats(tmp_path, monkeypatch):
     import site
     import sys
 
-    from capjob.processor import prompt_cache_path
+    from capjob.stages.caption.processor import prompt_cache_path
 
     monkeypatch.setenv("CAPJOB_CACHE", str(tmp_path / "cache"))
     (tmp_path / "model").mkdir()
@@ -454,8 +454,8 @@ def test_requests_fetch_the_prompt_while_it_renders_and_the_driver_stops_on_a_ba
 
     import signal
 
-    from capjob.processor import WATCH_SIGNAL as PROCESSOR_WATCH_SIGNAL
-    from capjob.processor import PendingPrompt, PromptWatch
+    from capjob.stages.caption.processor import WATCH_SIGNAL as PROCESSOR_WATCH_SIGNAL
+    from capjob.stages.caption.processor import PendingPrompt, PromptWatch
 
     cfg = typed()
     row = {"image": np.zeros((4, 6, 3), dtype=np.uint8), "id": "row-1"}

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from capjob.config import SinkConfig, SinkFormat
-from capjob.sample_data import generated_images, write_hf_parquet
+from capjob.stages.sources.sample import generated_images, write_hf_parquet
 from conftest import REPO
 
 pytestmark = pytest.mark.e2e
@@ -68,7 +68,7 @@ def test_json_schema_column_holds_the_parsed_object(caption_set_run):
 
 
 def test_sidecar_txt_files(caption_set_run):
-    from capjob.checkpoint import read_done_ids
+    from capjob.stages.resume import read_done_ids
 
     tmp, rows, _ = caption_set_run
     table = manifest(tmp / "out").to_pylist()

@@ -89,7 +89,7 @@ def test_preflight_refuses_a_local_path_a_node_does_not_see(tmp_path):
 def test_engine_resources_pin_the_engine_bundle_and_are_checked():
     from capjob import runtime
     from capjob.errors import ConfigError
-    from capjob.processor import EnginePlacement, engine_bundles
+    from capjob.stages.caption.processor import EnginePlacement, engine_bundles
 
     assert engine_bundles(EnginePlacement(0, None), {ENGINE_RESOURCE: 0.001}) == {"bundles": [{"CPU": 1, ENGINE_RESOURCE: 0.001}]}
     assert engine_bundles(EnginePlacement(0.5, "L4"), {"x": 1}) == {"bundles": [{"GPU": 0.5, "x": 1.0}]}
@@ -128,7 +128,7 @@ def fake_model(folder):
 
 def test_model_url_preflight_and_fetch_once_per_node_and_revision(s3_env, tmp_path):
     from capjob import preflight
-    from capjob.checkpoint import model_revision
+    from capjob.stages.resume import model_revision
     from capjob.errors import ConfigError
     from capjob.models import remote
 
@@ -292,7 +292,7 @@ def test_checkpoint_sweep_from_s3_on_two_nodes(two_nodes, s3_env, tmp_path):
     the sweep's between-jobs path and the comparison of two checkpoints run in test_sweep's
     local sweep (each job here costs ~2 minutes on a 2-core machine)."""
     from capjob import models, sweep
-    from capjob.sample_data import write_hf_parquet
+    from capjob.stages.sources.sample import write_hf_parquet
     from references import assert_captions_fit_their_images, shape_rows
 
     url = "s3://ckpts/tiny/step-1000"

@@ -126,7 +126,7 @@ def test_cli_errors_are_one_line():
 
 
 def test_report_redacts_secret_looking_keys():
-    from capjob.report import redact
+    from capjob.reporting.report import redact
 
     cfg = {"data": {"storage_options": {"key": "AKIA", "secret": "s3cr3t", "client_kwargs": {"endpoint_url": "http://x", "aws_session_token": "tok"}}},
            "model": {"hf_token": "hf_abc", "name": "m"}}
@@ -156,14 +156,14 @@ def test_cli_gpu_layout_on_a_cpu_machine_is_one_line():
 
 
 def test_redaction_keeps_token_counts():
-    from capjob.report import redact
+    from capjob.reporting.report import redact
 
     out = redact({"caption": {"max_tokens": 32}, "engine": {"max_num_batched_tokens": 8}, "hf_token": "x"})
     assert out == {"caption": {"max_tokens": 32}, "engine": {"max_num_batched_tokens": 8}, "hf_token": "***"}
 
 
 def test_processor_stages_follow_the_engine_switches():
-    from capjob.processor import EnginePlacement, cpu_stages, processor_config
+    from capjob.stages.caption.processor import EnginePlacement, cpu_stages, processor_config
     from capjob.runtime import local_cpus_needed
 
     default = to_typed(compose([]))
@@ -174,7 +174,7 @@ def test_processor_stages_follow_the_engine_switches():
     templated = to_typed(compose(["engine.chat_template_stages=true"]))
     assert cpu_stages(templated) == ["PrepareMultimodal", "ChatTemplate", "Tokenize"]
     # Each image is seen once: vLLM's processed-image cache would only hold memory.
-    from capjob.processor import engine_kwargs
+    from capjob.stages.caption.processor import engine_kwargs
     assert engine_kwargs(default, "/m", EnginePlacement(0, None))["mm_processor_cache_gb"] == 0
     offline = to_typed(compose(["experiment=offline"]))
     assert cpu_stages(offline) == []
@@ -231,7 +231,7 @@ def test_replicas_share_a_gpu():
     share, sizes its KV cache from engine.kv_cache_gib, and all replicas start at once."""
     from ray.llm._internal.batch.stages import vLLMEngineStage
 
-    from capjob.processor import processor_config
+    from capjob.stages.caption.processor import processor_config
     from capjob.runtime import decide_placement
 
     with pytest.raises(ConfigError, match=r"engine\.kv_cache_gib: must be set when resources\.replicas_per_gpu=2"):
@@ -266,7 +266,7 @@ def test_h100_throughput_preset_feeds_the_engine(caplog):
     from ray.data import DataContext
 
     from capjob.pipeline import configure_data_context, min_object_store_mib
-    from capjob.processor import EnginePlacement, engine_kwargs
+    from capjob.stages.caption.processor import EnginePlacement, engine_kwargs
 
     cfg = to_typed(compose(["experiment=h100_throughput", "model=qwen25vl_3b_dummy"]))
     e = cfg.engine
@@ -293,7 +293,7 @@ def test_caption_request_sends_the_rendered_prompt_and_the_image():
     the row's image (in the shape PrepareMultimodal would give it), named by its pixels."""
     import numpy as np
 
-    from capjob.processor import CaptionRequest, RenderedPrompt
+    from capjob.stages.caption.processor import CaptionRequest, RenderedPrompt
     from capjob.stages.ids import image_uuid
 
     cfg = to_typed(compose(["experiment=offline"]))
@@ -312,7 +312,7 @@ def test_tp_runs_vllms_multiprocessing_executor_on_one_node():
     """Issue 21: a TP replica on one node runs vLLM's own "mp" executor (what TP=2 ran under on
     2 x H200; ray.llm would pick vLLM's Ray executor); PP alone and a replica larger than any
     node keep Ray's."""
-    from capjob.processor import EnginePlacement, engine_kwargs, executor_backend
+    from capjob.stages.caption.processor import EnginePlacement, engine_kwargs, executor_backend
 
     def backend(tp, pp, node_gpus=2, gpus=None):
         cfg = to_typed(compose(["resources=h200x2", "resources.concurrency=1", f"resources.gpus_per_worker={tp * pp}",
@@ -336,7 +336,7 @@ def test_tp_runs_vllms_multiprocessing_executor_on_one_node():
 
 
 def test_h200_presets():
-    from capjob.processor import EnginePlacement, engine_kwargs
+    from capjob.stages.caption.processor import EnginePlacement, engine_kwargs
     from capjob.runtime import decide_placement
 
     one = to_typed(compose(["experiment=h200_throughput", "model=qwen25vl_3b_dummy"]))
@@ -363,7 +363,7 @@ def test_h200_presets():
 
 def test_accelerator_type_no_node_has_is_one_line():
     """What Ray's cluster_resources() holds on the 2 x H200 host (label accelerator_type:H200)."""
-    from capjob.processor import EnginePlacement
+    from capjob.stages.caption.processor import EnginePlacement
     from capjob.runtime import check_accelerator_type
 
     h200 = {"CPU": 32.0, "GPU": 2.0, "accelerator_type:H200": 1.0, "memory": 1e11}
@@ -385,7 +385,7 @@ def test_engine_front_end_switches():
     ray_vllm_* metrics); engine.detokenize_stage makes the requests ask vLLM for token ids only,
     since Ray Data LLM's Detokenize stage decodes them (issue 22: the front-end's detokenizer and
     Ray metrics were 19 % and 9-12 % of its thread on an H200)."""
-    from capjob.processor import CaptionRequest, EnginePlacement, engine_kwargs, processor_config
+    from capjob.stages.caption.processor import CaptionRequest, EnginePlacement, engine_kwargs, processor_config
 
     cpu = EnginePlacement(0, None)
     default = to_typed(compose(["experiment=offline"]))

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from capjob.sample_data import bundled_photos, generated_images, write_hf_parquet
+from capjob.stages.sources.sample import bundled_photos, generated_images, write_hf_parquet
 from conftest import REPO
 from corpus import broken_images
 from prometheus import Prometheus, free_port
@@ -56,7 +56,7 @@ def test_sample_job_writes_one_caption_per_image(tmp_path):
     # run), is kept for the next runs of this model.
     from capjob.config import to_typed
     from capjob.models import resolve_model_source
-    from capjob.processor import prompt_cache_path
+    from capjob.stages.caption.processor import prompt_cache_path
     from conftest import compose
 
     assert prompt_cache_path(to_typed(compose(["experiment=offline"])), resolve_model_source(None, "tiny_qwen25vl")).is_file()

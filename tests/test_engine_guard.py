@@ -6,9 +6,9 @@ import asyncio
 import pytest
 
 from capjob.errors import ConfigError
-from capjob.processor import quarantine_reason
-from capjob.sinks import engine_stage
-from capjob.stages.engine_guard import CrashLedger, IsolationLock, crash_reason, row_key
+from capjob.stages.caption.processor import quarantine_reason
+from capjob.stages.sinks import engine_stage
+from capjob.stages.caption.engine_guard import CrashLedger, IsolationLock, crash_reason, row_key
 from conftest import compose
 
 
@@ -131,7 +131,7 @@ def test_crash_row_keeps_the_columns_of_a_row_the_engine_ran():
     from ray.data.block import BlockAccessor
     from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineWrapper, vLLMTaskType
 
-    from capjob.stages.engine_guard import guarded_engine_udf
+    from capjob.stages.caption.engine_guard import guarded_engine_udf
 
     udf = object.__new__(guarded_engine_udf())
     udf.max_engine_deaths = 1

@@ -13,7 +13,7 @@ from PIL import Image
 
 from capjob.config import SinkConfig, SinkFormat, validate_eval
 from capjob.errors import ConfigError, SourceError
-from capjob.evaluation import (
+from capjob.reporting.evaluation import (
     EVAL_SCHEMA,
     EvalConfig,
     EvalMode,
@@ -31,7 +31,7 @@ from capjob.evaluation import (
     word_f1,
     word_tokens,
 )
-from capjob.sinks import TableWriter
+from capjob.stages.sinks import TableWriter
 from conftest import CONF_DIR, REPO
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -398,7 +398,7 @@ def test_cli_rejects_a_bad_max_tokens(tmp_path, capsys):
 
 def test_cli_process_error_has_no_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-c", "from capjob.evaluation import main; main()", str(tmp_path / "nope")],
+        [sys.executable, "-c", "from capjob.reporting.evaluation import main; main()", str(tmp_path / "nope")],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from capjob.sample_data import _scene, write_hf_parquet
+from capjob.stages.sources.sample import _scene, write_hf_parquet
 from capjob.stages import ids
 from conftest import REPO
 from references import assert_captions_fit_their_images, shape_rows

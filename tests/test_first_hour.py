@@ -108,7 +108,7 @@ def test_dry_run_runs_every_preflight(tmp_path, case):
 
 
 def test_dry_run_says_what_the_sink_holds_and_what_is_left(tmp_path):
-    from capjob.sinks import CAPTIONS, QUARANTINE, TableWriter
+    from capjob.stages.sinks import CAPTIONS, QUARANTINE, TableWriter
 
     writer = TableWriter(SinkConfig(path=str(tmp_path / "out")))
     writer.write(CAPTIONS, pa.table({"id": ["a", "b", "c"]}), "earlier-run-1")
@@ -190,7 +190,7 @@ def test_progress_off_a_terminal_prints_a_line_per_quarter(capsys):
 
 
 def test_timeline_splits_start_up_from_steady_captioning():
-    from capjob.report import throughput_series, timeline
+    from capjob.reporting.report import throughput_series, timeline
 
     t0 = 1000.0
     events = [(t0 + 60, 8), (t0 + 62, 8), (t0 + 64, 8)]
@@ -249,7 +249,7 @@ def test_operator_table_in_pipeline_order_without_none_and_write_rows():
 def test_jsonl_zstd_reads_back_with_pandas(tmp_path):
     import pandas as pd
 
-    from capjob.sinks import CAPTIONS, TableWriter
+    from capjob.stages.sinks import CAPTIONS, TableWriter
 
     writer = TableWriter(SinkConfig(path=str(tmp_path), format=SinkFormat.jsonl, compression="zstd"))
     path = writer.write(CAPTIONS, pa.table({"id": ["a", "b"], "caption": ["a cat", "a dog"]}), "run-1")

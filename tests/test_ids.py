@@ -15,7 +15,7 @@ import pytest
 from capjob import checkpoint
 from capjob.config import SinkConfig, SinkFormat, to_typed
 from capjob.errors import ConfigError
-from capjob.sinks import CAPTIONS, QUARANTINE, TableWriter, quarantine_table
+from capjob.stages.sinks import CAPTIONS, QUARANTINE, TableWriter, quarantine_table
 from capjob.stages import ids
 from conftest import compose
 
@@ -65,7 +65,7 @@ def test_image_uuid_is_bound_to_the_pixels():
 
 
 def test_caption_request_names_the_image_by_its_pixels_not_the_row_id():
-    from capjob.processor import CaptionRequest, RenderedPrompt
+    from capjob.stages.caption.processor import CaptionRequest, RenderedPrompt
 
     request = CaptionRequest(typed(), RenderedPrompt("p", image_list=False, uuid_list=False, content_format="openai"))
     pixels = np.full((28, 28, 3), 7, np.uint8)

@@ -7,7 +7,7 @@ from PIL import Image
 
 from capjob.config import ImagesConfig, ResizeMode
 from capjob import images
-from capjob.images import ImageRejected, decode_image
+from capjob.stages.images import ImageRejected, decode_image
 from capjob.stages.sources.cells import identity, resolve_cell
 from corpus import awkward_images, broken_images
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from capjob.report import SECRET_KEY
+from capjob.reporting.report import SECRET_KEY
 from conftest import REPO
 
 JOBS = REPO / "jobs"

@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 
 from capjob.config import ResourcesConfig, SinkConfig, validate_eval
 from capjob.errors import ConfigError
-from capjob.evaluation import EvalConfig, EvalMode, JudgeConfig, compare_markdown, evaluate, render_markdown
-from capjob.judge import (
+from capjob.reporting.evaluation import EvalConfig, EvalMode, JudgeConfig, compare_markdown, evaluate, render_markdown
+from capjob.reporting.judge import (
     JUDGE_SCHEMA,
     REASON_CHARS,
     ROW_INDEX,
@@ -27,7 +27,7 @@ from capjob.judge import (
     parse_judgement,
     render_judge_markdown,
 )
-from capjob.processor import DATA_COLUMN, ERROR_COLUMN, EnginePlacement, engine_kwargs
+from capjob.stages.caption.processor import DATA_COLUMN, ERROR_COLUMN, EnginePlacement, engine_kwargs
 from conftest import CONF_DIR
 
 # --- parsing -----------------------------------------------------------------------------

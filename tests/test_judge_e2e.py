@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from capjob.config import ResourcesConfig, SinkConfig, validate_eval
-from capjob.evaluation import EvalConfig, EvalMode, JudgeConfig, evaluate_output
-from capjob.judge import JUDGE_SCHEMA
+from capjob.reporting.evaluation import EvalConfig, EvalMode, JudgeConfig, evaluate_output
+from capjob.reporting.judge import JUDGE_SCHEMA
 
 pytestmark = pytest.mark.e2e
 

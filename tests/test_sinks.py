@@ -17,7 +17,7 @@ import pytest
 
 from capjob.config import SinkConfig, SinkFormat
 from capjob.errors import SinkError
-from capjob.sinks import CAPTIONS, QUARANTINE, CaptionSink, TableWriter, block_digest
+from capjob.stages.sinks import CAPTIONS, QUARANTINE, CaptionSink, TableWriter, block_digest
 from conftest import REPO
 from s3server import free_port
 
@@ -142,7 +142,7 @@ def test_empty_captions_are_quarantined_and_counted(tmp_path, monkeypatch):
     the sink quarantines it with its own reason and counts it for the report and the metrics."""
     from capjob import metrics
     from capjob.config import CaptionConfig
-    from capjob.processor import DATA_COLUMN, EMPTY_CAPTION, CaptionRecord
+    from capjob.stages.caption.processor import DATA_COLUMN, EMPTY_CAPTION, CaptionRecord
 
     record = CaptionRecord("tiny", "run", [], CaptionConfig())
     row = {"id": "i", "source_key": "k", "image_width": 8, "image_height": 8, "num_generated_tokens": 1}

@@ -18,11 +18,11 @@ import pytest
 
 from capjob.config import DataConfig, FetchConfig, ImagesConfig, SinkConfig, SourceFormat
 from capjob.errors import SourceError
-from capjob.images import ImageRejected, decode_image
+from capjob.stages.images import ImageRejected, decode_image
 from capjob.stages.sources import hf, image_folder, preflight, webdataset
 from capjob.stages.sources.cells import Fetcher, identity, resolve_batch, resolve_cell
 from capjob.stages.sources.common import ITEM_COLUMN, SKIP_COLUMN, select_images
-from capjob.stages.sources.storage import options_for
+from capjob.stages.storage import options_for
 from httpserver import LocalHTTPServer
 from iolayouts import make_rows
 
@@ -294,8 +294,8 @@ def test_case6_retry_quarantined_reasons_on_a_later_run(tmp_path):
     from capjob.config import to_typed
 
     assert to_typed(compose(["job.retry_quarantined=[fetch,engine]"])).job.retry_quarantined == ["fetch", "engine"]
-    from capjob.checkpoint import read_done_ids
-    from capjob.sinks import QUARANTINE, TableWriter, quarantine_table
+    from capjob.stages.resume import read_done_ids
+    from capjob.stages.sinks import QUARANTINE, TableWriter, quarantine_table
 
     sink = SinkConfig(path=str(tmp_path / "out"))
     rows = [{"id": "f", "source_key": "f", "stage": "images", "reason": "fetch: 503 Service Unavailable after 4 attempts: u", "model": "m", "run_id": "r"},

@@ -309,7 +309,7 @@ def test_tp_and_pp_executors_and_engine_resources():
     import ray
 
     from capjob.config import to_typed
-    from capjob.processor import EnginePlacement, build_caption_processor
+    from capjob.stages.caption.processor import EnginePlacement, build_caption_processor
 
     seen = {}
     ray.init(address="local", num_cpus=2, include_dashboard=False)  # the processor would start one itself
@@ -382,7 +382,7 @@ def test_real_checkpoint_sweep(tmp_path):
     caption is known. The later checkpoint ranks first (exact match, then word F1), and every
     caption lands under its own image's id. (Two engine replicas: test_cluster's sweep.)"""
     from capjob import models
-    from capjob.sample_data import write_hf_parquet
+    from capjob.stages.sources.sample import write_hf_parquet
     from references import assert_captions_fit_their_images, shape_rows
 
     trained = models.resolve_model_source(None, models.TINY_QWEN25VL)

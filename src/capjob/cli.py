@@ -18,9 +18,14 @@ import sys
 from typing import Any
 
 import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from capjob import console, preflight, sweep
 from capjob.config import register_configs, to_typed
 from capjob.errors import CapjobError
 
@@ -38,31 +43,28 @@ def _conf_dir() -> str:
 
 
 def fail(message: str) -> None:
-    from capjob import console
-
     console.error(f"capjob: error: {message}")
     sys.exit(2)
 
 
 def _run(cfg: DictConfig, report_dir: str) -> Any:
-    from capjob import pipeline, preflight
-
     preflight.check_keys(cfg)
     typed = to_typed(cfg)
+    if typed.job.dry_run:
+        preflight.dry_run(typed)
+        return None
+    checked = preflight.check_all(typed, read_done=False)  # what the dry run checks, in the same order
+    # Ray, Ray Data and every stage load with the pipeline: only once the preflight passed, so
+    # that a mistake is reported in seconds.
+    from capjob import pipeline
+
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    return pipeline.run(typed, resolved, report_dir=report_dir)
+    return pipeline.run(typed, resolved, report_dir=report_dir, checked=checked)
 
 
 @hydra.main(version_base="1.3", config_path=_conf_dir(), config_name="config")
 def _main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from capjob import console
-
     if HydraConfig.get().mode == RunMode.MULTIRUN:
-        from capjob import sweep
-
         sweep.run_job(cfg, _run)  # records failures, never raises for one; releases Ray
         return
     run_dir = HydraConfig.get().runtime.output_dir
@@ -81,9 +83,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def preflight_line(error: BaseException) -> str:
-    from capjob.preflight import _first_line
-
-    return _first_line(str(error))[:500]
+    return preflight.first_line(str(error))[:500]
 
 
 def _overrides(argv: list[str]) -> tuple[list[str], bool]:
@@ -126,11 +126,6 @@ def check_command_line(argv: list[str]) -> None:
     would silently accept (a key added with `+` that capjob does not know), as one line."""
     if any(a.split("=", 1)[0] in HYDRA_ONLY_FLAGS for a in argv):
         return
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-
-    from capjob import preflight
-
     overrides, multirun = _overrides(argv)
     try:
         with initialize_config_dir(config_dir=_conf_dir(), version_base="1.3", job_name="capjob"):

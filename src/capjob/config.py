@@ -14,8 +14,10 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from capjob.console import LOG_LEVELS
 from capjob.errors import ConfigError
 from capjob.models import BUILD_VERSIONS as MODEL_BUILDERS
+from capjob.prompts import caption_columns, validate_prompts
 
 
 class SourceFormat(str, enum.Enum):
@@ -296,10 +298,11 @@ class JobConfig:
     dry_run: bool = False
     # true: skip ids already in the sink's captions/quarantine, refusing a sink whose captions
     # were made with other caption settings; force: skip them whatever the settings; false:
-    # start over (the sink's captions and quarantine rows are deleted first). checkpoint.py.
+    # start over (the sink's captions and quarantine rows are deleted first). stages/resume.py.
     resume: Any = True
-    # Quarantined rows whose stage or reason kind (e.g. fetch, engine, decode) is listed are
-    # tried again by this run instead of being skipped as done.
+    # Quarantined rows whose stage or reason kind (the text before ':' of the reason, e.g.
+    # fetch, engine, decode) is listed are tried again by this run instead of being skipped as
+    # done (stages/resume.py).
     retry_quarantined: list[str] = field(default_factory=list)
     # Ray's own fault tolerance, passed through rather than re-implemented: retries of a
     # capjob task whose worker died or raised (read, ids, decode, write), and how many blocks
@@ -315,10 +318,6 @@ class JobConfig:
     # Ray's and vLLM's logs go to <run dir>/capjob.log. "info" or "debug" shows them all here.
     log_level: str = "warning"
 
-    # Quarantine reasons (the kind before ':', e.g. [fetch, engine]) whose rows a resumed run
-    # tries again instead of skipping them as done.
-    retry_quarantined: list[str] = field(default_factory=list)
-
 
 class EvalMode(str, enum.Enum):
     off = "off"
@@ -326,16 +325,27 @@ class EvalMode(str, enum.Enum):
     judge = "judge"  # statistics plus a judge model scoring each caption (judge.py)
 
 
+def _judge_model() -> ModelConfig:
+    return ModelConfig(name="", source=None)
+
+
+def _judge_engine() -> EngineConfig:
+    # Text-only: no image slots (vLLM then skips a VLM's vision tower); a caption and the
+    # judge's prompt fit 4096 tokens.
+    return EngineConfig(max_model_len=4096, limit_images_per_prompt=0)
+
+
 @dataclass
 class JudgeConfig:
-    """The judge pass (mode=judge, judge.py): a model with its own engine that reads each caption
-    and scores it 1-5 with a short reason. Text-only: it sees the caption, not the image."""
+    """The judge pass (mode=judge, reporting/judge.py): a model with its own engine that reads
+    each caption and scores it 1-5 with a short reason. Text-only: it sees the caption, not the
+    image. `model` and `engine` are the caption pass's groups (model.*, engine.*) with the
+    judge's own values: eval.judge.model.source, eval.judge.engine.max_model_len..."""
 
-    # Hub id or local path; None with `builder` set: a model capjob builds (as model.builder).
-    model_source: Optional[str] = None
-    builder: Optional[str] = None
-    # Label in the report and the judge table; None: the last part of model_source (or builder).
-    name: Optional[str] = None
+    # source: hub id or local path; null with builder set: a model capjob builds. name: the
+    # label in the report and the judge table; "": the last part of source (or the builder).
+    model: ModelConfig = field(default_factory=_judge_model)
+    engine: EngineConfig = field(default_factory=_judge_engine)
     system_prompt: str = "You are a strict and consistent judge of image captions. You answer in exactly the format you are asked for."
     # {caption} is replaced by the caption under evaluation (str.replace: braces in captions are safe).
     prompt: str = (
@@ -351,24 +361,10 @@ class JudgeConfig:
     temperature: float = 0.0
     seed: Optional[int] = None
     max_tokens: int = 64
-    batch_size: int = 16
-    max_concurrent_batches: int = 8
-    # Judge engine replicas.
+    # Judge engine replicas (the judge's resources.concurrency).
     concurrency: int = 1
-    max_model_len: int = 4096
-    max_num_seqs: Optional[int] = None
-    tensor_parallel_size: int = 1
-    # GPUs per judge replica: null = tensor_parallel_size when the cluster has GPUs, else 0 (CPU).
+    # GPUs per judge replica: null = engine.tensor_parallel_size when the cluster has GPUs, else 0 (CPU).
     gpus_per_worker: Optional[int] = None
-    gpu_memory_utilization: float = 0.9
-    # KV cache of a CPU judge engine.
-    cpu_kv_cache_gib: float = 1.0
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    quantization: Optional[str] = None
-    enforce_eager: bool = False
-    extra_engine_kwargs: dict[str, Any] = field(default_factory=dict)
-    env_vars: dict[str, str] = field(default_factory=dict)
     # The judge's raw answer is kept in the judge table, cut to this many characters.
     raw_chars: int = 1000
 
@@ -417,6 +413,30 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def validate_engine(e: EngineConfig, key: str = "engine") -> EngineConfig:
+    """Range checks of an engine group (the caption pass's `engine`, or the judge's
+    `eval.judge.engine`: `key`). Raises ConfigError naming the key."""
+    _require(e.batch_size > 0, f"{key}.batch_size", f"must be > 0, got {e.batch_size}")
+    _require(e.max_concurrent_batches > 0, f"{key}.max_concurrent_batches", f"must be > 0, got {e.max_concurrent_batches}")
+    _require(e.max_engine_deaths_per_batch >= 1, f"{key}.max_engine_deaths_per_batch",
+             f"must be >= 1, got {e.max_engine_deaths_per_batch}")
+    _require(e.max_model_len > 0, f"{key}.max_model_len", f"must be > 0, got {e.max_model_len}")
+    _require(e.chat_template_content_format in CHAT_TEMPLATE_CONTENT_FORMATS, f"{key}.chat_template_content_format",
+             f"must be one of {', '.join(CHAT_TEMPLATE_CONTENT_FORMATS)}, got {e.chat_template_content_format!r}")
+    disable_log_stats = e.extra_engine_kwargs.get("disable_log_stats", False)
+    _require(not (e.log_engine_metrics and disable_log_stats), f"{key}.log_engine_metrics",
+             f"is true but {key}.extra_engine_kwargs.disable_log_stats turns vLLM's stats off; "
+             f"set {key}.log_engine_metrics=false with it (vLLM would keep the stats for Ray's metrics anyway)")
+    _require(e.mm_processor_cache_gb >= 0, f"{key}.mm_processor_cache_gb", f"must be >= 0, got {e.mm_processor_cache_gb}")
+    _require(e.max_num_seqs is None or e.max_num_seqs > 0, f"{key}.max_num_seqs", f"must be > 0 or null, got {e.max_num_seqs}")
+    _require(0.0 < e.gpu_memory_utilization <= 1.0, f"{key}.gpu_memory_utilization", f"must be in (0, 1], got {e.gpu_memory_utilization}")
+    _require(e.cpu_kv_cache_gib > 0, f"{key}.cpu_kv_cache_gib", f"must be > 0, got {e.cpu_kv_cache_gib}")
+    _require(e.tensor_parallel_size >= 1, f"{key}.tensor_parallel_size", f"must be >= 1, got {e.tensor_parallel_size}")
+    _require(e.pipeline_parallel_size >= 1, f"{key}.pipeline_parallel_size", f"must be >= 1, got {e.pipeline_parallel_size}")
+    _require(e.kv_cache_gib is None or e.kv_cache_gib > 0, f"{key}.kv_cache_gib", f"must be > 0 or null, got {e.kv_cache_gib}")
+    return e
+
+
 def validate(cfg: CapjobConfig) -> CapjobConfig:
     """Checks the types cannot express. Raises ConfigError naming the key."""
     d, m, e, r, c, i = cfg.data, cfg.model, cfg.engine, cfg.resources, cfg.caption, cfg.images
@@ -436,28 +456,11 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
     _require(d.sample_shapes >= 0, "data.sample_shapes", f"must be >= 0, got {d.sample_shapes}")
     _require(bool(m.source) or bool(m.builder), "model.source", "set a hub id or local path (or model.builder for a locally built model)")
     _require(m.builder in (None, *MODEL_BUILDERS), "model.builder", f"unknown builder {m.builder!r}; allowed: {', '.join(MODEL_BUILDERS)}")
-    _require(e.batch_size > 0, "engine.batch_size", f"must be > 0, got {e.batch_size}")
-    _require(e.max_concurrent_batches > 0, "engine.max_concurrent_batches", f"must be > 0, got {e.max_concurrent_batches}")
-    _require(e.max_engine_deaths_per_batch >= 1, "engine.max_engine_deaths_per_batch",
-             f"must be >= 1, got {e.max_engine_deaths_per_batch}")
-    _require(e.max_model_len > 0, "engine.max_model_len", f"must be > 0, got {e.max_model_len}")
-    _require(e.chat_template_content_format in CHAT_TEMPLATE_CONTENT_FORMATS, "engine.chat_template_content_format",
-             f"must be one of {', '.join(CHAT_TEMPLATE_CONTENT_FORMATS)}, got {e.chat_template_content_format!r}")
-    disable_log_stats = e.extra_engine_kwargs.get("disable_log_stats", False)
-    _require(not (e.log_engine_metrics and disable_log_stats), "engine.log_engine_metrics",
-             "is true but engine.extra_engine_kwargs.disable_log_stats turns vLLM's stats off; "
-             "set engine.log_engine_metrics=false with it (vLLM would keep the stats for Ray's metrics anyway)")
-    _require(e.mm_processor_cache_gb >= 0, "engine.mm_processor_cache_gb", f"must be >= 0, got {e.mm_processor_cache_gb}")
-    _require(e.max_num_seqs is None or e.max_num_seqs > 0, "engine.max_num_seqs", f"must be > 0 or null, got {e.max_num_seqs}")
-    _require(0.0 < e.gpu_memory_utilization <= 1.0, "engine.gpu_memory_utilization", f"must be in (0, 1], got {e.gpu_memory_utilization}")
-    _require(e.cpu_kv_cache_gib > 0, "engine.cpu_kv_cache_gib", f"must be > 0, got {e.cpu_kv_cache_gib}")
-    _require(e.tensor_parallel_size >= 1, "engine.tensor_parallel_size", f"must be >= 1, got {e.tensor_parallel_size}")
-    _require(e.pipeline_parallel_size >= 1, "engine.pipeline_parallel_size", f"must be >= 1, got {e.pipeline_parallel_size}")
+    validate_engine(e)
     _require(r.concurrency >= 1, "resources.concurrency", f"must be >= 1, got {r.concurrency}")
     _require(r.gpus_per_worker is None or r.gpus_per_worker >= 0, "resources.gpus_per_worker", f"must be >= 0 or null, got {r.gpus_per_worker}")
     model_parallel = e.tensor_parallel_size * e.pipeline_parallel_size
     _require(r.replicas_per_gpu >= 1, "resources.replicas_per_gpu", f"must be >= 1, got {r.replicas_per_gpu}")
-    _require(e.kv_cache_gib is None or e.kv_cache_gib > 0, "engine.kv_cache_gib", f"must be > 0 or null, got {e.kv_cache_gib}")
     if r.replicas_per_gpu > 1:
         _require(model_parallel == 1, "resources.replicas_per_gpu",
                  f"sharing a GPU needs engine.tensor_parallel_size = pipeline_parallel_size = 1, got TP x PP = {model_parallel}")
@@ -489,24 +492,18 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
         resume = cfg.job.resume = resume.strip().lower() == "true"
     _require(resume is True or resume is False or resume == "force", "job.resume", f"must be true, false or force, got {resume!r}")
     _require(cfg.job.task_retries >= 0, "job.task_retries", f"must be >= 0, got {cfg.job.task_retries}")
-    from capjob.console import LOG_LEVELS
-
     _require(cfg.job.log_level.lower() in LOG_LEVELS, "job.log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {cfg.job.log_level!r}")
     _require(cfg.job.max_errored_blocks >= 0, "job.max_errored_blocks", f"must be >= 0, got {cfg.job.max_errored_blocks}")
     _require(c.max_tokens > 0, "caption.max_tokens", f"must be > 0, got {c.max_tokens}")
     _require(c.temperature >= 0, "caption.temperature", f"must be >= 0, got {c.temperature}")
     _require(0 < c.top_p <= 1, "caption.top_p", f"must be in (0, 1], got {c.top_p}")
     _require(bool(c.user_prompt.strip()), "caption.user_prompt", "must not be empty")
-    from capjob.processor import validate_prompts
-
     validate_prompts(c)
     _require(not c.prompts or cfg.eval.mode == EvalMode.off, "eval.mode",
              "evaluation reads the single `caption` column; with caption.prompts run capjob-eval on a copy of the output instead, or eval=off")
     if cfg.sink.format != SinkFormat.txt:
         _require(not (c.prefix or c.suffix), "caption.prefix", "prefix/suffix apply to sink=txt only; the caption columns stay as generated")
     elif cfg.sink.txt_column is not None:
-        from capjob.processor import caption_columns
-
         _require(cfg.sink.txt_column in caption_columns(c), "sink.txt_column",
                  f"{cfg.sink.txt_column!r} is not a caption column; allowed: {', '.join(caption_columns(c))}")
     _require(i.size >= 28, "images.size", f"must be >= 28 (one vision patch), got {i.size}")
@@ -526,24 +523,20 @@ def validate_eval(cfg: EvalConfig) -> EvalConfig:
     _require(cfg.line_repeats >= 2, "eval.line_repeats", f"must be >= 2, got {cfg.line_repeats}")
     if cfg.mode == EvalMode.judge:
         j = cfg.judge
-        _require(bool(j.model_source) or bool(j.builder), "eval.judge.model_source", "set a hub id or local path (or eval.judge.builder)")
+        _require(bool(j.model.source) or bool(j.model.builder), "eval.judge.model.source",
+                 "set a hub id or local path (or eval.judge.model.builder)")
+        _require(j.model.builder in (None, *MODEL_BUILDERS), "eval.judge.model.builder",
+                 f"unknown builder {j.model.builder!r}; allowed: {', '.join(MODEL_BUILDERS)}")
+        validate_engine(j.engine, "eval.judge.engine")
         _require("{caption}" in j.prompt, "eval.judge.prompt", "must contain the placeholder {caption}")
         _require(j.max_tokens > 0, "eval.judge.max_tokens", f"must be > 0, got {j.max_tokens}")
-        _require(j.batch_size > 0, "eval.judge.batch_size", f"must be > 0, got {j.batch_size}")
         _require(j.concurrency >= 1, "eval.judge.concurrency", f"must be >= 1, got {j.concurrency}")
-        _require(j.builder in (None, "tiny_qwen25vl"), "eval.judge.builder", f"unknown builder {j.builder!r}; allowed: tiny_qwen25vl")
         _require(j.temperature >= 0, "eval.judge.temperature", f"must be >= 0, got {j.temperature}")
-        _require(j.max_concurrent_batches > 0, "eval.judge.max_concurrent_batches", f"must be > 0, got {j.max_concurrent_batches}")
-        _require(j.max_model_len > j.max_tokens, "eval.judge.max_model_len", f"must be > eval.judge.max_tokens ({j.max_tokens}), got {j.max_model_len}")
-        _require(j.max_num_seqs is None or j.max_num_seqs > 0, "eval.judge.max_num_seqs", f"must be > 0 or null, got {j.max_num_seqs}")
-        _require(j.tensor_parallel_size >= 1, "eval.judge.tensor_parallel_size", f"must be >= 1, got {j.tensor_parallel_size}")
-        _require(
-            j.gpus_per_worker is None or j.gpus_per_worker in (0, j.tensor_parallel_size),
-            "eval.judge.gpus_per_worker",
-            f"must be null, 0 (CPU) or eval.judge.tensor_parallel_size ({j.tensor_parallel_size}), got {j.gpus_per_worker}",
-        )
-        _require(0.0 < j.gpu_memory_utilization <= 1.0, "eval.judge.gpu_memory_utilization", f"must be in (0, 1], got {j.gpu_memory_utilization}")
-        _require(j.cpu_kv_cache_gib > 0, "eval.judge.cpu_kv_cache_gib", f"must be > 0, got {j.cpu_kv_cache_gib}")
+        _require(j.engine.max_model_len > j.max_tokens, "eval.judge.engine.max_model_len",
+                 f"must be > eval.judge.max_tokens ({j.max_tokens}), got {j.engine.max_model_len}")
+        tp = j.engine.tensor_parallel_size
+        _require(j.gpus_per_worker is None or j.gpus_per_worker in (0, tp), "eval.judge.gpus_per_worker",
+                 f"must be null, 0 (CPU) or eval.judge.engine.tensor_parallel_size ({tp}), got {j.gpus_per_worker}")
         _require(j.raw_chars >= 0, "eval.judge.raw_chars", f"must be >= 0, got {j.raw_chars}")
     return cfg
 

@@ -1,8 +1,13 @@
 """Checks that run in seconds, before Ray starts: overrides, config keys, model, data, sink.
 
 Every fault found here is a CapjobError whose message is one line naming the key to change; the
-CLI prints it as `capjob: error: ...` and exits 2. The same checks run for a dry run
-(`job.dry_run=true`), so a CI job that dry-runs its config before submitting it catches them.
+CLI prints it as `capjob: error: ...` and exits 2. `check_all` is the one sequence of checks a
+run makes before Ray starts, and what a dry run (`job.dry_run=true`) makes: the same checks in
+the same order, for every source format, so a dry run stops where the run would, with the same
+line. (The checks that need the cluster, run once Ray is up, are pipeline.start's.)
+
+The model is checked first, before Ray Data, pyarrow and fsspec are imported (`check_all`
+imports the stages after it): a missing model is the commonest first mistake.
 """
 
 from __future__ import annotations
@@ -15,7 +20,15 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from capjob.errors import CapjobError, ConfigError
+from capjob import console, models
+from capjob.config import (CapjobConfig, CaptionConfig, DataConfig, EngineConfig, ModelConfig, ResourcesConfig,
+                           SourceFormat)
+from capjob.errors import CapjobError, ConfigError, SourceError
+from capjob.models import remote
+from capjob.plan import dry_run_plan, new_run_id
+from capjob.prompts import prompt_columns, prompt_specs
+from capjob.stages.caption.engine import EnginePlacement, decide_placement, local_gpu_count
+from capjob.stages.storage import describe_remote_error, probe_filesystem
 
 # vLLM needs these from a model folder (transformers' file names). A trainer checkpoint often
 # has config + weights + tokenizer only: the processor and the chat template are what it lacks.
@@ -78,8 +91,6 @@ def unknown_keys(cfg: Any, schema: type, prefix: str = "") -> list[str]:
 
 def check_keys(cfg: DictConfig) -> None:
     """Raise ConfigError for the first key the schema lacks, with the closest known keys."""
-    from capjob.config import CapjobConfig
-
     unknown = unknown_keys(cfg, CapjobConfig)
     if unknown:
         key = unknown[0]
@@ -96,30 +107,28 @@ def hydra_error_line(error: BaseException) -> str:
     from hydra.errors import MissingConfigException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-    from capjob.config import CapjobConfig
-
     if isinstance(error, MissingConfigException):
         missing = (error.missing_cfg_file or "").strip("/")
         group, _, option = missing.rpartition("/")
         if group and error.options:
             return (f"{group}={option}: no such option; options: {', '.join(error.options)}"
                     + close_keys(option, list(error.options)).replace("did you mean ", f"did you mean {group}="))
-        return _first_line(str(error))
+        return first_line(str(error))
     from hydra.errors import OverrideParseException
 
     if isinstance(error, OverrideParseException):
-        return f"cannot parse the override {error.override!r}: {_first_line(error.message)}"
+        return f"cannot parse the override {error.override!r}: {first_line(error.message)}"
     cause = error.__cause__ if isinstance(error.__cause__, OmegaConfBaseException) else error
     if isinstance(cause, OmegaConfBaseException):
         key = getattr(cause, "full_key", None) or ""
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
             return f"{key}: unknown key{close_keys(key, schema_keys(CapjobConfig))}"
-        message = _first_line(getattr(cause, "msg", None) or str(cause))
+        message = first_line(getattr(cause, "msg", None) or str(cause))
         return f"{key}: {message}" if key and not message.startswith(key) else message
-    return _first_line(str(error))
+    return first_line(str(error))
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[0] if lines else text.strip()
 
@@ -162,8 +171,6 @@ def check_model(source: Optional[str], builder: Optional[str], load_format: str 
     local Hugging Face cache nor reachable (no network, HF_HUB_OFFLINE, unknown or gated repo)."""
     if not source:
         return f"built locally ({builder})"
-    from capjob.models import remote
-
     if remote.is_url(source):
         return check_model_url(source, load_format)
     folder = pathlib.Path(source).expanduser()
@@ -181,9 +188,6 @@ def check_model_url(url: str, load_format: str = "auto") -> str:
     """A model folder on object storage (s3://... or any fsspec URL), checked by one listing
     with short timeouts: reachable, and holding what missing_model_files asks of a local folder.
     Returns the plan's description; raises ConfigError (one line)."""
-    from capjob.models import remote
-    from capjob.stages.sources.storage import describe_remote_error, probe_filesystem
-
     try:
         fs, root = probe_filesystem(url, {})
         entries = remote.listing(url, fs=fs, root=root)
@@ -253,7 +257,7 @@ def _check_hub_model(repo_id: str, load_format: str) -> str:
         if not missing_model_files(cached, load_format):
             return f"hub {repo_id} (in the local cache)"
     except HFValidationError as e:
-        raise ConfigError(f"model.source: {repo_id!r} is neither a folder nor a hub id ({_first_line(str(e))})") from None
+        raise ConfigError(f"model.source: {repo_id!r} is neither a folder nor a hub id ({first_line(str(e))})") from None
     except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError and friends)
         pass
     check_hub_repo(repo_id, "model", "model.source")
@@ -263,8 +267,6 @@ def _check_hub_model(repo_id: str, load_format: str) -> str:
 def check_hub_dataset(data: Any) -> None:
     """data.format=hf with a hub id: in the local cache (a `datasets--org--name` folder in the hub
     cache, or the datasets cache), or reachable. Local folders are sources.preflight's."""
-    from capjob.config import SourceFormat
-
     if data.format != SourceFormat.hf or not data.path or os.path.exists(data.path) or "://" in data.path or _looks_like_path(data.path):
         return
     from huggingface_hub import constants as hf_constants
@@ -284,12 +286,10 @@ def check_hub_dataset(data: Any) -> None:
 def source_rows(data: Any) -> Optional[int]:
     """The number of rows the source holds, where the files say it without reading images
     (sample set, parquet footers, image files); None where only a full read could tell."""
-    from capjob.config import SourceFormat
-
     rows: Optional[int] = None
     try:
         if data.format == SourceFormat.sample:
-            from capjob.sample_data import sample_rows
+            from capjob.stages.sources.sample import sample_rows  # the sources package imports Ray Data
 
             rows = sample_rows(data.sample_size, data.sample_shapes)
         elif data.format == SourceFormat.parquet:
@@ -305,36 +305,112 @@ def source_rows(data: Any) -> Optional[int]:
     return rows
 
 
-def done_ids(sink: Any) -> frozenset[str]:
-    """The ids the sink already holds (captions + quarantine), as resume reads them."""
-    from capjob import checkpoint
+# --- Caption prompts -------------------------------------------------------------------------------
 
-    return checkpoint.read_done_ids(sink)
+
+def data_with_prompt_columns(data: DataConfig, caption: CaptionConfig) -> DataConfig:
+    """`data` with the input columns the caption prompts name added to the pass-through ones."""
+    extra = [c for c in prompt_columns(caption) if c not in data.passthrough_columns]
+    return dataclasses.replace(data, passthrough_columns=[*data.passthrough_columns, *extra]) if extra else data
+
+
+def check_prompt_columns(data: DataConfig, caption: CaptionConfig) -> None:
+    """The columns a caption prompt names ({label}) exist in the dataset: checked like the
+    pass-through columns (after those, so that an error here is the prompt's), reported as the
+    prompt's key. Raises ConfigError."""
+    from capjob.stages import sources  # Ray Data: imported after the model check (module docstring)
+
+    with_prompts = data_with_prompt_columns(data, caption)
+    if with_prompts is data:
+        return
+    try:
+        sources.preflight(with_prompts)
+    except SourceError as e:
+        for spec in prompt_specs(caption):
+            missing = next((f for f in spec.fields if repr(f) in str(e) and f not in data.passthrough_columns), None)
+            if missing:
+                raise ConfigError(f"{spec.key}: names column {{{missing}}}, which the dataset does not have ({e})") from None
+        raise
+
+
+# --- The sequence ----------------------------------------------------------------------------------
+
+
+def local_placement(resources: ResourcesConfig, engine: EngineConfig) -> Optional[EnginePlacement]:
+    """Where each engine replica runs on a local Ray (this machine's GPUs, or CPU), checked:
+    ConfigError when the layout needs GPUs this machine lacks. None when the job joins a
+    cluster (resources.address or RAY_ADDRESS): its GPUs decide once Ray is up."""
+    if resources.address or os.environ.get("RAY_ADDRESS"):
+        return None
+    gpus = local_gpu_count()
+    return decide_placement(resources, engine, gpus, node_gpus=gpus)
+
+
+def fingerprint_model_source(model: ModelConfig) -> tuple[str, bool]:
+    """(the model folder the resume fingerprint reads, whether it exists yet): model.source, or
+    the folder a model.builder model is (or will be) built into."""
+    if model.source:
+        return model.source, True
+    folder = models.build_dir(model.builder)
+    return str(folder), models.is_complete(folder)
 
 
 @dataclasses.dataclass
 class Checked:
+    """What check_all found. placement: None when the job joins a cluster. done: the ids the
+    sink holds that the run skips (None: not read, the run reads them itself). rows: the
+    source's rows where its files tell without reading images, after data.limit."""
+
     model: str
-    done: int
+    placement: Optional[EnginePlacement]
+    done: Optional[int]
     rows: Optional[int]
 
-    def render(self, resume: bool) -> str:
+    def render(self, resume: Any) -> str:
         rows = "unknown until read" if self.rows is None else str(self.rows)
-        if not resume:
-            return f"  sink        {self.done} id(s) already there; job.resume=false: all {rows} rows are captioned again"
-        left = "unknown until read" if self.rows is None else f"at most {max(0, self.rows - self.done)}"
-        return f"  resume      {self.done} id(s) already in the sink; source rows: {rows}; left to caption: {left}"
+        done = self.done or 0
+        if resume is False:
+            return f"  sink        {done} id(s) already there; job.resume=false: all {rows} rows are captioned again"
+        if self.rows is None:
+            left = "unknown until read"
+        elif not done:
+            left = str(self.rows)
+        else:
+            # Which of the source's rows the sink holds is known only once their ids (a digest of
+            # the image bytes) are read: the sink may hold ids of other inputs.
+            left = f"{max(0, self.rows - done)} to {self.rows} (which rows the sink holds is known once they are read)"
+        return f"  resume      {done} id(s) already in the sink; source rows: {rows}; left to caption: {left}"
 
 
-def run_all(cfg: Any) -> Checked:
-    """Every preflight (data, model, sink, done ids), without Ray. Raises CapjobError."""
-    model = check_model(cfg.model.source, cfg.model.builder, cfg.model.load_format)  # first: imports no ray.data
-    from capjob import sinks
-    from capjob.stages import sources
+def check_all(cfg: CapjobConfig, *, read_done: bool = True) -> Checked:
+    """Every check that can stop a run before Ray starts, in the run's order: model, placement,
+    sink, data, prompt columns, hub dataset, resume. Reads and writes nothing but probes (the
+    sink's write probe is deleted again). read_done: count the ids the sink holds (the run
+    reads them itself, once its model is built). Raises CapjobError (one line)."""
+    model = check_model(cfg.model.source, cfg.model.builder, cfg.model.load_format)
+    # Ray Data, pyarrow and fsspec: imported after the model check (module docstring).
+    from capjob.stages import resume, sources
+    from capjob.stages.tables import TableWriter
 
-    sinks.TableWriter(cfg.sink).check_writable()
-    sources.preflight(cfg.data)
+    placement = local_placement(cfg.resources, cfg.engine)
+    TableWriter(cfg.sink).check_writable()
+    sources.preflight(cfg.data)  # path, bucket, credentials, columns: seconds, without Ray
+    check_prompt_columns(cfg.data, cfg.caption)
     check_hub_dataset(cfg.data)
-    done = done_ids(cfg.sink) if cfg.job.resume else frozenset()
-    return Checked(model=model, done=len(done), rows=source_rows(cfg.data))
+    source, built = fingerprint_model_source(cfg.model)
+    # A model not built yet has no revision to compare; its build version is in the settings.
+    resume.check_resume(cfg.sink, cfg.job.resume, resume.caption_settings(cfg, source),
+                        ignore=() if built else ("model.revision",))
+    done = None
+    if read_done:
+        done = len(resume.read_done_ids(cfg.sink, list(cfg.job.retry_quarantined))) if cfg.job.resume is not False else 0
+    return Checked(model=model, placement=placement, done=done, rows=source_rows(cfg.data))
 
+
+def dry_run(cfg: CapjobConfig) -> Checked:
+    """job.dry_run=true: check_all, then print the plan and what the sink holds; no Ray, no
+    engine, nothing written. Raises what check_all raises: the line the run would stop with."""
+    checked = check_all(cfg)
+    console.out(dry_run_plan(cfg, cfg.job.run_id or new_run_id(), checked.placement, checked.rows).render(cfg))
+    console.out(checked.render(cfg.job.resume))
+    return checked

@@ -8,99 +8,37 @@ PIL release the GIL and share the cores fine), and a CPU engine asks for no GPU.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 import threading
 from typing import Any, Optional
 
-from capjob.config import CapjobConfig
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from capjob.config import CapjobConfig, EngineConfig, ResourcesConfig
 from capjob.errors import ConfigError
-from capjob.processor import EnginePlacement, cpu_stages
+from capjob.models import remote
+from capjob.stages.caption.engine import ACCELERATOR_PREFIX, EnginePlacement, cpu_stages
+from capjob.stages.storage import protocol_of
 
 log = logging.getLogger(__name__)
 
 METRICS_REPORT_INTERVAL_MS = 1000
 
 
-def local_gpu_count() -> int:
-    """GPUs on this machine, found without starting Ray or importing torch."""
-    try:
-        from ray._private.accelerators import NvidiaGPUAcceleratorManager
-
-        return int(NvidiaGPUAcceleratorManager.get_current_node_num_accelerators() or 0)
-    except Exception:  # noqa: BLE001 - no driver, no NVML
-        return 0
+def cluster_address(resources: ResourcesConfig) -> Optional[str]:
+    """The Ray cluster the job joins (resources.address, else RAY_ADDRESS), or None: a local Ray of its own."""
+    return resources.address or os.environ.get("RAY_ADDRESS") or None
 
 
-def cluster_address(cfg: CapjobConfig) -> Optional[str]:
-    return cfg.resources.address or os.environ.get("RAY_ADDRESS") or None
-
-
-def replica_gpus(cfg: CapjobConfig, has_gpus: bool) -> float:
-    """GPUs one engine replica asks for: gpus_per_worker, else TP x PP on a GPU cluster (0 = vLLM
-    on CPU); 1/N of one GPU when resources.replicas_per_gpu = N share it."""
-    r, e = cfg.resources, cfg.engine
-    gpus = r.gpus_per_worker if r.gpus_per_worker is not None else (e.tensor_parallel_size * e.pipeline_parallel_size if has_gpus else 0)
-    return 1 / r.replicas_per_gpu if gpus > 0 and r.replicas_per_gpu > 1 else gpus
-
-
-def decide_placement(cfg: CapjobConfig, available_gpus: int, node_gpus: Optional[int] = None) -> EnginePlacement:
-    """GPUs per engine replica, checked against what the cluster has (available_gpus in all,
-    node_gpus on its largest node, None: not known). Raises ConfigError."""
-    r, e = cfg.resources, cfg.engine
-    model_parallel = e.tensor_parallel_size * e.pipeline_parallel_size
-    gpus = replica_gpus(cfg, available_gpus > 0)
-    if gpus > available_gpus:
-        raise ConfigError(
-            f"resources.gpus_per_worker: each engine replica needs {gpus:g} GPU(s) "
-            f"(engine.tensor_parallel_size x engine.pipeline_parallel_size = {model_parallel}) "
-            f"but the cluster has {available_gpus}; use resources=local on a CPU machine or lower TP/PP"
-        )
-    if gpus > 0 and gpus * r.concurrency > available_gpus + 1e-9:
-        log.warning(
-            "resources.concurrency=%d replicas x %g GPU(s) > %d GPU(s): replicas beyond %d will wait",
-            r.concurrency, gpus, available_gpus, int(available_gpus / gpus + 1e-9),
-        )
-    if gpus == 0 and model_parallel > 1:
-        raise ConfigError("engine.tensor_parallel_size: TP/PP > 1 needs GPUs and this cluster has none")
-    return EnginePlacement(gpus=gpus, accelerator_type=r.accelerator_type if gpus else None, node_gpus=node_gpus)
-
-
-def largest_node_gpus() -> int:
-    """The most GPUs one alive node of the connected Ray cluster has."""
-    import ray
-
-    return int(max((n.get("Resources", {}).get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0))
-
-
-ACCELERATOR_PREFIX = "accelerator_type:"  # Ray's per-node label resource, e.g. accelerator_type:H200
-
-
-def check_accelerator_type(placement: EnginePlacement, cluster_resources: dict[str, float]) -> None:
-    """A GPU engine pinned to resources.accelerator_type needs a node with Ray's label for it
-    (`accelerator_type:<type>` in ray.cluster_resources(); Ray names an NVIDIA H200 "H200").
-    Without one, Ray Data's engine actor would stay pending forever (the autoscaler logs "No
-    available node types can fulfill resource request"). Checked against the nodes up when the
-    job starts. Raises ConfigError naming what the cluster has."""
-    want = placement.accelerator_type
-    if not want or not placement.gpus:
-        return
-    have = sorted(k[len(ACCELERATOR_PREFIX):] for k in cluster_resources if k.startswith(ACCELERATOR_PREFIX))
-    if want in have:
-        return
-    gpus = int(cluster_resources.get("GPU", 0))
-    types = f"accelerator type(s) {', '.join(have)}" if have else "no accelerator type label"
-    raise ConfigError(
-        f"resources.accelerator_type: no node of the cluster has accelerator type {want!r} "
-        f"(it has {gpus} GPU(s), {types}); set resources.accelerator_type to one of those, or null for any GPU"
-    )
-
-
-def local_cpus_needed(cfg: CapjobConfig, placement: EnginePlacement) -> int:
-    r = cfg.resources
+def local_cpus_needed(resources: ResourcesConfig, engine: EngineConfig, placement: EnginePlacement) -> int:
+    """Logical CPUs a local Ray needs so that every stage's actor and task can run at once."""
+    r = resources
     engine_cpus = r.concurrency if placement.gpus == 0 else 0
-    stage_cpus = len(cpu_stages(cfg)) * r.cpu_stage_concurrency * r.cpu_stage_cpus
+    stage_cpus = len(cpu_stages(engine)) * r.cpu_stage_concurrency * r.cpu_stage_cpus
     # Room beside the actors for a read and a repartition task (Ray Data's default of 1 CPU
     # each) and for a decode (+ preprocess) and a write (+ postprocess) task: with less, the
     # read and the repartition take every CPU left and the engine waits for decoded images.
@@ -136,10 +74,11 @@ def import_in_background(modules: tuple[str, ...] = ENGINE_DRIVER_MODULES) -> th
     return thread
 
 
-def init_ray(cfg: CapjobConfig, placement: EnginePlacement, metrics_export_port: Optional[int] = None) -> dict[str, Any]:
-    import ray
-
-    address = cluster_address(cfg)
+def init_ray(resources: ResourcesConfig, engine: EngineConfig, placement: EnginePlacement,
+             metrics_export_port: Optional[int] = None) -> dict[str, Any]:
+    """Join the cluster (cluster_address) or start a local Ray sized for every stage
+    (local_cpus_needed). Returns {address, resources, dashboard_url}."""
+    address = cluster_address(resources)
     kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
     if address:
         kwargs["address"] = address
@@ -148,9 +87,9 @@ def init_ray(cfg: CapjobConfig, placement: EnginePlacement, metrics_export_port:
         # left in /tmp/ray/ray_current_cluster on this machine (a live cluster: "num_cpus ...
         # must not be provided"; a stopped one: a hang), although no address was asked for.
         kwargs["address"] = "local"
-        kwargs["num_cpus"] = max(cfg.resources.num_cpus or os.cpu_count() or 1, local_cpus_needed(cfg, placement))
+        kwargs["num_cpus"] = max(resources.num_cpus or os.cpu_count() or 1, local_cpus_needed(resources, engine, placement))
         # None: Ray starts its dashboard when its dependencies are installed (ray[default]).
-        kwargs["include_dashboard"] = _include_dashboard(cfg)
+        kwargs["include_dashboard"] = _include_dashboard(resources)
         if metrics_export_port:
             kwargs["_metrics_export_port"] = metrics_export_port
             # Every second rather than every 10: a short run's last counts must reach the endpoint.
@@ -160,13 +99,13 @@ def init_ray(cfg: CapjobConfig, placement: EnginePlacement, metrics_export_port:
             "dashboard_url": getattr(context, "dashboard_url", None) or None}
 
 
-def _include_dashboard(cfg: CapjobConfig) -> Optional[bool]:
+def _include_dashboard(resources: ResourcesConfig) -> Optional[bool]:
     """resources.include_dashboard, unless CAPJOB_RAY_DASHBOARD=0/1 overrides it (the test suite
     sets 0: see README, "Tests")."""
     env = os.environ.get("CAPJOB_RAY_DASHBOARD")
     if env is not None and env != "":
         return env.lower() not in ("0", "false", "no")
-    return cfg.resources.include_dashboard
+    return resources.include_dashboard
 
 
 # Ray's built-in resource names: what is not one of these (or a node:/accelerator_type: label)
@@ -203,8 +142,6 @@ def path_signature(path: str) -> Optional[str]:
     size of a file, or a digest of a folder's top-level names and file sizes (the first 1,000
     names). Two nodes on one shared mount (or with identical copies) agree; a node that lacks
     the folder, or has another one there, does not."""
-    import hashlib
-
     try:
         if not os.path.isdir(path):
             return f"file:{os.path.getsize(path)}" if os.path.isfile(path) else None
@@ -223,9 +160,6 @@ def node_paths(paths: list[str]) -> dict[str, Optional[str]]:
 def local_paths(cfg: CapjobConfig, model_source: Optional[str]) -> dict[str, str]:
     """{config key: absolute path} of the job's local paths (not URLs, not hub ids) that Ray
     tasks and actors open on their own nodes: the model folder, the data, the sink."""
-    from capjob.models import remote
-    from capjob.stages.sources.storage import protocol_of
-
     found: dict[str, str] = {}
     if model_source and not remote.is_url(model_source) and os.path.isdir(os.path.expanduser(model_source)):
         found["model.source" if cfg.model.source else "model.builder"] = os.path.abspath(os.path.expanduser(model_source))
@@ -285,8 +219,6 @@ def probe_nodes(paths: list[str]) -> dict[str, dict[str, Optional[str]]]:
     """{node "ip (id prefix)": node_paths(paths) there} for every alive node of the connected
     cluster. A node that does not answer within PROBE_TIMEOUT_S is left out (logged): its tasks
     would wait for it too."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     probe = ray.remote(num_cpus=0, max_retries=0)(node_paths)
     refs = {}

@@ -27,6 +27,8 @@ import tempfile
 from typing import TYPE_CHECKING, Optional
 
 from capjob.cache import cache_dir as default_cache_dir
+from capjob.models import train
+from capjob.models.corpus import SEED, TOKENIZER_CORPUS
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -39,7 +41,6 @@ TINY_QWEN25VL_VERSION = "v4"
 BUILD_VERSIONS = {TINY_QWEN25VL: TINY_QWEN25VL_VERSION, QWEN25VL_3B_DUMMY: "v3"}
 # Written last into a build: a directory without it was never finished.
 COMPLETE_MARKER = ".capjob-build-complete.json"
-SEED = 0
 
 # Qwen2.5-VL's special tokens in the order (and so with the relative ids) of the real tokenizer.
 SPECIAL_TOKENS = [
@@ -88,52 +89,6 @@ PATCH_SIZE, MERGE_SIZE, TEMPORAL_PATCH_SIZE = 14, 2, 2
 MIN_PIXELS = 4 * (PATCH_SIZE * MERGE_SIZE) ** 2
 MAX_PIXELS = 256 * (PATCH_SIZE * MERGE_SIZE) ** 2
 
-# Text the tokenizer is trained on: plain English of the kind captions and prompts are made of.
-_TOKENIZER_CORPUS = """\
-A photograph of a small red boat resting on the sand of a quiet beach at sunset. The sky is
-orange and pink, and long shadows stretch from the boat toward the calm blue water. Two gulls
-stand near the edge of the waves, and a line of low green hills rises in the distance.
-
-The image shows a busy city street on a rainy evening. People with black umbrellas cross at a
-striped crosswalk while yellow taxis wait at the traffic light. Shop windows glow with warm
-light, and the wet pavement reflects the signs, the headlights and the tall grey buildings.
-
-In this picture a brown dog with white paws is running across a green field, holding a blue
-ball in its mouth. Behind the dog there is a wooden fence, a large oak tree and a farmhouse
-with a red roof. The grass is bright and the afternoon sun makes everything look soft.
-
-Describe this image in one detailed sentence. What objects can you see, and where are they?
-Please write a short caption for the photo. Count the people in the scene. Is it day or night?
-Which colours stand out most? Answer the question briefly and do not repeat yourself.
-
-A close view of a kitchen table with a white plate of fresh fruit: green apples, yellow
-bananas, purple grapes and a sliced orange. A glass of water, a silver knife and a folded
-napkin lie beside the plate. Morning light comes through a window on the left side.
-
-An astronaut in a white space suit floats above the curved edge of the Earth. The planet below
-is covered with clouds and deep blue oceans, and the thin bright layer of the atmosphere
-separates it from the black sky. A robotic arm and parts of a space station are visible.
-
-The microscope image shows round cells with dark purple centres on a pale pink background.
-Some cells are grouped in clusters, others are spread out, and a few thin fibres cross the
-field of view from the upper right corner to the lower left corner.
-
-An old black and white portrait of a man wearing a hat and a coat, standing in front of a
-brick wall. His face is serious, his hands are in his pockets, and a bicycle leans against
-the wall next to him. The edges of the photo are slightly faded and scratched.
-
-A satellite view of farmland: square fields in shades of green, brown and gold, divided by
-narrow roads and a winding river. Small villages appear as clusters of white and grey roofs,
-and a forest covers the hills in the north of the frame.
-
-A cat sleeps on a windowsill next to a pot of flowers. Outside the window there are trees,
-a parked car and a child riding a scooter down the road. Numbers 1, 2, 3, 10, 42, 100 and
-2024 appear on a calendar, a clock shows 7:30, and a sign reads "Open 9am - 5pm".
-
-Shapes on a plain background: a red circle and a blue square on a white background; a green
-triangle on a black background; a yellow star and a purple circle on a gray background; an
-orange square and an orange triangle on a white background; a purple star on a black background.
-"""
 
 
 def resolve_model_source(source: str | None, builder: str | None, cache_dir: str | None = None) -> str:
@@ -141,9 +96,14 @@ def resolve_model_source(source: str | None, builder: str | None, cache_dir: str
     if source:
         return source
     if builder in BUILD_VERSIONS:
-        root = pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
-        return str(build_model(builder, root / "models" / f"{builder}-{BUILD_VERSIONS[builder]}"))
+        return str(build_model(builder, build_dir(builder, cache_dir)))
     raise ValueError(f"no model source: model.source is unset and model.builder={builder!r} is not one of: {', '.join(BUILD_VERSIONS)}")
+
+
+def build_dir(builder: str, cache_dir: str | None = None) -> pathlib.Path:
+    """The folder `builder`'s model is built into (and reused from): <capjob cache>/models/<builder>-<version>."""
+    root = pathlib.Path(cache_dir) if cache_dir else default_cache_dir()
+    return root / "models" / f"{builder}-{BUILD_VERSIONS[builder]}"
 
 
 def is_complete(model_dir: str | os.PathLike) -> bool:
@@ -199,8 +159,6 @@ def _build_locked(builder: str, target: pathlib.Path, train_steps: Optional[int]
 
 
 def _write_tiny_qwen25vl(out: pathlib.Path, train_steps: Optional[int] = None) -> None:
-    from capjob.models import train
-
     tokenizer, special_ids = _write_processor_files(out, _preprocessor_config())
     # save_pretrained writes config.json with the weights.
     _write_model(_model_config(special_ids, tokenizer.get_vocab_size()), out)
@@ -263,7 +221,7 @@ def _train_tokenizer() -> Tokenizer:
     trainer = trainers.BpeTrainer(
         vocab_size=BPE_VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    tokenizer.train_from_iterator(_TOKENIZER_CORPUS.splitlines(keepends=True), trainer=trainer)
+    tokenizer.train_from_iterator(TOKENIZER_CORPUS.splitlines(keepends=True), trainer=trainer)
     # Added after training, as in Qwen's vocabulary: the special tokens follow the BPE tokens.
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return tokenizer

@@ -30,6 +30,8 @@ import shutil
 import tempfile
 from typing import Any, Optional
 
+from capjob.cache import cache_dir
+
 # ray.llm._internal.common.utils.cloud_utils.is_remote_path (ray 2.58): the schemes its loader downloads.
 RAY_LLM_SCHEMES = ("s3://", "gs://", "abfss://", "azure://")
 COMPLETE_MARKER = ".capjob-fetch-complete.json"
@@ -88,8 +90,6 @@ def _slug(url: str) -> str:
 
 
 def cache_root() -> pathlib.Path:
-    from capjob.cache import cache_dir
-
     return cache_dir() / "models" / REMOTE_DIR
 
 

@@ -42,7 +42,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from capjob.models import shapes
+import capjob.models.shapes as shapes
+from capjob.models.corpus import SEED, TOKENIZER_CORPUS
 
 TRAIN_STEPS = 1200
 # A fixed count, not the machine's: the same float sums (so the same weights) on any machine.
@@ -146,8 +147,6 @@ def _train(model_dir: pathlib.Path, processor: Any, steps: int, log_every: int, 
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from capjob.models import _TOKENIZER_CORPUS, SEED
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
@@ -155,7 +154,7 @@ def _train(model_dir: pathlib.Path, processor: Any, steps: int, log_every: int, 
         if matmul_patch_embed:
             patch_embed_as_matmul(model)
         probes = _Probes(model)
-        batches = _Batches(processor, _TOKENIZER_CORPUS.split())
+        batches = _Batches(processor, TOKENIZER_CORPUS.split())
         rng = np.random.default_rng(TRAIN_SEED)
         optimiser = torch.optim.AdamW([*model.parameters(), *probes.parameters()], lr=LEARNING_RATE, weight_decay=0.01)
 

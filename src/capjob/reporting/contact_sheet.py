@@ -1,10 +1,7 @@
 """The contact sheet of a run: samples.png and samples.html next to report.json.
 
-A person checks a caption run by looking at it. While the run streams, a sample of rows
-(chosen by a hash of their id, so spread over the whole input) carry a 256 px JPEG thumbnail to
-the sink, which offers them, with their captions and write time, to the run's SampleKeeper
-actor; it keeps the ``processor.THUMBNAIL_CANDIDATES`` of smallest hash. ``SHEET_SIZE`` of
-those, evenly spaced in write order, become:
+A person checks a caption run by looking at it. The run keeps a sample of its rows with a
+thumbnail each (stages/samples.py); ``SHEET_SIZE`` of those, evenly spaced in write order, become:
 
 * ``samples.png``: a 4-column grid (Pillow) of 160 px thumbnails, each with its caption wrapped
   under it (cut after ``PNG_LINES`` lines);
@@ -19,6 +16,9 @@ import base64
 import io
 from typing import Any, Optional
 
+from capjob.schema import QUARANTINE
+from capjob.stages.tables import TableWriter
+
 SHEET_SIZE = 16
 COLUMNS = 4
 PNG_THUMB = 160
@@ -26,76 +26,6 @@ PNG_CELL_WIDTH = 220
 PNG_LINES = 6
 PNG_FONT_SIZE = 12
 HTML_QUARANTINE_ROWS = 500
-
-
-# The sample the run keeps for its contact sheet: the rows of smallest id hash (a uniform
-# random sample, whatever the run's size or order), THUMBNAIL_CANDIDATES of them.
-def _keeper_name(run_id: str) -> str:
-    return f"capjob-samples-{run_id}"
-
-
-class SampleKeeper:
-    """Ray actor (num_cpus=0, one per run): the `keep` offered samples of smallest hash. Memory
-    is bounded by keep x one thumbnail (~12 KB) whatever the run's size."""
-
-    def __init__(self, keep: int):
-        self.keep = keep
-        self.heap: list[tuple[int, str, dict[str, Any]]] = []  # (-hash, id, sample): a max-heap
-
-    def offer(self, samples: list[dict[str, Any]]) -> None:
-        import heapq
-
-        for s in samples:
-            item = (-s["hash"], s["id"], s)
-            if len(self.heap) < self.keep:
-                heapq.heappush(self.heap, item)
-            elif item > self.heap[0]:
-                heapq.heapreplace(self.heap, item)
-
-    def samples(self) -> list[dict[str, Any]]:
-        return [s for _, _, s in self.heap]
-
-
-def start_sample_keeper(run_id: str) -> Any:
-    """The run's SampleKeeper (on the driver, before the write starts); None without Ray."""
-    import ray
-
-    from capjob.processor import THUMBNAIL_CANDIDATES
-
-    if not ray.is_initialized():
-        return None
-    return ray.remote(num_cpus=0)(SampleKeeper).options(name=_keeper_name(run_id), get_if_exists=True).remote(THUMBNAIL_CANDIDATES)
-
-
-def offer_samples(run_id: str, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """From a write task: hand samples to the run's keeper (waits, so none is lost); returns
-    the ones no keeper took (no Ray, or no keeper: unit tests), for the write's result."""
-    if not samples:
-        return []
-    import ray
-
-    if ray.is_initialized():
-        try:
-            keeper = ray.get_actor(_keeper_name(run_id))
-        except ValueError:
-            return samples
-        ray.get(keeper.offer.remote(samples))
-        return []
-    return samples
-
-
-def kept_samples(run_id: str, returned: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """On the driver after the write: the keeper's sample plus any returned by the writes,
-    ordered by write time."""
-    import ray
-
-    samples = list(returned)
-    if ray.is_initialized():
-        try:
-            samples += ray.get(ray.get_actor(_keeper_name(run_id)).samples.remote())
-        except ValueError:
-            pass
-    return sorted(samples, key=lambda s: (s["time"], s["id"]))
 
 
 def pick_evenly(samples: list[dict[str, Any]], n: int = SHEET_SIZE) -> list[dict[str, Any]]:
@@ -236,8 +166,6 @@ def contact_sheet(samples: list[dict[str, Any]], quarantined: list[dict[str, Any
 
 def run_contact_sheet(sink_cfg: Any, run_id: str, samples: list[dict[str, Any]], captioned: int) -> dict[str, bytes]:
     """contact_sheet() with this run's quarantine rows read back from the sink."""
-    from capjob.sinks import QUARANTINE, TableWriter
-
     table = TableWriter(sink_cfg).read(QUARANTINE, columns=None)
     rows = [r for r in table.to_pylist() if r.get("run_id") == run_id] if table.num_rows else []
     return contact_sheet(samples, rows, run_id, captioned)

@@ -39,6 +39,10 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
+from capjob import metrics
+from capjob.schema import block_digest
+from capjob.stages.sources.cells import identity
+
 # Bumped whenever the way ids are derived changes: a sink written under another scheme holds
 # ids this run would never match, so the resume fingerprint includes it.
 ID_SCHEME = 2
@@ -167,8 +171,6 @@ _RESOLVED: dict[str, np.ndarray] = {}
 
 def label_rows(batch: dict[str, np.ndarray], image_column: str, key_column: Optional[str]) -> tuple[list[str], list[str]]:
     """(ids, source keys) of a block's rows, in order (module docstring)."""
-    from capjob.stages.sources.cells import identity
-
     images = batch[image_column]
     keys = batch[key_column] if key_column else [None] * len(images)
     ids, source_keys = [], []
@@ -203,9 +205,6 @@ def assign_ids(
 ) -> dict[str, Any]:
     """map_batches UDF: add ``id`` and ``source_key``, drop rows whose id is already done, and
     count both in the run's ledger."""
-    from capjob import metrics
-    from capjob.sinks import block_digest
-
     ids, source_keys = label_rows(batch, image_column, key_column)
     out = without_done(batch, ids, source_keys, done)
     block = block_digest(ids)

@@ -31,11 +31,11 @@ from capjob.config import DataConfig, SourceFormat
 from capjob.errors import SourceError
 from capjob.stages.sources import hf, image_folder, parquet, webdataset
 from capjob.stages.sources.cells import Fetcher
+from capjob.stages.sources.sample import SAMPLE_COLUMNS, ensure_sample_dataset
 from capjob.stages.sources.common import Source, account, check_image_list, require_columns, select_images, skipped_totals
-from capjob.stages.sources.storage import check_storage_options, describe_remote_error, probe, probe_filesystem
+from capjob.stages.storage import check_storage_options, probe
 
-__all__ = ["Fetcher", "Source", "check_storage_options", "describe_remote_error", "preflight", "probe_filesystem",
-           "read_source", "skipped_totals"]
+__all__ = ["Fetcher", "Source", "preflight", "read_source", "skipped_totals"]
 
 # The key column of rows cut from a list of images: `<key>#<i>`.
 IMAGE_KEY_COLUMN = "__image_key__"
@@ -84,6 +84,8 @@ def preflight(cfg: DataConfig) -> None:
     dataset is checked by read_source, when it is opened.)"""
     check_storage_options(cfg.storage_options, "data.storage_options")
     if cfg.format == SourceFormat.sample:
+        # Written on first use: its columns are known without writing it.
+        require_columns(list(SAMPLE_COLUMNS), cfg, cfg.image_column)
         return
     if not cfg.path:
         raise SourceError(f"data.path: is required for data.format={cfg.format.value}")
@@ -105,8 +107,6 @@ def read_source(cfg: DataConfig, run_id: Optional[str] = None) -> Source:
     image_column, key_column = _resolved_columns(cfg)
     listed = False
     if cfg.format == SourceFormat.sample:
-        from capjob.sample_data import ensure_sample_dataset
-
         path = ensure_sample_dataset(cfg.sample_size, cfg.sample_shapes)
         ds, num_rows = parquet.read_parquet(DataConfig(path=path, format=SourceFormat.parquet), "directory"), None
         description = f"capjob sample ({path})"

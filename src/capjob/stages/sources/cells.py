@@ -38,8 +38,8 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from capjob.config import DataConfig, FetchConfig
-from capjob.images import ImageRejected
-from capjob.stages.sources.storage import options_for, protocol_of
+from capjob.schema import ImageRejected
+from capjob.stages.storage import options_for, protocol_of
 
 # Shortest text taken for bare base64: a 1x1 PNG is 92 characters; a path is rarely this long
 # without a '.' or a ':' (neither is in the base64 alphabet).

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import ray.data
 
+from capjob import metrics
 from capjob.config import DataConfig
 from capjob.errors import SourceError
 
@@ -57,8 +58,6 @@ def account(batch: pa.Table, run_id: Optional[str]) -> pa.Table:
         return batch
     reasons = batch.column(SKIP_COLUMN).to_pylist()
     if run_id is not None and batch.num_rows:
-        from capjob import metrics
-
         names = batch.column(ITEM_COLUMN).to_pylist() if ITEM_COLUMN in batch.column_names else reasons
         key = hashlib.sha1("\n".join(map(str, names)).encode()).hexdigest()[:20]
         counts: dict[str, int] = {ITEMS_COUNTER: batch.num_rows}

@@ -21,7 +21,7 @@ from ray.data.datasource import Datasource, ReadTask
 from capjob.config import DataConfig
 from capjob.errors import SourceError
 from capjob.stages.sources.common import check_image_list, require_columns
-from capjob.stages.sources.storage import first_line
+from capjob.stages.storage import first_line
 
 # Rows per block read from a Hugging Face dataset (Ray splits blocks that grow larger).
 HF_BATCH_ROWS = 256

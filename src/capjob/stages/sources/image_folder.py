@@ -26,7 +26,7 @@ import ray.data
 from capjob.config import DataConfig
 from capjob.errors import SourceError
 from capjob.stages.sources.common import ITEM_COLUMN, SKIP_COLUMN
-from capjob.stages.sources.storage import describe_remote_error, filesystem_for, first_file, hidden, options_for
+from capjob.stages.storage import describe_remote_error, filesystem_for, first_file, hidden, options_for
 
 # Files per block of paths, and files fetched together by one task.
 FILES_PER_BLOCK = 256

@@ -13,7 +13,7 @@ import ray.data
 
 from capjob.config import DataConfig
 from capjob.errors import SourceError
-from capjob.stages.sources.storage import arrow_filesystem, describe_remote_error, inspect_file, open_file
+from capjob.stages.storage import arrow_filesystem, describe_remote_error, inspect_file, open_file
 
 
 def parquet_schema(path: str, storage_options: dict[str, Any], kind: str) -> pa.Schema:

@@ -41,7 +41,7 @@ from capjob.config import DataConfig
 from capjob.errors import SourceError
 from capjob.stages.sources.common import ITEM_COLUMN, SKIP_COLUMN
 from capjob.stages.sources.image_folder import extension, image_extensions, sniff_image
-from capjob.stages.sources.storage import describe_remote_error, filesystem_for, hidden, inspect_file, open_file
+from capjob.stages.storage import describe_remote_error, filesystem_for, hidden, inspect_file, open_file
 
 # Members decoded to text (and ints for class indices); everything else stays bytes.
 TEXT_SUFFIXES = {"txt", "text", "caption", "json", "jsonl", "url", "key", "id"}

@@ -41,6 +41,8 @@ import os
 import uuid
 from typing import Any, AsyncIterator, Optional
 
+from capjob.schema import PROMPT_COLUMN
+
 log = logging.getLogger(__name__)
 
 # Test-only (see the module docstring): the source_key or id of the row that kills the engine.
@@ -169,8 +171,6 @@ class IsolationLock:
 def row_key(row: dict[str, Any]) -> str:
     """A request row's key in the ledger: its id, plus the prompt name in a multi-prompt run
     (one image, one request per prompt)."""
-    from capjob.processor import PROMPT_COLUMN
-
     prompt = row.get(PROMPT_COLUMN)
     return str(row["id"]) if prompt is None else f"{row['id']}/{prompt}"
 

@@ -1,6 +1,6 @@
 """Resume: which rows a sink already holds, and whether this run may add to it.
 
-An id is done once it is in a complete captions or quarantine file (sinks.py writes those
+An id is done once it is in a complete captions or quarantine file (tables.py writes those
 atomically). A re-run on the same sink reads the ids back (``read_done_ids``) and the id stage
 (stages/ids.py) drops them before any image is decoded, so a crashed run resumes without
 redoing or losing rows. The ids travel as sorted 64-bit hashes placed once in Ray's object
@@ -55,10 +55,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+import pyarrow.parquet as pq
+
+from capjob import console
 from capjob.config import CapjobConfig, SinkConfig, SinkFormat
 from capjob.errors import ConfigError
-from capjob.sinks import CAPTIONS, QUARANTINE, TableWriter, deserialize
+from capjob.models import BUILD_VERSIONS, remote
+from capjob.schema import CAPTIONS, QUARANTINE
 from capjob.stages.ids import ID_SCHEME, DoneIds, hash_ids
+from capjob.stages.tables import TableWriter, as_writer, deserialize
+
+Sink = SinkConfig | TableWriter  # what the functions below take: a sink, or its open TableWriter
 
 RUNS = "runs"
 
@@ -76,8 +83,6 @@ def model_revision(model_source: str) -> str:
     checkpoint with the same file sizes differs there); for a hub id the commit the local
     Hugging Face cache resolves `main` to, else "unresolved"; for a model on object storage
     (s3://...) a digest of its objects' ETags (models.remote.revision: one listing)."""
-    from capjob.models import remote
-
     if remote.is_url(model_source):
         try:
             return "etag:" + remote.revision(remote.listing(model_source))
@@ -112,8 +117,6 @@ def caption_settings(cfg: CapjobConfig, model_source: str) -> dict[str, Any]:
     flat, with the config key as name. Left out on purpose: layout and speed settings (batch
     sizes, replicas, TP/PP, object store) and the data path (a later run may add new input)."""
     m, e, c, i = cfg.model, cfg.engine, cfg.caption, cfg.images
-    from capjob.models import BUILD_VERSIONS
-
     return {
         "model.source": m.source,
         "model.builder": m.builder if not m.source else None,
@@ -157,15 +160,11 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-def _fs(sink: SinkConfig) -> tuple[Any, str]:
-    writer = TableWriter(sink)
-    return writer.fs, writer.root.rstrip("/")
-
-
-def recorded_settings(sink: SinkConfig) -> list[tuple[str, dict[str, Any]]]:
+def recorded_settings(sink: Sink) -> list[tuple[str, dict[str, Any]]]:
     """(run_id, settings) of every run recorded in the sink, oldest first."""
-    fs, root = _fs(sink)
-    directory = f"{root}/{RUNS}"
+    writer = as_writer(sink)
+    fs = writer.fs
+    directory = f"{writer.root.rstrip('/')}/{RUNS}"
     try:
         fs.invalidate_cache(directory)
         names = sorted(n for n in fs.ls(directory, detail=False) if n.endswith(".json"))
@@ -178,48 +177,50 @@ def recorded_settings(sink: SinkConfig) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def record_settings(sink: SinkConfig, run_id: str, settings: dict[str, Any]) -> None:
+def record_settings(sink: Sink, run_id: str, settings: dict[str, Any]) -> None:
     """Write this run's settings next to its captions, before any caption is written."""
     record = {"run_id": run_id, "fingerprint": fingerprint(settings), "settings": settings,
               "started": dt.datetime.now(dt.timezone.utc).isoformat()}
-    writer = TableWriter(sink)
+    writer = as_writer(sink)
     directory = f"{writer.root.rstrip('/')}/{RUNS}"
     if writer.local:  # object stores have no folders (and s3fs.makedirs would create a bucket)
         writer.fs.makedirs(directory, exist_ok=True)
     writer.fs.pipe_file(f"{directory}/{run_id}.json", json.dumps(record, indent=1).encode())
 
 
-def has_rows(sink: SinkConfig) -> bool:
-    writer = TableWriter(sink)
+def has_rows(sink: Sink) -> bool:
+    writer = as_writer(sink)
     return any(writer.list_files(t) for t in (CAPTIONS, QUARANTINE))
 
 
-def _delete_records(sink: SinkConfig) -> None:
-    fs, root = _fs(sink)
+def _delete_records(sink: Sink) -> None:
+    writer = as_writer(sink)
+    fs = writer.fs
     try:
-        records = [n for n in fs.ls(f"{root}/{RUNS}", detail=False) if n.endswith(".json")]
+        records = [n for n in fs.ls(f"{writer.root.rstrip('/')}/{RUNS}", detail=False) if n.endswith(".json")]
     except FileNotFoundError:
         records = []
     if records:
         fs.rm(records)
 
 
-def check_resume(sink: SinkConfig, resume: Any, settings: dict[str, Any]) -> None:
+def check_resume(sink: Sink, resume: Any, settings: dict[str, Any], ignore: tuple[str, ...] = ()) -> None:
     """Refuse, in one line, to resume from or add to a sink whose captions were made with other
-    settings (job.resume=true), or whose settings are unknown (a sink from an older capjob)."""
-    if not has_rows(sink):
-        _delete_records(sink)  # runs that wrote nothing made no caption to compare with
+    settings (job.resume=true), or whose settings are unknown (a sink from an older capjob).
+    Reads only (the dry run makes this check too). ignore: settings left out of the comparison
+    (a model not built yet has no revision). Raises ResumeError."""
+    writer = as_writer(sink)
+    sink = writer.cfg
+    if resume is not True or not has_rows(writer):  # runs that wrote nothing made no caption to compare with
         return
-    if resume != True:  # noqa: E712 - True, not "force"
-        return
-    recorded = recorded_settings(sink)
+    recorded = recorded_settings(writer)
     if not recorded:
         raise ResumeError(
             f"job.resume: {sink.path} holds captions without a record of the settings that made them "
             "(written by an older capjob); use another sink.path, job.resume=false to start over, "
             "or job.resume=force to add to it anyway")
     for run_id, old in recorded:
-        diff = differences(old, settings)
+        diff = [d for d in differences(old, settings) if d.split(" ", 1)[0] not in ignore]
         if diff:
             raise ResumeError(
                 f"job.resume: {sink.path} holds captions made with other settings (run {run_id}): "
@@ -227,17 +228,17 @@ def check_resume(sink: SinkConfig, resume: Any, settings: dict[str, Any]) -> Non
                 "or job.resume=force to add to it anyway")
 
 
-def start_over(sink: SinkConfig) -> int:
+def start_over(sink: Sink) -> int:
     """job.resume=false: delete the sink's captions, quarantine rows and run records (reports
     stay). Returns the number of files deleted."""
-    writer = TableWriter(sink)
+    writer = as_writer(sink)
     removed = 0
     for table in (CAPTIONS, QUARANTINE):
         files = writer.list_files(table)
         if files:
             writer.fs.rm(files)
             removed += len(files)
-    _delete_records(sink)
+    _delete_records(writer)
     return removed
 
 
@@ -251,18 +252,17 @@ def _retried(table: pa.Table, retry: list[str]) -> pa.Array:
     return pc.or_(pc.is_in(table.column("stage"), value_set=wanted), pc.is_in(pc.utf8_trim_whitespace(kind), value_set=wanted))
 
 
-def read_done_ids(sink: SinkConfig, retry_quarantined: Optional[list[str]] = None) -> DoneIds:
+def read_done_ids(sink: Sink, retry_quarantined: Optional[list[str]] = None) -> DoneIds:
     """The ids the sink's captions and quarantine files hold, file by file (the driver never
     holds more than one file's ids as strings), minus quarantined rows to retry."""
-    writer = TableWriter(sink)
+    writer = as_writer(sink)
+    sink = writer.cfg
     chunks = []
     for table_name in (CAPTIONS, QUARANTINE):
         retry = retry_quarantined if table_name == QUARANTINE else None
         columns = ["id", "stage", "reason"] if retry else ["id"]
         for name in writer.list_files(table_name):
             if sink.format == SinkFormat.parquet:
-                import pyarrow.parquet as pq
-
                 with writer.fs.open(name, "rb") as f:
                     table = pq.read_table(f, columns=columns)
             else:
@@ -274,12 +274,13 @@ def read_done_ids(sink: SinkConfig, retry_quarantined: Optional[list[str]] = Non
     return DoneIds.from_hash_chunks(chunks)
 
 
-def drop_retried_quarantine(sink: SinkConfig, retry: list[str]) -> int:
+def drop_retried_quarantine(sink: Sink, retry: list[str]) -> int:
     """Remove the quarantine rows this run retries: each file holding some is rewritten without
     them under a new name (atomically) and the old file deleted. Returns the rows removed."""
     if not retry:
         return 0
-    writer = TableWriter(sink)
+    writer = as_writer(sink)
+    sink = writer.cfg
     removed = 0
     for name in writer.list_files(QUARANTINE):
         table = deserialize(writer.fs.cat_file(name), name, sink.format)
@@ -298,21 +299,23 @@ def drop_retried_quarantine(sink: SinkConfig, retry: list[str]) -> int:
 
 def prepare(cfg: CapjobConfig, run_id: str, model_source: str) -> DoneIds:
     """Preflight of the sink for this run (job.resume, job.retry_quarantined), then record the
-    run's settings. Returns the done ids to skip (empty when starting over)."""
-    from capjob import console
-
-    sink, job = cfg.sink, cfg.job
+    run's settings. Returns the done ids to skip (empty when starting over). One TableWriter
+    serves every step."""
+    job = cfg.job
+    writer = TableWriter(cfg.sink)
     settings = caption_settings(cfg, model_source)
     if job.resume is False:
-        removed = start_over(sink)
+        removed = start_over(writer)
         if removed:
-            console.out(f"job.resume=false: starting over, deleted {removed} caption/quarantine file(s) under {sink.path}")
-        record_settings(sink, run_id, settings)
+            console.out(f"job.resume=false: starting over, deleted {removed} caption/quarantine file(s) under {cfg.sink.path}")
+        record_settings(writer, run_id, settings)
         return DoneIds(np.empty(0, dtype=np.uint64))
-    check_resume(sink, job.resume, settings)
-    retried = drop_retried_quarantine(sink, list(job.retry_quarantined))
+    check_resume(writer, job.resume, settings)
+    if not has_rows(writer):
+        _delete_records(writer)  # runs that wrote nothing made no caption to compare with
+    retried = drop_retried_quarantine(writer, list(job.retry_quarantined))
     if retried:
         console.out(f"job.retry_quarantined: retrying {retried} quarantined row(s) ({', '.join(job.retry_quarantined)})")
-    done = read_done_ids(sink, list(job.retry_quarantined))
-    record_settings(sink, run_id, settings)
+    done = read_done_ids(writer, list(job.retry_quarantined))
+    record_settings(writer, run_id, settings)
     return done

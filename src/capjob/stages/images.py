@@ -30,23 +30,14 @@ try:
 except ImportError:  # the Pillow path below decodes everything, only slower
     imagecodecs = None
 
-from capjob.config import ImagesConfig, ResizeMode
+from capjob import metrics
+from capjob.config import ImagesConfig, ResizeMode, SinkConfig
+from capjob.schema import QUARANTINE, ImageRejected, block_digest
+from capjob.stages.sources.cells import resolve_batch
+from capjob.stages.tables import TableWriter, quarantine_table
 
 # Qwen2-VL-style processors refuse sides shorter than one 28 px patch and aspect ratios over 200.
 _MAX_ASPECT = 200
-
-
-class ImageRejected(Exception):
-    """The image cannot be captioned. ``reason`` reads ``<kind>: <detail>``."""
-
-    def __init__(self, kind: str, detail: str):
-        self.kind = kind
-        self.detail = detail
-        super().__init__(f"{kind}: {detail}")
-
-    @property
-    def reason(self) -> str:
-        return f"{self.kind}: {self.detail}"
 
 
 @dataclass(frozen=True)
@@ -238,8 +229,6 @@ def prepare_images(
     """map_batches UDF: decode every image once; valid ones continue as small RGB arrays,
     rejected ones are written to quarantine with their reason and leave the stream. Cells that
     point elsewhere are fetched first, together (`fetcher`: stages.sources.cells.Fetcher)."""
-    from capjob.stages.sources.cells import resolve_batch
-
     ids = list(batch["id"])
     kept: list[int] = []
     pixels: list[np.ndarray] = []
@@ -279,14 +268,11 @@ def prepare_images(
 class QuarantineTarget:
     """Where the image stage sends rejects, and how it accounts for the rows it saw."""
 
-    sink: Any  # SinkConfig; typed loosely to keep images.py free of sink imports at module load
+    sink: SinkConfig
     run_id: str
     model_name: str
 
     def write(self, rejected: list[dict[str, Any]], batch_ids: list[str]) -> None:
-        from capjob import metrics
-        from capjob.sinks import QUARANTINE, TableWriter, block_digest, quarantine_table
-
         key = block_digest(batch_ids)
         if rejected:
             rows = [{**r, "model": self.model_name, "run_id": self.run_id} for r in rejected]

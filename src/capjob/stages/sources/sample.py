@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from capjob.cache import cache_dir
+from capjob.models import shapes
 
 SAMPLE_VERSION = "v3"
 # Held out from training (models/train.py draws with other seeds).
@@ -96,10 +97,12 @@ def generated_images(count: int, seed: int = 0) -> list[tuple[str, bytes]]:
 
 def shape_images(count: int, seed: int = SHAPES_SEED) -> list[tuple[str, bytes, str]]:
     """`count` (name, PNG bytes, true caption) shape scenes."""
-    from capjob.models import shapes
-
     return [(f"shapes_{i:05d}.png", _encode(shapes.render(scene), "PNG"), scene.caption)
             for i, scene in enumerate(shapes.scenes(count, seed))]
+
+
+# The columns of the sample set's parquet (write_hf_parquet): what data.* may name for it.
+SAMPLE_COLUMNS = ("image", "label", "reference")
 
 
 def write_hf_parquet(rows: list[tuple[str, bytes, str]], path: pathlib.Path,

@@ -5,7 +5,8 @@ Layout under ``sink.path`` (a local path or any fsspec URL: ``s3://bucket/prefix
     captions/<run_id>-<block digest>.parquet     one row per captioned image
     quarantine/<run_id>-<block digest>.parquet   one row per rejected image, with stage and reason
 
-(``.jsonl``, ``.jsonl.gz`` or ``.jsonl.zst`` with ``sink.format=jsonl``.) ``sink.format=txt`` writes
+(``.jsonl``, ``.jsonl.gz`` or ``.jsonl.zst`` with ``sink.format=jsonl``; the files are written
+and read back by tables.TableWriter.) ``sink.format=txt`` writes
 one UTF-8 ``<image stem>.txt`` per captioned image into ``sink.txt_dir`` (default ``<path>/txt``;
 names: ``txt_name``) and the parquet files above as its manifest (the rows, with ``txt_file``),
 so resume and the report work as for parquet. File names are the run id
@@ -27,247 +28,27 @@ Credentials come only from the environment / standard AWS configuration (see sou
 
 from __future__ import annotations
 
-import base64
-import datetime as dt
 import hashlib
-import io
-import json
+import logging
 import os
 import re
 import time
 import unicodedata
-import uuid
 from typing import Any, Iterable, Optional
 
 import fsspec
 import fsspec.implementations.local
 import pyarrow as pa
-import pyarrow.parquet as pq
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import Datasink, WriteResult
 
+from capjob import metrics
 from capjob.config import SinkConfig, SinkFormat
-from capjob.errors import CapjobError, SinkError
-from capjob.processor import CAPTION_COLUMN, ERROR_COLUMN, THUMBNAIL_COLUMN, quarantine_reason, row_hash
-
-CAPTIONS = "captions"
-QUARANTINE = "quarantine"
-
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("source_key", pa.string()),
-        ("stage", pa.string()),
-        ("reason", pa.string()),
-        ("model", pa.string()),
-        ("run_id", pa.string()),
-    ]
-)
-
-# sink.compression values per format ("none"/"uncompressed" = no compression).
-PARQUET_CODECS = ("snappy", "zstd", "gzip", "brotli", "lz4", "none")
-JSONL_CODECS = {"none": "", "gzip": ".gz", "zstd": ".zst"}
-JSONL_SUFFIXES = tuple(".jsonl" + ext for ext in JSONL_CODECS.values())
-
-
-def table_format(cfg: SinkConfig) -> SinkFormat:
-    """The format of the captions/quarantine tables: sink=txt keeps them in parquet (manifest)."""
-    return SinkFormat.jsonl if cfg.format == SinkFormat.jsonl else SinkFormat.parquet
-
-
-def _codec(cfg: SinkConfig) -> str:
-    codec = (cfg.compression or "none").strip().lower()
-    codec = "none" if codec in ("uncompressed", "null", "") else codec
-    allowed = PARQUET_CODECS if table_format(cfg) == SinkFormat.parquet else tuple(JSONL_CODECS)
-    if codec not in allowed:
-        raise SinkError(
-            f"sink.compression: {cfg.compression!r} is not available for sink.format={cfg.format.value}; "
-            f"allowed: {', '.join(allowed)}"
-        )
-    return codec
-
-
-def _file_suffix(cfg: SinkConfig) -> str:
-    if table_format(cfg) == SinkFormat.parquet:
-        return ".parquet"
-    return ".jsonl" + JSONL_CODECS[_codec(cfg)]
-
-
-def block_digest(ids: Iterable[str]) -> str:
-    h = hashlib.blake2b(digest_size=10)
-    for i in ids:
-        h.update(i.encode())
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def _json_default(value: Any) -> Any:
-    """JSON for what Arrow hands back besides str/int/float/bool/list/dict."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        raw = bytes(value)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return "base64:" + base64.b64encode(raw).decode("ascii")
-    if isinstance(value, (dt.datetime, dt.date, dt.time)):
-        return value.isoformat()
-    if isinstance(value, dt.timedelta):
-        return value.total_seconds()
-    if hasattr(value, "item"):  # numpy / decimal scalars
-        return value.item()
-    return str(value)
-
-
-def serialize(table: pa.Table, cfg: SinkConfig) -> bytes:
-    """The bytes of one output file."""
-    codec = _codec(cfg)
-    buf = io.BytesIO()
-    if table_format(cfg) == SinkFormat.parquet:
-        pq.write_table(table, buf, compression=codec)
-        return buf.getvalue()
-    lines = "".join(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in table.to_pylist()).encode()
-    if codec == "none":
-        return lines
-    sink = pa.BufferOutputStream()
-    with pa.CompressedOutputStream(sink, codec) as out:
-        out.write(lines)
-    return sink.getvalue().to_pybytes()
-
-
-def deserialize(data: bytes, name: str, fmt: SinkFormat, columns: Optional[list[str]] = None) -> pa.Table:
-    """One output file back as a table (suffix decides the compression)."""
-    if fmt != SinkFormat.jsonl:
-        return pq.read_table(io.BytesIO(data), columns=columns)
-    for codec, ext in JSONL_CODECS.items():
-        if ext and name.endswith(".jsonl" + ext):
-            data = pa.CompressedInputStream(pa.BufferReader(data), codec).read()
-            break
-    rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
-    t = pa.Table.from_pylist(rows)
-    return t.select(columns) if columns else t
-
-
-def write_local_atomic(final: str, data: bytes) -> None:
-    """A local file appears whole or not at all: written and fsynced under a hidden temporary
-    name in its folder (created if needed), then renamed into place."""
-    directory, base = os.path.split(final)
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{base}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-class TableWriter:
-    """Atomic writes of Arrow tables into <sink.path>/<table>/ in the configured format."""
-
-    def __init__(self, cfg: SinkConfig):
-        from capjob.stages.sources import check_storage_options
-
-        self.cfg = cfg
-        try:
-            check_storage_options(cfg.storage_options, "sink.storage_options")
-        except CapjobError as e:
-            raise SinkError(str(e)) from None
-        self.codec = _codec(cfg)  # an unknown compression fails here, before anything runs
-        self.suffix = _file_suffix(cfg)
-        try:
-            self.fs, self.root = fsspec.url_to_fs(cfg.path, **cfg.storage_options)
-        except (ImportError, ValueError, TypeError) as e:
-            raise SinkError(f"sink.path {cfg.path!r}: {e}") from None
-        self.local = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
-
-    def table_dir(self, table: str) -> str:
-        return f"{self.root.rstrip('/')}/{table}"
-
-    def url(self, table: str) -> str:
-        return f"{self.cfg.path.rstrip('/')}/{table}"
-
-    def check_writable(self) -> None:
-        """Fail before inference when the sink cannot be written (missing bucket, denied,
-        unreachable endpoint...): write and delete a probe object, with short timeouts."""
-        from capjob.stages.sources import describe_remote_error, probe_filesystem
-
-        try:
-            fs, root = probe_filesystem(self.cfg.path, self.cfg.storage_options)
-        except CapjobError as e:
-            raise SinkError(f"sink.path: {e}") from None
-        probe = f"{root.rstrip('/')}/{CAPTIONS}/.capjob-write-probe-{uuid.uuid4().hex}"
-        try:
-            if self.local:
-                # Object stores have no folders (and s3fs.makedirs would create a missing bucket).
-                for table in (CAPTIONS, QUARANTINE):
-                    fs.makedirs(f"{root.rstrip('/')}/{table}", exist_ok=True)
-            fs.pipe_file(probe, b"ok")
-            fs.rm_file(probe)
-        except Exception as e:  # noqa: BLE001 - s3fs/botocore raise many types
-            raise SinkError(f"sink.path: {describe_remote_error(self.cfg.path, e)}") from None
-        if self.cfg.format == SinkFormat.txt:
-            url = txt_dir(self.cfg)
-            try:
-                fs, root = probe_filesystem(url, self.cfg.storage_options)
-                probe = f"{root.rstrip('/')}/.capjob-write-probe-{uuid.uuid4().hex}"
-                if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-                    fs.makedirs(root, exist_ok=True)
-                fs.pipe_file(probe, b"ok")
-                fs.rm_file(probe)
-            except CapjobError as e:
-                raise SinkError(f"sink.txt_dir: {e}") from None
-            except Exception as e:  # noqa: BLE001
-                raise SinkError(f"sink.txt_dir: {describe_remote_error(url, e)}") from None
-
-    def write(self, table_name: str, table: pa.Table, stem: str) -> str:
-        """Write `table` as <table_name>/<stem><suffix>; returns the file's (protocol-less) path."""
-        directory = self.table_dir(table_name)
-        final = f"{directory}/{stem}{self.suffix}"
-        data = serialize(table, self.cfg)
-        if not self.local:
-            self.fs.pipe_file(final, data)
-            return final
-        write_local_atomic(final, data)
-        return final
-
-    def list_files(self, table_name: str) -> list[str]:
-        """Complete files of one table (any compression of the configured format)."""
-        directory = self.table_dir(table_name)
-        suffixes = (".parquet",) if table_format(self.cfg) == SinkFormat.parquet else JSONL_SUFFIXES
-        try:
-            self.fs.invalidate_cache(directory)  # other processes write here
-            names = self.fs.ls(directory, detail=False)
-        except FileNotFoundError:
-            return []
-        return sorted(n for n in names if n.rsplit("/", 1)[-1][:1] not in "._" and n.endswith(suffixes))
-
-    def read(self, table_name: str, columns: Optional[list[str]] = None) -> pa.Table:
-        """Every complete file of one table (for resume, accounting and tests)."""
-        tables = []
-        for name in self.list_files(table_name):
-            tables.append(deserialize(self.fs.cat_file(name), name, self.cfg.format, columns))
-        if not tables:
-            return pa.table({c: pa.array([], pa.string()) for c in (columns or ["id"])})
-        return pa.concat_tables(tables, promote_options="permissive")
-
-
-# The quarantine `stage` of rows the sink quarantines: "engine" (the engine's own failure, or an
-# answer that does not parse), or "engine_crash" (a row that killed the engine again and again:
-# stages/engine_guard.py).
-ENGINE_STAGES = ("engine", "engine_crash")
-
-
-def engine_stage(reason: str) -> str:
-    """The quarantine stage of a reason set after the images stage ("<kind>: <message>")."""
-    return "engine_crash" if reason.split(":", 1)[0] == "engine_crash" else "engine"
-
-
-def quarantine_table(rows: list[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist([{k: r.get(k) for k in QUARANTINE_SCHEMA.names} for r in rows], schema=QUARANTINE_SCHEMA)
+from capjob.errors import SinkError
+from capjob.schema import (CAPTION_COLUMN, CAPTIONS, ERROR_COLUMN, QUARANTINE, THUMBNAIL_COLUMN, block_digest, engine_stage,
+                           quarantine_reason, row_hash, word_tokens)
+from capjob.stages.samples import kept_samples, offer_samples, start_sample_keeper
+from capjob.stages.tables import TableWriter, quarantine_table, txt_dir, write_local_atomic
 
 
 # --------------------------------------------------------------------------- sink=txt
@@ -366,10 +147,6 @@ class TxtWriter:
             return
         for name, data in files.items():
             write_local_atomic(self.path(name), data)
-
-
-def txt_dir(cfg: SinkConfig) -> str:
-    return cfg.txt_dir or f"{cfg.path.rstrip('/')}/txt"
 
 
 def txt_collisions(manifest: pa.Table) -> dict[str, list[str]]:
@@ -471,8 +248,7 @@ class CaptionSink(Datasink[dict[str, Any]]):
             stats["prompt_tokens"] = sum(captions.column("prompt_tokens").to_pylist())
             stats["caption_tokens"] = captions.column("generated_tokens").to_pylist()
             stats["generated_tokens"] = sum(stats["caption_tokens"])
-            from capjob.evaluation import word_tokens  # the one word counter: report and eval agree
-
+            # The one word counter (schema.word_tokens): the report and the evaluation agree.
             stats["caption_words"] = [len(word_tokens(c or "")) for c in captions.column(text_columns[0]).to_pylist()]
             texts = {c: captions.column(c).to_pylist() for c in text_columns}
             keys = captions.column("source_key").to_pylist()
@@ -482,7 +258,6 @@ class CaptionSink(Datasink[dict[str, Any]]):
             samples = [{"time": now, "hash": row_hash(ids[j]), "id": ids[j], "source_key": keys[j],
                         "captions": {c: texts[c][j] for c in text_columns}, "reference": refs[j], "thumbnail": thumbnails[i]}
                        for j, i in enumerate(ok) if thumbnails[i]]
-            from capjob.reporting.contact_sheet import offer_samples
 
             stats["samples"] = offer_samples(self.run_id, samples)
         if failed:
@@ -500,8 +275,6 @@ class CaptionSink(Datasink[dict[str, Any]]):
         stats["write_events"] = [(now, len(ok))]
         # Which node wrote how many rows: on a cluster, the report shows the writes spread out.
         stats["write_nodes"] = {_node_id(): table.num_rows}
-        from capjob import metrics
-
         metrics.record_many(self.run_id, stem, {
             "captioned": stats["captioned"], "generated_tokens": stats["generated_tokens"],
             "prompt_tokens": stats["prompt_tokens"],
@@ -510,7 +283,6 @@ class CaptionSink(Datasink[dict[str, Any]]):
         return stats
 
     def on_write_start(self, schema: Any = None) -> None:
-        from capjob.reporting.contact_sheet import start_sample_keeper
 
         self._keeper = start_sample_keeper(self.run_id)  # the handle keeps the actor alive
 
@@ -525,15 +297,12 @@ class CaptionSink(Datasink[dict[str, Any]]):
         for r in results:
             for node, rows in r.get("write_nodes", {}).items():
                 self.totals["write_nodes"][node] = self.totals["write_nodes"].get(node, 0) + rows
-        from capjob.reporting.contact_sheet import kept_samples
 
         self.totals["samples"] = kept_samples(self.run_id, self.totals["samples"])
         if self.cfg.format == SinkFormat.txt:
             collisions = txt_collisions(TableWriter(self.cfg).read(CAPTIONS, columns=["id", "txt_file"]))
             self.totals["txt_collisions"] = collisions
             if collisions:
-                import logging
-
                 logging.getLogger(__name__).warning(
                     "sink=txt: %d .txt name(s) were written for more than one image (same stem, another extension or "
                     "folder?); each holds one of their captions, all captions are in %s. First: %s",

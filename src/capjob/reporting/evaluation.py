@@ -25,40 +25,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
-from capjob.config import EvalConfig, EvalMode, JudgeConfig, ResourcesConfig, SinkConfig, SinkFormat
+from capjob.config import EvalConfig, EvalMode, ResourcesConfig, SinkConfig, SinkFormat
 from capjob.errors import CapjobError, SinkError, SourceError
-from capjob.sinks import CAPTIONS, TableWriter
-from capjob.stages.sources import describe_remote_error
+from capjob.reporting.judge import judge_output, render_judge_markdown
+from capjob.reporting.outputs import EVALUATION, default_out_dir, output_sink, read_captions, require_columns, select_run
+from capjob.schema import CAPTIONS, word_tokens
+from capjob.stages.tables import TableWriter
 
-EVALUATION = "evaluation"
-REQUIRED_COLUMNS = ("id", "caption", "generated_tokens")
 REPORT_JSON = "eval.json"
 REPORT_MD = "eval.md"
 HISTOGRAM_PNG = "caption_length_hist.png"
 PERCENTILES = (5, 50, 95)
-NO_CAPTIONS = pa.table(
-    {
-        "id": pa.array([], pa.string()),
-        "caption": pa.array([], pa.string()),
-        "generated_tokens": pa.array([], pa.int64()),
-        "run_id": pa.array([], pa.string()),
-    }
-)
 
 EVAL_SCHEMA = pa.schema(
     [
@@ -77,16 +63,8 @@ EVAL_SCHEMA = pa.schema(
     ]
 )
 
-_WORD = re.compile(r"\w+(?:['’]\w+)*")
-
-
-
 
 # --- per caption -------------------------------------------------------------------------
-
-
-def word_tokens(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
 
 
 def has_repeated_ngram(words: Sequence[str], n: int, repeats: int, share: float) -> bool:
@@ -196,18 +174,6 @@ def distribution(values: Sequence[int]) -> dict[str, Optional[float]]:
 
 def _share(count: Optional[int], total: int) -> dict[str, Any]:
     return {"count": count, "share": count / total if count is not None and total else None}
-
-
-def require_columns(table: pa.Table) -> None:
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
-    if missing:
-        raise SourceError(f"the captions table has no column(s) {missing}; columns: {sorted(table.column_names)}")
-
-
-def select_run(table: pa.Table, run_id: str) -> pa.Table:
-    if "run_id" not in table.column_names:
-        raise SourceError(f"cannot select run {run_id!r}: the captions table has no run_id column")
-    return table.filter(pc.equal(table.column("run_id"), run_id))
 
 
 @dataclass
@@ -327,8 +293,6 @@ def render_markdown(stats: Mapping[str, Any]) -> str:
     if s.get("reference"):
         lines += _reference_markdown(s["reference"])
     if s.get("judge"):
-        from capjob.judge import render_judge_markdown
-
         lines.append(render_judge_markdown(s["judge"]))
     return "\n".join(lines)
 
@@ -350,7 +314,8 @@ def _score(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _histogram(ax: Any, values: list[int], stats: Mapping[str, Optional[float]], xlabel: str) -> None:
+def _histogram(ax: Any, values: list[int], stats: Mapping[str, Optional[float]], xlabel: str, y_locator: Any) -> None:
+    """y_locator: a matplotlib.ticker.MaxNLocator(integer=True) (counts are integers)."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel("captions")
     if not values:
@@ -360,19 +325,26 @@ def _histogram(ax: Any, values: list[int], stats: Mapping[str, Optional[float]],
     low, high = min(values), max(values)
     step = max(1, int(np.ceil((high - low + 1) / 50)))
     ax.hist(values, bins=np.arange(low, high + step + 1, step) - 0.5, color="#4c72b0")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(y_locator)
     for key, style in (("p5", ":"), ("p50", "--"), ("p95", ":"), ("mean", "-")):
         ax.axvline(stats[key], color="#c44e52", linestyle=style, label=f"{key} {stats[key]:.1f}")
     ax.legend(fontsize="small")
 
 
 def plot_lengths(evaluation: Evaluation, path: Path) -> None:
+    # matplotlib (0.3-0.5 s to import) loads when a report is drawn, as in report.py and
+    # sweep_report.py: the CLI imports this module before its preflight (via the sweep report).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     # The object-oriented API on an Agg canvas: no pyplot global state, no display needed.
     fig = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(fig)
     words_ax, tokens_ax = fig.subplots(1, 2)
-    _histogram(words_ax, evaluation.rows.column("words").to_pylist(), evaluation.stats["words"], "words")
-    _histogram(tokens_ax, evaluation.rows.column("generated_tokens").to_pylist(), evaluation.stats["generated_tokens"], "generated tokens")
+    _histogram(words_ax, evaluation.rows.column("words").to_pylist(), evaluation.stats["words"], "words", MaxNLocator(integer=True))
+    _histogram(tokens_ax, evaluation.rows.column("generated_tokens").to_pylist(), evaluation.stats["generated_tokens"], "generated tokens",
+               MaxNLocator(integer=True))
     fig.suptitle(f"Caption length, run {evaluation.stats['run']} ({evaluation.stats['count']} captions)")
     fig.savefig(path, format="png", dpi=100)
 
@@ -432,37 +404,6 @@ def compare_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
 # --- an output (the job's sink or an existing one) ---------------------------------------
 
 
-def output_sink(url: str, storage_options: Optional[dict[str, Any]] = None) -> SinkConfig:
-    """The SinkConfig that reads an existing output; its caption files tell the format."""
-    options = storage_options or {}
-    candidates = [
-        SinkConfig(path=url, format=fmt, compression=compression, storage_options=options)
-        for fmt, compression in ((SinkFormat.parquet, "snappy"), (SinkFormat.jsonl, "gzip"), (SinkFormat.jsonl, "none"))
-    ]
-    try:
-        fs, root = fsspec.url_to_fs(url, **options)
-        exists = fs.exists(root)
-        found = [sink for sink in candidates if exists and TableWriter(sink).list_files(CAPTIONS)]
-    except Exception as e:  # noqa: BLE001 - fsspec/s3fs/botocore raise a zoo of types
-        raise SourceError(describe_remote_error(url, e)) from None
-    if not exists:
-        raise SourceError(f"{url!r} does not exist")
-    if not found:
-        raise SourceError(f"no caption files under {url.rstrip('/')}/{CAPTIONS}: is {url!r} a capjob sink.path?")
-    return found[0]
-
-
-def read_captions(sink: SinkConfig) -> pa.Table:
-    writer = TableWriter(sink)
-    try:
-        if not writer.list_files(CAPTIONS):
-            # Every image of the run was quarantined: no captions is a result, not bad input.
-            return NO_CAPTIONS
-        return writer.read(CAPTIONS)
-    except Exception as e:  # noqa: BLE001 - s3fs/botocore/pyarrow raise a zoo of types
-        raise SourceError(describe_remote_error(f"{sink.path.rstrip('/')}/{CAPTIONS}", e)) from None
-
-
 def evaluate_output(
     sink: SinkConfig,
     cfg: EvalConfig,
@@ -488,8 +429,6 @@ def evaluate_output(
     written = {"table": evaluation.stats["evaluation_table"], **files}
     if cfg.mode == EvalMode.judge:
         # The statistics report is written first: it stays if the judge's engine cannot start.
-        from capjob.judge import judge_output
-
         judged = judge_output(sink, cfg.judge, run_id=run_id, resources=resources)
         evaluation.stats["judge"] = judged.stats
         write_report(evaluation, out_dir)
@@ -508,14 +447,6 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
-
-
-def default_out_dir(url: str) -> Path:
-    """The output itself when local; else ./eval-<last path component>."""
-    fs, root = fsspec.url_to_fs(url)
-    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        return Path(root)
-    return Path(f"eval-{root.rstrip('/').rsplit('/', 1)[-1]}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

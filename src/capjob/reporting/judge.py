@@ -10,10 +10,13 @@ Runs after captioning (``eval=judge``, through ``evaluation.evaluate_output``) o
         -> aggregates (JudgeResult.stats), which eval.json / eval.md carry under ``judge``
 
 The judge has its own model and engine (``eval.judge.*``): it is not the captioning model.
-Placement is decided like the caption engine's (``runtime.decide_placement``): GPUs when the
-cluster has them (``tensor_parallel_size`` per replica, or ``gpus_per_worker``), else vLLM on
-CPU with a fixed KV cache (``cpu_kv_cache_gib``); the CPU stages and their CPUs come from the
-job's ``resources``, the number of judge replicas from ``eval.judge.concurrency``.
+``eval.judge.model`` and ``eval.judge.engine`` are the caption pass's config groups with the
+judge's values, so placement, engine args and the processor config come from the caption
+engine's own code (stages/caption/engine.py): GPUs when the cluster has them
+(``engine.tensor_parallel_size`` per replica, or ``gpus_per_worker``), else vLLM on CPU with a
+fixed KV cache (``engine.cpu_kv_cache_gib``); the CPU stages and their CPUs come from the job's
+``resources``, the number of judge replicas from ``eval.judge.concurrency``. The judge joins
+the Ray the caption pass started.
 
 What the judge sees
     The caption only (text judge): a system prompt and ``eval.judge.prompt`` with ``{caption}``
@@ -25,13 +28,13 @@ What the judge sees
 
 Accounting
     Every caption row gets exactly one judge row (asserted): ``failed`` when the engine raised
-    on it (prompt longer than ``max_model_len``...; ``should_continue_on_error``), otherwise
+    on it (prompt longer than ``engine.max_model_len``...; ``should_continue_on_error``), otherwise
     ``parsed`` or ``unparseable``; so ``parsed + unparseable + failed == count`` and
     ``judged == parsed + unparseable``. The mean and the 1..5 histogram cover parsed rows only.
 
 A real judge
     ``eval=judge`` uses ``Qwen/Qwen2.5-7B-Instruct`` (temperature 0, 64 new tokens); a bigger
-    instruct model (e.g. ``Qwen/Qwen2.5-32B-Instruct`` with ``eval.judge.tensor_parallel_size=2``)
+    instruct model (e.g. ``Qwen/Qwen2.5-32B-Instruct`` with ``eval.judge.engine.tensor_parallel_size=2``)
     judges better. Any model that follows "Score: <n> / Reason: <sentence>" works: the parser
     also accepts JSON (fenced or not), ``**Score**: 4``, ``4/5 - ...``, a leading number, and
     drops ``<think>...</think>`` blocks of reasoning models (give those a larger ``max_tokens``).
@@ -56,11 +59,15 @@ from typing import Any, Mapping, Optional
 
 import pyarrow as pa
 
-from capjob.config import CapjobConfig, EngineConfig, ModelConfig, ResourcesConfig, SinkConfig, SinkFormat
+from capjob.config import JudgeConfig, ResourcesConfig, SinkConfig, SinkFormat
 from capjob.errors import CapjobError
-from capjob.evaluation import EVALUATION, JudgeConfig, read_captions, select_run
-from capjob.processor import DATA_COLUMN, ERROR_COLUMN, EnginePlacement
-from capjob.sinks import CAPTIONS, TableWriter
+from capjob.models import resolve_model_source
+from capjob.models.remote import node_local_stage_udfs
+from capjob.reporting.outputs import EVALUATION, read_captions, select_run
+from capjob.schema import CAPTIONS, DATA_COLUMN, ERROR_COLUMN
+from capjob.stages.caption.engine import (EnginePlacement, check_accelerator_type, decide_placement, largest_node_gpus,
+                                          processor_config)
+from capjob.stages.tables import TableWriter
 
 log = logging.getLogger(__name__)
 
@@ -234,41 +241,17 @@ def parse_judgement(text: Optional[str]) -> Judgement:
 
 
 def judge_model_name(judge: JudgeConfig) -> str:
-    if judge.name:
-        return judge.name
-    return (judge.model_source or judge.builder or "judge").rstrip("/").rsplit("/", 1)[-1]
+    """The judge's label: eval.judge.model.name, else the last part of its source (or builder)."""
+    if judge.model.name:
+        return judge.model.name
+    return (judge.model.source or judge.model.builder or "judge").rstrip("/").rsplit("/", 1)[-1]
 
 
-def judge_engine_config(judge: JudgeConfig, resources: Optional[ResourcesConfig] = None) -> CapjobConfig:
-    """The judge's engine as a CapjobConfig, so placement, engine kwargs and Ray sizing are
-    decided by the same code as the caption engine's (runtime.decide_placement,
-    processor.engine_kwargs / processor_config, runtime.init_ray)."""
+def judge_resources(judge: JudgeConfig, resources: Optional[ResourcesConfig] = None) -> ResourcesConfig:
+    """The judge's resources: the job's (CPU stages, cluster address, accelerator type) with the
+    judge's replicas and GPUs per replica; replicas never share a GPU."""
     r = resources if resources is not None else ResourcesConfig()
-    return CapjobConfig(
-        model=ModelConfig(
-            name=judge_model_name(judge),
-            source=judge.model_source,
-            builder=judge.builder,
-            trust_remote_code=judge.trust_remote_code,
-            dtype=judge.dtype,
-        ),
-        engine=EngineConfig(
-            batch_size=judge.batch_size,
-            max_concurrent_batches=judge.max_concurrent_batches,
-            max_model_len=judge.max_model_len,
-            max_num_seqs=judge.max_num_seqs,
-            gpu_memory_utilization=judge.gpu_memory_utilization,
-            cpu_kv_cache_gib=judge.cpu_kv_cache_gib,
-            tensor_parallel_size=judge.tensor_parallel_size,
-            quantization=judge.quantization,
-            enforce_eager=judge.enforce_eager,
-            # Text-only: no image slots (vLLM then skips a VLM's vision tower).
-            limit_images_per_prompt=0,
-            extra_engine_kwargs=dict(judge.extra_engine_kwargs),
-            env_vars=dict(judge.env_vars),
-        ),
-        resources=replace(r, concurrency=judge.concurrency, gpus_per_worker=judge.gpus_per_worker, replicas_per_gpu=1),
-    )
+    return replace(r, concurrency=judge.concurrency, gpus_per_worker=judge.gpus_per_worker, replicas_per_gpu=1)
 
 
 class JudgeRequest:
@@ -320,25 +303,21 @@ class JudgeRecord:
         }
 
 
-def build_judge_processor(judge: JudgeConfig, cfg: CapjobConfig, model_source: str, placement: EnginePlacement):
-    """`cfg`: judge_engine_config(judge, resources)."""
+def build_judge_processor(judge: JudgeConfig, resources: ResourcesConfig, model_source: str, placement: EnginePlacement):
+    """The judge's Ray Data LLM processor (text only: ChatTemplate -> [Tokenize] -> vLLM).
+    resources: judge_resources(judge, the job's resources)."""
     from ray.data.llm import build_processor
 
-    from capjob.processor import processor_config
-
-    r = cfg.resources
     processor = build_processor(
-        processor_config(cfg, model_source, placement, multimodal=False),
+        processor_config(judge.engine, judge.model, resources, model_source, placement, multimodal=False),
         preprocess=JudgeRequest(judge),
-        preprocess_map_kwargs={"num_cpus": r.preprocess_cpus},
-        postprocess_map_kwargs={"num_cpus": r.preprocess_cpus},
+        preprocess_map_kwargs={"num_cpus": resources.preprocess_cpus},
+        postprocess_map_kwargs={"num_cpus": resources.preprocess_cpus},
     )
-    from capjob.models.remote import node_local_stage_udfs
-
     node_local_stage_udfs(processor.stages, model_source)
     # As for captions: failed rows would bypass the user postprocess with their whole working
     # row; replacing the wrapped postprocess gives every row the same small schema.
-    processor.postprocess = JudgeRecord(cfg.model.name, judge.raw_chars)
+    processor.postprocess = JudgeRecord(judge_model_name(judge), judge.raw_chars)
     return processor
 
 
@@ -378,40 +357,34 @@ def check_accounting(captions: int, rows: pa.Table) -> None:
         raise JudgeAccountingError(f"judge: counts do not add up to {captions} captions: {s}")
 
 
-def _placement_and_ray(cfg: CapjobConfig) -> EnginePlacement:
-    """Join the running Ray (the caption pass's) or start one sized for the judge's stages."""
-    import ray
-
-    from capjob import runtime
+def judge_placement(judge: JudgeConfig, resources: ResourcesConfig) -> EnginePlacement:
+    """Where each judge replica runs on the running Ray's cluster (the caption pass's). Raises
+    CapjobError when Ray is not up, ConfigError when the cluster lacks the GPUs."""
+    import ray  # the judge module loads with the CLI's (sweep report -> evaluation): keeps Ray out of its preflight
 
     if not ray.is_initialized():
-        if runtime.cluster_address(cfg):
-            runtime.init_ray(cfg, EnginePlacement(0, None))
-        else:
-            runtime.init_ray(cfg, runtime.decide_placement(cfg, runtime.local_gpu_count()))
-    placement = runtime.decide_placement(cfg, int(ray.cluster_resources().get("GPU", 0)), runtime.largest_node_gpus())
-    runtime.check_accelerator_type(placement, ray.cluster_resources())
+        raise CapjobError("eval.judge: the judge runs on the caption job's Ray, which is not running")
+    placement = decide_placement(resources, judge.engine, int(ray.cluster_resources().get("GPU", 0)), largest_node_gpus())
+    check_accelerator_type(placement, ray.cluster_resources())
     return placement
 
 
 def _num_blocks(rows: int, judge: JudgeConfig) -> int:
     # Enough blocks to keep every replica's concurrent batches busy, no more than one per batch.
-    return max(1, min(math.ceil(rows / judge.batch_size), 4 * judge.concurrency * judge.max_concurrent_batches))
+    return max(1, min(math.ceil(rows / judge.engine.batch_size), 4 * judge.concurrency * judge.engine.max_concurrent_batches))
 
 
 def run_judge(captions: pa.Table, judge: JudgeConfig, resources: Optional[ResourcesConfig] = None) -> pa.Table:
     """Judge a captions table (id, caption[, run_id]) on Ray; returns one row per caption in
     the table's order (JUDGE_SCHEMA plus the row index)."""
-    import ray
+    import ray.data  # as in judge_placement
 
-    from capjob.models import resolve_model_source
-
-    cfg = judge_engine_config(judge, resources)
+    resources = judge_resources(judge, resources)
     n = captions.num_rows
     if n == 0:
         return JUDGE_SCHEMA.empty_table().append_column(ROW_INDEX, pa.array([], pa.int64()))
-    model_source = resolve_model_source(judge.model_source, judge.builder)
-    placement = _placement_and_ray(cfg)
+    model_source = resolve_model_source(judge.model.source, judge.model.builder)
+    placement = judge_placement(judge, resources)
     log.info("judge: %d captions, model %s, %s", n, model_source, f"{placement.gpus:g} GPU(s)" if placement.gpus else "CPU")
     run_ids = captions.column("run_id").cast(pa.string()) if "run_id" in captions.column_names else pa.nulls(n, pa.string())
     table = pa.table(
@@ -424,7 +397,7 @@ def run_judge(captions: pa.Table, judge: JudgeConfig, resources: Optional[Resour
     )
     step = math.ceil(n / _num_blocks(n, judge))
     ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, n, step)])
-    ds = build_judge_processor(judge, cfg, model_source, placement)(ds)
+    ds = build_judge_processor(judge, resources, model_source, placement)(ds)
     schema = JUDGE_SCHEMA.append(pa.field(ROW_INDEX, pa.int64()))
     out = pa.Table.from_pylist(ds.take_all(), schema=schema)
     return out.sort_by(ROW_INDEX)
@@ -457,7 +430,7 @@ def judge_output(
     stats = {
         "run": run,
         "model": judge_model_name(judge),
-        "model_source": judge.model_source or f"<built locally: {judge.builder}>",
+        "model_source": judge.model.source or f"<built locally: {judge.model.builder}>",
         **judge_stats(rows),
         "judge_table": table_url,
         "source": TableWriter(sink).url(CAPTIONS),
@@ -465,7 +438,7 @@ def judge_output(
         "settings": {
             "temperature": judge.temperature,
             "max_tokens": judge.max_tokens,
-            "max_model_len": judge.max_model_len,
+            "max_model_len": judge.engine.max_model_len,
             "system_prompt": judge.system_prompt,
             "prompt": judge.prompt,
         },

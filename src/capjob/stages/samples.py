@@ -1,0 +1,111 @@
+"""Stage: the sample of rows a run shows in its contact sheet (reporting/contact_sheet.py).
+
+While the run streams, a sample of rows (chosen by a hash of their id, so spread over the whole
+input) carry a 256 px JPEG thumbnail (THUMBNAIL_COLUMN) from the request builder to the sink,
+which offers them, with their captions and write time, to the run's SampleKeeper actor; it keeps
+the schema.THUMBNAIL_CANDIDATES of smallest hash. Ray is imported inside the keeper's functions:
+the sink's module loads without a cluster in unit tests.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Optional
+
+from capjob.schema import THUMBNAIL_CANDIDATES, row_hash
+
+THUMBNAIL_PX = 256
+
+
+def thumbnail_every(expected_rows: Optional[int]) -> int:
+    """1 in how many rows carries a thumbnail: about schema.THUMBNAIL_CANDIDATES per run; every row
+    when the row count is unknown (a 256 px JPEG is ~1 ms of CPU next to the decode, and the
+    sink passes on only the sample the contact sheet keeps)."""
+    if not expected_rows:
+        return 1
+    return max(1, -(-expected_rows // THUMBNAIL_CANDIDATES))
+
+
+def is_thumbnail_row(row_id: str, every: int) -> bool:
+    return every <= 1 or row_hash(row_id) % every == 0
+
+
+def thumbnail_jpeg(image: Any) -> bytes:
+    small = image.copy()
+    small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=82)
+    return buf.getvalue()
+
+
+THUMBNAIL_PX = 256
+
+
+
+# The sample the run keeps for its contact sheet: the rows of smallest id hash (a uniform
+# random sample, whatever the run's size or order), THUMBNAIL_CANDIDATES of them.
+def _keeper_name(run_id: str) -> str:
+    return f"capjob-samples-{run_id}"
+
+
+class SampleKeeper:
+    """Ray actor (num_cpus=0, one per run): the `keep` offered samples of smallest hash. Memory
+    is bounded by keep x one thumbnail (~12 KB) whatever the run's size."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.heap: list[tuple[int, str, dict[str, Any]]] = []  # (-hash, id, sample): a max-heap
+
+    def offer(self, samples: list[dict[str, Any]]) -> None:
+        import heapq
+
+        for s in samples:
+            item = (-s["hash"], s["id"], s)
+            if len(self.heap) < self.keep:
+                heapq.heappush(self.heap, item)
+            elif item > self.heap[0]:
+                heapq.heapreplace(self.heap, item)
+
+    def samples(self) -> list[dict[str, Any]]:
+        return [s for _, _, s in self.heap]
+
+
+def start_sample_keeper(run_id: str) -> Any:
+    """The run's SampleKeeper (on the driver, before the write starts); None without Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    return ray.remote(num_cpus=0)(SampleKeeper).options(name=_keeper_name(run_id), get_if_exists=True).remote(THUMBNAIL_CANDIDATES)
+
+
+def offer_samples(run_id: str, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """From a write task: hand samples to the run's keeper (waits, so none is lost); returns
+    the ones no keeper took (no Ray, or no keeper: unit tests), for the write's result."""
+    if not samples:
+        return []
+    import ray
+
+    if ray.is_initialized():
+        try:
+            keeper = ray.get_actor(_keeper_name(run_id))
+        except ValueError:
+            return samples
+        ray.get(keeper.offer.remote(samples))
+        return []
+    return samples
+
+
+def kept_samples(run_id: str, returned: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """On the driver after the write: the keeper's sample plus any returned by the writes,
+    ordered by write time."""
+    import ray
+
+    samples = list(returned)
+    if ray.is_initialized():
+        try:
+            samples += ray.get(ray.get_actor(_keeper_name(run_id)).samples.remote())
+        except ValueError:
+            pass
+    return sorted(samples, key=lambda s: (s["time"], s["id"]))
+
