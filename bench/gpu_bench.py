@@ -618,12 +618,14 @@ def run_raw_vllm(s: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
     from capjob.models import resolve_model_source
-    from capjob.stages.caption.processor import CaptionRequest, engine_kwargs
-    from capjob.runtime import decide_placement, local_gpu_count
+    from capjob.prompts import prompt_specs
+    from capjob.stages.caption.engine import decide_placement, engine_kwargs, local_gpu_count
+    from capjob.stages.caption.requests import CaptionRequest
 
     cfg = compose(base_overrides(s))
     source = resolve_model_source(cfg.model.source, cfg.model.builder)
-    kwargs = engine_kwargs(cfg, source, decide_placement(cfg, local_gpu_count()))
+    kwargs = engine_kwargs(cfg.engine, cfg.model, decide_placement(cfg.resources, cfg.engine, local_gpu_count()),
+                           prompt_specs(cfg.caption))
     patched = unpinned_mm_batches() if os.environ.get("GPU_BENCH_NO_PIN") == "1" else None
     t_decode = time.time()
     t_imports = time.time()
@@ -631,7 +633,7 @@ def run_raw_vllm(s: dict[str, Any]) -> dict[str, Any]:
     decode_s = time.time() - t_decode
     system, user = prompts()
     # capjob's own message layout (caption.text_before_image decides the order).
-    request = CaptionRequest(cfg)
+    request = CaptionRequest(cfg.caption, cfg.engine)
     params = SamplingParams(temperature=s["temperature"], max_tokens=s["max_tokens"], ignore_eos=True)
     stamps: list[float] = []
     label = f"raw_vllm-{s['raw_api']}" + (f"-{s['label']}" if s.get("label") else "")

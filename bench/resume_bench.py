@@ -4,7 +4,7 @@ For each size (fabricated id-only sinks: parquet files of `--rows-per-file` ids 
 <sink>/captions, plus the run record the resume preflight checks) and each method, in a fresh
 process with its own local Ray:
 
-* ``hashes`` (capjob now): checkpoint.prepare reads the ids file by file into sorted 64-bit
+* ``hashes`` (capjob now): resume.prepare reads the ids file by file into sorted 64-bit
   hashes (stages/ids.DoneIds), placed once in the object store; the id stage maps them.
 * ``frozenset`` (capjob before, issue 18): a Python frozenset of the id strings on the driver,
   carried in the id stage's arguments, so every task process unpickles its own copy.
@@ -82,18 +82,20 @@ def child(args: argparse.Namespace) -> None:
     import pyarrow.parquet as pq
     import ray
 
-    from capjob import checkpoint, metrics
+    from capjob import metrics
+    from capjob.stages import resume
     from capjob.config import CapjobConfig, DataConfig, SinkConfig, SourceFormat
-    from capjob.stages.sinks import CAPTIONS, TableWriter
+    from capjob.schema import CAPTIONS
+    from capjob.stages.tables import TableWriter
     from capjob.stages import ids
 
     sink = SinkConfig(path=args.sink)
     cfg = CapjobConfig(sink=sink, data=DataConfig(format=SourceFormat.parquet, path=args.input, key_column="key", image_column="image"))
     cfg.model.builder = "bench"
     result: dict = {"method": args.method, "done_ids": args.size}
-    checkpoint.record_settings(sink, "fabricated", checkpoint.caption_settings(cfg, "/bench/model"))
+    resume.record_settings(sink, "fabricated", resume.caption_settings(cfg, "/bench/model"))
     if args.method == "hashes":
-        done = checkpoint.prepare(cfg, "bench", "/bench/model")
+        done = resume.prepare(cfg, "bench", "/bench/model")
         result["id_set_bytes"] = int(done.hashes.nbytes)
     elif args.method == "frozenset":
         writer = TableWriter(sink)

@@ -33,7 +33,8 @@ from httpserver import LocalHTTPServer  # noqa: E402
 from iolayouts import make_rows  # noqa: E402
 
 from capjob.config import FetchConfig, ImagesConfig  # noqa: E402
-from capjob.stages.images import ImageRejected, decode_image  # noqa: E402
+from capjob.schema import ImageRejected  # noqa: E402
+from capjob.stages.images import decode_image  # noqa: E402
 from capjob.stages.sources.cells import Fetcher  # noqa: E402
 
 MIX = [("ok", 0.70), ("slow", 0.05), ("flaky", 0.05), ("404", 0.05), ("403", 0.05), ("loop", 0.05), ("html", 0.05)]

@@ -1,10 +1,8 @@
 import os
-import pathlib
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
+
 
 # Ray's dashboard is on by default for a local run; in the tests (and the capjob processes they
 # start) it is off: measured on 2 cores it triples ray.init (9.8 -> 29 s) and adds ~1 GiB of RSS
@@ -20,35 +18,13 @@ def _isolated_cache(tmp_path_factory):
     yield cache
 
 
-def early_checkpoint(steps: int):
-    """The tiny model after `steps` training steps (an early checkpoint for sweeps), built once
-    into the tests' capjob cache and shared by the tests that sweep checkpoints."""
-    from capjob import models
-    from capjob.cache import cache_dir
-
-    target = cache_dir() / "models" / f"{models.TINY_QWEN25VL}-{models.TINY_QWEN25VL_VERSION}-steps{steps}"
-    return models.build_tiny_qwen25vl(target, train_steps=steps)
-
-
-def compose(overrides: list[str] | None = None):
-    """Compose conf/config.yaml with Hydra's compose API, as the CLI does."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from capjob.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides or [])
-
-
 # --- S3 (data in and out): a real S3-compatible HTTP server on 127.0.0.1 -------------------
 
 
 @pytest.fixture(scope="session")
 def s3():
-    """moto's S3 server in a subprocess (tests/s3server.py), for the whole session."""
-    from s3server import S3Server
+    """moto's S3 server in a subprocess (tests/helpers/s3server.py), for the whole session."""
+    from helpers.s3server import S3Server
 
     with S3Server() as server:
         yield server
@@ -57,7 +33,7 @@ def s3():
 @pytest.fixture(scope="session")
 def s3_auth():
     """A second server that checks credentials: every key is unknown to it (wrong credentials)."""
-    from s3server import S3Server
+    from helpers.s3server import S3Server
 
     with S3Server(auth=True) as server:
         yield server

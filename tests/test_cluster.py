@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, compose
+from helpers.config import REPO, compose
 from test_jobs import free_ports, ray_start_children, stop_ray_start
 
 VENV_BIN = pathlib.Path(sys.executable).parent
@@ -89,7 +89,7 @@ def test_preflight_refuses_a_local_path_a_node_does_not_see(tmp_path):
 def test_engine_resources_pin_the_engine_bundle_and_are_checked():
     from capjob import runtime
     from capjob.errors import ConfigError
-    from capjob.stages.caption.processor import EnginePlacement, engine_bundles
+    from capjob.stages.caption.engine import engine_bundles, EnginePlacement
 
     assert engine_bundles(EnginePlacement(0, None), {ENGINE_RESOURCE: 0.001}) == {"bundles": [{"CPU": 1, ENGINE_RESOURCE: 0.001}]}
     assert engine_bundles(EnginePlacement(0.5, "L4"), {"x": 1}) == {"bundles": [{"GPU": 0.5, "x": 1.0}]}
@@ -293,7 +293,7 @@ def test_checkpoint_sweep_from_s3_on_two_nodes(two_nodes, s3_env, tmp_path):
     local sweep (each job here costs ~2 minutes on a 2-core machine)."""
     from capjob import models, sweep
     from capjob.stages.sources.sample import write_hf_parquet
-    from references import assert_captions_fit_their_images, shape_rows
+    from helpers.references import assert_captions_fit_their_images, shape_rows
 
     url = "s3://ckpts/tiny/step-1000"
     upload_model(s3_env, models.resolve_model_source(None, models.TINY_QWEN25VL), url)

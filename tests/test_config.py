@@ -4,9 +4,10 @@ import sys
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
+from capjob.prompts import prompt_specs
 from capjob.config import CapjobConfig, to_typed
 from capjob.errors import ConfigError
-from conftest import CONF_DIR, REPO, compose
+from helpers.config import CONF_DIR, REPO, compose
 
 GROUPS = {"dataset": "data", "model": "model", "engine": "engine", "resources": "resources", "sink": "sink", "eval": "eval"}
 
@@ -138,14 +139,14 @@ def test_report_redacts_secret_looking_keys():
 
 
 def test_more_gpus_than_the_machine_has_fails_before_ray():
-    from capjob.runtime import decide_placement
+    from capjob.stages.caption.engine import decide_placement
 
     cfg = to_typed(compose(["resources=h100x1"]))
     with pytest.raises(ConfigError, match=r"resources\.gpus_per_worker: .* needs 1 GPU\(s\) .* has 0"):
-        decide_placement(cfg, available_gpus=0)
+        decide_placement(cfg.resources, cfg.engine, available_gpus=0)
     local = to_typed(compose(["resources=local"]))
-    assert decide_placement(local, available_gpus=0).gpus == 0  # CPU engine
-    assert decide_placement(local, available_gpus=2).gpus == 1
+    assert decide_placement(local.resources, local.engine, available_gpus=0).gpus == 0  # CPU engine
+    assert decide_placement(local.resources, local.engine, available_gpus=2).gpus == 1
 
 
 def test_cli_gpu_layout_on_a_cpu_machine_is_one_line():
@@ -163,46 +164,46 @@ def test_redaction_keeps_token_counts():
 
 
 def test_processor_stages_follow_the_engine_switches():
-    from capjob.stages.caption.processor import EnginePlacement, cpu_stages, processor_config
+    from capjob.stages.caption.engine import cpu_stages, EnginePlacement, processor_config
     from capjob.runtime import local_cpus_needed
 
     default = to_typed(compose([]))
     # The caption prompt is rendered once (engine.chat_template_stages=false): no
     # PrepareMultimodal / ChatTemplate actors; the judge's text pass keeps its ChatTemplate.
-    assert cpu_stages(default) == ["Tokenize"]
-    assert cpu_stages(default, multimodal=False) == ["ChatTemplate", "Tokenize"]
+    assert cpu_stages(default.engine) == ["Tokenize"]
+    assert cpu_stages(default.engine, multimodal=False) == ["ChatTemplate", "Tokenize"]
     templated = to_typed(compose(["engine.chat_template_stages=true"]))
-    assert cpu_stages(templated) == ["PrepareMultimodal", "ChatTemplate", "Tokenize"]
+    assert cpu_stages(templated.engine) == ["PrepareMultimodal", "ChatTemplate", "Tokenize"]
     # Each image is seen once: vLLM's processed-image cache would only hold memory.
-    from capjob.stages.caption.processor import engine_kwargs
-    assert engine_kwargs(default, "/m", EnginePlacement(0, None))["mm_processor_cache_gb"] == 0
+    from capjob.stages.caption.engine import engine_kwargs
+    assert engine_kwargs(default.engine, default.model, EnginePlacement(0, None), prompt_specs(default.caption))["mm_processor_cache_gb"] == 0
     offline = to_typed(compose(["experiment=offline"]))
-    assert cpu_stages(offline) == []
+    assert cpu_stages(offline.engine) == []
     assert offline.engine.enforce_eager and offline.engine.env_vars == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    config = processor_config(offline, "/m", EnginePlacement(0, None))
+    config = processor_config(offline.engine, offline.model, offline.resources, "/m", EnginePlacement(0, None))
     assert (config.tokenize_stage["enabled"], config.detokenize_stage["enabled"], config.chat_template_stage["enabled"],
             config.prepare_multimodal_stage["enabled"]) == (False, False, False, False)
     assert config.runtime_env == {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
     # The one-off prompt rendering runs the two stages' own UDFs.
-    config = processor_config(offline, "/m", EnginePlacement(0, None), chat_template_stages=True)
+    config = processor_config(offline.engine, offline.model, offline.resources, "/m", EnginePlacement(0, None), chat_template_stages=True)
     assert (config.chat_template_stage["enabled"], config.prepare_multimodal_stage["enabled"]) == (True, True)
     # The content format the rendering task resolved reaches the per-row stage too.
-    resolved = processor_config(offline, "/m", EnginePlacement(0, None), chat_template_stages=True, content_format="openai")
+    resolved = processor_config(offline.engine, offline.model, offline.resources, "/m", EnginePlacement(0, None), chat_template_stages=True, content_format="openai")
     assert resolved.prepare_multimodal_stage["chat_template_content_format"] == "openai"
     every = to_typed(compose(["experiment=offline", "engine.chat_template_stages=true", "engine.tokenize_stage=true", "engine.detokenize_stage=true"]))
-    assert cpu_stages(every) == ["PrepareMultimodal", "ChatTemplate", "Tokenize", "Detokenize"]
+    assert cpu_stages(every.engine) == ["PrepareMultimodal", "ChatTemplate", "Tokenize", "Detokenize"]
     # Local Ray is sized to the actors that exist: two more stages, two more CPU requests.
     placement = EnginePlacement(0, None)
     wide = ["resources.cpu_stage_cpus=1.0", "resources.preprocess_cpus=1.0"]
     fewer, more = (to_typed(compose(["experiment=offline", *wide, *extra])) for extra in ([], ["engine.tokenize_stage=true", "engine.detokenize_stage=true"]))
-    assert local_cpus_needed(more, placement) - local_cpus_needed(fewer, placement) == 2
+    assert local_cpus_needed(more.resources, more.engine, placement) - local_cpus_needed(fewer.resources, fewer.engine, placement) == 2
 
 
 def test_object_store_budget_reaches_ray_data():
     """resources.object_store_mib bounds Ray Data's executor; null leaves Ray's default."""
     from ray.data import DataContext
 
-    from capjob.pipeline import configure_data_context
+    from capjob.plan import configure_data_context
 
     try:
         DataContext._set_current(None)
@@ -231,8 +232,8 @@ def test_replicas_share_a_gpu():
     share, sizes its KV cache from engine.kv_cache_gib, and all replicas start at once."""
     from ray.llm._internal.batch.stages import vLLMEngineStage
 
-    from capjob.stages.caption.processor import processor_config
-    from capjob.runtime import decide_placement
+    from capjob.stages.caption.engine import processor_config
+    from capjob.stages.caption.engine import decide_placement
 
     with pytest.raises(ConfigError, match=r"engine\.kv_cache_gib: must be set when resources\.replicas_per_gpu=2"):
         to_typed(compose(["resources=h100x1", "resources.replicas_per_gpu=2"]))
@@ -240,9 +241,9 @@ def test_replicas_share_a_gpu():
         to_typed(compose(["resources=h100x1", "resources.replicas_per_gpu=2", "engine.kv_cache_gib=8",
                           "engine.tensor_parallel_size=2", "resources.gpus_per_worker=2"]))
     cfg = to_typed(compose(["resources=h100x1", "resources.replicas_per_gpu=2", "resources.concurrency=2", "engine.kv_cache_gib=16"]))
-    placement = decide_placement(cfg, available_gpus=1)
+    placement = decide_placement(cfg.resources, cfg.engine, available_gpus=1)
     assert placement.gpus == 0.5
-    config = processor_config(cfg, "/m", placement)
+    config = processor_config(cfg.engine, cfg.model, cfg.resources, "/m", placement)
     assert config.engine_kwargs["gpu_memory_utilization"] == pytest.approx(0.45)
     assert config.engine_kwargs["kv_cache_memory_bytes"] == 16 * 2**30
     assert config.concurrency == (2, 2)
@@ -253,7 +254,7 @@ def test_replicas_share_a_gpu():
     assert stage.map_batches_kwargs["num_gpus"] == 0.5  # what Ray schedules the engine actor with
     # One replica per GPU stays Ray Data LLM's default: whole GPUs, utilisation as configured.
     whole = to_typed(compose(["resources=h100x1"]))
-    config = processor_config(whole, "/m", decide_placement(whole, available_gpus=1))
+    config = processor_config(whole.engine, whole.model, whole.resources, "/m", decide_placement(whole.resources, whole.engine, available_gpus=1))
     assert config.placement_group_config is None and config.engine_kwargs["gpu_memory_utilization"] == 0.9
     assert "kv_cache_memory_bytes" not in config.engine_kwargs
 
@@ -265,17 +266,17 @@ def test_h100_throughput_preset_feeds_the_engine(caplog):
 
     from ray.data import DataContext
 
-    from capjob.pipeline import configure_data_context, min_object_store_mib
-    from capjob.stages.caption.processor import EnginePlacement, engine_kwargs
+    from capjob.plan import configure_data_context, min_object_store_mib
+    from capjob.stages.caption.engine import engine_kwargs, EnginePlacement
 
     cfg = to_typed(compose(["experiment=h100_throughput", "model=qwen25vl_3b_dummy"]))
     e = cfg.engine
     assert cfg.resources.name == "h100x1" and e.batch_size * e.max_concurrent_batches >= e.max_num_seqs == 1024
-    kwargs = engine_kwargs(cfg, "/m", EnginePlacement(1, "H100"))
+    kwargs = engine_kwargs(cfg.engine, cfg.model, EnginePlacement(1, "H100"), prompt_specs(cfg.caption))
     assert (kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"]) == (1024, 16384)
-    assert cfg.resources.object_store_mib >= min_object_store_mib(cfg)
+    assert cfg.resources.object_store_mib >= min_object_store_mib(cfg.images, cfg.engine)
     starved = to_typed(compose(["experiment=h100_throughput", "images.size=225", "engine.batch_size=64", "resources.object_store_mib=1024"]))
-    assert min_object_store_mib(starved) > 1024  # the setting that cost 11 % on the H100
+    assert min_object_store_mib(starved.images, starved.engine) > 1024  # the setting that cost 11 % on the H100
     try:
         with caplog.at_level(logging.WARNING, logger="capjob.pipeline"):
             DataContext._set_current(None)
@@ -293,18 +294,18 @@ def test_caption_request_sends_the_rendered_prompt_and_the_image():
     the row's image (in the shape PrepareMultimodal would give it), named by its pixels."""
     import numpy as np
 
-    from capjob.stages.caption.processor import CaptionRequest, RenderedPrompt
+    from capjob.stages.caption.requests import CaptionRequest, RenderedPrompt
     from capjob.stages.ids import image_uuid
 
     cfg = to_typed(compose(["experiment=offline"]))
     row = {"image": np.zeros((4, 6, 3), dtype=np.uint8), "id": "row-1"}
-    out = CaptionRequest(cfg, RenderedPrompt("<prompt>", image_list=True, uuid_list=True, content_format="openai"))(row)
+    out = CaptionRequest(cfg.caption, cfg.engine, RenderedPrompt("<prompt>", image_list=True, uuid_list=True, content_format="openai"))(row)
     assert out["prompt"] == "<prompt>" and out["image"] is None and "messages" not in out
     assert out["multimodal_data"]["image"][0].size == (6, 4) and out["multimodal_uuids"] == {"image": [image_uuid(row["image"])]}
     assert out["sampling_params"]["max_tokens"] == cfg.caption.max_tokens
-    single = CaptionRequest(cfg, RenderedPrompt("<prompt>", image_list=False, uuid_list=False, content_format="openai"))(row)
+    single = CaptionRequest(cfg.caption, cfg.engine, RenderedPrompt("<prompt>", image_list=False, uuid_list=False, content_format="openai"))(row)
     assert single["multimodal_data"]["image"].size == (6, 4) and single["multimodal_uuids"] == {"image": image_uuid(row["image"])}
-    messages = CaptionRequest(cfg)(row)["messages"]  # engine.chat_template_stages=true: the stages' input
+    messages = CaptionRequest(cfg.caption, cfg.engine)(row)["messages"]  # engine.chat_template_stages=true: the stages' input
     assert [m["role"] for m in messages] == ["system", "user"] and messages[1]["content"][0]["uuid"] == image_uuid(row["image"])
 
 
@@ -312,14 +313,14 @@ def test_tp_runs_vllms_multiprocessing_executor_on_one_node():
     """Issue 21: a TP replica on one node runs vLLM's own "mp" executor (what TP=2 ran under on
     2 x H200; ray.llm would pick vLLM's Ray executor); PP alone and a replica larger than any
     node keep Ray's."""
-    from capjob.stages.caption.processor import EnginePlacement, engine_kwargs, executor_backend
+    from capjob.stages.caption.engine import engine_kwargs, EnginePlacement, executor_backend
 
     def backend(tp, pp, node_gpus=2, gpus=None):
         cfg = to_typed(compose(["resources=h200x2", "resources.concurrency=1", f"resources.gpus_per_worker={tp * pp}",
                                 f"engine.tensor_parallel_size={tp}", f"engine.pipeline_parallel_size={pp}"]))
         placement = EnginePlacement(gpus or tp * pp, "H200", node_gpus)
-        kwargs = engine_kwargs(cfg, "/m", placement)
-        assert kwargs.get("distributed_executor_backend") == executor_backend(cfg, placement)
+        kwargs = engine_kwargs(cfg.engine, cfg.model, placement, prompt_specs(cfg.caption))
+        assert kwargs.get("distributed_executor_backend") == executor_backend(cfg.engine, placement)
         return kwargs.get("distributed_executor_backend")
 
     assert backend(1, 1) is None  # ray.llm's single-process "uni"
@@ -332,20 +333,20 @@ def test_tp_runs_vllms_multiprocessing_executor_on_one_node():
     # an explicit choice still wins (bench/gpu_check.sh's tp2ray layout)
     cfg = to_typed(compose(["resources=h200x2", "resources.concurrency=1", "resources.gpus_per_worker=2",
                             "engine.tensor_parallel_size=2", "+engine.extra_engine_kwargs.distributed_executor_backend=ray"]))
-    assert engine_kwargs(cfg, "/m", EnginePlacement(2, "H200", 2))["distributed_executor_backend"] == "ray"
+    assert engine_kwargs(cfg.engine, cfg.model, EnginePlacement(2, "H200", 2), prompt_specs(cfg.caption))["distributed_executor_backend"] == "ray"
 
 
 def test_h200_presets():
-    from capjob.stages.caption.processor import EnginePlacement, engine_kwargs
-    from capjob.runtime import decide_placement
+    from capjob.stages.caption.engine import engine_kwargs, EnginePlacement
+    from capjob.stages.caption.engine import decide_placement
 
     one = to_typed(compose(["experiment=h200_throughput", "model=qwen25vl_3b_dummy"]))
     assert (one.resources.name, one.resources.accelerator_type, one.resources.concurrency) == ("h200x1", "H200", 2)
     # Two engines share the H200 (issue 22: 167 images/s against ~128 for one): half a GPU each,
     # each with its own fixed KV cache and its half of the memory budget.
-    placement = decide_placement(one, available_gpus=1, node_gpus=1)
+    placement = decide_placement(one.resources, one.engine, available_gpus=1, node_gpus=1)
     assert (one.resources.replicas_per_gpu, placement.gpus) == (2, 0.5)
-    kwargs = engine_kwargs(one, "/m", placement)
+    kwargs = engine_kwargs(one.engine, one.model, placement, prompt_specs(one.caption))
     assert (kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"]) == (1024, 16384)
     assert (kwargs["kv_cache_memory_bytes"], kwargs["gpu_memory_utilization"]) == (16 * 2**30, 0.45)
     # Session 9 (267 against 227 images/s): the vision blocks compiled, CUDA graphs to 4,096 tokens,
@@ -354,17 +355,17 @@ def test_h200_presets():
     assert compilation["compile_mm_encoder"] is True and max(compilation["cudagraph_capture_sizes"]) == 4096
     assert not one.engine.log_engine_metrics and one.engine.detokenize_stage
     two = to_typed(compose(["resources=h200x2"]))
-    placement = decide_placement(two, available_gpus=2, node_gpus=2)
+    placement = decide_placement(two.resources, two.engine, available_gpus=2, node_gpus=2)
     assert (two.resources.concurrency, placement.gpus, placement.accelerator_type) == (2, 1, "H200")
     tp = to_typed(compose(["resources=h200x2", "resources.concurrency=1", "resources.gpus_per_worker=2", "engine.tensor_parallel_size=2"]))
-    assert engine_kwargs(tp, "/m", decide_placement(tp, available_gpus=2, node_gpus=2))["distributed_executor_backend"] == "mp"
-    assert engine_kwargs(tp, "/m", EnginePlacement(2, "H200"))["tensor_parallel_size"] == 2
+    assert engine_kwargs(tp, "/m", decide_placement(tp.resources, tp.engine, available_gpus=2, node_gpus=2))["distributed_executor_backend"] == "mp"
+    assert engine_kwargs(tp.engine, tp.model, EnginePlacement(2, "H200"), prompt_specs(tp.caption))["tensor_parallel_size"] == 2
 
 
 def test_accelerator_type_no_node_has_is_one_line():
     """What Ray's cluster_resources() holds on the 2 x H200 host (label accelerator_type:H200)."""
-    from capjob.stages.caption.processor import EnginePlacement
-    from capjob.runtime import check_accelerator_type
+    from capjob.stages.caption.engine import EnginePlacement
+    from capjob.stages.caption.engine import check_accelerator_type
 
     h200 = {"CPU": 32.0, "GPU": 2.0, "accelerator_type:H200": 1.0, "memory": 1e11}
     check_accelerator_type(EnginePlacement(1, "H200"), h200)
@@ -385,19 +386,20 @@ def test_engine_front_end_switches():
     ray_vllm_* metrics); engine.detokenize_stage makes the requests ask vLLM for token ids only,
     since Ray Data LLM's Detokenize stage decodes them (issue 22: the front-end's detokenizer and
     Ray metrics were 19 % and 9-12 % of its thread on an H200)."""
-    from capjob.stages.caption.processor import CaptionRequest, EnginePlacement, engine_kwargs, processor_config
+    from capjob.stages.caption.engine import engine_kwargs, EnginePlacement, processor_config
+    from capjob.stages.caption.requests import CaptionRequest
 
     cpu = EnginePlacement(0, None)
     default = to_typed(compose(["experiment=offline"]))
-    assert processor_config(default, "/m", cpu).log_engine_metrics is True
-    assert "detokenize" not in CaptionRequest(default).sampling_params[None]
+    assert processor_config(default.engine, default.model, default.resources, "/m", cpu).log_engine_metrics is True
+    assert "detokenize" not in CaptionRequest(default.caption, default.engine).sampling_params[None]
     lean = to_typed(compose(["experiment=offline", "engine.log_engine_metrics=false", "engine.detokenize_stage=true"]))
-    config = processor_config(lean, "/m", cpu)
+    config = processor_config(lean.engine, lean.model, lean.resources, "/m", cpu)
     assert config.log_engine_metrics is False and config.detokenize_stage["enabled"] is True
-    assert CaptionRequest(lean).sampling_params[None]["detokenize"] is False
+    assert CaptionRequest(lean.caption, lean.engine).sampling_params[None]["detokenize"] is False
     # vLLM's stats off entirely: only with the Ray export off (vLLM would keep them for it).
     with pytest.raises(ConfigError) as e:
         to_typed(compose(["experiment=offline", "+engine.extra_engine_kwargs.disable_log_stats=true"]))
     assert str(e.value).startswith("engine.log_engine_metrics: is true but engine.extra_engine_kwargs.disable_log_stats")
     quiet = to_typed(compose(["experiment=offline", "engine.log_engine_metrics=false", "+engine.extra_engine_kwargs.disable_log_stats=true"]))
-    assert engine_kwargs(quiet, "/m", cpu)["disable_log_stats"] is True
+    assert engine_kwargs(quiet.engine, quiet.model, cpu, prompt_specs(quiet.caption))["disable_log_stats"] is True

@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from capjob.stages.sources.sample import bundled_photos, generated_images, write_hf_parquet
-from conftest import REPO
-from corpus import broken_images
-from prometheus import Prometheus, free_port
-from references import assert_captions_fit_their_images
+from helpers.config import REPO
+from helpers.corpus import broken_images
+from helpers.prometheus import Prometheus, free_port
+from helpers.references import assert_captions_fit_their_images
 
 pytestmark = pytest.mark.e2e
 
@@ -56,8 +56,8 @@ def test_sample_job_writes_one_caption_per_image(tmp_path):
     # run), is kept for the next runs of this model.
     from capjob.config import to_typed
     from capjob.models import resolve_model_source
-    from capjob.stages.caption.processor import prompt_cache_path
-    from conftest import compose
+    from capjob.stages.caption.render import prompt_cache_path
+    from helpers.config import compose
 
     assert prompt_cache_path(to_typed(compose(["experiment=offline"])), resolve_model_source(None, "tiny_qwen25vl")).is_file()
     assert not (tmp_path / "run" / "cli.log").exists()

@@ -21,8 +21,8 @@ import pytest
 
 from capjob.stages.sources.sample import _scene, write_hf_parquet
 from capjob.stages import ids
-from conftest import REPO
-from references import assert_captions_fit_their_images, shape_rows
+from helpers.config import REPO
+from helpers.references import assert_captions_fit_their_images, shape_rows
 
 pytestmark = pytest.mark.e2e
 

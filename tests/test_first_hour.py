@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 from capjob.config import CapjobConfig, SinkConfig, SinkFormat
-from conftest import REPO, compose
+from helpers.config import REPO, compose
 
 PREFLIGHT_LIMIT_S = 15
 
@@ -72,7 +72,7 @@ def test_a_model_that_is_not_there_is_one_line_before_ray(tmp_path, case):
     elif case == "hub_offline":
         source, fragments = "capjob-tests/no-such-model", ("model.source", "not in the local Hugging Face cache", "HF_HUB_OFFLINE")
     else:  # a hub nobody listens to: the network error is one line too
-        from prometheus import free_port
+        from helpers.prometheus import free_port
 
         source, fragments = "capjob-tests/no-such-model", ("model.source", "not reachable", "not in the local cache")
         env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
@@ -108,7 +108,8 @@ def test_dry_run_runs_every_preflight(tmp_path, case):
 
 
 def test_dry_run_says_what_the_sink_holds_and_what_is_left(tmp_path):
-    from capjob.stages.sinks import CAPTIONS, QUARANTINE, TableWriter
+    from capjob.schema import CAPTIONS, QUARANTINE
+    from capjob.stages.tables import TableWriter
 
     writer = TableWriter(SinkConfig(path=str(tmp_path / "out")))
     writer.write(CAPTIONS, pa.table({"id": ["a", "b", "c"]}), "earlier-run-1")
@@ -226,7 +227,7 @@ class _Stats:
 
 
 def test_operator_table_in_pipeline_order_without_none_and_write_rows():
-    from capjob import report
+    from capjob.reporting import report
 
     read = _Level([_Op("ReadFiles", None, None, 0.0), _Op("ReadFilesParquetV2", None, 36, 0.5)])
     engine = _Level([_Op("MapBatches(vLLMEngineStageUDF)", 36, 36, 9.0)], [read])
@@ -249,7 +250,9 @@ def test_operator_table_in_pipeline_order_without_none_and_write_rows():
 def test_jsonl_zstd_reads_back_with_pandas(tmp_path):
     import pandas as pd
 
-    from capjob.stages.sinks import CAPTIONS, TableWriter
+    from capjob.schema import CAPTIONS
+
+    from capjob.stages.tables import TableWriter
 
     writer = TableWriter(SinkConfig(path=str(tmp_path), format=SinkFormat.jsonl, compression="zstd"))
     path = writer.write(CAPTIONS, pa.table({"id": ["a", "b"], "caption": ["a cat", "a dog"]}), "run-1")

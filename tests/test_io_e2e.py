@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO
-from iolayouts import key_of, make_rows, upload, write_hf_parquet_dir, write_hf_save_to_disk, write_image_folder, write_parquet, write_webdataset
+from helpers.config import REPO
+from helpers.iolayouts import key_of, make_rows, upload, write_hf_parquet_dir, write_hf_save_to_disk, write_image_folder, write_parquet, write_webdataset
 
 pytestmark = pytest.mark.e2e
 
@@ -182,7 +182,7 @@ def test_real_cells_parquet_local_to_parquet_local(s3, tmp_path):
     data.storage_options carries S3 options (they must not reach the HTTP fetches)."""
     import base64
 
-    from httpserver import LocalHTTPServer
+    from helpers.httpserver import LocalHTTPServer
 
     names = [n for n, _, _ in ROWS]
     (tmp_path / "files").mkdir()

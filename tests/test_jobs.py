@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from capjob.reporting.report import SECRET_KEY
-from conftest import REPO
+from helpers.config import REPO
 
 JOBS = REPO / "jobs"
 SUBMIT = JOBS / "submit.sh"

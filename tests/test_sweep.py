@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from capjob import sweep
-from conftest import REPO, compose, early_checkpoint
+from helpers.config import REPO, compose, early_checkpoint
 
 PNG = b"\x89PNG"
 
@@ -309,7 +309,8 @@ def test_tp_and_pp_executors_and_engine_resources():
     import ray
 
     from capjob.config import to_typed
-    from capjob.stages.caption.processor import EnginePlacement, build_caption_processor
+    from capjob.stages.caption.engine import EnginePlacement
+    from capjob.stages.caption.processor import build_caption_processor
 
     seen = {}
     ray.init(address="local", num_cpus=2, include_dashboard=False)  # the processor would start one itself
@@ -349,9 +350,10 @@ def test_accelerator_type_no_node_has_fails_before_engines(tmp_path):
     as Ray labels them on the 2 x H200 host."""
     import ray
 
-    from capjob import pipeline, runtime
+    from capjob import pipeline
     from capjob.config import to_typed
     from capjob.errors import ConfigError
+    from capjob.stages.caption import engine
 
     ray.init(address="local", num_cpus=2, num_gpus=2, resources={"accelerator_type:H200": 1}, include_dashboard=False)
     try:
@@ -362,9 +364,9 @@ def test_accelerator_type_no_node_has_fails_before_engines(tmp_path):
                                               r"\(it has 2 GPU\(s\), accelerator type\(s\) H200\)"):
             pipeline.start(cfg, "run-h100")
         h200 = to_typed(compose(["experiment=offline", "resources=h200x2", f"resources.address={address}"]))
-        placement = runtime.decide_placement(h200, int(ray.cluster_resources()["GPU"]), runtime.largest_node_gpus())
+        placement = engine.decide_placement(h200.resources, h200.engine, int(ray.cluster_resources()["GPU"]), engine.largest_node_gpus())
         assert (placement.gpus, placement.accelerator_type, placement.node_gpus) == (1, "H200", 2)
-        runtime.check_accelerator_type(placement, ray.cluster_resources())  # the right label passes
+        engine.check_accelerator_type(placement, ray.cluster_resources())  # the right label passes
         assert not ray.util.placement_group_table()  # no engine was placed
     finally:
         ray.shutdown()
@@ -383,7 +385,7 @@ def test_real_checkpoint_sweep(tmp_path):
     caption lands under its own image's id. (Two engine replicas: test_cluster's sweep.)"""
     from capjob import models
     from capjob.stages.sources.sample import write_hf_parquet
-    from references import assert_captions_fit_their_images, shape_rows
+    from helpers.references import assert_captions_fit_their_images, shape_rows
 
     trained = models.resolve_model_source(None, models.TINY_QWEN25VL)
     early = str(early_checkpoint(EARLY_STEPS))  # built once per test cache

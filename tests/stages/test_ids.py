@@ -9,15 +9,15 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from capjob import checkpoint
+from capjob.stages import resume
 from capjob.config import SinkConfig, SinkFormat, to_typed
 from capjob.errors import ConfigError
-from capjob.stages.sinks import CAPTIONS, QUARANTINE, TableWriter, quarantine_table
+from capjob.schema import CAPTIONS, QUARANTINE
+from capjob.stages.tables import quarantine_table, TableWriter
 from capjob.stages import ids
-from conftest import compose
+from helpers.config import compose
 
 
 def typed(*overrides):
@@ -65,9 +65,9 @@ def test_image_uuid_is_bound_to_the_pixels():
 
 
 def test_caption_request_names_the_image_by_its_pixels_not_the_row_id():
-    from capjob.stages.caption.processor import CaptionRequest, RenderedPrompt
+    from capjob.stages.caption.requests import CaptionRequest, RenderedPrompt
 
-    request = CaptionRequest(typed(), RenderedPrompt("p", image_list=False, uuid_list=False, content_format="openai"))
+    request = CaptionRequest(typed().caption, typed().engine, RenderedPrompt("p", image_list=False, uuid_list=False, content_format="openai"))
     pixels = np.full((28, 28, 3), 7, np.uint8)
     one = request({"image": pixels, "id": "k#1"})["multimodal_uuids"]["image"]
     two = request({"image": pixels, "id": "other"})["multimodal_uuids"]["image"]
@@ -95,55 +95,55 @@ def write_rows(sink, table_name, rows, stem):
 
 def test_changed_caption_settings_stop_in_one_line_naming_them(tmp_path):
     cfg = typed(f"sink.path={tmp_path}/out")
-    done = checkpoint.prepare(cfg, "run1", "/models/x")
+    done = resume.prepare(cfg, "run1", "/models/x")
     assert len(done) == 0
     write_rows(cfg.sink, CAPTIONS, [{"id": "a#1", "caption": "c"}], "run1-x")
-    assert len(checkpoint.prepare(cfg, "run2", "/models/x")) == 1  # same settings: resumes
+    assert len(resume.prepare(cfg, "run2", "/models/x")) == 1  # same settings: resumes
     changed = typed(f"sink.path={tmp_path}/out", "caption.temperature=0.9", "images.size=224")
     with pytest.raises(ConfigError) as e:
-        checkpoint.prepare(changed, "run3", "/models/x")
+        resume.prepare(changed, "run3", "/models/x")
     message = str(e.value)
     assert "\n" not in message and message.startswith("job.resume:")
     assert "caption.temperature 0.3 -> 0.9" in message and "images.size 448 -> 224" in message
     assert "caption.max_tokens" not in message
     with pytest.raises(ConfigError, match="model.source"):
-        checkpoint.prepare(typed(f"sink.path={tmp_path}/out", "model.source=/other/ckpt"), "run4", "/other/ckpt")
+        resume.prepare(typed(f"sink.path={tmp_path}/out", "model.source=/other/ckpt"), "run4", "/other/ckpt")
     # force: resumes anyway, and records the new settings next to the old.
     forced = typed(f"sink.path={tmp_path}/out", "caption.temperature=0.9", "job.resume=force")
-    assert len(checkpoint.prepare(forced, "run5", "/models/x")) == 1
-    assert {r for r, _ in checkpoint.recorded_settings(cfg.sink)} >= {"run1", "run2", "run5"}
+    assert len(resume.prepare(forced, "run5", "/models/x")) == 1
+    assert {r for r, _ in resume.recorded_settings(cfg.sink)} >= {"run1", "run2", "run5"}
 
 
 def test_resume_false_starts_over_instead_of_adding_a_second_copy(tmp_path, capsys):
     cfg = typed(f"sink.path={tmp_path}/out")
-    checkpoint.prepare(cfg, "run1", "/models/x")
+    resume.prepare(cfg, "run1", "/models/x")
     write_rows(cfg.sink, CAPTIONS, [{"id": "a#1", "caption": "c"}], "run1-x")
     write_rows(cfg.sink, QUARANTINE, [{"id": "b#1", "stage": "images", "reason": "decode: bad"}], "run1-y")
     fresh = typed(f"sink.path={tmp_path}/out", "job.resume=false", "caption.user_prompt=Other")
-    assert len(checkpoint.prepare(fresh, "run2", "/models/x")) == 0
+    assert len(resume.prepare(fresh, "run2", "/models/x")) == 0
     assert "deleted 2 caption/quarantine file(s)" in capsys.readouterr().out
     assert not TableWriter(cfg.sink).list_files(CAPTIONS) and not TableWriter(cfg.sink).list_files(QUARANTINE)
-    assert [r for r, _ in checkpoint.recorded_settings(cfg.sink)] == ["run2"]  # the old settings are gone with the rows
+    assert [r for r, _ in resume.recorded_settings(cfg.sink)] == ["run2"]  # the old settings are gone with the rows
     # The next plain resume compares against the new settings.
     with pytest.raises(ConfigError, match="caption.user_prompt"):
         write_rows(cfg.sink, CAPTIONS, [{"id": "c#1", "caption": "c"}], "run2-x")
-        checkpoint.prepare(cfg, "run3", "/models/x")
+        resume.prepare(cfg, "run3", "/models/x")
 
 
 def test_settings_of_a_run_that_wrote_nothing_do_not_bind_the_sink(tmp_path):
-    checkpoint.prepare(typed(f"sink.path={tmp_path}/out"), "crashed", "/models/x")  # then died before any write
+    resume.prepare(typed(f"sink.path={tmp_path}/out"), "crashed", "/models/x")  # then died before any write
     cfg = typed(f"sink.path={tmp_path}/out", "caption.max_tokens=64")
-    checkpoint.prepare(cfg, "run2", "/models/x")
+    resume.prepare(cfg, "run2", "/models/x")
     write_rows(cfg.sink, CAPTIONS, [{"id": "a#1", "caption": "c"}], "run2-x")
-    assert len(checkpoint.prepare(cfg, "run3", "/models/x")) == 1
+    assert len(resume.prepare(cfg, "run3", "/models/x")) == 1
 
 
 def test_sink_without_recorded_settings_is_refused_unless_forced(tmp_path):
     cfg = typed(f"sink.path={tmp_path}/out")
     write_rows(cfg.sink, CAPTIONS, [{"id": "a", "caption": "c"}], "old-x")
     with pytest.raises(ConfigError, match="without a record of the settings"):
-        checkpoint.prepare(cfg, "run1", "/models/x")
-    assert len(checkpoint.prepare(typed(f"sink.path={tmp_path}/out", "job.resume=force"), "run1", "/models/x")) == 1
+        resume.prepare(cfg, "run1", "/models/x")
+    assert len(resume.prepare(typed(f"sink.path={tmp_path}/out", "job.resume=force"), "run1", "/models/x")) == 1
 
 
 def test_model_revision_tells_two_checkpoints_with_equal_file_sizes_apart(tmp_path):
@@ -151,13 +151,13 @@ def test_model_revision_tells_two_checkpoints_with_equal_file_sizes_apart(tmp_pa
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps({"x": 1}))
         (tmp_path / name / "model.safetensors").write_bytes(fill * (3 << 20))
-    assert checkpoint.model_revision(str(tmp_path / "a")) != checkpoint.model_revision(str(tmp_path / "b"))
-    assert checkpoint.model_revision(str(tmp_path / "a")) == checkpoint.model_revision(str(tmp_path / "a"))
+    assert resume.model_revision(str(tmp_path / "a")) != resume.model_revision(str(tmp_path / "b"))
+    assert resume.model_revision(str(tmp_path / "a")) == resume.model_revision(str(tmp_path / "a"))
 
 
 def test_retry_quarantined_reasons_are_not_done_and_their_old_rows_go(tmp_path, capsys):
     cfg = typed(f"sink.path={tmp_path}/out")
-    checkpoint.prepare(cfg, "run1", "/models/x")
+    resume.prepare(cfg, "run1", "/models/x")
     write_rows(cfg.sink, CAPTIONS, [{"id": "ok#1", "caption": "c"}], "run1-a")
     write_rows(cfg.sink, QUARANTINE, [
         {"id": "f#1", "stage": "images", "reason": "fetch: 503 Slow Down"},
@@ -165,7 +165,7 @@ def test_retry_quarantined_reasons_are_not_done_and_their_old_rows_go(tmp_path, 
         {"id": "e#1", "stage": "engine", "reason": "engine: prompt too long"},
     ], "run1-q")
     retry = typed(f"sink.path={tmp_path}/out", "job.retry_quarantined=[fetch,engine]")
-    done = checkpoint.prepare(retry, "run2", "/models/x")
+    done = resume.prepare(retry, "run2", "/models/x")
     assert list(done.contains(["ok#1", "d#1", "f#1", "e#1"])) == [True, True, False, False]
     assert "retrying 2 quarantined row(s)" in capsys.readouterr().out
     left = TableWriter(cfg.sink).read(QUARANTINE)
@@ -176,12 +176,12 @@ def test_done_ids_are_read_file_by_file_as_hashes(tmp_path):
     sink = SinkConfig(path=str(tmp_path / "out"))
     for i in range(3):
         write_rows(sink, CAPTIONS, [{"id": f"r{i}-{j}", "caption": "c"} for j in range(100)], f"run-{i}")
-    done = checkpoint.read_done_ids(sink)
+    done = resume.read_done_ids(sink)
     assert len(done) == 300 and done.hashes.dtype == np.uint64 and done.hashes.nbytes == 2400
     assert done.contains(["r0-0", "r2-99", "r3-0"]).tolist() == [True, True, False]
     jsonl = SinkConfig(path=str(tmp_path / "j"), format=SinkFormat.jsonl, compression="none")
     write_rows(jsonl, CAPTIONS, [{"id": "x", "caption": "c"}], "run-0")
-    assert checkpoint.read_done_ids(jsonl).contains(["x", "y"]).tolist() == [True, False]
+    assert resume.read_done_ids(jsonl).contains(["x", "y"]).tolist() == [True, False]
 
 
 def test_job_resume_values():
@@ -226,13 +226,13 @@ def test_limit_takes_the_first_rows_in_source_order_and_done_ids_travel_by_refer
     last; the done ids reach the id stage as an object-store reference."""
     import ray
 
-    from capjob import metrics, pipeline
+    from capjob import metrics, plan
 
     cfg = typed("data.limit=30", f"sink.path={tmp_path}/out")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         ledger = metrics.start_ledger("unit", "limit-run")  # noqa: F841 - held: an unreferenced actor is destroyed
-        pipeline.configure_data_context(cfg)
+        plan.configure_data_context(cfg)
         done = ids.DoneIds.from_hash_chunks([ids.hash_ids([ids.row_id("s0-003", b"0-3")])]).put()
         assert done.ref is not None and len(pickle.dumps(done)) < 1024  # the task arguments carry a reference
         ds = ray.data.read_datasource(UnevenShards.make(shards=4, rows=50, slow_s=3.0)).limit(cfg.data.limit)

@@ -39,7 +39,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:  # http.server's name for a GET handler
         owner = self.server.owner
         with owner.lock:
             owner.requests[self.path] += 1

@@ -18,13 +18,14 @@ import pytest
 
 from capjob.config import DataConfig, FetchConfig, ImagesConfig, SinkConfig, SourceFormat
 from capjob.errors import SourceError
-from capjob.stages.images import ImageRejected, decode_image
+from capjob.schema import ImageRejected
+from capjob.stages.images import decode_image
 from capjob.stages.sources import hf, image_folder, preflight, webdataset
 from capjob.stages.sources.cells import Fetcher, identity, resolve_batch, resolve_cell
 from capjob.stages.sources.common import ITEM_COLUMN, SKIP_COLUMN, select_images
 from capjob.stages.storage import options_for
-from httpserver import LocalHTTPServer
-from iolayouts import make_rows
+from helpers.httpserver import LocalHTTPServer
+from helpers.iolayouts import make_rows
 
 ROWS = make_rows(6, seed=5, formats=("jpg", "png", "webp"))
 JPG = ROWS[0][1]
@@ -289,13 +290,14 @@ def test_case6_remote_folder_fetch_failure_is_refetched_with_its_reason(s3_env, 
 
 
 def test_case6_retry_quarantined_reasons_on_a_later_run(tmp_path):
-    from conftest import compose
+    from helpers.config import compose
 
     from capjob.config import to_typed
 
     assert to_typed(compose(["job.retry_quarantined=[fetch,engine]"])).job.retry_quarantined == ["fetch", "engine"]
     from capjob.stages.resume import read_done_ids
-    from capjob.stages.sinks import QUARANTINE, TableWriter, quarantine_table
+    from capjob.schema import QUARANTINE
+    from capjob.stages.tables import quarantine_table, TableWriter
 
     sink = SinkConfig(path=str(tmp_path / "out"))
     rows = [{"id": "f", "source_key": "f", "stage": "images", "reason": "fetch: 503 Service Unavailable after 4 attempts: u", "model": "m", "run_id": "r"},

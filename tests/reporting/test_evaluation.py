@@ -13,26 +13,12 @@ from PIL import Image
 
 from capjob.config import SinkConfig, SinkFormat, validate_eval
 from capjob.errors import ConfigError, SourceError
-from capjob.reporting.evaluation import (
-    EVAL_SCHEMA,
-    EvalConfig,
-    EvalMode,
-    caption_flags,
-    compare_markdown,
-    evaluate,
-    evaluate_output,
-    has_repeated_lines,
-    has_repeated_ngram,
-    main,
-    output_sink,
-    render_markdown,
-    select_run,
-    vocabulary_size,
-    word_f1,
-    word_tokens,
-)
-from capjob.stages.sinks import TableWriter
-from conftest import CONF_DIR, REPO
+from capjob.config import EvalConfig, EvalMode
+from capjob.reporting.evaluation import caption_flags, compare_markdown, EVAL_SCHEMA, evaluate, evaluate_output, has_repeated_lines, has_repeated_ngram, main, render_markdown, vocabulary_size, word_f1
+from capjob.reporting.outputs import output_sink, select_run
+from capjob.schema import word_tokens
+from capjob.stages.tables import TableWriter
+from helpers.config import CONF_DIR, REPO
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_TOKENS = 20
@@ -203,7 +189,7 @@ def test_eval_yaml_matches_the_dataclass(option):
         (EvalConfig(ngram_repeats=1), "eval.ngram_repeats"),
         (EvalConfig(ngram_share=0.0), "eval.ngram_share"),
         (EvalConfig(line_repeats=1), "eval.line_repeats"),
-        (EvalConfig(mode=EvalMode.judge), "eval.judge.model_source"),
+        (EvalConfig(mode=EvalMode.judge), "eval.judge.model.source"),
     ],
 )
 def test_bad_eval_values_fail_naming_the_key(cfg, key):

@@ -13,12 +13,12 @@ import uuid
 import pytest
 
 from capjob.config import DataConfig, SourceFormat, to_typed
-from capjob.errors import CapjobError, ConfigError, SourceError
+from capjob.errors import CapjobError, ConfigError
 from capjob.stages.sources import preflight, read_source
-from conftest import REPO, compose
-from iolayouts import (key_of, make_rows, upload, write_hf_parquet_dir, write_hf_save_to_disk, write_image_folder,
+from helpers.config import REPO, compose
+from helpers.iolayouts import (key_of, make_rows, upload, write_hf_parquet_dir, write_hf_save_to_disk, write_image_folder,
                        write_parquet, write_webdataset)
-from s3server import free_port
+from helpers.s3server import free_port
 
 N = 8
 ROWS = make_rows(N, seed=3, formats=("jpg", "png", "webp"))
@@ -240,13 +240,13 @@ def test_dataset_options(option):
 
 
 def test_automatic_partitions_are_a_multiple_of_the_workers():
-    from capjob.pipeline import partitioning
+    from capjob.plan import partitioning
 
     cfg = to_typed(compose(["experiment=offline", "resources.concurrency=3"]))
-    rows, blocks, note = partitioning(cfg, 1200)
+    rows, blocks, note = partitioning(cfg.data, cfg.engine, cfg.resources, 1200)
     assert -(-1200 // rows) >= cfg.data.partitions_per_worker * 3 and "automatic" in note
     cfg = to_typed(compose(["experiment=offline", "data.partitions=5"]))
-    assert partitioning(cfg, 100)[0] == 20 and partitioning(cfg, None)[1] == 5
+    assert partitioning(cfg.data, cfg.engine, cfg.resources, 100)[0] == 20 and partitioning(cfg.data, cfg.engine, cfg.resources, None)[1] == 5
 
 
 # --- errors from the CLI: one line, exit 2, before any inference ----------------------------
@@ -314,7 +314,7 @@ def test_read_bench_runs(tmp_path):
 def test_storage_options_endpoint_reaches_the_ray_workers(ray_local, tmp_path):
     """data.storage_options.client_kwargs.endpoint_url wins over AWS_ENDPOINT_URL, in the
     driver's checks and in Ray's read tasks alike (the fsspec filesystem is pickled into them)."""
-    from s3server import S3Server
+    from helpers.s3server import S3Server
 
     with S3Server() as other:  # the environment still points at the session's server
         other.bucket("elsewhere")
@@ -328,7 +328,7 @@ def test_storage_options_endpoint_reaches_the_ray_workers(ray_local, tmp_path):
 
 
 def test_remote_errors_name_the_cause_whatever_the_port():
-    from capjob.stages.sources import describe_remote_error
+    from capjob.stages.storage import describe_remote_error
 
     unreachable = OSError('Could not connect to the endpoint URL: "http://127.0.0.1:38403/bucket/data"')
     assert describe_remote_error("s3://bucket/data", unreachable).startswith("cannot reach the storage endpoint")

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from capjob import models
+from helpers.config import DATA_DIR
 
 EXPECTED_FILES = {
     "config.json",
@@ -186,7 +187,7 @@ def test_the_trained_model_captions_shape_scenes(tiny_model):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     from capjob.models import shapes, train
-    from references import MIN_EXACT
+    from helpers.references import MIN_EXACT
 
     record = json.loads((tiny_model / models.COMPLETE_MARKER).read_text())
     assert record["train_steps"] == train.TRAIN_STEPS and record["eval_scenes"] == train.EVAL_SCENES
@@ -261,7 +262,7 @@ def test_qwen25vl_3b_dummy_has_the_real_3b_dimensions_and_no_weights(tmp_path):
     assert inputs["image_grid_thw"].tolist() == [[1, 24, 32]]
 
 
-REFERENCE = pathlib.Path(__file__).parent / "data" / "model_reference.json"
+REFERENCE = DATA_DIR / "model_reference.json"
 PINNED_SUFFIXES = (".json",)  # configs, tokenizer, chat template: what vLLM and transformers read
 
 

@@ -18,14 +18,16 @@ from PIL import Image
 
 from capjob.config import SinkConfig, SinkFormat, to_typed
 from capjob.errors import ConfigError
-from capjob.stages.caption.processor import (
-    DATA_COLUMN, ERROR_COLUMN, GROUP_COLUMN, PROMPT_COLUMN, THUMBNAIL_COLUMN, USER_PROMPT_SLOT,
-    CaptionRecord, CaptionRequest, RegroupPrompts, RenderedPrompt, caption_columns, engine_kwargs,
-    EnginePlacement, expand_prompts, format_prompt, prompt_columns, prompt_fields, prompt_specs,
-)
+from capjob.prompts import caption_columns, format_prompt, prompt_columns, prompt_fields, prompt_specs
+from capjob.schema import DATA_COLUMN, ERROR_COLUMN, GROUP_COLUMN, PROMPT_COLUMN, THUMBNAIL_COLUMN
+from capjob.stages.caption.engine import engine_kwargs, EnginePlacement
+from capjob.stages.caption.records import CaptionRecord, RegroupPrompts
+from capjob.stages.caption.requests import CaptionRequest, expand_prompts, RenderedPrompt, USER_PROMPT_SLOT
 from capjob.reporting.contact_sheet import contact_sheet, pick_evenly
-from capjob.stages.sinks import CAPTIONS, QUARANTINE, CaptionSink, TableWriter, txt_name, txt_text
-from conftest import REPO, compose
+from capjob.schema import CAPTIONS, QUARANTINE
+from capjob.stages.sinks import CaptionSink, txt_name, txt_text
+from capjob.stages.tables import TableWriter
+from helpers.config import REPO, compose
 
 SCHEMA = "{type:object,properties:{shape:{type:string,enum:[circle,square]}},required:[shape],additionalProperties:false}"
 TWO_PROMPTS = ["+caption.prompts.short={prompt:'Name the shapes in {label}.',max_tokens:8}",
@@ -89,7 +91,7 @@ def test_prompts_config_and_errors():
 def test_caption_request_per_prompt():
     cfg = typed(*TWO_PROMPTS)
     rendered = RenderedPrompt(f"<sys><img>{USER_PROMPT_SLOT}<end>", image_list=False, uuid_list=False, content_format="openai")
-    request = CaptionRequest(cfg, rendered, thumbnail_every=1)
+    request = CaptionRequest(cfg.caption, cfg.engine, rendered, thumbnail_every=1)
     row = {"image": np.zeros((40, 60, 3), dtype=np.uint8), "id": "row-1", "label": "two circles"}
     short = request({**row, PROMPT_COLUMN: "short"})
     objects = request({**row, PROMPT_COLUMN: "objects"})
@@ -104,11 +106,11 @@ def test_caption_request_per_prompt():
     # The thumbnail rides on the first prompt's request only.
     assert Image.open(io.BytesIO(short[THUMBNAIL_COLUMN])).size == (60, 40) and objects[THUMBNAIL_COLUMN] is None
     # Several prompts: the engine gets a processor cache for the image's repeated requests.
-    assert engine_kwargs(cfg, "m", EnginePlacement(0, None))["mm_processor_cache_gb"] > 0
-    assert engine_kwargs(typed(), "m", EnginePlacement(0, None))["mm_processor_cache_gb"] == 0
+    assert engine_kwargs(cfg.engine, cfg.model, EnginePlacement(0, None), prompt_specs(cfg.caption))["mm_processor_cache_gb"] > 0
+    assert engine_kwargs(typed().engine, typed().model, EnginePlacement(0, None), prompt_specs(typed().caption))["mm_processor_cache_gb"] == 0
     # A JSON schema: compact answers (no whitespace for the model to spend its tokens on).
-    assert engine_kwargs(cfg, "m", EnginePlacement(0, None))["structured_outputs_config"] == {"backend": "xgrammar", "disable_any_whitespace": True}
-    assert "structured_outputs_config" not in engine_kwargs(typed(), "m", EnginePlacement(0, None))
+    assert engine_kwargs(cfg.engine, cfg.model, EnginePlacement(0, None), prompt_specs(cfg.caption))["structured_outputs_config"] == {"backend": "xgrammar", "disable_any_whitespace": True}
+    assert "structured_outputs_config" not in engine_kwargs(typed().engine, typed().model, EnginePlacement(0, None), prompt_specs(typed().caption))
 
 
 def record_input(name, text, error="", group="g1", thumb=None, **extra):
@@ -134,7 +136,7 @@ def test_json_answers_are_parsed_or_quarantined():
 
 def test_single_prompt_json_schema_fills_the_caption_column():
     cfg = typed(f"caption.json_schema={SCHEMA}")
-    request = CaptionRequest(cfg, RenderedPrompt(USER_PROMPT_SLOT, image_list=False, uuid_list=False, content_format="openai"))
+    request = CaptionRequest(cfg.caption, cfg.engine, RenderedPrompt(USER_PROMPT_SLOT, image_list=False, uuid_list=False, content_format="openai"))
     out = request({"image": np.zeros((4, 4, 3), dtype=np.uint8), "id": "r"})
     assert out["sampling_params"]["structured_outputs"]["json"]["required"] == ["shape"] and out["prompt"] == cfg.caption.user_prompt
     record = CaptionRecord("m", "r", [], cfg.caption)
@@ -336,7 +338,7 @@ def test_contact_sheet_png_and_html():
 
 
 def test_sample_keeper_keeps_the_smallest_hashes():
-    from capjob.reporting.contact_sheet import SampleKeeper
+    from capjob.stages.samples import SampleKeeper
 
     keeper = SampleKeeper(3)
     for h in (9, 1, 7, 3, 8, 2):
@@ -351,7 +353,7 @@ def test_text_before_image_puts_the_shared_prompt_first():
     from capjob.stages.resume import caption_settings
 
     image = Image.new("RGB", (4, 4))
-    kinds = lambda cfg: [p["type"] for p in CaptionRequest(cfg).messages(image, "u", "say")[1]["content"]]  # noqa: E731
+    kinds = lambda cfg: [p["type"] for p in CaptionRequest(cfg.caption, cfg.engine).messages(image, "u", "say")[1]["content"]]  # noqa: E731
     assert kinds(typed()) == ["image_pil", "text"]
     assert kinds(typed("caption.text_before_image=true")) == ["text", "image_pil"]
     assert "caption.text_before_image" not in caption_settings(typed(), "m")
@@ -368,7 +370,7 @@ def test_rendered_prompt_is_the_models_own_chat_template(builder):
     from transformers import AutoProcessor
 
     from capjob import models
-    from capjob.stages.caption.processor import _render_with_stages, render_inputs
+    from capjob.stages.caption.render import _render_with_stages, render_inputs
 
     source = models.resolve_model_source(None, builder)
     cfg = typed(f"model.builder={builder}")
@@ -399,7 +401,7 @@ def test_rendered_prompt_is_kept_per_model_files_and_settings(tmp_path, monkeypa
     the files the render reads and the settings, not the weights."""
     import ray
 
-    from capjob.stages.caption.processor import keep_prompt, prompt_cache_path, render_caption_prompt, submit_caption_prompt
+    from capjob.stages.caption.render import keep_prompt, prompt_cache_path, render_caption_prompt, submit_caption_prompt
 
     monkeypatch.setenv("CAPJOB_CACHE", str(tmp_path / "cache"))
     model = tmp_path / "model"
@@ -432,7 +434,7 @@ def test_prompt_key_ignores_sys_path_repeats(tmp_path, monkeypatch):
     import site
     import sys
 
-    from capjob.stages.caption.processor import prompt_cache_path
+    from capjob.stages.caption.render import prompt_cache_path
 
     monkeypatch.setenv("CAPJOB_CACHE", str(tmp_path / "cache"))
     (tmp_path / "model").mkdir()
@@ -454,8 +456,9 @@ def test_requests_fetch_the_prompt_while_it_renders_and_the_driver_stops_on_a_ba
 
     import signal
 
-    from capjob.stages.caption.processor import WATCH_SIGNAL as PROCESSOR_WATCH_SIGNAL
-    from capjob.stages.caption.processor import PendingPrompt, PromptWatch
+    from capjob.stages.caption.render import WATCH_SIGNAL as PROCESSOR_WATCH_SIGNAL
+    from capjob.stages.caption.render import PromptWatch
+    from capjob.stages.caption.requests import PendingPrompt
 
     cfg = typed()
     row = {"image": np.zeros((4, 6, 3), dtype=np.uint8), "id": "row-1"}
@@ -474,7 +477,7 @@ def test_requests_fetch_the_prompt_while_it_renders_and_the_driver_stops_on_a_ba
         good = PendingPrompt(render.remote(f"<s>{USER_PROMPT_SLOT}<e>", 3.0), tmp_path / "prompts" / "kept.json")
         watch = PromptWatch(good)
         assert not watch.done.is_set()  # nothing waited for the render
-        assert ray.get(preprocess.remote(CaptionRequest(cfg, good), row)) == f"<s>{cfg.caption.user_prompt}<e>"
+        assert ray.get(preprocess.remote(CaptionRequest(cfg.caption, cfg.engine, good), row)) == f"<s>{cfg.caption.user_prompt}<e>"
         with watch.guard():
             assert watch.done.wait(30)
         assert watch.error is None and watch.rendered.text == f"<s>{USER_PROMPT_SLOT}<e>"
@@ -496,7 +499,7 @@ def test_requests_fetch_the_prompt_while_it_renders_and_the_driver_stops_on_a_ba
         assert time.monotonic() - began < 30
         assert signal.getsignal(PROCESSOR_WATCH_SIGNAL) == signal.SIG_DFL  # the guard's handler is gone
         with pytest.raises(ConfigError, match="does not copy the user prompt verbatim"):  # the task's own copy
-            ray.get(preprocess.remote(CaptionRequest(cfg, bad), row))
+            ray.get(preprocess.remote(CaptionRequest(cfg.caption, cfg.engine, bad), row))
         with pytest.raises(ConfigError):  # known before the execution: raised on entry
             with watch.guard():
                 pass

@@ -6,10 +6,11 @@ import pytest
 from PIL import Image
 
 from capjob.config import ImagesConfig, ResizeMode
-from capjob import images
-from capjob.stages.images import ImageRejected, decode_image
+from capjob.stages import images
+from capjob.schema import ImageRejected
+from capjob.stages.images import decode_image
 from capjob.stages.sources.cells import identity, resolve_cell
-from corpus import awkward_images, broken_images
+from helpers.corpus import awkward_images, broken_images
 
 CFG = ImagesConfig(size=448)
 

@@ -17,9 +17,11 @@ import pytest
 
 from capjob.config import SinkConfig, SinkFormat
 from capjob.errors import SinkError
-from capjob.stages.sinks import CAPTIONS, QUARANTINE, CaptionSink, TableWriter, block_digest
-from conftest import REPO
-from s3server import free_port
+from capjob.schema import block_digest, CAPTIONS, QUARANTINE
+from capjob.stages.sinks import CaptionSink
+from capjob.stages.tables import TableWriter
+from helpers.config import REPO
+from helpers.s3server import free_port
 
 
 def captions(n: int, start: int = 0, run_id: str = "run") -> pa.Table:
@@ -142,7 +144,8 @@ def test_empty_captions_are_quarantined_and_counted(tmp_path, monkeypatch):
     the sink quarantines it with its own reason and counts it for the report and the metrics."""
     from capjob import metrics
     from capjob.config import CaptionConfig
-    from capjob.stages.caption.processor import DATA_COLUMN, EMPTY_CAPTION, CaptionRecord
+    from capjob.schema import DATA_COLUMN, EMPTY_CAPTION
+    from capjob.stages.caption.records import CaptionRecord
 
     record = CaptionRecord("tiny", "run", [], CaptionConfig())
     row = {"id": "i", "source_key": "k", "image_width": 8, "image_height": 8, "num_generated_tokens": 1}

@@ -13,7 +13,7 @@ from PIL import Image
 
 from capjob.config import SinkConfig, SinkFormat
 from capjob.stages.sources.sample import generated_images, write_hf_parquet
-from conftest import REPO
+from helpers.config import REPO
 
 pytestmark = pytest.mark.e2e
 

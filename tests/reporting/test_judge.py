@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
 
-from capjob.config import ResourcesConfig, SinkConfig, validate_eval
+from capjob.config import EngineConfig, EvalConfig, EvalMode, JudgeConfig, ModelConfig, ResourcesConfig, SinkConfig, validate_eval
 from capjob.errors import ConfigError
-from capjob.reporting.evaluation import EvalConfig, EvalMode, JudgeConfig, compare_markdown, evaluate, render_markdown
+from capjob.reporting.evaluation import compare_markdown, evaluate, render_markdown
 from capjob.reporting.judge import (
     JUDGE_SCHEMA,
     REASON_CHARS,
@@ -20,15 +20,25 @@ from capjob.reporting.judge import (
     JudgeRecord,
     JudgeRequest,
     check_accounting,
-    judge_engine_config,
     judge_model_name,
     judge_output,
     judge_stats,
+    judge_resources,
     parse_judgement,
     render_judge_markdown,
 )
-from capjob.stages.caption.processor import DATA_COLUMN, ERROR_COLUMN, EnginePlacement, engine_kwargs
-from conftest import CONF_DIR
+from capjob.schema import DATA_COLUMN, ERROR_COLUMN
+from capjob.stages.caption.engine import EnginePlacement, decide_placement, engine_kwargs
+from helpers.config import CONF_DIR
+
+def judge_config(source=None, builder=None, **values) -> JudgeConfig:
+    """A JudgeConfig whose model.* / engine.* / own fields come from `values` by name."""
+    engine_keys = set(EngineConfig.__dataclass_fields__)
+    model = ModelConfig(name="", source=source, builder=builder)
+    engine = EngineConfig(**{"max_model_len": 4096, "limit_images_per_prompt": 0,
+                             **{k: v for k, v in values.items() if k in engine_keys}})
+    return JudgeConfig(model=model, engine=engine, **{k: v for k, v in values.items() if k not in engine_keys})
+
 
 # --- parsing -----------------------------------------------------------------------------
 
@@ -146,7 +156,7 @@ def test_parse_judgement_never_raises_on_arbitrary_text():
 
 
 def test_request_fills_the_caption_verbatim():
-    judge = JudgeConfig(builder="tiny_qwen25vl", temperature=0.0, max_tokens=16, seed=3)
+    judge = judge_config(builder="tiny_qwen25vl", temperature=0.0, max_tokens=16, seed=3)
     request = JudgeRequest(judge)
     out = request({"id": "a", "caption": "A {weird} caption with {caption} inside"})
     system, user = out["messages"]
@@ -154,7 +164,7 @@ def test_request_fills_the_caption_verbatim():
     assert user["role"] == "user" and 'Caption: """A {weird} caption with {caption} inside"""' in user["content"]
     assert out["sampling_params"] == {"temperature": 0.0, "max_tokens": 16, "seed": 3}
     # A null caption is an empty one; no system prompt means no system message.
-    assert JudgeRequest(JudgeConfig(system_prompt=""))({"id": "b", "caption": None})["messages"][0]["role"] == "user"
+    assert JudgeRequest(judge_config(system_prompt=""))({"id": "b", "caption": None})["messages"][0]["role"] == "user"
 
 
 def _processor_row(**data):
@@ -214,7 +224,7 @@ def test_accounting_catches_lost_and_duplicated_rows():
 
 def test_judge_output_of_an_empty_sink_needs_no_engine(tmp_path):
     sink = SinkConfig(path=str(tmp_path / "out"))
-    result = judge_output(sink, JudgeConfig(builder="tiny_qwen25vl"), run_id="r1")
+    result = judge_output(sink, judge_config(builder="tiny_qwen25vl"), run_id="r1")
     assert result.rows.num_rows == 0 and result.rows.schema == JUDGE_SCHEMA
     assert result.stats["count"] == 0 and result.stats["mean_score"] is None and result.stats["run"] == "r1"
     written = pq.read_table(tmp_path / "out" / "evaluation" / "judge-r1.parquet")
@@ -225,29 +235,29 @@ def test_judge_output_of_an_empty_sink_needs_no_engine(tmp_path):
 
 
 def test_judge_engine_is_its_own_text_only_engine_on_cpu():
-    judge = JudgeConfig(model_source="org/Judge-7B", max_model_len=2048, cpu_kv_cache_gib=0.5, batch_size=4, concurrency=2)
+    judge = judge_config(source="org/Judge-7B", max_model_len=2048, cpu_kv_cache_gib=0.5, batch_size=4, concurrency=2)
     local = ResourcesConfig(preprocess_cpus=0.5, cpu_stage_cpus=0.25)
-    cfg = judge_engine_config(judge, local)
-    assert cfg.model.name == "Judge-7B" == judge_model_name(judge)
-    assert (cfg.engine.batch_size, cfg.resources.concurrency, cfg.resources.cpu_stage_cpus) == (4, 2, 0.25)
-    kwargs = engine_kwargs(cfg, "org/Judge-7B", EnginePlacement(0, None))
+    resources = judge_resources(judge, local)
+    assert judge_model_name(judge) == "Judge-7B"
+    assert (judge.engine.batch_size, resources.concurrency, resources.cpu_stage_cpus) == (4, 2, 0.25)
+    kwargs = engine_kwargs(judge.engine, judge.model, EnginePlacement(0, None))
     assert kwargs["max_model_len"] == 2048
     assert kwargs["kv_cache_memory_bytes"] == 2**29 and "gpu_memory_utilization" not in kwargs
     assert kwargs["limit_mm_per_prompt"] == {"image": 0, "video": 0}
-    gpu = engine_kwargs(cfg, "org/Judge-7B", EnginePlacement(1, None))
+    gpu = engine_kwargs(judge.engine, judge.model, EnginePlacement(1, None))
     assert gpu["gpu_memory_utilization"] == 0.9 and "kv_cache_memory_bytes" not in gpu
 
 
 def test_judge_placement_follows_the_caption_engines_rules():
-    from capjob import runtime
+    def place(judge, gpus):
+        return decide_placement(judge_resources(judge), judge.engine, available_gpus=gpus)
 
-    judge = JudgeConfig(model_source="m", tensor_parallel_size=2)
+    judge = judge_config(source="m", tensor_parallel_size=2)
     with pytest.raises(ConfigError):  # TP 2 needs GPUs
-        runtime.decide_placement(judge_engine_config(judge), available_gpus=0)
-    assert runtime.decide_placement(judge_engine_config(judge), available_gpus=4).gpus == 2
-    one = JudgeConfig(model_source="m")
-    assert runtime.decide_placement(judge_engine_config(one), available_gpus=0).gpus == 0
-    assert runtime.decide_placement(judge_engine_config(JudgeConfig(model_source="m", gpus_per_worker=0)), available_gpus=8).gpus == 0
+        place(judge, 0)
+    assert place(judge, 4).gpus == 2
+    assert place(judge_config(source="m"), 0).gpus == 0
+    assert place(judge_config(source="m", gpus_per_worker=0), 8).gpus == 0
 
 
 # --- config and reports ------------------------------------------------------------------
@@ -257,20 +267,25 @@ def test_judge_yaml_names_every_judge_setting():
     raw = OmegaConf.load(CONF_DIR / "eval" / "judge.yaml")
     merged = OmegaConf.merge(OmegaConf.structured(EvalConfig), raw)
     cfg = validate_eval(OmegaConf.to_object(merged))
-    assert cfg.mode == EvalMode.judge and cfg.judge.model_source and cfg.judge.temperature == 0.0
+    assert cfg.mode == EvalMode.judge and cfg.judge.model.source and cfg.judge.temperature == 0.0
     assert set(raw.judge) == set(merged.judge) - {"system_prompt", "prompt"}
+    # The judge's groups are the caption pass's: every model and engine key of the yaml is one of theirs.
+    assert set(raw.judge.model) <= set(merged.judge.model) and set(raw.judge.engine) <= set(merged.judge.engine)
+    assert cfg.judge.engine.limit_images_per_prompt == 0 and cfg.judge.engine.max_model_len == 4096
 
 
 @pytest.mark.parametrize(
     "judge,key",
     [
-        (JudgeConfig(builder="nope"), "eval.judge.builder"),
-        (JudgeConfig(builder="tiny_qwen25vl", prompt="no placeholder"), "eval.judge.prompt"),
-        (JudgeConfig(builder="tiny_qwen25vl", temperature=-1), "eval.judge.temperature"),
-        (JudgeConfig(builder="tiny_qwen25vl", max_model_len=64, max_tokens=64), "eval.judge.max_model_len"),
-        (JudgeConfig(builder="tiny_qwen25vl", gpus_per_worker=3), "eval.judge.gpus_per_worker"),
-        (JudgeConfig(builder="tiny_qwen25vl", cpu_kv_cache_gib=0), "eval.judge.cpu_kv_cache_gib"),
-        (JudgeConfig(builder="tiny_qwen25vl", gpu_memory_utilization=1.5), "eval.judge.gpu_memory_utilization"),
+        (judge_config(builder="nope"), "eval.judge.model.builder"),
+        (judge_config(), "eval.judge.model.source"),
+        (judge_config(builder="tiny_qwen25vl", prompt="no placeholder"), "eval.judge.prompt"),
+        (judge_config(builder="tiny_qwen25vl", temperature=-1), "eval.judge.temperature"),
+        (judge_config(builder="tiny_qwen25vl", max_model_len=64, max_tokens=64), "eval.judge.engine.max_model_len"),
+        (judge_config(builder="tiny_qwen25vl", gpus_per_worker=3), "eval.judge.gpus_per_worker"),
+        (judge_config(builder="tiny_qwen25vl", cpu_kv_cache_gib=0), "eval.judge.engine.cpu_kv_cache_gib"),
+        (judge_config(builder="tiny_qwen25vl", gpu_memory_utilization=1.5), "eval.judge.engine.gpu_memory_utilization"),
+        (judge_config(builder="tiny_qwen25vl", batch_size=0), "eval.judge.engine.batch_size"),
     ],
 )
 def test_bad_judge_values_fail_naming_the_key(judge, key):

@@ -11,8 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from capjob.config import ResourcesConfig, SinkConfig, validate_eval
-from capjob.reporting.evaluation import EvalConfig, EvalMode, JudgeConfig, evaluate_output
+from capjob.config import (EngineConfig, EvalConfig, EvalMode, JudgeConfig, ModelConfig, ResourcesConfig, SinkConfig,
+                           validate_eval)
+from capjob.reporting.evaluation import evaluate_output
 from capjob.reporting.judge import JUDGE_SCHEMA
 
 pytestmark = pytest.mark.e2e
@@ -70,8 +71,9 @@ def test_judge_pass_scores_or_counts_every_caption(tmp_path, local_ray):
         EvalConfig(
             name="judge",
             mode=EvalMode.judge,
-            judge=JudgeConfig(builder="tiny_qwen25vl", max_tokens=16, max_model_len=512, cpu_kv_cache_gib=0.5, batch_size=4,
-                              enforce_eager=True, env_vars={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}),
+            judge=JudgeConfig(model=ModelConfig(name="", builder="tiny_qwen25vl"), max_tokens=16,
+                              engine=EngineConfig(max_model_len=512, cpu_kv_cache_gib=0.5, batch_size=4, limit_images_per_prompt=0,
+                                                  enforce_eager=True, env_vars={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})),
         )
     )
     report_dir = tmp_path / "report"

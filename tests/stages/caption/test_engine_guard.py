@@ -6,10 +6,10 @@ import asyncio
 import pytest
 
 from capjob.errors import ConfigError
-from capjob.stages.caption.processor import quarantine_reason
-from capjob.stages.sinks import engine_stage
+from capjob.schema import quarantine_reason
+from capjob.schema import engine_stage
 from capjob.stages.caption.engine_guard import CrashLedger, IsolationLock, crash_reason, row_key
-from conftest import compose
+from helpers.config import compose
 
 
 def test_poison_row_is_named_after_k_plus_one_deaths_and_neighbours_are_not():
