@@ -147,3 +147,14 @@ def test_ruff_passes():
     result = subprocess.run([str(pathlib.Path(sys.executable).with_name("ruff")), "check", "src", "tests", "bench"], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_every_reason_kind_the_stages_set_is_in_the_schema():
+    """The quarantine-reason vocabulary lives in schema.py: every ImageRejected kind raised
+    anywhere in the package is one of schema.IMAGE_REASON_KINDS."""
+    import re
+
+    from capjob.schema import IMAGE_REASON_KINDS
+
+    used = {kind for f in PACKAGE.rglob("*.py") for kind in re.findall(r'ImageRejected\("([a-z_]+)"', f.read_text())}
+    assert used and used <= set(IMAGE_REASON_KINDS), used - set(IMAGE_REASON_KINDS)

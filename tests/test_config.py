@@ -278,7 +278,7 @@ def test_h100_throughput_preset_feeds_the_engine(caplog):
     starved = to_typed(compose(["experiment=h100_throughput", "images.size=225", "engine.batch_size=64", "resources.object_store_mib=1024"]))
     assert min_object_store_mib(starved.images, starved.engine) > 1024  # the setting that cost 11 % on the H100
     try:
-        with caplog.at_level(logging.WARNING, logger="capjob.pipeline"):
+        with caplog.at_level(logging.WARNING, logger="capjob.plan"):
             DataContext._set_current(None)
             configure_data_context(starved, EnginePlacement(0, None))
             assert not caplog.records  # a CPU engine: any budget is enough

@@ -171,13 +171,13 @@ def test_overrides_are_redacted():
 
 def test_sweep_report_cli_rebuilds_and_fails_in_one_line(tmp_path):
     d = grid(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "capjob.sweep", str(d), "--out", str(tmp_path / "again")],
+    proc = subprocess.run([sys.executable, "-m", "capjob.reporting.sweep_report", str(d), "--out", str(tmp_path / "again")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "again" / "sweep.md").read_text() == sweep.markdown(d, sweep.collect(d))
     assert (tmp_path / "again" / "sweep.png").read_bytes()[:4] == PNG
     (tmp_path / "empty").mkdir()
-    proc = subprocess.run([sys.executable, "-m", "capjob.sweep", str(tmp_path / "empty")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "capjob.reporting.sweep_report", str(tmp_path / "empty")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"capjob-sweep-report: error: no capjob jobs under {tmp_path / 'empty'} "
                                                 "(expected <job dir>/sweep_job.json or report.json)"]

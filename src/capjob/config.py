@@ -61,7 +61,7 @@ class FetchConfig:
 
 @dataclass
 class DataConfig:
-    """`dataset` group (values under `data`): where images come from, consumed by sources.py."""
+    """`dataset` group (values under `data`): where images come from, consumed by stages/sources/."""
 
     name: str = "sample"
     format: SourceFormat = SourceFormat.sample
@@ -94,7 +94,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """`model` group: which VLM captions, consumed by models.py and processor.py."""
+    """`model` group: which VLM captions, consumed by models/ and stages/caption/engine.py."""
 
     name: str = "tiny_qwen25vl"
     # Hub id or local path. None with `builder` set: capjob builds the model into its cache.
@@ -113,7 +113,8 @@ CHAT_TEMPLATE_CONTENT_FORMATS = ("auto", "string", "openai")
 
 @dataclass
 class EngineConfig:
-    """`engine` group: the vLLM engine and the Ray Data LLM processor, consumed by processor.py."""
+    """`engine` group: the vLLM engine and the Ray Data LLM processor, consumed by
+    stages/caption/ (engine.py: engine args and the processor config)."""
 
     name: str = "vllm"
     batch_size: int = 16
@@ -172,7 +173,7 @@ class EngineConfig:
     # A row in flight at this many engine deaths (the vLLM engine process died, e.g. a crash in
     # a kernel on one input) makes its batch's next attempt run alone in the engine and row by
     # row: the next death names the row, which is then quarantined (stage engine_crash) while
-    # the rest is captioned. A poison row costs K + 1 engine restarts (stages/engine_guard.py).
+    # the rest is captioned. A poison row costs K + 1 engine restarts (stages/caption/engine_guard.py).
     max_engine_deaths_per_batch: int = 2
     # Anything else vLLM's EngineArgs accepts, passed through untouched.
     extra_engine_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -182,7 +183,7 @@ class EngineConfig:
 
 @dataclass
 class ResourcesConfig:
-    """`resources` group: cluster layout, consumed by runtime.py and processor.py."""
+    """`resources` group: cluster layout, consumed by runtime.py and stages/caption/engine.py."""
 
     name: str = "local"
     # Ray cluster to join; None starts a local one (or uses RAY_ADDRESS when set).
@@ -229,7 +230,7 @@ class ResourcesConfig:
 
 @dataclass
 class SinkConfig:
-    """`sink` group: where captions go, consumed by sinks.py."""
+    """`sink` group: where captions go, consumed by stages/sinks.py and stages/tables.py."""
 
     name: str = "parquet"
     format: SinkFormat = SinkFormat.parquet
@@ -247,7 +248,8 @@ class SinkConfig:
 
 @dataclass
 class CaptionConfig:
-    """The request(s) sent for each image, consumed by processor.py (and sinks.py for the
+    """The request(s) sent for each image, consumed by stages/caption/requests.py (and
+    stages/sinks.py for the
     prefix/suffix of sink=txt)."""
 
     system_prompt: str = "You are a helpful assistant that generates accurate and descriptive captions for images."
@@ -267,7 +269,7 @@ class CaptionConfig:
     # Several captions per image: {name: {prompt, max_tokens, json_schema}} (or {name: prompt})
     # gives one column `caption_<name>` per entry (in this order) instead of `caption`; empty:
     # user_prompt alone. prompt: as user_prompt; max_tokens: null = caption.max_tokens;
-    # json_schema: as below. Entries are checked by processor.prompt_specs (values are untyped
+    # json_schema: as below. Entries are checked by prompts.prompt_specs (values are untyped
     # here: Hydra cannot add keys to a dict of dataclasses from the command line).
     prompts: dict[str, Any] = field(default_factory=dict)
     # A JSON schema (mapping, or its JSON text): vLLM's structured outputs constrain the caption
@@ -280,7 +282,7 @@ class CaptionConfig:
 
 @dataclass
 class ImagesConfig:
-    """Decode/validate/resize policy, consumed by images.py."""
+    """Decode/validate/resize policy, consumed by stages/images.py."""
 
     size: int = 448
     resize: ResizeMode = ResizeMode.fit
@@ -322,7 +324,7 @@ class JobConfig:
 class EvalMode(str, enum.Enum):
     off = "off"
     stats = "stats"  # statistics and per-row flags
-    judge = "judge"  # statistics plus a judge model scoring each caption (judge.py)
+    judge = "judge"  # statistics plus a judge model scoring each caption (reporting/judge.py)
 
 
 def _judge_model() -> ModelConfig:
@@ -371,7 +373,7 @@ class JudgeConfig:
 
 @dataclass
 class EvalConfig:
-    """`eval` group: caption evaluation after the run, consumed by evaluation.py."""
+    """`eval` group: caption evaluation after the run, consumed by reporting/evaluation.py."""
 
     name: str = "off"
     mode: EvalMode = EvalMode.off

@@ -89,8 +89,8 @@ class Started:
     report_dirs: list[str] = field(default_factory=list)
     done_count: int = 0  # len(done) before it went to the object store
     crashes: Any = None  # stages.engine_guard.CrashLedger actor (the driver's handle keeps it alive)
-    prompt: Any = None  # processor.submit_caption_prompt's result: the kept prompt, or its task running meanwhile
-    # The driver's watch on that task when the requests fetch its result themselves (processor.PromptWatch).
+    prompt: Any = None  # render.submit_caption_prompt's result: the kept prompt, or its task running meanwhile
+    # The driver's watch on that task when the requests fetch its result themselves (render.PromptWatch).
     prompt_watch: Optional[PromptWatch] = None
 
     def guard_prompt(self) -> Any:
@@ -140,14 +140,15 @@ def start(cfg: CapjobConfig, run_id: str, checked: Optional[preflight.Checked] =
                    done_count=len(done), crashes=crashes, prompt=prompt, prompt_watch=watch)
 
 
-def with_ids(cfg: CapjobConfig, ds: Any, source: Any, done: Any, run_id: str) -> Any:
+def with_ids(ds: Any, source: Any, done: Any, run_id: str, options: dict[str, Any]) -> Any:
     """The id stage (stages/ids.assign_ids): rows get `id` and `source_key`, done ones leave,
-    counts go to `run_id`'s ledger. One definition for the run and the nothing-left check."""
+    counts go to `run_id`'s ledger. One definition for the run and the nothing-left check.
+    options: the pipeline's task_options (equal remote args fuse the stage with its neighbours)."""
     return ds.map_batches(
         ids.assign_ids,
         fn_kwargs={"image_column": source.image_column, "key_column": source.key_column, "done": done, "run_id": run_id},
         batch_format="numpy",
-        **task_options(cfg.resources, cfg.job),
+        **options,
     )
 
 
@@ -162,7 +163,7 @@ def caption_flow(cfg: CapjobConfig, job: Started, source: Any, plan: Plan) -> An
         ds = ds.repartition(num_blocks=plan.num_blocks)
     # assign_ids, prepare_images and the processor's preprocess share task_options, so Ray Data
     # fuses them into one task per block: no copy of the raw or decoded block between them.
-    ds = with_ids(cfg, ds, source, job.done, job.run_id)  # stable ids; rows a previous run finished leave here
+    ds = with_ids(ds, source, job.done, job.run_id, task_options(cfg.resources, cfg.job))  # stable ids; rows a previous run finished leave here
     ds = ds.map_batches(  # decode once, validate, resize; rejects -> quarantine
         images.prepare_images,
         fn_kwargs={
@@ -203,7 +204,7 @@ def nothing_left(cfg: CapjobConfig, job: Started, source: Any, num_rows: Optiona
     probe_id = f"{job.run_id}-resume-check"
     probe = metrics.start_ledger(cfg.job.name, probe_id)
     try:
-        left = with_ids(cfg, source.dataset, source, job.done, probe_id).count()
+        left = with_ids(source.dataset, source, job.done, probe_id, task_options(cfg.resources, cfg.job)).count()
     finally:
         ray.kill(probe)
     return left == 0
@@ -262,7 +263,7 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
         run_report["txt_collisions"] = {"count": len(collisions), "examples": dict(list(collisions.items())[:20])}
     report_dirs = [f"{cfg.sink.path.rstrip('/')}/reports/{job.run_id}"] + ([report_dir] if report_dir else [])
     images = {**report.plots(totals, job.wall_clock, timeline),
-              **run_contact_sheet(cfg.sink, job.run_id, totals.get("samples", []), result.captioned)}
+              **run_contact_sheet(writer, job.run_id, totals.get("samples", []), result.captioned)}
     report.write(run_report, stats_text, images, report_dirs, cfg.sink.storage_options)
     job.report_dirs = report_dirs
     if interrupted:

@@ -393,17 +393,18 @@ def check_all(cfg: CapjobConfig, *, read_done: bool = True) -> Checked:
     from capjob.stages.tables import TableWriter
 
     placement = local_placement(cfg.resources, cfg.engine)
-    TableWriter(cfg.sink).check_writable()
+    writer = TableWriter(cfg.sink)  # the one the sink's checks share
+    writer.check_writable()
     sources.preflight(cfg.data)  # path, bucket, credentials, columns: seconds, without Ray
     check_prompt_columns(cfg.data, cfg.caption)
     check_hub_dataset(cfg.data)
     source, built = fingerprint_model_source(cfg.model)
     # A model not built yet has no revision to compare; its build version is in the settings.
-    resume.check_resume(cfg.sink, cfg.job.resume, resume.caption_settings(cfg, source),
+    resume.check_resume(writer, cfg.job.resume, resume.caption_settings(cfg, source),
                         ignore=() if built else ("model.revision",))
     done = None
     if read_done:
-        done = len(resume.read_done_ids(cfg.sink, list(cfg.job.retry_quarantined))) if cfg.job.resume is not False else 0
+        done = len(resume.read_done_ids(writer, list(cfg.job.retry_quarantined))) if cfg.job.resume is not False else 0
     return Checked(model=model, placement=placement, done=done, rows=source_rows(cfg.data))
 
 

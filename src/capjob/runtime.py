@@ -18,7 +18,7 @@ from typing import Any, Optional
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from capjob.config import CapjobConfig, EngineConfig, ResourcesConfig
+from capjob.config import CapjobConfig, EngineConfig, ModelConfig, ResourcesConfig
 from capjob.errors import ConfigError
 from capjob.models import remote
 from capjob.stages.caption.engine import ACCELERATOR_PREFIX, EnginePlacement, cpu_stages
@@ -185,11 +185,11 @@ def unseen_paths(paths: dict[str, str], driver: dict[str, Optional[str]],
     return out
 
 
-def refusal(cfg: CapjobConfig, key: str, path: str, node: str, seen: str) -> str:
+def refusal(model: ModelConfig, key: str, path: str, node: str, seen: str) -> str:
     """The one-line error for a local path a node does not see, naming the fix."""
     where = f"node {node} sees {seen} there"
     if key == "model.builder":
-        name = f"{cfg.model.builder}"
+        name = f"{model.builder}"
         return (f"model.builder: the {name} model capjob built at {path} is on the driver's disk only ({where}); upload it "
                 f"(e.g. `aws s3 sync {path} s3://BUCKET/models/{name}`) and set model.source=s3://BUCKET/models/{name}")
     if key == "model.source":
@@ -211,7 +211,7 @@ def check_paths_on_nodes(cfg: CapjobConfig, model_source: Optional[str], probe: 
     views = (probe or probe_nodes)(sorted(set(paths.values())))
     driver = node_paths(sorted(set(paths.values())))
     for key, node, seen in unseen_paths(paths, driver, views):
-        raise ConfigError(refusal(cfg, key, paths[key], node, seen))
+        raise ConfigError(refusal(cfg.model, key, paths[key], node, seen))
     return len(views)
 
 

@@ -40,21 +40,25 @@ THUMBNAIL_COLUMN = "__thumbnail"
 THUMBNAIL_CANDIDATES = 256
 
 # --- quarantine reasons ("<kind>: <detail>") -----------------------------------------------------
-# Kinds set after the engine; anything else in ERROR_COLUMN is the engine's own failure.
-REASON_KINDS = ("engine", "engine_crash", "json", "json_schema", "empty_caption")
+# The one vocabulary of reason kinds (job.retry_quarantined takes these and the stages):
+# kinds the image stage (and the cell resolution before it) sets, as ImageRejected's kind ...
+IMAGE_REASON_KINDS = ("empty", "unsupported", "fetch", "not_an_image", "decode", "too_large", "aspect_ratio")
+# ... and kinds set after the engine; anything else in ERROR_COLUMN is the engine's own failure.
+ENGINE_CRASH = "engine_crash"
+REASON_KINDS = ("engine", ENGINE_CRASH, "json", "json_schema", "empty_caption")
 # An empty caption (end-of-sequence as the first token) is no caption: quarantined with its own
 # reason, so it is counted, never written as a success, and a later run can retry it.
 EMPTY_CAPTION = "empty_caption: the model ended the caption before its first word (end-of-sequence first)"
 # The quarantine `stage` of rows the sink quarantines: "engine" (the engine's own failure, or an
 # answer that does not parse), or "engine_crash" (a row that killed the engine again and again:
 # stages/caption/engine_guard.py). Rows the image stage rejects have stage "image".
-ENGINE_STAGES = ("engine", "engine_crash")
+ENGINE_STAGES = ("engine", ENGINE_CRASH)
 IMAGE_STAGE = "image"
 
 
 class ImageRejected(Exception):
-    """The image cannot be captioned. ``reason`` reads ``<kind>: <detail>`` (kinds: decode,
-    too_small, too_large, not_an_image, fetch, ...: the first word of the quarantine reason)."""
+    """The image cannot be captioned. ``reason`` reads ``<kind>: <detail>``, kind one of
+    IMAGE_REASON_KINDS (the first word of the quarantine reason)."""
 
     def __init__(self, kind: str, detail: str):
         self.kind = kind
@@ -75,7 +79,7 @@ def quarantine_reason(error: str) -> str:
 
 def engine_stage(reason: str) -> str:
     """The quarantine stage of a reason set after the images stage ("<kind>: <message>")."""
-    return "engine_crash" if reason.split(":", 1)[0] == "engine_crash" else "engine"
+    return ENGINE_CRASH if reason.split(":", 1)[0] == ENGINE_CRASH else "engine"
 
 
 def reason_kind(reason: str) -> str:

@@ -8,7 +8,7 @@ plain named background, drawn with Pillow. Its caption names them in a fixed ord
     "a red circle and an orange square on a white background"
 
 The same renderer makes the training data (models/train.py) and the shape rows of
-``dataset=sample`` (sample_data.py), so what the offline model is asked to caption is drawn
+``dataset=sample`` (stages/sources/sample.py), so what the offline model is asked to caption is drawn
 exactly as what it learnt from. Each shape has a ``SCENE_SIZE``-pixel square cell of its own,
 side by side (112 x 112 or 224 x 112 px), with the shape large and near the cell's centre.
 Under capjob's default resize (longest side 448, never upscaled) a scene reaches the engine

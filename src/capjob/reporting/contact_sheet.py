@@ -164,8 +164,8 @@ def contact_sheet(samples: list[dict[str, Any]], quarantined: list[dict[str, Any
     }
 
 
-def run_contact_sheet(sink_cfg: Any, run_id: str, samples: list[dict[str, Any]], captioned: int) -> dict[str, bytes]:
-    """contact_sheet() with this run's quarantine rows read back from the sink."""
-    table = TableWriter(sink_cfg).read(QUARANTINE, columns=None)
+def run_contact_sheet(writer: TableWriter, run_id: str, samples: list[dict[str, Any]], captioned: int) -> dict[str, bytes]:
+    """contact_sheet() with this run's quarantine rows read back from the sink (`writer`: its TableWriter)."""
+    table = writer.read(QUARANTINE, columns=None)
     rows = [r for r in table.to_pylist() if r.get("run_id") == run_id] if table.num_rows else []
     return contact_sheet(samples, rows, run_id, captioned)

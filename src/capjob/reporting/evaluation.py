@@ -414,7 +414,7 @@ def evaluate_output(
     resources: Optional[ResourcesConfig] = None,
 ) -> tuple[Evaluation, dict[str, str]]:
     """Evaluate a sink's captions (one run's, or all) and write the table and the report.
-    With cfg.mode == judge the judge pass (judge.py) runs too, on Ray with `resources` (the
+    With cfg.mode == judge the judge pass (reporting/judge.py) runs too, on Ray with `resources` (the
     job's cfg.resources) for its CPU stages, and the report gets a `judge` section.
     Returns the evaluation and where each result went."""
     table = read_captions(sink)

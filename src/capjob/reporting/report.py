@@ -145,7 +145,7 @@ def build(
         "caption_words": percentiles(write_stats["caption_words"]),
         "caption_tokens": percentiles(write_stats["caption_tokens"]),
         "quarantined_by_reason": write_stats.get("quarantined_by_reason", {}),
-        # Quarantined, not written (processor.EMPTY_CAPTION): counted here so no run hides them.
+        # Quarantined, not written (schema.EMPTY_CAPTION): counted here so no run hides them.
         "empty_captions": write_stats.get("quarantined_by_reason", {}).get("empty_caption", 0),
         "operators": operators,
         "config_hash": config_hash(resolved_config),

@@ -22,7 +22,7 @@ Readers (and resume) therefore never see half-written files: names starting with
 ``min_rows_per_write``): files then hold between rows_per_file and rows_per_file + one block
 (the run's last file may hold fewer). Unset: one file per block.
 
-Credentials come only from the environment / standard AWS configuration (see sources.py);
+Credentials come only from the environment / standard AWS configuration (see stages/storage.py);
 ``sink.storage_options`` holds endpoint and client settings, never secrets.
 """
 

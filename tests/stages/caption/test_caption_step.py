@@ -6,6 +6,7 @@ test_captions_e2e.py."""
 from __future__ import annotations
 
 import io
+import pathlib
 import random
 import subprocess
 import sys
@@ -424,6 +425,37 @@ def test_rendered_prompt_is_kept_per_model_files_and_settings(tmp_path, monkeypa
     assert not ray.is_initialized()  # no render task
     (model / "chat_template.json").write_text('{"chat_template": "b"}')
     assert prompt_cache_path(cfg, str(model)) != key
+
+
+def test_prompt_key_covers_every_module_that_shapes_the_rendered_prompt(tmp_path, monkeypatch):
+    """After processor.py's split the render reads code from several modules: the kept prompt's
+    key hashes each of them (render.RENDER_SOURCES), so an edit to any of them renders anew. Every
+    caption-step module the render imports is one of them, and changing one changes the key."""
+    import ast
+    import shutil
+
+    from capjob.stages.caption import render
+
+    imported = {node.module for node in ast.walk(ast.parse(pathlib.Path(render.__file__).read_text()))
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("capjob.stages.caption.")}
+    sources = {path.name for path in render.RENDER_SOURCES}
+    assert {m.rsplit(".", 1)[-1] + ".py" for m in imported} | {"render.py"} == sources == {"render.py", "requests.py", "engine.py"}
+
+    monkeypatch.setenv("CAPJOB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    copies = []
+    for path in render.RENDER_SOURCES:
+        copy = tmp_path / "code" / path.name
+        copy.parent.mkdir(exist_ok=True)
+        shutil.copy(path, copy)
+        copies.append(copy)
+    monkeypatch.setattr(render, "RENDER_SOURCES", tuple(copies))
+    keys = {render.prompt_cache_path(typed(), str(tmp_path / "model"))}
+    for copy in copies:
+        copy.write_text(copy.read_text() + "\n# an edit\n")
+        keys.add(render.prompt_cache_path(typed(), str(tmp_path / "model")))
+    assert len(keys) == 1 + len(copies)
 
 
 def test_prompt_key_ignores_sys_path_repeats(tmp_path, monkeypatch):

@@ -41,14 +41,14 @@ import os
 import uuid
 from typing import Any, AsyncIterator, Optional
 
-from capjob.schema import PROMPT_COLUMN
+from capjob.schema import ENGINE_CRASH, PROMPT_COLUMN
 
 log = logging.getLogger(__name__)
 
 # Test-only (see the module docstring): the source_key or id of the row that kills the engine.
 POISON_ENV = "CAPJOB_TEST_ENGINE_POISON"
 POISON_SETTLE_S = 3.0
-REASON_KIND = "engine_crash"
+REASON_KIND = ENGINE_CRASH
 
 
 def ledger_name(run_id: str) -> str:
