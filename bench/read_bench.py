@@ -33,9 +33,9 @@ import uuid
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the layout writers and the S3 server of the tests
 
-from iolayouts import (make_rows, upload, write_hf_parquet_dir, write_hf_save_to_disk,  # noqa: E402
+from helpers.iolayouts import (make_rows, upload, write_hf_parquet_dir, write_hf_save_to_disk,  # noqa: E402
                        write_image_folder, write_parquet, write_webdataset)
-from s3server import S3Server  # noqa: E402
+from helpers.s3server import S3Server  # noqa: E402
 
 
 def layouts(rows, root: pathlib.Path, shards: int) -> dict[str, tuple[pathlib.Path, dict]]:

@@ -29,8 +29,8 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
 
-from httpserver import LocalHTTPServer  # noqa: E402
-from iolayouts import make_rows  # noqa: E402
+from helpers.httpserver import LocalHTTPServer  # noqa: E402
+from helpers.iolayouts import make_rows  # noqa: E402
 
 from capjob.config import FetchConfig, ImagesConfig  # noqa: E402
 from capjob.schema import ImageRejected  # noqa: E402

@@ -110,8 +110,14 @@ def test_cli_dry_run_prints_plan_without_inference(tmp_path):
         (model / name).write_text("{}")
     (tmp_path / "images").mkdir()
     Image.new("RGB", (64, 64)).save(tmp_path / "images" / "a.png")
-    proc = run_cli("model=qwen25vl_3b", f"model.source={model}", "resources=l4x10", "data.limit=1000000", "job.dry_run=true",
-                   "dataset=image_folder", f"data.path={tmp_path}/images", f"sink.path={tmp_path}/out")
+    args = ("model=qwen25vl_3b", f"model.source={model}", "resources=l4x10", "data.limit=1000000", "job.dry_run=true",
+            "dataset=image_folder", f"data.path={tmp_path}/images", f"sink.path={tmp_path}/out")
+    # On this GPU-less machine with no cluster named, the run would start a local Ray without the
+    # L4s: the dry run stops as the run would.
+    refused = run_cli(*args)
+    assert refused.returncode == 2 and refused.stderr.startswith("capjob: error: resources.gpus_per_worker: each engine replica needs 1 GPU(s)")
+    # For the cluster the job joins (as `ray job submit` runs it) the plan is the cluster's.
+    proc = run_cli(*args, "resources.address=ray://ray-head:10001")
     assert proc.returncode == 0, proc.stderr
     assert "10 engine replica(s), 1 GPU(s) of type L4 each" in proc.stdout
     assert "vLLM engine" in proc.stdout and "blocks of <= 64 rows" in proc.stdout
@@ -358,7 +364,7 @@ def test_h200_presets():
     placement = decide_placement(two.resources, two.engine, available_gpus=2, node_gpus=2)
     assert (two.resources.concurrency, placement.gpus, placement.accelerator_type) == (2, 1, "H200")
     tp = to_typed(compose(["resources=h200x2", "resources.concurrency=1", "resources.gpus_per_worker=2", "engine.tensor_parallel_size=2"]))
-    assert engine_kwargs(tp, "/m", decide_placement(tp.resources, tp.engine, available_gpus=2, node_gpus=2))["distributed_executor_backend"] == "mp"
+    assert engine_kwargs(tp.engine, tp.model, decide_placement(tp.resources, tp.engine, available_gpus=2, node_gpus=2))["distributed_executor_backend"] == "mp"
     assert engine_kwargs(tp.engine, tp.model, EnginePlacement(2, "H200"), prompt_specs(tp.caption))["tensor_parallel_size"] == 2
 
 

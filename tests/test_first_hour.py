@@ -114,10 +114,15 @@ def test_dry_run_says_what_the_sink_holds_and_what_is_left(tmp_path):
     writer = TableWriter(SinkConfig(path=str(tmp_path / "out")))
     writer.write(CAPTIONS, pa.table({"id": ["a", "b", "c"]}), "earlier-run-1")
     writer.write(QUARANTINE, pa.table({"id": ["d"]}), "earlier-run-1")
-    proc = capjob(tmp_path, "experiment=offline", "job.dry_run=true", "data.sample_size=6", f"sink.path={tmp_path}/out")
+    # Captions without a record of their settings: the dry run refuses as the run does (job.resume).
+    refused = capjob(tmp_path, "experiment=offline", "job.dry_run=true", "data.sample_size=6", f"sink.path={tmp_path}/out")
+    assert_one_line_error(refused, "job.resume", "without a record of the settings")
+    proc = capjob(tmp_path, "experiment=offline", "job.dry_run=true", "data.sample_size=6", f"sink.path={tmp_path}/out",
+                  "job.resume=force")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # 12 photos + 6 generated images + 24 shape scenes (data.sample_shapes)
-    assert "4 id(s) already in the sink; source rows: 42; left to caption: at most 38" in proc.stdout
+    # 12 photos + 6 generated images + 24 shape scenes (data.sample_shapes); the sink's 4 ids may
+    # be none of theirs (they are not), so between 38 and 42 are left.
+    assert "4 id(s) already in the sink; source rows: 42; left to caption: 38 to 42" in proc.stdout
     assert not proc.ray_started and proc.seconds < PREFLIGHT_LIMIT_S
 
 
@@ -265,12 +270,12 @@ def test_dashboard_on_unless_switched_off(monkeypatch):
 
     cfg = CapjobConfig()
     monkeypatch.delenv("CAPJOB_RAY_DASHBOARD", raising=False)
-    assert _include_dashboard(cfg) is None  # ray.init's own default: on where ray[default] is installed
+    assert _include_dashboard(cfg.resources) is None  # ray.init's own default: on where ray[default] is installed
     monkeypatch.setenv("CAPJOB_RAY_DASHBOARD", "0")
-    assert _include_dashboard(cfg) is False
+    assert _include_dashboard(cfg.resources) is False
     cfg.resources.include_dashboard = True
     monkeypatch.setenv("CAPJOB_RAY_DASHBOARD", "")
-    assert _include_dashboard(cfg) is True
+    assert _include_dashboard(cfg.resources) is True
 
 
 

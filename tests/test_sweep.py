@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from capjob import sweep
+from capjob.reporting import sweep_report
 from helpers.config import REPO, compose, early_checkpoint
 
 PNG = b"\x89PNG"
@@ -63,7 +64,7 @@ def grid(tmp_path):
 
 def test_report_ranks_runs_marks_the_best_and_lists_failures(tmp_path):
     d = grid(tmp_path)
-    paths = sweep.build_report(d)
+    paths = sweep_report.build_report(d)
     assert {p.name for p in paths.values()} == {"sweep.csv", "sweep.md", "sweep.png"}
 
     rows = list(csv.DictReader(paths["csv"].open()))
@@ -95,14 +96,14 @@ def test_plot_has_one_panel_per_swept_parameter(tmp_path):
     import matplotlib.image
 
     d = grid(tmp_path)
-    png = sweep.build_report(d)["plot"]
+    png = sweep_report.build_report(d)["plot"]
     height, width = matplotlib.image.imread(png).shape[:2]
     assert width > 1.8 * height  # two panels side by side
     # one parameter -> one panel
     one = tmp_path / "one"
     make_job(one, 0, ["engine.batch_size=4"], rep=report(1.0))
     make_job(one, 1, ["engine.batch_size=8"], rep=report(2.0))
-    h1, w1 = matplotlib.image.imread(sweep.build_report(one)["plot"]).shape[:2]
+    h1, w1 = matplotlib.image.imread(sweep_report.build_report(one)["plot"]).shape[:2]
     assert w1 < width and w1 < 1.8 * h1
 
 
@@ -112,7 +113,7 @@ def test_unfinished_and_unrecorded_jobs_count_as_failed(tmp_path):
     make_job(d, 1, ["engine.batch_size=8"], status="running")  # the process died inside the job
     (d / "2").mkdir()  # nothing at all: not a capjob job, ignored
     (d / ".hydra").mkdir()
-    md = sweep.markdown(d, sweep.collect(d))
+    md = sweep_report.markdown(d, sweep_report.collect(d))
     assert "2 runs: 1 succeeded, 1 failed." in md
     assert "| 1 | `engine.batch_size=8` | did not finish (process killed or crashed while the job ran) |" in md
 
@@ -124,7 +125,7 @@ def test_checkpoint_comparison_with_evaluation_scores(tmp_path):
           "degenerate": {"count": 1, "share": 0.25}, "vocabulary_size": 17}
     make_job(d, 0, ["dataset=sample", "model.source=/ckpt/run-1/step-1000"], rep=report(1.0, run_id="a", output="/s/0/out/captions"), evaluation=ev)
     make_job(d, 1, ["dataset=sample", "model.source=/ckpt/run-1/step-2000"], rep=report(2.0, words=(9.0, 9.0, 12.0), run_id="b", output="/s/1/out/captions"))
-    paths = sweep.build_report(d)
+    paths = sweep_report.build_report(d)
     md = paths["markdown"].read_text()
     section = md.split("## Checkpoint comparison", 1)[1]
     assert "| /ckpt/run-1/step-1000 | 0 | 1 | 4 | 5 | 5 | 7 | `/s/0/out/captions` |" in section
@@ -150,7 +151,7 @@ def test_checkpoints_rank_by_their_scores_against_the_reference(tmp_path):
     # The faster checkpoint (step-100) is the worse captioner.
     make_job(d, 0, ["model.source=/ckpt/step-100"], rep=report(3.0, run_id="a"), evaluation=ev(0.25, 0.81))
     make_job(d, 1, ["model.source=/ckpt/step-600"], rep=report(1.0, run_id="b"), evaluation=ev(1.0, 1.0))
-    paths = sweep.build_report(d)
+    paths = sweep_report.build_report(d)
     section = paths["markdown"].read_text().split("## Checkpoint comparison", 1)[1]
     assert "**Best checkpoint: /ckpt/step-600** (job 1): 100.0% exact match, word F1 1.000 against `reference` (24 captions)." in section
     assert section.index("| /ckpt/step-600 | 1 | 100.0% | 1.000 |") < section.index("| /ckpt/step-100 | 0 | 25.0% | 0.810 |")
@@ -174,7 +175,7 @@ def test_sweep_report_cli_rebuilds_and_fails_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "capjob.reporting.sweep_report", str(d), "--out", str(tmp_path / "again")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "again" / "sweep.md").read_text() == sweep.markdown(d, sweep.collect(d))
+    assert (tmp_path / "again" / "sweep.md").read_text() == sweep_report.markdown(d, sweep_report.collect(d))
     assert (tmp_path / "again" / "sweep.png").read_bytes()[:4] == PNG
     (tmp_path / "empty").mkdir()
     proc = subprocess.run([sys.executable, "-m", "capjob.reporting.sweep_report", str(tmp_path / "empty")], capture_output=True, text=True, timeout=120)
@@ -431,4 +432,4 @@ def test_real_checkpoint_sweep(tmp_path):
     assert section.lstrip().startswith(f"**Best checkpoint: {sweep._short(trained)}**"), section[:400]
     assert (d / "sweep.png").read_bytes()[:4] == PNG
     # the callback's files are what capjob-sweep-report rebuilds
-    assert sweep.markdown(d, sweep.collect(d)) == md
+    assert sweep_report.markdown(d, sweep_report.collect(d)) == md

@@ -140,7 +140,7 @@ class EngineConfig:
     # messages and apply the chat template. A caption request is the same system + user prompt
     # with a different image, so by default (false) capjob renders the prompt once, through the
     # same two stages in a one-off task, and sends prompt + image straight to the engine: two
-    # actors (0.5-0.7 GiB each, importing vLLM / transformers) and two operators fewer.
+    # actors (each importing vLLM / transformers: docs/benchmarks.md) and two operators fewer.
     chat_template_stages: bool = False
     # How a chat message's parts (image, text) reach the chat template, as vLLM's
     # --chat-template-content-format: "string" flattens them into one string (Ray Data LLM's
@@ -154,21 +154,21 @@ class EngineConfig:
     tokenize_stage: bool = True
     # Detokenize in a Ray Data actor after the engine instead of in the engine's front-end.
     # false: vLLM's front-end decodes every generated token as it comes (its incremental
-    # detokenizer: 19 % of that thread at ~85 images/s per engine on an H200, issue 22). true:
+    # detokenizer: a share of that thread measured in docs/benchmarks.md, issue 22). true:
     # the requests ask vLLM for token ids only (SamplingParams.detokenize=false) and Ray Data
     # LLM's Detokenize stage decodes each caption once, in its own actors.
     detokenize_stage: bool = False
     # Ray Data LLM's log_engine_metrics: export vLLM's engine metrics (running requests, KV cache
     # use, prefix-cache hits, token histograms) to Ray's Prometheus endpoint. Every engine step
     # records them through Ray's metrics API in the engine's front-end thread: 9-12 % of that
-    # thread at ~85 images/s per engine on an H200 (issue 22). false keeps vLLM's own stat
+    # thread on an H200 (docs/benchmarks.md, issue 22). false keeps vLLM's own stat
     # lines in the log and its in-process Prometheus registry, not Ray's endpoint.
     log_engine_metrics: bool = True
     # Images per prompt the engine reserves memory for; captioning sends one.
     limit_images_per_prompt: int = 1
     # vLLM caches processed images by content hash (4 GiB by default, in the engine process);
     # a captioning job sees each image once, so the cache only grows memory (measured: the
-    # engine core 2.0 -> 6.0 GiB from 1,000 to 20,000 images). 0 turns it off.
+    # engine core's memory grew with the images seen: docs/benchmarks.md). 0 turns it off.
     mm_processor_cache_gb: float = 0.0
     # A row in flight at this many engine deaths (the vLLM engine process died, e.g. a crash in
     # a kernel on one input) makes its batch's next attempt run alone in the engine and row by
@@ -217,7 +217,7 @@ class ResourcesConfig:
     # Read nothing until every engine replica (and CPU-stage actor) is up, waiting at most this
     # many seconds before the job fails; null: read at once. Started early, the read and decode
     # fill the object-store budget (and overshoot it) while no engine consumes: the job's peak
-    # (local, 20,000 images: 141 instead of 207 MiB, but 12 % fewer rows/s; docs/benchmarks.md).
+    # (a lower peak, fewer rows/s: docs/benchmarks.md, "Memory as the dataset grows").
     wait_for_engines_s: Optional[int] = None
     # Ray's dashboard for a local cluster (its URL is printed with the plan); null: on when Ray's
     # dashboard dependencies (ray[default]) are installed, as ray.init decides.
@@ -514,7 +514,7 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
     return cfg
 
 
-# Here rather than in evaluation.py, which imports matplotlib, pyarrow and Ray Data (2.8 s on 2
+# Here rather than in reporting/evaluation.py, which imports pyarrow and the judge (seconds on 2
 # cores): every run checks its config before the model preflight, which should come first.
 def validate_eval(cfg: EvalConfig) -> EvalConfig:
     """Range checks the types cannot express. Raises ConfigError naming the key."""

@@ -115,7 +115,7 @@ def start(cfg: CapjobConfig, run_id: str, checked: Optional[preflight.Checked] =
     # then the sink's done ids and this run's settings record.
     done = resume.prepare(cfg, run_id, model_source)
     console.startup_mark("model source and done ids ready")
-    runtime.import_in_background()  # the processor's imports (vLLM: 10-26 s) while Ray starts
+    runtime.import_in_background()  # the processor's imports (vLLM: seconds) while Ray starts
     placement = checked.placement
     if placement is None:  # a cluster we join: its GPUs decide
         ray_info = runtime.init_ray(cfg.resources, cfg.engine, EnginePlacement(0, None))
@@ -128,7 +128,7 @@ def start(cfg: CapjobConfig, run_id: str, checked: Optional[preflight.Checked] =
         runtime.check_paths_on_nodes(cfg, model_source)
     configure_data_context(cfg, placement)
     console.startup_mark("Ray up")
-    # Its task overlaps what follows (a fresh worker importing vLLM: 25-38 s, serial before).
+    # Its task overlaps what follows (a fresh worker importing vLLM, serial before).
     prompt = submit_caption_prompt(cfg, model_source, placement) if needs_rendered_prompt(cfg.engine) else None
     # Without engine.chat_template_stages nothing waits for the render before Ray Data starts:
     # the request builders fetch it; the driver only watches it (keeps it, checks it).

@@ -48,7 +48,7 @@ def local_cpus_needed(resources: ResourcesConfig, engine: EngineConfig, placemen
 
 # What the driver imports to build the Ray Data LLM processor (and the prompt-render task's
 # stages): ray.data.llm imports vLLM, torch and transformers (its vLLM stage module and its
-# SGLang config), 10-26 s of the driver's start-up on the 2-core CI machine (session 9).
+# SGLang config): a large share of the driver's start-up (docs/benchmarks.md, start-up timeline).
 ENGINE_DRIVER_MODULES = ("ray.data.llm",)
 
 

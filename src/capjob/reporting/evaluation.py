@@ -332,7 +332,7 @@ def _histogram(ax: Any, values: list[int], stats: Mapping[str, Optional[float]],
 
 
 def plot_lengths(evaluation: Evaluation, path: Path) -> None:
-    # matplotlib (0.3-0.5 s to import) loads when a report is drawn, as in report.py and
+    # matplotlib (seconds to import on 2 cores) loads when a report is drawn, as in report.py and
     # sweep_report.py: the CLI imports this module before its preflight (via the sweep report).
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

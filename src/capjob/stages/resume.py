@@ -36,10 +36,8 @@ ray/data/checkpoint and ray/data/_internal/planner/checkpoint):
 * it loads the ids into one numpy array of the column's type, an object array of Python strings
   for string ids, and asks up to 10 CheckpointFilter actors for max(1 GiB, 1.5 x that size) of
   memory each; capjob's sorted uint64 hashes are 8 bytes an id, shared zero-copy by every task.
-  Measured with 20M done ids (bench/resume_bench.py, docs/benchmarks.md "Resume at scale"):
-  Ray's loader took 96 s (capjob's 25 s) and built a 1.4 GiB object array; a process resolving
-  it (as each filter actor does) grew by 1.7 GiB of private memory, and each actor asks for
-  2.1 GiB; capjob's id stage keeps 0 MiB private for the set (153 MiB shared, read-only).
+  The two side by side with 20M done ids: bench/resume_bench.py, docs/benchmarks.md "Resume at
+  scale".
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ def prompt_cache_path(cfg: CapjobConfig, model_source: str) -> Optional[Any]:
     processor and model config: checkpoints of one run share it), the caption, model and
     content-format settings, the placeholder image's size, the versions of Ray, vLLM,
     transformers and capjob, and the code of RENDER_SOURCES. A hit skips the render task, a fresh
-    worker importing vLLM (25-38 s of every start, docs/benchmarks.md issue 22)."""
+    worker importing vLLM (tens of seconds of every start: docs/benchmarks.md, issue 22)."""
     folder = pathlib.Path(model_source)
     if not folder.is_dir():
         return None
@@ -145,7 +145,7 @@ def render_inputs(cfg: CapjobConfig, model_source: str, placement: EnginePlaceme
 def submit_caption_prompt(cfg: CapjobConfig, model_source: str, placement: EnginePlacement) -> RenderedPrompt | PendingPrompt:
     """The caption prompt kept from an earlier run (prompt_cache_path), or else its render task
     (render_caption_prompt's one-off task), started now: submitted as soon as Ray is up, the
-    task (a fresh worker importing vLLM: 25 s of a warm start on the H200 host,
+    task (a fresh worker importing vLLM: tens of seconds of a warm start on the H200 host,
     docs/benchmarks.md issue 22) overlaps the rest of start-up."""
     kept = prompt_cache_path(cfg, model_source)
     if kept is not None and kept.is_file():
