@@ -36,19 +36,16 @@ import time
 import unicodedata
 from typing import Any, Iterable, Optional
 
-import fsspec
-import fsspec.implementations.local
 import pyarrow as pa
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import Datasink, WriteResult
 
 from capjob import metrics
 from capjob.config import SinkConfig, SinkFormat
-from capjob.errors import SinkError
 from capjob.schema import (CAPTION_COLUMN, CAPTIONS, ERROR_COLUMN, QUARANTINE, THUMBNAIL_COLUMN, block_digest, engine_stage,
                            quarantine_reason, row_hash, word_tokens)
 from capjob.stages.samples import kept_samples, offer_samples, start_sample_keeper
-from capjob.stages.tables import TableWriter, quarantine_table, txt_dir, write_local_atomic
+from capjob.stages.tables import TableWriter, open_filesystem, quarantine_table, txt_dir, write_local_atomic
 
 
 # --------------------------------------------------------------------------- sink=txt
@@ -129,11 +126,7 @@ class TxtWriter:
 
     def __init__(self, cfg: SinkConfig):
         self.url = txt_dir(cfg)
-        try:
-            self.fs, self.root = fsspec.url_to_fs(self.url, **cfg.storage_options)
-        except (ImportError, ValueError, TypeError) as e:
-            raise SinkError(f"sink.txt_dir {self.url!r}: {e}") from None
-        self.local = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
+        self.fs, self.root, self.local = open_filesystem(self.url, cfg.storage_options, "sink.txt_dir")
 
     def path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"

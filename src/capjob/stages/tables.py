@@ -149,6 +149,16 @@ def txt_dir(cfg: SinkConfig) -> str:
     return cfg.txt_dir or f"{cfg.path.rstrip('/')}/txt"
 
 
+def open_filesystem(url: str, storage_options: dict[str, Any], key: str) -> tuple[Any, str, bool]:
+    """(fsspec filesystem, root path, whether it is local) of an output URL. Raises SinkError
+    naming `key` for a URL fsspec cannot open (unknown protocol, missing driver, bad options)."""
+    try:
+        fs, root = fsspec.url_to_fs(url, **storage_options)
+    except (ImportError, ValueError, TypeError) as e:
+        raise SinkError(f"{key} {url!r}: {e}") from None
+    return fs, root, isinstance(fs, fsspec.implementations.local.LocalFileSystem)
+
+
 class TableWriter:
     """Atomic writes of Arrow tables into <sink.path>/<table>/ in the configured format."""
 
@@ -160,11 +170,7 @@ class TableWriter:
             raise SinkError(str(e)) from None
         self.codec = _codec(cfg)  # an unknown compression fails here, before anything runs
         self.suffix = _file_suffix(cfg)
-        try:
-            self.fs, self.root = fsspec.url_to_fs(cfg.path, **cfg.storage_options)
-        except (ImportError, ValueError, TypeError) as e:
-            raise SinkError(f"sink.path {cfg.path!r}: {e}") from None
-        self.local = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
+        self.fs, self.root, self.local = open_filesystem(cfg.path, cfg.storage_options, "sink.path")
 
     def table_dir(self, table: str) -> str:
         return f"{self.root.rstrip('/')}/{table}"
