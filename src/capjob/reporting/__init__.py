@@ -1,1 +1,3 @@
-"""Human-facing views of a run's output (the contact sheet)."""
+"""What a run reports, read back from its output: the run report and its totals, the contact
+sheet, the caption evaluation and the judge, the sweep report. Reads the sink through
+stages/tables.py; never imports the pipeline."""
