@@ -11,7 +11,7 @@ process with its own local Ray:
 * ``ray_checkpoint`` (Ray Data's CheckpointConfig loader): the array Ray builds from the same
   ids with its own ``convert_and_sort_checkpointed_ids`` task (an object array for string ids),
   and the memory each CheckpointFilter actor then asks for -- the load step only (capjob's ids
-  are derived after the read, so the filter itself cannot run on them; checkpoint.py).
+  are derived after the read, so the filter itself cannot run on them; stages/resume.py).
 
 Measured: seconds from the process start (before Ray) to the first row past the id/skip stage
 (the engine's start, 60-90 s on CPU, would dominate "first engine batch" and is the same for

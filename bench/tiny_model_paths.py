@@ -79,7 +79,7 @@ def main() -> None:
     paths: dict[str, list[str]] = {}
 
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
-    # The same scenes as the PNGs (lossless), captioned as test_models.py holds the model to.
+    # The same scenes as the PNGs (lossless), captioned as tests/models/test_models.py holds the model to.
     paths["transformers generate"] = train.greedy_captions(hf, AutoProcessor.from_pretrained(model), shapes.scenes(args.scenes, args.seed))
     paths["vLLM LLM.chat alone"] = vllm_alone(model, args.scenes, args.seed)
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,7 @@
 old way (one fsspec request after the other, no timeout, no retry) and the new way
 (stages.sources.cells.Fetcher: a thread pool, connect/read timeouts, bounded retries of
 transient errors, a User-Agent), side by side, against a local HTTP server on 127.0.0.1
-(tests/httpserver.py) whose URLs are a mix of what real lists hold:
+(tests/helpers/httpserver.py) whose URLs are a mix of what real lists hold:
 
     ok        the image after `--latency` s (a remote host's round trip)
     slow      the image after `--slow` s
