@@ -66,6 +66,11 @@ def test_sample_job_writes_one_caption_per_image(tmp_path):
     assert captions.num_rows == expected
     # Each shape scene's caption fits its own image: none landed under another id.
     exact = assert_captions_fit_their_images(captions, 24)
+    # ... and the check tells: the same captions one row off do not fit their images.
+    shifted = captions.set_column(captions.column_names.index("caption"), "caption",
+                                  pa.array(captions.column("caption").to_pylist()[1:] + captions.column("caption").to_pylist()[:1]))
+    with pytest.raises(AssertionError, match="do not fit"):
+        assert_captions_fit_their_images(shifted, 24)
     assert len(set(captions.column("id").to_pylist())) == expected
     assert all(c.strip() for c in captions.column("caption").to_pylist())
     assert min(captions.column("generated_tokens").to_pylist()) > 0

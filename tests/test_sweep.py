@@ -429,7 +429,7 @@ def test_real_checkpoint_sweep(tmp_path):
     md = (d / "sweep.md").read_text()
     assert "2 runs: 2 succeeded, 0 failed." in md and "| ★ best |" in md
     section = md.split("## Checkpoint comparison", 1)[1]
-    assert section.lstrip().startswith(f"**Best checkpoint: {sweep._short(trained)}**"), section[:400]
+    assert section.lstrip().startswith(f"**Best checkpoint: {sweep_report._short(trained)}**"), section[:400]
     assert (d / "sweep.png").read_bytes()[:4] == PNG
     # the callback's files are what capjob-sweep-report rebuilds
     assert sweep_report.markdown(d, sweep_report.collect(d)) == md

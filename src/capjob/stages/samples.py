@@ -88,10 +88,11 @@ def offer_samples(run_id: str, samples: list[dict[str, Any]]) -> list[dict[str, 
 
     if ray.is_initialized():
         try:
-            keeper = ray.get_actor(_keeper_name(run_id))
-        except ValueError:
+            ray.get(ray.get_actor(_keeper_name(run_id)).offer.remote(samples))
+        except (ValueError, ray.exceptions.RayActorError):
+            # No keeper, or one that died with its owner's handle (a sink made again under the
+            # same run id drops the first one's): the samples travel in the write's result.
             return samples
-        ray.get(keeper.offer.remote(samples))
         return []
     return samples
 
@@ -105,7 +106,7 @@ def kept_samples(run_id: str, returned: list[dict[str, Any]]) -> list[dict[str, 
     if ray.is_initialized():
         try:
             samples += ray.get(ray.get_actor(_keeper_name(run_id)).samples.remote())
-        except ValueError:
+        except (ValueError, ray.exceptions.RayActorError):
             pass
     return sorted(samples, key=lambda s: (s["time"], s["id"]))
 
