@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from capjob.prompts import prompt_specs
 from capjob.config import CapjobConfig, to_typed
 from capjob.errors import ConfigError
-from helpers.config import CONF_DIR, REPO, compose
+from helpers.config import CONF_DIR, REPO, compose, model_files
 
 GROUPS = {"dataset": "data", "model": "model", "engine": "engine", "resources": "resources", "sink": "sink", "eval": "eval"}
 
@@ -104,10 +104,7 @@ def test_cli_dry_run_prints_plan_without_inference(tmp_path):
     # checkpoint folder and a folder of images stand in for the hub ids.
     from PIL import Image
 
-    model = tmp_path / "ckpt"
-    model.mkdir()
-    for name in ("config.json", "tokenizer.json", "preprocessor_config.json", "chat_template.json", "model.safetensors"):
-        (model / name).write_text("{}")
+    model = model_files(tmp_path / "ckpt")
     (tmp_path / "images").mkdir()
     Image.new("RGB", (64, 64)).save(tmp_path / "images" / "a.png")
     args = ("model=qwen25vl_3b", f"model.source={model}", "resources=l4x10", "data.limit=1000000", "job.dry_run=true",

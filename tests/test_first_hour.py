@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 from capjob.config import CapjobConfig, SinkConfig, SinkFormat
-from helpers.config import REPO, compose
+from helpers.config import REPO, compose, model_files
 
 PREFLIGHT_LIMIT_S = 15
 
@@ -46,15 +46,10 @@ def assert_one_line_error(proc, *fragments):
 
 
 def model_folder(path: pathlib.Path, *, processor=True, chat_template=True) -> pathlib.Path:
-    """A checkpoint folder as a trainer writes it (file presence is what preflight checks)."""
-    path.mkdir(parents=True)
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"):
-        (path / name).write_text("{}")
-    if processor:
-        (path / "preprocessor_config.json").write_text("{}")
-    if chat_template:
-        (path / "chat_template.jinja").write_text("{{ messages }}")
-    return path
+    """A checkpoint folder as a trainer writes it: the tiny model's files (weights a stand-in),
+    without the processor or the chat template when asked."""
+    return model_files(path, lacking=(() if processor else ("preprocessor_config.json",))
+                       + (() if chat_template else ("chat_template.json",)))
 
 
 # --- preflight: model, data, sink -------------------------------------------------------------
@@ -81,14 +76,60 @@ def test_a_model_that_is_not_there_is_one_line_before_ray(tmp_path, case):
     assert_one_line_error(proc, *fragments)
 
 
+@pytest.mark.parametrize("hub", ["offline", "unreachable"])
+def test_the_judges_model_is_checked_before_the_run(tmp_path, hub):
+    """eval=judge as configured by default names a hub model: one line before Ray when it is
+    neither cached nor reachable, not a failure after the whole set was captioned."""
+    from helpers.prometheus import free_port
+
+    env = {} if hub == "offline" else {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    proc = capjob(tmp_path, "experiment=offline", "eval=judge", f"sink.path={tmp_path}/out", env=env)
+    assert_one_line_error(proc, "eval.judge.model.source", "Qwen/Qwen2.5-7B-Instruct")
+
+
 def test_a_complete_checkpoint_folder_passes_the_model_check(tmp_path):
+    from capjob.config import ModelConfig
+    from capjob.errors import ConfigError
+    from capjob.preflight import check_model, check_model_renders
+
+    folder = model_folder(tmp_path / "ckpt")
+    assert check_model(str(folder), None) == f"local folder {tmp_path / 'ckpt'}"
+    check_model_renders(folder, ModelConfig(), "You caption images.")
+    # Older checkpoints keep the template inside tokenizer_config.json: the files are there, but
+    # the multimodal processor the render loads does not read it.
+    old = model_folder(tmp_path / "old", chat_template=False)
+    template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
+    (old / "tokenizer_config.json").write_text(json.dumps({**json.loads((old / "tokenizer_config.json").read_text()),
+                                                           "chat_template": template}))
+    assert check_model(str(old), None).startswith("local folder")
+    with pytest.raises(ConfigError, match=r"^model\.source: .*/old: the chat template does not render a one-image message"):
+        check_model_renders(old, ModelConfig(), "You caption images.")
+
+
+@pytest.mark.parametrize("fault", ["tokenizer.json", "preprocessor_config.json", "chat_template.json", "config.json"])
+def test_a_corrupt_model_file_is_one_line_before_ray(tmp_path, fault):
+    """Each file the render reads, corrupted (truncated JSON): one line naming the folder, exit 2,
+    in seconds, Ray never started."""
+    folder = model_folder(tmp_path / "ckpt")
+    (folder / fault).write_text((folder / fault).read_text()[:40])
+    proc = capjob(tmp_path, "experiment=offline", f"model.source={folder}", f"sink.path={tmp_path}/out")
+    assert_one_line_error(proc, "model.source", str(folder))
+
+
+def test_a_trainer_checkpoint_names_where_its_processor_is(tmp_path):
+    """Weights + config only, the processor files in the run's folder above (as trainers save
+    them): the line says what is missing and where those files are."""
+    from capjob.errors import ConfigError
     from capjob.preflight import check_model
 
-    assert check_model(str(model_folder(tmp_path / "ckpt")), None) == f"local folder {tmp_path / 'ckpt'}"
-    # Older checkpoints keep the template inside tokenizer_config.json.
-    folder = model_folder(tmp_path / "old", chat_template=False)
-    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
-    assert check_model(str(folder), None).startswith("local folder")
+    run = model_files(tmp_path / "run", weights=False)
+    (run / "config.json").unlink()
+    ckpt = tmp_path / "run" / "step-100"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text((model_files(tmp_path / "full") / "config.json").read_text())
+    (ckpt / "model.safetensors").write_bytes(b"\0" * 64)
+    with pytest.raises(ConfigError, match=r"^model\.source: .*step-100 lacks tokenizer\.json.*\(they are in .*/run: trainers save"):
+        check_model(str(ckpt), None)
 
 
 @pytest.mark.parametrize("case", ["data", "model", "sink"])

@@ -14,19 +14,15 @@ import pytest
 from capjob import preflight
 from capjob.config import to_typed
 from capjob.errors import CapjobError
-from helpers.config import REPO, compose
+from helpers.config import REPO, compose, model_files
 from helpers.iolayouts import make_rows, write_hf_parquet_dir, write_image_folder, write_parquet, write_webdataset
 
 MODEL_FILES = ("config.json", "tokenizer.json", "preprocessor_config.json", "chat_template.json", "model.safetensors")
 
 
 def fake_model(root, lacking=()):
-    """A folder with the files check_model looks for (their contents are never loaded here)."""
-    root.mkdir(parents=True, exist_ok=True)
-    for name in MODEL_FILES:
-        if name not in lacking:
-            (root / name).write_text("{}")
-    return root
+    """A folder with the tiny model's files (loaded and rendered by preflight; weights a stand-in)."""
+    return model_files(root, lacking)
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +52,25 @@ def sink_with_captions(sink, settings=None):
     return sink
 
 
+def template_in_tokenizer_config(root):
+    """A checkpoint whose chat template lives only in tokenizer_config.json (as some are saved):
+    the multimodal processor Ray Data LLM's ChatTemplate stage loads does not read it there."""
+    folder = fake_model(root, lacking=("chat_template.json",))
+    template = json.loads((model_files(root.parent / f"{root.name}-full") / "chat_template.json").read_text())["chat_template"]
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    return folder
+
+
 # (name, overrides given the test's tmp_path, the key the line starts with, formats it applies to)
 CHECKS = [
     ("missing model", lambda t: ["model.source=/nonexistent/capjob-model"], "model.source", None),
     ("model without chat template", lambda t: [f"model.source={fake_model(t / 'bare', lacking=('chat_template.json',))}"],
      "model.source", None),
+    ("chat template only in tokenizer_config.json", lambda t: [f"model.source={template_in_tokenizer_config(t / 'tc')}"],
+     "model.source", ("parquet",)),
+    ("broken tokenizer", lambda t: [f"model.source={(fake_model(t / 'bt') / 'tokenizer.json').write_text('{') and t / 'bt'}"],
+     "model.source", ("parquet",)),
     ("layout needs GPUs", lambda t: ["resources.gpus_per_worker=2", "engine.tensor_parallel_size=2"], "resources.gpus_per_worker", None),
     ("unwritable sink", lambda t: [f"sink.path={(t / 'file').write_text('x') and t / 'file'}/out"], "sink.path", None),
     ("unknown compression", lambda t: ["sink.compression=bogus"], "sink.compression", None),

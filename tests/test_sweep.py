@@ -15,7 +15,7 @@ import yaml
 
 from capjob import sweep
 from capjob.reporting import sweep_report
-from helpers.config import REPO, compose, early_checkpoint
+from helpers.config import REPO, compose, early_checkpoint, model_files
 
 PNG = b"\x89PNG"
 
@@ -233,11 +233,7 @@ def records(sweep_dir):
 
 def checkpoint_folders(root, *names):
     """Checkpoint folders with the files the dry run's model check looks for."""
-    for name in names:
-        (root / name).mkdir(parents=True)
-        for f in ("config.json", "tokenizer.json", "preprocessor_config.json", "chat_template.json", "model.safetensors"):
-            (root / name / f).write_text("{}")
-    return [str(root / n) for n in names]
+    return [str(model_files(root / n)) for n in names]
 
 
 def test_multirun_records_failures_and_goes_on(tmp_path):
@@ -264,6 +260,24 @@ def test_multirun_records_failures_and_goes_on(tmp_path):
     assert "4 runs: 0 succeeded, 2 failed, 2 dry runs." in md
     assert "## Checkpoint comparison" in md and "## Failed runs" in md
     assert "capjob sweep: 4 runs" in proc.stdout
+
+
+def test_a_broken_checkpoint_stops_the_sweep_before_its_first_job(tmp_path):
+    """Every checkpoint of a sweep is loaded and rendered before the first job starts: the
+    third one's missing chat template is one line, exit 2, and no job ran."""
+    import pathlib
+
+    d = tmp_path / "sweep"
+    a, b, c = checkpoint_folders(tmp_path / "ckpt", "a", "b", "c")
+    (pathlib.Path(c) / "chat_template.json").unlink()
+    (pathlib.Path(c) / "tokenizer_config.json").write_text(json.dumps(
+        {**json.loads((pathlib.Path(a) / "tokenizer_config.json").read_text()),
+         "chat_template": json.loads((pathlib.Path(a) / "chat_template.json").read_text())["chat_template"]}))
+    proc = multirun(f"model.source={a},{b},{c}", f"hydra.sweep.dir={d}", timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"capjob: error: model.source: {c}: the chat template does not render"), lines
+    assert not d.exists() or not records(d)
 
 
 def test_multirun_refuses_a_shared_sink_with_resume(tmp_path):

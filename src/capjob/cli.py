@@ -130,11 +130,25 @@ def check_command_line(argv: list[str]) -> None:
     try:
         with initialize_config_dir(config_dir=_conf_dir(), version_base="1.3", job_name="capjob"):
             for chosen in itertools.islice(_compositions(overrides, multirun), 64):
-                preflight.check_keys(compose(config_name="config", overrides=chosen))
+                cfg = compose(config_name="config", overrides=chosen)
+                preflight.check_keys(cfg)
+                if multirun:
+                    _check_models_of_job(cfg)
     except CapjobError as e:
         fail(str(e))
     except (HydraException, OmegaConfBaseException) as e:
         fail(preflight.hydra_error_line(e))
+
+
+def _check_models_of_job(cfg: DictConfig) -> None:
+    """A sweep's models (each checkpoint, the judge's), checked before its first job starts: a
+    broken checkpoint is one line now, not a failed job an hour into the sweep. A config that
+    does not validate is left to its job, which records the failure and lets the sweep go on."""
+    try:
+        typed = to_typed(cfg)
+    except (CapjobError, OmegaConfBaseException):
+        return
+    preflight.check_models(typed)
 
 
 def main() -> None:

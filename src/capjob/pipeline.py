@@ -110,7 +110,7 @@ def start(cfg: CapjobConfig, run_id: str, checked: Optional[preflight.Checked] =
     if checked is None:
         checked = preflight.check_all(cfg, read_done=False)  # the dry run's sequence; raises CapjobError
     console.startup_mark("preflight done (model, placement, sink, data, prompts, resume)")
-    model_source = resolve_model_source(cfg.model.source, cfg.model.builder)
+    model_source = resolve_model_source(cfg.model.source, cfg.model.builder, say=console.out)
     # job.resume / retry_quarantined and the caption-settings fingerprint (refuses in one line),
     # then the sink's done ids and this run's settings record.
     done = resume.prepare(cfg, run_id, model_source)

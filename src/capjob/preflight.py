@@ -21,7 +21,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from capjob import console, models
-from capjob.config import (CapjobConfig, CaptionConfig, DataConfig, EngineConfig, ModelConfig, ResourcesConfig,
+from capjob.config import (CapjobConfig, CaptionConfig, DataConfig, EngineConfig, EvalMode, ModelConfig, ResourcesConfig,
                            SourceFormat)
 from capjob.errors import CapjobError, ConfigError, SourceError
 from capjob.models import remote
@@ -164,27 +164,123 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~")) or os.path.isabs(source) or source.count("/") > 1
 
 
-def check_model(source: Optional[str], builder: Optional[str], load_format: str = "auto") -> str:
-    """Where the model comes from, checked without loading it. Returns a short description for
-    the plan; raises ConfigError (one line) when vLLM could not load it: a folder that is missing
-    or lacks config/tokenizer/processor/chat template/weights, a hub id that is neither in the
-    local Hugging Face cache nor reachable (no network, HF_HUB_OFFLINE, unknown or gated repo)."""
+def check_model(source: Optional[str], builder: Optional[str], load_format: str = "auto", key: str = "model.source") -> str:
+    """Where the model comes from, checked without loading its weights. Returns a short
+    description for the plan; raises ConfigError (one line, starting with `key`) when vLLM could
+    not load it: a folder that is missing or lacks config/tokenizer/processor/chat template/
+    weights, a hub id that is neither in the local Hugging Face cache nor reachable (no network,
+    HF_HUB_OFFLINE, unknown or gated repo). A local folder's (or cached hub model's) processor
+    and chat template are then tried as the render will use them (check_model_renders)."""
     if not source:
         return f"built locally ({builder})"
     if remote.is_url(source):
-        return check_model_url(source, load_format)
+        return check_model_url(source, load_format, key)
     folder = pathlib.Path(source).expanduser()
     if folder.exists() or _looks_like_path(source):
         if not folder.is_dir():
-            raise ConfigError(f"model.source: {source} is not a folder (a local model is a folder with config.json, tokenizer and weights)")
+            raise ConfigError(f"{key}: {source} is not a folder (a local model is a folder with config.json, tokenizer and weights)")
         missing = missing_model_files(folder, load_format)
         if missing:
-            raise ConfigError(f"model.source: {source} lacks {'; '.join(missing)}")
+            raise ConfigError(f"{key}: {source} lacks {'; '.join(missing)}{_saved_elsewhere(folder, missing)}")
         return f"local folder {source}"
-    return _check_hub_model(source, load_format)
+    return _check_hub_model(source, load_format, key)
 
 
-def check_model_url(url: str, load_format: str = "auto") -> str:
+def _saved_elsewhere(folder: pathlib.Path, missing: list[str]) -> str:
+    """A hint for a trainer's checkpoint folder (weights + config, the processor saved once per
+    run): the parent folder holding the files the checkpoint lacks."""
+    parent = folder.resolve().parent
+    wanted = [names for names in (*MODEL_FILES.values(), CHAT_TEMPLATE_FILES)
+              if any(m.startswith(" or ".join(names)) for m in missing)]
+    if wanted and parent != folder.resolve() and all(any((parent / n).is_file() for n in names) for names in wanted):
+        return f" (they are in {parent}: trainers save the processor once per run; copy them into the checkpoint)"
+    return ""
+
+
+def check_model_renders(folder: pathlib.Path, model: ModelConfig, system_prompt: Optional[str], key: str = "model.source",
+                        image: bool = True) -> None:
+    """What Ray Data LLM's ChatTemplate stage does with a model folder (ray.llm's
+    chat_template_stage.py: transformers' AutoProcessor.from_pretrained, then
+    apply_chat_template(tokenize=False)), tried here on a one-image message (image=False: a
+    text message, the judge's) with the image processor run on a small image: a missing or
+    broken processor, tokenizer or chat template is one ConfigError line naming the folder,
+    in seconds, instead of a failed render task minutes into the run."""
+    # What it was tried on, by file size and time: a sweep's preflight and its jobs' try each
+    # folder once per process.
+    tried = (str(folder.resolve()), model.trust_remote_code, system_prompt, image,
+             tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir()
+                          if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES))))
+    if tried in _RENDERED:
+        return
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=model.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken file
+        raise ConfigError(f"{key}: {folder}: the processor/tokenizer does not load: {type(e).__name__}: {first_line(str(e))[:300]}") from None
+    content: list[dict[str, Any]] = [{"type": "text", "text": "Describe this image."}]
+    if image:
+        content.insert(0, {"type": "image"})
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": content}]
+    try:
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - jinja2 and transformers raise many types
+        raise ConfigError(f"{key}: {folder}: the chat template does not render a {'one-image ' if image else ''}message: "
+                          f"{type(e).__name__}: {first_line(str(e))[:300]} (transformers reads it from chat_template.jinja, "
+                          "chat_template.json or processor_config.json, not from tokenizer_config.json, for a multimodal processor)") from None
+    if "Describe this image." not in text:
+        raise ConfigError(f"{key}: {folder}: the chat template drops the user prompt (rendered: {text[:200]!r})")
+    if image:
+        image_processor = getattr(processor, "image_processor", None)
+        if image_processor is None:
+            raise ConfigError(f"{key}: {folder}: the processor has no image processor (preprocessor_config.json); "
+                              f"transformers loaded a {type(processor).__name__}")
+        try:
+            image_processor(images=[Image.new("RGB", (64, 64))], return_tensors="np")
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"{key}: {folder}: the image processor fails on a 64x64 image: {type(e).__name__}: "
+                              f"{first_line(str(e))[:300]} (preprocessor_config.json)") from None
+    _RENDERED.add(tried)
+
+
+_RENDERED: set[tuple[Any, ...]] = set()
+
+
+def local_model_folder(source: Optional[str]) -> Optional[pathlib.Path]:
+    """The folder a model source loads from on this machine: a local folder, or a hub id's
+    snapshot in the local Hugging Face cache; None for a URL, a build or a hub id not cached."""
+    if not source or remote.is_url(source):
+        return None
+    folder = pathlib.Path(source).expanduser()
+    if folder.is_dir():
+        return folder
+    try:
+        import huggingface_hub
+
+        return pathlib.Path(huggingface_hub.snapshot_download(source, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, or not a hub id
+        return None
+
+
+def check_models(cfg: CapjobConfig) -> str:
+    """Every model the job loads, checked before anything starts: the caption model and, with
+    eval=judge, the judge's (check_model, then check_model_renders where the folder is on this
+    machine). Returns the caption model's description for the plan; raises ConfigError."""
+    described = check_model(cfg.model.source, cfg.model.builder, cfg.model.load_format)
+    folder = local_model_folder(cfg.model.source)
+    if folder is not None and cfg.model.load_format != "dummy":
+        check_model_renders(folder, cfg.model, cfg.caption.system_prompt)
+    if cfg.eval.mode == EvalMode.judge:
+        judge = cfg.eval.judge.model
+        check_model(judge.source, judge.builder, judge.load_format, key="eval.judge.model.source")
+        folder = local_model_folder(judge.source)
+        if folder is not None:
+            check_model_renders(folder, judge, cfg.eval.judge.system_prompt, key="eval.judge.model.source", image=False)
+    return described
+
+
+def check_model_url(url: str, load_format: str = "auto", key: str = "model.source") -> str:
     """A model folder on object storage (s3://... or any fsspec URL), checked by one listing
     with short timeouts: reachable, and holding what missing_model_files asks of a local folder.
     Returns the plan's description; raises ConfigError (one line)."""
@@ -192,11 +288,11 @@ def check_model_url(url: str, load_format: str = "auto") -> str:
         fs, root = probe_filesystem(url, {})
         entries = remote.listing(url, fs=fs, root=root)
     except FileNotFoundError:
-        raise ConfigError(f"model.source: no files under {url} (a model folder holds config.json, tokenizer, processor and weights)") from None
+        raise ConfigError(f"{key}: no files under {url} (a model folder holds config.json, tokenizer, processor and weights)") from None
     except CapjobError as e:
-        raise ConfigError(f"model.source: {e}") from None
+        raise ConfigError(f"{key}: {e}") from None
     except Exception as e:  # noqa: BLE001 - s3fs/botocore/aiohttp raise many types
-        raise ConfigError(f"model.source: {describe_remote_error(url, e)}") from None
+        raise ConfigError(f"{key}: {describe_remote_error(url, e)}") from None
     names = {e["name"] for e in entries if "/" not in e["name"]}
     missing = [" or ".join(n) for n in MODEL_FILES.values() if not names.intersection(n)]
     if not names.intersection(CHAT_TEMPLATE_FILES):
@@ -216,7 +312,7 @@ def check_model_url(url: str, load_format: str = "auto") -> str:
     if load_format != "dummy" and not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
         missing.append("weights (*.safetensors)")
     if missing:
-        raise ConfigError(f"model.source: {url} lacks {'; '.join(missing)}")
+        raise ConfigError(f"{key}: {url} lacks {'; '.join(missing)}")
     loader = "Ray Data LLM's loader" if remote.ray_llm_loads(url) else "capjob's fetch"
     return f"{url} ({len(entries)} files, revision {remote.revision(entries)}; {loader} copies it to each node that runs a stage)"
 
@@ -248,7 +344,7 @@ def check_hub_repo(repo_id: str, repo_type: str, key: str) -> None:
         ) from None
 
 
-def _check_hub_model(repo_id: str, load_format: str) -> str:
+def _check_hub_model(repo_id: str, load_format: str, key: str = "model.source") -> str:
     import huggingface_hub
     from huggingface_hub.utils import HFValidationError
 
@@ -257,10 +353,10 @@ def _check_hub_model(repo_id: str, load_format: str) -> str:
         if not missing_model_files(cached, load_format):
             return f"hub {repo_id} (in the local cache)"
     except HFValidationError as e:
-        raise ConfigError(f"model.source: {repo_id!r} is neither a folder nor a hub id ({first_line(str(e))})") from None
+        raise ConfigError(f"{key}: {repo_id!r} is neither a folder nor a hub id ({first_line(str(e))})") from None
     except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError and friends)
         pass
-    check_hub_repo(repo_id, "model", "model.source")
+    check_hub_repo(repo_id, "model", key)
     return f"hub {repo_id} (reachable)"
 
 
@@ -387,7 +483,7 @@ def check_all(cfg: CapjobConfig, *, read_done: bool = True) -> Checked:
     sink, data, prompt columns, hub dataset, resume. Reads and writes nothing but probes (the
     sink's write probe is deleted again). read_done: count the ids the sink holds (the run
     reads them itself, once its model is built). Raises CapjobError (one line)."""
-    model = check_model(cfg.model.source, cfg.model.builder, cfg.model.load_format)
+    model = check_models(cfg)
     # Ray Data, pyarrow and fsspec: imported after the model check (module docstring).
     from capjob.stages import resume, sources
     from capjob.stages.tables import TableWriter

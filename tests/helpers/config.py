@@ -27,3 +27,21 @@ def compose(overrides: list[str] | None = None):
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides or [])
+
+
+def model_files(path: pathlib.Path, lacking: tuple[str, ...] = (), weights: bool = True) -> pathlib.Path:
+    """A model folder with the tiny model's real config, tokenizer, processor and chat template
+    (what preflight loads and renders) and a stand-in weights file (never loaded here), minus the
+    files named in `lacking`: a checkpoint as a trainer writes one, or one with a file missing."""
+    import shutil
+
+    from capjob import models
+
+    built = pathlib.Path(models.resolve_model_source(None, models.TINY_QWEN25VL))
+    path.mkdir(parents=True, exist_ok=True)
+    for f in built.iterdir():
+        if f.is_file() and f.name not in lacking and f.name != models.COMPLETE_MARKER and not f.name.endswith(".safetensors"):
+            shutil.copy(f, path / f.name)
+    if weights and "model.safetensors" not in lacking:
+        (path / "model.safetensors").write_bytes(b"\0" * 2048)
+    return path

@@ -32,7 +32,7 @@ QUICK = 2
 
 @pytest.fixture(scope="module")
 def tiny_model() -> pathlib.Path:
-    """The trained build in the suite's shared cache (conftest.py): trained once per suite."""
+    """The build in the suite's shared cache (conftest.py): the shipped weights, written once per suite."""
     return pathlib.Path(models.resolve_model_source(None, models.TINY_QWEN25VL))
 
 
@@ -177,23 +177,29 @@ def test_resolve_model_source(tiny_model, tmp_path, monkeypatch):
             models.resolve_model_source(None, builder, str(tmp_path))
 
 
-def test_the_trained_model_captions_shape_scenes(tiny_model):
-    """The build records its training, and transformers' greedy decoding of the saved weights
-    captions scenes it never saw exactly right (the issue's bar, >= 95%), one shape and two;
-    every caption a scene caption of the trained grammar."""
+def test_the_shipped_model_captions_shape_scenes_at_its_recorded_accuracy(tiny_model):
+    """A build writes the shipped weights (models/shipped.py) and records how they were trained;
+    transformers' greedy decoding of the built model captions the held-out scenes at the
+    recorded exact match (to one scene in a hundred: float sums differ between CPUs), one shape
+    and two >= 95% (issue 16's bar), every caption a scene caption of the trained grammar."""
     import re
 
     import torch
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    from capjob.models import shapes, train
+    from capjob.models import shapes, shipped, train
     from helpers.references import MIN_EXACT
 
     record = json.loads((tiny_model / models.COMPLETE_MARKER).read_text())
+    assert record["weights"] == "shipped" and record["version"] == models.TINY_QWEN25VL_VERSION
     assert record["train_steps"] == train.TRAIN_STEPS and record["eval_scenes"] == train.EVAL_SCENES
+    assert record["sha256"] == shipped.sha256(shipped.weights_path(models.TINY_QWEN25VL))
     assert record["exact_match"] >= MIN_EXACT, record
     processor = AutoProcessor.from_pretrained(tiny_model)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    assert model.dtype == torch.float32  # written back as float32 from the shipped bfloat16
+    measured = train.exact_match(model, processor, shapes.scenes(train.EVAL_SCENES, train.EVAL_SEED))
+    assert abs(measured - record["exact_match"]) <= 0.01, (measured, record)
     scenes = shapes.scenes(60, seed=12345)
     captions = train.greedy_captions(model, processor, scenes)
     for count in (1, 2):
@@ -202,6 +208,66 @@ def test_the_trained_model_captions_shape_scenes(tiny_model):
     words = "|".join([*shapes.SHAPES, *shapes.COLOURS, *shapes.BACKGROUNDS])
     grammar = re.compile(rf"an? ({words}) ({words})( and an? ({words}) ({words}))? on a ({words}) background")
     assert all(grammar.fullmatch(c) for c in captions), captions
+
+
+def test_training_reproduces_the_shipped_accuracy(tmp_path):
+    """The shipped weights are what models/train.py makes: a fresh training (the recipe's steps,
+    on this machine's CPU) reaches the shipped record's exact match on the held-out scenes, to
+    the spread seen between CPU families (docs/benchmarks.md: 97.5% on an AMD EPYC, 99.5% on an
+    Intel Xeon), and issue 16's bar."""
+    from capjob.models import shipped, train
+    from helpers.references import MIN_EXACT
+
+    trained = json.loads((models.build_tiny_qwen25vl(tmp_path / "trained", train_steps=train.TRAIN_STEPS)
+                          / models.COMPLETE_MARKER).read_text())
+    record = shipped.shipped_record(models.TINY_QWEN25VL)
+    assert trained["weights"] == "trained" and trained["train_steps"] == record["train_steps"]
+    assert trained["exact_match"] >= max(MIN_EXACT, record["exact_match"] - 0.03), (trained, record)
+
+
+def test_shipped_weights_are_checked_by_digest(tmp_path, monkeypatch):
+    """A shipped weights file that is not the recorded one (a changed byte) fails the build in
+    one line, and leaves nothing behind."""
+    from capjob.models import shipped
+
+    copy = tmp_path / "weights"
+    shutil.copytree(shipped.WEIGHTS_DIR, copy)
+    data = bytearray((copy / "tiny_qwen25vl.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "tiny_qwen25vl.safetensors").write_bytes(bytes(data))
+    monkeypatch.setattr(shipped, "WEIGHTS_DIR", copy)
+    with pytest.raises(RuntimeError, match="sha256 is not the one recorded"):
+        models.build_tiny_qwen25vl(tmp_path / "tiny")
+    assert [p.name for p in tmp_path.iterdir() if p.name != "weights"] == [".tiny.lock"]
+
+
+def test_a_killed_build_leaves_nothing_a_later_build_trips_on(tmp_path):
+    """A build killed mid-way (SIGKILL: no cleanup runs) leaves its staging directory; the next
+    build, holding the lock, removes it and builds."""
+    stale = tmp_path / ".tiny.building-k1ll3d"
+    stale.mkdir()
+    (stale / "config.json").write_text("{")
+    built = models.build_tiny_qwen25vl(tmp_path / "tiny")
+    assert models.is_complete(built)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tiny.lock", "tiny"]
+
+
+def test_a_second_build_waits_with_a_line(tmp_path):
+    """A process that finds another one building says so, waits, and reuses its build."""
+    import fcntl
+    import threading
+
+    target = tmp_path / "tiny"
+    said: list[str] = []
+    with open(tmp_path / ".tiny.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process's build
+        waiter = threading.Thread(target=lambda: said.append(str(models.build_model(models.TINY_QWEN25VL, target, say=said.append))))
+        waiter.start()
+        waiter.join(timeout=2)
+        assert waiter.is_alive() and said == [f"waiting for another process building the tiny_qwen25vl model in {target} ..."]
+        models._build_locked(models.TINY_QWEN25VL, target, None)  # the other process finishes
+    waiter.join(timeout=60)
+    assert said[-1] == str(target) and len(said) == 2  # reused, not built again
 
 
 def test_scene_captions_name_shapes_by_kind_not_place():
@@ -263,7 +329,7 @@ def test_qwen25vl_3b_dummy_has_the_real_3b_dimensions_and_no_weights(tmp_path):
 
 
 REFERENCE = DATA_DIR / "model_reference.json"
-PINNED_SUFFIXES = (".json",)  # configs, tokenizer, chat template: what vLLM and transformers read
+PINNED_SUFFIXES = (".json", ".safetensors")  # configs, tokenizer, chat template, the shipped weights: what vLLM and transformers read
 
 
 def pinned_digests(model_dir: pathlib.Path) -> dict[str, str]:

@@ -5,10 +5,11 @@ architecture, a few layers wide) written in the layout of a hub model directory:
 safetensors weights, a locally trained byte-level BPE tokenizer carrying Qwen's special tokens,
 Qwen2.5-VL's chat template and image processor config. vLLM and transformers load it through
 exactly the code paths they use for ``Qwen/Qwen2.5-VL-3B-Instruct``, so the whole pipeline runs
-offline on a CPU. It is trained at build time (models/train.py, a few minutes on 2 cores) to
-caption the synthetic shape scenes of models/shapes.py ("a red circle and a blue square on a
-white background"), so tests can check each caption against its own image; on any other
-image it still answers with a shape caption.
+offline on a CPU. It is trained (models/train.py, a few minutes on 2 idle cores) to caption the
+synthetic shape scenes of models/shapes.py ("a red circle and a blue square on a white
+background"), so tests can check each caption against its own image; on any other image it
+still answers with a shape caption. The trained weights ship in the package
+(models/shipped.py): a build writes the files and those weights in seconds.
 
 ``qwen25vl_3b_dummy`` is Qwen/Qwen2.5-VL-3B-Instruct's true architecture (its config.json
 dimensions) with the same local tokenizer/processor files and no weights: vLLM loads it with
@@ -24,10 +25,10 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from capjob.cache import cache_dir as default_cache_dir
-from capjob.models import train
+from capjob.models import shipped, train
 from capjob.models.corpus import SEED, TOKENIZER_CORPUS
 
 if TYPE_CHECKING:
@@ -37,7 +38,8 @@ if TYPE_CHECKING:
 TINY_QWEN25VL = "tiny_qwen25vl"
 QWEN25VL_3B_DUMMY = "qwen25vl_3b_dummy"
 # Bump when the built files change, so caches never serve a stale layout.
-TINY_QWEN25VL_VERSION = "v4"
+# v5: v4's recipe (models/train.py), its trained weights shipped (models/shipped.py).
+TINY_QWEN25VL_VERSION = "v5"
 BUILD_VERSIONS = {TINY_QWEN25VL: TINY_QWEN25VL_VERSION, QWEN25VL_3B_DUMMY: "v3"}
 # Written last into a build: a directory without it was never finished.
 COMPLETE_MARKER = ".capjob-build-complete.json"
@@ -91,12 +93,14 @@ MAX_PIXELS = 256 * (PATCH_SIZE * MERGE_SIZE) ** 2
 
 
 
-def resolve_model_source(source: str | None, builder: str | None, cache_dir: str | None = None) -> str:
-    """What vLLM's `model` argument gets: `source` unchanged, else the path of a locally built model."""
+def resolve_model_source(source: str | None, builder: str | None, cache_dir: str | None = None,
+                         say: Optional[Callable[[str], None]] = None) -> str:
+    """The model folder or hub id vLLM loads: `source`, else `builder`'s build in the capjob
+    cache (built now if missing). say: where a line about a build or a wait goes (the console)."""
     if source:
         return source
     if builder in BUILD_VERSIONS:
-        return str(build_model(builder, build_dir(builder, cache_dir)))
+        return str(build_model(builder, build_dir(builder, cache_dir), say=say))
     raise ValueError(f"no model source: model.source is unset and model.builder={builder!r} is not one of: {', '.join(BUILD_VERSIONS)}")
 
 
@@ -111,26 +115,40 @@ def is_complete(model_dir: str | os.PathLike) -> bool:
 
 
 def build_tiny_qwen25vl(target_dir: str | os.PathLike, train_steps: Optional[int] = None) -> pathlib.Path:
+    """build_model of tiny_qwen25vl: the shipped weights, or `train_steps` of training."""
     return build_model(TINY_QWEN25VL, target_dir, train_steps=train_steps)
 
 
-def build_model(builder: str, target_dir: str | os.PathLike, *, train_steps: Optional[int] = None) -> pathlib.Path:
+def build_model(builder: str, target_dir: str | os.PathLike, *, train_steps: Optional[int] = None,
+                say: Optional[Callable[[str], None]] = None) -> pathlib.Path:
     """Build `builder`'s model into `target_dir` (once; a complete build there is reused).
 
-    `train_steps` (tiny_qwen25vl only; default models.train.TRAIN_STEPS) makes earlier or later
-    checkpoints of the same model. The files are written into a temporary sibling directory
-    that is renamed into place at the end, so `target_dir` is either absent (or empty) or
-    complete. Builds of one target are serialised by a lock file beside it (training takes
-    minutes: racing processes would each train); a process that waited reuses the winner's.
+    `train_steps` (tiny_qwen25vl only) trains the model for that many steps (earlier or later
+    checkpoints of the same model) instead of writing the shipped weights (models/shipped.py).
+    The files are written into a temporary sibling directory that is renamed into place at the
+    end, so `target_dir` is either absent (or empty) or complete. Builds of one target are
+    serialised by a lock file beside it; a process that waited reuses the winner's build and
+    says so first through `say`. A build killed at any point leaves at most its staging
+    directory (``.<name>.building-*``), which the next build removes: only the lock's holder
+    writes one, so under the lock any that exist are stale.
     """
     target = pathlib.Path(target_dir)
     if is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if say:
+                say(f"waiting for another process building the {builder} model in {target} ...")
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if is_complete(target):
             return target
+        for stale in target.parent.glob(f".{target.name}.building-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if say:
+            say(f"building the {builder} model in {target} ...")
         return _build_locked(builder, target, train_steps)
 
 
@@ -158,12 +176,22 @@ def _build_locked(builder: str, target: pathlib.Path, train_steps: Optional[int]
     return target
 
 
-def _write_tiny_qwen25vl(out: pathlib.Path, train_steps: Optional[int] = None) -> None:
+def write_tiny_qwen25vl_files(out: pathlib.Path) -> None:
+    """The untrained tiny model in `out`: tokenizer, chat template, processor and generation
+    configs, config.json and the initial weights (what models.train trains)."""
     tokenizer, special_ids = _write_processor_files(out, _preprocessor_config())
     # save_pretrained writes config.json with the weights.
     _write_model(_model_config(special_ids, tokenizer.get_vocab_size()), out)
     _write_generation_config(out, special_ids)
-    record = train.train(out, train.TRAIN_STEPS if train_steps is None else train_steps)
+
+
+def _write_tiny_qwen25vl(out: pathlib.Path, train_steps: Optional[int] = None) -> None:
+    write_tiny_qwen25vl_files(out)
+    if train_steps is None and shipped.shipped_record(TINY_QWEN25VL) is not None:
+        # The package's trained weights (models/shipped.py): seconds instead of a training.
+        record = {"weights": "shipped", **shipped.install_weights(TINY_QWEN25VL, out)}
+    else:
+        record = {"weights": "trained", **train.train(out, train.TRAIN_STEPS if train_steps is None else train_steps)}
     _write_json(out / COMPLETE_MARKER, {"builder": TINY_QWEN25VL, "version": TINY_QWEN25VL_VERSION, **record})
 
 
