@@ -418,6 +418,15 @@ def test_real_checkpoint_sweep(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     recs = records(d)
     assert [r["status"] for r in recs] == ["succeeded"] * 2, [r["error"] for r in recs]
+    # As quiet as a run: per job a plan line and a progress line, then the sweep's table; Ray's
+    # and vLLM's output in each job's capjob.log.
+    console = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    for i in range(2):
+        mine = [line for line in console if line.startswith(f"job {i}: ")]
+        assert len(mine) == 2 and "engine replica(s) on CPU" in mine[0] and mine[1].startswith(f"job {i}: captioned "), console
+        assert "vLLMEngineStageUDF" in (d / str(i) / "capjob.log").read_text()
+    assert len(console) <= 30, "\n".join(console)
+    assert "| ★ best |" in proc.stdout  # the sweep's table
     scores = {}
     for i, rec in enumerate(recs):
         rep = json.loads((d / str(i) / "report.json").read_text())

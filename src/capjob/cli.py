@@ -65,7 +65,10 @@ def _run(cfg: DictConfig, report_dir: str) -> Any:
 @hydra.main(version_base="1.3", config_path=_conf_dir(), config_name="config")
 def _main(cfg: DictConfig) -> None:
     if HydraConfig.get().mode == RunMode.MULTIRUN:
-        sweep.run_job(cfg, _run)  # records failures, never raises for one; releases Ray
+        # Records failures, never raises for one; releases Ray. Each job's plan and progress are
+        # a line each on the console; the rest (summary, Ray's and vLLM's logs) in its capjob.log.
+        level = str(OmegaConf.select(cfg, "job.log_level") or "warning")
+        sweep.run_job(cfg, _run, session=lambda job_dir, num: console.session(job_dir, level, brief_prefix=f"job {num}: "))
         return
     run_dir = HydraConfig.get().runtime.output_dir
     try:
@@ -154,8 +157,8 @@ def _check_models_of_job(cfg: DictConfig) -> None:
 def main() -> None:
     import logging
 
-    # A sweep's runs log here; a single run routes logging itself (console.session).
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Between a sweep's jobs (each job, like a single run, routes logging itself: console.session).
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     register_configs()
     check_command_line(sys.argv[1:])
     _main()

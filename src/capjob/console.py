@@ -28,6 +28,10 @@ VERBOSE_LEVELS = ("debug", "info")
 _out: Optional[TextIO] = None  # the console while a quiet session redirects fds 1 and 2
 _err: Optional[TextIO] = None
 log_path: Optional[str] = None
+# A sweep job's session: `out` goes to its capjob.log too, `headline` lines (its plan and its
+# progress) to the console, each after _prefix ("job 3: ").
+_brief = False
+_prefix = ""
 
 log = logging.getLogger("capjob")
 
@@ -56,9 +60,25 @@ def startup_mark(phase: str) -> None:
 
 
 def out(text: str = "") -> None:
-    stream = _out or sys.stdout
+    """A line for the console (in a sweep job's brief session: for its capjob.log)."""
+    stream = sys.stdout if _brief else (_out or sys.stdout)
     stream.write(text + "\n")
     stream.flush()
+
+
+def headline(text: str, end: str = "\n") -> None:
+    """A line for the console in any session, a sweep job's (prefixed with the job) included."""
+    stream = _out or sys.stdout
+    stream.write(_prefix + text + end)
+    stream.flush()
+
+
+def brief(full: str, line: str) -> None:
+    """`full` on the console of a run; in a sweep job's brief session `line` there and `full`
+    in the job's capjob.log."""
+    out(full)
+    if _brief:
+        headline(line)
 
 
 def error(text: str) -> None:
@@ -87,9 +107,11 @@ class _ConsoleHandler(logging.Handler):
 
 
 @contextlib.contextmanager
-def session(run_dir: str, level: str = "warning") -> Iterator[None]:
-    """Route the run's output: capjob's lines to the console, the rest to <run_dir>/capjob.log."""
-    global _out, _err, log_path
+def session(run_dir: str, level: str = "warning", brief_prefix: Optional[str] = None) -> Iterator[None]:
+    """Route the run's output: capjob's lines to the console, the rest to <run_dir>/capjob.log.
+    brief_prefix (a sweep's jobs, e.g. "job 3: "): only the headline lines reach the console,
+    after that prefix; the plan, summary and everything else go to the log."""
+    global _out, _err, log_path, _brief, _prefix
     level = level.lower() if level.lower() in LOG_LEVELS else "warning"  # validate() names a bad one
     os.makedirs(run_dir, exist_ok=True)
     log_path = os.path.join(run_dir, LOG_FILE)
@@ -118,6 +140,7 @@ def session(run_dir: str, level: str = "warning") -> Iterator[None]:
     root.setLevel(logging.INFO)
     console_handler = _ConsoleHandler(level=getattr(logging, level.upper()))
     log.addHandler(console_handler)
+    _brief, _prefix = brief_prefix is not None, brief_prefix or ""
     try:
         yield
     except Exception:
@@ -136,6 +159,7 @@ def session(run_dir: str, level: str = "warning") -> Iterator[None]:
         _out.close()
         _err.close()
         _out = _err = None
+        _brief, _prefix = False, ""
         log_file.close()
 
 
@@ -207,7 +231,7 @@ class Progress:
         if exc_type is None:
             self._tick(final=True)  # the last counts, which the last tick may have missed
         if self._tty and self._samples:
-            out()
+            (_out or sys.stdout).write("\n")  # ends the line rewritten in place
 
     def counts(self) -> tuple[int, int, Optional[int]]:
         t = self.last
@@ -238,8 +262,11 @@ class Progress:
         line = progress_line(captioned, quarantined, total, self.rate())
         if self._tty:
             stream = _out or sys.stdout
-            stream.write("\r\x1b[K" + line)
+            stream.write("\r\x1b[K" + _prefix + line)
             stream.flush()
+        elif _brief:  # a sweep job, off a terminal: its last line only
+            if final:
+                headline(line)
         elif total:
             quarter = min(4, 4 * (captioned + quarantined) // total)
             if quarter > self._printed_quarter or (final and self._printed_quarter < 4):

@@ -306,17 +306,18 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
         # Ray Data does not count every source up front (the sample set); its files may tell.
         num_rows = source.num_rows if source.num_rows is not None else preflight.source_rows(cfg.data)
         if nothing_left(cfg, job, source, num_rows):
-            console.out(f"capjob: nothing left to do: all {num_rows} rows of {cfg.data.name} are already in "
-                        f"{cfg.sink.path} (captions or quarantine); no engine started. job.resume=false captions them again")
+            console.headline(f"capjob: nothing left to do: all {num_rows} rows of {cfg.data.name} are already in "
+                             f"{cfg.sink.path} (captions or quarantine); no engine started. job.resume=false captions them again")
             return None
         plan = make_plan(cfg, run_id, job.model_source, job.placement, source.num_rows)
-        console.out(plan.render(cfg))
+        lines = [plan.render(cfg)]
         if job.done_count:
-            console.out(f"  resume      {job.done_count} id(s) already in the sink are skipped")
+            lines.append(f"  resume      {job.done_count} id(s) already in the sink are skipped")
         if job.dashboard_url:
-            console.out(f"  dashboard   http://{job.dashboard_url}")
+            lines.append(f"  dashboard   http://{job.dashboard_url}")
         if console.log_path and console.quiet():
-            console.out(f"  log         {console.log_path} (Ray, vLLM; job.log_level=info shows them here)")
+            lines.append(f"  log         {console.log_path} (Ray, vLLM; job.log_level=info shows them here)")
+        console.brief("\n".join(lines), plan.headline(cfg) + (f" · log {console.log_path}" if console.log_path else ""))
         dataset = caption_flow(cfg, job, source, plan)
         console.startup_mark("caption flow built (processor, prompt); Ray Data execution starts")
         sink = CaptionSink(cfg.sink, run_id, cfg.model.name, cfg.caption, data_root=cfg.data.path,

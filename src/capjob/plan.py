@@ -41,6 +41,13 @@ class Plan:
     partitions_note: str
     stages: list[tuple[str, str]] = field(default_factory=list)
 
+    def headline(self, cfg: CapjobConfig) -> str:
+        """The plan in one line (a sweep job's console)."""
+        p = self.placement
+        where = f"{p.gpus:g} GPU(s){' ' + p.accelerator_type if p.accelerator_type else ''}" if p.gpus else "CPU"
+        return (f"run_id={self.run_id} · {cfg.model.name}: {self.model_source} · {cfg.resources.concurrency} engine "
+                f"replica(s) on {where} · {self.partitions_note}")
+
     def render(self, cfg: CapjobConfig) -> str:
         p = self.placement
         engine_where = f"{p.gpus:g} GPU(s){' of type ' + p.accelerator_type if p.accelerator_type else ''}" if p.gpus else "CPU"

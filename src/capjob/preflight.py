@@ -508,6 +508,7 @@ def dry_run(cfg: CapjobConfig) -> Checked:
     """job.dry_run=true: check_all, then print the plan and what the sink holds; no Ray, no
     engine, nothing written. Raises what check_all raises: the line the run would stop with."""
     checked = check_all(cfg)
-    console.out(dry_run_plan(cfg, cfg.job.run_id or new_run_id(), checked.placement, checked.rows).render(cfg))
-    console.out(checked.render(cfg.job.resume))
+    plan = dry_run_plan(cfg, cfg.job.run_id or new_run_id(), checked.placement, checked.rows)
+    left = checked.render(cfg.job.resume)
+    console.brief(plan.render(cfg) + "\n" + left, f"dry run: {plan.headline(cfg)} · {left.strip().splitlines()[-1].strip()}")
     return checked

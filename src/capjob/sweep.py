@@ -18,6 +18,7 @@ recorded and the sweep goes on. The tables and the plot are reporting/sweep_repo
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -26,7 +27,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
@@ -34,6 +35,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from capjob import console
 from capjob.config import SinkConfig
 from capjob.errors import CapjobError, ConfigError
 from capjob.reporting.report import REDACTED, SECRET_KEY, redact
@@ -182,9 +184,12 @@ def release_ray() -> dict[str, Any]:
     return info
 
 
-def run_job(cfg: DictConfig, run: Callable[[DictConfig, str], Any]) -> None:
+def run_job(cfg: DictConfig, run: Callable[[DictConfig, str], Any],
+            session: Callable[[str, int], ContextManager[Any]] = lambda job_dir, num: contextlib.nullcontext()) -> None:
     """Run one job of a multirun: never raises for a failed run (the sweep goes on), records
-    status and error in <job dir>/sweep_job.json (and error.txt), always releases Ray."""
+    status and error in <job dir>/sweep_job.json (and error.txt), always releases Ray.
+    session(job dir, job number): the console session the job runs in, Ray's release included
+    (cli.py: console.session's brief one)."""
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
     sweep_dir = Path(hc.sweep.dir)
@@ -202,6 +207,12 @@ def run_job(cfg: DictConfig, run: Callable[[DictConfig, str], Any]) -> None:
         "error_type": None,
     }
     release_ray()  # nothing should be left from the previous job; make sure
+    with session(str(job_dir), hc.job.num):
+        _run_recorded(cfg, run, record, job_dir, sweep_dir, started, hc.job.num)
+
+
+def _run_recorded(cfg: DictConfig, run: Callable[[DictConfig, str], Any], record: dict[str, Any], job_dir: Path,
+                  sweep_dir: Path, started: float, num: int) -> None:
     try:
         try:
             if _uses_default_sink(cfg):
@@ -228,13 +239,13 @@ def run_job(cfg: DictConfig, run: Callable[[DictConfig, str], Any]) -> None:
             else:
                 record.update(status="succeeded", run_id=result.run_id, output=result.output)
         except (CapjobError, OmegaConfBaseException) as e:
-            print(f"capjob: error: {e}", file=sys.stderr, flush=True)
+            console.error(f"capjob: error: {e}")
             record.update(status="failed", error=str(e), error_type=type(e).__name__)
             (job_dir / ERROR_TXT).write_text(f"capjob: error: {e}\n")
         except Exception as e:  # noqa: BLE001 - one run's crash must not end the sweep
             first = (str(e).strip().splitlines() or [""])[0]
             message = f"{type(e).__name__}: {first}" if first else type(e).__name__
-            print(f"capjob: error: job {hc.job.num} failed: {message} (traceback in {job_dir / ERROR_TXT})", file=sys.stderr, flush=True)
+            console.error(f"capjob: error: job {num} failed: {message} (traceback in {job_dir / ERROR_TXT})")
             record.update(status="failed", error=message, error_type=type(e).__name__)
             job_dir.mkdir(parents=True, exist_ok=True)
             (job_dir / ERROR_TXT).write_text(message + "\n\n" + traceback.format_exc())
@@ -271,7 +282,19 @@ class SweepReport(Callback):
         jobs = collect(sweep_dir)
         failed = sum(1 for j in jobs if j.status in ("failed", "unknown"))
         print(
-            f"\ncapjob sweep: {len(jobs)} runs, {len(jobs) - failed} without error, {failed} failed\n"
+            f"\ncapjob sweep: {len(jobs)} runs, {len(jobs) - failed} without error, {failed} failed\n\n"
+            f"{first_table(Path(paths['markdown']).read_text())}\n\n"
             f"  table: {paths['markdown']}\n  csv:   {paths['csv']}\n  plot:  {paths['plot']}",
             flush=True,
         )
+
+
+def first_table(markdown: str) -> str:
+    """The first table of a markdown text (sweep.md's runs), for the console."""
+    lines, table = markdown.splitlines(), []
+    for line in lines:
+        if line.startswith("|"):
+            table.append(line)
+        elif table:
+            break
+    return "\n".join(table)
