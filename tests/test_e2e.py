@@ -95,6 +95,9 @@ def test_sample_job_writes_one_caption_per_image(tmp_path):
     assert report["caption_words"]["mean"] == round(evaluation["words"]["mean"], 2)
     timeline = report["timeline"]
     assert 0 < timeline["engine_ready_s"] <= timeline["first_caption_s"] < report["wall_seconds"]
+    # The price of a caption: a CPU engine holds no GPU, and the summary says so.
+    assert report["gpus_held"] == 0 and report["images_per_gpu_hour"] is None
+    assert "| images per GPU-hour | - (no GPU held: the engine ran on CPU) |" in proc.stdout
 
     # The same command again: every row is in the sink, so it says so and starts no engine.
     again = capjob("data.sample_size=8", f"sink.path={tmp_path}/out", "eval=stats", f"hydra.run.dir={tmp_path}/again")

@@ -62,6 +62,25 @@ def grid(tmp_path):
     return d
 
 
+def test_the_sweep_table_gives_the_price_of_a_caption(tmp_path):
+    """sweep.md answers "which setting is cheapest": images per GPU-hour and, with
+    job.gpu_hour_price, the cost per 1,000 images of each run (reporting/report.price)."""
+    from capjob.reporting import report as run_report
+
+    d = tmp_path / "sweep"
+    for num, (rate, gpus) in enumerate([(2.0, 1), (3.0, 2)]):
+        rep = {**report(rate, captioned=100, run_id=f"r{num}"), **run_report.price(100, 100 / rate, {}, gpus, 2.0)}
+        make_job(d, num, ["experiment=offline", f"resources.concurrency={gpus}"], rep=rep)
+    md = sweep_report.build_report(d)["markdown"].read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert "| images/GPU-h | cost/1k images |" in table[0]
+    # 2 images/s on 1 GPU: 7,200 per GPU-hour, 0.278 per 1,000; 3 images/s on 2: 5,400, 0.37
+    by_job = {line.split("|")[2].strip(): line for line in table[1:]}
+    assert "| 7200 | 0.278 |" in by_job["0"] and "| 5400 | 0.37 |" in by_job["1"], table
+    rows = list(csv.DictReader((d / "sweep.csv").open()))
+    assert {r["job"]: r["cost_per_1000_images"] for r in rows} == {"0": "0.2778", "1": "0.3704"}
+
+
 def test_report_ranks_runs_marks_the_best_and_lists_failures(tmp_path):
     d = grid(tmp_path)
     paths = sweep_report.build_report(d)

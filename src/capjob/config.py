@@ -319,6 +319,9 @@ class JobConfig:
     # Console: at "warning" it shows capjob's plan, one progress line, warnings and the summary;
     # Ray's and vLLM's logs go to <run dir>/capjob.log. "info" or "debug" shows them all here.
     log_level: str = "warning"
+    # Price of one GPU-hour (any currency): the report, the console summary and sweep.md then
+    # give the cost per 1,000 images beside images per GPU-hour (reporting/report.price).
+    gpu_hour_price: Optional[float] = None
 
 
 class EvalMode(str, enum.Enum):
@@ -494,6 +497,8 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
         resume = cfg.job.resume = resume.strip().lower() == "true"
     _require(resume is True or resume is False or resume == "force", "job.resume", f"must be true, false or force, got {resume!r}")
     _require(cfg.job.task_retries >= 0, "job.task_retries", f"must be >= 0, got {cfg.job.task_retries}")
+    _require(cfg.job.gpu_hour_price is None or cfg.job.gpu_hour_price >= 0, "job.gpu_hour_price",
+             f"must be >= 0 (a price per GPU-hour), got {cfg.job.gpu_hour_price}")
     _require(cfg.job.log_level.lower() in LOG_LEVELS, "job.log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {cfg.job.log_level!r}")
     _require(cfg.job.max_errored_blocks >= 0, "job.max_errored_blocks", f"must be >= 0, got {cfg.job.max_errored_blocks}")
     _require(c.max_tokens > 0, "caption.max_tokens", f"must be > 0, got {c.max_tokens}")

@@ -252,6 +252,8 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
         timeline=timeline,
         interrupted=interrupted,
     )
+    run_report.update(report.price(result.captioned, result.wall_seconds, timeline,
+                                   job.placement.gpus * cfg.resources.concurrency, cfg.job.gpu_hour_price))
     crashes = engine_crash_summary(job.crashes)
     if crashes.get("engine_deaths"):
         # The engine deaths a batch was retried after, and the rows quarantined as engine_crash.

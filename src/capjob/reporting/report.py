@@ -155,6 +155,40 @@ def build(
     }
 
 
+def price(captioned: int, wall_seconds: float, timeline: dict[str, Optional[float]], gpus_held: float,
+          gpu_hour_price: Optional[float]) -> dict[str, Any]:
+    """What a caption costs, from the run's measured wall time and the GPUs it held
+    (`gpus_held`: GPUs per engine replica x replicas, what the job reserves from start to end).
+    images_per_gpu_hour: captioned / (gpus_held x wall hours), start-up included;
+    steady_images_per_gpu_hour: the steady rate (timeline's steady_rows_per_second) x 3600 /
+    gpus_held; with `gpu_hour_price` (job.gpu_hour_price, per GPU-hour in any currency) the cost
+    per 1,000 images both ways. None where no GPU is held (a CPU engine) or nothing was captioned."""
+    steady_rate = (timeline or {}).get("steady_rows_per_second")
+    whole = captioned * 3600 / (gpus_held * wall_seconds) if gpus_held and wall_seconds and captioned else None
+    steady = steady_rate * 3600 / gpus_held if gpus_held and steady_rate else None
+
+    def cost(rate: Optional[float]) -> Optional[float]:
+        return round(gpu_hour_price * 1000 / rate, 4) if rate and gpu_hour_price is not None else None
+
+    return {"gpus_held": gpus_held, "gpu_hours": round(gpus_held * wall_seconds / 3600, 4),
+            "images_per_gpu_hour": round(whole, 1) if whole else None,
+            "steady_images_per_gpu_hour": round(steady, 1) if steady else None,
+            "gpu_hour_price": gpu_hour_price, "cost_per_1000_images": cost(whole), "steady_cost_per_1000_images": cost(steady)}
+
+
+def _price_lines(report: dict[str, Any]) -> list[str]:
+    if "gpus_held" not in report:
+        return []
+    if not report["gpus_held"]:
+        return ["| images per GPU-hour | - (no GPU held: the engine ran on CPU) |"]
+    lines = [f"| images per GPU-hour (whole run / steady) | {_or_dash(report['images_per_gpu_hour'])} / "
+             f"{_or_dash(report['steady_images_per_gpu_hour'])} ({report['gpus_held']:g} GPU(s) held, {report['gpu_hours']} GPU-hours) |"]
+    if report.get("gpu_hour_price") is not None:
+        lines.append(f"| cost per 1,000 images (whole run / steady) | {_or_dash(report['cost_per_1000_images'])} / "
+                     f"{_or_dash(report['steady_cost_per_1000_images'])} (at {report['gpu_hour_price']:g} per GPU-hour) |")
+    return lines
+
+
 def summary_table(report: dict[str, Any]) -> str:
     words = report["caption_words"]
     lines = [
@@ -170,6 +204,7 @@ def summary_table(report: dict[str, Any]) -> str:
         f"| rows/s (whole run / steady) | {report['rows_per_second']} / {_or_dash((report.get('timeline') or {}).get('steady_rows_per_second'))} |",
         f"| generated tokens/s | {report['generated_tokens_per_second']} |",
         f"| prompt tokens/s | {report['prompt_tokens_per_second']} |",
+        *_price_lines(report),
         f"| caption words mean / p50 / p95 | {words['mean']} / {words['p50']} / {words['p95']} |",
     ]
     return "\n".join(lines)

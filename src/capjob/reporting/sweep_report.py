@@ -36,7 +36,14 @@ METRICS = [
     ("captioned", "captioned"),
     ("quarantined", "quarantined"),
     ("wall_seconds", "wall s"),
+    ("images_per_gpu_hour", "images/GPU-h"),
+    ("cost_per_1000_images", "cost/1k images"),
 ]
+
+
+# reporting/report.price's fields, as sweep.csv columns.
+PRICE_COLUMNS = ("gpus_held", "images_per_gpu_hour", "steady_images_per_gpu_hour", "gpu_hour_price", "cost_per_1000_images",
+                 "steady_cost_per_1000_images")
 
 
 def override_key(override: str) -> str:
@@ -196,7 +203,8 @@ def csv_rows(jobs: list[Job]) -> tuple[list[str], list[dict[str, Any]]]:
     has_eval = any(j.evaluation for j in jobs)
     best = best_job(jobs)
     header = ["job", "status", "best", *swept, "rows_per_second", "generated_tokens_per_second", "captioned",
-              "quarantined", "rows_read", "wall_seconds", "caption_words_mean", "caption_words_p50", "caption_words_p95"]
+              "quarantined", "rows_read", "wall_seconds", *PRICE_COLUMNS, "caption_words_mean", "caption_words_p50",
+              "caption_words_p95"]
     if has_eval:
         header += ["eval_captions", "eval_empty_share", "eval_truncated_share", "eval_degenerate_share", "eval_vocabulary_size",
                    "eval_judge_mean_score", "eval_exact_match", "eval_word_f1", "eval_bleu4", "eval_cider"]
@@ -205,7 +213,8 @@ def csv_rows(jobs: list[Job]) -> tuple[list[str], list[dict[str, Any]]]:
     for job in ranked(jobs):
         params = params_of(job)
         row: dict[str, Any] = {"job": job.num, "status": job.status, "best": job is best, **{k: params.get(k, "") for k in swept}}
-        for key in ("rows_per_second", "generated_tokens_per_second", "captioned", "quarantined", "rows_read", "wall_seconds"):
+        for key in ("rows_per_second", "generated_tokens_per_second", "captioned", "quarantined", "rows_read", "wall_seconds",
+                    *PRICE_COLUMNS):
             row[key] = job.metric(key)
         for p in ("mean", "p50", "p95"):
             row[f"caption_words_{p}"] = job.words.get(p)
