@@ -23,6 +23,12 @@ Measured on this 2-core machine (docs/benchmarks.md, "Tiny trained model"; greed
      1200     2e-3        1      836       100%         98%            99%
      1000     2e-3        2      318          -           -            99%    (v4 candidate; 5 of 600 more scenes wrong)
      1200     2e-3        2      288          -           -          99.5%    (v4, the default; 3 of 600 wrong)
+     1200     2e-3        2      204          -           -          97.5%    (v4's recipe on an AMD EPYC: the
+                                                                             shipped v5 weights, models/shipped.py)
+
+The rows above v5 were trained on an Intel Xeon. The same recipe trains other weights on
+another CPU family (oneDNN's kernels, and so its float sums, follow the instruction set), so
+the package ships one trained build's weights and a build uses them (models/shipped.py).
 
 Since v4 two threads and the patch embedding as a matrix product make a step 1.48x faster
 (bench/tiny_train_speed.py); the weights differ from v3's (other float sums), and 1200 steps
@@ -46,7 +52,8 @@ import capjob.models.shapes as shapes
 from capjob.models.corpus import SEED, TOKENIZER_CORPUS
 
 TRAIN_STEPS = 1200
-# A fixed count, not the machine's: the same float sums (so the same weights) on any machine.
+# A fixed count, not the machine's: the same float sums (so the same weights) on any machine of
+# one CPU family (another family's kernels sum differently: models/shipped.py).
 # Two: faster than one on a 2-core machine (bench/tiny_train_speed.py); more would thrash where
 # other processes share the cores (2 threads beside a busy Ray run once ran 10x slower here).
 TRAIN_THREADS = 2
