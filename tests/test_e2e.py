@@ -71,6 +71,20 @@ def test_sample_job_writes_one_caption_per_image(tmp_path):
                                   pa.array(captions.column("caption").to_pylist()[1:] + captions.column("caption").to_pylist()[:1]))
     with pytest.raises(AssertionError, match="do not fit"):
         assert_captions_fit_their_images(shifted, 24)
+    # The shipped weights caption the sample's shape scenes through capjob's pipeline as they do
+    # with transformers' greedy decoding (at most one scene apart: other kernels, other sums).
+    import torch
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from capjob.models import shapes, train
+    from capjob.stages.sources.sample import SHAPES_SEED
+
+    model_dir = resolve_model_source(None, "tiny_qwen25vl")
+    alone = train.greedy_captions(Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval(),
+                                  AutoProcessor.from_pretrained(model_dir), shapes.scenes(24, SHAPES_SEED))
+    piped = dict(zip(captions.column("source_key").to_pylist(), captions.column("caption").to_pylist()))
+    differ = [(i, alone[i], piped[f"shapes_{i:05d}.png"]) for i in range(24) if piped[f"shapes_{i:05d}.png"].strip() != alone[i]]
+    assert len(differ) <= 1, differ
     assert len(set(captions.column("id").to_pylist())) == expected
     assert all(c.strip() for c in captions.column("caption").to_pylist())
     assert min(captions.column("generated_tokens").to_pylist()) > 0
