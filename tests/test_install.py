@@ -142,7 +142,8 @@ def test_install_sh_installs_the_lock_and_nothing_else(tmp_path):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return log.read_text().splitlines()
 
-    py, uv = "python -m pip install --disable-pip-version-check", f"uv pip install --python {venv}/bin/python"
+    # uv with --compile-bytecode: the .pyc files written at install, as pip writes them.
+    py, uv = "python -m pip install --disable-pip-version-check", f"uv pip install --python {venv}/bin/python --compile-bytecode"
     for target in ("cpu", "gpu"):
         installs = [c for c in run(target, "uv") if " -c " not in c]
         assert installs == [
