@@ -41,6 +41,11 @@ def test_card_command_composes():
 def test_offline_experiment_preset():
     cfg = to_typed(compose(["experiment=offline"]))
     assert (cfg.data.name, cfg.model.name, cfg.resources.name) == ("sample", "tiny_qwen25vl", "local")
+    # The CPU preset starts Ray without its dashboard (start-up); asking brings it back; the GPU
+    # presets keep Ray's default.
+    assert cfg.resources.include_dashboard is False
+    assert to_typed(compose(["experiment=offline", "resources.include_dashboard=true"])).resources.include_dashboard is True
+    assert to_typed(compose(["resources=h100x1"])).resources.include_dashboard is None
 
 
 @pytest.mark.parametrize(

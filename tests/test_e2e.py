@@ -119,7 +119,18 @@ def test_sample_job_writes_one_caption_per_image(tmp_path):
     assert again.stdout.strip().splitlines() == [
         f"capjob: nothing left to do: all {expected} rows of sample are already in {tmp_path}/out "
         "(captions or quarantine); no engine started. job.resume=false captions them again"]
-    assert "vLLMEngineStageUDF" not in (tmp_path / "again" / "capjob.log").read_text()
+    # Known before Ray starts: the finished run recorded the source, the settings and the sink.
+    assert "Ray up" not in (tmp_path / "again" / "capjob.log").read_text()
+    record = tmp_path / "out" / "runs" / "_complete.json"
+    assert json.loads(record.read_text())["rows"] == expected
+    # Without that record the source is read (Ray Data, no engine) to find the same answer.
+    record.unlink()
+    third = capjob("data.sample_size=8", f"sink.path={tmp_path}/out", "eval=stats", f"hydra.run.dir={tmp_path}/third")
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-5000:]
+    assert third.stdout.strip().splitlines() == again.stdout.strip().splitlines()
+    log = (tmp_path / "third" / "capjob.log").read_text()
+    assert "Ray up" in log and "vLLMEngineStageUDF" not in log
+    assert json.loads(record.read_text())["rows"] == expected
     assert read_table(tmp_path / "out" / "captions").num_rows == expected
 
 

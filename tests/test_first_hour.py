@@ -244,7 +244,7 @@ def test_timeline_splits_start_up_from_steady_captioning():
     t = timeline(events, t0, t0 + 65, engine_ready_at=t0 + 55)
     assert t["engine_ready_s"] == 55 and t["first_caption_s"] == 60
     assert t["startup_seconds"] == 60 and t["steady_seconds"] == 5
-    assert t["steady_rows_per_second"] == 4.0  # 16 rows after the first block, over 4 s
+    assert t["steady_rows_per_second"] == 3.2  # 16 rows after the first block, over the 5 steady seconds
     starts, rate = throughput_series(events, t0, t0 + 65)
     assert starts[0] == 0 and rate[starts < 55].sum() == 0  # from t = 0: nothing before the first caption
     assert rate.sum() * (starts[1] - starts[0]) == pytest.approx(24)

@@ -26,7 +26,7 @@ import ray
 import ray.data
 
 from capjob import console, metrics, preflight, runtime
-from capjob.config import CapjobConfig, EvalMode
+from capjob.config import CapjobConfig, EvalMode, SourceFormat
 from capjob.errors import AccountingError
 from capjob.models import resolve_model_source
 from capjob.plan import Plan, configure_data_context, make_plan, new_run_id
@@ -45,6 +45,7 @@ from capjob.stages.caption.render import PromptWatch, needs_rendered_prompt, req
 from capjob.stages.sinks import CaptionSink
 from capjob.stages.sources.cells import Fetcher
 from capjob.stages.sources.common import ITEMS_COUNTER, skipped_totals
+from capjob.stages.sources.sample import ensure_sample_dataset
 from capjob.stages.tables import TableWriter
 
 
@@ -92,6 +93,8 @@ class Started:
     prompt: Any = None  # render.submit_caption_prompt's result: the kept prompt, or its task running meanwhile
     # The driver's watch on that task when the requests fetch its result themselves (render.PromptWatch).
     prompt_watch: Optional[PromptWatch] = None
+    # resume.source_fingerprint of the source, taken before it was read: what a finished run records.
+    source_fingerprint: Optional[str] = None
 
     def guard_prompt(self) -> Any:
         """Around the Ray Data execution: a render that fails stops the run with its error."""
@@ -207,7 +210,25 @@ def nothing_left(cfg: CapjobConfig, job: Started, source: Any, num_rows: Optiona
         left = with_ids(source.dataset, source, job.done, probe_id, task_options(cfg.resources, cfg.job)).count()
     finally:
         ray.kill(probe)
+    if left == 0:  # the next run of the same command can tell before Ray starts
+        resume.record_complete(cfg.sink, job.run_id, job.source_fingerprint, resume.caption_settings(cfg, job.model_source), num_rows)
     return left == 0
+
+
+def completed_before(cfg: CapjobConfig, source_fingerprint: Optional[str]) -> Optional[int]:
+    """The source's row count when the sink already holds all of it, known without Ray: a finished
+    run recorded this source, these caption settings and the sink as it is now
+    (resume.completed_rows). None: not known so (job.resume=false, job.retry_quarantined, a
+    source without a fingerprint, anything changed): the run reads the source to find out."""
+    if cfg.job.resume is False or cfg.job.retry_quarantined or source_fingerprint is None:
+        return None
+    model_source = resolve_model_source(cfg.model.source, cfg.model.builder, say=console.out)
+    return resume.completed_rows(cfg.sink, source_fingerprint, resume.caption_settings(cfg, model_source))
+
+
+def say_nothing_left(cfg: CapjobConfig, num_rows: int) -> None:
+    console.headline(f"capjob: nothing left to do: all {num_rows} rows of {cfg.data.name} are already in "
+                     f"{cfg.sink.path} (captions or quarantine); no engine started. job.resume=false captions them again")
 
 
 def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_config: dict[str, Any],
@@ -289,6 +310,9 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
             f"rows in ({expected}) != captioned ({result.captioned}) + quarantined ({result.quarantined}); "
             f"run {job.run_id} lost or duplicated rows"
         )
+    # Read to its end and every row accounted for: the sink holds the whole source now.
+    resume.record_complete(writer, job.run_id, job.source_fingerprint, resume.caption_settings(cfg, job.model_source),
+                           result.rows_read)
     return result
 
 
@@ -302,14 +326,24 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
     job: Optional[Started] = None
     dataset = sink = None
     try:
+        if checked is None:
+            checked = preflight.check_all(cfg, read_done=False)  # the dry run's sequence; raises CapjobError
+        if cfg.data.format == SourceFormat.sample:
+            ensure_sample_dataset(cfg.data.sample_size, cfg.data.sample_shapes)  # written once; its listing is its fingerprint
+        # Taken before anything reads the source: a finished run records it (resume.record_complete).
+        fingerprint = resume.source_fingerprint(cfg.data)
+        done_rows = completed_before(cfg, fingerprint)
+        if done_rows is not None:
+            say_nothing_left(cfg, done_rows)
+            return None
         job = start(cfg, run_id, checked)
+        job.source_fingerprint = fingerprint
         source = sources.read_source(preflight.data_with_prompt_columns(cfg.data, cfg.caption), run_id)
         console.startup_mark("source read")
         # Ray Data does not count every source up front (the sample set); its files may tell.
         num_rows = source.num_rows if source.num_rows is not None else preflight.source_rows(cfg.data)
         if nothing_left(cfg, job, source, num_rows):
-            console.headline(f"capjob: nothing left to do: all {num_rows} rows of {cfg.data.name} are already in "
-                             f"{cfg.sink.path} (captions or quarantine); no engine started. job.resume=false captions them again")
+            say_nothing_left(cfg, num_rows)
             return None
         plan = make_plan(cfg, run_id, job.model_source, job.placement, source.num_rows)
         lines = [plan.render(cfg)]

@@ -105,10 +105,16 @@ def timeline(write_events: list[tuple[float, int]], started_at: float, ended_at:
              engine_ready_at: Optional[float] = None) -> dict[str, Optional[float]]:
     """The run's wall time split at the first caption: start-up (Ray, model, engine, the first
     batch) and steady captioning. Times in seconds since the run started (unix time
-    `started_at`); write_events are (unix time, rows) per written block."""
+    `started_at`); write_events are (unix time, rows) per written block.
+
+    Every number covers the same span: wall_seconds = startup_seconds + steady_seconds, and
+    steady_rows_per_second is the rows written after the first block over steady_seconds (the
+    first block's rows arrive at the split point). Not over first-to-last write: blocks that
+    land together (several writers, a partial report's file times) would make a burst of a
+    fraction of a second the "steady" rate."""
     events = sorted(e for e in write_events if e[1] > 0)
     wall = max(ended_at - started_at, 0.0)
-    first = events[0][0] - started_at if events else None
+    first = min(max(events[0][0] - started_at, 0.0), wall) if events else None
     steady_rows = sum(n for _, n in events[1:])
     steady_s = wall - first if first is not None else 0.0
     return {
@@ -117,8 +123,8 @@ def timeline(write_events: list[tuple[float, int]], started_at: float, ended_at:
         "first_caption_s": round(first, 3) if first is not None else None,
         "startup_seconds": round(first, 3) if first is not None else round(wall, 3),
         "steady_seconds": round(steady_s, 3),
-        # The first block's rows arrive at the split point: the steady rate counts the rows after it.
-        "steady_rows_per_second": round(steady_rows / (events[-1][0] - events[0][0]), 3) if len(events) > 1 and events[-1][0] > events[0][0] else None,
+        "steady_rows": steady_rows,
+        "steady_rows_per_second": round(steady_rows / steady_s, 3) if steady_rows and steady_s > 0 else None,
     }
 
 
@@ -201,13 +207,24 @@ def summary_table(report: dict[str, Any]) -> str:
         f"| quarantined | {report['quarantined']} (images {report['quarantined_images']}, engine {report['quarantined_engine']}, "
         f"of which empty captions {report.get('empty_captions', 0)}) |",
         f"| wall time | {report['wall_seconds']:.1f} s{_split(report.get('timeline') or {})} |",
-        f"| rows/s (whole run / steady) | {report['rows_per_second']} / {_or_dash((report.get('timeline') or {}).get('steady_rows_per_second'))} |",
+        f"| rows/s (whole run / steady) | {_rates(report)} |",
         f"| generated tokens/s | {report['generated_tokens_per_second']} |",
         f"| prompt tokens/s | {report['prompt_tokens_per_second']} |",
         *_price_lines(report),
         f"| caption words mean / p50 / p95 | {words['mean']} / {words['p50']} / {words['p95']} |",
     ]
     return "\n".join(lines)
+
+
+def _rates(report: dict[str, Any]) -> str:
+    """Each rate with the rows and seconds it is, so that the line can be checked by hand."""
+    t = report.get("timeline") or {}
+    whole = f"{report['rows_per_second']} ({report['captioned']} rows / {report['wall_seconds']:.1f} s)"
+    if t.get("steady_rows_per_second") is None:
+        return whole + " / -"
+    if t.get("steady_rows") is None or t.get("steady_seconds") is None:  # a report from before these keys
+        return whole + f" / {t['steady_rows_per_second']}"
+    return whole + f" / {t['steady_rows_per_second']} ({t['steady_rows']} rows after the first block / {t['steady_seconds']:.1f} s)"
 
 
 def _or_dash(value: Any) -> str:

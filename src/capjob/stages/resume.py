@@ -42,6 +42,7 @@ ray/data/checkpoint and ray/data/_internal/planner/checkpoint):
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -56,16 +57,20 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from capjob import console
-from capjob.config import CapjobConfig, SinkConfig, SinkFormat
+from capjob.config import CapjobConfig, DataConfig, SinkConfig, SinkFormat, SourceFormat
 from capjob.errors import ConfigError
 from capjob.models import BUILD_VERSIONS, remote
 from capjob.schema import CAPTIONS, QUARANTINE
 from capjob.stages.ids import ID_SCHEME, DoneIds, hash_ids
+from capjob.stages.sources.sample import sample_dataset_dir
+from capjob.stages.storage import listing_digest
 from capjob.stages.tables import TableWriter, as_writer, deserialize
 
 Sink = SinkConfig | TableWriter  # what the functions below take: a sink, or its open TableWriter
 
 RUNS = "runs"
+# In RUNS: the last run that left every row of its source in the sink (record_complete).
+COMPLETE = "_complete.json"
 
 
 class ResumeError(ConfigError):
@@ -165,7 +170,7 @@ def recorded_settings(sink: Sink) -> list[tuple[str, dict[str, Any]]]:
     directory = f"{writer.root.rstrip('/')}/{RUNS}"
     try:
         fs.invalidate_cache(directory)
-        names = sorted(n for n in fs.ls(directory, detail=False) if n.endswith(".json"))
+        names = sorted(n for n in fs.ls(directory, detail=False) if n.endswith(".json") and n.rsplit("/", 1)[-1] != COMPLETE)
     except FileNotFoundError:
         return []
     out = []
@@ -317,3 +322,65 @@ def prepare(cfg: CapjobConfig, run_id: str, model_source: str) -> DoneIds:
     done = read_done_ids(writer, list(job.retry_quarantined))
     record_settings(writer, run_id, settings)
     return done
+
+
+# --------------------------------------------------------------------------- nothing left, known early
+
+
+def source_fingerprint(data: DataConfig) -> Optional[str]:
+    """What identifies the rows a run of `data` reads, without reading them: every data.* setting
+    that selects or keys rows, and a digest of the source's listing (storage.listing_digest).
+    None where no listing tells (a hub dataset, an unlistable location): such a source is
+    always read to find what is left."""
+    if data.format == SourceFormat.sample:
+        location = str(sample_dataset_dir(data.sample_size, data.sample_shapes))
+    elif data.format == SourceFormat.hf and data.path and "://" not in data.path and not os.path.exists(data.path):
+        return None  # a hub id
+    else:
+        location = data.path or ""
+    listing = listing_digest(location, data.storage_options) if location else None
+    if listing is None:
+        return None
+    settings = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("partitions", "partitions_per_worker", "fetch", "name")}
+    return fingerprint({"data": settings, "listing": listing})
+
+
+def sink_digest(sink: Sink) -> str:
+    """A digest of the names of the sink's complete captions and quarantine files. Each is
+    written once under a new name and never changed in place (tables.py; a retried quarantine
+    row rewrites its file under another name), so equal names mean equal rows."""
+    writer = as_writer(sink)
+    names = [n.rsplit("/", 1)[-1] for table in (CAPTIONS, QUARANTINE) for n in writer.list_files(table)]
+    return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:32]
+
+
+def record_complete(sink: Sink, run_id: str, source: Optional[str], settings: dict[str, Any], rows: int) -> None:
+    """After a run that left every row of its source in the sink (it read the source to its end
+    and accounted for every row): the source's fingerprint, taken before the run read it, the
+    caption settings and the sink's files as they are now, so that the same command again can
+    say "nothing left" before Ray starts (completed_rows). No record without a fingerprint."""
+    if source is None:
+        return
+    writer = as_writer(sink)
+    record = {"run_id": run_id, "source": source, "settings": fingerprint(settings), "sink": sink_digest(writer),
+              "rows": rows, "written": dt.datetime.now(dt.timezone.utc).isoformat()}
+    directory = f"{writer.root.rstrip('/')}/{RUNS}"
+    if writer.local:
+        writer.fs.makedirs(directory, exist_ok=True)
+    writer.fs.pipe_file(f"{directory}/{COMPLETE}", json.dumps(record, indent=1).encode())
+
+
+def completed_rows(sink: Sink, source: Optional[str], settings: dict[str, Any]) -> Optional[int]:
+    """The source's row count when a finished run recorded this very source (same fingerprint),
+    these caption settings and the sink as it is now (no file added or removed since); else
+    None: what is left is found by reading the source (pipeline.nothing_left)."""
+    if source is None:
+        return None
+    writer = as_writer(sink)
+    try:
+        record = json.loads(writer.fs.cat_file(f"{writer.root.rstrip('/')}/{RUNS}/{COMPLETE}"))
+    except (FileNotFoundError, ValueError):
+        return None
+    if (record.get("source"), record.get("settings")) != (source, fingerprint(settings)):
+        return None
+    return int(record["rows"]) if record.get("sink") == sink_digest(writer) else None

@@ -125,9 +125,14 @@ def sample_rows(num_generated: int, num_shapes: int) -> int:
     return len(bundled_photos()) + num_generated + num_shapes
 
 
+def sample_dataset_dir(num_generated: int = 24, num_shapes: int = 24) -> pathlib.Path:
+    """Where ensure_sample_dataset(num_generated, num_shapes) writes the set (it may not exist yet)."""
+    return cache_dir() / "datasets" / f"sample-{SAMPLE_VERSION}-{num_generated}-{num_shapes}"
+
+
 def ensure_sample_dataset(num_generated: int = 24, num_shapes: int = 24) -> str:
     """The sample dataset's directory, written on first use (atomically) and reused after."""
-    root = cache_dir() / "datasets" / f"sample-{SAMPLE_VERSION}-{num_generated}-{num_shapes}"
+    root = sample_dataset_dir(num_generated, num_shapes)
     if (root / "train-00000.parquet").exists():
         return str(root)
     rows = [(p.name, p.read_bytes(), "photo") for p in bundled_photos()]
