@@ -552,8 +552,10 @@ def measure_job(s: dict[str, Any], sink: pathlib.Path, started: float, gpu: "Gpu
     # rows count too: the engine generated their tokens all the same (the dummy model's random
     # weights often generate special tokens only, an empty caption; seen 2026-12-03, issue 22).
     finish: list[float] = []
+    ids: list[str] = []
     for f in [*(sink / "captions").rglob("*.parquet"), *(sink / "quarantine").rglob("*.parquet")]:
         finish += [f.stat().st_mtime] * pq.read_metadata(f).num_rows
+        ids += pq.read_table(f, columns=["id"]).column("id").to_pylist()
     report = json.loads(next((sink / "reports").rglob("report.json")).read_text())
     st = steady(finish, s["max_tokens"], started)
     timeline = report.get("timeline") or {}
@@ -561,7 +563,11 @@ def measure_job(s: dict[str, Any], sink: pathlib.Path, started: float, gpu: "Gpu
     ops = [{k: o.get(k) for k in ("operator", "wall_seconds", "rows_per_second")} for o in report.get("operators", [])]
     return {**st, "engine_op_rows_per_s": engine_operator(report.get("operators", [])).get("rows_per_second"),
             "engine_ready_s": timeline.get("engine_ready_s"), "operators": ops,
-            "captioned": report.get("captioned"), "quarantined": report.get("quarantined"), **gpu.window(*st["window"]),
+            "captioned": report.get("captioned"), "quarantined": report.get("quarantined"),
+            # check_table's rule: every row once (ids), empty captions of dummy weights apart.
+            "rows_written": len(ids), "distinct_ids": len(set(ids)), "empty_captions": report.get("empty_captions", 0),
+            "guard_ms_per_batch": (report.get("engine_guard") or {}).get("ms_before_engine_per_batch"),
+            **gpu.window(*st["window"]),
             "report": str(next((sink / "reports").rglob("report.md")))}
 
 
@@ -904,21 +910,36 @@ def startup_table(results: list[dict[str, Any]]) -> str:
 
 
 def check_table(results: list[dict[str, Any]], images: int) -> tuple[str, bool]:
-    """One row per capjob run (its label, or its point): OK only if it ran and every one of the
-    `images` rows came back as a caption (none quarantined, none lost)."""
-    lines = ["| layout | status | captioned | images/s (steady) | engine operator rows/s | start-up s | GPU util % | config |",
-             "|---|---|--:|--:|--:|--:|--:|---|"]
+    """One row per capjob run (its label, or its point). OK only if it ran and every one of the
+    `images` rows was written exactly once (captions + quarantine, ids distinct) and nothing was
+    quarantined but empty captions: a dummy-weight model (load_format=dummy) may generate only
+    special tokens, an empty caption (schema.EMPTY_CAPTION), though the engine did all the work
+    of a caption; a lost, doubled or otherwise quarantined row fails the layout."""
+    lines = ["| layout | status | captioned | empty captions | images/s (steady) | GPU busy % | start-up s | "
+             "guard ms/batch | engine operator rows/s | config |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|---|"]
     ok = bool(results)
     for r in (r for r in results if r["contender"] == "capjob"):
         point = " ".join(f"{k}={v}" for k, v in r.get("point", {}).items())
-        good = r.get("status") == "ok" and r.get("captioned") == images and not r.get("quarantined")
+        empty = r.get("empty_captions") or 0
+        written = r.get("rows_written", (r.get("captioned") or 0) + (r.get("quarantined") or 0))
+        distinct = r.get("distinct_ids", written)
+        good = (r.get("status") == "ok" and written == distinct == images
+                and (r.get("captioned") or 0) + empty == images and (r.get("quarantined") or 0) == empty)
         refused = r.get("sweep_job") is not None and r.get("error_type") == "ConfigError"  # a sweep's invalid combination
         ok &= good or refused
-        status = "ok" if good else ("refused up front: " + str(r.get("status"))[len("failed: "):] if refused else
-                                    "FAILED: " + str(r.get("status")) if r.get("status") != "ok" else
-                                    f"FAILED: {r.get('captioned')} of {images} captioned, {r.get('quarantined')} quarantined")
-        lines.append(f"| {r.get('label') or point or 'defaults'} | {status} | {r.get('captioned')} | {r.get('images_per_s')} | "
-                     f"{r.get('engine_op_rows_per_s')} | {r.get('start_s')} | {r.get('gpu_util_mean')} | resources={r.get('resources')} {point} |")
+        if good:
+            status = "ok"
+        elif refused:
+            status = "refused up front: " + str(r.get("status"))[len("failed: "):]
+        elif r.get("status") != "ok":
+            status = "FAILED: " + str(r.get("status"))
+        else:
+            status = (f"FAILED: {r.get('captioned')} of {images} captioned, {r.get('quarantined')} quarantined "
+                      f"({empty} empty), {written} rows written, {distinct} distinct ids")
+        lines.append(f"| {r.get('label') or point or 'defaults'} | {status} | {r.get('captioned')} | {empty} | {r.get('images_per_s')} | "
+                     f"{r.get('gpu_util_mean')} | {r.get('start_s')} | {r.get('guard_ms_per_batch')} | {r.get('engine_op_rows_per_s')} | "
+                     f"resources={r.get('resources')} {point} |")
     return "\n".join(lines), ok
 
 

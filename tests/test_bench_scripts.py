@@ -1,6 +1,7 @@
 """Smoke tests for the scripts in bench/: they run and report, on tiny inputs (no timing checks)."""
 
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -85,23 +86,35 @@ def test_gpu_bench_profile_stats_and_mfu(tmp_path):
 
 
 def test_gpu_check_table_fails_loudly():
-    """bench/gpu_check.sh's verdict: a layout passes only if every image came back captioned; a
-    sweep's combination refused up front (ConfigError) is shown, not counted as a failure."""
+    """bench/gpu_check.sh's verdict: a layout passes only if every image was written exactly once
+    and nothing but a dummy model's empty captions was quarantined; a sweep's combination refused
+    up front (ConfigError) is shown, not counted as a failure."""
     sys.path.insert(0, str(REPO / "bench"))
     import gpu_bench
 
     ok = {"contender": "capjob", "label": "one", "status": "ok", "captioned": 300, "quarantined": 0, "images_per_s": 120.0,
-          "engine_op_rows_per_s": 100.0, "start_s": 150.0, "resources": "h200x1"}
+          "engine_op_rows_per_s": 100.0, "start_s": 150.0, "gpu_util_mean": 97.5, "guard_ms_per_batch": 1.8,
+          "rows_written": 300, "distinct_ids": 300, "empty_captions": 0, "resources": "h200x1"}
     refused = {"contender": "capjob", "label": "sweep", "point": {"engine.tensor_parallel_size": "2", "resources.gpus_per_worker": "1"},
                "sweep_job": "2", "status": "failed: engine.tensor_parallel_size: ... must equal resources.gpus_per_worker = 1",
                "error_type": "ConfigError", "resources": "h200x2"}
     text, passed = gpu_bench.check_table([ok, refused], images=300)
-    assert passed and "| one | ok | 300 | 120.0 | 100.0 | 150.0 |" in text and "refused up front: engine.tensor_parallel_size" in text
+    assert passed and "| one | ok | 300 | 0 | 120.0 | 97.5 | 150.0 | 1.8 | 100.0 |" in text
+    assert "refused up front: engine.tensor_parallel_size" in text
+    # Dummy weights: 12 empty captions quarantined, the engine did their work: a pass.
+    empty = {**ok, "label": "fp8", "captioned": 288, "quarantined": 12, "empty_captions": 12}
+    assert gpu_bench.check_table([empty], images=300)[1] is True
     crashed = {"contender": "capjob", "label": "tp2", "status": "failed (1)", "resources": "h200x2"}
-    lost = {**ok, "label": "pp2", "captioned": 299}
+    lost = {**ok, "label": "pp2", "captioned": 299, "rows_written": 299, "distinct_ids": 299}
     text, passed = gpu_bench.check_table([ok, crashed, lost], images=300)
     assert not passed and "| tp2 | FAILED: failed (1) |" in text and "FAILED: 299 of 300 captioned" in text
+    # A row written twice, or quarantined for anything but an empty caption, fails it too.
+    doubled = {**ok, "label": "two", "rows_written": 301, "distinct_ids": 300}
+    other = {**empty, "label": "pp2", "captioned": 287, "quarantined": 13}
+    assert gpu_bench.check_table([doubled], images=300)[1] is False
+    assert gpu_bench.check_table([other], images=300)[1] is False
     assert gpu_bench.check_table([], images=300)[1] is False  # nothing ran: not a pass
+
 
 def test_url_fetch_bench_runs(tmp_path):
     out_json = tmp_path / "url_fetch.json"
@@ -208,3 +221,38 @@ def test_tiny_train_speed_bench_runs():
     assert rows[0][2] == "1.00"
     # the patch embedding's two forms are the same sums: the same loss after the same steps
     assert abs(float(rows[1][3]) - float(rows[2][3])) < 1e-3, proc.stdout
+
+
+def test_gpu_check_runs_the_presets_in_its_own_folder(tmp_path):
+    """bench/gpu_check.sh's plan (GPU_CHECK_PLAN=1 runs nothing): each layout is the card's
+    throughput preset (not bare engine sizes) plus the layout's overrides, pinned to the card's
+    Ray label; every one composes and validates; its work folder is not gpu_bench's."""
+    sys.path.insert(0, str(REPO / "bench"))
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers.config import compose
+
+    from capjob.config import to_typed
+    from capjob.stages.caption.engine import decide_placement
+
+    for gpu, label in (("H200", "H200"), ("H100", "H100"), ("H200", "NVIDIA_H200_NVL")):
+        proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--gpu", gpu, "one", "preset", "fp8", "two", "tp2", "pp2"],
+                              env={**os.environ, "GPU_CHECK_PLAN": "1", "OUT": str(tmp_path), "GPU_CHECK_LABEL": label,
+                                   "CAPJOB_BENCH_DIR": str(tmp_path / "bench-images")},
+                              capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        work = re.search(r"^work (.*)$", proc.stdout, re.MULTILINE).group(1)
+        assert work != str(tmp_path / "bench-images") and "gpu-check" in work
+        layouts = dict(re.findall(r"^layout (\w+): (.*)$", proc.stdout, re.MULTILINE))
+        assert list(layouts) == ["one", "preset", "fp8", "two", "tp2", "pp2"]
+        for layout, overrides in layouts.items():
+            args = ["model=qwen25vl_3b_dummy", *overrides.split()]
+            assert f"experiment={gpu.lower()}_throughput" in args
+            assert (f"resources.accelerator_type={label}" in args) == (label != gpu)
+            cfg = to_typed(compose(args))
+            assert cfg.engine.name == "vllm_throughput" and cfg.engine.max_num_seqs == 1024
+            gpus = 2 if layout in ("two", "tp2", "pp2") else 1
+            placement = decide_placement(cfg.resources, cfg.engine, available_gpus=gpus, node_gpus=gpus)
+            replicas = {"one": 1, "preset": 2 if gpu == "H200" else 1, "fp8": 2 if gpu == "H200" else 1, "two": 2, "tp2": 1, "pp2": 1}
+            assert cfg.resources.concurrency == replicas[layout], (gpu, layout)
+            assert placement.gpus == {"tp2": 2, "pp2": 2}.get(layout, 1 / cfg.resources.replicas_per_gpu)
+        assert to_typed(compose(["model=qwen25vl_3b_dummy", *layouts["fp8"].split()])).engine.quantization == "fp8"

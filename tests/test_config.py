@@ -282,6 +282,11 @@ def test_h100_throughput_preset_feeds_the_engine(caplog):
     assert cfg.resources.name == "h100x1" and e.batch_size * e.max_concurrent_batches >= e.max_num_seqs == 1024
     kwargs = engine_kwargs(cfg.engine, cfg.model, EnginePlacement(1, "H100"), prompt_specs(cfg.caption))
     assert (kwargs["max_num_seqs"], kwargs["max_num_batched_tokens"]) == (1024, 16384)
+    # The per-engine knobs that won on the H200 (engine=vllm_throughput, shared by both presets):
+    # one replica per H100, so no fixed KV cache.
+    assert e.name == "vllm_throughput" and not e.log_engine_metrics and e.detokenize_stage and e.kv_cache_gib is None
+    assert kwargs["compilation_config"]["compile_mm_encoder"] is True
+    assert max(kwargs["compilation_config"]["cudagraph_capture_sizes"]) == 4096
     assert cfg.resources.object_store_mib >= min_object_store_mib(cfg.images, cfg.engine)
     starved = to_typed(compose(["experiment=h100_throughput", "images.size=225", "engine.batch_size=64", "resources.object_store_mib=1024"]))
     assert min_object_store_mib(starved.images, starved.engine) > 1024  # the setting that cost 11 % on the H100

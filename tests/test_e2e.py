@@ -111,6 +111,9 @@ def test_sample_job_writes_one_caption_per_image(tmp_path):
     assert 0 < timeline["engine_ready_s"] <= timeline["first_caption_s"] < report["wall_seconds"]
     # The price of a caption: a CPU engine holds no GPU, and the summary says so.
     assert report["gpus_held"] == 0 and report["images_per_gpu_hour"] is None
+    # The engine guard's price per batch (its actor calls), measured on every run.
+    guard = report["engine_guard"]
+    assert guard["guarded_batches"] >= expected // 8 and guard["ms_before_engine_per_batch"] > 0
     assert "| images per GPU-hour | - (no GPU held: the engine ran on CPU) |" in proc.stdout
 
     # The same command again: every row is in the sink, so it says so and starts no engine.

@@ -276,6 +276,8 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
     run_report.update(report.price(result.captioned, result.wall_seconds, timeline,
                                    job.placement.gpus * cfg.resources.concurrency, cfg.job.gpu_hour_price))
     crashes = engine_crash_summary(job.crashes)
+    if crashes.get("guarded_batches"):  # what the engine guard cost each batch (ms of actor calls)
+        run_report["engine_guard"] = {k: crashes[k] for k in ("guarded_batches", "ms_before_engine_per_batch", "ms_after_engine_per_batch")}
     if crashes.get("engine_deaths"):
         # The engine deaths a batch was retried after, and the rows quarantined as engine_crash.
         run_report["engine_crashes"] = crashes

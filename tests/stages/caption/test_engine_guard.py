@@ -164,3 +164,17 @@ def test_crash_row_keeps_the_columns_of_a_row_the_engine_ran():
     blocks = [BlockAccessor.batch_to_block({"__data": rows}) for rows in ([ran], [crashed], [ran, crashed])]
     assert all(not str(b.schema.field("__data").type).startswith("extension") for b in blocks)
     assert transform_pyarrow.concat(blocks, promote_types=True).num_rows == 4
+
+
+def test_guard_cost_per_batch_is_the_mean_of_its_measured_calls():
+    ledger = CrashLedger(max_deaths=2)
+    assert ledger.summary()["ms_before_engine_per_batch"] is None  # nothing ran: no price
+    ledger.begin("a", ["r1"], False, "e1")
+    ledger.end("a", 0.002, None)  # an actor's first batch: no earlier end to time
+    ledger.begin("b", ["r2"], False, "e1")
+    ledger.end("b", 0.004, 0.001)
+    ledger.begin("c", ["r3"], True, "e1")
+    ledger.end("c")  # the isolated path is not priced (it runs only after engine deaths)
+    cost = ledger.summary()
+    assert (cost["guarded_batches"], cost["ms_before_engine_per_batch"], cost["ms_after_engine_per_batch"]) == (2, 3.0, 1.0)
+    assert not ledger.in_flight

@@ -38,6 +38,7 @@ import contextlib
 import functools
 import logging
 import os
+import time
 import uuid
 from typing import Any, AsyncIterator, Optional
 
@@ -74,6 +75,12 @@ class CrashLedger:
         self.killers: dict[str, int] = {}  # key -> deaths, for keys in flight alone at a death
         self.dead_engines: dict[str, list[str]] = {}  # engine (actor process) -> keys in flight when it died
         self.quarantined: list[str] = []
+        # What the guard costs: batches through the shared path, and the seconds their actor
+        # calls took before the batch reached the engine (plan + begin) and after it (end).
+        self.batches = 0
+        self.before_s = 0.0
+        self.after_s = 0.0
+        self.after_measured = 0
 
     def _settle(self, keys: list[str]) -> None:
         """Count the deaths of the unfinished attempts that held any of `keys`."""
@@ -102,7 +109,16 @@ class CrashLedger:
         self.attempts[attempt] = (list(keys), solo, engine)
         self.in_flight.update({k: attempt for k in keys})
 
-    def end(self, attempt: str) -> None:
+    def end(self, attempt: str, before_s: Optional[float] = None, after_s: Optional[float] = None) -> None:
+        """`attempt` is done. before_s: what its plan and begin calls took (the guard's delay of
+        the batch); after_s: what the previous end call of the same engine actor took (an end
+        cannot time itself)."""
+        if before_s is not None:
+            self.batches += 1
+            self.before_s += before_s
+        if after_s is not None:
+            self.after_measured += 1
+            self.after_s += after_s
         held, _, _ = self.attempts.pop(attempt, ([], False, ""))
         for k in held:
             if self.in_flight.get(k) == attempt:
@@ -117,7 +133,14 @@ class CrashLedger:
         after (the last one of a run that failed anyway) is not seen."""
         return {"engine_deaths": len(self.dead_engines),
                 "rows_in_flight_at_deaths": [sorted(keys) for keys in self.dead_engines.values()],
-                "quarantined": sorted(set(self.quarantined))}
+                "quarantined": sorted(set(self.quarantined)), **self.cost()}
+
+    def cost(self) -> dict[str, Any]:
+        """The guard's price per batch, in milliseconds of actor-call latency: before the batch
+        reaches the engine (plan + begin: on the batch's path) and after its last row (end)."""
+        return {"guarded_batches": self.batches,
+                "ms_before_engine_per_batch": round(1000 * self.before_s / self.batches, 2) if self.batches else None,
+                "ms_after_engine_per_batch": round(1000 * self.after_s / self.after_measured, 2) if self.after_measured else None}
 
 
 def start_ledger(run_id: str, max_deaths: int) -> Any:
@@ -225,6 +248,7 @@ def guarded_engine_udf() -> type:
             # actor in a new process).
             self.engine_id = f"{ray.get_runtime_context().get_actor_id()}:{os.getpid()}"
             self.poison: Optional[str] = os.environ.get(POISON_ENV) or None
+            self.last_end_s: Optional[float] = None  # what this actor's previous end call took
 
         async def _poison_check(self, rows: list[dict[str, Any]]) -> None:
             if self.poison and any(self.poison in (r.get("source_key"), r.get("id")) for r in rows):
@@ -251,11 +275,13 @@ def guarded_engine_udf() -> type:
 
         async def udf(self, batch: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
             keys = [row_key(r) for r in batch]
+            started = time.perf_counter()
             plan = await self.ledger.plan.remote(keys)
             if not plan["isolate"]:
                 async with self.isolation.shared():
                     attempt = uuid.uuid4().hex
                     await self.ledger.begin.remote(attempt, keys, False, self.engine_id)
+                    before = time.perf_counter() - started
                     # An engine death ends the process (os._exit in Ray Data LLM, or a kill):
                     # no finally runs, the attempt stays open, and its retry counts the death.
                     try:
@@ -263,7 +289,9 @@ def guarded_engine_udf() -> type:
                         async for out in super().udf(batch):
                             yield out
                     finally:
-                        await self.ledger.end.remote(attempt)
+                        ended = time.perf_counter()
+                        await self.ledger.end.remote(attempt, before, self.last_end_s)
+                        self.last_end_s = time.perf_counter() - ended
                 return
             batch_uuid = uuid.uuid4()
             log.warning("engine guard: a batch of %d row(s) was in flight at %d+ engine deaths: running it alone, row by row",
