@@ -4,6 +4,7 @@ row count the listing gives (issue 31: files identified by content were left out
 from __future__ import annotations
 
 import io
+import json
 import pathlib
 import subprocess
 import sys
@@ -111,7 +112,7 @@ def test_phone_photos_and_unnamed_images_are_captioned_and_a_resume_counts_them(
     def capjob(run: str) -> subprocess.CompletedProcess:
         proc = subprocess.run(
             [sys.executable, "-m", "capjob", "experiment=offline", "caption.max_tokens=8", "dataset=image_folder",
-             f"data.path={tmp_path / 'imgs'}", f"sink.path={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / run}"],
+             f"data.path={tmp_path / 'imgs'}", f"sink.path={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / run}", f"job.run_id={run}"],
             cwd=REPO, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         return proc
@@ -123,6 +124,10 @@ def test_phone_photos_and_unnamed_images_are_captioned_and_a_resume_counts_them(
     captions = pq.read_table(sorted((tmp_path / "out" / "captions").glob("*.parquet")))
     keys = {pathlib.Path(k).name for k in captions.column("source_key").to_pylist()}
     assert keys == {pathlib.Path(n).name for n, (_, skip) in files.items() if skip is None}
+    report = json.loads((tmp_path / "out" / "reports" / "first" / "report.json").read_text())
+    skipped = {"hidden file": 2, "not an image (.txt)": 2, "not an image (.no extension)": 1, "not an image (.safetensors)": 1}
+    assert report["skipped_by_source"] == skipped and report["captioned"] == images
+    assert report["source_items"] == len(files) == images + sum(skipped.values())  # items seen = rows + skipped
     again = capjob("again")
     assert again.stdout.strip().splitlines() == [
         f"capjob: nothing left to do: all {images} rows of image_folder are already in {tmp_path / 'out'} "
