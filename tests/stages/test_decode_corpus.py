@@ -32,6 +32,9 @@ from helpers.corpus import (
     psd,
 )
 
+# Pillow's remarks on the corpus's odd files, when the tests themselves open them.
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid APNG", "ignore:IM image format is deprecated")
+
 # Every mode Pillow has; each writer takes those it accepts (a refusal to save is not a file).
 MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "I;16", "I;16B", "I;16L", "F")
 SIZE = (64, 48)  # above images.min_side, below images.size: capjob neither stretches nor shrinks it

@@ -205,6 +205,7 @@ def test_single_and_first_frames_pillow_reads_are_captioned_as_pillow_reads_them
     assert np.abs(out.pixels.astype(int) - _pillow_rgb(data).astype(int)).max() <= 1
 
 
+@pytest.mark.filterwarnings("ignore:Invalid APNG")  # Pillow's, when the test opens it
 def test_an_apng_pillow_reads_is_captioned_though_libpng_refuses_it():
     import imagecodecs
 

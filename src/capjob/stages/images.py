@@ -34,7 +34,6 @@ decodes again whatever libpng or libwebp refuse, so only Pillow's own failure is
 from __future__ import annotations
 
 import io
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -174,7 +173,17 @@ _CHANNEL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 # APNG chunks: Pillow checks the frame sequence (and refuses a broken one) even when it reads
 # only the first frame, libpng skips them, so such PNGs are Pillow's alone.
-_APNG_CHUNKS = re.compile(rb"acTL|fcTL|fdAT")
+_APNG_CHUNKS = frozenset({b"acTL", b"fcTL", b"fdAT"})
+
+
+def _png_chunk_types(data: bytes) -> set[bytes]:
+    """The chunk types of a PNG, read from the chunk headers alone (a few hundred for a large
+    image: far cheaper than scanning its bytes)."""
+    types, pos = set(), 8
+    while pos + 8 <= len(data):
+        types.add(data[pos + 4:pos + 8])
+        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+    return types
 
 
 def _decode_fast(im: Image.Image, data: bytes) -> Image.Image | None:
@@ -187,9 +196,11 @@ def _decode_fast(im: Image.Image, data: bytes) -> Image.Image | None:
         mode = "RGBX" if im.mode == "RGB" else "RGBA"
         rgba = imagecodecs.webp_decode(data, hasalpha=True)
         return _with_info(Image.frombuffer(mode, (width, height), rgba, "raw", mode, 0, 1), im)
-    # Pillow finds an eXIf chunk stored after the pixels only by decoding them itself.
-    if (im.format == "PNG" and im.mode in _FAST_PNG_MODES and ("exif" in im.info or b"eXIf" not in data)
-            and not _APNG_CHUNKS.search(data)):
+    if im.format == "PNG" and im.mode in _FAST_PNG_MODES:
+        chunks = _png_chunk_types(data)
+        # Pillow finds an eXIf chunk stored after the pixels only by decoding them itself.
+        if chunks & _APNG_CHUNKS or ("exif" not in im.info and b"eXIf" in chunks):
+            return None
         pixels = imagecodecs.png_decode(data)
         if pixels.dtype == np.uint16:  # 16-bit RGB(A)/LA: the high byte, as Pillow reads them
             pixels = (pixels >> 8).astype(np.uint8)

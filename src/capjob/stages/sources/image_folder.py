@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import io
 import struct
+import warnings
 from typing import Any, Callable, Optional
 
 import pillow_heif
@@ -80,8 +81,10 @@ def _identified(data: bytes) -> Optional[bool]:
     """True: Pillow opens `data` as an image; None: a decoder claims its first bytes but cannot
     open them (cut short, or broken); False: no decoder claims them."""
     try:
-        with Image.open(io.BytesIO(data)):
-            return True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a decoder's remarks (a huge size, an odd chunk) are the image stage's
+            with Image.open(io.BytesIO(data)):
+                return True
     except UnidentifiedImageError:
         return None if any(_claims(accept, data[:16]) for _, accept in Image.OPEN.values()) else False
     except Exception:  # noqa: BLE001 - a decoder recognised the bytes and failed on them
