@@ -10,7 +10,17 @@ from capjob.stages import images
 from capjob.schema import ImageRejected
 from capjob.stages.images import decode_image
 from capjob.stages.sources.cells import identity, resolve_cell
-from helpers.corpus import awkward_images, broken_images
+from helpers.corpus import (
+    apng_frame_count_out_of_range,
+    apng_frame_sequence_error,
+    astronomy_image,
+    awkward_images,
+    broken_images,
+    heic,
+    icns_bomb,
+    mpo,
+    psd,
+)
 
 CFG = ImagesConfig(size=448)
 
@@ -166,3 +176,129 @@ def _png(width: int, height: int, *, bit_depth: int, color_type: int, rows: np.n
     ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([bit_depth, color_type, 0, 0, 0])
     raw = b"".join(b"\x00" + rows[y].tobytes() for y in range(height))
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")
+
+
+# --- The decode rule (issue 31): what Pillow reads is captioned, as Pillow reads it ---------------
+
+
+def _pillow_rgb(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _spider(im: Image.Image) -> bytes:
+    return _encode(im.convert("F"), "SPIDER")
+
+
+@pytest.mark.parametrize("name,make", [
+    ("mpo", lambda: mpo(frames=2, size=(160, 120))),
+    ("psd rgb", lambda: psd(_photo("RGB").resize((160, 120)))),
+    ("psd grey", lambda: psd(_photo("L").resize((160, 120)))),
+    ("spider", lambda: _spider(_photo("L").resize((160, 120)))),
+])
+def test_single_and_first_frames_pillow_reads_are_captioned_as_pillow_reads_them(name, make):
+    # Before: MPO skipped by the image folder, PSD 'attempt to seek outside sequence', SPIDER
+    # 'attempt to seek in a non-stack file'.
+    data = make()
+    out = decode_image(data, CFG)
+    assert out.pixels.shape == (120, 160, 3)
+    assert np.abs(out.pixels.astype(int) - _pillow_rgb(data).astype(int)).max() <= 1
+
+
+@pytest.mark.filterwarnings("ignore:Invalid APNG")  # Pillow's, when the test opens it
+def test_an_apng_pillow_reads_is_captioned_though_libpng_refuses_it():
+    import imagecodecs
+
+    data = apng_frame_count_out_of_range()
+    with pytest.raises(Exception, match="out of range"):
+        imagecodecs.png_decode(data)
+    out = decode_image(data, CFG)
+    assert np.array_equal(out.pixels, _pillow_rgb(data))  # the default image, Pillow's frame 0
+
+
+def test_an_apng_pillow_refuses_is_quarantined_though_libpng_reads_it():
+    import imagecodecs
+
+    data = apng_frame_sequence_error()
+    imagecodecs.png_decode(data)  # libpng alone would caption it
+    with pytest.raises(ImageRejected) as e:
+        decode_image(data, CFG)
+    assert e.value.reason == "decode: SyntaxError: APNG contains frame sequence errors"
+
+
+def test_a_failure_of_the_fast_decoder_falls_back_to_pillow(monkeypatch):
+    data = _encode(_photo("RGB"), "PNG")[:-12]  # no IEND: libpng stops, Pillow reads the pixels
+    tried = []
+    real = images.imagecodecs.png_decode
+    monkeypatch.setattr(images.imagecodecs, "png_decode", lambda d: tried.append(1) or real(d))
+    out = decode_image(data, CFG)
+    assert tried and out.pixels.shape == (336, 448, 3)
+    assert np.array_equal(out.pixels, _decode_with_pillow_only(data, CFG, monkeypatch))
+
+
+@pytest.mark.parametrize("width,height", [(40000, 40000), (10000, 10000)])
+def test_a_bomb_inside_a_container_is_too_large(width, height):
+    # The .icns declares 1024x1024; its PNG entry declares the bomb's size, seen only at load:
+    # above Pillow's limit (a warning) or twice it (an error), the kind is too_large either way.
+    data = icns_bomb(width, height)
+    with pytest.raises(ImageRejected) as e:
+        decode_image(data, CFG)
+    assert e.value.kind == "too_large" and f"({width * height} pixels)" in e.value.reason
+
+
+def test_out_of_memory_while_decoding_is_too_large(monkeypatch):
+    def exhausted(im, data):
+        raise MemoryError()
+
+    monkeypatch.setattr(images, "_decode_pixels", exhausted)
+    with pytest.raises(ImageRejected) as e:
+        decode_image(_encode(_photo("RGB"), "PNG"), CFG)
+    assert e.value.reason == "too_large: out of memory decoding 640x480"
+
+
+def test_a_sixteen_bit_sky_frame_shows_as_pillows_conversion_does():
+    # Background ~40 counts, stars to a few hundred, hot pixels at 65535: scaling by the maximum
+    # (before) gave a black frame; Pillow's convert shows the sky, and so does capjob, exactly.
+    sky = astronomy_image(256, 192)
+    for fmt in ("PNG", "TIFF"):
+        out = decode_image(_encode(sky, fmt), CFG)
+        shown = np.asarray(sky.convert("L"))
+        assert np.array_equal(out.pixels, np.repeat(shown[:, :, None], 3, axis=2)), fmt
+        assert out.pixels.mean() > 30
+
+
+@pytest.mark.parametrize("mode,values", [
+    ("I;16", np.linspace(0, 65535, 256 * 192)),  # a full-range 16-bit photo: white under Pillow's clip
+    ("I;16", np.linspace(0, 4095, 256 * 192)),   # a 12-bit microscope frame
+    ("F", np.linspace(0.0, 1.0, 256 * 192)),     # floats in 0..1: black under Pillow's clip
+    ("I", np.linspace(-1000, 1000, 256 * 192)),  # signed data
+])
+def test_wide_data_beyond_the_display_range_is_stretched_over_its_robust_range(mode, values):
+    arr = values.reshape(192, 256)
+    arr[0, :8] = arr.max() * 20 if mode != "I;16" else 65535  # outliers do not set the range
+    im = Image.fromarray(arr.astype({"I;16": np.uint16, "F": np.float32, "I": np.int32}[mode]))
+    assert im.mode == mode
+    out = decode_image(_encode(im, "TIFF"), CFG).pixels[:, :, 0].astype(float)
+    lo, hi = np.percentile(arr, images._ROBUST_PERCENTILES)
+    expected = np.clip((arr - lo) * 255.0 / (hi - lo), 0, 255).astype(np.uint8)
+    assert np.abs(out - expected).max() <= 1
+    assert out.min() == 0 and out.max() == 255 and 120 < out.mean() < 135
+
+
+def _red_left_half() -> Image.Image:
+    arr = np.zeros((120, 200, 3), np.uint8)
+    arr[:, :100] = (230, 20, 20)
+    return Image.fromarray(arr)
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_phone_photos_decode_upright(fmt):
+    # Stored landscape with EXIF orientation 6 (the camera held upright): shown portrait, the
+    # stored left half on top -- turned once, whether the decoder (libheif) or capjob turns it.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = heic(_red_left_half(), orientation=6) if fmt == "HEIF" else _encode(_red_left_half(), "AVIF", exif=exif.tobytes())
+    out = decode_image(data, CFG)
+    assert out.source_format == fmt and out.pixels.shape == (200, 120, 3)
+    red = out.pixels[:, :, 0].astype(int) - out.pixels[:, :, 2]
+    assert red[:90].mean() > 150 and red[110:].mean() < 30

@@ -1,5 +1,20 @@
 """Stage: decode each image once, reject what cannot be captioned, normalise and resize the rest.
 
+What is captioned -- one rule, applied by `decode_image` and stated in the README ("What counts
+as an image"): an image is captioned when the installed decoders (Pillow and the plugins
+registered with it: pillow-heif for HEIC/HEIF) decode it to pixels; a sequence (GIF, APNG,
+multi-frame TIFF, MPO, layered PSD) gives the frame Pillow opens at, its first (a PSD's
+composite). Pillow's verdict is the verdict: a faster decoder used below never refuses what
+Pillow reads nor accepts what Pillow refuses. Everything else is quarantined with the cause:
+
+* ``empty``: no bytes;
+* ``not_an_image``: no decoder identifies the bytes (what they look like instead: HTML, JSON...);
+* ``too_large``: the image, or one a container holds (an .icns entry, found only when it
+  loads), is larger than ``images.max_pixels`` or Pillow's decompression-bomb limit, or
+  decoding ran out of memory -- whichever decoder or step saw it;
+* ``aspect_ratio``: too thin for a vision patch;
+* ``decode``: anything else, with the decoder's own error (``<type>: <message>``).
+
 A lazy ``Image.open`` (what the seed's ``is_valid_image`` does) only parses the header, so
 truncated files pass it and crash the engine later. Here every image is fully decoded, its
 declared size is checked before decoding (decompression bombs), and the decoded image is
@@ -12,7 +27,8 @@ Pillow's own PNG decoder (generic unfiltering, then unpacking to 4 bytes a pixel
 path (the animation decoder, even for stills) take about twice as long as libpng and libwebp
 called directly, so common PNG and WebP images go through imagecodecs' bindings to those
 libraries; Pillow still parses the header and handles everything else (palette and 16-bit
-grey PNGs, animations, the other formats).
+grey PNGs, animations -- APNG frames are checked by Pillow only --, the other formats), and
+decodes again whatever libpng or libwebp refuse, so only Pillow's own failure is a verdict.
 """
 
 from __future__ import annotations
@@ -23,7 +39,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+import pillow_heif
+from PIL import Image, ImageFile, JpegImagePlugin, UnidentifiedImageError
 
 try:
     import imagecodecs
@@ -35,6 +52,12 @@ from capjob.config import ImagesConfig, ResizeMode, SinkConfig
 from capjob.schema import QUARANTINE, ImageRejected, block_digest
 from capjob.stages.sources.cells import resolve_batch
 from capjob.stages.tables import TableWriter, quarantine_table
+
+# Registered at import, so in every Ray worker that decodes (image_folder.py registers it where
+# files are identified): HEIC/HEIF, as iPhones and many Android phones save photos. libheif
+# applies the file's rotation and mirroring, and pillow-heif then reports EXIF orientation 1,
+# so the orientation step below never turns a HEIC twice.
+pillow_heif.register_heif_opener()
 
 # Qwen2-VL-style processors refuse sides shorter than one 28 px patch and aspect ratios over 200.
 _MAX_ASPECT = 200
@@ -61,20 +84,42 @@ def _sniff(data: bytes) -> str:
         return f"unknown binary format (starts with {data[:8].hex()})"
 
 
+# One-channel modes wider than 8 bits: 16-bit grey (PNG, TIFF, astronomy and microscopy
+# frames), 32-bit integers and floats (TIFF, FITS, SPIDER).
+_WIDE_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+# The robust range of wide data: percentiles that a few saturated pixels, cosmic rays or hot
+# pixels do not move (astropy's PercentileInterval(99), a common display default).
+_ROBUST_PERCENTILES = (0.5, 99.5)
+# Percentiles are estimated on at most about this many pixels (a regular subsample).
+_PERCENTILE_SAMPLE = 1_000_000
+
+
+def display_grey(im: Image.Image) -> Image.Image:
+    """Mode L (0..255) of a one-channel image wider than 8 bits (_WIDE_MODES), H x W kept.
+
+    Pillow's own conversion (``convert("L")``) clips each value to 0..255. Where the data already
+    are display values -- 8-bit data stored wide, a dark sky frame whose few saturated stars and
+    hot pixels clip -- that is what Pillow shows and what is kept, exactly. Where it would lose the
+    picture -- a 16-bit photo or a 12-bit microscope frame (values above 255: white), floats in
+    0..1 (black) -- the robust range (_ROBUST_PERCENTILES of the finite values) is stretched
+    linearly onto 0..255 and the rest clipped. Scaling by the maximum instead (capjob before
+    issue 31) turns a frame with one saturated pixel at 65535 black."""
+    arr = np.asarray(im, dtype=np.float64)
+    step = max(1, int(np.sqrt(arr.size / _PERCENTILE_SAMPLE)))
+    sample = arr[::step, ::step]
+    sample = sample[np.isfinite(sample)]
+    lo, hi = (float(v) for v in np.percentile(sample, _ROBUST_PERCENTILES)) if sample.size else (0.0, 0.0)
+    if not (0.0 <= lo and hi <= 255.0 and hi - lo > 1.0) and hi > lo:
+        arr = (arr - lo) * (255.0 / (hi - lo))
+    return Image.fromarray(np.clip(np.nan_to_num(arr, nan=0.0), 0, 255).astype(np.uint8), "L")
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Every mode a VLM cannot take becomes 8-bit RGB; transparency is flattened onto white."""
     if im.mode == "RGB":
         return im
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(im, dtype=np.float64)
-        top = arr.max() if arr.size else 0.0
-        scale = 255.0 / top if top > 255 else 1.0
-        return Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if im.mode == "F":
-        arr = np.asarray(im, dtype=np.float64)
-        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 1.0)
-        arr = (arr - lo) / (hi - lo or 1.0) * 255.0
-        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+    if im.mode in _WIDE_MODES:
+        return display_grey(im).convert("RGB")
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -126,23 +171,53 @@ _FAST_PNG_MODES = frozenset({"RGB", "RGBA", "L", "LA"})
 _CHANNEL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 
-def _decode_pixels(im: Image.Image, data: bytes) -> Image.Image:
-    """The fully decoded image: truncated or corrupt data raises here."""
-    if imagecodecs is not None:
-        width, height = im.size
-        if im.format == "WEBP" and im.mode in ("RGB", "RGBA") and not getattr(im, "is_animated", False):
-            # Four bytes a pixel is Pillow's own layout, so the decoded buffer becomes the image
-            # without a full-size copy (RGBX: the opaque case).
-            mode = "RGBX" if im.mode == "RGB" else "RGBA"
-            rgba = imagecodecs.webp_decode(data, hasalpha=True)
-            return _with_info(Image.frombuffer(mode, (width, height), rgba, "raw", mode, 0, 1), im)
+# APNG chunks: Pillow checks the frame sequence (and refuses a broken one) even when it reads
+# only the first frame, libpng skips them, so such PNGs are Pillow's alone.
+_APNG_CHUNKS = frozenset({b"acTL", b"fcTL", b"fdAT"})
+
+
+def _png_chunk_types(data: bytes) -> set[bytes]:
+    """The chunk types of a PNG, read from the chunk headers alone (a few hundred for a large
+    image: far cheaper than scanning its bytes)."""
+    types, pos = set(), 8
+    while pos + 8 <= len(data):
+        types.add(data[pos + 4:pos + 8])
+        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+    return types
+
+
+def _decode_fast(im: Image.Image, data: bytes) -> Image.Image | None:
+    """The image decoded by libpng or libwebp where they read it as Pillow would; None where the
+    file is Pillow's to decode. Raises what those libraries raise."""
+    width, height = im.size
+    if im.format == "WEBP" and im.mode in ("RGB", "RGBA") and not getattr(im, "is_animated", False):
+        # Four bytes a pixel is Pillow's own layout, so the decoded buffer becomes the image
+        # without a full-size copy (RGBX: the opaque case).
+        mode = "RGBX" if im.mode == "RGB" else "RGBA"
+        rgba = imagecodecs.webp_decode(data, hasalpha=True)
+        return _with_info(Image.frombuffer(mode, (width, height), rgba, "raw", mode, 0, 1), im)
+    if im.format == "PNG" and im.mode in _FAST_PNG_MODES:
+        chunks = _png_chunk_types(data)
         # Pillow finds an eXIf chunk stored after the pixels only by decoding them itself.
-        if im.format == "PNG" and im.mode in _FAST_PNG_MODES and ("exif" in im.info or b"eXIf" not in data):
-            pixels = imagecodecs.png_decode(data)
-            if pixels.dtype == np.uint16:  # 16-bit RGB(A)/LA: the high byte, as Pillow reads them
-                pixels = (pixels >> 8).astype(np.uint8)
-            channels = 1 if pixels.ndim == 2 else pixels.shape[2]
-            return _with_info(Image.fromarray(pixels, _CHANNEL_MODES[channels]), im)
+        if chunks & _APNG_CHUNKS or ("exif" not in im.info and b"eXIf" in chunks):
+            return None
+        pixels = imagecodecs.png_decode(data)
+        if pixels.dtype == np.uint16:  # 16-bit RGB(A)/LA: the high byte, as Pillow reads them
+            pixels = (pixels >> 8).astype(np.uint8)
+        channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+        return _with_info(Image.fromarray(pixels, _CHANNEL_MODES[channels]), im)
+    return None
+
+
+def _decode_pixels(im: Image.Image, data: bytes) -> Image.Image:
+    """The fully decoded image: truncated or corrupt data raises here, with Pillow's error."""
+    if imagecodecs is not None:
+        try:
+            fast = _decode_fast(im, data)
+        except Exception:  # noqa: BLE001 - libpng/libwebp refuse some files Pillow reads (an APNG's frame count, a missing IEND): Pillow decides
+            fast = None
+        if fast is not None:
+            return fast
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     im.load()
     return im
@@ -154,45 +229,66 @@ def _with_info(decoded: Image.Image, header: Image.Image) -> Image.Image:
     return decoded
 
 
-def decode_image(data: bytes | None, cfg: ImagesConfig) -> DecodedImage:
-    """Decode, validate and resize one image. Raises ImageRejected with a reason."""
-    if data is None or len(data) == 0:
-        raise ImageRejected("empty", "0 bytes")
-    try:
-        with warnings.catch_warnings():
-            # PIL warns (and above 2x errors) on huge images; we apply our own cap below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ImageRejected("not_an_image", _sniff(data)) from None
-    except Image.DecompressionBombError as e:
-        raise ImageRejected("too_large", str(e)) from None
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken headers
-        raise ImageRejected("decode", f"{type(e).__name__}: {e}") from None
+def rejection(error: BaseException, size: tuple[int, int]) -> ImageRejected:
+    """The quarantine reason for an error a decoder raised on an image of `size` (w, h) pixels:
+    its kind follows the cause, whichever decoder or step saw it (module docstring)."""
+    if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return ImageRejected("too_large", str(error))
+    if isinstance(error, MemoryError):
+        return ImageRejected("too_large", f"out of memory decoding {size[0]}x{size[1]}")
+    return ImageRejected("decode", f"{type(error).__name__}: {error}")
 
-    width, height = im.size
-    fmt = im.format or "unknown"
+
+def _check_size(width: int, height: int, cfg: ImagesConfig) -> None:
     if width <= 0 or height <= 0:
         raise ImageRejected("decode", f"invalid size {width}x{height}")
     if width * height > cfg.max_pixels:
         raise ImageRejected("too_large", f"{width * height:.2g} pixels ({width}x{height}) > images.max_pixels={cfg.max_pixels:.2g}")
+
+
+def decode_image(data: bytes | None, cfg: ImagesConfig) -> DecodedImage:
+    """Decode, validate and resize one image by the decode rule (module docstring): pixels
+    H x W x 3 uint8, at most cfg.size a side. Raises ImageRejected with the reason."""
+    if data is None or len(data) == 0:
+        raise ImageRejected("empty", "0 bytes")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (and above 2x errors) on huge declared sizes; images.max_pixels applies below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageRejected("not_an_image", _sniff(data)) from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken headers
+        raise rejection(e, (0, 0)) from None
+
+    width, height = im.size
+    fmt = im.format or "unknown"
+    _check_size(width, height, cfg)
     if max(width, height) / min(width, height) > _MAX_ASPECT * 10:
         raise ImageRejected("aspect_ratio", f"{width}x{height} is too thin to caption")
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            im.seek(0)  # animated images: the first frame
+            # An image a container holds is sized only when it loads (an .icns entry): Pillow's
+            # bomb warning there is the cause of a failure, not noise.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow opens a sequence at its first frame (a PSD at its composite): no seek, which
+            # single-frame PSD and SPIDER files refuse.
+            jpeg = isinstance(im, JpegImagePlugin.JpegImageFile)  # JPEG, and MPO's first frame
             # Sizes are planned in the stored orientation and the (small) result is turned
             # upright at the end: rotating first would copy the full-size image.
-            orientation = im.getexif().get(_ORIENTATION, 1) if fmt == "JPEG" else None
-            if fmt == "JPEG":
+            orientation = im.getexif().get(_ORIENTATION, 1) if jpeg else None
+            if jpeg:
                 # Decode at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the target's
                 # longer side on both axes (asking for the exact target would often pick 1/8 where
                 # 1/4 is taken now, for visibly softer 'fit' results).
                 side = max(_stored_target(width, height, orientation, cfg))
                 im.draft("RGB" if im.mode not in ("L", "CMYK") else im.mode, (side, side))
             im = _decode_pixels(im, data)
+            if not jpeg:  # a container may settle its size at load (an .icns picks its largest entry)
+                _check_size(*im.size, cfg)
+                width, height = im.size
             if orientation is None:
                 orientation = im.getexif().get(_ORIENTATION, 1)
             target_w, target_h = _stored_target(width, height, orientation, cfg)
@@ -208,10 +304,8 @@ def decode_image(data: bytes | None, cfg: ImagesConfig) -> DecodedImage:
             pixels = np.asarray(im, dtype=np.uint8)
     except ImageRejected:
         raise
-    except MemoryError:
-        raise ImageRejected("too_large", f"out of memory decoding {width}x{height}") from None
     except Exception as e:  # noqa: BLE001 - truncated/corrupt data raises OSError, SyntaxError, ValueError...
-        raise ImageRejected("decode", f"{type(e).__name__}: {e}") from None
+        raise rejection(e, (width, height)) from None
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ImageRejected("decode", f"unexpected decoded shape {pixels.shape}")
     return DecodedImage(pixels=pixels, source_width=width, source_height=height, source_format=fmt)
