@@ -42,7 +42,7 @@ THUMBNAIL_CANDIDATES = 256
 # --- quarantine reasons ("<kind>: <detail>") -----------------------------------------------------
 # The one vocabulary of reason kinds (job.retry_quarantined takes these and the stages):
 # kinds the image stage (and the cell resolution before it) sets, as ImageRejected's kind ...
-IMAGE_REASON_KINDS = ("empty", "unsupported", "fetch", "not_an_image", "decode", "too_large", "aspect_ratio")
+IMAGE_REASON_KINDS = ("empty", "unsupported", "fetch", "hash_mismatch", "not_an_image", "decode", "too_large", "aspect_ratio")
 # ... and kinds set after the engine; anything else in ERROR_COLUMN is the engine's own failure.
 ENGINE_CRASH = "engine_crash"
 REASON_KINDS = ("engine", ENGINE_CRASH, "json", "json_schema", "empty_caption")
