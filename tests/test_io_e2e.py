@@ -210,3 +210,32 @@ def test_real_cells_parquet_local_to_parquet_local(s3, tmp_path):
     assert reasons["url-403"].startswith("fetch: 403 Forbidden: http://127.0.0.1:")
     assert reasons["url-html"] == "not_an_image: looks like HTML/XML text"
     assert len(reasons) == 2
+
+
+def test_llava_json_set_local_to_parquet_local(s3, tmp_path):
+    """Issue 31, case 4: a LLaVA-Instruct set (helpers.iolayouts.write_llava_json) through
+    dataset=llava_json: the text-only record is counted as skipped, the missing file and the
+    unreachable URL are quarantined with their reasons, the record fields pass through with their
+    structure, and the two records of one image are two rows of one content digest."""
+    from helpers.iolayouts import write_llava_json
+
+    path, records = write_llava_json(ROWS, tmp_path / "llava")
+    capjob(s3, tmp_path, "dataset=llava_json", f"data.path={path}", "data.fetch.retries=0", f"sink.path={tmp_path}/out",
+           "job.run_id=llava-run")
+    captions = read_local(tmp_path / "out" / "captions")
+    by_key = {r["source_key"]: r for r in captions.to_pylist()}
+    assert sorted(by_key) == ["llava_instruct.json:0", "llava_instruct.json:1", "llava_instruct.json:4", "llava_instruct.json:6"]
+    assert by_key["llava_instruct.json:1"]["source_id"] == "17" and by_key["llava_instruct.json:0"]["source_id"] == "000000000000"
+    assert by_key["llava_instruct.json:1"]["conversations"] == records[1]["conversations"]
+    assert pa.types.is_list(captions.schema.field("conversations").type)
+    ids = {k: r for k, r in zip(captions.column("source_key").to_pylist(), captions.column("id").to_pylist())}
+    assert ids["llava_instruct.json:0"].rsplit("#", 1)[1] == ids["llava_instruct.json:1"].rsplit("#", 1)[1]
+    quarantine = read_local(tmp_path / "out" / "quarantine")
+    reasons = dict(zip(quarantine.column("source_key").to_pylist(), quarantine.column("reason").to_pylist()))
+    assert reasons == {"llava_instruct.json:3": f"fetch: not found: {tmp_path}/llava/coco/train2017/404.jpg",
+                       "llava_instruct.json:5": "fetch: connection error (NewConnectionError): http://127.0.0.1:9/x.jpg"}
+    report = json.loads((tmp_path / "out" / "reports" / "llava-run" / "report.json").read_text())
+    assert report["skipped_by_source"] == {"record without an image": 1}
+    assert report["source_items"] == 7 and report["captioned"] == 4 and report["quarantined"] == 2
+    assert "| items seen = rows + skipped | 7 = 6 + 1 (record without an image: 1) |" in \
+        (tmp_path / "out" / "reports" / "llava-run" / "report.md").read_text()

@@ -18,6 +18,7 @@ from capjob.console import LOG_LEVELS
 from capjob.errors import ConfigError
 from capjob.models import BUILD_VERSIONS as MODEL_BUILDERS
 from capjob.prompts import caption_columns, validate_prompts
+from capjob.schema import ROW_COLUMNS
 
 
 class SourceFormat(str, enum.Enum):
@@ -525,6 +526,11 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
     _require(0 < c.top_p <= 1, "caption.top_p", f"must be in (0, 1], got {c.top_p}")
     _require(bool(c.user_prompt.strip()), "caption.user_prompt", "must not be empty")
     validate_prompts(c)
+    written = (*ROW_COLUMNS, *caption_columns(c))
+    for column in d.passthrough_columns:
+        _require(column not in written, "data.passthrough_columns",
+                 f"{column!r} is a column capjob writes itself ({', '.join(written)}): its value would be lost "
+                 "(with data.format=json a record's field of that name is the column source_<name>)")
     _require(not c.prompts or cfg.eval.mode == EvalMode.off, "eval.mode",
              "evaluation reads the single `caption` column; with caption.prompts run capjob-eval on a copy of the output instead, or eval=off")
     if cfg.sink.format != SinkFormat.txt:

@@ -24,6 +24,9 @@ QUARANTINE = "quarantine"
 
 # --- columns ------------------------------------------------------------------------------------
 CAPTION_COLUMN = "caption"
+# The columns every output row has besides its caption column(s) (caption/records.py): a
+# pass-through column of one of these names would be overwritten (config.validate refuses it).
+ROW_COLUMNS = ("id", "source_key", "prompt_tokens", "generated_tokens", "image_width", "image_height", "model", "run_id")
 # Ray Data LLM's failed-row column (ray.llm's vLLMEngineStage, should_continue_on_error) and the
 # column its Processor keeps each row's working data in (ray.llm Processor.DATA_COLUMN).
 ERROR_COLUMN = "__inference_error__"

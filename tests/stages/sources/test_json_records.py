@@ -46,7 +46,7 @@ def read_all(cfg: DataConfig) -> pa.Table:
 @pytest.mark.parametrize("as_lines", [False, True])
 def test_llava_records_become_rows_with_paths_joined_to_the_files_folder(tmp_path, as_lines):
     path, records = write_llava_json(ROWS, tmp_path / "llava", as_lines)
-    cfg = DataConfig(format=SourceFormat.json, path=str(path), passthrough_columns=["id", "conversations"])
+    cfg = DataConfig(format=SourceFormat.json, path=str(path), passthrough_columns=["source_id", "conversations"])
     preflight(cfg)
     table = read_all(cfg)
     name = path.name
@@ -58,9 +58,10 @@ def test_llava_records_become_rows_with_paths_joined_to_the_files_folder(tmp_pat
         f"{folder}/coco/train2017/000000000000.jpg", f"{folder}/coco/train2017/000000000000.jpg", f"{folder}/coco/train2017/404.jpg",
         str(tmp_path / "elsewhere.jpg"), "http://127.0.0.1:9/x.jpg", f"{folder}/coco/train2017/000000000001.jpg"]
     assert rows[1]["image"] == "./coco/train2017/000000000000.jpg"  # the record's own text, for pass-through
-    assert [r["id"] for r in rows] == ["000000000000", "17", "missing", "absolute", "url", "second"]  # one type: text
+    # `id` and `model` are capjob's own output columns: the fields are source_id and source_model.
+    assert [r["source_id"] for r in rows] == ["000000000000", "17", "missing", "absolute", "url", "second"]  # one type: text
     assert rows[0]["conversations"] == records[0]["conversations"]  # nested values keep their structure
-    assert [r["model"] for r in rows] == [None, "gpt-4", None, None, None, None]  # absent keys are null
+    assert [r["source_model"] for r in rows] == [None, "gpt-4", None, None, None, None]  # absent keys are null
     assert rows[0][RECORD_KEY_COLUMN] == f"{name}:0"
 
 
@@ -141,7 +142,7 @@ def test_image_root_on_s3(s3_env, tmp_path):
     s3_env.fs.pipe(f"{bucket}/sets/llava.json", json.dumps([{"id": "a", "image": "coco/0.jpg"}]).encode())
     s3_env.fs.pipe(f"{bucket}/img/coco/0.jpg", ROWS[0][1])
     cfg = DataConfig(format=SourceFormat.json, path=f"s3://{bucket}/sets/llava.json", image_root=f"s3://{bucket}/img",
-                     passthrough_columns=["id"])
+                     passthrough_columns=["source_id"])
     preflight(cfg)
     rows = account(read_all(cfg), None)
     assert rows.column(IMAGE_COLUMN).to_pylist() == [f"s3://{bucket}/img/coco/0.jpg"]
@@ -154,7 +155,7 @@ def test_preflight_errors_name_the_key_and_what_was_looked_at(tmp_path):
     path, _ = write_llava_json(ROWS, tmp_path / "llava")
     base = DataConfig(format=SourceFormat.json, path=str(path))
     with pytest.raises(SourceError, match=r"data.image_column: no image in field 'jpg' of the first 7 records of .*; "
-                                          r"fields there: \['conversations', 'id', 'image', 'model'\]"):
+                                          r"fields there: \['conversations', 'image', 'source_id', 'source_model'\]"):
         preflight(DataConfig(**{**base.__dict__, "image_column": "jpg"}))
     with pytest.raises(SourceError, match=r"data.passthrough_columns: no field 'caption' in the first 7 records"):
         preflight(DataConfig(**{**base.__dict__, "passthrough_columns": ["caption"]}))
@@ -181,3 +182,17 @@ def test_a_large_array_streams(tmp_path):
     sizes = [b.num_rows for b in json_records.read_files(table, image_field="image", image_root=None, listed=False, storage_options={})]
     assert sum(sizes) == n and max(sizes) == json_records.ROWS_PER_BLOCK
     assert time.monotonic() - started < 60, os.cpu_count()
+
+
+def test_a_pass_through_column_named_like_an_output_column_is_refused():
+    """Any layout: a pass-through `id`, `model` or `caption` would be overwritten by capjob's own."""
+    from capjob.config import to_typed
+    from capjob.errors import ConfigError
+    from helpers.config import compose
+
+    for column in ("id", "model", "caption"):
+        with pytest.raises(ConfigError, match=rf"^data.passthrough_columns: '{column}' is a column capjob writes itself \(id, source_key, "
+                                              r"prompt_tokens.*\): its value would be lost \(with data.format=json a record's field of "
+                                              r"that name is the column source_<name>\)"):
+            to_typed(compose(["dataset=llava_json", "data.path=x.json", f"data.passthrough_columns=[{column}]"]))
+    assert to_typed(compose(["dataset=llava_json", "data.path=x.json"])).data.passthrough_columns == ["source_id", "conversations"]

@@ -20,7 +20,9 @@ quarantined ``fetch: not found: <path>``; the record's own field keeps its text 
 Rows: one per record. Its key is ``data.key_column`` or, without one, the record's place
 ``<file relative to data.path>:<index>`` (0-based), so that two records of one image are two
 rows, whose ids share the image's content digest (ids.py). Every top-level field is a column,
-null in records without it. Top-level numbers and booleans become their JSON text: a field may
+null in records without it, named as the field -- but a field named like a column capjob's
+output rows have (``id``, ``model``, ``caption``...: schema.ROW_COLUMNS) is the column
+``source_<name>`` (LLaVA's ``id`` is ``source_id``), so that it can pass through. Top-level numbers and booleans become their JSON text: a field may
 hold a number in one record and text in the next (LLaVA-665k's ``id``), and blocks must agree on
 a column's type; nested values (``conversations``) keep their structure, unless they mix types
 within a block (then that column is JSON text in that block).
@@ -48,6 +50,7 @@ import ray.data
 
 from capjob.config import DataConfig
 from capjob.errors import SourceError
+from capjob.schema import CAPTION_COLUMN, ROW_COLUMNS
 from capjob.stages.sources.cells import has_scheme
 from capjob.stages.sources.common import ITEM_COLUMN, SKIP_COLUMN, check_image_list
 from capjob.stages.storage import describe_remote_error, filesystem_for, hidden, probe
@@ -145,6 +148,12 @@ def locate(path: str, root: str) -> str:
     return os.path.normpath(os.path.join(root, text))
 
 
+def column_name(field: str) -> str:
+    """The column of a record's field: its name, but ``source_<name>`` for a name capjob's output
+    rows use (``id``, ``model``, ``caption``...), whose value would otherwise be overwritten."""
+    return f"source_{field}" if field in (*ROW_COLUMNS, CAPTION_COLUMN) else field
+
+
 def _text(value: Any) -> Any:
     """A top-level field as the column holds it (module docstring)."""
     return json.dumps(value) if isinstance(value, (bool, int, float)) else value
@@ -158,7 +167,7 @@ def record_row(record: dict[str, Any], item: str, image_field: str, root: str, l
         return {ITEM_COLUMN: item, SKIP_COLUMN: NO_IMAGE}
     if not listed and len(images) > 1:
         return {ITEM_COLUMN: item, SKIP_COLUMN: f"record with {len(images)} images where the first records held one"}
-    row = {k: _text(v) for k, v in record.items() if k not in (IMAGE_COLUMN, RECORD_KEY_COLUMN, ITEM_COLUMN, SKIP_COLUMN)}
+    row = {column_name(k): _text(v) for k, v in record.items() if k not in (IMAGE_COLUMN, RECORD_KEY_COLUMN, ITEM_COLUMN, SKIP_COLUMN)}
     located = [locate(v, root) if isinstance(v, str) else None for v in images]
     row[image_field] = images if listed else images[0]
     row[IMAGE_COLUMN] = located if listed else located[0]
@@ -224,7 +233,7 @@ def preflight(cfg: DataConfig) -> bool:
                     skipped.append(reason)
                     continue
                 seen += 1
-                fields.update(record)
+                fields.update(column_name(k) for k in record)
                 if first_image is None and record.get(cfg.image_column) not in (None, "", []):
                     first_image = record[cfg.image_column]
                 if seen >= PREFLIGHT_RECORDS:
