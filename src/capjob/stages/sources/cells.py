@@ -342,7 +342,8 @@ class Fetcher:
             raise _classify(e) from None
 
     def get(self, location: str) -> bytes:
-        """The bytes at `location`, retrying transient failures. Raises ImageRejected("fetch", ...)."""
+        """The bytes at `location`, retrying transient failures. Raises ImageRejected("fetch", ...), or
+        FetchSkipped("robots", ...) when the server's X-Robots-Tag forbids the use (never retried)."""
         url = self.location(location)
         attempts = 1 + max(0, self.fetch.retries)
         for attempt in range(attempts):
