@@ -210,3 +210,72 @@ def test_real_cells_parquet_local_to_parquet_local(s3, tmp_path):
     assert reasons["url-403"].startswith("fetch: 403 Forbidden: http://127.0.0.1:")
     assert reasons["url-html"] == "not_an_image: looks like HTML/XML text"
     assert len(reasons) == 2
+
+
+def test_llava_json_set_local_to_parquet_local(s3, tmp_path):
+    """Issue 31, case 4: a LLaVA-Instruct set (helpers.iolayouts.write_llava_json) through
+    dataset=llava_json: the text-only record is counted as skipped, the missing file and the
+    unreachable URL are quarantined with their reasons, the record fields pass through with their
+    structure, and the two records of one image are two rows of one content digest."""
+    from helpers.iolayouts import write_llava_json
+
+    path, records = write_llava_json(ROWS, tmp_path / "llava")
+    capjob(s3, tmp_path, "dataset=llava_json", f"data.path={path}", "data.fetch.retries=0", f"sink.path={tmp_path}/out",
+           "job.run_id=llava-run")
+    captions = read_local(tmp_path / "out" / "captions")
+    by_key = {r["source_key"]: r for r in captions.to_pylist()}
+    assert sorted(by_key) == ["llava_instruct.json:0", "llava_instruct.json:1", "llava_instruct.json:4", "llava_instruct.json:6"]
+    assert by_key["llava_instruct.json:1"]["source_id"] == "17" and by_key["llava_instruct.json:0"]["source_id"] == "000000000000"
+    assert by_key["llava_instruct.json:1"]["conversations"] == records[1]["conversations"]
+    assert pa.types.is_list(captions.schema.field("conversations").type)
+    ids = {k: r for k, r in zip(captions.column("source_key").to_pylist(), captions.column("id").to_pylist())}
+    assert ids["llava_instruct.json:0"].rsplit("#", 1)[1] == ids["llava_instruct.json:1"].rsplit("#", 1)[1]
+    quarantine = read_local(tmp_path / "out" / "quarantine")
+    reasons = dict(zip(quarantine.column("source_key").to_pylist(), quarantine.column("reason").to_pylist()))
+    assert reasons == {"llava_instruct.json:3": f"fetch: not found: {tmp_path}/llava/coco/train2017/404.jpg",
+                       "llava_instruct.json:5": "fetch: connection error (NewConnectionError): http://127.0.0.1:9/x.jpg"}
+    report = json.loads((tmp_path / "out" / "reports" / "llava-run" / "report.json").read_text())
+    assert report["skipped_by_source"] == {"record without an image": 1}
+    assert report["source_items"] == 7 and report["captioned"] == 4 and report["quarantined"] == 2
+    assert "| items seen = rows + skipped | 7 = 6 + 1 (record without an image: 1) |" in \
+        (tmp_path / "out" / "reports" / "llava-run" / "report.md").read_text()
+
+
+def test_img2dataset_url_shard_local_to_jsonl_local(s3, tmp_path):
+    """Issue 31, case 6: a URL shard as img2dataset reads them (pandas, index=True: URL, TEXT,
+    sha256hash, __index_level_0__) against a local HTTP server: a wrong digest is quarantined
+    hash_mismatch, a null one is not checked, X-Robots-Tag noai/noimageai rows are counted as
+    skipped (another robot's directive is not ours), and items seen = rows + skipped holds."""
+    import hashlib
+    import urllib.parse
+
+    import pandas as pd
+
+    from helpers.httpserver import LocalHTTPServer
+
+    (n0, b0, _), (n1, b1, _), (n2, _, _) = ROWS[:3]
+    wrong = hashlib.sha256(b"not the image").hexdigest()
+    with LocalHTTPServer({n: b for n, b, _ in ROWS}) as http:
+        robots = lambda value, name: f"{http.url}/robots/{urllib.parse.quote(value, safe='')}/{name}"  # noqa: E731
+        frame = pd.DataFrame({
+            "URL": [f"{http.url}/img/{n0}", f"{http.url}/img/{n1}", robots("noai", n2), robots("otherbot: noai", n0),
+                    f"{http.url}/img/{n1}?again", robots("noindex, noimageai", n1)],
+            "TEXT": [f"alt text {i}" for i in range(6)],
+            "sha256hash": [hashlib.sha256(b0).hexdigest(), wrong, None, None, None, None],
+        }, index=pd.Index(range(100, 106)))
+        (tmp_path / "urls").mkdir()
+        frame.to_parquet(tmp_path / "urls" / "00000.parquet", index=True)
+        capjob(s3, tmp_path, "dataset=parquet", f"data.path={tmp_path}/urls", "data.image_column=URL", "data.key_column=__index_level_0__",
+               "data.passthrough_columns=[TEXT]", "data.verify_hash_column=sha256hash", "data.fetch.retries=0", "sink=jsonl",
+               f"sink.path={tmp_path}/out", "job.run_id=i2d-run")
+    captions = {r["source_key"]: r for r in read_local(tmp_path / "out" / "captions").to_pylist()}
+    assert sorted(captions) == ["100", "103", "104"]
+    assert captions["100"]["TEXT"] == "alt text 0" and captions["100"]["sha256hash"] == hashlib.sha256(b0).hexdigest()
+    quarantine = read_local(tmp_path / "out" / "quarantine")
+    assert dict(zip(quarantine.column("source_key").to_pylist(), quarantine.column("reason").to_pylist())) == {
+        "101": f"hash_mismatch: expected {wrong}, got {hashlib.sha256(b1).hexdigest()}"}
+    report = json.loads((tmp_path / "out" / "reports" / "i2d-run" / "report.json").read_text())
+    assert report["skipped_by_source"] == {"robots: noai": 1, "robots: noindex": 1}
+    assert (report["source_items"], report["rows_read"], report["captioned"], report["quarantined"]) == (6, 4, 3, 1)
+    assert "| items seen = rows + skipped | 6 = 4 + 2 (robots: noai: 1; robots: noindex: 1) |" in \
+        (tmp_path / "out" / "reports" / "i2d-run" / "report.md").read_text()

@@ -15,7 +15,7 @@ from capjob import preflight
 from capjob.config import to_typed
 from capjob.errors import CapjobError
 from helpers.config import REPO, compose, model_files
-from helpers.iolayouts import make_rows, write_hf_parquet_dir, write_image_folder, write_parquet, write_webdataset
+from helpers.iolayouts import make_rows, write_hf_parquet_dir, write_image_folder, write_llava_json, write_parquet, write_webdataset
 
 MODEL_FILES = ("config.json", "tokenizer.json", "preprocessor_config.json", "chat_template.json", "model.safetensors")
 
@@ -39,6 +39,7 @@ def inputs(tmp_path_factory):
         "image_folder": ["dataset=image_folder", f"data.path={write_image_folder(rows, root / 'folder')}"],
         "webdataset": ["dataset=webdataset", f"data.path={write_webdataset(rows, root / 'shards')}",
                        "data.passthrough_columns=[cls]"],
+        "json": ["dataset=llava_json", f"data.path={write_llava_json(rows, root / 'llava')[0]}"],
     }
 
 
@@ -75,14 +76,15 @@ CHECKS = [
     ("unwritable sink", lambda t: [f"sink.path={(t / 'file').write_text('x') and t / 'file'}/out"], "sink.path", None),
     ("unknown compression", lambda t: ["sink.compression=bogus"], "sink.compression", None),
     ("secret in storage options", lambda t: ["+data.storage_options.secret=abc"], "data.storage_options", None),
-    ("missing data path", lambda t: [f"data.path={t / 'nothing-here'}"], "data.path", ("parquet", "hf", "image_folder", "webdataset")),
+    ("missing data path", lambda t: [f"data.path={t / 'nothing-here'}"], "data.path", ("parquet", "hf", "image_folder", "webdataset", "json")),
     ("missing pass-through column", lambda t: ["data.passthrough_columns=[nope]"], "data.passthrough_columns", None),
+    ("missing hash column", lambda t: ["data.verify_hash_column=nope"], "data.verify_hash_column", None),
     ("prompt names a missing column", lambda t: ["caption.user_prompt='Alt text: {alt}'"], "caption.user_prompt", None),
     ("captions without a settings record", lambda t: [f"sink.path={sink_with_captions(t / 'old')}"], "job.resume", None),
     ("captions of other settings", lambda t: [f"sink.path={sink_with_captions(t / 'other', {'caption.temperature': 0.9})}"],
      "job.resume", None),
 ]
-FORMATS = ("sample", "parquet", "hf", "image_folder", "webdataset")
+FORMATS = ("sample", "parquet", "hf", "image_folder", "webdataset", "json")
 
 
 @pytest.fixture()

@@ -18,6 +18,7 @@ from capjob.console import LOG_LEVELS
 from capjob.errors import ConfigError
 from capjob.models import BUILD_VERSIONS as MODEL_BUILDERS
 from capjob.prompts import caption_columns, validate_prompts
+from capjob.schema import ROW_COLUMNS
 
 
 class SourceFormat(str, enum.Enum):
@@ -26,6 +27,9 @@ class SourceFormat(str, enum.Enum):
     parquet = "parquet"  # parquet files or folders, local or fsspec URL
     image_folder = "image_folder"  # jpg/png/webp... files, recursive
     webdataset = "webdataset"  # tar shards
+    # JSON array or JSON Lines files of records (LLaVA, ShareGPT, LLaMA-Factory instruction
+    # sets) whose image paths are relative to data.image_root
+    json = "json"
 
 
 class SinkFormat(str, enum.Enum):
@@ -57,6 +61,11 @@ class FetchConfig:
     # A body larger than this is not an image to caption (an HTML error page is small).
     max_bytes: int = 64 * 2**20
     user_agent: str = "capjob/0.1 (batch image captioning; python-requests)"
+    # A server's X-Robots-Tag header naming one of robots_directives (for every robot, or for
+    # the user agent's product token, "capjob") skips the row, counted as `robots: <directive>`.
+    # img2dataset's rule and default directives (its disallowed_header_directives).
+    respect_robots: bool = True
+    robots_directives: list[str] = field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
 
 
 @dataclass
@@ -89,6 +98,12 @@ class DataConfig:
     image_index: Optional[int] = None
     # ... or each one, one row per image, keyed `<key>#<i>`.
     explode_images: bool = False
+    # format=json: the folder (local or fsspec URL) relative image paths are joined to; null: the
+    # folder of the JSON file that holds the record.
+    image_root: Optional[str] = None
+    # A column of SHA-256 hex digests (img2dataset's `sha256`/`sha256hash`): each image's bytes
+    # are checked against it, a mismatch is quarantined `hash_mismatch`; a null cell is not checked.
+    verify_hash_column: Optional[str] = None
     fetch: FetchConfig = field(default_factory=FetchConfig)
 
 
@@ -457,6 +472,11 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
     _require(f.connect_timeout_s > 0 and f.read_timeout_s > 0, "data.fetch.read_timeout_s",
              f"timeouts must be > 0, got connect {f.connect_timeout_s}, read {f.read_timeout_s}")
     _require(f.backoff_s >= 0, "data.fetch.backoff_s", f"must be >= 0, got {f.backoff_s}")
+    _require(all(isinstance(x, str) and x.strip() and ":" not in x and "," not in x for x in f.robots_directives),
+             "data.fetch.robots_directives", f"must be directive names such as noai, got {list(f.robots_directives)}")
+    _require(d.image_root is None or d.format == SourceFormat.json, "data.image_root",
+             f"applies to data.format=json only, got data.format={d.format.value}")
+    _require(d.verify_hash_column != d.image_column, "data.verify_hash_column", "names the image column itself")
     _require(d.sample_size >= 0, "data.sample_size", f"must be >= 0, got {d.sample_size}")
     _require(d.sample_shapes >= 0, "data.sample_shapes", f"must be >= 0, got {d.sample_shapes}")
     _require(bool(m.source) or bool(m.builder), "model.source", "set a hub id or local path (or model.builder for a locally built model)")
@@ -506,6 +526,11 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
     _require(0 < c.top_p <= 1, "caption.top_p", f"must be in (0, 1], got {c.top_p}")
     _require(bool(c.user_prompt.strip()), "caption.user_prompt", "must not be empty")
     validate_prompts(c)
+    written = (*ROW_COLUMNS, *caption_columns(c))
+    for column in d.passthrough_columns:
+        _require(column not in written, "data.passthrough_columns",
+                 f"{column!r} is a column capjob writes itself ({', '.join(written)}): its value would be lost "
+                 "(with data.format=json a record's field of that name is the column source_<name>)")
     _require(not c.prompts or cfg.eval.mode == EvalMode.off, "eval.mode",
              "evaluation reads the single `caption` column; with caption.prompts run capjob-eval on a copy of the output instead, or eval=off")
     if cfg.sink.format != SinkFormat.txt:

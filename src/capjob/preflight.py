@@ -405,8 +405,11 @@ def source_rows(data: Any) -> Optional[int]:
 
 
 def data_with_prompt_columns(data: DataConfig, caption: CaptionConfig) -> DataConfig:
-    """`data` with the input columns the caption prompts name added to the pass-through ones."""
-    extra = [c for c in prompt_columns(caption) if c not in data.passthrough_columns]
+    """`data` with the other input columns the job reads added to the pass-through ones: those
+    the caption prompts name, and data.verify_hash_column (each image is checked against it in
+    the image stage; the digest stays in the output, as img2dataset keeps its hash column)."""
+    wanted = [*prompt_columns(caption), *([data.verify_hash_column] if data.verify_hash_column else [])]
+    extra = [c for c in dict.fromkeys(wanted) if c not in data.passthrough_columns]
     return dataclasses.replace(data, passthrough_columns=[*data.passthrough_columns, *extra]) if extra else data
 
 
@@ -422,6 +425,9 @@ def check_prompt_columns(data: DataConfig, caption: CaptionConfig) -> None:
     try:
         sources.preflight(with_prompts)
     except SourceError as e:
+        hashes = data.verify_hash_column
+        if hashes and hashes not in data.passthrough_columns and repr(hashes) in str(e):
+            raise SourceError(f"data.verify_hash_column: {str(e).split(': ', 1)[-1]}") from None
         for spec in prompt_specs(caption):
             missing = next((f for f in spec.fields if repr(f) in str(e) and f not in data.passthrough_columns), None)
             if missing:

@@ -24,6 +24,9 @@ QUARANTINE = "quarantine"
 
 # --- columns ------------------------------------------------------------------------------------
 CAPTION_COLUMN = "caption"
+# The columns every output row has besides its caption column(s) (caption/records.py): a
+# pass-through column of one of these names would be overwritten (config.validate refuses it).
+ROW_COLUMNS = ("id", "source_key", "prompt_tokens", "generated_tokens", "image_width", "image_height", "model", "run_id")
 # Ray Data LLM's failed-row column (ray.llm's vLLMEngineStage, should_continue_on_error) and the
 # column its Processor keeps each row's working data in (ray.llm Processor.DATA_COLUMN).
 ERROR_COLUMN = "__inference_error__"
@@ -42,7 +45,7 @@ THUMBNAIL_CANDIDATES = 256
 # --- quarantine reasons ("<kind>: <detail>") -----------------------------------------------------
 # The one vocabulary of reason kinds (job.retry_quarantined takes these and the stages):
 # kinds the image stage (and the cell resolution before it) sets, as ImageRejected's kind ...
-IMAGE_REASON_KINDS = ("empty", "unsupported", "fetch", "not_an_image", "decode", "too_large", "aspect_ratio")
+IMAGE_REASON_KINDS = ("empty", "unsupported", "fetch", "hash_mismatch", "not_an_image", "decode", "too_large", "aspect_ratio")
 # ... and kinds set after the engine; anything else in ERROR_COLUMN is the engine's own failure.
 ENGINE_CRASH = "engine_crash"
 REASON_KINDS = ("engine", ENGINE_CRASH, "json", "json_schema", "empty_caption")

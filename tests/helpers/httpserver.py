@@ -2,6 +2,8 @@
 bench/url_fetch_bench.py:
 
     /img/<name>          200, the image registered under <name>
+    /robots/<values>/<name>  200, the image, with one X-Robots-Tag header per '|'-separated
+                         value of <values> (URL-quoted)
     /flaky/<n>/<name>    503 for the first <n> requests of this path, then the image
     /status/<code>       that status (403, 404, 429, 503...), a short body
     /slow/<seconds>/<name>  the image, after <seconds>
@@ -20,6 +22,7 @@ import collections
 import http.server
 import threading
 import time
+import urllib.parse
 from typing import Optional
 
 
@@ -30,11 +33,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # quiet
         pass
 
-    def _send(self, code: int, body: bytes, content_type: str = "application/octet-stream", headers: Optional[dict] = None) -> None:
+    def _send(self, code: int, body: bytes, content_type: str = "application/octet-stream", headers: Optional[dict] = None,
+              repeated: Optional[list[tuple[str, str]]] = None) -> None:
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
+        for k, v in [*(headers or {}).items(), *(repeated or [])]:
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(body)
@@ -58,6 +62,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         kind = parts[0]
         if kind == "img":
             self._send(200, owner.images[parts[1]], "image/jpeg")
+        elif kind == "robots":
+            values = urllib.parse.unquote(parts[1]).split("|")
+            self._send(200, owner.images[parts[2]], "image/jpeg", repeated=[("X-Robots-Tag", v) for v in values])
         elif kind == "flaky":
             if count <= int(parts[1]):
                 self._send(503, b"busy", "text/plain", {"Retry-After": "0"})

@@ -154,3 +154,32 @@ def upload(local: pathlib.Path, fs, url: str) -> str:
     else:
         fs.pipe_file(target, local.read_bytes())
     return url
+
+
+def write_llava_json(rows: list[Row], root: pathlib.Path, as_lines: bool = False) -> tuple[pathlib.Path, list[dict]]:
+    """A LLaVA-Instruct set (issue 31): a JSON array (or JSON Lines) file beside its
+    coco/train2017/ images, from the first three `rows`: two records of one image (ids of both
+    types, as in LLaVA-665k), a text-only record, a missing image file, an absolute path (to a file
+    outside `root`), an unreachable URL, and a record of another image. Returns (file, records)."""
+    images = root / "coco" / "train2017"
+    images.mkdir(parents=True)
+    for i, (_, data, _) in enumerate(rows[:2]):
+        (images / f"{i:012d}.jpg").write_bytes(data)
+    elsewhere = root.parent / "elsewhere.jpg"
+    elsewhere.write_bytes(rows[2][1])
+
+    def turns(question: str) -> list[dict]:
+        return [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": "An answer."}]
+
+    records = [
+        {"id": "000000000000", "image": "coco/train2017/000000000000.jpg", "conversations": turns("What is this?")},
+        {"id": 17, "image": "./coco/train2017/000000000000.jpg", "conversations": turns("Describe it."), "model": "gpt-4"},
+        {"id": "text-only", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"id": "missing", "image": "coco/train2017/404.jpg", "conversations": turns("Where?")},
+        {"id": "absolute", "image": str(elsewhere), "conversations": turns("And this?")},
+        {"id": "url", "image": "http://127.0.0.1:9/x.jpg", "conversations": turns("Online?")},
+        {"id": "second", "image": "coco/train2017/000000000001.jpg", "conversations": turns("Colours?")},
+    ]
+    path = root / ("llava.jsonl" if as_lines else "llava_instruct.json")
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n" if as_lines else json.dumps(records, indent=1))
+    return path, records

@@ -14,6 +14,8 @@ One module per layout (``data.format``), each holding that layout's rules:
                       img2dataset's URL lists are parquet with a URL column.
 * ``image_folder`` -- image_folder.py: image files, recursive, local or remote.
 * ``webdataset``   -- webdataset.py: tar shards, local or remote.
+* ``json``         -- json_records.py: JSON array / JSON Lines files of records (LLaVA,
+                      ShareGPT, LLaMA-Factory sets), image paths joined to ``data.image_root``.
 
 Shared: storage.py (filesystems, per-protocol options, one-line errors), cells.py (what an image
 cell holds, remote fetch with timeouts and retries), common.py (accounting, lists of images).
@@ -29,7 +31,7 @@ from typing import Optional
 
 from capjob.config import DataConfig, SourceFormat
 from capjob.errors import SourceError
-from capjob.stages.sources import hf, image_folder, parquet, webdataset
+from capjob.stages.sources import hf, image_folder, json_records, parquet, webdataset
 from capjob.stages.sources.cells import Fetcher
 from capjob.stages.sources.sample import SAMPLE_COLUMNS, ensure_sample_dataset
 from capjob.stages.sources.common import Source, account, check_image_list, require_columns, select_images, skipped_totals
@@ -47,6 +49,8 @@ def _resolved_columns(cfg: DataConfig) -> tuple[str, Optional[str]]:
         return "image", cfg.key_column or "path"  # an image file is its own key: its path
     if cfg.format == SourceFormat.webdataset:
         return cfg.image_column, cfg.key_column or "__key__"
+    if cfg.format == SourceFormat.json:  # the record's field keeps its text; the row's image is the joined path
+        return json_records.IMAGE_COLUMN, cfg.key_column or json_records.RECORD_KEY_COLUMN
     return cfg.image_column, cfg.key_column
 
 
@@ -95,6 +99,9 @@ def preflight(cfg: DataConfig) -> None:
             require_columns(hf.hf_columns(loaded), cfg, cfg.image_column)
             check_image_list(cfg, hf.image_type(loaded, cfg.image_column), repr(cfg.path))
         return
+    if cfg.format == SourceFormat.json:
+        json_records.preflight(cfg)
+        return
     _inspect(cfg)
 
 
@@ -127,6 +134,11 @@ def read_source(cfg: DataConfig, run_id: Optional[str] = None) -> Source:
         ds, num_rows = webdataset.read_webdataset(cfg), None
         ds = ds.map_batches(account, fn_kwargs={"run_id": run_id}, batch_format="pyarrow", batch_size=None)
         description = f"webdataset {cfg.path}"
+    elif cfg.format == SourceFormat.json:
+        listed = json_records.preflight(cfg)
+        ds, num_rows = json_records.read_json_records(cfg, listed), None
+        ds = ds.map_batches(account, fn_kwargs={"run_id": run_id}, batch_format="pyarrow", batch_size=None)
+        description = f"JSON records {cfg.path}"
     else:  # pragma: no cover - the enum is exhaustive
         raise SourceError(f"data.format: unknown {cfg.format}")
 

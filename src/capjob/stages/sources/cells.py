@@ -18,12 +18,26 @@ transient failures only: HTTP 408/425/429/5xx (RFC 9110 s.15.6; 501 and 505 are 
 timeouts and reset or refused connections. A 403 or 404 is final. What failed is the row's
 quarantine reason: ``fetch: 503 Service Unavailable after 4 attempts: <url>``, ``fetch: timeout
 (read > 30 s) after 4 attempts: <url>``.
+
+Two rules of img2dataset's downloader (``img2dataset/downloader.py``), for the URL lists it reads:
+
+* ``X-Robots-Tag`` (``data.fetch.respect_robots``, on by default): a response whose header names
+  one of ``data.fetch.robots_directives`` (img2dataset's defaults: ``noai``, ``noimageai``,
+  ``noindex``, ``noimageindex``) is not used. Each header value is ``[<user agent>:]
+  <directive>[, <directive>...]``; a value without a user agent applies to every robot, one with
+  a user agent only when it is ours (the product token of ``data.fetch.user_agent``,
+  ``capjob``). The row is skipped, not quarantined: counted as ``robots: <directive>`` among the
+  source's skipped items (``resolve_rows``), as img2dataset counts it and writes no sample.
+* ``data.verify_hash_column``: the SHA-256 of each image's bytes (fetched or inline) must equal
+  the row's hex digest there; a mismatch is quarantined ``hash_mismatch: expected <hex>, got
+  <hex>``; a null digest is not checked.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import math
 import os
 import random
@@ -37,8 +51,10 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from capjob import metrics
 from capjob.config import DataConfig, FetchConfig
-from capjob.schema import ImageRejected
+from capjob.schema import ImageRejected, block_digest
+from capjob.stages.sources.common import SKIPPED_COUNTER
 from capjob.stages.storage import options_for, protocol_of
 
 # Shortest text taken for bare base64: a 1x1 PNG is 92 characters; a path is rarely this long
@@ -51,6 +67,11 @@ MAX_BACKOFF_S = 8.0
 _URL_CHARS = 300
 
 Resolved = Union[bytes, str, ImageRejected]
+
+
+class FetchSkipped(ImageRejected):
+    """A fetched image its server asks not to use (X-Robots-Tag): the row is counted as skipped
+    by the source (``resolve_rows``), never captioned nor quarantined."""
 
 
 def decode_data_uri(text: str) -> bytes:
@@ -80,6 +101,11 @@ def _bare_base64(text: str) -> Optional[bytes]:
     except (binascii.Error, ValueError):
         return None
     return data or None
+
+
+def has_scheme(text: str) -> bool:
+    """Whether `text` is a URL with a scheme (``s3://``, ``https://``, ``hf://``...)."""
+    return bool(_SCHEME.match(text))
 
 
 def resolve_text(text: str) -> Resolved:
@@ -214,6 +240,10 @@ def _http_get(url: str, fetch: FetchConfig, options: dict[str, Any]) -> tuple[by
                 retry_after = response.headers.get("Retry-After", "")
                 failure.retry_after = float(retry_after) if retry_after.isdigit() else 0.0  # type: ignore[attr-defined]
                 raise failure
+            if fetch.respect_robots:
+                directive = disallowing_directive(response.raw.headers.getlist("X-Robots-Tag"), fetch)
+                if directive:
+                    raise FetchSkipped("robots", directive)
             chunks, size = [], 0
             # read1: whatever one socket read returns, so that a server dripping bytes cannot
             # hold the thread past the deadline (a full-chunk read would wait for 64 KiB).
@@ -243,6 +273,27 @@ def _http_get(url: str, fetch: FetchConfig, options: dict[str, Any]) -> tuple[by
         raise _Failure(f"{type(e).__name__}: {str(e)[:200]}", False) from None
 
 
+def robots_token(user_agent: str) -> str:
+    """The product token of a User-Agent (``capjob/0.1 (...)`` -> ``capjob``), lower case: the
+    name an X-Robots-Tag value addresses robots by."""
+    return re.split(r"[/\s(]", user_agent.strip(), maxsplit=1)[0].lower()
+
+
+def disallowing_directive(values: list[str], fetch: FetchConfig) -> Optional[str]:
+    """The first of `fetch.robots_directives` the X-Robots-Tag header values name for every robot
+    or for ours, else None (img2dataset's ``is_disallowed``: ``[<user agent>:] <directive>, ...``)."""
+    wanted = {d.strip().lower() for d in fetch.robots_directives}
+    token = robots_token(fetch.user_agent)
+    for value in values:
+        agent, sep, rest = value.partition(":")
+        if sep and agent.strip().lower() != token:
+            continue
+        for directive in (rest if sep else value).split(","):
+            if directive.strip().lower() in wanted:
+                return directive.strip().lower()
+    return None
+
+
 @dataclass(frozen=True)
 class Fetcher:
     """Fetches image locations for the image stage (picklable: it travels into Ray tasks).
@@ -252,10 +303,12 @@ class Fetcher:
     storage_options: dict[str, Any] = field(default_factory=dict)
     base: Optional[str] = None
     fetch: FetchConfig = field(default_factory=FetchConfig)
+    # data.verify_hash_column: the column of expected SHA-256 digests (resolve_rows).
+    hash_column: Optional[str] = None
 
     @classmethod
     def from_config(cls, data: DataConfig) -> "Fetcher":
-        return cls(dict(data.storage_options or {}), data.path, data.fetch)
+        return cls(dict(data.storage_options or {}), data.path, data.fetch, data.verify_hash_column)
 
     def location(self, path: str) -> str:
         """A protocol-less object path of a remote data.path (as its listing gives) as a URL."""
@@ -289,7 +342,8 @@ class Fetcher:
             raise _classify(e) from None
 
     def get(self, location: str) -> bytes:
-        """The bytes at `location`, retrying transient failures. Raises ImageRejected("fetch", ...)."""
+        """The bytes at `location`, retrying transient failures. Raises ImageRejected("fetch", ...), or
+        FetchSkipped("robots", ...) when the server's X-Robots-Tag forbids the use (never retried)."""
         url = self.location(location)
         attempts = 1 + max(0, self.fetch.retries)
         for attempt in range(attempts):
@@ -326,3 +380,52 @@ def resolve_batch(cells: Any, fetcher: Fetcher) -> list[Union[bytes, ImageReject
     for i, result in zip(pending, fetcher.get_many([resolved[i] for i in pending])):  # type: ignore[misc]
         resolved[i] = result
     return resolved  # type: ignore[return-value]
+
+
+def expected_digest(cell: Any) -> Optional[str]:
+    """A hash cell as lower-case hex: text (surrounding blanks ignored) or the 32 raw bytes of a
+    digest; None for a null or empty cell (no check)."""
+    if _is_null(cell):
+        return None
+    if isinstance(cell, (bytes, bytearray, memoryview)):
+        raw = bytes(cell)
+        return raw.hex() if len(raw) == hashlib.sha256().digest_size else raw.decode("ascii", "replace").strip().lower() or None
+    return str(cell).strip().lower() or None
+
+
+def verify_digest(data: bytes, expected: Optional[str]) -> Optional[ImageRejected]:
+    """The rejection of bytes whose SHA-256 is not `expected` (hex), else None."""
+    if expected is None:
+        return None
+    got = hashlib.sha256(data).hexdigest()
+    return None if got == expected else ImageRejected("hash_mismatch", f"expected {expected}, got {got}")
+
+
+def account_skipped(run_id: Optional[str], ids: list[str], reasons: list[str]) -> None:
+    """Count rows skipped at the fetch in the run's ledger as the source's skipped items, per
+    reason. The id stage counted them as read; the source's accounting (items seen = rows +
+    skipped) counts them as skipped instead, so this block's entry also takes them out of
+    ``read`` (under its own key: a retried block replaces it)."""
+    if run_id is None or not reasons:
+        return
+    counts: dict[str, int] = {"read": -len(reasons)}
+    for reason in reasons:
+        counts[SKIPPED_COUNTER + reason] = counts.get(SKIPPED_COUNTER + reason, 0) + 1
+    metrics.record_many(run_id, "fetch-" + block_digest(ids), counts)
+
+
+def resolve_rows(batch: dict[str, Any], image_column: str, fetcher: Fetcher,
+                 run_id: Optional[str]) -> list[Union[bytes, ImageRejected, None]]:
+    """The image stage's view of a block (``batch`` with ``id``): each row's bytes to decode,
+    its rejection (quarantined), or None for a row skipped at the fetch (X-Robots-Tag), which
+    is counted in `run_id`'s ledger here. Bytes are checked against data.verify_hash_column."""
+    resolved: list[Union[bytes, ImageRejected, None]] = list(resolve_batch(batch[image_column], fetcher))
+    if fetcher.hash_column is not None:
+        for i, (data, cell) in enumerate(zip(resolved, batch[fetcher.hash_column])):
+            if isinstance(data, bytes):
+                resolved[i] = verify_digest(data, expected_digest(cell)) or data
+    skipped = [i for i, r in enumerate(resolved) if isinstance(r, FetchSkipped)]
+    account_skipped(run_id, [str(i) for i in batch["id"]], [resolved[i].reason for i in skipped])  # type: ignore[union-attr]
+    for i in skipped:
+        resolved[i] = None
+    return resolved

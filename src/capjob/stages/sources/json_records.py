@@ -1,0 +1,269 @@
+"""Layout ``json``: files of JSON records, as VLM instruction sets hold them -- a JSON array of
+objects, or JSON Lines (one object a line):
+
+* LLaVA-Instruct / ShareGPT4V: ``{"id": "000000033471", "image": "coco/train2017/000000033471.jpg",
+  "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}]}``
+* LLaMA-Factory (``sharegpt`` format, multimodal): ``{"messages": [{"role": "user", "content":
+  "<image>..."}, ...], "images": ["mllm_demo_data/1.jpg"]}``
+
+``data.path``: one file, or a folder whose ``*.json`` / ``*.jsonl`` / ``*.ndjson`` files
+(compressed ``.gz``, ``.zst``, ``.bz2``, ``.xz`` by suffix) are read -- not its subfolders, where
+the images usually are; its other files are not items. Local or any fsspec URL.
+
+Images: ``data.image_column`` names the record's image field, a path or a list of paths (a list
+takes ``data.image_index`` / ``data.explode_images``, as any list column). A relative path is
+joined to ``data.image_root`` (default: the folder of the JSON file holding the record), local or
+any fsspec URL; absolute paths and URLs stay as they are. The joined location is the row's image
+(``IMAGE_COLUMN``), fetched by the image stage like any path cell, so a missing file is
+quarantined ``fetch: not found: <path>``; the record's own field keeps its text for pass-through.
+
+Rows: one per record. Its key is ``data.key_column`` or, without one, the record's place
+``<file relative to data.path>:<index>`` (0-based), so that two records of one image are two
+rows, whose ids share the image's content digest (ids.py). Every top-level field is a column,
+null in records without it, named as the field -- but a field named like a column capjob's
+output rows have (``id``, ``model``, ``caption``...: schema.ROW_COLUMNS) is the column
+``source_<name>`` (LLaVA's ``id`` is ``source_id``), so that it can pass through. Top-level numbers and booleans become their JSON text: a field may
+hold a number in one record and text in the next (LLaVA-665k's ``id``), and blocks must agree on
+a column's type; nested values (``conversations``) keep their structure, unless they mix types
+within a block (then that column is JSON text in that block).
+
+Every record is an item: a row, or skipped and counted (common.account) -- a record without an
+image (a text-only conversation: the field missing, null, empty or ``[]``), a value that is not a
+JSON object, a line that is not JSON, a file that is neither a JSON array nor JSON Lines, the rest
+of a file that stops parsing, and a record with several images where the first records held one
+(``data.image_index`` / ``data.explode_images`` need the field to be a list from the start).
+
+Large files stream: arrays through ijson (a C parser, record by record), lines one by one, into
+blocks of ``ROWS_PER_BLOCK`` rows, a file per read task: a 1 GB array of 665k records is never in
+memory whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from typing import Any, Iterator, Optional
+
+import pyarrow as pa
+import ray.data
+
+from capjob.config import DataConfig
+from capjob.errors import SourceError
+from capjob.schema import CAPTION_COLUMN, ROW_COLUMNS
+from capjob.stages.sources.cells import has_scheme
+from capjob.stages.sources.common import ITEM_COLUMN, SKIP_COLUMN, check_image_list
+from capjob.stages.storage import describe_remote_error, filesystem_for, hidden, probe
+
+# The row's image location (image_root joined), and its default key (the record's place).
+IMAGE_COLUMN = "__image__"
+RECORD_KEY_COLUMN = "__record__"
+JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
+COMPRESSION_SUFFIXES = (".gz", ".zst", ".bz2", ".xz")
+ROWS_PER_BLOCK = 1024
+# Preflight reads this many records (from this many files at most) for the fields and types.
+PREFLIGHT_RECORDS = 1000
+PREFLIGHT_FILES = 8
+NO_IMAGE = "record without an image"
+
+
+def is_json_file(name: str) -> bool:
+    lower = name.lower()
+    for suffix in COMPRESSION_SUFFIXES:
+        lower = lower.removesuffix(suffix)
+    return lower.endswith(JSON_SUFFIXES)
+
+
+def list_files(cfg: DataConfig) -> list[tuple[str, str]]:
+    """[(file URL or path, its name relative to data.path)]: data.path itself, or the JSON files
+    directly in the folder, sorted."""
+    assert cfg.path is not None
+    fs, root = filesystem_for(cfg.path, cfg.storage_options)
+    try:
+        if not fs.isdir(root):
+            return [(cfg.path, root.rstrip("/").rsplit("/", 1)[-1])]
+        entries = sorted(e["name"] for e in fs.ls(root, detail=True) if e["type"] == "file")
+    except Exception as e:  # noqa: BLE001
+        raise SourceError(f"data.path: {describe_remote_error(cfg.path, e)}") from None
+    protocol = "" if "://" not in cfg.path else cfg.path.split("://", 1)[0] + "://"
+    names = [(p, p.rstrip("/").rsplit("/", 1)[-1]) for p in entries]
+    files = [(protocol + p, name) for p, name in names if not hidden(name) and is_json_file(name)]
+    if not files:
+        raise SourceError(f"data.path: no JSON files ({', '.join('*' + s for s in JSON_SUFFIXES)}) in {cfg.path!r}")
+    return files
+
+
+def _open(url: str, storage_options: dict[str, Any]) -> Any:
+    fs, path = filesystem_for(url, storage_options)
+    return fs.open(path, "rb", compression="infer")
+
+
+def iter_records(url: str, storage_options: dict[str, Any]) -> Iterator[tuple[Optional[dict[str, Any]], Optional[str]]]:
+    """(record, None) or (None, skip reason) for every item of a JSON array or JSON Lines file."""
+    import ijson
+
+    with _open(url, storage_options) as f:
+        head = f.read(4096).lstrip()
+    if head[:1] == b"[":
+        count = 0
+        try:
+            with _open(url, storage_options) as f:
+                for value in ijson.items(f, "item", use_float=True):
+                    count += 1
+                    yield _record(value)
+        except (ijson.JSONError, ValueError, OSError, EOFError) as e:
+            yield None, f"unreadable JSON after {count} records ({type(e).__name__})"
+        return
+    with _open(url, storage_options) as f:
+        first = True
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError:
+                if first:  # a pretty-printed object, a CSV...: not records
+                    yield None, "not a JSON array or JSON Lines file"
+                    return
+                yield None, "invalid JSON line"
+                continue
+            first = False
+            yield _record(value)
+
+
+def _record(value: Any) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+    if isinstance(value, dict):
+        return value, None
+    return None, f"not a JSON object ({type(value).__name__})"
+
+
+def locate(path: str, root: str) -> str:
+    """An image path of a record as a location: joined to `root` when relative."""
+    text = path.strip()
+    if not text or has_scheme(text) or text.startswith(("/", "data:")):
+        return text
+    if "://" in root:
+        scheme, rest = root.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(rest, text))}"
+    return os.path.normpath(os.path.join(root, text))
+
+
+def column_name(field: str) -> str:
+    """The column of a record's field: its name, but ``source_<name>`` for a name capjob's output
+    rows use (``id``, ``model``, ``caption``...), whose value would otherwise be overwritten."""
+    return f"source_{field}" if field in (*ROW_COLUMNS, CAPTION_COLUMN) else field
+
+
+def _text(value: Any) -> Any:
+    """A top-level field as the column holds it (module docstring)."""
+    return json.dumps(value) if isinstance(value, (bool, int, float)) else value
+
+
+def record_row(record: dict[str, Any], item: str, image_field: str, root: str, listed: bool) -> dict[str, Any]:
+    """The row of one record: its fields, the image location(s), its place; or a skip row."""
+    value = record.get(image_field)
+    images = value if isinstance(value, list) else [value]
+    if value is None or not [v for v in images if v not in (None, "")]:
+        return {ITEM_COLUMN: item, SKIP_COLUMN: NO_IMAGE}
+    if not listed and len(images) > 1:
+        return {ITEM_COLUMN: item, SKIP_COLUMN: f"record with {len(images)} images where the first records held one"}
+    row = {column_name(k): _text(v) for k, v in record.items() if k not in (IMAGE_COLUMN, RECORD_KEY_COLUMN, ITEM_COLUMN, SKIP_COLUMN)}
+    located = [locate(v, root) if isinstance(v, str) else None for v in images]
+    row[image_field] = images if listed else images[0]
+    row[IMAGE_COLUMN] = located if listed else located[0]
+    row[RECORD_KEY_COLUMN] = item
+    row[ITEM_COLUMN] = item
+    row[SKIP_COLUMN] = None
+    return row
+
+
+def _column(values: list[Any]) -> pa.Array:
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # mixed types within the block
+        return pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values], pa.string())
+
+
+def _table(rows: list[dict[str, Any]]) -> pa.Table:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return pa.table({c: _column([r.get(c) for r in rows]) for c in columns})
+
+
+def read_files(batch: pa.Table, *, image_field: str, image_root: Optional[str], listed: bool,
+               storage_options: dict[str, Any]) -> Iterator[pa.Table]:
+    """map_batches UDF over the file list (``url``, ``name`` columns): every item of each file as
+    a row or a skip row, in blocks of ROWS_PER_BLOCK."""
+    rows: list[dict[str, Any]] = []
+    for url, name in zip(batch.column("url").to_pylist(), batch.column("name").to_pylist()):
+        root = image_root or folder_of(url)
+        for index, (record, reason) in enumerate(iter_records(url, storage_options)):
+            item = f"{name}:{index}"
+            rows.append({ITEM_COLUMN: item, SKIP_COLUMN: reason} if record is None else record_row(record, item, image_field, root, listed))
+            if len(rows) >= ROWS_PER_BLOCK:
+                yield _table(rows)
+                rows = []
+    if rows:
+        yield _table(rows)
+
+
+def folder_of(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[0] if "://" in url else os.path.dirname(os.path.abspath(url))
+
+
+def _absolute(path: Optional[str]) -> Optional[str]:
+    """A local path as an absolute one (Ray's workers do not share the driver's directory)."""
+    return path if path is None or "://" in path else os.path.abspath(path)
+
+
+def preflight(cfg: DataConfig) -> bool:
+    """Checks data.path, data.image_root and the fields the options name against the first
+    PREFLIGHT_RECORDS records (of the first PREFLIGHT_FILES files), without Ray. Returns whether
+    the image field holds lists. Raises SourceError (one line)."""
+    assert cfg.path is not None
+    probe(cfg.path, cfg.storage_options)
+    if cfg.image_root:
+        probe(cfg.image_root, cfg.storage_options, "data.image_root")
+    files = list_files(cfg)
+    fields: set[str] = set()
+    seen, first_image, skipped = 0, None, []
+    try:
+        for url, _ in files[:PREFLIGHT_FILES]:
+            for record, reason in iter_records(url, cfg.storage_options):
+                if record is None:
+                    skipped.append(reason)
+                    continue
+                seen += 1
+                fields.update(column_name(k) for k in record)
+                if first_image is None and record.get(cfg.image_column) not in (None, "", []):
+                    first_image = record[cfg.image_column]
+                if seen >= PREFLIGHT_RECORDS:
+                    break
+            if seen >= PREFLIGHT_RECORDS:
+                break
+    except SourceError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise SourceError(f"data.path: {describe_remote_error(cfg.path, e)}") from None
+    looked = f"the first {seen} records of {cfg.path!r}" + (f" ({len(files)} files)" if len(files) > 1 else "")
+    if not seen:
+        raise SourceError(f"data.path: no JSON records in {cfg.path!r} ({skipped[0] if skipped else 'empty'})")
+    if first_image is None:
+        raise SourceError(f"data.image_column: no image in field {cfg.image_column!r} of {looked}; fields there: {sorted(fields)}")
+    wanted = ([("data.key_column", cfg.key_column)] if cfg.key_column else []) + [("data.passthrough_columns", c) for c in cfg.passthrough_columns]
+    for key, column in wanted:
+        if column not in fields and column != RECORD_KEY_COLUMN:
+            raise SourceError(f"{key}: no field {column!r} in {looked}; fields there: {sorted(fields)}")
+    image_type = pa.list_(pa.string()) if isinstance(first_image, list) else pa.string()
+    return check_image_list(cfg, image_type, looked)
+
+
+def read_json_records(cfg: DataConfig, listed: bool) -> ray.data.Dataset:
+    """Rows and skip rows of every record (module docstring); `listed`: preflight's verdict."""
+    assert cfg.path is not None
+    files = list_files(DataConfig(**{**cfg.__dict__, "path": _absolute(cfg.path)}))
+    table = pa.table({"url": [u for u, _ in files], "name": [n for _, n in files]})
+    return ray.data.from_arrow([table.slice(i, 1) for i in range(table.num_rows)]).map_batches(
+        read_files, batch_size=1, batch_format="pyarrow",
+        fn_kwargs={"image_field": cfg.image_column, "image_root": _absolute(cfg.image_root), "listed": listed,
+                   "storage_options": cfg.storage_options},
+    )
