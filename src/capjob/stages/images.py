@@ -50,7 +50,7 @@ except ImportError:  # the Pillow path below decodes everything, only slower
 from capjob import metrics
 from capjob.config import ImagesConfig, ResizeMode, SinkConfig
 from capjob.schema import QUARANTINE, ImageRejected, block_digest
-from capjob.stages.sources.cells import resolve_batch
+from capjob.stages.sources.cells import resolve_rows
 from capjob.stages.tables import TableWriter, quarantine_table
 
 # Registered at import, so in every Ray worker that decodes (image_folder.py registers it where
@@ -329,7 +329,9 @@ def prepare_images(
     widths: list[int] = []
     heights: list[int] = []
     rejected: list[dict[str, Any]] = []
-    for i, data in enumerate(resolve_batch(batch[image_column], fetcher)):
+    for i, data in enumerate(resolve_rows(batch, image_column, fetcher, quarantine.run_id)):
+        if data is None:  # skipped at the fetch (X-Robots-Tag): counted as the source's skipped item
+            continue
         try:
             if isinstance(data, ImageRejected):
                 raise data
