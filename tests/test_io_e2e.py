@@ -170,7 +170,7 @@ def test_webdataset_on_s3_to_jsonl_local(s3, bucket, tmp_path):
     sizes = [len(f.read_text().splitlines()) for f in (tmp_path / "out" / "captions").glob("*.jsonl")]
     assert sum(sizes) == N + 2 and len(sizes) <= 3, sizes  # blocks gathered into files of >= 4 rows
     report = json.loads((tmp_path / "out" / "reports" / "wds-run" / "report.json").read_text())
-    assert report["skipped_by_source"] == {"sample without an image": 1, "not a tar shard (.md)": 1}
+    assert report["skipped_by_source"] == {"sample without an image (members: cls)": 1, "not a tar shard (.md)": 1}
     assert report["source_items"] == N + 2 + 2 and report["captioned"] == N + 2
     assert "| items seen = rows + skipped | 10 = 8 + 2" in (tmp_path / "out" / "reports" / "wds-run" / "report.md").read_text()
 

@@ -377,7 +377,7 @@ def test_webdataset_items_seen_are_rows_plus_skipped(ray_local, tmp_path):
     keys = sorted(r["__key__"] for r in rows)
     assert len(rows) == N + 2 and len(set(keys)) == len(keys)
     assert "shard-00002.tar/2023.05.01_a" in keys and "shard-00002.tar/2023.05.02_b" in keys
-    assert skipped == {"sample without an image": 1, "not a tar shard (.json)": 1}
+    assert skipped == {"sample without an image (members: cls)": 1, "not a tar shard (.json)": 1}
     assert items == len(rows) + 2
 
 
