@@ -30,3 +30,15 @@ def test_no_price_no_cost_line_and_a_cpu_engine_holds_no_gpu():
     assert "| images per GPU-hour | - (no GPU held: the engine ran on CPU) |" in report.summary_table(base_report(**cpu))
     # nothing captioned (an interrupted start): no rate, no division by zero
     assert report.price(0, 5.0, {}, 1, 3.0)["images_per_gpu_hour"] is None
+
+
+def test_items_line_measures_rows_read_and_shows_a_gap():
+    # Issue 31: the line once took rows as items - skipped, so it always added up ("6 = 4 + 2"
+    # with 6 rows read); the rows are now the rows read, and a gap is named.
+    ok = report.summary_table(base_report(rows_read=6, source_items=8, skipped_by_source={"sample without an image (members: txt)": 2}))
+    assert "| items seen = rows + skipped | 8 = 6 + 2 (sample without an image (members: txt): 2) |" in ok
+    lost = report.summary_table(base_report(rows_read=6, source_items=6, skipped_by_source={"hidden file": 2}))
+    assert "| items seen = rows + skipped | 6 ≠ 6 + 2: -2 item(s) unaccounted for (hidden file: 2) |" in lost
+    limited = report.summary_table(base_report(rows_read=3, source_items=10, skipped_by_source={"hidden file": 2},
+                                               config={"data": {"limit": 3}}))
+    assert "| 10 ≠ 3 + 2: +5 item(s) data.limit=3: rows of the blocks read left untaken (hidden file: 2) |" in limited

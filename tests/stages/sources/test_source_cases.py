@@ -25,7 +25,7 @@ from capjob.stages.sources.cells import Fetcher, identity, resolve_batch, resolv
 from capjob.stages.sources.common import ITEM_COLUMN, SKIP_COLUMN, select_images
 from capjob.stages.storage import options_for
 from helpers.httpserver import LocalHTTPServer
-from helpers.iolayouts import make_rows
+from helpers.iolayouts import make_rows, write_tar
 
 ROWS = make_rows(6, seed=5, formats=("jpg", "png", "webp"))
 JPG = ROWS[0][1]
@@ -179,15 +179,6 @@ def test_case3_base64_jsonl_through_the_hf_loader(tmp_path, hf_cache):
 
 
 # --- 4. webdataset keys as webdataset defines them -----------------------------------------
-
-
-def write_tar(path: pathlib.Path, members: list[tuple[str, bytes]]) -> pathlib.Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def rows_of(path: pathlib.Path, shard: str, image_column: str = "image"):

@@ -88,8 +88,9 @@ class Looked:
     seen: int = 0
     bytes: int = 0
     parts: dict[str, int] = field(default_factory=dict)
-    max_bytes: int = PREFLIGHT_BYTES
-    max_seconds: float = PREFLIGHT_SECONDS
+    # Read when a Looked starts (not when this module is imported), so that a test can lower them.
+    max_bytes: int = field(default_factory=lambda: PREFLIGHT_BYTES)
+    max_seconds: float = field(default_factory=lambda: PREFLIGHT_SECONDS)
     started: float = field(default_factory=time.monotonic)
 
     def count(self, part: str, n: int = 1) -> None:
@@ -109,7 +110,7 @@ class Looked:
         of = f" of {self.total:,}" if self.total is not None else ""
         parts.append(f"{self.bytes / (1 << 20):.1f} MiB in {time.monotonic() - self.started:.1f} s")
         return (f"looked at the first {self.seen:,}{of} {units} ({', '.join(parts)}; preflight reads at most "
-                f"{self.max_bytes >> 20} MiB or {self.max_seconds:g} s)")
+                f"{self.max_bytes / (1 << 20):g} MiB or {self.max_seconds:g} s)")
 
 
 def fill_columns(batch: pa.Table, columns: dict[str, Optional[pa.DataType]]) -> pa.Table:

@@ -98,7 +98,8 @@ def preflight_columns(hf: Any, path: str, wanted: list[str]) -> tuple[list[str],
     except Exception as e:  # noqa: BLE001 - datasets' CastError, DatasetGenerationError...
         flat = " ".join(str(e).split())[:300]
         raise SourceError(f"data.path {path!r}: its data files do not share one schema, and Hugging Face datasets reads a folder "
-                          f"with the columns of its first file ({looked.describe(False)}; {type(e).__name__}: {flat})") from None
+                          f"with the columns of its first file ({type(e).__name__}: {flat}); data.format=parquet reads parquet "
+                          "files of differing columns") from None
     return list(names), looked.describe(True)
 
 

@@ -292,7 +292,7 @@ class Scan:
     row), `looked` (how much), `everything` (every shard read to its end)."""
 
     columns: list[str] = field(default_factory=list)
-    looked: Looked = field(default_factory=lambda: Looked("shard"))
+    looked: Looked = field(default_factory=lambda: Looked("shard", parts={"members": 0}))
     everything: bool = False
 
 
@@ -343,7 +343,7 @@ def scan(cfg: DataConfig, kind: str, wanted: list[str]) -> Scan:
             return found
     found.columns, found.everything = list(columns), True
     if unreadable:
-        found.looked.count("unreadable shards", unreadable)
+        found.looked.count("unreadable", unreadable)
     if not columns:
         raise SourceError(f"data.path: {cfg.path!r} holds no webdataset sample with an image (members named <key>.<ext>): "
                           f"{found.looked.describe(True)}")
