@@ -10,6 +10,7 @@ import logging
 import pathlib
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
@@ -47,13 +48,12 @@ def test_parquet_column_of_a_later_file_is_found_and_typed(tmp_path):
     root = ragged_parquet(tmp_path / "pq")
     cfg = DataConfig(format=SourceFormat.parquet, path=str(root), passthrough_columns=["txt", "cls"])
     preflight(cfg)
-    kind, columns, listed, types = sources._inspect(cfg)
-    assert (kind, columns, listed) == ("directory", ["image", "txt", "cls"], False)
-    assert types == {"image": pa.binary(), "txt": pa.string(), "cls": pa.int16()}
-    # The rows of part-1 get both columns, null, typed as part-2 declares them.
-    block = fill_columns(pq.read_table(root / "part-1.parquet"), types)
-    assert block.schema == pa.schema([("image", pa.binary()), ("txt", pa.string()), ("cls", pa.int16())])
-    assert block.column("txt").to_pylist() == [None] and block.column("cls").to_pylist() == [None]
+    kind, schema, listed = sources._inspect(cfg)
+    assert (kind, listed) == ("directory", False)
+    assert schema == pa.schema([("image", pa.binary()), ("txt", pa.string()), ("cls", pa.int16())])
+    # Read with that schema (read_parquet), part-1's row gets both columns, null, typed as part-2 declares them.
+    block = pads.dataset(root / "part-1.parquet", schema=schema).to_table()
+    assert block.schema == schema and block.column("txt").to_pylist() == [None] and block.column("cls").to_pylist() == [None]
 
 
 def test_parquet_column_in_no_file_is_refused_saying_how_many_were_read(tmp_path):
@@ -74,23 +74,22 @@ def test_parquet_budget_spent_names_the_files_read(tmp_path, monkeypatch):
 # --- image folders: the first file need not be an image ---------------------------------------
 
 
+def folder(root: pathlib.Path, files: dict[str, bytes]) -> pathlib.Path:
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
 def test_image_folder_whose_first_files_are_not_images(tmp_path):
-    root = tmp_path / "images"
-    (root / "a_docs").mkdir(parents=True)
-    (root / "README.md").write_text("notes\n")
-    (root / "a_docs" / "captions.json").write_text("{}")
-    (root / "b").mkdir()
-    (root / "b" / "photo").write_bytes(ROWS[0][1])  # an image without an extension: found by its bytes
+    # An image without an extension, after two files that are not images: found by its bytes.
+    root = folder(tmp_path / "images", {"README.md": b"notes", "a_docs/captions.json": b"{}", "b/photo": ROWS[0][1]})
     preflight(DataConfig(format=SourceFormat.image_folder, path=str(root)))
 
 
 def test_image_folder_without_any_image_is_refused_saying_how_much_was_read(tmp_path):
-    root = tmp_path / "images"
-    (root / "sub").mkdir(parents=True)
-    (root / "README.md").write_text("notes\n")
-    (root / "sub" / "labels.csv").write_text("a,b\n")
-    (root / ".cache").mkdir()
-    (root / ".cache" / "x.jpg").write_bytes(ROWS[0][1])  # hidden: not an item the run reads
+    # .cache/x.jpg is hidden: not an item the run reads.
+    root = folder(tmp_path / "images", {"README.md": b"notes", "sub/labels.csv": b"a,b", ".cache/x.jpg": ROWS[0][1]})
     with pytest.raises(SourceError) as e:
         preflight(DataConfig(format=SourceFormat.image_folder, path=str(root)))
     assert str(e.value) == f"data.path: no image under {str(root)!r} (a file Pillow can open): looked at all 2 files"
@@ -98,10 +97,7 @@ def test_image_folder_without_any_image_is_refused_saying_how_much_was_read(tmp_
 
 def test_image_folder_budget_spent_warns_and_does_not_refuse(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(common, "PREFLIGHT_BYTES", 1)
-    root = tmp_path / "images"
-    root.mkdir()
-    (root / "0.txt").write_text("not an image")
-    (root / "1.jpg").write_bytes(ROWS[0][1])
+    root = folder(tmp_path / "images", {"0.txt": b"not an image", "1.jpg": ROWS[0][1]})
     with caplog.at_level(logging.WARNING):
         preflight(DataConfig(format=SourceFormat.image_folder, path=str(root)))
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

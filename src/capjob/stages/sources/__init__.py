@@ -97,32 +97,29 @@ def _image_folder_has_images(cfg: DataConfig, kind: str) -> None:
         raise SourceError(f"data.path: no image under {cfg.path!r} (a file Pillow can open): {looked.describe(True)}")
 
 
-def _inspect(cfg: DataConfig, deep: bool = False) -> tuple[str, list[str], bool, dict[str, Optional[pa.DataType]]]:
-    """(kind, columns, image column holds lists, {wanted column: its type where known}) of a
-    file-based layout, checked without Ray. `deep` (preflight): also read as much of the data as
-    it takes to find an image and every wanted column (common.Looked)."""
+def _inspect(cfg: DataConfig, deep: bool = False) -> tuple[str, Optional[pa.Schema], bool]:
+    """(kind, schema (parquet's footers; None for the other layouts), image column holds lists)
+    of a file-based layout, checked without Ray. `deep` (preflight): also read as much of the
+    data as it takes to find an image and every wanted column (common.Looked)."""
     assert cfg.path is not None
     kind = probe(cfg.path, cfg.storage_options)
     wanted = _wanted(cfg)
     if cfg.format == SourceFormat.parquet:
         schema, looked = parquet.parquet_schema(cfg.path, cfg.storage_options, kind, wanted)
-        columns = list(schema.names)
-        _check_columns(cfg, columns, looked)
-        types = {c: (schema.field(c).type if c in columns else None) for c in wanted}
-        return kind, columns, check_image_list(cfg, parquet.image_type(schema, cfg.image_column), repr(cfg.path)), types
+        _check_columns(cfg, list(schema.names), looked)
+        return kind, schema, check_image_list(cfg, parquet.image_type(schema, cfg.image_column), repr(cfg.path))
     _one_image_per_row(cfg)
-    types: dict[str, Optional[pa.DataType]] = dict.fromkeys(wanted)
     if cfg.format == SourceFormat.webdataset:
         if deep:
             columns, looked = webdataset.preflight(cfg, kind, wanted)
             if columns is not None:  # None: no image within the budget (warned), the columns unknown
                 _check_columns(cfg, columns, looked)
-        return kind, [], False, types
+        return kind, None, False
     image_folder.preflight(cfg, kind)
     _check_columns(cfg, ["image", "path"])
     if deep:
         _image_folder_has_images(cfg, kind)
-    return kind, ["image", "path"], False, types
+    return kind, None, False
 
 
 def preflight(cfg: DataConfig) -> None:
@@ -158,7 +155,6 @@ def read_source(cfg: DataConfig, run_id: Optional[str] = None) -> Source:
     check_storage_options(cfg.storage_options, "data.storage_options")
     image_column, key_column = _resolved_columns(cfg)
     listed = False
-    types: dict[str, Optional[pa.DataType]] = dict.fromkeys(_wanted(cfg))
     if cfg.format == SourceFormat.sample:
         path = ensure_sample_dataset(cfg.sample_size, cfg.sample_shapes)
         ds, num_rows = parquet.read_parquet(DataConfig(path=path, format=SourceFormat.parquet), "directory"), None
@@ -167,8 +163,8 @@ def read_source(cfg: DataConfig, run_id: Optional[str] = None) -> Source:
         ds, num_rows, columns, listed = hf.read_hf(cfg)
         description = f"Hugging Face dataset {cfg.path} [{cfg.split}]{' streaming' if cfg.streaming else ''}"
     elif cfg.format == SourceFormat.parquet:
-        kind, columns, listed, types = _inspect(cfg)
-        ds, num_rows = parquet.read_parquet(cfg, kind), None
+        kind, schema, listed = _inspect(cfg)
+        ds, num_rows = parquet.read_parquet(cfg, kind, schema), None
         description = f"parquet {cfg.path}"
     elif cfg.format == SourceFormat.image_folder:
         _inspect(cfg)
@@ -176,16 +172,18 @@ def read_source(cfg: DataConfig, run_id: Optional[str] = None) -> Source:
         ds = ds.map_batches(account, fn_kwargs={"run_id": run_id}, batch_format="pyarrow", batch_size=None)
         description = f"image folder {cfg.path}"
     elif cfg.format == SourceFormat.webdataset:
-        _inspect(cfg)
+        _inspect(cfg, deep=True)  # what preflight found, kept (webdataset.preflight): no second read
         ds, num_rows = webdataset.read_webdataset(cfg, _wanted(cfg)), None
         ds = ds.map_batches(account, fn_kwargs={"run_id": run_id}, batch_format="pyarrow", batch_size=None)
         description = f"webdataset {cfg.path}"
     else:  # pragma: no cover - the enum is exhaustive
         raise SourceError(f"data.format: unknown {cfg.format}")
 
-    # Rows that lack a field other rows have (a sample without a member, a file without a column)
-    # get null there: every block carries every column the job reads.
-    ds = ds.map_batches(fill_columns, fn_kwargs={"columns": types}, batch_format="pyarrow", batch_size=None)
+    if cfg.format not in (SourceFormat.parquet, SourceFormat.sample):
+        # Rows that lack a field other rows have (a sample without a member, a record without a
+        # key) get null there: every block carries every column the job reads. (Parquet's reader
+        # fills them from the footers' schema, which Ray then knows: the sink types nulls by it.)
+        ds = ds.map_batches(fill_columns, fn_kwargs={"columns": dict.fromkeys(_wanted(cfg))}, batch_format="pyarrow", batch_size=None)
     if listed:
         keyed = IMAGE_KEY_COLUMN if key_column else None
         ds = ds.map_batches(select_images, batch_format="numpy", fn_kwargs={

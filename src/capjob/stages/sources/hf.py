@@ -84,7 +84,8 @@ def preflight_columns(hf: Any, path: str, wanted: list[str]) -> tuple[list[str],
     import datasets
 
     declared = hf_columns(hf)
-    if all(c in declared for c in wanted) or not isinstance(hf, datasets.IterableDataset):
+    # A hub dataset's features are its card's or its files' export: not worth streaming rows for.
+    if all(c in declared for c in wanted) or not isinstance(hf, datasets.IterableDataset) or hf_kind(path) != "local":
         return declared, None
     looked = Looked("row")
     names = dict.fromkeys(declared)
@@ -159,10 +160,10 @@ def read_hf(cfg: DataConfig) -> tuple[ray.data.Dataset, Optional[int], list[str]
     import datasets
 
     hf = load_hf(cfg, cfg.streaming)
-    columns = hf_columns(hf)
-    require_columns(columns, cfg, cfg.image_column)
-    listed = check_image_list(cfg, image_type(hf, cfg.image_column), repr(cfg.path))
     wanted = [cfg.image_column] + ([cfg.key_column] if cfg.key_column else []) + list(cfg.passthrough_columns)
+    columns, looked = preflight_columns(hf, cfg.path or "", wanted)
+    require_columns(columns, cfg, cfg.image_column, looked)
+    listed = check_image_list(cfg, image_type(hf, cfg.image_column), repr(cfg.path))
     hf = hf.select_columns(list(dict.fromkeys(wanted)))
     if isinstance(hf, datasets.Dataset):
         # Map-style (save_to_disk, or a hub/local dataset prepared into the HF cache): memory-

@@ -6,8 +6,8 @@ structs, paths/URLs (img2dataset's URL lists) or base64 text (cells.py), or a li
 Files need not share one schema (a file written before a column was added, an empty file without
 columns): preflight reads the footers in order, without Ray, until every configured column is in
 one of them (common.Looked: its budget), and refuses only a column none of the footers it read
-has, saying how many it read. Rows of a file without a column get null there
-(common.fill_columns), typed as the files that have it declare it."""
+has, saying how many it read. Rows of a file without a column get null there, typed as the
+files that have it declare it (read_parquet reads every file with the footers' schema)."""
 
 from __future__ import annotations
 
@@ -52,13 +52,16 @@ def parquet_schema(path: str, storage_options: dict[str, Any], kind: str, wanted
     return pa.schema(list(fields.values())), looked.describe(everything)
 
 
-def read_parquet(cfg: DataConfig, kind: str) -> ray.data.Dataset:
+def read_parquet(cfg: DataConfig, kind: str, schema: Optional[pa.Schema] = None) -> ray.data.Dataset:
+    """The files as a Ray Dataset. With `schema` (parquet_schema's), every file is read with
+    it: a column a file lacks is null there, typed as the schema declares it (pyarrow's dataset
+    scan fills it), and Ray knows the blocks' schema without reading them."""
     assert cfg.path is not None
     fs = arrow_filesystem(cfg.path, cfg.storage_options)
     try:
         # In folders only *.parquet files (not _SUCCESS, .crc...); a named file whatever its name.
         extensions = ["parquet"] if kind == "directory" else None
-        return ray.data.read_parquet(cfg.path, filesystem=fs, file_extensions=extensions)
+        return ray.data.read_parquet(cfg.path, filesystem=fs, file_extensions=extensions, schema=schema)
     except Exception as e:  # noqa: BLE001
         raise SourceError(f"data.path: {describe_remote_error(cfg.path, e)}") from None
 

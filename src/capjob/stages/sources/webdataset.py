@@ -350,16 +350,24 @@ def scan(cfg: DataConfig, kind: str, wanted: list[str]) -> Scan:
     return found
 
 
+# preflight's findings per (path, image column, wanted columns, options): read_source checks what
+# preflight checked, without reading the shards (nor warning) twice.
+_PREFLIGHTS: dict[str, tuple[Optional[list[str]], str]] = {}
+
+
 def preflight(cfg: DataConfig, kind: str, wanted: list[str]) -> tuple[Optional[list[str]], str]:
     """(columns of the image rows preflight read, how much it read): None when its budget ended
     before any sample with an image (warned: the rest may hold images, the run reads on)."""
+    key = repr((cfg.path, kind, cfg.image_column, wanted, cfg.storage_options))
+    if key in _PREFLIGHTS:
+        return _PREFLIGHTS[key]
     found = scan(cfg, kind, wanted)
     looked = found.looked.describe(found.everything)
     if not found.columns:
         log.warning("data.path: %s and found no webdataset sample with an image yet; the run reads every shard "
                     "(samples without an image are counted as skipped)", looked)
-        return None, looked
-    return found.columns, looked
+    _PREFLIGHTS[key] = (found.columns or None, looked)
+    return _PREFLIGHTS[key]
 
 
 def read_webdataset(cfg: DataConfig, columns: list[str]) -> ray.data.Dataset:
