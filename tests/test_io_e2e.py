@@ -12,6 +12,7 @@ layout is read both local and on S3 without the engine in test_sources.py):
     parquet of real cells (local)    local -> local
     image folder                                             S3 -> S3 (gzip)
     webdataset (tar shards)                                  S3 -> local
+    webdataset: caption-only shard, ragged members           local -> local
 """
 
 from __future__ import annotations
@@ -170,9 +171,44 @@ def test_webdataset_on_s3_to_jsonl_local(s3, bucket, tmp_path):
     sizes = [len(f.read_text().splitlines()) for f in (tmp_path / "out" / "captions").glob("*.jsonl")]
     assert sum(sizes) == N + 2 and len(sizes) <= 3, sizes  # blocks gathered into files of >= 4 rows
     report = json.loads((tmp_path / "out" / "reports" / "wds-run" / "report.json").read_text())
-    assert report["skipped_by_source"] == {"sample without an image": 1, "not a tar shard (.md)": 1}
+    assert report["skipped_by_source"] == {"sample without an image (members: cls)": 1, "not a tar shard (.md)": 1}
     assert report["source_items"] == N + 2 + 2 and report["captioned"] == N + 2
     assert "| items seen = rows + skipped | 10 = 8 + 2" in (tmp_path / "out" / "reports" / "wds-run" / "report.md").read_text()
+
+
+def test_webdataset_caption_only_shard_and_ragged_members_local(s3, tmp_path):
+    """Issue 31, cases 3 and 5: shard 0 holds only text, JSON and tensor members (once refused in
+    preflight); shard 1 holds images whose .txt/.cls members are ragged (once KeyError: 'txt' in a
+    Ray task), and members whose key joins no image. Every image is captioned, each pass-through
+    value is its sample's or null, every skipped sample is counted with the members it held, and
+    the report's items seen = rows read + skipped."""
+    from helpers.iolayouts import write_tar
+
+    data = tmp_path / "wds"
+    write_tar(data / "shard-00000.tar", [("m0.txt", b"caption only"), ("m0.json", b"{}"), ("m0.npy", b"\x93NUMPY\x01\x00"),
+                                         ("m1.txt", b"another"), ("m1.json", b"{}")])
+    images = [b for _, b, _ in ROWS]
+    write_tar(data / "shard-00001.tar", [
+        ("a.jpg", images[0]), ("a.txt", b"cap a"),
+        ("b.png", images[1]), ("b.cls", b"2"),
+        ("c.webp", images[2]), ("c.txt", b"cap c"), ("c.cls", b"3"),
+        ("d.jpg", images[3]),
+        ("e.txt", b"orphan"),                          # a key without an image
+        ("f.jpg", images[4]), ("f_extra.txt", b"x"),  # key f_extra: not f's
+    ])
+    capjob(s3, tmp_path, "dataset=webdataset", f"data.path={data}", "data.passthrough_columns=[txt,cls]",
+           "sink=jsonl", f"sink.path={tmp_path}/out", "job.run_id=ragged")
+    captions = read_local(tmp_path / "out" / "captions")
+    got = {k.rsplit("/", 1)[-1]: (t, c) for k, t, c in zip(*(captions.column(n).to_pylist() for n in ("source_key", "txt", "cls")))}
+    assert got == {"a": ("cap a", None), "b": (None, 2), "c": ("cap c", 3), "d": (None, None), "f": (None, None)}
+    assert all(c.strip() for c in captions.column("caption").to_pylist())
+    run = tmp_path / "out" / "reports" / "ragged"
+    report = json.loads((run / "report.json").read_text())
+    assert report["skipped_by_source"] == {"sample without an image (members: json, npy, txt)": 1,
+                                           "sample without an image (members: json, txt)": 1,
+                                           "sample without an image (members: txt)": 2}
+    assert report["captioned"] == report["rows_read"] == 5 and report["source_items"] == 5 + 4
+    assert "| items seen = rows + skipped | 9 = 5 + 4 (sample without an image (members: json, npy, txt): 1; " in (run / "report.md").read_text()
 
 
 def test_real_cells_parquet_local_to_parquet_local(s3, tmp_path):

@@ -125,6 +125,17 @@ def write_image_folder(rows: list[Row], root: pathlib.Path, subdirs: int = 2) ->
     return root
 
 
+def write_tar(path: pathlib.Path, members: list[tuple[str, bytes]]) -> pathlib.Path:
+    """A tar shard holding `members` ((name, bytes)), in this order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
 def write_webdataset(rows: list[Row], root: pathlib.Path, shards: int = 2) -> pathlib.Path:
     """Tar shards shard-<i>.tar: per sample <key>.<jpg|png|webp>, <key>.cls, <key>.json."""
     root.mkdir(parents=True, exist_ok=True)

@@ -54,3 +54,15 @@ def test_summary_line_shows_the_rows_and_seconds_of_each_rate():
     table = report.summary_table(base_report(captioned=72, wall_seconds=80.0, rows_per_second=0.9, timeline=t))
     assert "| rows/s (whole run / steady) | 0.9 (72 rows / 80.0 s) / 3.2 (64 rows after the first block / 20.0 s) |" in table
     assert "| wall time | 80.0 s = start-up 60.0 s (to the first caption) + steady captioning 20.0 s |" in table
+
+
+def test_items_line_measures_rows_read_and_shows_a_gap():
+    # Issue 31: the line once took rows as items - skipped, so it always added up ("6 = 4 + 2"
+    # with 6 rows read); the rows are now the rows read, and a gap is named.
+    ok = report.summary_table(base_report(rows_read=6, source_items=8, skipped_by_source={"sample without an image (members: txt)": 2}))
+    assert "| items seen = rows + skipped | 8 = 6 + 2 (sample without an image (members: txt): 2) |" in ok
+    lost = report.summary_table(base_report(rows_read=6, source_items=6, skipped_by_source={"hidden file": 2}))
+    assert "| items seen = rows + skipped | 6 ≠ 6 + 2: -2 item(s) unaccounted for (hidden file: 2) |" in lost
+    limited = report.summary_table(base_report(rows_read=3, source_items=10, skipped_by_source={"hidden file": 2},
+                                               config={"data": {"limit": 3}}))
+    assert "| 10 ≠ 3 + 2: +5 item(s) data.limit=3: rows of the blocks read left untaken (hidden file: 2) |" in limited

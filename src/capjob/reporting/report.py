@@ -238,13 +238,23 @@ def _split(t: dict[str, Optional[float]]) -> str:
     return f" = start-up {t['startup_seconds']:.1f} s (to the first caption{ready}) + steady captioning {t['steady_seconds']:.1f} s"
 
 def _items_line(report: dict[str, Any]) -> list[str]:
-    """items seen = rows + skipped, as the source counted them (files, members, cells)."""
+    """items seen = rows + skipped, as the source counted its items (files, tar members and
+    samples, cells) and the ids stage its rows (rows read): measured both sides, so that an item
+    neither read as a row nor counted as skipped shows. data.limit legitimately leaves rows of
+    the blocks read untaken, and an interrupted run stops mid-block: both are named."""
     if "source_items" not in report:
         return []
     skipped = report.get("skipped_by_source") or {}
     total = sum(skipped.values())
+    items, rows = report["source_items"], report.get("rows_read", report["source_items"] - total)
     reasons = "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
-    return [f"| items seen = rows + skipped | {report['source_items']} = {report['source_items'] - total} + {total}"
+    gap = items - rows - total
+    if not gap:
+        return [f"| items seen = rows + skipped | {items} = {rows} + {total}{' (' + reasons + ')' if reasons else ''} |"]
+    limit = ((report.get("config") or {}).get("data") or {}).get("limit")
+    why = (f"data.limit={limit}: rows of the blocks read left untaken" if limit is not None and gap > 0
+           else "interrupted" if report.get("interrupted") else "unaccounted for")
+    return [f"| items seen = rows + skipped | {items} ≠ {rows} + {total}: {gap:+d} item(s) {why}"
             f"{' (' + reasons + ')' if reasons else ''} |"]
 
 

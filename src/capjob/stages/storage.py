@@ -16,7 +16,7 @@ import copy
 import hashlib
 import os
 import re
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import fsspec
 import fsspec.core
@@ -223,33 +223,38 @@ def hidden(name: str) -> bool:
     return name.rstrip("/").rsplit("/", 1)[-1][:1] in "._"
 
 
+def iter_files(path: str, storage_options: dict[str, Any], extensions: Optional[list[str]],
+               max_depth: int = 8) -> Iterator[str]:
+    """The visible files under `path` with one of `extensions` (None: any), lazily, in sorted
+    order: a folder's files before its sub-folders. Each folder is listed only once the walk
+    reaches it, so that a caller who stops after a few files pays a few listings, not a listing
+    of the whole dataset. Remote files come back as URLs (with their protocol). SourceError
+    (one line) when a listing fails."""
+    fs, root = probe_filesystem(path, storage_options)
+    suffixes = tuple("." + e.lower() for e in extensions) if extensions else ("",)
+    protocol = "" if is_local(fs) else f"{path.split('://', 1)[0]}://"
+
+    def walk(directory: str, depth: int) -> Iterator[str]:
+        try:
+            entries = sorted(fs.ls(directory, detail=True), key=lambda e: e["name"])
+        except Exception as e:  # noqa: BLE001
+            raise SourceError(f"data.path: {describe_remote_error(path, e)}") from None
+        for e in entries:
+            if e["type"] == "file" and not hidden(e["name"]) and e["name"].lower().endswith(suffixes):
+                yield protocol + e["name"]
+        if depth < max_depth:
+            for e in entries:
+                if e["type"] == "directory" and not hidden(e["name"]) and e["name"].rstrip("/") != directory.rstrip("/"):
+                    yield from walk(e["name"], depth + 1)
+
+    return walk(root, 0)
+
+
 def first_file(path: str, storage_options: dict[str, Any], extensions: Optional[list[str]], max_depth: int = 8) -> Optional[str]:
     """The first (sorted) file under `path` with one of `extensions` (None: any visible file),
     descending into the first folders only as far as needed -- a cheap peek, not a listing of
     the whole dataset."""
-    fs, root = probe_filesystem(path, storage_options)
-    suffixes = tuple("." + e.lower() for e in extensions) if extensions else ("",)
-
-    def walk(directory: str, depth: int) -> Optional[str]:
-        entries = sorted(fs.ls(directory, detail=True), key=lambda e: e["name"])
-        for e in entries:
-            if e["type"] == "file" and not hidden(e["name"]) and e["name"].lower().endswith(suffixes):
-                return e["name"]
-        if depth < max_depth:
-            for e in entries:
-                if e["type"] == "directory" and not hidden(e["name"]) and e["name"].rstrip("/") != directory.rstrip("/"):
-                    found = walk(e["name"], depth + 1)
-                    if found:
-                        return found
-        return None
-
-    try:
-        found = walk(root, 0)
-    except Exception as e:  # noqa: BLE001
-        raise SourceError(f"data.path: {describe_remote_error(path, e)}") from None
-    if found is None:
-        return None
-    return found if is_local(fs) else f"{path.split('://', 1)[0]}://{found}"
+    return next(iter_files(path, storage_options, extensions, max_depth), None)
 
 
 def inspect_file(path: str, storage_options: dict[str, Any], kind: str, extensions: list[str], what: str) -> str:

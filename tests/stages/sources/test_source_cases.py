@@ -25,7 +25,7 @@ from capjob.stages.sources.cells import Fetcher, identity, resolve_batch, resolv
 from capjob.stages.sources.common import ITEM_COLUMN, SKIP_COLUMN, select_images
 from capjob.stages.storage import options_for
 from helpers.httpserver import LocalHTTPServer
-from helpers.iolayouts import make_rows
+from helpers.iolayouts import make_rows, write_tar
 
 ROWS = make_rows(6, seed=5, formats=("jpg", "png", "webp"))
 JPG = ROWS[0][1]
@@ -181,15 +181,6 @@ def test_case3_base64_jsonl_through_the_hf_loader(tmp_path, hf_cache):
 # --- 4. webdataset keys as webdataset defines them -----------------------------------------
 
 
-def write_tar(path: pathlib.Path, members: list[tuple[str, bytes]]) -> pathlib.Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
 def rows_of(path: pathlib.Path, shard: str, image_column: str = "image"):
     with open(path, "rb") as f:
         out = list(webdataset.shard_rows(f, shard, image_column))
@@ -224,8 +215,8 @@ def test_case4_ids_unique_across_shards_and_bad_samples_cost_only_themselves(tmp
     keys = [r["__key__"] for r in rows_a + rows_b]
     assert len(keys) == len(set(keys)) and "a.tar/k1" in keys and "b.tar/k1" in keys
     assert {r["__key__"] for r in rows_a} == {"a.tar/k1", "a.tar/k3.jpg", "a.tar/k3.png"}  # same stem: full names
-    assert [s[SKIP_COLUMN] for s in skip_a] == ["sample without an image"]
-    assert sorted(s[SKIP_COLUMN] for s in skip_b) == ["member without an extension", "sample without an image", "webdataset metadata"]
+    assert [s[SKIP_COLUMN] for s in skip_a] == ["sample without an image (members: cls, json)"]
+    assert sorted(s[SKIP_COLUMN] for s in skip_b) == ["member without an extension", "sample without an image (members: bin)", "webdataset metadata"]
     # A truncated shard: the samples before the damage are rows, the rest one counted item.
     data = a.read_bytes()
     with tarfile.open(a) as t:
@@ -368,7 +359,7 @@ def test_webdataset_items_are_rows_or_skipped(tmp_path):
     # Items: samples a, b, c, e and the stray members d and the second e.jpg.
     assert {r["__key__"] for r in rows} == {"s.tar/a", "s.tar/c.0", "s.tar/c.1", "s.tar/e"}
     assert sorted(s[SKIP_COLUMN] for s in skipped) == ["member without an extension", "repeated suffix in a sample",
-                                                      "sample without an image"]
+                                                      "sample without an image (members: json)"]
     by_key = {r["__key__"]: r for r in rows}
     assert by_key["s.tar/c.0"]["txt"] == "zero" and by_key["s.tar/c.1"]["2.txt"] == "orphan"  # every member is somewhere
     assert by_key["s.tar/a"]["txt"] == "t" and by_key["s.tar/e"]["image"] == b"not really"  # quarantined by the decoder

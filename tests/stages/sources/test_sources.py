@@ -377,8 +377,39 @@ def test_webdataset_items_seen_are_rows_plus_skipped(ray_local, tmp_path):
     keys = sorted(r["__key__"] for r in rows)
     assert len(rows) == N + 2 and len(set(keys)) == len(keys)
     assert "shard-00002.tar/2023.05.01_a" in keys and "shard-00002.tar/2023.05.02_b" in keys
-    assert skipped == {"sample without an image": 1, "not a tar shard (.json)": 1}
+    assert skipped == {"sample without an image (members: cls)": 1, "not a tar shard (.json)": 1}
     assert items == len(rows) + 2
+
+
+def test_ragged_rows_carry_every_passthrough_column_in_every_block(ray_local, tmp_path):
+    """Issue 31, case 5: a block none of whose rows has a pass-through field still carries it
+    (null), in every format whose rows can lack one; items seen = rows + skipped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from helpers.iolayouts import write_tar
+
+    def blocks(source):
+        return list(source.dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"image": [ROWS[0][1]], "key": ["a"]}), tmp_path / "pq" / "part-0.parquet")
+    pq.write_table(pa.table({"image": [ROWS[1][1]], "key": ["b"], "txt": ["cap b"]}), tmp_path / "pq" / "part-1.parquet")
+    source = read_source(DataConfig(format=SourceFormat.parquet, path=str(tmp_path / "pq"), key_column="key", passthrough_columns=["txt"]))
+    assert all(b.schema.field("txt").type == pa.string() for b in blocks(source))
+    assert sorted((r["key"], r["txt"]) for r in source.dataset.take_all()) == [("a", None), ("b", "cap b")]
+
+    write_tar(tmp_path / "wds" / "shard-0.tar", [("x.txt", b"caption only"), ("x.json", b"{}")])
+    write_tar(tmp_path / "wds" / "shard-1.tar", [("a.jpg", ROWS[0][1])])
+    write_tar(tmp_path / "wds" / "shard-2.tar", [("b.jpg", ROWS[1][1]), ("b.txt", b"cap b"), ("b.cls", b"4"), ("c.txt", b"orphan")])
+    cfg = DataConfig(format=SourceFormat.webdataset, path=str(tmp_path / "wds"), passthrough_columns=["txt", "cls"])
+    preflight(cfg)
+    source, rows, items, skipped = _ledger_read(cfg)
+    for b in blocks(read_source(cfg)):
+        assert b.schema.field("txt").type == pa.string() and b.schema.field("cls").type == pa.int64()
+    assert sorted((r["__key__"], r["txt"], r["cls"]) for r in rows) == [("shard-1.tar/a", None, None), ("shard-2.tar/b", "cap b", 4)]
+    assert skipped == {"sample without an image (members: json, txt)": 1, "sample without an image (members: txt)": 1}
+    assert items == len(rows) + 2 == 4
 
 
 def test_list_of_images_exploded_through_read_source(ray_local, tmp_path):

@@ -5,12 +5,24 @@ Accounting: a layout whose items are files or tar members (image folders, webdat
 one row per item. An item that is not an image row carries its reason in ``SKIP_COLUMN``
 (hidden file, non-image file, sample without an image...); ``account`` counts those per reason
 into the run's ledger and drops them, so that the report can state items seen = rows + skipped.
+
+Ragged rows: a row may lack a field that other rows have (a webdataset sample without a
+``.txt``, a parquet file without a column, a JSON record without a key). ``fill_columns`` gives
+every block every column the job needs (image, key, pass-through), null where a row lacks it, so
+that no later stage meets a block without one of its columns.
+
+Preflight's look at the data (``Looked``): a reader whose first file or sample need not be
+typical (a caption-only shard before the image shards, a parquet file without a column that
+later files have) looks further, within ``PREFLIGHT_BYTES`` and ``PREFLIGHT_SECONDS``. It refuses
+what it did not find (no image, a column) only saying how much it looked at.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import logging
+import time
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
@@ -27,6 +39,13 @@ ITEM_COLUMN = "__item__"
 # Ledger counters: items a reader looked at, and those skipped per reason.
 ITEMS_COUNTER = "source_items"
 SKIPPED_COUNTER = "source_skipped:"
+# How much of a source preflight reads, at most, to find an image and every configured column
+# when the first file or sample lacks them: seconds, so that a bad path or a typo still fails
+# before Ray starts; enough for caption-only or metadata shards ahead of the image shards.
+PREFLIGHT_BYTES = 64 << 20
+PREFLIGHT_SECONDS = 10.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,14 +59,67 @@ class Source:
     description: str
 
 
-def require_columns(available: list[str], cfg: DataConfig, image_column: str) -> None:
+def wanted_columns(cfg: DataConfig, image_column: str, key_column: Optional[str] = None) -> list[tuple[str, str]]:
+    """(config key, column) of every column the job reads: image, key, pass-through."""
     wanted = [("data.image_column", image_column)]
-    if cfg.key_column:
-        wanted.append(("data.key_column", cfg.key_column))
+    if key_column or cfg.key_column:
+        wanted.append(("data.key_column", key_column or cfg.key_column))
     wanted += [("data.passthrough_columns", c) for c in cfg.passthrough_columns]
-    for key, column in wanted:
+    return wanted
+
+
+def require_columns(available: list[str], cfg: DataConfig, image_column: str, looked: Optional[str] = None) -> None:
+    """SourceError naming the first wanted column not in `available` (the columns of the part of
+    the dataset preflight `looked` at, when that is less than its schema)."""
+    for key, column in wanted_columns(cfg, image_column):
         if column not in available:
-            raise SourceError(f"{key}: column {column!r} not in the dataset; available columns: {sorted(available)}")
+            where = f" ({looked})" if looked else ""
+            raise SourceError(f"{key}: column {column!r} not in the dataset{where}; available columns: {sorted(available)}")
+
+
+@dataclass
+class Looked:
+    """How much of a source preflight read: `seen` of its `unit`s (shards, files, rows), of
+    `total` when known, `parts` ({"members": 412}) within them, `bytes` read; `spent()` once the
+    budget (PREFLIGHT_BYTES, PREFLIGHT_SECONDS) is used up."""
+
+    unit: str
+    total: Optional[int] = None
+    seen: int = 0
+    bytes: int = 0
+    parts: dict[str, int] = field(default_factory=dict)
+    # Read when a Looked starts (not when this module is imported), so that a test can lower them.
+    max_bytes: int = field(default_factory=lambda: PREFLIGHT_BYTES)
+    max_seconds: float = field(default_factory=lambda: PREFLIGHT_SECONDS)
+    started: float = field(default_factory=time.monotonic)
+
+    def count(self, part: str, n: int = 1) -> None:
+        self.parts[part] = self.parts.get(part, 0) + n
+
+    def spent(self) -> bool:
+        return self.bytes >= self.max_bytes or time.monotonic() - self.started >= self.max_seconds
+
+    def describe(self, everything: bool) -> str:
+        """'looked at all 3 shards (412 members)', or, when preflight stopped at its budget,
+        'looked at the first 2 of 40 shards (1,204 members, 64.0 MiB; preflight reads at most
+        64 MiB or 10 s)'."""
+        units = f"{self.unit}{'' if self.seen == 1 else 's'}"
+        parts = [f"{n:,} {name}" for name, n in self.parts.items()]
+        if everything:
+            return f"looked at all {self.seen:,} {units}" + (f" ({', '.join(parts)})" if parts else "")
+        of = f" of {self.total:,}" if self.total is not None else ""
+        parts.append(f"{self.bytes / (1 << 20):.1f} MiB in {time.monotonic() - self.started:.1f} s")
+        return (f"looked at the first {self.seen:,}{of} {units} ({', '.join(parts)}; preflight reads at most "
+                f"{self.max_bytes / (1 << 20):g} MiB or {self.max_seconds:g} s)")
+
+
+def fill_columns(batch: pa.Table, columns: dict[str, Optional[pa.DataType]]) -> pa.Table:
+    """map_batches UDF: `batch` with every column of `columns` ({name: type, None: unknown}),
+    null where the block lacks it, so that each block carries every column the job reads."""
+    for name, type_ in columns.items():
+        if name not in batch.column_names:
+            batch = batch.append_column(name, pa.nulls(batch.num_rows, type_ or pa.null()))
+    return batch
 
 
 def account(batch: pa.Table, run_id: Optional[str]) -> pa.Table:

@@ -20,7 +20,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from capjob.config import DataConfig
 from capjob.errors import SourceError
-from capjob.stages.sources.common import check_image_list, require_columns
+from capjob.stages.sources.common import Looked, check_image_list, require_columns
 from capjob.stages.storage import first_line
 
 # Rows per block read from a Hugging Face dataset (Ray splits blocks that grow larger).
@@ -72,6 +72,36 @@ def hf_columns(hf: Any) -> list[str]:
     if names is None:  # a streaming dataset without declared features: look at one row
         names = list(next(iter(hf.take(1)), {}).keys())
     return list(names)
+
+
+def preflight_columns(hf: Any, path: str, wanted: list[str]) -> tuple[list[str], Optional[str]]:
+    """(columns, how much preflight read to find them: None for the declared features).
+
+    A saved dataset's features are its schema. A folder of data files gets its features from
+    datasets, which takes them from its first file(s): when they lack a wanted column, the rows
+    are read on, within the budget (common.Looked), to tell a column no row has from files that
+    do not share one schema -- datasets refuses those at read, here it says so in one line."""
+    import datasets
+
+    declared = hf_columns(hf)
+    # A hub dataset's features are its card's or its files' export: not worth streaming rows for.
+    if all(c in declared for c in wanted) or not isinstance(hf, datasets.IterableDataset) or hf_kind(path) != "local":
+        return declared, None
+    looked = Looked("row")
+    names = dict.fromkeys(declared)
+    try:
+        for batch in hf.with_format("arrow").iter(batch_size=HF_BATCH_ROWS):
+            looked.seen += batch.num_rows
+            looked.bytes += batch.nbytes
+            names.update(dict.fromkeys(batch.column_names))
+            if all(c in names for c in wanted) or looked.spent():
+                return list(names), looked.describe(False)
+    except Exception as e:  # noqa: BLE001 - datasets' CastError, DatasetGenerationError...
+        flat = " ".join(str(e).split())[:300]
+        raise SourceError(f"data.path {path!r}: its data files do not share one schema, and Hugging Face datasets reads a folder "
+                          f"with the columns of its first file ({type(e).__name__}: {flat}); data.format=parquet reads parquet "
+                          "files of differing columns") from None
+    return list(names), looked.describe(True)
 
 
 def hf_kind(path: str) -> str:
@@ -130,10 +160,10 @@ def read_hf(cfg: DataConfig) -> tuple[ray.data.Dataset, Optional[int], list[str]
     import datasets
 
     hf = load_hf(cfg, cfg.streaming)
-    columns = hf_columns(hf)
-    require_columns(columns, cfg, cfg.image_column)
-    listed = check_image_list(cfg, image_type(hf, cfg.image_column), repr(cfg.path))
     wanted = [cfg.image_column] + ([cfg.key_column] if cfg.key_column else []) + list(cfg.passthrough_columns)
+    columns, looked = preflight_columns(hf, cfg.path or "", wanted)
+    require_columns(columns, cfg, cfg.image_column, looked)
+    listed = check_image_list(cfg, image_type(hf, cfg.image_column), repr(cfg.path))
     hf = hf.select_columns(list(dict.fromkeys(wanted)))
     if isinstance(hf, datasets.Dataset):
         # Map-style (save_to_disk, or a hub/local dataset prepared into the HF cache): memory-

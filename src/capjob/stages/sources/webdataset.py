@@ -17,9 +17,20 @@ What webdataset leaves to its user, capjob decides here, with every member accou
   image members are skipped (``image member not selected``).
 * An image member is one whose last extension a Pillow decoder registers, or whose bytes Pillow
   identifies.
-* Skipped and counted: samples without an image, members without a key or an extension, a
-  repeated suffix in one sample, non-tar files next to the shards, and the rest of a shard
-  that cannot be read past some point (``unreadable shard``).
+* Skipped and counted: samples without an image (``sample without an image (members: json,
+  txt)``: caption-only or metadata shards, and a member whose key joins no image, as ``k_extra.txt``
+  next to ``k.jpg``), members without a key or an extension, a repeated suffix in one sample,
+  non-tar files next to the shards, and the rest of a shard that cannot be read past some point
+  (``unreadable shard``). One item per image row and per skipped entry (a sample, or a member):
+  items seen = rows + skipped.
+* Ragged samples: every row carries every configured column (``data.passthrough_columns``, the
+  key), null where its sample lacks that member. A member's column type follows its suffix (text,
+  int for class indices, else bytes), in every block, so that blocks without a member still
+  concatenate with blocks that have it.
+* Preflight reads shards in order until it has seen a sample with an image and, on image rows,
+  every configured column, or until its budget (common.Looked) is spent. It refuses a dataset
+  without an image only when it has read every shard, and a column no image row it read has,
+  saying how much it read; when the budget ends before any image it warns and the run reads on.
 
 A row's key (``__key__``) is ``<shard path relative to data.path>/<sample key>``: unique across
 shards by construction, as two shards may hold the same sample key.
@@ -30,6 +41,7 @@ from __future__ import annotations
 import functools
 import re
 import tarfile
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import pyarrow as pa
@@ -39,9 +51,9 @@ from ray.data.datasource import Datasource, ReadTask
 
 from capjob.config import DataConfig
 from capjob.errors import SourceError
-from capjob.stages.sources.common import ITEM_COLUMN, SKIP_COLUMN
+from capjob.stages.sources.common import ITEM_COLUMN, SKIP_COLUMN, Looked, log
 from capjob.stages.sources.image_folder import extension, image_extensions, sniff_image
-from capjob.stages.storage import describe_remote_error, filesystem_for, hidden, inspect_file, open_file
+from capjob.stages.storage import describe_remote_error, filesystem_for, hidden, iter_files, open_file
 
 # Members decoded to text (and ints for class indices); everything else stays bytes.
 TEXT_SUFFIXES = {"txt", "text", "caption", "json", "jsonl", "url", "key", "id"}
@@ -71,6 +83,13 @@ def _decode(suffix: str, value: bytes) -> Any:
     return value
 
 
+def member_type(suffix: str) -> pa.DataType:
+    """The column type of a member with `suffix` (as _decode decodes it): string for text,
+    int64 for class indices, binary for the rest (images, tensors)."""
+    last = suffix.rsplit(".", 1)[-1]
+    return pa.string() if last in TEXT_SUFFIXES else pa.int64() if last in INT_SUFFIXES else pa.binary()
+
+
 def _is_image(suffix: str, value: bytes) -> bool:
     last = suffix.rsplit(".", 1)[-1]
     if last in image_extensions():
@@ -94,7 +113,7 @@ def sample_rows(key: str, members: dict[str, bytes], image_column: str) -> Itera
         return
     images = [s for s, v in members.items() if _is_image(s, v)]
     if not images:
-        yield {ITEM_COLUMN: key, SKIP_COLUMN: "sample without an image"}
+        yield {ITEM_COLUMN: key, SKIP_COLUMN: f"sample without an image (members: {', '.join(sorted(members))})"}
         return
     others = {s: v for s, v in members.items() if s not in images}
     if len(images) == 1:
@@ -116,8 +135,9 @@ def sample_rows(key: str, members: dict[str, bytes], image_column: str) -> Itera
             yield {ITEM_COLUMN: f"{key}.{o}", SKIP_COLUMN: "member of no image row"}
 
 
-def shard_rows(fileobj: Any, shard: str, image_column: str) -> Iterator[dict[str, Any]]:
-    """Every member of one tar stream as rows (with `__key__` prefixed by `shard`) or skip rows."""
+def shard_rows(fileobj: Any, shard: str, image_column: str, looked: Optional[Looked] = None) -> Iterator[dict[str, Any]]:
+    """Every member of one tar stream as rows (with `__key__` prefixed by `shard`) or skip rows;
+    `looked` (preflight) counts the members."""
     current: Optional[str] = None
     members: dict[str, bytes] = {}
 
@@ -130,6 +150,8 @@ def shard_rows(fileobj: Any, shard: str, image_column: str) -> Iterator[dict[str
         with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
             for info in tar:
                 name = info.name
+                if looked is not None and not info.isdir():
+                    looked.count("members")
                 if not info.isreg():
                     if not info.isdir():
                         yield {ITEM_COLUMN: f"{shard}/{name}", SKIP_COLUMN: "not a regular file"}
@@ -159,7 +181,7 @@ def shard_rows(fileobj: Any, shard: str, image_column: str) -> Iterator[dict[str
 
 
 def _read_shards(shards: list[tuple[str, str]], others: list[tuple[str, str]], storage_options: dict[str, Any],
-                 image_column: str) -> Iterator[pa.Table]:
+                 image_column: str, columns: list[str]) -> Iterator[pa.Table]:
     rows: list[dict[str, Any]] = [{ITEM_COLUMN: rel, SKIP_COLUMN: reason} for rel, reason in others]
     for url, rel in shards:
         try:
@@ -168,33 +190,45 @@ def _read_shards(shards: list[tuple[str, str]], others: list[tuple[str, str]], s
                     row.setdefault("__url__", url)
                     rows.append(row)
                     if len(rows) >= ROWS_PER_BLOCK:
-                        yield _table(rows, image_column)
+                        yield _table(rows, image_column, columns)
                         rows = []
         except Exception as e:  # noqa: BLE001 - a shard that cannot be opened costs its own items only
             rows.append({ITEM_COLUMN: f"{rel}#unreadable", SKIP_COLUMN: f"unreadable shard ({type(e).__name__})", "__url__": url})
     if rows:
-        yield _table(rows, image_column)
+        yield _table(rows, image_column, columns)
 
 
-def _table(rows: list[dict[str, Any]], image_column: str) -> pa.Table:
+def _table(rows: list[dict[str, Any]], image_column: str, columns: list[str] = ()) -> pa.Table:  # type: ignore[assignment]
+    """One block: every row with every column of the block and of `columns` (the configured
+    ones, present whether or not a sample of this block has the member); a column without a
+    value in the block typed by its suffix (member_type), the image column binary."""
     for row in rows:
         row.setdefault(ITEM_COLUMN, row.get("__key__"))
     # from_pylist takes its columns from the first row only: give every row every column.
-    columns = list(dict.fromkeys(["__key__", "__url__", image_column, SKIP_COLUMN, *(k for r in rows for k in r)]))
-    rows = [{c: r.get(c) for c in columns} for r in rows]
+    names = list(dict.fromkeys(["__key__", "__url__", image_column, SKIP_COLUMN, *columns, *(k for r in rows for k in r)]))
+    rows = [{c: r.get(c) for c in names} for r in rows]
     try:
-        return pa.Table.from_pylist(rows)
+        table = pa.Table.from_pylist(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError):  # a member decoded as int in one sample, text in another
         fixed = [{k: (v if v is None or isinstance(v, (bytes, str)) or k == image_column else str(v)) for k, v in r.items()} for r in rows]
-        return pa.Table.from_pylist(fixed)
+        table = pa.Table.from_pylist(fixed)
+    for i, f in enumerate(table.schema):
+        if pa.types.is_null(f.type):
+            type_ = pa.string() if f.name in ("__key__", "__url__", ITEM_COLUMN, SKIP_COLUMN) else (
+                pa.binary() if f.name == image_column else member_type(f.name))
+            table = table.set_column(i, f.name, pa.nulls(table.num_rows, type_))
+    return table
 
 
 class WebDatasetShards(Datasource):
-    """Tar shards read by Ray tasks, a contiguous group of shards per task."""
+    """Tar shards read by Ray tasks, a contiguous group of shards per task; every block carries
+    `columns` (the configured ones)."""
 
-    def __init__(self, shards: list[tuple[str, str]], others: list[tuple[str, str]], storage_options: dict[str, Any], image_column: str):
+    def __init__(self, shards: list[tuple[str, str]], others: list[tuple[str, str]], storage_options: dict[str, Any],
+                 image_column: str, columns: Optional[list[str]] = None):
         self._shards, self._others = shards, others
         self._options, self._image_column = storage_options, image_column
+        self._columns = list(columns or [])
 
     def estimate_inmemory_data_size(self) -> Optional[int]:
         return None
@@ -209,7 +243,7 @@ class WebDatasetShards(Datasource):
         for i, group in enumerate(groups):
             others = self._others if i == 0 else []
             meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
-            tasks.append(ReadTask(functools.partial(_read_shards, group, others, self._options, self._image_column), meta,
+            tasks.append(ReadTask(functools.partial(_read_shards, group, others, self._options, self._image_column, self._columns), meta,
                                   per_task_row_limit=per_task_row_limit))
         return tasks
 
@@ -240,20 +274,103 @@ def list_shards(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[tuple[str,
     return shards, others
 
 
-def first_sample_columns(cfg: DataConfig, kind: str) -> list[str]:
-    """The columns of the first row of the first shard (read up to its first image row)."""
+class _Counted:
+    """A file object that adds the bytes read from it to `looked.bytes`."""
+
+    def __init__(self, f: Any, looked: Looked):
+        self._f, self._looked = f, looked
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._looked.bytes += len(data)
+        return data
+
+
+@dataclass
+class Scan:
+    """What preflight found in the shards it read: `columns` of the image rows (empty: no image
+    row), `looked` (how much), `everything` (every shard read to its end)."""
+
+    columns: list[str] = field(default_factory=list)
+    looked: Looked = field(default_factory=lambda: Looked("shard", parts={"members": 0}))
+    everything: bool = False
+
+
+def _shard_urls(cfg: DataConfig, kind: str) -> Iterator[str]:
     assert cfg.path is not None
-    first = inspect_file(cfg.path, cfg.storage_options, kind, ["tar", "tgz", "gz"], "tar")
-    try:
-        with open_file(first, cfg.storage_options) as f:
-            for row in shard_rows(f, "", cfg.image_column):
-                if row.get(SKIP_COLUMN) is None and "__key__" in row:
-                    return ["__url__", *[c for c in row if c != ITEM_COLUMN]]
-    except Exception as e:  # noqa: BLE001
-        raise SourceError(f"data.path: {describe_remote_error(first, e)}") from None
-    raise SourceError(f"data.path: {first!r} holds no webdataset sample with an image (members named <key>.<ext>)")
+    if kind == "file":
+        yield cfg.path
+        return
+    found = False
+    for url in iter_files(cfg.path, cfg.storage_options, [s.lstrip(".") for s in SHARD_SUFFIXES]):
+        found = True
+        yield url
+    if not found:
+        raise SourceError(f"data.path: no tar shards ({', '.join('*' + s for s in SHARD_SUFFIXES)}) under {cfg.path!r}")
 
 
-def read_webdataset(cfg: DataConfig) -> ray.data.Dataset:
+def scan(cfg: DataConfig, kind: str, wanted: list[str]) -> Scan:
+    """Preflight's read of the shards, in order (a lazy walk: no listing of the whole dataset),
+    until an image row has been seen and every `wanted` column on some image row, or the
+    budget (common.Looked) is spent, or every shard has been read. Without Ray. SourceError
+    (one line) when the first shard cannot be opened at all, or when every shard has been read
+    and none holds a sample with an image."""
+    assert cfg.path is not None
+    found = Scan()
+    columns: dict[str, None] = {}
+    unreadable = 0
+    for url in _shard_urls(cfg, kind):
+        found.looked.seen += 1
+        try:
+            with open_file(url, cfg.storage_options) as f:
+                for row in shard_rows(_Counted(f, found.looked), "", cfg.image_column, found.looked):
+                    if row.get(SKIP_COLUMN) is None and "__key__" in row:
+                        columns.update(dict.fromkeys(["__url__", *(c for c in row if c != ITEM_COLUMN)]))
+                        if all(c in columns for c in wanted):
+                            found.columns = list(columns)
+                            return found
+                    elif str(row.get(SKIP_COLUMN)).startswith("unreadable shard"):
+                        unreadable += 1
+                    if found.looked.spent():
+                        found.columns = list(columns)
+                        return found
+        except Exception as e:  # noqa: BLE001
+            if found.looked.seen == 1:  # the first shard: most likely every one (access, endpoint)
+                raise SourceError(f"data.path: {describe_remote_error(url, e)}") from None
+            unreadable += 1
+        if found.looked.spent():
+            found.columns = list(columns)
+            return found
+    found.columns, found.everything = list(columns), True
+    if unreadable:
+        found.looked.count("unreadable", unreadable)
+    if not columns:
+        raise SourceError(f"data.path: {cfg.path!r} holds no webdataset sample with an image (members named <key>.<ext>): "
+                          f"{found.looked.describe(True)}")
+    return found
+
+
+# preflight's findings per (path, image column, wanted columns, options): read_source checks what
+# preflight checked, without reading the shards (nor warning) twice.
+_PREFLIGHTS: dict[str, tuple[Optional[list[str]], str]] = {}
+
+
+def preflight(cfg: DataConfig, kind: str, wanted: list[str]) -> tuple[Optional[list[str]], str]:
+    """(columns of the image rows preflight read, how much it read): None when its budget ended
+    before any sample with an image (warned: the rest may hold images, the run reads on)."""
+    key = repr((cfg.path, kind, cfg.image_column, wanted, cfg.storage_options))
+    if key in _PREFLIGHTS:
+        return _PREFLIGHTS[key]
+    found = scan(cfg, kind, wanted)
+    looked = found.looked.describe(found.everything)
+    if not found.columns:
+        log.warning("data.path: %s and found no webdataset sample with an image yet; the run reads every shard "
+                    "(samples without an image are counted as skipped)", looked)
+    _PREFLIGHTS[key] = (found.columns or None, looked)
+    return _PREFLIGHTS[key]
+
+
+def read_webdataset(cfg: DataConfig, columns: list[str]) -> ray.data.Dataset:
+    """Every shard under data.path; every block carries `columns` (image, key, pass-through)."""
     shards, others = list_shards(cfg)
-    return ray.data.read_datasource(WebDatasetShards(shards, others, cfg.storage_options, cfg.image_column))
+    return ray.data.read_datasource(WebDatasetShards(shards, others, cfg.storage_options, cfg.image_column, columns))
