@@ -54,13 +54,13 @@ def write_url_shard(path, urls: list[str], hashes: list, hash_column: str = "sha
 def test_pandas_url_shard_columns_work_as_given(tmp_path):
     shard = write_url_shard(tmp_path / "urls" / "00000.parquet", ["http://127.0.0.1:9/a.jpg", "http://127.0.0.1:9/b.jpg"],
                             [None, None])
-    schema = parquet.parquet_schema(str(shard), {}, "file")
+    schema, _ = parquet.parquet_schema(str(shard), {}, "file")
     assert schema.names == ["URL", "TEXT", "sha256", "__index_level_0__"]
     cfg = DataConfig(format=SourceFormat.parquet, path=str(tmp_path / "urls"), image_column="URL", passthrough_columns=["TEXT"])
     preflight(cfg)  # the index column is neither in the way nor taken for an image
     preflight(DataConfig(**{**cfg.__dict__, "key_column": "__index_level_0__"}))
     # Names are case-sensitive, taken as given: the lower-case spelling names no column.
-    with pytest.raises(SourceError, match=r"data.image_column: column 'url' not in the dataset; available columns: .*'URL'"):
+    with pytest.raises(SourceError, match=r"data.image_column: column 'url' not in the dataset \(looked at all 1 parquet file \(2 rows\)\); available columns: .*'URL'"):
         preflight(DataConfig(**{**cfg.__dict__, "image_column": "url"}))
     # As Ray Data reads the file: the index is a column like any other.
     batch = {c: np.asarray(v, dtype=object) for c, v in pq.read_table(shard).to_pydict().items()}
@@ -144,7 +144,7 @@ def test_verify_hash_column_is_read_passed_through_and_checked_in_preflight(tmp_
     assert data_with_prompt_columns(data, CaptionConfig()).passthrough_columns == ["TEXT", "sha256hash"]
     check_prompt_columns(data, CaptionConfig())
     missing = DataConfig(**{**data.__dict__, "verify_hash_column": "sha256"})
-    with pytest.raises(SourceError, match=r"^data.verify_hash_column: column 'sha256' not in the dataset; available columns: "):
+    with pytest.raises(SourceError, match=r"^data.verify_hash_column: column 'sha256' not in the dataset \(looked at all 1 parquet file \(1 row\)\); available columns: "):
         check_prompt_columns(missing, CaptionConfig())
 
 
