@@ -8,6 +8,7 @@ Range and consistency checks that types cannot express live in ``validate``.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -86,6 +87,9 @@ class DataConfig:
     partitions: Optional[int] = None
     partitions_per_worker: int = 4
     shuffle_seed: Optional[int] = None
+    # "k/n": caption only this run's part of the source (a Slurm array task, one of n runs into one
+    # sink): the rows whose id hashes to k modulo n (stages/ids.py, in_shard). null: every row.
+    shard: Optional[str] = None
     # fsspec options for remote paths (e.g. {client_kwargs: {endpoint_url: ...}}); never secrets.
     storage_options: dict[str, Any] = field(default_factory=dict)
     # Only for format=sample: how many images to generate besides the bundled photos.
@@ -457,11 +461,23 @@ def validate_engine(e: EngineConfig, key: str = "engine") -> EngineConfig:
     return e
 
 
+def parse_shard(shard: Optional[str]) -> Optional[tuple[int, int]]:
+    """data.shard "k/n" as (k, n), 0 <= k < n; None for null. Raises ConfigError naming the key."""
+    if shard is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(shard))
+    _require(match is not None, "data.shard", f"must be k/n (this run's part k of n, 0 <= k < n, e.g. 0/4), got {shard!r}")
+    k, n = int(match.group(1)), int(match.group(2))  # type: ignore[union-attr]
+    _require(0 <= k < n, "data.shard", f"must be k/n with 0 <= k < n, got {shard!r}")
+    return k, n
+
+
 def validate(cfg: CapjobConfig) -> CapjobConfig:
     """Checks the types cannot express. Raises ConfigError naming the key."""
     d, m, e, r, c, i = cfg.data, cfg.model, cfg.engine, cfg.resources, cfg.caption, cfg.images
     _require(d.limit is None or d.limit > 0, "data.limit", f"must be a positive integer or null, got {d.limit}")
     _require(d.partitions is None or d.partitions > 0, "data.partitions", f"must be a positive integer or null (automatic), got {d.partitions}")
+    parse_shard(d.shard)
     _require(d.partitions_per_worker > 0, "data.partitions_per_worker", f"must be > 0, got {d.partitions_per_worker}")
     _require(d.format == SourceFormat.sample or bool(d.path), "data.path", f"is required for data.format={d.format.value}")
     _require(d.image_index is None or d.image_index >= 0, "data.image_index", f"must be >= 0 or null, got {d.image_index}")

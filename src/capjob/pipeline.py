@@ -26,7 +26,7 @@ import ray
 import ray.data
 
 from capjob import console, metrics, preflight, runtime
-from capjob.config import CapjobConfig, EvalMode, SourceFormat
+from capjob.config import CapjobConfig, EvalMode, SourceFormat, parse_shard
 from capjob.errors import AccountingError
 from capjob.models import resolve_model_source
 from capjob.plan import Plan, configure_data_context, make_plan, new_run_id
@@ -44,7 +44,7 @@ from capjob.stages.caption.processor import build_caption_processor
 from capjob.stages.caption.render import PromptWatch, needs_rendered_prompt, requests_fetch_prompt, submit_caption_prompt
 from capjob.stages.sinks import CaptionSink
 from capjob.stages.sources.cells import Fetcher
-from capjob.stages.sources.common import ITEMS_COUNTER, skipped_totals
+from capjob.stages.sources.common import ITEMS_COUNTER, SKIPPED_COUNTER, skipped_totals
 from capjob.stages.sources.sample import ensure_sample_dataset
 from capjob.stages.tables import TableWriter
 
@@ -88,7 +88,7 @@ class Started:
     wall_clock: float
     dashboard_url: Optional[str] = None
     report_dirs: list[str] = field(default_factory=list)
-    done_count: int = 0  # len(done) before it went to the object store
+    done_count: int = 0  # done ids of this run's shard (data.shard; all of them without), before done went to the object store
     crashes: Any = None  # stages.engine_guard.CrashLedger actor (the driver's handle keeps it alive)
     prompt: Any = None  # render.submit_caption_prompt's result: the kept prompt, or its task running meanwhile
     # The driver's watch on that task when the requests fetch its result themselves (render.PromptWatch).
@@ -140,16 +140,18 @@ def start(cfg: CapjobConfig, run_id: str, checked: Optional[preflight.Checked] =
     crashes = engine_guard.start_ledger(run_id, cfg.engine.max_engine_deaths_per_batch)
     console.startup_mark("prompt " + ("submitted" if prompt is not None else "not needed") + ", ledger actors started")
     return Started(run_id, model_source, placement, done.put(), ledger, clock, wall_clock, ray_info.get("dashboard_url"),
-                   done_count=len(done), crashes=crashes, prompt=prompt, prompt_watch=watch)
+                   done_count=done.count_in(parse_shard(cfg.data.shard)), crashes=crashes, prompt=prompt, prompt_watch=watch)
 
 
-def with_ids(ds: Any, source: Any, done: Any, run_id: str, options: dict[str, Any]) -> Any:
-    """The id stage (stages/ids.assign_ids): rows get `id` and `source_key`, done ones leave,
-    counts go to `run_id`'s ledger. One definition for the run and the nothing-left check.
-    options: the pipeline's task_options (equal remote args fuse the stage with its neighbours)."""
+def with_ids(ds: Any, source: Any, done: Any, run_id: str, options: dict[str, Any], shard: Optional[str] = None) -> Any:
+    """The id stage (stages/ids.assign_ids): rows get `id` and `source_key`, rows of other shards
+    (data.shard `shard`) and done ones leave, counts go to `run_id`'s ledger. One definition for
+    the run and the nothing-left check. options: the pipeline's task_options (equal remote args
+    fuse the stage with its neighbours)."""
     return ds.map_batches(
         ids.assign_ids,
-        fn_kwargs={"image_column": source.image_column, "key_column": source.key_column, "done": done, "run_id": run_id},
+        fn_kwargs={"image_column": source.image_column, "key_column": source.key_column, "done": done, "run_id": run_id,
+                   "shard": parse_shard(shard)},
         batch_format="numpy",
         **options,
     )
@@ -166,7 +168,8 @@ def caption_flow(cfg: CapjobConfig, job: Started, source: Any, plan: Plan) -> An
         ds = ds.repartition(num_blocks=plan.num_blocks)
     # assign_ids, prepare_images and the processor's preprocess share task_options, so Ray Data
     # fuses them into one task per block: no copy of the raw or decoded block between them.
-    ds = with_ids(ds, source, job.done, job.run_id, task_options(cfg.resources, cfg.job))  # stable ids; rows a previous run finished leave here
+    # stable ids; rows of other shards (data.shard) and rows a previous run finished leave here
+    ds = with_ids(ds, source, job.done, job.run_id, task_options(cfg.resources, cfg.job), cfg.data.shard)
     ds = ds.map_batches(  # decode once, validate, resize; rejects -> quarantine
         images.prepare_images,
         fn_kwargs={
@@ -196,23 +199,39 @@ def passthrough_types(source: Any) -> dict[str, Any]:
         return {}
 
 
-def nothing_left(cfg: CapjobConfig, job: Started, source: Any, num_rows: Optional[int]) -> bool:
-    """True when every row of the source is already in the sink, found before any engine starts.
+def nothing_left(cfg: CapjobConfig, job: Started, source: Any, num_rows: Optional[int]) -> Optional[int]:
+    """The rows of the source (of this run's shard, with data.shard) when every one is already
+    in the sink, found before any engine starts; None when some are left or it was not checked.
 
-    Only checked when the sink holds at least as many ids as the source has rows (a resumed run
-    that still has work pays nothing): then the source's ids are computed once, by the same
-    assign_ids stage the run uses, counted against a ledger of their own (not the run's)."""
-    if not job.done_count or num_rows is None or job.done_count < num_rows:
-        return False
+    Only checked when the sink holds at least as many ids (of the shard) as the source has rows
+    (as its shard can have: ids.fewest_shard_rows), so a resumed run that still has work pays
+    nothing: then the source's ids are computed once, by the same assign_ids stage the run uses,
+    counted against a ledger of their own (not the run's)."""
+    shard = parse_shard(cfg.data.shard)
+    if not job.done_count or num_rows is None or job.done_count < ids.fewest_shard_rows(num_rows, shard):
+        return None
     probe_id = f"{job.run_id}-resume-check"
     probe = metrics.start_ledger(cfg.job.name, probe_id)
     try:
-        left = with_ids(source.dataset, source, job.done, probe_id, task_options(cfg.resources, cfg.job)).count()
+        left = with_ids(source.dataset, source, job.done, probe_id, task_options(cfg.resources, cfg.job), cfg.data.shard).count()
+        rows = ray.get(probe.totals.remote(), timeout=30).get("read", 0) if shard is not None else num_rows
     finally:
         ray.kill(probe)
-    if left == 0:  # the next run of the same command can tell before Ray starts
-        resume.record_complete(cfg.sink, job.run_id, job.source_fingerprint, resume.caption_settings(cfg, job.model_source), num_rows)
-    return left == 0
+    if left:
+        return None
+    # the next run of the same command can tell before Ray starts
+    resume.record_complete(cfg.sink, job.run_id, job.source_fingerprint, resume.caption_settings(cfg, job.model_source), rows)
+    return rows
+
+
+def progress_totals(job: Started, shard: Optional[str]) -> dict[str, int]:
+    """The ledger's totals for the progress line, whose total is the source's rows less the
+    ``skipped`` ones: the rows of other shards (data.shard) are not this run's either."""
+    totals = ray.get(job.ledger.totals.remote(), timeout=5)
+    parsed = parse_shard(shard)
+    if parsed is not None:
+        totals["skipped"] = totals.get("skipped", 0) + totals.get(SKIPPED_COUNTER + ids.shard_reason(parsed), 0)
+    return totals
 
 
 def completed_before(cfg: CapjobConfig, source_fingerprint: Optional[str]) -> Optional[int]:
@@ -227,7 +246,8 @@ def completed_before(cfg: CapjobConfig, source_fingerprint: Optional[str]) -> Op
 
 
 def say_nothing_left(cfg: CapjobConfig, num_rows: int) -> None:
-    console.headline(f"capjob: nothing left to do: all {num_rows} rows of {cfg.data.name} are already in "
+    of = f"shard {cfg.data.shard} of {cfg.data.name}" if cfg.data.shard else cfg.data.name
+    console.headline(f"capjob: nothing left to do: all {num_rows} rows of {of} are already in "
                      f"{cfg.sink.path} (captions or quarantine); no engine started. job.resume=false captions them again")
 
 
@@ -344,8 +364,9 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
         console.startup_mark("source read")
         # Ray Data does not count every source up front (the sample set); its files may tell.
         num_rows = source.num_rows if source.num_rows is not None else preflight.source_rows(cfg.data)
-        if nothing_left(cfg, job, source, num_rows):
-            say_nothing_left(cfg, num_rows)
+        done_rows = nothing_left(cfg, job, source, num_rows)
+        if done_rows is not None:
+            say_nothing_left(cfg, done_rows)
             return None
         plan = make_plan(cfg, run_id, job.model_source, job.placement, source.num_rows)
         lines = [plan.render(cfg)]
@@ -360,7 +381,7 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
         console.startup_mark("caption flow built (processor, prompt); Ray Data execution starts")
         sink = CaptionSink(cfg.sink, run_id, cfg.model.name, cfg.caption, data_root=cfg.data.path,
                            column_types=passthrough_types(source))
-        with console.Progress(lambda: ray.get(job.ledger.totals.remote(), timeout=5), num_rows), job.guard_prompt():
+        with console.Progress(lambda: progress_totals(job, cfg.data.shard), num_rows), job.guard_prompt():
             dataset.write_datasink(sink, ray_remote_args=task_options(cfg.resources, cfg.job))  # streams: nothing is materialised
     except KeyboardInterrupt:
         if job is not None and job.prompt_error() is not None:  # the watch stopped the run

@@ -245,3 +245,49 @@ def test_limit_takes_the_first_rows_in_source_order_and_done_ids_travel_by_refer
         from ray.data import DataContext
 
         DataContext._set_current(None)
+
+
+# --------------------------------------------------------------------------- data.shard=k/n
+
+
+def test_shards_split_the_ids_disjointly_and_together_cover_each_once(monkeypatch):
+    """Shards 0/3, 1/3, 2/3 of a few hundred rows: every row's id in exactly one shard, ids as an
+    unsharded run gives them, and each shard's other rows counted as skipped with their reason."""
+    from capjob import metrics
+
+    recorded = {}
+    monkeypatch.setattr(metrics, "record_many", lambda run_id, key, counts: recorded.setdefault(run_id, {}).update(counts))
+    rows = batch([f"k{i % 250}" for i in range(300)], [f"img-{i}".encode() for i in range(300)])
+    rows["caption_hint"] = [f"hint-{i}" for i in range(300)]  # a list column: filtered alongside
+    unsharded = ids.assign_ids(rows, image_column="image", key_column="key", done=ids.DoneIds.from_hash_chunks([]), run_id="all")
+    shards = [ids.assign_ids(rows, image_column="image", key_column="key", done=ids.DoneIds.from_hash_chunks([]),
+                             run_id=f"s{k}", shard=(k, 3)) for k in range(3)]
+    parts = [list(s["id"]) for s in shards]
+    assert sorted(sum(parts, [])) == sorted(unsharded["id"])  # the union is one run, no id twice
+    assert all(set(a).isdisjoint(b) for a in parts for b in parts if a is not b)
+    assert all(40 < len(p) < 160 for p in parts)  # a hash split, not everything in one shard
+    for k, s in enumerate(shards):
+        assert [h.split("-")[1] for h in s["caption_hint"]] == [i.split("-")[1] for i in s["image"].astype(bytes).astype(str)]
+        assert recorded[f"s{k}"] == {"read": len(parts[k]), "skipped": 0,
+                                     f"source_skipped:other shard (data.shard={k}/3)": 300 - len(parts[k])}
+    assert recorded["all"] == {"read": 300, "skipped": 0}
+    # the same split again (another process, another day): hashes are SipHash with a fixed key
+    again = ids.in_shard(ids.hash_ids(unsharded["id"]), (1, 3))
+    assert sorted(np.asarray(unsharded["id"])[again]) == sorted(parts[1])
+
+
+def test_a_shard_skips_its_own_done_ids_and_counts_them():
+    rows = batch([f"k{i}" for i in range(60)], [f"img-{i}".encode() for i in range(60)])
+    all_ids, _ = ids.label_rows(rows, "image", "key")
+    done = ids.DoneIds.from_hash_chunks([ids.hash_ids(all_ids[:30])])
+    mine = ids.in_shard(ids.hash_ids(all_ids), (2, 4))
+    assert done.count_in((2, 4)) == int(mine[:30].sum()) and done.count_in(None) == 30
+    assert ids.fewest_shard_rows(60, None) == 60 and ids.fewest_shard_rows(60, (2, 4)) == 0
+    assert 0 < ids.fewest_shard_rows(1_000_000, (2, 4)) <= 250_000
+
+
+def test_data_shard_is_validated_with_the_key():
+    assert typed("data.shard=2/3").data.shard == "2/3"
+    for bad in ("3/3", "1", "a/b", "-1/3", "0/0"):
+        with pytest.raises(ConfigError, match=r"^data\.shard: must be k/n"):
+            typed(f"data.shard={bad}")

@@ -23,6 +23,13 @@ The image's name for vLLM (``multi_modal_uuids``, the key of vLLM's multimodal f
 which vLLM requires to be unique per image) is ``image_uuid``: a digest of the decoded,
 resized pixels the engine actually receives, never the row id.
 
+Shards (``data.shard=k/n``, one of n runs into one sink, e.g. a Slurm array task): after the
+ids are assigned, a run keeps the rows whose id's 64-bit hash (``hash_ids``) is k modulo n. Every
+run derives the same ids and the same hashes without talking to the others, so the n shards are
+disjoint, their union is the whole source, and a row's id is the one an unsharded run gives it.
+The rows of other shards are counted as the source's skipped items, reason
+``other shard (data.shard=k/n)``, so that items seen = rows + skipped holds in each run's report.
+
 Done ids travel to the tasks as a ``DoneIds`` array (sorted 64-bit hashes of the ids, 8 bytes
 an id), placed once in Ray's object store: every task maps the same shared-memory copy
 (zero-copy numpy), instead of unpickling a Python set of strings per task (about 100 bytes
@@ -42,6 +49,7 @@ import pyarrow as pa
 from capjob import metrics
 from capjob.schema import block_digest
 from capjob.stages.sources.cells import identity
+from capjob.stages.sources.common import SKIPPED_COUNTER
 
 # Bumped whenever the way ids are derived changes: a sink written under another scheme holds
 # ids this run would never match, so the resume fingerprint includes it.
@@ -112,6 +120,28 @@ def hash_ids(ids: Any) -> np.ndarray:
     return pd.util.hash_array(values.astype(object, copy=False), categorize=False)
 
 
+def in_shard(hashes: np.ndarray, shard: tuple[int, int]) -> np.ndarray:
+    """Boolean mask: which of the ids hashed to `hashes` (``hash_ids``) belong to shard
+    ``(k, n)``: hash mod n == k (module docstring)."""
+    k, n = shard
+    return hashes % np.uint64(n) == np.uint64(k)
+
+
+def shard_reason(shard: tuple[int, int]) -> str:
+    """The skip reason of the rows of other shards, as the report lists it."""
+    return f"other shard (data.shard={shard[0]}/{shard[1]})"
+
+
+def fewest_shard_rows(num_rows: int, shard: Optional[tuple[int, int]]) -> int:
+    """A lower bound, but for a chance below 1e-9, on the rows of `shard` among `num_rows` (each row
+    falls in it with chance 1/n: binomial, 6 standard deviations below its mean); `num_rows`
+    without a shard. Only for deciding whether an exact check is worth its read."""
+    if shard is None:
+        return num_rows
+    p = 1.0 / shard[1]
+    return max(0, int(num_rows * p - 6.0 * float(np.sqrt(num_rows * p * (1.0 - p)))))
+
+
 @dataclass(frozen=True)
 class DoneIds:
     """The ids a sink already holds, as sorted unique 64-bit hashes. ``hashes`` is 8 bytes an
@@ -136,6 +166,10 @@ class DoneIds:
 
     def __len__(self) -> int:
         return int(self.hashes.size)
+
+    def count_in(self, shard: Optional[tuple[int, int]]) -> int:
+        """How many of the done ids belong to `shard` (all of them for None)."""
+        return len(self) if shard is None else int(in_shard(self.hashes, shard).sum())
 
     def put(self) -> "DoneIds":
         """Place the array in Ray's object store once; tasks get it by reference."""
@@ -186,13 +220,15 @@ def label_rows(batch: dict[str, np.ndarray], image_column: str, key_column: Opti
     return number_repeats(ids), source_keys
 
 
+def take_rows(batch: dict[str, Any], mask: np.ndarray) -> dict[str, Any]:
+    """The rows of a numpy block where `mask` is true."""
+    return {name: np.asarray(col, dtype=object)[mask] if not isinstance(col, np.ndarray) else col[mask] for name, col in batch.items()}
+
+
 def without_done(batch: dict[str, np.ndarray], ids: list[str], source_keys: list[str], done: DoneIds) -> dict[str, Any]:
     """The block with ``id`` and ``source_key`` added and the done rows left out."""
-    mask = ~done.contains(ids)
-    out = {name: np.asarray(col, dtype=object)[mask] if not isinstance(col, np.ndarray) else col[mask] for name, col in batch.items()}
-    out["id"] = np.asarray(ids, dtype=object)[mask]
-    out["source_key"] = np.asarray(source_keys, dtype=object)[mask]
-    return out
+    return take_rows({**batch, "id": np.asarray(ids, dtype=object), "source_key": np.asarray(source_keys, dtype=object)},
+                     ~done.contains(ids))
 
 
 def assign_ids(
@@ -202,14 +238,22 @@ def assign_ids(
     key_column: Optional[str],
     done: DoneIds,
     run_id: str,
+    shard: Optional[tuple[int, int]] = None,
 ) -> dict[str, Any]:
-    """map_batches UDF: add ``id`` and ``source_key``, drop rows whose id is already done, and
-    count both in the run's ledger."""
+    """map_batches UDF: add ``id`` and ``source_key``, drop the rows of other shards (`shard`
+    (k, n), module docstring) and those whose id is already done, and count them in the run's
+    ledger: rows of other shards as the source's skipped items, done ones as ``skipped``."""
     ids, source_keys = label_rows(batch, image_column, key_column)
+    block = block_digest(ids)  # of every id of the block: a retried block replaces its own entries
+    counts: dict[str, int] = {}
+    if shard is not None:
+        mine = in_shard(hash_ids(ids), shard)
+        counts[SKIPPED_COUNTER + shard_reason(shard)] = int((~mine).sum())
+        batch = take_rows(batch, mine)
+        ids = [i for i, m in zip(ids, mine) if m]
+        source_keys = [k for k, m in zip(source_keys, mine) if m]
     out = without_done(batch, ids, source_keys, done)
-    block = block_digest(ids)
-    metrics.record(run_id, "read", block, len(ids))
-    metrics.record(run_id, "skipped", block, len(ids) - len(out["id"]))
+    metrics.record_many(run_id, block, {"read": len(ids), "skipped": len(ids) - len(out["id"]), **counts})
     return out
 
 
