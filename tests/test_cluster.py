@@ -105,6 +105,30 @@ def test_engine_resources_pin_the_engine_bundle_and_are_checked():
     assert cfg.resources.engine_resources == {ENGINE_RESOURCE: 0.001}
 
 
+def test_wait_for_gpus_asks_the_autoscaler_then_withdraws_the_request(monkeypatch):
+    """GPU workers scaled to zero (a KubeRay RayJob): the engines' GPUs are requested from the
+    autoscaler and waited for; the request is withdrawn once they joined, or at the timeout,
+    which fails in one line naming the key."""
+    from capjob import runtime
+    from capjob.errors import ConfigError
+
+    cfg = typed("resources=l4x10", "resources.wait_for_gpus_s=30")
+    requests, gpus = [], iter([0, 0, 1, 3])
+    monkeypatch.setattr(runtime, "request_resources", lambda bundles: requests.append(bundles))
+    monkeypatch.setattr(runtime.ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": float(next(gpus))})
+    assert runtime.wait_for_gpus(cfg.resources, cfg.engine, 30, poll_s=0) == 1
+    assert requests == [[{"GPU": 1}] * 10, []]
+    requests.clear()
+    monkeypatch.setattr(runtime.ray, "cluster_resources", lambda: {"CPU": 8.0})
+    with pytest.raises(ConfigError, match=r"^resources\.wait_for_gpus_s: no engine's 1 GPU\(s\) joined the cluster within 0\.01 s \(it has 0"):
+        runtime.wait_for_gpus(cfg.resources, cfg.engine, 0.01, poll_s=0)
+    assert requests == [[{"GPU": 1}] * 10, []]
+    requests.clear()
+    cpu = typed("resources.gpus_per_worker=0")
+    assert runtime.wait_for_gpus(cpu.resources, cpu.engine, 30) == 0  # a CPU engine: nothing asked
+    assert requests == []
+
+
 # --- fast: models on object storage (moto) ---------------------------------------------------------
 
 

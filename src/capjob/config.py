@@ -238,6 +238,10 @@ class ResourcesConfig:
     # fill the object-store budget (and overshoot it) while no engine consumes: the job's peak
     # (a lower peak, fewer rows/s: docs/benchmarks.md, "Memory as the dataset grows").
     wait_for_engines_s: Optional[int] = None
+    # Joining an autoscaling cluster whose GPU workers may be scaled to zero (a KubeRay RayJob):
+    # ask Ray's autoscaler for the engines' GPUs and wait at most this many seconds for one
+    # replica's to join before the GPU checks; null: check what the cluster has at once.
+    wait_for_gpus_s: Optional[int] = None
     # Ray's dashboard for a local cluster (its URL is printed with the plan); null: on when Ray's
     # dashboard dependencies (ray[default]) are installed, as ray.init decides.
     include_dashboard: Optional[bool] = None
@@ -525,6 +529,7 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
     _require(r.preprocess_cpus > 0, "resources.preprocess_cpus", f"must be > 0, got {r.preprocess_cpus}")
     _require(r.object_store_mib is None or r.object_store_mib >= 16, "resources.object_store_mib", f"must be null or >= 16, got {r.object_store_mib}")
     _require(r.wait_for_engines_s is None or r.wait_for_engines_s >= 1, "resources.wait_for_engines_s", f"must be null or >= 1, got {r.wait_for_engines_s}")
+    _require(r.wait_for_gpus_s is None or r.wait_for_gpus_s >= 1, "resources.wait_for_gpus_s", f"must be null or >= 1, got {r.wait_for_gpus_s}")
     _require(r.max_block_mib is None or r.max_block_mib >= 1, "resources.max_block_mib", f"must be null or >= 1, got {r.max_block_mib}")
     _require(r.cpu_stage_cpus > 0, "resources.cpu_stage_cpus", f"must be > 0, got {r.cpu_stage_cpus}")
     _require(r.cpu_stage_concurrency >= 1, "resources.cpu_stage_concurrency", f"must be >= 1, got {r.cpu_stage_concurrency}")

@@ -122,6 +122,8 @@ def start(cfg: CapjobConfig, run_id: str, checked: Optional[preflight.Checked] =
     placement = checked.placement
     if placement is None:  # a cluster we join: its GPUs decide
         ray_info = runtime.init_ray(cfg.resources, cfg.engine, EnginePlacement(0, None))
+        if cfg.resources.wait_for_gpus_s:  # GPU workers scaled to zero: ask the autoscaler, wait
+            runtime.wait_for_gpus(cfg.resources, cfg.engine, cfg.resources.wait_for_gpus_s)
         placement = decide_placement(cfg.resources, cfg.engine, int(ray.cluster_resources().get("GPU", 0)), largest_node_gpus())
     else:
         ray_info = runtime.init_ray(cfg.resources, cfg.engine, placement, cfg.job.metrics_export_port)

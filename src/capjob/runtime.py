@@ -13,15 +13,17 @@ import logging
 import math
 import os
 import threading
+import time
 from typing import Any, Optional
 
 import ray
+from ray.autoscaler.sdk import request_resources
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from capjob.config import CapjobConfig, EngineConfig, ModelConfig, ResourcesConfig
 from capjob.errors import ConfigError
 from capjob.models import remote
-from capjob.stages.caption.engine import ACCELERATOR_PREFIX, EnginePlacement, cpu_stages
+from capjob.stages.caption.engine import ACCELERATOR_PREFIX, EnginePlacement, cpu_stages, replica_gpus
 from capjob.stages.storage import protocol_of
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,34 @@ BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 def custom_resources(cluster_resources: dict[str, float]) -> list[str]:
     return sorted(k for k in cluster_resources if k not in BUILTIN_RESOURCES and not k.startswith(("node:", ACCELERATOR_PREFIX)))
+
+
+def wait_for_gpus(resources: ResourcesConfig, engine: EngineConfig, timeout_s: float, poll_s: float = 5.0) -> int:
+    """On a cluster whose GPU workers are scaled to zero (resources.wait_for_gpus_s): ask Ray's
+    autoscaler for the engines' GPUs (ray.autoscaler.sdk.request_resources, one bundle of a
+    replica's GPUs per replica) and wait until one replica's GPUs have joined, at most
+    `timeout_s` seconds; then withdraw the request (the engine actors' own demand keeps the
+    nodes, and asks for the rest). Returns the cluster's GPUs. Raises ConfigError at the timeout.
+    A CPU engine, or a cluster that already has the GPUs, returns at once."""
+    gpus = replica_gpus(resources, engine, True)
+    have = int(ray.cluster_resources().get("GPU", 0))
+    if gpus <= 0 or have >= gpus:
+        return have
+    request_resources(bundles=[{"GPU": gpus}] * resources.concurrency)
+    log.info("asked the autoscaler for %d x %g GPU(s); waiting up to %g s", resources.concurrency, gpus, timeout_s)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while have < gpus:
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"resources.wait_for_gpus_s: no engine's {gpus:g} GPU(s) joined the cluster within {timeout_s:g} s "
+                    f"(it has {have} GPU(s)); check the GPU worker group (maxReplicas, node pool quota) or raise the wait"
+                )
+            time.sleep(poll_s)
+            have = int(ray.cluster_resources().get("GPU", 0))
+    finally:
+        request_resources(bundles=[])
+    return have
 
 
 def check_engine_resources(wanted: dict[str, float], cluster_resources: dict[str, float]) -> None:
