@@ -58,6 +58,173 @@ def test_ci_workflow_submits_with_the_address_from_secrets():
     assert "http://" not in text.replace("https://ray-head.internal:8265", "")
 
 
+# --- KubeRay manifests (jobs/kuberay/): static checks ------------------------------------------------
+
+KUBERAY = JOBS / "kuberay"
+KUBERAY_FIELDS = json.loads((REPO / "tests" / "data" / "kuberay_v1_fields.json").read_text())
+LEAVES = {"string": str, "int": int, "bool": bool, "number": (int, float), "quantity": (str, int)}
+# What a credential looks like as a literal: an AWS access key id, a Hugging Face token, a 40-character
+# secret key, a PEM block.
+LITERAL_SECRET = re.compile(r"AKIA[0-9A-Z]{16}|hf_[A-Za-z0-9]{20,}|(?<![A-Za-z0-9/+])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])|-----BEGIN")
+
+
+def api_errors(value, type_name, path="", types=KUBERAY_FIELDS["types"]):
+    """Every key path of `value` that KubeRay's v1 API (tests/data/kuberay_v1_fields.json) does not
+    have, or whose value is of the wrong kind: ["spec.shutdownAfterJobFinish: unknown key", ...]."""
+    if isinstance(type_name, list):
+        if not isinstance(value, list):
+            return [f"{path}: expected a list"]
+        return [e for i, item in enumerate(value) for e in api_errors(item, type_name[0], f"{path}[{i}]", types)]
+    if type_name in LEAVES:
+        ok = isinstance(value, LEAVES[type_name]) and not (type_name != "bool" and isinstance(value, bool))
+        return [] if ok else [f"{path}: expected {type_name}, got {value!r}"]
+    if type_name in ("map", "quantities"):
+        kinds = str if type_name == "map" else (str, int)
+        bad = {k: v for k, v in (value or {}).items() if not isinstance(k, str) or not isinstance(v, kinds) or isinstance(v, bool)}
+        return [f"{path}: {type_name} values must be {'strings' if type_name == 'map' else 'quantities'}, got {bad}"] if bad else []
+    if not isinstance(value, dict):
+        return [f"{path}: expected {type_name}, got {value!r}"]
+    fields = types[type_name]
+    errors = []
+    for key, item in value.items():
+        where = f"{path}.{key}" if path else key
+        if key not in fields:
+            errors.append(f"{where}: unknown key (not a field of {type_name})")
+            continue
+        errors += api_errors(item, fields[key], where, types)
+        allowed = KUBERAY_FIELDS["enums"].get(f"{type_name}.{key}")
+        if allowed and item not in allowed:
+            errors.append(f"{where}: {item!r} is not one of {allowed}")
+    return errors
+
+
+def manifests():
+    """{file name: parsed document} of every manifest under jobs/kuberay/ (the overlay as kubectl
+    kustomize would build it, with its JSON patch applied)."""
+    docs = {str(p.relative_to(KUBERAY)): yaml.safe_load(p.read_text()) for p in sorted(KUBERAY.rglob("*.yaml"))}
+    overlay = docs["kueue/kustomization.yaml"]
+    assert overlay["resources"] == [".."] and docs["kustomization.yaml"]["resources"] == ["rayjob.yaml"]
+    built = json.loads(json.dumps(docs["rayjob.yaml"]))
+    for patch in overlay["patches"]:
+        assert patch["target"]["kind"] == built["kind"] and patch["target"]["name"] == built["metadata"]["name"]
+        for op in yaml.safe_load(patch["patch"]):
+            json_patch(built, op)
+    docs["kueue (built)"] = built
+    return docs
+
+
+def json_patch(doc, op):
+    """One RFC 6902 operation (add, replace, remove) applied in place, as kustomize does."""
+    *parents, last = [part.replace("~1", "/").replace("~0", "~") for part in op["path"].lstrip("/").split("/")]
+    for part in parents:
+        doc = doc[int(part)] if isinstance(doc, list) else doc[part]
+    key = int(last) if isinstance(doc, list) else last
+    if op["op"] == "remove":
+        del doc[key]
+    else:
+        assert op["op"] == "add" or key in doc or isinstance(doc, list), f"replace of a missing {op['path']}"
+        doc[key] = op["value"]
+
+
+def job_specs(docs):
+    """{name: RayJob spec} of the RayJob manifests and the RayCronJob's job template."""
+    specs = {name: d["spec"] for name, d in docs.items() if d.get("kind") == "RayJob"}
+    specs.update({name: d["spec"]["jobTemplate"] for name, d in docs.items() if d.get("kind") == "RayCronJob"})
+    return specs
+
+
+def containers(spec):
+    cluster = spec["rayClusterSpec"]
+    groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+    pods = [g["template"] for g in groups] + ([spec["submitterPodTemplate"]] if "submitterPodTemplate" in spec else [])
+    return [c for pod in pods for c in pod["spec"]["containers"]]
+
+
+def test_kuberay_manifests_use_only_kuberay_v1_fields():
+    docs = manifests()
+    assert {d["kind"] for d in docs.values()} == {"RayJob", "RayCronJob", "Kustomization"}
+    for name, doc in docs.items():
+        assert doc["apiVersion"] in ("ray.io/v1", "kustomize.config.k8s.io/v1beta1"), name
+        assert api_errors(doc, KUBERAY_FIELDS["roots"][doc["kind"]]) == [], name
+    # the check catches a misspelt field, a wrong kind of value and an unknown submission mode
+    bad = json.loads(json.dumps(docs["rayjob.yaml"]))
+    bad["spec"]["shutdownAfterJobFinish"] = bad["spec"].pop("shutdownAfterJobFinishes")
+    bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["rayStartParams"] = {"num-gpus": 1}
+    bad["spec"]["submissionMode"] = "K8sMode"
+    assert api_errors(bad, "RayJob") == [
+        "spec.submissionMode: 'K8sMode' is not one of ['K8sJobMode', 'HTTPMode', 'InteractiveMode', 'SidecarMode']",
+        "spec.rayClusterSpec.workerGroupSpecs[0].rayStartParams: map values must be strings, got {'num-gpus': 1}",
+        "spec.shutdownAfterJobFinish: unknown key (not a field of RayJobSpec)"]
+
+
+def test_kuberay_jobs_rerun_on_a_fresh_cluster_scale_gpus_from_zero_and_queue_with_kueue():
+    docs = manifests()
+    for name, spec in job_specs(docs).items():
+        assert spec["submissionMode"] == "K8sJobMode" and spec["submitterConfig"]["backoffLimit"] >= 1, name
+        assert spec["backoffLimit"] >= 1 and spec["activeDeadlineSeconds"] > 0 and spec["shutdownAfterJobFinishes"] is True, name
+        cluster = spec["rayClusterSpec"]
+        assert cluster["rayVersion"] == "2.58.1" and cluster["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0", name
+        gpu = cluster["workerGroupSpecs"][0]
+        assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1, name
+        if name == "kueue (built)":  # Kueue reserves a fixed size: no autoscaler
+            assert docs[name]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "capjob-queue"
+            assert cluster["enableInTreeAutoscaling"] is False and "autoscalerOptions" not in cluster
+            assert gpu["replicas"] == gpu["minReplicas"] == gpu["maxReplicas"] == 10
+        else:
+            assert cluster["enableInTreeAutoscaling"] is True and gpu["minReplicas"] == gpu["replicas"] == 0 < gpu["maxReplicas"], name
+    assert docs["raycronjob.yaml"]["spec"]["schedule"] == "0 2 * * *"
+
+
+def test_kuberay_runtime_env_is_jobs_runtime_env():
+    expected = yaml.safe_load((JOBS / "runtime_env.yaml").read_text())
+    for name, spec in job_specs(manifests()).items():
+        assert yaml.safe_load(spec["runtimeEnvYAML"]) == expected, name
+
+
+def test_kuberay_credentials_come_from_a_secret_never_the_manifest():
+    for name, spec in job_specs(manifests()).items():
+        envs = [e for c in containers(spec) for e in c.get("env", [])]
+        secret_names = {e["name"] for e in envs if SECRET_KEY.search(e["name"]) or e["name"].endswith(("_TOKEN", "_KEY_ID"))}
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"} <= secret_names, name
+        for env in envs:
+            if env["name"] in secret_names:
+                assert "value" not in env and env["valueFrom"]["secretKeyRef"]["name"] == "capjob-credentials", env
+        literals = [e["value"] for e in envs if "value" in e] + [spec["entrypoint"], spec["runtimeEnvYAML"]]
+        literals += [v for v in yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"].values()]
+        assert not [v for v in literals if LITERAL_SECRET.search(v)], name
+        assert not [k for k in yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"] if SECRET_KEY.search(k)], name
+    assert LITERAL_SECRET.search("AKIA" + "IOSFODNN7EXAMPLE") and LITERAL_SECRET.search("hf_" + "x" * 34)  # what it catches
+    assert LITERAL_SECRET.search("wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
+
+
+def entrypoint_argv(entrypoint):
+    """The argv capjob gets from a RayJob's entrypoint: KubeRay's submitter runs `bash -c
+    "... ray job submit ... -- <entrypoint> ..."` (ray-operator/controllers/ray/rayjob_controller.go),
+    the ray CLI joins the words after `--` with subprocess.list2cmdline, and Ray's job
+    supervisor runs that string with a shell (shell=True)."""
+    submitted = subprocess.run(["bash", "-c", f"printf '%s\\0' {entrypoint}"], capture_output=True, text=True, check=True)
+    command = subprocess.list2cmdline(submitted.stdout.split("\0")[:-1])
+    ran = subprocess.run(["sh", "-c", f"printf '%s\\0' {command}"], capture_output=True, text=True, check=True)
+    return ran.stdout.split("\0")[:-1]
+
+
+def test_kuberay_entrypoints_compose_as_capjob_configs():
+    import datetime as dt
+
+    from capjob.config import to_typed
+    from helpers.config import compose
+
+    for name, spec in job_specs(manifests()).items():
+        argv = entrypoint_argv(spec["entrypoint"])
+        assert argv[:3] == ["python", "-m", "capjob"], name
+        cfg = to_typed(compose(argv[3:]))
+        assert cfg.model.source == "Qwen/Qwen2.5-VL-3B-Instruct" and cfg.resources.gpus_per_worker == 1, name
+        assert cfg.resources.accelerator_type is None and cfg.resources.wait_for_gpus_s, name
+        assert cfg.data.path.startswith("s3://") and cfg.sink.path.startswith("s3://"), name
+    nightly = to_typed(compose(entrypoint_argv(job_specs(manifests())["raycronjob.yaml"]["entrypoint"])[3:]))
+    assert nightly.sink.path == f"s3://my-bucket/captions/golden/{dt.date.today():%Y-%m-%d}" and nightly.eval.mode.value == "stats"
+
+
 # --- submit.sh against a fake `ray` ---------------------------------------------------------------
 
 FAKE_RAY = r"""#!/usr/bin/env python3
