@@ -442,3 +442,94 @@ def test_failing_job_comes_back_failed_with_the_error(ray_head, tmp_path):
     logs = job_logs(ray_head, "capjob-test-bad")
     assert "capjob: error: engine.batch_size: must be > 0, got -1" in logs
     assert "Traceback" not in logs
+
+
+# --- Slurm: jobs/slurm/capjob.sbatch with stand-ins for srun, scontrol, ray and capjob ----------
+
+SBATCH = JOBS / "slurm" / "capjob.sbatch"
+# srun: runs its command here (one process stands in for every node), after its --option=value
+# words, and passes SIGTERM on to it as srun does to its tasks.
+FAKE_SRUN = r"""#!/usr/bin/env python3
+import json, os, signal, subprocess, sys
+args = sys.argv[1:]
+opts = args[: next((i for i, a in enumerate(args) if not a.startswith("--")), len(args))]
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps(["srun", *opts]) + "\n")
+task = subprocess.Popen(args[len(opts):])
+signal.signal(signal.SIGTERM, lambda *_: task.send_signal(signal.SIGTERM))
+sys.exit(task.wait())
+"""
+FAKE_SCONTROL = r"""#!/usr/bin/env python3
+import sys
+assert sys.argv[1:3] == ["show", "hostnames"] and sys.argv[3] == "node[1-2]", sys.argv
+print("node1\nnode2")
+"""
+# ray: `start --block` logs and waits for SIGTERM (as the real one stops its node then);
+# `status` fails once (head not up), then shows 4 GPUs, then 8.
+FAKE_SLURM_RAY = r"""#!/usr/bin/env python3
+import json, os, signal, sys, time
+args = sys.argv[1:]
+log = lambda *words: open(os.environ["FAKE_LOG"], "a").write(json.dumps(list(words)) + "\n")
+log("ray", *args)
+if args[0] == "start":
+    role = "head" if "--head" in args else "worker"
+    signal.signal(signal.SIGTERM, lambda *_: (log("ray stopped", role), sys.exit(0)))
+    while True:
+        time.sleep(0.1)
+calls = os.path.join(os.path.dirname(os.environ["FAKE_LOG"]), "status-calls")
+n = len(open(calls).read()) if os.path.exists(calls) else 0
+open(calls, "a").write("x")
+if n == 0:
+    sys.exit(1)
+gpus = min(n, 2) * 4 if os.environ.get("FAKE_GPUS_JOIN") == "1" else 0
+print(f"======== Autoscaler status ========\nResources\n------\nTotal Usage:\n 0.0/16.0 CPU\n 0.0/{gpus}.0 GPU\n 0B/10GiB memory")
+"""
+FAKE_CAPJOB = r"""#!/usr/bin/env python3
+import json, os, sys
+open(os.environ["FAKE_LOG"], "a").write(json.dumps(["capjob", *sys.argv[1:]]) + "\n")
+sys.exit(int(os.environ.get("FAKE_CAPJOB_EXIT", "0")))
+"""
+
+
+def run_sbatch(tmp_path, *overrides, env=None):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("ray", FAKE_SLURM_RAY), ("capjob", FAKE_CAPJOB)):
+        (bin_dir / name).write_text(text.replace("/usr/bin/env python3", sys.executable))
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "calls.jsonl"
+    run_env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_LOG": str(log),
+               "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_GPUS_PER_NODE": "l4:4", "CAPJOB_CMD": str(bin_dir / "capjob"),
+               "CAPJOB_RAY_POLL_S": "0.2", "CAPJOB_RAY_PORT": "6390", **(env or {})}
+    proc = subprocess.run(["bash", str(SBATCH), *overrides], cwd=REPO, env=run_env, capture_output=True, text=True, timeout=120)
+    return proc, [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_sbatch_starts_ray_on_every_node_waits_for_the_gpus_and_exits_with_capjobs_status(tmp_path):
+    # array task 6 of --array=4-8:2 (tasks 4, 6, 8): its shard is 1/3
+    proc, calls = run_sbatch(tmp_path, "model=qwen25vl_3b", "sink.path=/shared/out",
+                             env={"FAKE_GPUS_JOIN": "1", "FAKE_CAPJOB_EXIT": "3", "SLURM_ARRAY_TASK_ID": "6",
+                                  "SLURM_ARRAY_TASK_MIN": "4", "SLURM_ARRAY_TASK_STEP": "2", "SLURM_ARRAY_TASK_COUNT": "3"})
+    assert proc.returncode == 3, proc.stderr
+    head_ip = next(c for c in calls if c[:3] == ["ray", "start", "--head"])[4].split("=", 1)[1]
+    starts = [c for c in calls if c[:2] == ["ray", "start"]]
+    assert ["ray", "start", "--head", "--block", f"--node-ip-address={head_ip}", "--port=6390", "--num-gpus=4",
+            "--disable-usage-stats"] in starts
+    assert ["ray", "start", "--block", f"--address={head_ip}:6390", "--num-gpus=4", "--disable-usage-stats"] in starts
+    assert ["srun", "--nodes=1", "--ntasks=1", "--nodelist=node1"] in calls and ["srun", "--nodes=1", "--ntasks=1", "--exclude=node1"] in calls
+    capjob = [c for c in calls if c[0] == "capjob"]
+    assert capjob == [["capjob", "model=qwen25vl_3b", "sink.path=/shared/out", f"resources.address={head_ip}:6390", "data.shard=1/3"]]
+    order = [c[0] if c[0] != "ray" else " ".join(c[:2]) for c in calls]
+    assert order.index("capjob") > max(i for i, c in enumerate(calls) if c[:2] == ["ray", "status"])  # waited first
+    assert sum(1 for c in calls if c[:2] == ["ray", "status"]) >= 3  # not up, 4 of 8 GPUs, 8
+    assert sorted(c[1] for c in calls if c[0] == "ray stopped") == ["head", "worker"]
+    assert order.index("ray stopped") > order.index("capjob")
+    assert "capjob exited 3" in proc.stderr and "expecting 8 GPU(s)" in proc.stderr
+
+
+def test_sbatch_gives_up_when_the_gpus_never_join_and_stops_ray(tmp_path):
+    proc, calls = run_sbatch(tmp_path, "x=1", env={"CAPJOB_RAY_WAIT_S": "1"})
+    assert proc.returncode == 1
+    assert "error: 0 of 8 GPU(s) joined the Ray cluster within 1s" in proc.stderr
+    assert not [c for c in calls if c[0] == "capjob"]
+    assert sorted(c[1] for c in calls if c[0] == "ray stopped") == ["head", "worker"]
