@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -442,6 +443,72 @@ def test_failing_job_comes_back_failed_with_the_error(ray_head, tmp_path):
     logs = job_logs(ray_head, "capjob-test-bad")
     assert "capjob: error: engine.batch_size: must be > 0, got -1" in logs
     assert "Traceback" not in logs
+
+
+def kuberay_submitter_command(spec, address, submission_id, entrypoint, runtime_env):
+    """The shell command KubeRay's submitter Job runs in K8sJobMode (ray-operator/controllers/ray/
+    common/job.go, BuildJobSubmitCommand, less its wait for the dashboard): submit unless the id
+    is already known, then follow the logs. runtimeEnvYAML goes in as --runtime-env-json (JSON,
+    quoted as Go's strconv.Quote does), the entrypoint verbatim after `--`."""
+    assert spec["submissionMode"] == "K8sJobMode"
+    return (f"if ! ray job status --address {address} {submission_id} >/dev/null 2>&1 ; then "
+            f"ray job submit --address {address} --no-wait --runtime-env-json {json.dumps(json.dumps(runtime_env))} "
+            f"--submission-id {submission_id} -- {entrypoint} ; fi ; ray job logs --address {address} --follow {submission_id}")
+
+
+def local_entrypoint(entrypoint, *overrides):
+    """The manifest's entrypoint with its model, resources, data and sink swapped for the sample
+    set, the tiny model and `overrides` (experiment=offline: this machine's CPU)."""
+    words = shlex.split(entrypoint)
+    keep = [w for w in words[3:] if w.split("=", 1)[0].split(".", 1)[0] not in ("model", "resources", "dataset", "data", "sink")]
+    assert words[:3] == ["python", "-m", "capjob"] and len(keep) < len(words) - 3
+    return shlex.join([*words[:3], *keep, "experiment=offline", "data.sample_size=8", "data.sample_shapes=0",
+                       "caption.max_tokens=8", *overrides])
+
+
+@pytest.mark.e2e
+def test_kuberay_submission_of_three_shards_captions_the_sample_set_once(ray_head, tmp_path):
+    """rayjob.yaml's entrypoint and runtimeEnvYAML (less the pip install: no network here), as
+    KubeRay's submitter runs them, against a local Ray head: one job runs the entrypoint for
+    data.shard=0/3, 1/3 and 2/3 into one sink; the union is every row of the sample set once, each
+    run's report counts the other shards' rows as skipped. The unsharded entrypoint then finds
+    nothing left: the shards' ids are the ids of one unsharded run."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    spec = manifests()["rayjob.yaml"]["spec"]
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    runtime_env.pop("pip")
+    out = tmp_path / "out"
+
+    def submit_like_kuberay(submission_id, entrypoint):
+        command = kuberay_submitter_command(spec, ray_head.address, submission_id, entrypoint, runtime_env)
+        proc = subprocess.run(["bash", "-c", command], cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=1500)
+        status = JobSubmissionClient(ray_head.address).get_job_status(submission_id)
+        assert status == JobStatus.SUCCEEDED, proc.stdout[-4000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    # One job, three runs: `bash -c '...'` keeps the `&&` from the submitter's own shell.
+    shards = "bash -c " + shlex.quote(" && ".join(
+        local_entrypoint(spec["entrypoint"], f"sink.path={out}", f"data.shard={k}/3", f"job.run_id=shard-{k}") for k in range(3)))
+    def written():  # (id, run_id) of every row in captions and quarantine
+        tables = [pq.read_table(out / t, columns=["id", "run_id"]) for t in ("captions", "quarantine") if (out / t).exists()]
+        return [pair for t in tables for pair in zip(t.column("id").to_pylist(), t.column("run_id").to_pylist())]
+
+    submit_like_kuberay("kuberay-shards", shards)
+    reports = [json.loads((out / "reports" / f"shard-{k}" / "report.json").read_text()) for k in range(3)]
+    rows = reports[0]["source_items"]
+    ids = [i for i, _ in written()]
+    assert rows >= 8 and len(ids) == len(set(ids)) == rows  # every row once, in captions or quarantine
+    by_shard = [{i for i, r in written() if r == f"shard-{k}"} for k in range(3)]
+    assert sum(map(len, by_shard)) == rows and all(by_shard)
+    for k, report in enumerate(reports):
+        assert report["captioned"] + report["quarantined"] == report["rows_read"] == len(by_shard[k])
+        assert report["source_items"] == rows and report["captioned"] > 0
+        assert report["skipped_by_source"] == {f"other shard (data.shard={k}/3)": rows - len(by_shard[k])}
+
+    logs = submit_like_kuberay("kuberay-unsharded", local_entrypoint(spec["entrypoint"], f"sink.path={out}"))
+    assert f"nothing left to do: all {rows} rows of sample are already in" in logs, logs[-3000:]
+    assert len(written()) == rows
 
 
 # --- Slurm: jobs/slurm/capjob.sbatch with stand-ins for srun, scontrol, ray and capjob ----------
