@@ -87,8 +87,7 @@ class DataConfig:
     partitions: Optional[int] = None
     partitions_per_worker: int = 4
     shuffle_seed: Optional[int] = None
-    # "k/n": caption only this run's part of the source (a Slurm array task, one of n runs into one
-    # sink): the rows whose id hashes to k modulo n (stages/ids.py, in_shard). null: every row.
+    # "k/n": only this run's part of the source (one of n runs into one sink), stages/ids.py; null: all.
     shard: Optional[str] = None
     # fsspec options for remote paths (e.g. {client_kwargs: {endpoint_url: ...}}); never secrets.
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -238,9 +237,8 @@ class ResourcesConfig:
     # fill the object-store budget (and overshoot it) while no engine consumes: the job's peak
     # (a lower peak, fewer rows/s: docs/benchmarks.md, "Memory as the dataset grows").
     wait_for_engines_s: Optional[int] = None
-    # Joining an autoscaling cluster whose GPU workers may be scaled to zero (a KubeRay RayJob):
-    # ask Ray's autoscaler for the engines' GPUs and wait at most this many seconds for one
-    # replica's to join before the GPU checks; null: check what the cluster has at once.
+    # A joined cluster's GPU workers may be scaled to zero: ask Ray's autoscaler for the engines'
+    # GPUs, wait this long at most for one replica's (runtime.wait_for_gpus); null: check at once.
     wait_for_gpus_s: Optional[int] = None
     # Ray's dashboard for a local cluster (its URL is printed with the plan); null: on when Ray's
     # dashboard dependencies (ray[default]) are installed, as ray.init decides.
@@ -472,7 +470,7 @@ def parse_shard(shard: Optional[str]) -> Optional[tuple[int, int]]:
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(shard))
     _require(match is not None, "data.shard", f"must be k/n (this run's part k of n, 0 <= k < n, e.g. 0/4), got {shard!r}")
     k, n = int(match.group(1)), int(match.group(2))  # type: ignore[union-attr]
-    _require(0 <= k < n, "data.shard", f"must be k/n with 0 <= k < n, got {shard!r}")
+    _require(k < n, "data.shard", f"must be k/n with 0 <= k < n, got {shard!r}")
     return k, n
 
 
