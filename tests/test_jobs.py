@@ -1,5 +1,7 @@
-"""jobs/: the runtime env, submit.sh and the CI example (fast, with a fake `ray`), and a real
-`ray job submit` to a local Ray head started by the test (e2e)."""
+"""jobs/: the runtime env, submit.sh and the CI example (fast, with a fake `ray`), the KubeRay
+manifests (fields against KubeRay's v1 API, runtime env, secrets, entrypoints composed), the Slurm
+script (stand-ins for srun, scontrol, ray and capjob), and real `ray job submit`s to a local Ray
+head started by the test (e2e): submit.sh's, and KubeRay's submitter command for rayjob.yaml."""
 
 import json
 import os

@@ -286,8 +286,12 @@ def test_a_shard_skips_its_own_done_ids_and_counts_them():
     assert 0 < ids.fewest_shard_rows(1_000_000, (2, 4)) <= 250_000
 
 
-def test_data_shard_is_validated_with_the_key():
+def test_data_shard_is_validated_with_the_key_and_keys_the_resume_fingerprint(tmp_path):
     assert typed("data.shard=2/3").data.shard == "2/3"
+    (tmp_path / "a.parquet").write_bytes(b"x")
+    prints = {resume.source_fingerprint(typed("dataset=parquet", f"data.path={tmp_path}", *shard).data)
+              for shard in ((), ("data.shard=0/3",), ("data.shard=1/3",))}
+    assert len(prints) == 3 and None not in prints  # a finished shard never stands for another
     for bad in ("3/3", "1", "a/b", "-1/3", "0/0"):
         with pytest.raises(ConfigError, match=r"^data\.shard: must be k/n"):
             typed(f"data.shard={bad}")
