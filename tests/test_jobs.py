@@ -493,7 +493,7 @@ def test_kuberay_submission_of_three_shards_captions_the_sample_set_once(ray_hea
     shards = "bash -c " + shlex.quote(" && ".join(
         local_entrypoint(spec["entrypoint"], f"sink.path={out}", f"data.shard={k}/3", f"job.run_id=shard-{k}") for k in range(3)))
     def written():  # (id, run_id) of every row in captions and quarantine
-        tables = [pq.read_table(out / t, columns=["id", "run_id"]) for t in ("captions", "quarantine") if (out / t).exists()]
+        tables = [pq.read_table(out / t, columns=["id", "run_id"]) for t in ("captions", "quarantine") if list((out / t).rglob("*.parquet"))]
         return [pair for t in tables for pair in zip(t.column("id").to_pylist(), t.column("run_id").to_pylist())]
 
     submit_like_kuberay("kuberay-shards", shards)
@@ -570,8 +570,18 @@ def run_sbatch(tmp_path, *overrides, env=None):
     run_env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_LOG": str(log),
                "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_GPUS_PER_NODE": "l4:4", "CAPJOB_CMD": str(bin_dir / "capjob"),
                "CAPJOB_RAY_POLL_S": "0.2", "CAPJOB_RAY_PORT": "6390", **(env or {})}
-    proc = subprocess.run(["bash", str(SBATCH), *overrides], cwd=REPO, env=run_env, capture_output=True, text=True, timeout=120)
-    return proc, [json.loads(line) for line in log.read_text().splitlines()]
+    # Its own process group: whatever the script leaves running (a stand-in Ray) goes with it.
+    with subprocess.Popen(["bash", str(SBATCH), *overrides], cwd=REPO, env=run_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=120)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return result, [json.loads(line) for line in log.read_text().splitlines()]
 
 
 def test_sbatch_starts_ray_on_every_node_waits_for_the_gpus_and_exits_with_capjobs_status(tmp_path):
