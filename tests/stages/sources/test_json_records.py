@@ -196,3 +196,36 @@ def test_a_pass_through_column_named_like_an_output_column_is_refused():
                                               r"that name is the column source_<name>\)"):
             to_typed(compose(["dataset=llava_json", "data.path=x.json", f"data.passthrough_columns=[{column}]"]))
     assert to_typed(compose(["dataset=llava_json", "data.path=x.json"])).data.passthrough_columns == ["source_id", "conversations"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-be", "utf-32"])
+@pytest.mark.parametrize("layout", ["array", "indented", "lines"])
+def test_a_byte_order_mark_or_utf16_file_reads_every_record(tmp_path, encoding, layout):
+    """Windows tools write JSON with a UTF-8 BOM (Notepad, .NET) or as UTF-16 (PowerShell 5's
+    Out-File); RFC 8259 section 8.1 lets a parser ignore the BOM. Once a BOM'd array read as one
+    'not a JSON object (list)' item and preflight refused it."""
+    _, records = write_llava_json(ROWS, tmp_path / "llava")
+    text = {"array": json.dumps(records), "indented": json.dumps(records, indent=2).replace("\n", "\r\n"),
+            "lines": "\r\n".join(json.dumps(r) for r in records) + "\r\n"}[layout]
+    data = text.encode(encoding)
+    if encoding == "utf-16-be":
+        data = b"\xfe\xff" + data
+    path = tmp_path / "llava" / "set.json"
+    path.write_bytes(data)
+    read = list(json_records.iter_records(str(path), {}))
+    assert [r for r, _ in read] == records
+    table = read_all(DataConfig(format=SourceFormat.json, path=str(path)))
+    assert table.num_rows == len(records) and table.column(SKIP_COLUMN).to_pylist().count(NO_IMAGE) == 1
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_records_wrapped_in_an_object_are_refused_naming_the_field(tmp_path, indent):
+    """`{"data": [records]}` (a dict with a list of records under one key) is not read: preflight
+    says which field holds the records and how to write them out, in one line."""
+    _, records = write_llava_json(ROWS, tmp_path / "llava")
+    path = tmp_path / "llava" / "wrapped.json"
+    path.write_text(json.dumps({"version": 1, "data": records}, indent=indent))
+    with pytest.raises(SourceError, match=r"^data.path: '.*wrapped.json' is one JSON object whose field 'data' holds the records; "
+                                          r"capjob reads a JSON array or JSON Lines file of records \(write that list out: "
+                                          r"jq '.data' wrapped.json\)$"):
+        preflight(DataConfig(format=SourceFormat.json, path=str(path)))

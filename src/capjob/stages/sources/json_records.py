@@ -8,7 +8,10 @@ objects, or JSON Lines (one object a line):
 
 ``data.path``: one file, or a folder whose ``*.json`` / ``*.jsonl`` / ``*.ndjson`` files
 (compressed ``.gz``, ``.zst``, ``.bz2``, ``.xz`` by suffix) are read -- not its subfolders, where
-the images usually are; its other files are not items. Local or any fsspec URL.
+the images usually are; its other files are not items. Local or any fsspec URL. Text is UTF-8,
+a byte order mark ignored, or UTF-16/32 known by its BOM (RFC 8259, section 8.1: Windows tools
+write both). A file that is one object holding the records under a key (``{"data": [...]}``) is
+refused in preflight, naming the key.
 
 Images: ``data.image_column`` names the record's image field, a path or a list of paths (a list
 takes ``data.image_index`` / ``data.explode_images``, as any list column). A relative path is
@@ -40,6 +43,9 @@ memory whole.
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import io
 import json
 import os
 import posixpath
@@ -93,9 +99,47 @@ def list_files(cfg: DataConfig) -> list[tuple[str, str]]:
     return files
 
 
-def _open(url: str, storage_options: dict[str, Any]) -> Any:
+# RFC 8259 (section 8.1) wants UTF-8 without a byte order mark but lets a parser ignore one; Windows
+# tools write a UTF-8 BOM (Notepad, .NET) or UTF-16 with one (PowerShell 5's Out-File). Longest first.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),
+         (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+
+
+class _Utf8(io.RawIOBase):
+    """A binary stream of UTF-8: `head` (bytes already read), then the rest of `f`, both in
+    `encoding` (transcoded as they are read)."""
+
+    def __init__(self, head: bytes, f: Any, encoding: str):
+        self._head, self._f = head, f
+        self._decoder = None if encoding == "utf-8" else codecs.getincrementaldecoder(encoding)()
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            chunk, self._head = (self._head, b"") if self._head else (self._f.read(max(len(buffer), 4)), b"")
+            if self._decoder is None:
+                self._pending = chunk
+                break
+            self._pending = self._decoder.decode(chunk, final=not chunk).encode("utf-8")
+            if not chunk:
+                break
+        data, self._pending = self._pending[:len(buffer)], self._pending[len(buffer):]
+        buffer[:len(data)] = data
+        return len(data)
+
+
+@contextlib.contextmanager
+def _open(url: str, storage_options: dict[str, Any]) -> Iterator[Any]:
+    """The file (decompressed by suffix) as a UTF-8 byte stream without its byte order mark:
+    UTF-16/32 files (known by their BOM) are transcoded as they are read."""
     fs, path = filesystem_for(url, storage_options)
-    return fs.open(path, "rb", compression="infer")
+    with fs.open(path, "rb", compression="infer") as f:
+        head = f.read(4)
+        bom, encoding = next(((b, e) for b, e in _BOMS if head.startswith(b)), (b"", "utf-8"))
+        yield io.BufferedReader(_Utf8(head[len(bom):], f, encoding))
 
 
 def iter_records(url: str, storage_options: dict[str, Any]) -> Iterator[tuple[Optional[dict[str, Any]], Optional[str]]]:
@@ -129,6 +173,30 @@ def iter_records(url: str, storage_options: dict[str, Any]) -> Iterator[tuple[Op
                 continue
             first = False
             yield _record(value)
+
+
+def wrapped_field(url: str, storage_options: dict[str, Any]) -> Optional[str]:
+    """The field of a file that is one JSON object holding its records as a list of objects
+    under one key (``{"version": 1, "data": [{...}, ...]}``), or None. Streams up to that key."""
+    import ijson
+
+    with _open(url, storage_options) as f:
+        events = ijson.parse(f)
+        try:
+            if next(events)[1] != "start_map":
+                return None
+            key = None
+            for prefix, event, value in events:
+                if prefix == "" and event == "map_key":
+                    key = value
+                elif prefix == key and event == "start_array":
+                    if next(events)[1] == "start_map":
+                        return key
+                elif prefix == "" and event == "end_map":
+                    return None
+        except (ijson.JSONError, ValueError, OSError, EOFError, StopIteration):
+            return None
+    return None
 
 
 def _record(value: Any) -> tuple[Optional[dict[str, Any]], Optional[str]]:
@@ -245,6 +313,11 @@ def preflight(cfg: DataConfig) -> bool:
     except Exception as e:  # noqa: BLE001
         raise SourceError(f"data.path: {describe_remote_error(cfg.path, e)}") from None
     looked = f"the first {seen} records of {cfg.path!r}" + (f" ({len(files)} files)" if len(files) > 1 else "")
+    if first_image is None:
+        wrapped = wrapped_field(files[0][0], cfg.storage_options)
+        if wrapped is not None:
+            raise SourceError(f"data.path: {files[0][0]!r} is one JSON object whose field {wrapped!r} holds the records; capjob reads "
+                              f"a JSON array or JSON Lines file of records (write that list out: jq '.{wrapped}' {files[0][1]})")
     if not seen:
         raise SourceError(f"data.path: no JSON records in {cfg.path!r} ({skipped[0] if skipped else 'empty'})")
     if first_image is None:
