@@ -152,3 +152,17 @@ def test_caption_only_first_shard_on_s3(s3_env, tmp_path):
     preflight(wds(url, passthrough_columns=["txt", "cls"]))
     with pytest.raises(SourceError, match=r"'caption' not in the dataset \(looked at all 2 shards \(16 members\)\)"):
         preflight(wds(url, passthrough_columns=["caption"]))
+
+
+def test_a_dotted_key_names_its_members_as_a_split_sample_does(tmp_path):
+    """`img.0001.jpg` + `img.0001.txt` is one sample `img` whose suffixes are `0001.jpg`/`0001.txt`
+    (webdataset's base_plus_ext): its text passes through as `txt`, as in a sample split by its
+    image stems, not as a column `0001.txt` that data.passthrough_columns=[txt] never sees (once
+    null there, without a word); a member of the whole sample keeps its suffix."""
+    tar = write_tar(tmp_path / "s.tar", [("img.0001.jpg", IMAGES[0]), ("img.0001.txt", b"dotted"), ("img.json", b"{}"),
+                                         ("a.jpg", IMAGES[1]), ("a.txt", b"plain")])
+    with open(tar, "rb") as f:
+        out = list(webdataset.shard_rows(f, "s.tar", "image"))
+    rows = {r["__key__"]: {k: v for k, v in r.items() if k != "image"} for r in out}
+    assert rows == {"s.tar/img": {"__key__": "s.tar/img", "txt": "dotted", "json": "{}"},
+                    "s.tar/a": {"__key__": "s.tar/a", "txt": "plain"}}

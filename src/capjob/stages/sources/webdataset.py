@@ -12,7 +12,8 @@ What webdataset leaves to its user, capjob decides here, with every member accou
   image member, keyed by the member's name without its image extension (``2023.05.01_beach``;
   the full name where two image members share a stem). A member whose name starts with that
   stem joins its row (``2023.05.01_beach.txt`` as column ``txt``); the others join every row of
-  the sample under their suffix.
+  the sample under their suffix. So does a sample of one image with a dotted key: ``img.0001.txt``
+  beside ``img.0001.jpg`` is the row's ``txt``.
 * ``data.image_column`` naming an extension (``jpg``) picks that member; the sample's other
   image members are skipped (``image member not selected``).
 * An image member is one whose last extension a Pillow decoder registers, or whose bytes Pillow
@@ -117,7 +118,12 @@ def sample_rows(key: str, members: dict[str, bytes], image_column: str) -> Itera
         return
     others = {s: v for s, v in members.items() if s not in images}
     if len(images) == 1:
-        yield {"__key__": key, image_column: members[images[0]], **{s: _decode(s, v) for s, v in others.items()}}
+        # A dotted key (`img.0001.jpg`: suffix `0001.jpg`) names its members as a split sample does:
+        # `img.0001.txt` is the row's `txt`; the key stays the sample's.
+        stem = images[0].rsplit(".", 1)[0] if "." in images[0] else ""
+        own = {o: o[len(stem) + 1:] for o in others if stem and o.startswith(stem + ".")}
+        yield {"__key__": key, image_column: members[images[0]],
+               **{o: _decode(o, v) for o, v in others.items() if o not in own}, **{own[o]: _decode(o, others[o]) for o in own}}
         return
     stems = {s: (s.rsplit(".", 1)[0] if "." in s else "") for s in images}
     taken: set[str] = set()
