@@ -8,12 +8,13 @@ import logging
 import pathlib
 import re
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from capjob.config import DataConfig, SourceFormat
 from capjob.errors import SourceError
-from capjob.stages.sources import common, preflight, webdataset
+from capjob.stages.sources import common, image_folder, preflight, webdataset
 from capjob.stages.sources.common import ITEM_COLUMN, SKIP_COLUMN
 from helpers.iolayouts import make_rows, upload, write_tar
 
@@ -166,3 +167,21 @@ def test_a_dotted_key_names_its_members_as_a_split_sample_does(tmp_path):
     rows = {r["__key__"]: {k: v for k, v in r.items() if k != "image"} for r in out}
     assert rows == {"s.tar/img": {"__key__": "s.tar/img", "txt": "dotted", "json": "{}"},
                     "s.tar/a": {"__key__": "s.tar/a", "txt": "plain"}}
+
+
+def test_a_member_identified_by_content_is_read_whole_as_an_image_folder_file_is(tmp_path):
+    """An image member under a suffix no decoder registers is identified by its bytes, as
+    image_folder identifies a file: from the whole member where what Pillow reads at open lies
+    beyond the first bytes (an ICO's entries, a TIFF's directory), not from those alone."""
+    import io
+
+    from PIL import Image
+
+    noise = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    noise.save(buf, "ICO", sizes=[(16, 16), (32, 32), (64, 64)])
+    assert len(buf.getvalue()) > image_folder.SNIFF_BYTES
+    tar = write_tar(tmp_path / "s.tar", [("k.bin", buf.getvalue()), ("k.txt", b"an icon")])
+    with open(tar, "rb") as f:
+        out = list(webdataset.shard_rows(f, "s.tar", "image"))
+    assert [(r.get("__key__"), r.get(SKIP_COLUMN), r.get("txt")) for r in out] == [("s.tar/k", None, "an icon")]

@@ -53,7 +53,7 @@ from ray.data.datasource import Datasource, ReadTask
 from capjob.config import DataConfig
 from capjob.errors import SourceError
 from capjob.stages.sources.common import ITEM_COLUMN, SKIP_COLUMN, Looked, log
-from capjob.stages.sources.image_folder import extension, image_extensions, sniff_image
+from capjob.stages.sources.image_folder import SNIFF_BYTES, extension, image_extensions, sniff_image
 from capjob.stages.storage import describe_remote_error, filesystem_for, hidden, iter_files, open_file
 
 # Members decoded to text (and ints for class indices); everything else stays bytes.
@@ -97,7 +97,9 @@ def _is_image(suffix: str, value: bytes) -> bool:
         return True
     if last in TEXT_SUFFIXES or last in INT_SUFFIXES:
         return False
-    return sniff_image(value[:4096])
+    # As image_folder identifies a file: the whole member where Pillow needs more than its head.
+    head = value[:SNIFF_BYTES]
+    return sniff_image(head, (lambda: value) if len(value) > len(head) else None)
 
 
 def sample_rows(key: str, members: dict[str, bytes], image_column: str) -> Iterator[dict[str, Any]]:
