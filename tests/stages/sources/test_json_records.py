@@ -39,14 +39,14 @@ def read_all(cfg: DataConfig) -> pa.Table:
     files = json_records.list_files(cfg)
     table = pa.table({"url": [u for u, _ in files], "name": [n for _, n in files]})
     blocks = list(json_records.read_files(table, image_field=cfg.image_column, image_root=cfg.image_root, listed=listed,
-                                          storage_options=cfg.storage_options))
+                                          storage_options=cfg.storage_options, types=json_records.column_types(cfg)))
     return pa.concat_tables(blocks, promote_options="permissive")
 
 
 @pytest.mark.parametrize("as_lines", [False, True])
 def test_llava_records_become_rows_with_paths_joined_to_the_files_folder(tmp_path, as_lines):
     path, records = write_llava_json(ROWS, tmp_path / "llava", as_lines)
-    cfg = DataConfig(format=SourceFormat.json, path=str(path), passthrough_columns=["source_id", "conversations"])
+    cfg = DataConfig(format=SourceFormat.json, path=str(path), passthrough_columns=["source_id", "conversations", "source_model"])
     preflight(cfg)
     table = read_all(cfg)
     name = path.name
@@ -229,3 +229,44 @@ def test_records_wrapped_in_an_object_are_refused_naming_the_field(tmp_path, ind
                                           r"capjob reads a JSON array or JSON Lines file of records \(write that list out: "
                                           r"jq '.data' wrapped.json\)$"):
         preflight(DataConfig(format=SourceFormat.json, path=str(path)))
+
+
+def test_fields_whose_types_differ_between_blocks_never_stop_the_job(tmp_path, monkeypatch):
+    """Ray Data concatenates the read's blocks (the repartition), and cannot unite a column that
+    is a list in one block and text in another, or int64 and double (once ArrowConversionError,
+    fatal). Fields the job does not read are not columns; a nested field's numbers are floats
+    (JSON has one number type); a field the first records hold as text holds nested values as
+    JSON text; a record whose nested value cannot share the first records' type is skipped with
+    the reason. Every record is still an item."""
+    from ray.data._internal.arrow_ops.transform_pyarrow import concat
+
+    monkeypatch.setattr(json_records, "ROWS_PER_BLOCK", 2)
+    monkeypatch.setattr(json_records, "PREFLIGHT_RECORDS", 2)
+    _, records = write_llava_json(ROWS, tmp_path / "llava")
+    image = records[0]["image"]
+    conv = records[0]["conversations"]
+    mixed = [
+        {"image": image, "conversations": conv, "bbox": [1, 2, 3, 4], "meta": {"w": 1}, "note": "a"},
+        {"image": image, "conversations": conv, "bbox": [1, 2, 3, 4], "meta": {"w": "x"}, "note": "b"},
+        {"image": image, "conversations": "plain text, not turns", "bbox": [0.5, 1, 2, 3], "meta": 3, "note": {"k": 1}},
+        {"image": image, "conversations": conv, "bbox": [5, 6, 7, 8], "meta": [], "note": ["c"]},
+        {"image": image, "conversations": [], "bbox": None, "note": None},
+    ]
+    path = tmp_path / "llava" / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in mixed))
+    cfg = DataConfig(format=SourceFormat.json, path=str(path), passthrough_columns=["conversations", "bbox", "note"])
+    preflight(cfg)
+    files = json_records.list_files(cfg)
+    table = pa.table({"url": [u for u, _ in files], "name": [n for _, n in files]})
+    blocks = list(json_records.read_files(table, image_field="image", image_root=None, listed=False, storage_options={},
+                                          types=json_records.column_types(cfg)))
+    whole = concat(blocks)  # what the repartition does
+    assert "meta" not in whole.column_names  # not read: never a column
+    assert whole.column(ITEM_COLUMN).to_pylist() == [f"mixed.jsonl:{i}" for i in range(5)]
+    assert whole.column(SKIP_COLUMN).to_pylist() == [
+        None, None, "field 'conversations' holds str (string) where the first records hold "
+                    "list<item: struct<from: string, value: string>>", None, None]
+    rows = account(whole, None).to_pylist()
+    assert [r["bbox"] for r in rows] == [[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], None]
+    assert [r["note"] for r in rows] == ["a", "b", '["c"]', None]
+    assert rows[0]["conversations"] == conv and rows[3]["conversations"] == []

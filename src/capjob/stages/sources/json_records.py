@@ -22,19 +22,26 @@ quarantined ``fetch: not found: <path>``; the record's own field keeps its text 
 
 Rows: one per record. Its key is ``data.key_column`` or, without one, the record's place
 ``<file relative to data.path>:<index>`` (0-based), so that two records of one image are two
-rows, whose ids share the image's content digest (ids.py). Every top-level field is a column,
+rows, whose ids share the image's content digest (ids.py). Every top-level field the job reads
+(``data.key_column``, ``data.passthrough_columns``; the rest are never columns) is a column,
 null in records without it, named as the field -- but a field named like a column capjob's
 output rows have (``id``, ``model``, ``caption``...: schema.ROW_COLUMNS) is the column
-``source_<name>`` (LLaVA's ``id`` is ``source_id``), so that it can pass through. Top-level numbers and booleans become their JSON text: a field may
-hold a number in one record and text in the next (LLaVA-665k's ``id``), and blocks must agree on
-a column's type; nested values (``conversations``) keep their structure, unless they mix types
-within a block (then that column is JSON text in that block).
+``source_<name>`` (LLaVA's ``id`` is ``source_id``), so that it can pass through.
+
+Ray Data concatenates the blocks of every file, which needs one type per column
+(column_types, fixed from the first records): top-level numbers and booleans become their JSON
+text (LLaVA-665k's ``id`` is a number in one record and text in the next); nested values
+(``conversations``) keep their structure, their numbers as floats (JSON has one number type; an
+integer above 2**53 loses precision); a field the first records hold as text (or mixed) holds
+nested values as JSON text; a record whose nested value cannot share the first records' type
+(text where they hold lists) is skipped, saying so.
 
 Every record is an item: a row, or skipped and counted (common.account) -- a record without an
 image (a text-only conversation: the field missing, null, empty or ``[]``), a value that is not a
 JSON object, a line that is not JSON, a file that is neither a JSON array nor JSON Lines, the rest
-of a file that stops parsing, and a record with several images where the first records held one
-(``data.image_index`` / ``data.explode_images`` need the field to be a list from the start).
+of a file that stops parsing, a record with several images where the first records held one
+(``data.image_index`` / ``data.explode_images`` need the field to be a list from the start), and
+a nested value of another type than the first records' (above).
 
 Large files stream: arrays through ijson (a C parser, record by record), lines one by one, into
 blocks of ``ROWS_PER_BLOCK`` rows, a file per read task: a 1 GB array of 665k records is never in
@@ -49,7 +56,7 @@ import io
 import json
 import os
 import posixpath
-from typing import Any, Iterator, Optional
+from typing import Any, Collection, Iterator, Optional
 
 import pyarrow as pa
 import ray.data
@@ -224,18 +231,37 @@ def column_name(field: str) -> str:
 
 def _text(value: Any) -> Any:
     """A top-level field as the column holds it (module docstring)."""
-    return json.dumps(value) if isinstance(value, (bool, int, float)) else value
+    if isinstance(value, (bool, int, float)):
+        return json.dumps(value)
+    return _numbers_as_floats(value) if isinstance(value, (list, dict)) else value
 
 
-def record_row(record: dict[str, Any], item: str, image_field: str, root: str, listed: bool) -> dict[str, Any]:
-    """The row of one record: its fields, the image location(s), its place; or a skip row."""
+def _numbers_as_floats(value: Any) -> Any:
+    """A nested value with its numbers as floats: JSON has one number type (RFC 8259, section 6),
+    and `[1, 2]` in one block and `[0.5, 2]` in another must be one column type."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return float(value)
+    if isinstance(value, list):
+        return [_numbers_as_floats(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers_as_floats(v) for k, v in value.items()}
+    return value
+
+
+def record_row(record: dict[str, Any], item: str, image_field: str, root: str, listed: bool,
+               fields: Optional[Collection[str]] = None) -> dict[str, Any]:
+    """The row of one record: its fields (those whose columns are in `fields`; None: all), the
+    image location(s), its place; or a skip row."""
     value = record.get(image_field)
     images = value if isinstance(value, list) else [value]
     if value is None or not [v for v in images if v not in (None, "")]:
         return {ITEM_COLUMN: item, SKIP_COLUMN: NO_IMAGE}
     if not listed and len(images) > 1:
         return {ITEM_COLUMN: item, SKIP_COLUMN: f"record with {len(images)} images where the first records held one"}
-    row = {column_name(k): _text(v) for k, v in record.items() if k not in (IMAGE_COLUMN, RECORD_KEY_COLUMN, ITEM_COLUMN, SKIP_COLUMN)}
+    row = {column_name(k): _text(v) for k, v in record.items()
+           if k not in (IMAGE_COLUMN, RECORD_KEY_COLUMN, ITEM_COLUMN, SKIP_COLUMN) and (fields is None or column_name(k) in fields)}
     located = [locate(v, root) if isinstance(v, str) else None for v in images]
     row[image_field] = images if listed else images[0]
     row[IMAGE_COLUMN] = located if listed else located[0]
@@ -252,26 +278,63 @@ def _column(values: list[Any]) -> pa.Array:
         return pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values], pa.string())
 
 
-def _table(rows: list[dict[str, Any]]) -> pa.Table:
+def _as_json_text(values: list[Any]) -> pa.Array:
+    return pa.array([json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for v in values], pa.string())
+
+
+def _agrees(values: list[Any], expected: pa.DataType) -> bool:
+    """Whether `values` make one Arrow column that Arrow's permissive promotion (what Ray Data
+    applies when it concatenates blocks) unites with a column of type `expected`."""
+    try:
+        found = pa.array(values).type
+        pa.unify_schemas([pa.schema([("c", expected)]), pa.schema([("c", found)])], promote_options="permissive")
+        return True
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+        return False
+
+
+def _table(rows: list[dict[str, Any]], types: Optional[dict[str, Optional[pa.DataType]]] = None) -> pa.Table:
+    """A block of rows; with `types` (column_types), every column a block of any file can
+    concatenate with: a text column holds nested values as JSON text, and a record whose nested
+    value cannot share the first records' type is a skip row saying so."""
+    for column, expected in (types or {}).items():
+        if expected is None or expected == pa.string() or _agrees([r.get(column) for r in rows], expected):
+            continue
+        for i, row in enumerate(rows):
+            value = row.get(column)
+            if value is not None and not _agrees([value], expected):
+                rows[i] = {ITEM_COLUMN: row[ITEM_COLUMN], SKIP_COLUMN: f"field {column!r} holds {type(value).__name__} {_arrow_type(value)} "
+                                                                      f"where the first records hold {expected}"}
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    return pa.table({c: _column([r.get(c) for r in rows]) for c in columns})
+    return pa.table({c: _as_json_text([r.get(c) for r in rows]) if (types or {}).get(c) == pa.string() else _column([r.get(c) for r in rows])
+                     for c in columns})
+
+
+def _arrow_type(value: Any) -> str:
+    try:
+        return f"({pa.array([value]).type})"
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return "(mixed types)"
 
 
 def read_files(batch: pa.Table, *, image_field: str, image_root: Optional[str], listed: bool,
-               storage_options: dict[str, Any]) -> Iterator[pa.Table]:
+               storage_options: dict[str, Any], types: Optional[dict[str, Optional[pa.DataType]]] = None) -> Iterator[pa.Table]:
     """map_batches UDF over the file list (``url``, ``name`` columns): every item of each file as
-    a row or a skip row, in blocks of ROWS_PER_BLOCK."""
+    a row or a skip row, in blocks of ROWS_PER_BLOCK. With `types` (column_types: the fields the
+    job reads), only those fields are columns, typed alike in every block; None: every field."""
     rows: list[dict[str, Any]] = []
+    fields = None if types is None else set(types)
     for url, name in zip(batch.column("url").to_pylist(), batch.column("name").to_pylist()):
         root = image_root or folder_of(url)
         for index, (record, reason) in enumerate(iter_records(url, storage_options)):
             item = f"{name}:{index}"
-            rows.append({ITEM_COLUMN: item, SKIP_COLUMN: reason} if record is None else record_row(record, item, image_field, root, listed))
+            rows.append({ITEM_COLUMN: item, SKIP_COLUMN: reason} if record is None
+                        else record_row(record, item, image_field, root, listed, fields))
             if len(rows) >= ROWS_PER_BLOCK:
-                yield _table(rows)
+                yield _table(rows, types)
                 rows = []
     if rows:
-        yield _table(rows)
+        yield _table(rows, types)
 
 
 def folder_of(url: str) -> str:
@@ -292,26 +355,10 @@ def preflight(cfg: DataConfig) -> bool:
     if cfg.image_root:
         probe(cfg.image_root, cfg.storage_options, "data.image_root")
     files = list_files(cfg)
-    fields: set[str] = set()
-    seen, first_image, skipped = 0, None, []
-    try:
-        for url, _ in files[:PREFLIGHT_FILES]:
-            for record, reason in iter_records(url, cfg.storage_options):
-                if record is None:
-                    skipped.append(reason)
-                    continue
-                seen += 1
-                fields.update(column_name(k) for k in record)
-                if first_image is None and record.get(cfg.image_column) not in (None, "", []):
-                    first_image = record[cfg.image_column]
-                if seen >= PREFLIGHT_RECORDS:
-                    break
-            if seen >= PREFLIGHT_RECORDS:
-                break
-    except SourceError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise SourceError(f"data.path: {describe_remote_error(cfg.path, e)}") from None
+    records, skipped = _sample(cfg, files)
+    fields = {column_name(k) for record in records for k in record}
+    seen = len(records)
+    first_image = next((r[cfg.image_column] for r in records if r.get(cfg.image_column) not in (None, "", [])), None)
     looked = f"the first {seen} records of {cfg.path!r}" + (f" ({len(files)} files)" if len(files) > 1 else "")
     if first_image is None:
         wrapped = wrapped_field(files[0][0], cfg.storage_options)
@@ -330,6 +377,42 @@ def preflight(cfg: DataConfig) -> bool:
     return check_image_list(cfg, image_type, looked)
 
 
+def _sample(cfg: DataConfig, files: list[tuple[str, str]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """(the first PREFLIGHT_RECORDS records of the first PREFLIGHT_FILES files, the skip reasons
+    met on the way). Raises SourceError (one line) where they cannot be read."""
+    assert cfg.path is not None
+    records: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    try:
+        for url, _ in files[:PREFLIGHT_FILES]:
+            for record, reason in iter_records(url, cfg.storage_options):
+                if record is None:
+                    skipped.append(str(reason))
+                    continue
+                records.append(record)
+                if len(records) >= PREFLIGHT_RECORDS:
+                    return records, skipped
+    except Exception as e:  # noqa: BLE001
+        raise SourceError(f"data.path: {describe_remote_error(cfg.path, e)}") from None
+    return records, skipped
+
+
+def column_types(cfg: DataConfig) -> dict[str, Optional[pa.DataType]]:
+    """{column: Arrow type} of the fields the job reads (data.key_column, data.passthrough_columns),
+    as the first records (_sample) hold them: text where they mix kinds (then every block holds
+    nested values there as JSON text), None where they are all null. Fixed here, once, so that
+    blocks of every file concatenate (_table): a field may hold a list in one record and text in
+    another far away, and Ray Data cannot unite such blocks."""
+    records, _ = _sample(cfg, list_files(cfg))
+    wanted = [c for c in dict.fromkeys([*([cfg.key_column] if cfg.key_column else []), *cfg.passthrough_columns]) if c != RECORD_KEY_COLUMN]
+    rows = [{column_name(k): _text(v) for k, v in record.items()} for record in records]
+    types: dict[str, Optional[pa.DataType]] = {}
+    for column in wanted:
+        values = [row[column] for row in rows if row.get(column) is not None]
+        types[column] = _column(values).type if values else None
+    return types
+
+
 def read_json_records(cfg: DataConfig, listed: bool) -> ray.data.Dataset:
     """Rows and skip rows of every record (module docstring); `listed`: preflight's verdict."""
     assert cfg.path is not None
@@ -338,5 +421,5 @@ def read_json_records(cfg: DataConfig, listed: bool) -> ray.data.Dataset:
     return ray.data.from_arrow([table.slice(i, 1) for i in range(table.num_rows)]).map_batches(
         read_files, batch_size=1, batch_format="pyarrow",
         fn_kwargs={"image_field": cfg.image_column, "image_root": _absolute(cfg.image_root), "listed": listed,
-                   "storage_options": cfg.storage_options},
+                   "storage_options": cfg.storage_options, "types": column_types(cfg)},
     )
