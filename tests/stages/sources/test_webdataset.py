@@ -185,3 +185,20 @@ def test_a_member_identified_by_content_is_read_whole_as_an_image_folder_file_is
     with open(tar, "rb") as f:
         out = list(webdataset.shard_rows(f, "s.tar", "image"))
     assert [(r.get("__key__"), r.get(SKIP_COLUMN), r.get("txt")) for r in out] == [("s.tar/k", None, "an icon")]
+
+
+def test_a_class_index_that_is_not_an_integer_never_stops_the_job(tmp_path, monkeypatch):
+    """`c.cls` holding `dog` among integer class indices made one block's `cls` text and the
+    others' int64, which Ray Data cannot concatenate (the repartition: fatal), whether or not
+    the job read `cls`. Unread members are not columns; a read one skips that row, saying why."""
+    from ray.data._internal.arrow_ops.transform_pyarrow import concat
+
+    monkeypatch.setattr(webdataset, "ROWS_PER_BLOCK", 2)
+    root = shards(tmp_path / "wds", [("a.jpg", IMAGES[0]), ("a.cls", b"3"), ("b.jpg", IMAGES[1]), ("b.cls", b"4"),
+                                     ("c.jpg", IMAGES[2]), ("c.cls", b"dog"), ("d.jpg", IMAGES[3]), ("d.cls", b"5")])
+    unread = concat(read_all(root, []))
+    assert "cls" not in unread.column_names and unread.column(SKIP_COLUMN).null_count == 4
+    read = concat(read_all(root, ["cls"]))
+    assert list(zip(read.column(ITEM_COLUMN).to_pylist(), read.column(SKIP_COLUMN).to_pylist(), read.column("cls").to_pylist())) == [
+        ("shard-00000.tar/a", None, 3), ("shard-00000.tar/b", None, 4),
+        ("shard-00000.tar/c", "member 'cls' is not an integer", None), ("shard-00000.tar/d", None, 5)]

@@ -25,9 +25,10 @@ What webdataset leaves to its user, capjob decides here, with every member accou
   (``unreadable shard``). One item per image row and per skipped entry (a sample, or a member):
   items seen = rows + skipped.
 * Ragged samples: every row carries every configured column (``data.passthrough_columns``, the
-  key), null where its sample lacks that member. A member's column type follows its suffix (text,
-  int for class indices, else bytes), in every block, so that blocks without a member still
-  concatenate with blocks that have it.
+  key), null where its sample lacks that member; members the job does not read are not columns. A
+  member's column type follows its suffix (text, int for class indices, else bytes), in every
+  block, so that blocks without a member still concatenate with blocks that have it; a row whose
+  configured class index is not an integer is skipped (``member 'cls' is not an integer``).
 * Preflight reads shards in order until it has seen a sample with an image and, on image rows,
   every configured column, or until its budget (common.Looked) is spent. It refuses a dataset
   without an image only when it has read every shard, and a column no image row it read has,
@@ -210,10 +211,17 @@ def _table(rows: list[dict[str, Any]], image_column: str, columns: list[str] = (
     """One block: every row with every column of the block and of `columns` (the configured
     ones, present whether or not a sample of this block has the member); a column without a
     value in the block typed by its suffix (member_type), the image column binary."""
-    for row in rows:
+    for i, row in enumerate(rows):
         row.setdefault(ITEM_COLUMN, row.get("__key__"))
-    # from_pylist takes its columns from the first row only: give every row every column.
-    names = list(dict.fromkeys(["__key__", "__url__", image_column, SKIP_COLUMN, *columns, *(k for r in rows for k in r)]))
+        # A class index that is not an integer (`dog.cls`) cannot share its column's int64 with
+        # the other blocks' (Ray Data concatenates them): that row is skipped, saying so.
+        wrong = next((c for c in columns if c != image_column and member_type(c) == pa.int64() and isinstance(row.get(c), str)), None)
+        if wrong is not None and row.get(SKIP_COLUMN) is None:
+            rows[i] = {ITEM_COLUMN: row[ITEM_COLUMN], SKIP_COLUMN: f"member {wrong!r} is not an integer", "__url__": row.get("__url__")}
+    # from_pylist takes its columns from the first row only: give every row every column. With
+    # `columns`, only those: members the job does not read are not columns (nor can their types clash).
+    names = list(dict.fromkeys(["__key__", "__url__", image_column, SKIP_COLUMN, ITEM_COLUMN, *columns,
+                                *(() if columns else (k for r in rows for k in r))]))
     rows = [{c: r.get(c) for c in names} for r in rows]
     try:
         table = pa.Table.from_pylist(rows)
