@@ -43,7 +43,9 @@ of a file that stops parsing, a record with several images where the first recor
 (``data.image_index`` / ``data.explode_images`` need the field to be a list from the start), and
 a nested value of another type than the first records' (above).
 
-Large files stream: arrays through ijson (a C parser, record by record), lines one by one, into
+Large files stream: arrays record by record through the json module's C scanner on a window of
+the text (array_items; ijson, which rejects the ``NaN`` and ``Infinity`` that Python's
+``json.dumps`` writes, only finds a wrapped file's key), lines one by one, into
 blocks of ``ROWS_PER_BLOCK`` rows, a file per read task: a 1 GB array of 665k records is never in
 memory whole.
 """
@@ -150,19 +152,19 @@ def _open(url: str, storage_options: dict[str, Any]) -> Iterator[Any]:
 
 
 def iter_records(url: str, storage_options: dict[str, Any]) -> Iterator[tuple[Optional[dict[str, Any]], Optional[str]]]:
-    """(record, None) or (None, skip reason) for every item of a JSON array or JSON Lines file."""
-    import ijson
-
+    """(record, None) or (None, skip reason) for every item of a JSON array or JSON Lines file.
+    Both parse as Python's json module parses (``NaN`` and ``Infinity``, which its ``dumps``
+    writes by default, included)."""
     with _open(url, storage_options) as f:
         head = f.read(4096).lstrip()
     if head[:1] == b"[":
         count = 0
         try:
             with _open(url, storage_options) as f:
-                for value in ijson.items(f, "item", use_float=True):
+                for value in array_items(io.TextIOWrapper(f, encoding="utf-8")):
                     count += 1
                     yield _record(value)
-        except (ijson.JSONError, ValueError, OSError, EOFError) as e:
+        except (ValueError, OSError, EOFError) as e:
             yield None, f"unreadable JSON after {count} records ({type(e).__name__})"
         return
     with _open(url, storage_options) as f:
@@ -180,6 +182,48 @@ def iter_records(url: str, storage_options: dict[str, Any]) -> Iterator[tuple[Op
                 continue
             first = False
             yield _record(value)
+
+
+# Characters read at a time from a JSON array; a value longer than this is read in several.
+ARRAY_CHUNK = 1 << 20
+_WHITESPACE = " \t\n\r"
+
+
+def array_items(text: Any) -> Iterator[Any]:
+    """The items of the JSON array a text stream holds, one at a time (json.JSONDecoder's C
+    scanner on a window of ARRAY_CHUNK characters: a large file is never in memory whole).
+    Raises ValueError (json.JSONDecodeError) where the array stops parsing."""
+    decoder = json.JSONDecoder()
+    buffer, pos, eof = text.read(ARRAY_CHUNK).lstrip(_WHITESPACE)[1:], 0, False
+    expect_value = True  # after '[' or ','
+    while True:
+        while pos < len(buffer) and buffer[pos] in _WHITESPACE:
+            pos += 1
+        if pos >= len(buffer) - 1 and not eof:  # keep a character of look-ahead past the value
+            more = text.read(ARRAY_CHUNK)
+            buffer, pos, eof = buffer[pos:] + more, 0, not more
+            continue
+        if pos >= len(buffer):
+            raise json.JSONDecodeError("unterminated array", buffer, pos)
+        if buffer[pos] == "]":
+            return
+        if not expect_value:
+            if buffer[pos] != ",":
+                raise json.JSONDecodeError("expected ',' or ']'", buffer, pos)
+            pos, expect_value = pos + 1, True
+            continue
+        try:
+            value, end = decoder.raw_decode(buffer, pos)
+        except json.JSONDecodeError:
+            if eof:
+                raise
+            end = None
+        if end is None or (end >= len(buffer) and not eof):  # cut by the window (a number may go on): read more
+            more = text.read(max(ARRAY_CHUNK, len(buffer)))
+            buffer, pos, eof = buffer[pos:] + more, 0, not more
+            continue
+        yield value
+        pos, expect_value = end, False
 
 
 def wrapped_field(url: str, storage_options: dict[str, Any]) -> Optional[str]:
