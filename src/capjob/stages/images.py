@@ -10,8 +10,8 @@ Pillow reads nor accepts what Pillow refuses. Everything else is quarantined wit
 * ``empty``: no bytes;
 * ``not_an_image``: no decoder identifies the bytes (what they look like instead: HTML, JSON...);
 * ``too_large``: the image, or one a container holds (an .icns entry, found only when it
-  loads), is larger than ``images.max_pixels`` or Pillow's decompression-bomb limit, or
-  decoding ran out of memory -- whichever decoder or step saw it;
+  loads), is larger than ``images.max_pixels`` (Pillow's decompression-bomb limit is set to it),
+  or decoding ran out of memory -- whichever decoder or step saw it;
 * ``aspect_ratio``: too thin for a vision patch;
 * ``decode``: anything else, with the decoder's own error (``<type>: <message>``).
 
@@ -251,6 +251,10 @@ def decode_image(data: bytes | None, cfg: ImagesConfig) -> DecodedImage:
     H x W x 3 uint8, at most cfg.size a side. Raises ImageRejected with the reason."""
     if data is None or len(data) == 0:
         raise ImageRejected("empty", "0 bytes")
+    # Pillow's bomb limit (process-wide) is images.max_pixels: raised for gigapixel scans, lowered
+    # to save memory, it holds at open (twice it: an error) and where only loading reveals the
+    # size (an .icns entry: a warning, an error below).
+    Image.MAX_IMAGE_PIXELS = cfg.max_pixels
     try:
         with warnings.catch_warnings():
             # PIL warns (and above 2x errors) on huge declared sizes; images.max_pixels applies below.
