@@ -290,3 +290,19 @@ def test_an_array_with_nan_reads_every_record_as_json_lines_do(tmp_path, monkeyp
     (tmp_path / "cut.json").write_text(json.dumps(records)[:-5])
     read = list(json_records.iter_records(str(tmp_path / "cut.json"), {}))
     assert read[-1] == (None, "unreadable JSON after 5 records (JSONDecodeError)")
+
+
+def test_a_damaged_first_line_of_json_lines_costs_that_line_only(tmp_path):
+    """A JSON Lines file whose first line does not parse (cut short, a stray header) was counted
+    as one item 'not a JSON array or JSON Lines file', its records lost; a pretty-printed object
+    or a CSV still is one such item."""
+    _, records = write_llava_json(ROWS, tmp_path / "llava")
+    path = tmp_path / "llava" / "damaged.jsonl"
+    path.write_text('{"id": "cut", "ima\n[1, 2]\n' + "\n".join(json.dumps(r) for r in records) + "\n")
+    read = list(json_records.iter_records(str(path), {}))
+    assert read[:2] == [(None, "invalid JSON line"), (None, "not a JSON object (list)")]
+    assert [r for r, _ in read[2:]] == records
+    for name, text in (("pretty.json", json.dumps({"info": {"v": 1}, "data": records}, indent=2)),
+                       ("table.csv.jsonl", "id,image\n" + "".join(f"{i},x{i}.jpg\n" for i in range(20)))):
+        (tmp_path / name).write_text(text)
+        assert list(json_records.iter_records(str(tmp_path / name), {})) == [(None, "not a JSON array or JSON Lines file")], name

@@ -80,6 +80,8 @@ ROWS_PER_BLOCK = 1024
 PREFLIGHT_RECORDS = 1000
 PREFLIGHT_FILES = 8
 NO_IMAGE = "record without an image"
+# Lines that do not parse as a JSON object, before any that does, after which a file is no JSON Lines file.
+LEADING_BAD_LINES = 8
 
 
 def is_json_file(name: str) -> bool:
@@ -168,20 +170,36 @@ def iter_records(url: str, storage_options: dict[str, Any]) -> Iterator[tuple[Op
             yield None, f"unreadable JSON after {count} records ({type(e).__name__})"
         return
     with _open(url, storage_options) as f:
-        first = True
+        # Lines that do not parse before the first object line: a damaged first line of JSON
+        # Lines costs that line; LEADING_BAD_LINES of them and no object yet (a pretty-printed
+        # object, a CSV...) are no JSON Lines file.
+        leading: list[str] = []
+        records = False
         for line in f:
             if not line.strip():
                 continue
             try:
                 value = json.loads(line)
             except ValueError:
-                if first:  # a pretty-printed object, a CSV...: not records
+                if records:
+                    yield None, "invalid JSON line"
+                    continue
+                value = None
+                leading.append("invalid JSON line")
+            else:
+                if not records and not isinstance(value, dict):  # a pretty-printed value's line (`  "x"`)...
+                    leading.append(str(_record(value)[1]))
+            if not records and (value is None or not isinstance(value, dict)):
+                if len(leading) >= LEADING_BAD_LINES:
                     yield None, "not a JSON array or JSON Lines file"
                     return
-                yield None, "invalid JSON line"
                 continue
-            first = False
+            if not records:
+                records = True
+                yield from ((None, reason) for reason in leading)
             yield _record(value)
+        if not records and leading:
+            yield None, "not a JSON array or JSON Lines file"
 
 
 # Characters read at a time from a JSON array; a value longer than this is read in several.
