@@ -306,3 +306,30 @@ def test_a_damaged_first_line_of_json_lines_costs_that_line_only(tmp_path):
                        ("table.csv.jsonl", "id,image\n" + "".join(f"{i},x{i}.jpg\n" for i in range(20)))):
         (tmp_path / name).write_text(text)
         assert list(json_records.iter_records(str(tmp_path / name), {})) == [(None, "not a JSON array or JSON Lines file")], name
+
+
+def test_preflight_reads_past_text_only_records_and_refuses_only_having_read_everything(tmp_path, monkeypatch, caplog):
+    """Issue 31's rule for every layout: a text-only file sorted first (or a text-only head of a
+    mix) longer than preflight's 1,000 records once refused the set ('no image in field'); it
+    reads on within its budget, refuses only what it has read to the end, and warns where the
+    budget ends first."""
+    import logging
+
+    from capjob.stages.sources import common
+
+    root = tmp_path / "set"
+    root.mkdir()
+    (root / "a_text_only.json").write_text(json.dumps([{"id": i, "conversations": [{"from": "human", "value": "hi"}]} for i in range(1200)]))
+    (root / "b_coco.json").write_text(json.dumps([{"id": "x", "image": "coco/1.jpg", "conversations": [], "bbox": [1, 2]}]))
+    cfg = DataConfig(format=SourceFormat.json, path=str(root), passthrough_columns=["bbox"])
+    assert preflight(cfg) is None and json_records.preflight(cfg) is False
+    assert json_records.column_types(cfg) == {"bbox": pa.list_(pa.float64())}  # typed by the records with an image
+    (root / "b_coco.json").unlink()
+    with pytest.raises(SourceError, match=r"^data.image_column: no image in field 'image' of the first 1200 records of .* \(looked at all "
+                                          r"1 file \(1,200 records\)\); fields there: \['conversations', 'source_id'\]$"):
+        preflight(DataConfig(format=SourceFormat.json, path=str(root)))
+    (root / "b_coco.json").write_text(json.dumps([{"id": "x", "image": "coco/1.jpg"}]))
+    monkeypatch.setattr(common, "PREFLIGHT_BYTES", 10_000)
+    with caplog.at_level(logging.WARNING):
+        assert json_records.preflight(DataConfig(format=SourceFormat.json, path=str(root))) is False
+    assert "looked at the first 1 of 2 files" in caplog.text and "found no record with an image in field 'image' yet" in caplog.text

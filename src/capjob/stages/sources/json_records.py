@@ -58,6 +58,7 @@ import io
 import json
 import os
 import posixpath
+from dataclasses import dataclass, field
 from typing import Any, Collection, Iterator, Optional
 
 import pyarrow as pa
@@ -67,7 +68,7 @@ from capjob.config import DataConfig
 from capjob.errors import SourceError
 from capjob.schema import CAPTION_COLUMN, ROW_COLUMNS
 from capjob.stages.sources.cells import has_scheme
-from capjob.stages.sources.common import ITEM_COLUMN, SKIP_COLUMN, check_image_list
+from capjob.stages.sources.common import ITEM_COLUMN, SKIP_COLUMN, Looked, check_image_list, log
 from capjob.stages.storage import describe_remote_error, filesystem_for, hidden, probe
 
 # The row's image location (image_root joined), and its default key (the record's place).
@@ -76,9 +77,9 @@ RECORD_KEY_COLUMN = "__record__"
 JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
 COMPRESSION_SUFFIXES = (".gz", ".zst", ".bz2", ".xz")
 ROWS_PER_BLOCK = 1024
-# Preflight reads this many records (from this many files at most) for the fields and types.
+# Preflight reads until this many records with an image (their fields type the columns), within
+# its budget (common.Looked).
 PREFLIGHT_RECORDS = 1000
-PREFLIGHT_FILES = 8
 NO_IMAGE = "record without an image"
 # Lines that do not parse as a JSON object, before any that does, after which a file is no JSON Lines file.
 LEADING_BAD_LINES = 8
@@ -120,8 +121,8 @@ class _Utf8(io.RawIOBase):
     """A binary stream of UTF-8: `head` (bytes already read), then the rest of `f`, both in
     `encoding` (transcoded as they are read)."""
 
-    def __init__(self, head: bytes, f: Any, encoding: str):
-        self._head, self._f = head, f
+    def __init__(self, head: bytes, f: Any, encoding: str, looked: Optional[Looked] = None):
+        self._head, self._f, self._looked = head, f, looked
         self._decoder = None if encoding == "utf-8" else codecs.getincrementaldecoder(encoding)()
         self._pending = b""
 
@@ -131,6 +132,8 @@ class _Utf8(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         while not self._pending:
             chunk, self._head = (self._head, b"") if self._head else (self._f.read(max(len(buffer), 4)), b"")
+            if self._looked is not None:
+                self._looked.bytes += len(chunk)
             if self._decoder is None:
                 self._pending = chunk
                 break
@@ -143,33 +146,37 @@ class _Utf8(io.RawIOBase):
 
 
 @contextlib.contextmanager
-def _open(url: str, storage_options: dict[str, Any]) -> Iterator[Any]:
+def _open(url: str, storage_options: dict[str, Any], looked: Optional[Looked] = None) -> Iterator[Any]:
     """The file (decompressed by suffix) as a UTF-8 byte stream without its byte order mark:
-    UTF-16/32 files (known by their BOM) are transcoded as they are read."""
+    UTF-16/32 files (known by their BOM) are transcoded as they are read; `looked` counts the
+    bytes read (preflight's budget)."""
     fs, path = filesystem_for(url, storage_options)
     with fs.open(path, "rb", compression="infer") as f:
         head = f.read(4)
         bom, encoding = next(((b, e) for b, e in _BOMS if head.startswith(b)), (b"", "utf-8"))
-        yield io.BufferedReader(_Utf8(head[len(bom):], f, encoding))
+        yield io.BufferedReader(_Utf8(head[len(bom):], f, encoding, looked))
 
 
-def iter_records(url: str, storage_options: dict[str, Any]) -> Iterator[tuple[Optional[dict[str, Any]], Optional[str]]]:
+def iter_records(url: str, storage_options: dict[str, Any],
+                 looked: Optional[Looked] = None) -> Iterator[tuple[Optional[dict[str, Any]], Optional[str]]]:
     """(record, None) or (None, skip reason) for every item of a JSON array or JSON Lines file.
     Both parse as Python's json module parses (``NaN`` and ``Infinity``, which its ``dumps``
     writes by default, included)."""
     with _open(url, storage_options) as f:
         head = f.read(4096).lstrip()
+    if looked is not None:
+        looked.bytes += len(head)
     if head[:1] == b"[":
         count = 0
         try:
-            with _open(url, storage_options) as f:
+            with _open(url, storage_options, looked) as f:
                 for value in array_items(io.TextIOWrapper(f, encoding="utf-8")):
                     count += 1
                     yield _record(value)
         except (ValueError, OSError, EOFError) as e:
             yield None, f"unreadable JSON after {count} records ({type(e).__name__})"
         return
-    with _open(url, storage_options) as f:
+    with _open(url, storage_options, looked) as f:
         # Lines that do not parse before the first object line: a damaged first line of JSON
         # Lines costs that line; LEADING_BAD_LINES of them and no object yet (a pretty-printed
         # object, a CSV...) are no JSON Lines file.
@@ -409,54 +416,81 @@ def _absolute(path: Optional[str]) -> Optional[str]:
 
 
 def preflight(cfg: DataConfig) -> bool:
-    """Checks data.path, data.image_root and the fields the options name against the first
-    PREFLIGHT_RECORDS records (of the first PREFLIGHT_FILES files), without Ray. Returns whether
-    the image field holds lists. Raises SourceError (one line)."""
+    """Checks data.path, data.image_root and the fields the options name against the records
+    _sample reads, without Ray. Returns whether the image field holds lists (False where the
+    budget ended before any image: warned, the run reads on). Raises SourceError (one line)."""
     assert cfg.path is not None
     probe(cfg.path, cfg.storage_options)
     if cfg.image_root:
         probe(cfg.image_root, cfg.storage_options, "data.image_root")
     files = list_files(cfg)
-    records, skipped = _sample(cfg, files)
-    fields = {column_name(k) for record in records for k in record}
-    seen = len(records)
-    first_image = next((r[cfg.image_column] for r in records if r.get(cfg.image_column) not in (None, "", [])), None)
-    looked = f"the first {seen} records of {cfg.path!r}" + (f" ({len(files)} files)" if len(files) > 1 else "")
+    found = _sample(cfg, files)
+    fields, first_image = found.fields, found.first_image
+    looked = f"the first {found.looked.parts['records']} records of {cfg.path!r} ({found.looked.describe(found.everything)})"
     if first_image is None:
         wrapped = wrapped_field(files[0][0], cfg.storage_options)
         if wrapped is not None:
             raise SourceError(f"data.path: {files[0][0]!r} is one JSON object whose field {wrapped!r} holds the records; capjob reads "
                               f"a JSON array or JSON Lines file of records (write that list out: jq '.{wrapped}' {files[0][1]})")
-    if not seen:
-        raise SourceError(f"data.path: no JSON records in {cfg.path!r} ({skipped[0] if skipped else 'empty'})")
-    if first_image is None:
+    if not found.looked.parts["records"] and found.everything:
+        raise SourceError(f"data.path: no JSON records in {cfg.path!r} ({found.skipped[0] if found.skipped else 'empty'})")
+    if first_image is None and found.everything:
         raise SourceError(f"data.image_column: no image in field {cfg.image_column!r} of {looked}; fields there: {sorted(fields)}")
     wanted = ([("data.key_column", cfg.key_column)] if cfg.key_column else []) + [("data.passthrough_columns", c) for c in cfg.passthrough_columns]
     for key, column in wanted:
         if column not in fields and column != RECORD_KEY_COLUMN:
             raise SourceError(f"{key}: no field {column!r} in {looked}; fields there: {sorted(fields)}")
+    if first_image is None:
+        log.warning("data.path: %s and found no record with an image in field %r yet; the run reads every record "
+                    "(records without an image are counted as skipped)", looked, cfg.image_column)
+        return False
     image_type = pa.list_(pa.string()) if isinstance(first_image, list) else pa.string()
     return check_image_list(cfg, image_type, looked)
 
 
-def _sample(cfg: DataConfig, files: list[tuple[str, str]]) -> tuple[list[dict[str, Any]], list[str]]:
-    """(the first PREFLIGHT_RECORDS records of the first PREFLIGHT_FILES files, the skip reasons
-    met on the way). Raises SourceError (one line) where they cannot be read."""
+@dataclass
+class Sample:
+    """What preflight read: the first PREFLIGHT_RECORDS `records` with an image (they type the
+    columns: column_types), the `fields` of every record read, the `first_image` field value,
+    the skip reasons met, how much was read (`looked`), and whether that is `everything`."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    fields: set[str] = field(default_factory=set)
+    first_image: Any = None
+    skipped: list[str] = field(default_factory=list)
+    looked: Looked = field(default_factory=lambda: Looked("file", parts={"records": 0}))
+    everything: bool = False
+
+
+def _sample(cfg: DataConfig, files: list[tuple[str, str]]) -> Sample:
+    """Records in order, as preflight reads any source: past files or records without an image
+    (a text-only set sorted first, a text-only head of a mix), until PREFLIGHT_RECORDS records
+    with an image and every field the options name are seen, or the budget (common.Looked) is
+    spent, or everything is read. Raises SourceError (one line) where the files cannot be read."""
     assert cfg.path is not None
-    records: list[dict[str, Any]] = []
-    skipped: list[str] = []
+    wanted = [c for c in [cfg.key_column, *cfg.passthrough_columns] if c and c != RECORD_KEY_COLUMN]
+    found = Sample()
+    found.looked.total = len(files)
     try:
-        for url, _ in files[:PREFLIGHT_FILES]:
-            for record, reason in iter_records(url, cfg.storage_options):
+        for url, _ in files:
+            found.looked.seen += 1
+            for record, reason in iter_records(url, cfg.storage_options, found.looked):
                 if record is None:
-                    skipped.append(str(reason))
-                    continue
-                records.append(record)
-                if len(records) >= PREFLIGHT_RECORDS:
-                    return records, skipped
+                    found.skipped.append(str(reason))
+                else:
+                    found.looked.count("records")
+                    found.fields.update(column_name(k) for k in record)
+                    if record.get(cfg.image_column) not in (None, "", []):
+                        if found.first_image is None:
+                            found.first_image = record[cfg.image_column]
+                        if len(found.records) < PREFLIGHT_RECORDS:
+                            found.records.append(record)
+                if (len(found.records) >= PREFLIGHT_RECORDS and all(c in found.fields for c in wanted)) or found.looked.spent():
+                    return found
     except Exception as e:  # noqa: BLE001
         raise SourceError(f"data.path: {describe_remote_error(cfg.path, e)}") from None
-    return records, skipped
+    found.everything = True
+    return found
 
 
 def column_types(cfg: DataConfig) -> dict[str, Optional[pa.DataType]]:
@@ -465,7 +499,7 @@ def column_types(cfg: DataConfig) -> dict[str, Optional[pa.DataType]]:
     nested values there as JSON text), None where they are all null. Fixed here, once, so that
     blocks of every file concatenate (_table): a field may hold a list in one record and text in
     another far away, and Ray Data cannot unite such blocks."""
-    records, _ = _sample(cfg, list_files(cfg))
+    records = _sample(cfg, list_files(cfg)).records
     wanted = [c for c in dict.fromkeys([*([cfg.key_column] if cfg.key_column else []), *cfg.passthrough_columns]) if c != RECORD_KEY_COLUMN]
     rows = [{column_name(k): _text(v) for k, v in record.items()} for record in records]
     types: dict[str, Optional[pa.DataType]] = {}
