@@ -324,3 +324,13 @@ def test_images_max_pixels_is_the_limit_whatever_pillows_default(container, monk
     with pytest.raises(ImageRejected) as e:
         decode_image(data if container == "png" else icns_bomb(3000, 3000), ImagesConfig(size=448, max_pixels=5000) if container == "png" else lowered)
     assert e.value.kind == "too_large", e.value.reason
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "JPEG"])
+@pytest.mark.parametrize("exif", [b"Exif\x00\x00garbage", b"Exif\x00\x00II*\x00\xff\xff\xff\x7f", b"\x00" * 12])
+def test_damaged_exif_never_costs_the_image(fmt, exif):
+    """Pillow reads these pixels whatever their EXIF block holds; once a PNG or WebP whose eXIf
+    did not parse was quarantined `decode: SyntaxError: not a TIFF file`. Orientation: none."""
+    data = _encode(Image.new("RGB", (64, 48), (10, 200, 10)), fmt, exif=exif)
+    out = decode_image(data, CFG)
+    assert out.pixels.shape[:2] == (48, 64) and abs(int(out.pixels[24, 32, 1]) - 200) < 8

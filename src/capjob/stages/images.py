@@ -157,6 +157,15 @@ _TRANSPOSE = {
 _RESIZE_FIRST = frozenset({"RGB", "RGBX", "L", "RGBA", "LA"})
 
 
+def _orientation(im: Image.Image) -> Any:
+    """The EXIF orientation of `im`, 1 where it has none or its EXIF block does not parse (a
+    camera's or editor's damaged metadata): the pixels Pillow reads are captioned as they are."""
+    try:
+        return im.getexif().get(_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - Pillow raises SyntaxError, struct.error, ValueError... on damaged EXIF
+        return 1
+
+
 def _stored_target(width: int, height: int, orientation: Any, cfg: ImagesConfig) -> tuple[int, int]:
     """The output size in the image's stored orientation (EXIF 5-8 swap the sides)."""
     if orientation in (5, 6, 7, 8):
@@ -282,7 +291,7 @@ def decode_image(data: bytes | None, cfg: ImagesConfig) -> DecodedImage:
             jpeg = isinstance(im, JpegImagePlugin.JpegImageFile)  # JPEG, and MPO's first frame
             # Sizes are planned in the stored orientation and the (small) result is turned
             # upright at the end: rotating first would copy the full-size image.
-            orientation = im.getexif().get(_ORIENTATION, 1) if jpeg else None
+            orientation = _orientation(im) if jpeg else None
             if jpeg:
                 # Decode at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the target's
                 # longer side on both axes (asking for the exact target would often pick 1/8 where
@@ -294,7 +303,7 @@ def decode_image(data: bytes | None, cfg: ImagesConfig) -> DecodedImage:
                 _check_size(*im.size, cfg)
                 width, height = im.size
             if orientation is None:
-                orientation = im.getexif().get(_ORIENTATION, 1)
+                orientation = _orientation(im)
             target_w, target_h = _stored_target(width, height, orientation, cfg)
             if im.mode not in _RESIZE_FIRST:
                 im = _to_rgb(im)
