@@ -302,3 +302,35 @@ def test_phone_photos_decode_upright(fmt):
     assert out.source_format == fmt and out.pixels.shape == (200, 120, 3)
     red = out.pixels[:, :, 0].astype(int) - out.pixels[:, :, 2]
     assert red[:90].mean() > 150 and red[110:].mean() < 30
+
+
+@pytest.mark.parametrize("container", ["png", "icns"])
+def test_images_max_pixels_is_the_limit_whatever_pillows_default(container, monkeypatch):
+    """images.max_pixels is the cap, not Pillow's own bomb limit (MAX_IMAGE_PIXELS, 89M; twice it
+    errors at open): raised (gigapixel scans, slides), an image above Pillow's limit is decoded;
+    lowered, one above it is too_large, also where only loading reveals the size (an .icns entry
+    declared 1024x1024 whose PNG declares 3000x3000: once decoded, and refused as `decode: ...`).
+    A small Pillow limit stands for its default where the image must exceed it."""
+    from helpers.corpus import icns_bomb, icns_with_png
+
+    size = (100, 60) if container == "png" else (1024, 1024)
+    png = _encode(Image.new("RGB", size, (200, 10, 10)), "PNG")
+    data = png if container == "png" else icns_with_png(png)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    out = decode_image(data, ImagesConfig(size=448, max_pixels=size[0] * size[1] * 2))
+    assert tuple(out.pixels[10, 10]) == (200, 10, 10) and (out.source_width, out.source_height) == size
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)
+    lowered = ImagesConfig(size=448, max_pixels=2_000_000)
+    with pytest.raises(ImageRejected) as e:
+        decode_image(data if container == "png" else icns_bomb(3000, 3000), ImagesConfig(size=448, max_pixels=5000) if container == "png" else lowered)
+    assert e.value.kind == "too_large", e.value.reason
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "JPEG"])
+@pytest.mark.parametrize("exif", [b"Exif\x00\x00garbage", b"Exif\x00\x00II*\x00\xff\xff\xff\x7f", b"\x00" * 12])
+def test_damaged_exif_never_costs_the_image(fmt, exif):
+    """Pillow reads these pixels whatever their EXIF block holds; once a PNG or WebP whose eXIf
+    did not parse was quarantined `decode: SyntaxError: not a TIFF file`. Orientation: none."""
+    data = _encode(Image.new("RGB", (64, 48), (10, 200, 10)), fmt, exif=exif)
+    out = decode_image(data, CFG)
+    assert out.pixels.shape[:2] == (48, 64) and abs(int(out.pixels[24, 32, 1]) - 200) < 8

@@ -10,8 +10,8 @@ Pillow reads nor accepts what Pillow refuses. Everything else is quarantined wit
 * ``empty``: no bytes;
 * ``not_an_image``: no decoder identifies the bytes (what they look like instead: HTML, JSON...);
 * ``too_large``: the image, or one a container holds (an .icns entry, found only when it
-  loads), is larger than ``images.max_pixels`` or Pillow's decompression-bomb limit, or
-  decoding ran out of memory -- whichever decoder or step saw it;
+  loads), is larger than ``images.max_pixels`` (Pillow's decompression-bomb limit is set to it),
+  or decoding ran out of memory -- whichever decoder or step saw it;
 * ``aspect_ratio``: too thin for a vision patch;
 * ``decode``: anything else, with the decoder's own error (``<type>: <message>``).
 
@@ -157,6 +157,15 @@ _TRANSPOSE = {
 _RESIZE_FIRST = frozenset({"RGB", "RGBX", "L", "RGBA", "LA"})
 
 
+def _orientation(im: Image.Image) -> Any:
+    """The EXIF orientation of `im`, 1 where it has none or its EXIF block does not parse (a
+    camera's or editor's damaged metadata): the pixels Pillow reads are captioned as they are."""
+    try:
+        return im.getexif().get(_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - Pillow raises SyntaxError, struct.error, ValueError... on damaged EXIF
+        return 1
+
+
 def _stored_target(width: int, height: int, orientation: Any, cfg: ImagesConfig) -> tuple[int, int]:
     """The output size in the image's stored orientation (EXIF 5-8 swap the sides)."""
     if orientation in (5, 6, 7, 8):
@@ -251,6 +260,10 @@ def decode_image(data: bytes | None, cfg: ImagesConfig) -> DecodedImage:
     H x W x 3 uint8, at most cfg.size a side. Raises ImageRejected with the reason."""
     if data is None or len(data) == 0:
         raise ImageRejected("empty", "0 bytes")
+    # Pillow's bomb limit (process-wide) is images.max_pixels: raised for gigapixel scans, lowered
+    # to save memory, it holds at open (twice it: an error) and where only loading reveals the
+    # size (an .icns entry: a warning, an error below).
+    Image.MAX_IMAGE_PIXELS = cfg.max_pixels
     try:
         with warnings.catch_warnings():
             # PIL warns (and above 2x errors) on huge declared sizes; images.max_pixels applies below.
@@ -278,7 +291,7 @@ def decode_image(data: bytes | None, cfg: ImagesConfig) -> DecodedImage:
             jpeg = isinstance(im, JpegImagePlugin.JpegImageFile)  # JPEG, and MPO's first frame
             # Sizes are planned in the stored orientation and the (small) result is turned
             # upright at the end: rotating first would copy the full-size image.
-            orientation = im.getexif().get(_ORIENTATION, 1) if jpeg else None
+            orientation = _orientation(im) if jpeg else None
             if jpeg:
                 # Decode at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the target's
                 # longer side on both axes (asking for the exact target would often pick 1/8 where
@@ -290,7 +303,7 @@ def decode_image(data: bytes | None, cfg: ImagesConfig) -> DecodedImage:
                 _check_size(*im.size, cfg)
                 width, height = im.size
             if orientation is None:
-                orientation = im.getexif().get(_ORIENTATION, 1)
+                orientation = _orientation(im)
             target_w, target_h = _stored_target(width, height, orientation, cfg)
             if im.mode not in _RESIZE_FIRST:
                 im = _to_rgb(im)

@@ -132,3 +132,24 @@ def test_phone_photos_and_unnamed_images_are_captioned_and_a_resume_counts_them(
     assert again.stdout.strip().splitlines() == [
         f"capjob: nothing left to do: all {images} rows of image_folder are already in {tmp_path / 'out'} "
         "(captions or quarantine); no engine started. job.resume=false captions them again"]
+
+
+def test_a_decompression_bomb_is_an_image_whatever_its_name(tmp_path):
+    """A bomb Pillow refuses at open (twice its limit) is an image too large, not 'not an image':
+    named or not, it is a row, and the image stage quarantines it as too_large (once an
+    extensionless one was skipped as `not an image (.no extension)`)."""
+    from capjob.config import ImagesConfig
+    from capjob.schema import ImageRejected
+    from capjob.stages.images import decode_image
+    from helpers.corpus import icns_bomb
+
+    bomb = _encode(Image.new("1", (20000, 20000)), "PNG")
+    assert image_folder.sniff_image(bomb) and image_folder.sniff_image(icns_bomb())
+    (tmp_path / "imgs").mkdir()
+    for name in ("bomb", "bomb.dat", "bomb.png"):
+        (tmp_path / "imgs" / name).write_bytes(bomb)
+    table, _ = image_folder.list_items(DataConfig(format=SourceFormat.image_folder, path=str(tmp_path / "imgs")))
+    assert table.column(SKIP_COLUMN).to_pylist() == [None, None, None]
+    with pytest.raises(ImageRejected) as e:
+        decode_image(bomb, ImagesConfig())
+    assert e.value.kind == "too_large"

@@ -8,12 +8,13 @@ import logging
 import pathlib
 import re
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from capjob.config import DataConfig, SourceFormat
 from capjob.errors import SourceError
-from capjob.stages.sources import common, preflight, webdataset
+from capjob.stages.sources import common, image_folder, preflight, webdataset
 from capjob.stages.sources.common import ITEM_COLUMN, SKIP_COLUMN
 from helpers.iolayouts import make_rows, upload, write_tar
 
@@ -152,3 +153,52 @@ def test_caption_only_first_shard_on_s3(s3_env, tmp_path):
     preflight(wds(url, passthrough_columns=["txt", "cls"]))
     with pytest.raises(SourceError, match=r"'caption' not in the dataset \(looked at all 2 shards \(16 members\)\)"):
         preflight(wds(url, passthrough_columns=["caption"]))
+
+
+def test_a_dotted_key_names_its_members_as_a_split_sample_does(tmp_path):
+    """`img.0001.jpg` + `img.0001.txt` is one sample `img` whose suffixes are `0001.jpg`/`0001.txt`
+    (webdataset's base_plus_ext): its text passes through as `txt`, as in a sample split by its
+    image stems, not as a column `0001.txt` that data.passthrough_columns=[txt] never sees (once
+    null there, without a word); a member of the whole sample keeps its suffix."""
+    tar = write_tar(tmp_path / "s.tar", [("img.0001.jpg", IMAGES[0]), ("img.0001.txt", b"dotted"), ("img.json", b"{}"),
+                                         ("a.jpg", IMAGES[1]), ("a.txt", b"plain")])
+    with open(tar, "rb") as f:
+        out = list(webdataset.shard_rows(f, "s.tar", "image"))
+    rows = {r["__key__"]: {k: v for k, v in r.items() if k != "image"} for r in out}
+    assert rows == {"s.tar/img": {"__key__": "s.tar/img", "txt": "dotted", "json": "{}"},
+                    "s.tar/a": {"__key__": "s.tar/a", "txt": "plain"}}
+
+
+def test_a_member_identified_by_content_is_read_whole_as_an_image_folder_file_is(tmp_path):
+    """An image member under a suffix no decoder registers is identified by its bytes, as
+    image_folder identifies a file: from the whole member where what Pillow reads at open lies
+    beyond the first bytes (an ICO's entries, a TIFF's directory), not from those alone."""
+    import io
+
+    from PIL import Image
+
+    noise = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    noise.save(buf, "ICO", sizes=[(16, 16), (32, 32), (64, 64)])
+    assert len(buf.getvalue()) > image_folder.SNIFF_BYTES
+    tar = write_tar(tmp_path / "s.tar", [("k.bin", buf.getvalue()), ("k.txt", b"an icon")])
+    with open(tar, "rb") as f:
+        out = list(webdataset.shard_rows(f, "s.tar", "image"))
+    assert [(r.get("__key__"), r.get(SKIP_COLUMN), r.get("txt")) for r in out] == [("s.tar/k", None, "an icon")]
+
+
+def test_a_class_index_that_is_not_an_integer_never_stops_the_job(tmp_path, monkeypatch):
+    """`c.cls` holding `dog` among integer class indices made one block's `cls` text and the
+    others' int64, which Ray Data cannot concatenate (the repartition: fatal), whether or not
+    the job read `cls`. Unread members are not columns; a read one skips that row, saying why."""
+    from ray.data._internal.arrow_ops.transform_pyarrow import concat
+
+    monkeypatch.setattr(webdataset, "ROWS_PER_BLOCK", 2)
+    root = shards(tmp_path / "wds", [("a.jpg", IMAGES[0]), ("a.cls", b"3"), ("b.jpg", IMAGES[1]), ("b.cls", b"4"),
+                                     ("c.jpg", IMAGES[2]), ("c.cls", b"dog"), ("d.jpg", IMAGES[3]), ("d.cls", b"5")])
+    unread = concat(read_all(root, []))
+    assert "cls" not in unread.column_names and unread.column(SKIP_COLUMN).null_count == 4
+    read = concat(read_all(root, ["cls"]))
+    assert list(zip(read.column(ITEM_COLUMN).to_pylist(), read.column(SKIP_COLUMN).to_pylist(), read.column("cls").to_pylist())) == [
+        ("shard-00000.tar/a", None, 3), ("shard-00000.tar/b", None, 4),
+        ("shard-00000.tar/c", "member 'cls' is not an integer", None), ("shard-00000.tar/d", None, 5)]

@@ -103,7 +103,7 @@ class Looked:
         """'looked at all 3 shards (412 members)', or, when preflight stopped at its budget,
         'looked at the first 2 of 40 shards (1,204 members, 64.0 MiB; preflight reads at most
         64 MiB or 10 s)'."""
-        units = f"{self.unit}{'' if self.seen == 1 else 's'}"
+        units = f"{self.unit}{'' if (self.total if self.total is not None and not everything else self.seen) == 1 else 's'}"
         parts = [f"{n:,} {name[:-1] if n == 1 and name.endswith('s') else name}" for name, n in self.parts.items()]
         if everything:
             return f"looked at all {self.seen:,} {units}" + (f" ({', '.join(parts)})" if parts else "")

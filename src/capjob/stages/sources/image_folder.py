@@ -10,7 +10,8 @@ listed file is an item: an image row, or skipped with its reason --
 * ``hidden file``: a name (or folder) starting with ``.`` or ``_`` (``.DS_Store``, ``_SUCCESS``);
 * ``not an image (.<ext>)``: a file whose extension no installed decoder opens and whose bytes
   Pillow (with pillow-heif registered) does not identify. A file Pillow can read is an image
-  however its extension is spelled (``.JPG``, ``.jfif``, ``.mpo``, ``.heic``, none).
+  however its extension is spelled (``.JPG``, ``.jfif``, ``.mpo``, ``.heic``, none), and so is a
+  decompression bomb Pillow refuses to open (the image stage quarantines it as ``too_large``).
 
 Whether an image row is then captioned is the image stage's decode rule (stages/images.py).
 
@@ -87,6 +88,8 @@ def _identified(data: bytes) -> Optional[bool]:
                 return True
     except UnidentifiedImageError:
         return None if any(_claims(accept, data[:16]) for _, accept in Image.OPEN.values()) else False
+    except Image.DecompressionBombError:  # an image, too large: the image stage says so (too_large)
+        return True
     except Exception:  # noqa: BLE001 - a decoder recognised the bytes and failed on them
         return None
 

@@ -12,7 +12,8 @@ What webdataset leaves to its user, capjob decides here, with every member accou
   image member, keyed by the member's name without its image extension (``2023.05.01_beach``;
   the full name where two image members share a stem). A member whose name starts with that
   stem joins its row (``2023.05.01_beach.txt`` as column ``txt``); the others join every row of
-  the sample under their suffix.
+  the sample under their suffix. So does a sample of one image with a dotted key: ``img.0001.txt``
+  beside ``img.0001.jpg`` is the row's ``txt``.
 * ``data.image_column`` naming an extension (``jpg``) picks that member; the sample's other
   image members are skipped (``image member not selected``).
 * An image member is one whose last extension a Pillow decoder registers, or whose bytes Pillow
@@ -24,9 +25,10 @@ What webdataset leaves to its user, capjob decides here, with every member accou
   (``unreadable shard``). One item per image row and per skipped entry (a sample, or a member):
   items seen = rows + skipped.
 * Ragged samples: every row carries every configured column (``data.passthrough_columns``, the
-  key), null where its sample lacks that member. A member's column type follows its suffix (text,
-  int for class indices, else bytes), in every block, so that blocks without a member still
-  concatenate with blocks that have it.
+  key), null where its sample lacks that member; members the job does not read are not columns. A
+  member's column type follows its suffix (text, int for class indices, else bytes), in every
+  block, so that blocks without a member still concatenate with blocks that have it; a row whose
+  configured class index is not an integer is skipped (``member 'cls' is not an integer``).
 * Preflight reads shards in order until it has seen a sample with an image and, on image rows,
   every configured column, or until its budget (common.Looked) is spent. It refuses a dataset
   without an image only when it has read every shard, and a column no image row it read has,
@@ -52,7 +54,7 @@ from ray.data.datasource import Datasource, ReadTask
 from capjob.config import DataConfig
 from capjob.errors import SourceError
 from capjob.stages.sources.common import ITEM_COLUMN, SKIP_COLUMN, Looked, log
-from capjob.stages.sources.image_folder import extension, image_extensions, sniff_image
+from capjob.stages.sources.image_folder import SNIFF_BYTES, extension, image_extensions, sniff_image
 from capjob.stages.storage import describe_remote_error, filesystem_for, hidden, iter_files, open_file
 
 # Members decoded to text (and ints for class indices); everything else stays bytes.
@@ -96,7 +98,9 @@ def _is_image(suffix: str, value: bytes) -> bool:
         return True
     if last in TEXT_SUFFIXES or last in INT_SUFFIXES:
         return False
-    return sniff_image(value[:4096])
+    # As image_folder identifies a file: the whole member where Pillow needs more than its head.
+    head = value[:SNIFF_BYTES]
+    return sniff_image(head, (lambda: value) if len(value) > len(head) else None)
 
 
 def sample_rows(key: str, members: dict[str, bytes], image_column: str) -> Iterator[dict[str, Any]]:
@@ -117,7 +121,12 @@ def sample_rows(key: str, members: dict[str, bytes], image_column: str) -> Itera
         return
     others = {s: v for s, v in members.items() if s not in images}
     if len(images) == 1:
-        yield {"__key__": key, image_column: members[images[0]], **{s: _decode(s, v) for s, v in others.items()}}
+        # A dotted key (`img.0001.jpg`: suffix `0001.jpg`) names its members as a split sample does:
+        # `img.0001.txt` is the row's `txt`; the key stays the sample's.
+        stem = images[0].rsplit(".", 1)[0] if "." in images[0] else ""
+        own = {o: o[len(stem) + 1:] for o in others if stem and o.startswith(stem + ".")}
+        yield {"__key__": key, image_column: members[images[0]],
+               **{o: _decode(o, v) for o, v in others.items() if o not in own}, **{own[o]: _decode(o, others[o]) for o in own}}
         return
     stems = {s: (s.rsplit(".", 1)[0] if "." in s else "") for s in images}
     taken: set[str] = set()
@@ -202,10 +211,17 @@ def _table(rows: list[dict[str, Any]], image_column: str, columns: list[str] = (
     """One block: every row with every column of the block and of `columns` (the configured
     ones, present whether or not a sample of this block has the member); a column without a
     value in the block typed by its suffix (member_type), the image column binary."""
-    for row in rows:
+    for i, row in enumerate(rows):
         row.setdefault(ITEM_COLUMN, row.get("__key__"))
-    # from_pylist takes its columns from the first row only: give every row every column.
-    names = list(dict.fromkeys(["__key__", "__url__", image_column, SKIP_COLUMN, *columns, *(k for r in rows for k in r)]))
+        # A class index that is not an integer (`dog.cls`) cannot share its column's int64 with
+        # the other blocks' (Ray Data concatenates them): that row is skipped, saying so.
+        wrong = next((c for c in columns if c != image_column and member_type(c) == pa.int64() and isinstance(row.get(c), str)), None)
+        if wrong is not None and row.get(SKIP_COLUMN) is None:
+            rows[i] = {ITEM_COLUMN: row[ITEM_COLUMN], SKIP_COLUMN: f"member {wrong!r} is not an integer", "__url__": row.get("__url__")}
+    # from_pylist takes its columns from the first row only: give every row every column. With
+    # `columns`, only those: members the job does not read are not columns (nor can their types clash).
+    names = list(dict.fromkeys(["__key__", "__url__", image_column, SKIP_COLUMN, ITEM_COLUMN, *columns,
+                                *(() if columns else (k for r in rows for k in r))]))
     rows = [{c: r.get(c) for c in names} for r in rows]
     try:
         table = pa.Table.from_pylist(rows)
