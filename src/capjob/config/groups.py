@@ -1,8 +1,6 @@
-"""Typed configuration: one dataclass per Hydra config group, validated before Ray starts.
-
-Hydra merges the YAML groups in ``conf/`` onto these dataclasses (registered as the schema
-``capjob_schema``), so an unknown key or a wrongly typed value fails during composition.
-Range and consistency checks that types cannot express live in ``validate``.
+"""The caption job's config groups (data, model, engine, resources, sink, caption, images, job):
+one dataclass a Hydra group, and the range checks shared by more than one group (``require``,
+``validate_engine``, ``parse_shard``). capjob/config/__init__.py composes them into ``CapjobConfig``.
 """
 
 from __future__ import annotations
@@ -12,14 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
-
-from capjob.console import LOG_LEVELS
 from capjob.errors import ConfigError
-from capjob.models import BUILD_VERSIONS as MODEL_BUILDERS
-from capjob.prompts import caption_columns, validate_prompts
-from capjob.schema import ROW_COLUMNS
 
 
 class SourceFormat(str, enum.Enum):
@@ -345,96 +336,7 @@ class JobConfig:
     gpu_hour_price: Optional[float] = None
 
 
-class EvalMode(str, enum.Enum):
-    off = "off"
-    stats = "stats"  # statistics and per-row flags
-    judge = "judge"  # statistics plus a judge model scoring each caption (reporting/judge.py)
-
-
-def _judge_model() -> ModelConfig:
-    return ModelConfig(name="", source=None)
-
-
-def _judge_engine() -> EngineConfig:
-    # Text-only: no image slots (vLLM then skips a VLM's vision tower); a caption and the
-    # judge's prompt fit 4096 tokens.
-    return EngineConfig(max_model_len=4096, limit_images_per_prompt=0)
-
-
-@dataclass
-class JudgeConfig:
-    """The judge pass (mode=judge, reporting/judge.py): a model with its own engine that reads
-    each caption and scores it 1-5 with a short reason. Text-only: it sees the caption, not the
-    image. `model` and `engine` are the caption pass's groups (model.*, engine.*) with the
-    judge's own values: eval.judge.model.source, eval.judge.engine.max_model_len..."""
-
-    # source: hub id or local path; null with builder set: a model capjob builds. name: the
-    # label in the report and the judge table; "": the last part of source (or the builder).
-    model: ModelConfig = field(default_factory=_judge_model)
-    engine: EngineConfig = field(default_factory=_judge_engine)
-    system_prompt: str = "You are a strict and consistent judge of image captions. You answer in exactly the format you are asked for."
-    # {caption} is replaced by the caption under evaluation (str.replace: braces in captions are safe).
-    prompt: str = (
-        "Below is a caption written for an image. You cannot see the image: judge the caption as a "
-        "description. Is it fluent, specific and self-consistent, free of repetition, truncation, "
-        "boilerplate and filler?\n\n"
-        'Caption: """{caption}"""\n\n'
-        "Rate it from 1 (empty, garbled, repetitive or unusable) to 5 (clear, specific, complete). "
-        "Answer in exactly this format:\n"
-        "Score: <1-5>\n"
-        "Reason: <one short sentence>"
-    )
-    temperature: float = 0.0
-    seed: Optional[int] = None
-    max_tokens: int = 64
-    # Judge engine replicas (the judge's resources.concurrency).
-    concurrency: int = 1
-    # GPUs per judge replica: null = engine.tensor_parallel_size when the cluster has GPUs, else 0 (CPU).
-    gpus_per_worker: Optional[int] = None
-    # The judge's raw answer is kept in the judge table, cut to this many characters.
-    raw_chars: int = 1000
-
-
-@dataclass
-class EvalConfig:
-    """`eval` group: caption evaluation after the run, consumed by reporting/evaluation.py."""
-
-    name: str = "off"
-    mode: EvalMode = EvalMode.off
-    # Truncation threshold when the run's caption.max_tokens is not known (capjob-eval on an
-    # existing output); None there leaves truncation unknown rather than guessed.
-    max_tokens: Optional[int] = None
-    # Degenerate captions: an n-gram of `ngram` words occurring >= `ngram_repeats` times, or the
-    # most frequent one (occurring twice or more) covering > `ngram_share` of all n-grams...
-    ngram: int = 3
-    ngram_repeats: int = 3
-    ngram_share: float = 0.3
-    # ...or a line (same words) occurring >= `line_repeats` times.
-    line_repeats: int = 2
-    # A column of the captions table holding each image's true caption (e.g. `reference`,
-    # passed through from the input): exact match, word F1, BLEU-4 and CIDEr-D against it.
-    reference_column: Optional[str] = None
-    judge: JudgeConfig = field(default_factory=JudgeConfig)
-
-
-@dataclass
-class CapjobConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    sink: SinkConfig = field(default_factory=SinkConfig)
-    caption: CaptionConfig = field(default_factory=CaptionConfig)
-    images: ImagesConfig = field(default_factory=ImagesConfig)
-    job: JobConfig = field(default_factory=JobConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-def register_configs() -> None:
-    ConfigStore.instance().store(name="capjob_schema", node=CapjobConfig)
-
-
-def _require(ok: bool, key: str, message: str) -> None:
+def require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
 
@@ -442,24 +344,24 @@ def _require(ok: bool, key: str, message: str) -> None:
 def validate_engine(e: EngineConfig, key: str = "engine") -> EngineConfig:
     """Range checks of an engine group (the caption pass's `engine`, or the judge's
     `eval.judge.engine`: `key`). Raises ConfigError naming the key."""
-    _require(e.batch_size > 0, f"{key}.batch_size", f"must be > 0, got {e.batch_size}")
-    _require(e.max_concurrent_batches > 0, f"{key}.max_concurrent_batches", f"must be > 0, got {e.max_concurrent_batches}")
-    _require(e.max_engine_deaths_per_batch >= 1, f"{key}.max_engine_deaths_per_batch",
+    require(e.batch_size > 0, f"{key}.batch_size", f"must be > 0, got {e.batch_size}")
+    require(e.max_concurrent_batches > 0, f"{key}.max_concurrent_batches", f"must be > 0, got {e.max_concurrent_batches}")
+    require(e.max_engine_deaths_per_batch >= 1, f"{key}.max_engine_deaths_per_batch",
              f"must be >= 1, got {e.max_engine_deaths_per_batch}")
-    _require(e.max_model_len > 0, f"{key}.max_model_len", f"must be > 0, got {e.max_model_len}")
-    _require(e.chat_template_content_format in CHAT_TEMPLATE_CONTENT_FORMATS, f"{key}.chat_template_content_format",
+    require(e.max_model_len > 0, f"{key}.max_model_len", f"must be > 0, got {e.max_model_len}")
+    require(e.chat_template_content_format in CHAT_TEMPLATE_CONTENT_FORMATS, f"{key}.chat_template_content_format",
              f"must be one of {', '.join(CHAT_TEMPLATE_CONTENT_FORMATS)}, got {e.chat_template_content_format!r}")
     disable_log_stats = e.extra_engine_kwargs.get("disable_log_stats", False)
-    _require(not (e.log_engine_metrics and disable_log_stats), f"{key}.log_engine_metrics",
+    require(not (e.log_engine_metrics and disable_log_stats), f"{key}.log_engine_metrics",
              f"is true but {key}.extra_engine_kwargs.disable_log_stats turns vLLM's stats off; "
              f"set {key}.log_engine_metrics=false with it (vLLM would keep the stats for Ray's metrics anyway)")
-    _require(e.mm_processor_cache_gb >= 0, f"{key}.mm_processor_cache_gb", f"must be >= 0, got {e.mm_processor_cache_gb}")
-    _require(e.max_num_seqs is None or e.max_num_seqs > 0, f"{key}.max_num_seqs", f"must be > 0 or null, got {e.max_num_seqs}")
-    _require(0.0 < e.gpu_memory_utilization <= 1.0, f"{key}.gpu_memory_utilization", f"must be in (0, 1], got {e.gpu_memory_utilization}")
-    _require(e.cpu_kv_cache_gib > 0, f"{key}.cpu_kv_cache_gib", f"must be > 0, got {e.cpu_kv_cache_gib}")
-    _require(e.tensor_parallel_size >= 1, f"{key}.tensor_parallel_size", f"must be >= 1, got {e.tensor_parallel_size}")
-    _require(e.pipeline_parallel_size >= 1, f"{key}.pipeline_parallel_size", f"must be >= 1, got {e.pipeline_parallel_size}")
-    _require(e.kv_cache_gib is None or e.kv_cache_gib > 0, f"{key}.kv_cache_gib", f"must be > 0 or null, got {e.kv_cache_gib}")
+    require(e.mm_processor_cache_gb >= 0, f"{key}.mm_processor_cache_gb", f"must be >= 0, got {e.mm_processor_cache_gb}")
+    require(e.max_num_seqs is None or e.max_num_seqs > 0, f"{key}.max_num_seqs", f"must be > 0 or null, got {e.max_num_seqs}")
+    require(0.0 < e.gpu_memory_utilization <= 1.0, f"{key}.gpu_memory_utilization", f"must be in (0, 1], got {e.gpu_memory_utilization}")
+    require(e.cpu_kv_cache_gib > 0, f"{key}.cpu_kv_cache_gib", f"must be > 0, got {e.cpu_kv_cache_gib}")
+    require(e.tensor_parallel_size >= 1, f"{key}.tensor_parallel_size", f"must be >= 1, got {e.tensor_parallel_size}")
+    require(e.pipeline_parallel_size >= 1, f"{key}.pipeline_parallel_size", f"must be >= 1, got {e.pipeline_parallel_size}")
+    require(e.kv_cache_gib is None or e.kv_cache_gib > 0, f"{key}.kv_cache_gib", f"must be > 0 or null, got {e.kv_cache_gib}")
     return e
 
 
@@ -468,133 +370,9 @@ def parse_shard(shard: Optional[str]) -> Optional[tuple[int, int]]:
     if shard is None:
         return None
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(shard))
-    _require(match is not None, "data.shard", f"must be k/n (this run's part k of n, 0 <= k < n, e.g. 0/4), got {shard!r}")
+    require(match is not None, "data.shard", f"must be k/n (this run's part k of n, 0 <= k < n, e.g. 0/4), got {shard!r}")
     k, n = int(match.group(1)), int(match.group(2))  # type: ignore[union-attr]
-    _require(k < n, "data.shard", f"must be k/n with 0 <= k < n, got {shard!r}")
+    require(k < n, "data.shard", f"must be k/n with 0 <= k < n, got {shard!r}")
     return k, n
 
 
-def validate(cfg: CapjobConfig) -> CapjobConfig:
-    """Checks the types cannot express. Raises ConfigError naming the key."""
-    d, m, e, r, c, i = cfg.data, cfg.model, cfg.engine, cfg.resources, cfg.caption, cfg.images
-    _require(d.limit is None or d.limit > 0, "data.limit", f"must be a positive integer or null, got {d.limit}")
-    _require(d.partitions is None or d.partitions > 0, "data.partitions", f"must be a positive integer or null (automatic), got {d.partitions}")
-    parse_shard(d.shard)
-    _require(d.partitions_per_worker > 0, "data.partitions_per_worker", f"must be > 0, got {d.partitions_per_worker}")
-    _require(d.format == SourceFormat.sample or bool(d.path), "data.path", f"is required for data.format={d.format.value}")
-    _require(d.image_index is None or d.image_index >= 0, "data.image_index", f"must be >= 0 or null, got {d.image_index}")
-    _require(d.image_index is None or not d.explode_images, "data.explode_images", "set data.image_index or data.explode_images, not both")
-    f = d.fetch
-    _require(f.concurrency >= 1, "data.fetch.concurrency", f"must be >= 1, got {f.concurrency}")
-    _require(f.retries >= 0, "data.fetch.retries", f"must be >= 0, got {f.retries}")
-    _require(f.connect_timeout_s > 0 and f.read_timeout_s > 0, "data.fetch.read_timeout_s",
-             f"timeouts must be > 0, got connect {f.connect_timeout_s}, read {f.read_timeout_s}")
-    _require(f.backoff_s >= 0, "data.fetch.backoff_s", f"must be >= 0, got {f.backoff_s}")
-    _require(all(isinstance(x, str) and x.strip() and ":" not in x and "," not in x for x in f.robots_directives),
-             "data.fetch.robots_directives", f"must be directive names such as noai, got {list(f.robots_directives)}")
-    _require(d.image_root is None or d.format == SourceFormat.json, "data.image_root",
-             f"applies to data.format=json only, got data.format={d.format.value}")
-    _require(d.verify_hash_column != d.image_column, "data.verify_hash_column", "names the image column itself")
-    _require(d.sample_size >= 0, "data.sample_size", f"must be >= 0, got {d.sample_size}")
-    _require(d.sample_shapes >= 0, "data.sample_shapes", f"must be >= 0, got {d.sample_shapes}")
-    _require(bool(m.source) or bool(m.builder), "model.source", "set a hub id or local path (or model.builder for a locally built model)")
-    _require(m.builder in (None, *MODEL_BUILDERS), "model.builder", f"unknown builder {m.builder!r}; allowed: {', '.join(MODEL_BUILDERS)}")
-    validate_engine(e)
-    _require(r.concurrency >= 1, "resources.concurrency", f"must be >= 1, got {r.concurrency}")
-    _require(r.gpus_per_worker is None or r.gpus_per_worker >= 0, "resources.gpus_per_worker", f"must be >= 0 or null, got {r.gpus_per_worker}")
-    model_parallel = e.tensor_parallel_size * e.pipeline_parallel_size
-    _require(r.replicas_per_gpu >= 1, "resources.replicas_per_gpu", f"must be >= 1, got {r.replicas_per_gpu}")
-    if r.replicas_per_gpu > 1:
-        _require(model_parallel == 1, "resources.replicas_per_gpu",
-                 f"sharing a GPU needs engine.tensor_parallel_size = pipeline_parallel_size = 1, got TP x PP = {model_parallel}")
-        _require(r.gpus_per_worker in (None, 1), "resources.replicas_per_gpu",
-                 f"sharing a GPU needs resources.gpus_per_worker null or 1, got {r.gpus_per_worker}")
-        _require(e.kv_cache_gib is not None, "engine.kv_cache_gib",
-                 f"must be set when resources.replicas_per_gpu={r.replicas_per_gpu}: engines sharing a GPU "
-                 "cannot size their KV cache by profiling memory at the same time (e.g. engine.kv_cache_gib=16)")
-    if r.gpus_per_worker is None:
-        pass  # decided against the cluster's GPUs in runtime.py
-    elif r.gpus_per_worker > 0:
-        _require(
-            model_parallel == r.gpus_per_worker,
-            "engine.tensor_parallel_size",
-            f"engine.tensor_parallel_size x engine.pipeline_parallel_size = {model_parallel} "
-            f"must equal resources.gpus_per_worker = {r.gpus_per_worker}",
-        )
-    else:
-        _require(model_parallel == 1, "engine.tensor_parallel_size", "TP/PP > 1 needs GPUs: set resources.gpus_per_worker = TP x PP")
-    _require(r.num_cpus is None or r.num_cpus >= 1, "resources.num_cpus", f"must be >= 1 or null, got {r.num_cpus}")
-    _require(r.preprocess_cpus > 0, "resources.preprocess_cpus", f"must be > 0, got {r.preprocess_cpus}")
-    _require(r.object_store_mib is None or r.object_store_mib >= 16, "resources.object_store_mib", f"must be null or >= 16, got {r.object_store_mib}")
-    _require(r.wait_for_engines_s is None or r.wait_for_engines_s >= 1, "resources.wait_for_engines_s", f"must be null or >= 1, got {r.wait_for_engines_s}")
-    _require(r.wait_for_gpus_s is None or r.wait_for_gpus_s >= 1, "resources.wait_for_gpus_s", f"must be null or >= 1, got {r.wait_for_gpus_s}")
-    _require(r.max_block_mib is None or r.max_block_mib >= 1, "resources.max_block_mib", f"must be null or >= 1, got {r.max_block_mib}")
-    _require(r.cpu_stage_cpus > 0, "resources.cpu_stage_cpus", f"must be > 0, got {r.cpu_stage_cpus}")
-    _require(r.cpu_stage_concurrency >= 1, "resources.cpu_stage_concurrency", f"must be >= 1, got {r.cpu_stage_concurrency}")
-    resume = cfg.job.resume
-    if isinstance(resume, str) and resume.strip().lower() in ("true", "false"):
-        resume = cfg.job.resume = resume.strip().lower() == "true"
-    _require(resume is True or resume is False or resume == "force", "job.resume", f"must be true, false or force, got {resume!r}")
-    _require(cfg.job.task_retries >= 0, "job.task_retries", f"must be >= 0, got {cfg.job.task_retries}")
-    _require(cfg.job.gpu_hour_price is None or cfg.job.gpu_hour_price >= 0, "job.gpu_hour_price",
-             f"must be >= 0 (a price per GPU-hour), got {cfg.job.gpu_hour_price}")
-    _require(cfg.job.log_level.lower() in LOG_LEVELS, "job.log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {cfg.job.log_level!r}")
-    _require(cfg.job.max_errored_blocks >= 0, "job.max_errored_blocks", f"must be >= 0, got {cfg.job.max_errored_blocks}")
-    _require(c.max_tokens > 0, "caption.max_tokens", f"must be > 0, got {c.max_tokens}")
-    _require(c.temperature >= 0, "caption.temperature", f"must be >= 0, got {c.temperature}")
-    _require(0 < c.top_p <= 1, "caption.top_p", f"must be in (0, 1], got {c.top_p}")
-    _require(bool(c.user_prompt.strip()), "caption.user_prompt", "must not be empty")
-    validate_prompts(c)
-    written = (*ROW_COLUMNS, *caption_columns(c))
-    for column in d.passthrough_columns:
-        _require(column not in written, "data.passthrough_columns",
-                 f"{column!r} is a column capjob writes itself ({', '.join(written)}): its value would be lost "
-                 "(with data.format=json a record's field of that name is the column source_<name>)")
-    _require(not c.prompts or cfg.eval.mode == EvalMode.off, "eval.mode",
-             "evaluation reads the single `caption` column; with caption.prompts run capjob-eval on a copy of the output instead, or eval=off")
-    if cfg.sink.format != SinkFormat.txt:
-        _require(not (c.prefix or c.suffix), "caption.prefix", "prefix/suffix apply to sink=txt only; the caption columns stay as generated")
-    elif cfg.sink.txt_column is not None:
-        _require(cfg.sink.txt_column in caption_columns(c), "sink.txt_column",
-                 f"{cfg.sink.txt_column!r} is not a caption column; allowed: {', '.join(caption_columns(c))}")
-    _require(i.size >= 28, "images.size", f"must be >= 28 (one vision patch), got {i.size}")
-    _require(i.max_pixels > 0, "images.max_pixels", f"must be > 0, got {i.max_pixels}")
-    validate_eval(cfg.eval)
-    return cfg
-
-
-# Here rather than in reporting/evaluation.py, which imports pyarrow and the judge (seconds on 2
-# cores): every run checks its config before the model preflight, which should come first.
-def validate_eval(cfg: EvalConfig) -> EvalConfig:
-    """Range checks the types cannot express. Raises ConfigError naming the key."""
-    _require(cfg.max_tokens is None or cfg.max_tokens > 0, "eval.max_tokens", f"must be > 0 or null, got {cfg.max_tokens}")
-    _require(cfg.ngram >= 1, "eval.ngram", f"must be >= 1, got {cfg.ngram}")
-    _require(cfg.ngram_repeats >= 2, "eval.ngram_repeats", f"must be >= 2, got {cfg.ngram_repeats}")
-    _require(0 < cfg.ngram_share <= 1, "eval.ngram_share", f"must be in (0, 1], got {cfg.ngram_share}")
-    _require(cfg.line_repeats >= 2, "eval.line_repeats", f"must be >= 2, got {cfg.line_repeats}")
-    if cfg.mode == EvalMode.judge:
-        j = cfg.judge
-        _require(bool(j.model.source) or bool(j.model.builder), "eval.judge.model.source",
-                 "set a hub id or local path (or eval.judge.model.builder)")
-        _require(j.model.builder in (None, *MODEL_BUILDERS), "eval.judge.model.builder",
-                 f"unknown builder {j.model.builder!r}; allowed: {', '.join(MODEL_BUILDERS)}")
-        validate_engine(j.engine, "eval.judge.engine")
-        _require("{caption}" in j.prompt, "eval.judge.prompt", "must contain the placeholder {caption}")
-        _require(j.max_tokens > 0, "eval.judge.max_tokens", f"must be > 0, got {j.max_tokens}")
-        _require(j.concurrency >= 1, "eval.judge.concurrency", f"must be >= 1, got {j.concurrency}")
-        _require(j.temperature >= 0, "eval.judge.temperature", f"must be >= 0, got {j.temperature}")
-        _require(j.engine.max_model_len > j.max_tokens, "eval.judge.engine.max_model_len",
-                 f"must be > eval.judge.max_tokens ({j.max_tokens}), got {j.engine.max_model_len}")
-        tp = j.engine.tensor_parallel_size
-        _require(j.gpus_per_worker is None or j.gpus_per_worker in (0, tp), "eval.judge.gpus_per_worker",
-                 f"must be null, 0 (CPU) or eval.judge.engine.tensor_parallel_size ({tp}), got {j.gpus_per_worker}")
-        _require(j.raw_chars >= 0, "eval.judge.raw_chars", f"must be >= 0, got {j.raw_chars}")
-    return cfg
-
-
-def to_typed(cfg: DictConfig) -> CapjobConfig:
-    """Resolve interpolations, build the dataclasses and validate them."""
-    typed = OmegaConf.to_object(cfg)
-    if not isinstance(typed, CapjobConfig):
-        raise ConfigError("the composed config is not a capjob config (was conf/config.yaml replaced?)")
-    return validate(typed)
