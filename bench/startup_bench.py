@@ -19,6 +19,10 @@ marks (capjob.log's `start-up +S s: <phase>` lines, the engine's ready and first
 for the median pair.
 
     python bench/startup_bench.py --pairs 3 [--work /tmp/startup-bench] [--set KEY=VALUE ...]
+                                  [--before KEY=VALUE ...]
+
+--before adds a third contender to every pair: capjob with these overrides on top (e.g. a switch
+turned back off), so a change's before and after are timed side by side on the same machine.
 
 Caches are warm by design (the issue's "warm caches"): the tiny model is built and the sample
 set written before the first pair (a miss is timed separately by the first-ten-minutes bench).
@@ -142,6 +146,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--work", default="/tmp/startup-bench")
     parser.add_argument("--set", action="append", default=[], help="an override every contender gets")
+    parser.add_argument("--before", action="append", default=[],
+                        help="overrides of a 'capjob (before)' contender run in every pair beside the others")
     parser.add_argument("--skip-nothing", action="store_true", help="leave out the nothing-to-do rerun")
     args = parser.parse_args()
     if args.cmd == "raw":
@@ -169,6 +175,11 @@ def main() -> None:
         c.update(marks=startup_marks(pair / "run"), timeline=report_timeline(sink))
         r = timed([sys.executable, __file__, "raw", str(pair / "raw"), *sum((["--set", s] for s in args.set), [])],
                   pair / "raw", pair / "raw.out", env)
+        b = None
+        if args.before:
+            b = timed([*capjob, *PRESET, *args.set, *args.before, f"sink.path={pair / 'sink-before'}",
+                       f"hydra.run.dir={pair / 'run-before'}"], pair / "sink-before" / "captions", pair / "before.out", env)
+            b.update(marks=startup_marks(pair / "run-before"), timeline=report_timeline(pair / "sink-before"))
         n = None
         if not args.skip_nothing:
             n = timed([*capjob, *PRESET, *args.set, f"sink.path={sink}", f"hydra.run.dir={pair / 'rerun'}"],
@@ -176,9 +187,10 @@ def main() -> None:
             text = pathlib.Path(n["log"]).read_text(errors="replace")
             n["said_nothing_left"] = "nothing left to do" in text
             n["marks"] = startup_marks(pair / "rerun")
-        rows.append({"capjob": c, "raw_vllm": r, "nothing": n})
+        rows.append({"capjob": c, "raw_vllm": r, "nothing": n, "before": b})
         print(f"pair {i}: capjob first caption {c['first_caption_s']} s (rc {c['rc']}), raw vLLM {r['first_caption_s']} s "
-              f"(rc {r['rc']})" + (f", nothing-to-do rerun {n['exit_s']} s (rc {n['rc']}, said so: {n['said_nothing_left']})" if n else ""),
+              f"(rc {r['rc']})" + (f", capjob before {b['first_caption_s']} s (rc {b['rc']})" if b else "")
+              + (f", nothing-to-do rerun {n['exit_s']} s (rc {n['rc']}, said so: {n['said_nothing_left']})" if n else ""),
               flush=True)
     (work / "results.json").write_text(json.dumps(rows, indent=1))
 
@@ -191,6 +203,15 @@ def main() -> None:
     print(f"\nfirst caption, median of {len(rows)}: capjob {med('capjob', 'first_caption_s')} s, raw vLLM "
           f"{med('raw_vllm', 'first_caption_s')} s; capjob - raw per pair: {[round(d, 1) for d in diffs]} "
           f"(median {round(statistics.median(diffs), 1) if diffs else None} s; target <= 15)")
+    if args.before:
+        before = [r["before"]["first_caption_s"] - r["raw_vllm"]["first_caption_s"] for r in rows
+                  if r["before"]["first_caption_s"] is not None and r["raw_vllm"]["first_caption_s"] is not None]
+        print(f"capjob before ({' '.join(args.before)}): first caption median {med('before', 'first_caption_s')} s; "
+              f"before - raw per pair: {[round(d, 1) for d in before]} (median {round(statistics.median(before), 1) if before else None} s)")
+        print("  its start-up marks (median pair):")
+        mid = sorted(rows, key=lambda r: r["before"]["first_caption_s"] or 0)[len(rows) // 2]["before"]
+        for phase, at in mid["marks"].items():
+            print(f"  {at:6.1f}  {phase}")
     if not args.skip_nothing:
         print(f"nothing-to-do rerun, median: {med('nothing', 'exit_s')} s (target < 20)")
     middle = sorted(rows, key=lambda r: r["capjob"]["first_caption_s"] or 0)[len(rows) // 2]["capjob"]

@@ -188,6 +188,8 @@ def test_processor_stages_follow_the_engine_switches():
     offline = to_typed(compose(["experiment=offline"]))
     assert cpu_stages(offline.engine) == []
     assert offline.engine.enforce_eager and offline.engine.env_vars == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    # One vLLM import per CPU replica: the engine core runs in the engine actor (stages/caption/inproc.py).
+    assert offline.engine.in_process_engine_core and not default.engine.in_process_engine_core
     config = processor_config(offline.engine, offline.model, offline.resources, "/m", EnginePlacement(0, None))
     assert (config.tokenize_stage["enabled"], config.detokenize_stage["enabled"], config.chat_template_stage["enabled"],
             config.prepare_multimodal_stage["enabled"]) == (False, False, False, False)

@@ -141,8 +141,11 @@ def test_killed_worker_and_poison_row_cost_one_row(tmp_path):
     ids right.
 
     Issue 18, case 5: one row kills the vLLM engine every time it is given to it (the test-only
-    CAPJOB_TEST_ENGINE_POISON SIGKILLs the engine-core process, a real engine death: Ray Data
-    LLM exits the actor, Ray restarts it and retries the batches that were in flight). With
+    CAPJOB_TEST_ENGINE_POISON fails the engine: here, with the engine core in the actor's process
+    as experiment=offline runs it, its next step raises, which the adapter turns into vLLM's
+    EngineDeadError (stages/caption/inproc.py); with AsyncLLM's own process it SIGKILLs that
+    process. Either way a real engine death: Ray Data LLM exits the actor, Ray restarts it and
+    retries the batches that were in flight). With
     engine.max_engine_deaths_per_batch=1 the poison batch dies once among other batches, then
     once alone row by row, naming the row: it is quarantined as engine_crash, every other row
     (its batch-mate among them, in flight at the first death) is captioned, and the run finishes

@@ -184,6 +184,12 @@ class EngineConfig:
     # row: the next death names the row, which is then quarantined (stage engine_crash) while
     # the rest is captioned. A poison row costs K + 1 engine restarts (stages/caption/engine_guard.py).
     max_engine_deaths_per_batch: int = 2
+    # Run each replica's vLLM engine core inside its Ray actor's process (vLLM's LLMEngine, as
+    # vllm.LLM does) instead of the second process AsyncLLM spawns, which imports vLLM again:
+    # one import per replica, seconds less start-up on a CPU (stages/caption/inproc.py). For CPU
+    # engines and short runs; a GPU engine keeps the separate process, whose scheduling overlaps
+    # the GPU's work. The judge's engine (eval=judge) is not affected.
+    in_process_engine_core: bool = False
     # Anything else vLLM's EngineArgs accepts, passed through untouched.
     extra_engine_kwargs: dict[str, Any] = field(default_factory=dict)
     # Environment of the processor's actors (engine included), e.g. VLLM_* switches.

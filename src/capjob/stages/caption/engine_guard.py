@@ -43,6 +43,7 @@ import uuid
 from typing import Any, AsyncIterator, Optional
 
 from capjob.schema import ENGINE_CRASH, PROMPT_COLUMN
+from capjob.stages.caption.inproc import engine_class_in_process
 
 log = logging.getLogger(__name__)
 
@@ -237,10 +238,13 @@ def guarded_engine_udf() -> type:
         the original's: Ray Data names the operator after it ("MapBatches(vLLMEngineStageUDF...)"),
         and reports, benchmarks and tests find the engine operator by that name."""
 
-        def __init__(self, *args: Any, crash_ledger: str, max_engine_deaths: int, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, crash_ledger: str, max_engine_deaths: int, in_process_engine_core: bool = False,
+                     **kwargs: Any) -> None:
             import ray
 
-            super().__init__(*args, **kwargs)
+            self.in_process = in_process_engine_core
+            with engine_class_in_process() if in_process_engine_core else contextlib.nullcontext():
+                super().__init__(*args, **kwargs)
             self.ledger = ray.get_actor(crash_ledger)
             self.max_engine_deaths = max_engine_deaths
             self.isolation = IsolationLock()
@@ -252,7 +256,11 @@ def guarded_engine_udf() -> type:
 
         async def _poison_check(self, rows: list[dict[str, Any]]) -> None:
             if self.poison and any(self.poison in (r.get("source_key"), r.get("id")) for r in rows):
-                kill_engine_core()
+                if self.in_process:  # the engine core is this process: its next step fails (inproc.py)
+                    log.error("%s: failing the in-process vLLM engine on the poison row", POISON_ENV)
+                    self.llm.engine.crash(RuntimeError(f"{POISON_ENV}: poison row"))
+                else:
+                    kill_engine_core()
                 # Let vLLM's client see the death before the batch is sent, so that its requests
                 # fail with EngineDeadError as in a real crash; sent while vLLM was still shutting
                 # its client down, they waited forever once (the e2e run hit its 600 s timeout).
@@ -315,13 +323,15 @@ def guarded_engine_udf() -> type:
     return vLLMEngineStageUDFWithCrashLedger
 
 
-def guard_engine_stage(processor: Any, crash_ledger: str, max_engine_deaths: int) -> None:
+def guard_engine_stage(processor: Any, crash_ledger: str, max_engine_deaths: int, in_process_engine_core: bool = False) -> None:
     """Swap the processor's vLLM engine stage UDF for the guarded one (same constructor
-    arguments, plus the ledger's actor name and K)."""
+    arguments, plus the ledger's actor name, K, and whether the engine core runs in the actor's
+    process: stages/caption/inproc.py)."""
     stage = processor.stages["vLLMEngineStage"]
     # Not `stage.fn = ...`: the stage model validates assignments by re-running its
     # post_init, which would resolve the Ray remote args again (a CPU engine would then ask
     # for a GPU).
     object.__setattr__(stage, "fn", guarded_engine_udf())
     object.__setattr__(stage, "fn_constructor_kwargs", {**stage.fn_constructor_kwargs, "crash_ledger": crash_ledger,
-                                                        "max_engine_deaths": max_engine_deaths})
+                                                        "max_engine_deaths": max_engine_deaths,
+                                                        "in_process_engine_core": in_process_engine_core})

@@ -70,7 +70,7 @@ def build_caption_processor(cfg: CapjobConfig, model_source: str, placement: Eng
     columns = list(cfg.data.passthrough_columns) if passthrough_columns is None else list(passthrough_columns)
     processor.postprocess = CaptionRecord(cfg.model.name, run_id, columns, cfg.caption)
     if crash_ledger:
-        guard_engine_stage(processor, crash_ledger, cfg.engine.max_engine_deaths_per_batch)
+        guard_engine_stage(processor, crash_ledger, cfg.engine.max_engine_deaths_per_batch, cfg.engine.in_process_engine_core)
     if specs[0].name is None:
         return processor
     names = [spec.name for spec in specs]
