@@ -211,7 +211,7 @@ def test_node_watch_waits_for_a_replacement_then_stops_in_one_line():
     assert watch.check(now=60) is None  # gone again: the wait starts over
     error = watch.check(now=90)
     assert isinstance(error, ClusterError) and "\n" not in str(error)
-    assert str(error) == ("node 10.0.0.2 (bbbbbbbb): health check failed due to missing too many heartbeats left the cluster mid-job "
+    assert str(error) == ("node 10.0.0.2 (bbbbbbbb) left the cluster mid-job (health check failed due to missing too many heartbeats) "
                           "and no alive node can run an engine replica (labels ray.io/market-type=spot, 1 GPU(s)), none joined "
                           "within 30 s (resources.node_lost_wait_s); " + runtime.RESUME_HINT)
     # Without a selector the head can host a CPU engine: a lost node costs nothing but the retries.
@@ -236,7 +236,7 @@ def test_node_watch_names_the_lost_node_in_rays_error():
     with pytest.raises(ClusterError) as e:
         with watch.guard():
             raise RuntimeError("ray.exceptions.ObjectLostError: Failed to retrieve object\n(traceback...)")
-    assert str(e.value).startswith("node 10.0.0.2 (bbbbbbbb): node drained left the cluster mid-job and the run failed with it "
+    assert str(e.value).startswith("node 10.0.0.2 (bbbbbbbb) left the cluster mid-job (node drained) and the run failed with it "
                                    "(RuntimeError: ray.exceptions.ObjectLostError: Failed to retrieve object); the rows written so far")
 
 

@@ -248,7 +248,7 @@ class NodeWatch:
         self.resources, self.placement, self.poll_s = resources, placement, poll_s
         self.list_nodes = list_nodes or ray.nodes
         self.known = {n["NodeID"]: node_name(n) for n in self.list_nodes() if n.get("Alive")}
-        self.lost: dict[str, str] = {}  # node id -> "ip (id) [Ray's death reason]"
+        self.lost: dict[str, str] = {}  # node id -> "ip (id prefix) left the cluster mid-job (Ray's death reason)"
         self.missing: Optional[str] = None
         self.missing_since: Optional[float] = None
         self.error: Optional[ClusterError] = None
@@ -264,9 +264,8 @@ class NodeWatch:
         for n in nodes:
             if n["NodeID"] in self.known and not n.get("Alive") and n["NodeID"] not in self.lost:
                 reason = n.get("DeathReasonMessage") or "no reason given"
-                self.lost[n["NodeID"]] = f"{node_name(n)}: {reason}"
-                log.warning("node %s left the cluster mid-job (%s); Ray restarts its actors and retries its tasks "
-                            "where they fit", node_name(n), reason)
+                self.lost[n["NodeID"]] = f"node {node_name(n)} left the cluster mid-job ({reason})"
+                log.warning("%s; Ray restarts its actors and retries its tasks where they fit", self.lost[n["NodeID"]])
         if not self.lost:
             return None
         self.missing = missing_hosts(self.resources, self.placement, nodes)
@@ -280,7 +279,7 @@ class NodeWatch:
                             f"(resources.node_lost_wait_s); {RESUME_HINT}")
 
     def lost_line(self) -> str:
-        return f"node {'; node '.join(self.lost.values())} left the cluster mid-job"
+        return "; ".join(self.lost.values())
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
