@@ -167,7 +167,7 @@ def test_label_selectors_are_checked_against_the_alive_nodes():
                                   EnginePlacement(0, None), CLUSTER)  # a CPU engine needs no GPU there
 
 
-def test_label_selectors_reach_the_engine_and_the_cpu_side():
+def test_label_selectors_reach_the_engine_and_the_cpu_side(monkeypatch):
     """The engine stage's actors get engine_label_selector, the processor's CPU stages and
     capjob's tasks cpu_label_selector; an engine in a placement group (vLLM's Ray executor)
     gets it on every bundle."""
@@ -192,6 +192,16 @@ def test_label_selectors_reach_the_engine_and_the_cpu_side():
     fn = pg_stage.map_batches_kwargs["ray_remote_args_fn"]
     assert "label_selector" not in pg_stage.map_batches_kwargs and fn.func is labelled_placement
     assert fn.args[1] == {"ray.io/market-type": "spot"}
+    made = []
+    monkeypatch.setattr("ray.util.placement_group", lambda bundles, **kw: made.append((bundles, kw)) or "pg")
+    assert fn()["scheduling_strategy"].placement_group == "pg"
+    assert made == [([{"GPU": 1, "CPU": 1, "accelerator_type:L4": 0.001}] * 2,
+                     {"bundle_label_selector": [{"ray.io/market-type": "spot"}] * 2, "strategy": "PACK"})]
+    from capjob.plan import make_plan
+    from capjob.stages.caption.engine import EnginePlacement
+
+    text = make_plan(cfg, "r", "/m", EnginePlacement(0, None), 10).render(cfg)
+    assert "; engines on nodes labelled ray.io/market-type=spot; CPU side on nodes labelled ray.io/market-type=on-demand\n" in text
 
 
 def test_node_watch_waits_for_a_replacement_then_stops_in_one_line():
