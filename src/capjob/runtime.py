@@ -4,6 +4,10 @@ Ray Data LLM gives each CPU stage its own actor pool and the engine its own acto
 2-core machine those requests exceed the physical cores and the pipeline waits forever for a
 CPU. A local Ray therefore gets at least as many logical CPUs as the stages ask for (vLLM and
 PIL release the GIL and share the cores fine), and a CPU engine asks for no GPU.
+
+On a cluster it joins: the checks before any engine starts (GPUs from the autoscaler, custom
+resources, node labels, local paths every node must see) and, while the job runs, the watch on
+its nodes (NodeWatch: a node lost mid-job).
 """
 
 from __future__ import annotations
