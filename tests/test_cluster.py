@@ -1,17 +1,21 @@
-"""Beyond one machine: model checkpoints on object storage, engines pinned to another node, and
-the preflight that refuses a local path some node does not see.
+"""Beyond one machine: model checkpoints on object storage, engines pinned to another node (by a
+custom resource, or by node labels on "spot" nodes), a node lost mid-job, and the preflight that
+refuses a local path some node does not see or a label no node carries.
 
 Fast: the refusal (its decision and one-line message, with the nodes' views given), engine
 resources, a model URL's preflight and capjob's per-node fetch against moto's S3 server.
 e2e: a two-node Ray cluster on this machine (two `ray start` processes, each with its own temp
-dir, Hugging Face cache and capjob cache); the engine is pinned by a custom resource to the node
+dir, Hugging Face cache and capjob cache, and its own labels: the head `ray.io/market-type=on-demand`,
+the other `spot`, as KubeRay sets them); the engine is pinned by a custom resource to the node
 that is not the driver's, the checkpoint comes from S3 (moto), and a sweep of it with two engine
-replicas runs there."""
+replicas runs there. Then a job puts its engines on the spot node by label, and that node is
+killed while captions are written: a replacement joins, the job finishes on it, every row once."""
 
 import csv
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -129,6 +133,123 @@ def test_wait_for_gpus_asks_the_autoscaler_then_withdraws_the_request(monkeypatc
     assert requests == []
 
 
+# --- fast: node labels and a node lost mid-job (ray.nodes() as Ray 2.58 lists them) ------------------
+
+
+def node(node_id, labels, alive=True, **resources):
+    return {"NodeID": node_id * 56, "NodeManagerAddress": f"10.0.0.{ord(node_id) - 96}", "Alive": alive,
+            "Labels": {"ray.io/node-id": node_id * 56, **labels}, "Resources": {"CPU": 8.0, **resources},
+            "DeathReasonMessage": "" if alive else "health check failed due to missing too many heartbeats"}
+
+
+CLUSTER = [node("a", {"ray.io/market-type": "on-demand"}), node("b", {"ray.io/market-type": "spot", "pool": "l4"}, GPU=1.0)]
+
+
+def test_label_selectors_are_checked_against_the_alive_nodes():
+    from capjob import runtime
+    from capjob.errors import ConfigError
+    from capjob.stages.caption.engine import EnginePlacement
+
+    spot = typed("+resources.engine_label_selector={ray.io/market-type: spot}", "+resources.cpu_label_selector={ray.io/market-type: on-demand}")
+    runtime.check_label_selectors(spot.resources, EnginePlacement(1, None), CLUSTER)
+    with pytest.raises(ConfigError) as e:
+        runtime.check_label_selectors(typed("+resources.engine_label_selector={pool: h100}").resources, EnginePlacement(1, None), CLUSTER)
+    assert str(e.value) == ("resources.engine_label_selector: no alive node of the cluster carries pool=h100 (labels of its 2 node(s): "
+                            "pool=l4, ray.io/market-type=on-demand, ray.io/market-type=spot); label the nodes "
+                            "(`ray start --labels=KEY=VALUE`, KubeRay: the group's labels) or change the selector")
+    with pytest.raises(ConfigError, match=r"^resources\.cpu_label_selector: no alive node of the cluster carries ray\.io/market-type=spot "):
+        runtime.check_label_selectors(typed("+resources.cpu_label_selector={ray.io/market-type: spot}").resources,
+                                      EnginePlacement(1, None), [CLUSTER[0], {**CLUSTER[1], "Alive": False}])
+    with pytest.raises(ConfigError, match=r"^resources\.engine_label_selector: the 1 node\(s\) carrying ray\.io/market-type=on-demand have no GPU"):
+        runtime.check_label_selectors(typed("+resources.engine_label_selector={ray.io/market-type: on-demand}").resources,
+                                      EnginePlacement(1, None), CLUSTER)
+    runtime.check_label_selectors(typed("+resources.engine_label_selector={ray.io/market-type: on-demand}").resources,
+                                  EnginePlacement(0, None), CLUSTER)  # a CPU engine needs no GPU there
+
+
+def test_label_selectors_reach_the_engine_and_the_cpu_side(monkeypatch):
+    """The engine stage's actors get engine_label_selector, the processor's CPU stages and
+    capjob's tasks cpu_label_selector; an engine in a placement group (vLLM's Ray executor)
+    gets it on every bundle."""
+    import functools
+    from types import SimpleNamespace
+
+    from capjob.stages.caption.engine import ENGINE_STAGE, labelled_placement, place_stages, task_options
+
+    cfg = typed("+resources.engine_label_selector={ray.io/market-type: spot}", "+resources.cpu_label_selector={ray.io/market-type: on-demand}")
+    assert task_options(cfg.resources, cfg.job)["label_selector"] == {"ray.io/market-type": "on-demand"}
+    assert "label_selector" not in task_options(typed().resources, typed().job)
+    stages = {ENGINE_STAGE: SimpleNamespace(map_batches_kwargs={"num_gpus": 1}), "TokenizeStage": SimpleNamespace(map_batches_kwargs={})}
+    place_stages(stages, cfg.resources)
+    assert stages[ENGINE_STAGE].map_batches_kwargs == {"num_gpus": 1, "label_selector": {"ray.io/market-type": "spot"}}
+    assert stages["TokenizeStage"].map_batches_kwargs == {"label_selector": {"ray.io/market-type": "on-demand"}}
+
+    def rays_strategy(count, accelerator, config):  # the shape of Ray Data LLM's _ray_scheduling_strategy_fn
+        raise AssertionError("replaced")
+
+    pg_stage = SimpleNamespace(map_batches_kwargs={"ray_remote_args_fn": functools.partial(rays_strategy, 2, "L4", None)})
+    place_stages({ENGINE_STAGE: pg_stage}, cfg.resources)
+    fn = pg_stage.map_batches_kwargs["ray_remote_args_fn"]
+    assert "label_selector" not in pg_stage.map_batches_kwargs and fn.func is labelled_placement
+    assert fn.args[1] == {"ray.io/market-type": "spot"}
+    made = []
+    monkeypatch.setattr("ray.util.placement_group", lambda bundles, **kw: made.append((bundles, kw)) or "pg")
+    assert fn()["scheduling_strategy"].placement_group == "pg"
+    assert made == [([{"GPU": 1, "CPU": 1, "accelerator_type:L4": 0.001}] * 2,
+                     {"bundle_label_selector": [{"ray.io/market-type": "spot"}] * 2, "strategy": "PACK"})]
+    from capjob.plan import make_plan
+    from capjob.stages.caption.engine import EnginePlacement
+
+    text = make_plan(cfg, "r", "/m", EnginePlacement(0, None), 10).render(cfg)
+    assert "; engines on nodes labelled ray.io/market-type=spot; CPU side on nodes labelled ray.io/market-type=on-demand\n" in text
+
+
+def test_node_watch_waits_for_a_replacement_then_stops_in_one_line():
+    from capjob import runtime
+    from capjob.errors import ClusterError
+    from capjob.stages.caption.engine import EnginePlacement
+
+    cfg = typed("+resources.engine_label_selector={ray.io/market-type: spot}", "resources.node_lost_wait_s=30")
+    nodes = list(CLUSTER)
+    watch = runtime.NodeWatch(cfg.resources, EnginePlacement(1, None), list_nodes=lambda: nodes)
+    assert watch.check(now=0) is None and not watch.lost
+    nodes = [CLUSTER[0], node("b", {"ray.io/market-type": "spot", "pool": "l4"}, alive=False, GPU=1.0)]
+    assert watch.check(now=10) is None and watch.missing.startswith("no alive node can run an engine replica")  # waiting
+    nodes.append(node("c", {"ray.io/market-type": "spot"}, GPU=1.0))  # a replacement joined: the run goes on
+    assert watch.check(now=50) is None and watch.missing is None
+    nodes.pop()
+    assert watch.check(now=60) is None  # gone again: the wait starts over
+    error = watch.check(now=90)
+    assert isinstance(error, ClusterError) and "\n" not in str(error)
+    assert str(error) == ("node 10.0.0.2 (bbbbbbbb) left the cluster mid-job (health check failed due to missing too many heartbeats) "
+                          "and no alive node can run an engine replica (labels ray.io/market-type=spot, 1 GPU(s)), none joined "
+                          "within 30 s (resources.node_lost_wait_s); " + runtime.RESUME_HINT)
+    # Without a selector the head can host a CPU engine: a lost node costs nothing but the retries.
+    cpu = runtime.NodeWatch(typed().resources, EnginePlacement(0, None), list_nodes=lambda: nodes)
+    cpu.known["b" * 56] = "10.0.0.2 (bbbbbbbb)"
+    assert cpu.check(now=0) is None and cpu.lost and cpu.missing is None
+
+
+def test_node_watch_names_the_lost_node_in_rays_error():
+    """A Ray error that ends the execution after a node was lost comes out as one ClusterError
+    line naming the node; one without a lost node passes through unchanged."""
+    from capjob import runtime
+    from capjob.errors import ClusterError
+    from capjob.stages.caption.engine import EnginePlacement
+
+    nodes = list(CLUSTER)
+    watch = runtime.NodeWatch(typed().resources, EnginePlacement(1, None), poll_s=3600, list_nodes=lambda: nodes)
+    with pytest.raises(RuntimeError):
+        with watch.guard():
+            raise RuntimeError("unrelated")
+    nodes = [CLUSTER[0], {**CLUSTER[1], "Alive": False, "DeathReasonMessage": "node drained"}]
+    with pytest.raises(ClusterError) as e:
+        with watch.guard():
+            raise RuntimeError("ray.exceptions.ObjectLostError: Failed to retrieve object\n(traceback...)")
+    assert str(e.value).startswith("node 10.0.0.2 (bbbbbbbb) left the cluster mid-job (node drained) and the run failed with it "
+                                   "(RuntimeError: ray.exceptions.ObjectLostError: Failed to retrieve object); the rows written so far")
+
+
 # --- fast: models on object storage (moto) ---------------------------------------------------------
 
 
@@ -227,7 +348,7 @@ class RayNode:
     workers inherit it: each node gets its own Hugging Face and capjob caches). No `ray stop`:
     that would stop every Ray on the machine."""
 
-    def __init__(self, name, env, head_address=None, num_cpus=2, resources=None, object_store_mib=200):
+    def __init__(self, name, env, head_address=None, num_cpus=2, resources=None, object_store_mib=200, labels=None):
         node_mgr, obj_mgr, metrics, agent, agent_grpc, env_agent, gcs, client = free_ports(8)
         self.temp_dir = tempfile.mkdtemp(prefix=f"cj-{name}-")  # short: Ray's socket paths must fit 107 chars
         cmd = [str(VENV_BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
@@ -244,6 +365,8 @@ class RayNode:
             cmd += [f"--address={head_address}"]
         if resources:
             cmd.append(f"--resources={json.dumps(resources)}")
+        if labels:  # custom node labels; Ray's own ray.io/* ones come from the environment (RAY_NODE_MARKET_TYPE...)
+            cmd.append("--labels=" + ",".join(f"{k}={v}" for k, v in labels.items()))
         self.env = {**os.environ, **env, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
         self.env.pop("RAY_ADDRESS", None)
         self.log_path = pathlib.Path(self.temp_dir) / "ray-start.log"
@@ -283,18 +406,35 @@ def wait_for_nodes(address, count, nodes, timeout=180):
     raise TimeoutError(f"{count} Ray nodes not up after {timeout}s: {last[-2000:]}")
 
 
+# The nodes' labels: Ray's own ray.io/market-type (from RAY_NODE_MARKET_TYPE, as KubeRay sets it
+# for a group) and a custom one (`ray start --labels`).
+HEAD_LABELS = {"ray.io/market-type": "on-demand", "capjob-pool": "cpu"}
+GPU_LABELS = {"ray.io/market-type": "spot", "capjob-pool": "engines"}
+# The head's GCS marks a node dead after 5 missed health checks, one a second (Ray's defaults:
+# one every 3 s): a killed node is noticed in ~5 s rather than ~20 s.
+FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5"}
+
+
+def gpu_node(head_address, gpu_env):
+    """The "GPU" node: the engine resource and the spot labels."""
+    env = {**gpu_env, "RAY_NODE_MARKET_TYPE": GPU_LABELS["ray.io/market-type"]}
+    return RayNode("gpu", env, head_address=head_address, num_cpus=3, resources={ENGINE_RESOURCE: 1},
+                   labels={"capjob-pool": GPU_LABELS["capjob-pool"]})
+
+
 @pytest.fixture(scope="module")
 def two_nodes(s3_env, tmp_path_factory):
-    """Head (the driver's node: the capjob process joins it) and a second node holding the
-    engine resource; each with its own HF_HOME and CAPJOB_CACHE (the head's capjob cache is the
-    tests' own, where the tiny model is built: the driver's disk)."""
+    """Head (the driver's node: the capjob process joins it, on-demand) and a second node holding
+    the engine resource (spot); each with its own HF_HOME and CAPJOB_CACHE (the head's capjob
+    cache is the tests' own, where the tiny model is built: the driver's disk)."""
     root = tmp_path_factory.mktemp("nodes")
     head_env = {"HF_HOME": str(root / "head-hf")}
     gpu_env = {"HF_HOME": str(root / "gpu-hf"), "CAPJOB_CACHE": str(root / "gpu-capjob-cache")}
-    head = RayNode("head", head_env, num_cpus=3)
+    head = RayNode("head", {**head_env, **FAST_HEALTH_CHECKS, "RAY_NODE_MARKET_TYPE": HEAD_LABELS["ray.io/market-type"]},
+                   num_cpus=3, labels={"capjob-pool": HEAD_LABELS["capjob-pool"]})
     nodes = [head]
     try:
-        nodes.append(RayNode("gpu", gpu_env, head_address=head.address, num_cpus=3, resources={ENGINE_RESOURCE: 1}))
+        nodes.append(gpu_node(head.address, gpu_env))
         resources = wait_for_nodes(head.address, 2, nodes)
         yield {"address": head.address, "head_env": head_env, "gpu_env": gpu_env, "resources": resources, "nodes": nodes}
     finally:
@@ -372,3 +512,109 @@ def test_checkpoint_sweep_from_s3_on_two_nodes(two_nodes, s3_env, tmp_path):
     assert "1 run: 1 succeeded, 0 failed." in md, md[:500]
     assert len(list(csv.DictReader((d / "sweep.csv").open()))) == 1
     print(f"two-node sweep: {seconds:.0f} s for 1 run")
+
+
+def kill_node(node):
+    """A node gone at once, as a preempted spot VM: SIGKILL to its `ray start` and every process
+    it started (raylet, workers, the engine); nothing is told to stop."""
+    import psutil
+
+    for p in [psutil.Process(node.proc.pid), *ray_start_children(node.proc)]:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    node.proc.wait()
+
+
+def cluster_state(address, env):
+    """{"nodes": {id: {alive, labels}}, "actors": [(class name, node id)]} from the GCS."""
+    code = ("import json, ray; from ray._private import state; ray.init(address=%r, logging_level='ERROR'); "
+            "print(json.dumps({'nodes': {n['NodeID']: {'alive': n['Alive'], 'labels': n.get('Labels') or {}} for n in ray.nodes()}, "
+            "'actors': [(a['ActorClassName'], a['Address']['NodeID']) for a in state.actors().values()]}))") % address
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+LABEL_ROWS = 48
+
+
+def ids_in(out):
+    """The ids in the sink's captions and quarantine files."""
+    return [i for table in ("captions", "quarantine") for f in sorted((out / table).glob("*.parquet"))
+            for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()]
+
+
+@pytest.mark.e2e
+def test_engines_on_spot_nodes_by_label_and_a_node_lost_mid_job(two_nodes, tmp_path):
+    """Issue 34, parts 3 and 4, on the two-node cluster (last in this module: it replaces the
+    "GPU" node). A selector no node matches stops in preflight with one line naming the labels
+    the nodes have. Then the job puts its engine on the spot node by label and everything else
+    (decode, write tasks) on the on-demand head; once captions are being
+    written the spot node is killed and a replacement with the same labels joins (as a
+    KubeRay group or an autoscaler replaces a preempted node): the job finishes there with
+    every row exactly once, and the same command run again finds nothing left to do."""
+    from capjob.stages.sources.sample import write_hf_parquet
+    from helpers.references import shape_rows
+
+    rows, references = shape_rows(LABEL_ROWS, seed=34)
+    (tmp_path / "data").mkdir()
+    write_hf_parquet(rows, tmp_path / "data" / "part-0.parquet", references)
+    out = tmp_path / "out"
+    env = {**os.environ, **two_nodes["head_env"], "RAY_ADDRESS": two_nodes["address"]}
+    cmd = [sys.executable, "-m", "capjob", "experiment=offline", "data.format=parquet", f"data.path={tmp_path / 'data'}",
+           "data.name=labels", f"sink.path={out}", "caption.max_tokens=24", "data.partitions=12",
+           # one batch of 2 in the engine at a time: captions are still being written when the node goes
+           "engine.batch_size=2", "engine.max_concurrent_batches=1",
+           "caption.temperature=0", "+resources.engine_label_selector={ray.io/market-type: spot, capjob-pool: engines}",
+           "+resources.cpu_label_selector={ray.io/market-type: on-demand}", f"hydra.run.dir={tmp_path / 'run'}"]
+
+    nowhere = subprocess.run([*cmd[:-3], "+resources.engine_label_selector={ray.io/market-type: reserved}",
+                              f"hydra.run.dir={tmp_path / 'nowhere'}"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert nowhere.returncode == 2, nowhere.stdout[-2000:] + nowhere.stderr[-3000:]
+    (line,) = [x for x in nowhere.stderr.splitlines() if x.startswith("capjob: error:")]
+    assert line == ("capjob: error: resources.engine_label_selector: no alive node of the cluster carries "
+                    "ray.io/market-type=reserved (labels of its 2 node(s): capjob-pool=cpu, capjob-pool=engines, "
+                    "ray.io/market-type=on-demand, ray.io/market-type=spot); label the nodes (`ray start --labels=KEY=VALUE`, "
+                    "KubeRay: the group's labels) or change the selector"), line
+    assert not list(out.glob("captions/*"))  # stopped before any engine started
+
+    head_id = next(n for n, res in two_nodes["resources"].items() if ENGINE_RESOURCE not in res)
+    lost = two_nodes["nodes"][1]
+    started = time.monotonic()
+    with open(tmp_path / "stdout.txt", "w") as stdout_file, open(tmp_path / "stderr.txt", "w") as stderr_file:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout_file, stderr=stderr_file, text=True)
+    deadline = time.monotonic() + 600
+    while not list((out / "captions").glob("*.parquet")):
+        assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-5000:]
+        assert time.monotonic() < deadline, "no captions written"
+        time.sleep(0.2)
+    kill_node(lost)
+    written_before = len(ids_in(out))
+    killed_at = time.monotonic()
+    two_nodes["nodes"].append(gpu_node(two_nodes["address"], two_nodes["gpu_env"]))  # the replacement
+    proc.wait(timeout=600)
+    seconds, after_kill = time.monotonic() - started, time.monotonic() - killed_at
+    stdout, stderr = (tmp_path / "stdout.txt").read_text(), (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    lost_id = next(n for n, res in two_nodes["resources"].items() if ENGINE_RESOURCE in res)
+    assert re.search(rf"^capjob: warning: node \S+ \({lost_id[:8]}\) left the cluster mid-job", stderr, re.M), stderr[-3000:]
+
+    state = cluster_state(two_nodes["address"], env)
+    (new_id,) = [n for n, info in state["nodes"].items() if info["alive"] and n != head_id]
+    assert state["nodes"][new_id]["labels"]["ray.io/market-type"] == "spot" and not state["nodes"][lost_id]["alive"]
+    engines = {node for name, node in state["actors"] if "vLLMEngineStage" in name}
+    assert engines and head_id not in engines and new_id in engines, state["actors"]  # only ever on spot nodes
+    (report_dir,) = list((out / "reports").iterdir())
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["write_nodes"] == {head_id: LABEL_ROWS}  # every row written on the on-demand node
+    assert report["rows_read"] == LABEL_ROWS and report["captioned"] + report["quarantined"] == LABEL_ROWS
+    done = ids_in(out)
+    assert len(done) == len(set(done)) == LABEL_ROWS  # every row exactly once
+    assert written_before < LABEL_ROWS  # the node went while captions were still being written
+
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and "nothing left to do: all 48 rows" in rerun.stdout + rerun.stderr, rerun.stderr[-3000:]
+    print(f"node lost mid-job: {seconds:.0f} s in all, {after_kill:.0f} s after the kill ({written_before} rows written before it)")

@@ -396,6 +396,55 @@ def test_accelerator_type_no_node_has_is_one_line():
         check_accelerator_type(EnginePlacement(1, "L4"), {"GPU": 1.0})
 
 
+def test_accelerator_check_reads_rays_node_labels():
+    """Ray 2.49+ labels each GPU node `ray.io/accelerator-type`: the check takes the type from
+    ray.nodes()' labels as well as from the older `accelerator_type:<type>` resource."""
+    from capjob.stages.caption.engine import EnginePlacement, check_accelerator_type
+
+    nodes = [{"NodeID": "a" * 56, "Alive": True, "Labels": {"ray.io/accelerator-type": "L40S"}, "Resources": {"GPU": 4.0}},
+             {"NodeID": "b" * 56, "Alive": False, "Labels": {"ray.io/accelerator-type": "H100"}, "Resources": {"GPU": 8.0}}]
+    check_accelerator_type(EnginePlacement(1, "L40S"), {"GPU": 4.0}, nodes)  # the label alone is enough
+    with pytest.raises(ConfigError, match=r"^resources\.accelerator_type: no node of the cluster has accelerator type 'H100' "
+                                          r"\(it has 4 GPU\(s\), accelerator type\(s\) L40S\)"):
+        check_accelerator_type(EnginePlacement(1, "H100"), {"GPU": 4.0}, nodes)  # a dead node's label does not count
+
+
+@pytest.mark.parametrize("selector,error", [
+    ({"ray.io/market-type": "spot", "pool": "in(a, b)", "zone": "!us-east-1a", "tier": "!in(x,y)"}, None),
+    ({"pool": "sp ot"}, r"^resources\.engine_label_selector\.pool: 'sp ot' is not a label selector value; use v, !v, in\(a,b\) or !in\(a,b\)$"),
+    ({"pool": "in()"}, r"^resources\.engine_label_selector\.pool: 'in\(\)' is not a label selector value"),
+    ({"bad key!": "x"}, r"^resources\.engine_label_selector: 'bad key!' is not a Ray label key"),
+])
+def test_label_selectors_take_rays_syntax(selector, error):
+    from capjob.config import ResourcesConfig, validate
+
+    cfg = to_typed(compose(["experiment=offline"]))
+    cfg.resources = ResourcesConfig(engine_label_selector=selector)
+    if error is None:
+        validate(cfg)
+    else:
+        with pytest.raises(ConfigError, match=error):
+            validate(cfg)
+
+
+def test_label_selectors_match_as_ray_schedules():
+    """A node without the key fails v and in(), satisfies !v and !in() (Ray's autoscaler, Kubernetes' NotIn)."""
+    from capjob.config import selector_matches
+
+    spot = {"ray.io/market-type": "spot", "capjob-pool": "engines"}
+    assert selector_matches({}, {}) and selector_matches({"ray.io/market-type": "spot"}, spot)
+    assert selector_matches({"ray.io/market-type": "in(spot,on-demand)", "capjob-pool": "engines"}, spot)
+    assert not selector_matches({"ray.io/market-type": "on-demand"}, spot)
+    assert not selector_matches({"ray.io/market-type": "spot", "capjob-pool": "cpu"}, spot)  # every entry must hold
+    assert not selector_matches({"zone": "a"}, spot) and not selector_matches({"zone": "in(a,b)"}, spot)
+    assert selector_matches({"zone": "!a"}, spot) and selector_matches({"zone": "!in(a,b)"}, spot)
+    assert not selector_matches({"ray.io/market-type": "!spot"}, spot) and not selector_matches({"capjob-pool": "!in(engines)"}, spot)
+    cfg = to_typed(compose(["experiment=offline", "+resources.engine_label_selector={ray.io/market-type: spot, capjob-pool: engines}",
+                            "+resources.cpu_label_selector={ray.io/market-type: on-demand}"]))
+    assert cfg.resources.engine_label_selector == {"ray.io/market-type": "spot", "capjob-pool": "engines"}
+    assert cfg.resources.cpu_label_selector == {"ray.io/market-type": "on-demand"}
+
+
 def test_engine_front_end_switches():
     """engine.log_engine_metrics reaches Ray Data LLM (on by default: tests/test_e2e.py reads
     ray_vllm_* metrics); engine.detokenize_stage makes the requests ask vLLM for token ids only,

@@ -223,6 +223,10 @@ def test_kuberay_entrypoints_compose_as_capjob_configs():
         cfg = to_typed(compose(argv[3:]))
         assert cfg.model.source == "Qwen/Qwen2.5-VL-3B-Instruct" and cfg.resources.gpus_per_worker == 1, name
         assert cfg.resources.accelerator_type is None and cfg.resources.wait_for_gpus_s, name
+        if name == "rayjob.yaml":  # the engines on the spot group, the rest on the on-demand head (the groups' labels)
+            groups = spec["rayClusterSpec"]
+            assert cfg.resources.engine_label_selector == {"ray.io/market-type": "spot"} == groups["workerGroupSpecs"][0]["labels"]
+            assert cfg.resources.cpu_label_selector == {"ray.io/market-type": "on-demand"} == groups["headGroupSpec"]["labels"]
         assert cfg.data.path.startswith("s3://") and cfg.sink.path.startswith("s3://"), name
     nightly = to_typed(compose(entrypoint_argv(job_specs(manifests())["raycronjob.yaml"]["entrypoint"])[3:]))
     assert nightly.sink.path == f"s3://my-bucket/captions/golden/{dt.date.today():%Y-%m-%d}" and nightly.eval.mode.value == "stats"
@@ -462,7 +466,7 @@ def local_entrypoint(entrypoint, *overrides):
     """The manifest's entrypoint with its model, resources, data and sink swapped for the sample
     set, the tiny model and `overrides` (experiment=offline: this machine's CPU)."""
     words = shlex.split(entrypoint)
-    keep = [w for w in words[3:] if w.split("=", 1)[0].split(".", 1)[0] not in ("model", "resources", "dataset", "data", "sink")]
+    keep = [w for w in words[3:] if w.split("=", 1)[0].split(".", 1)[0].lstrip("+") not in ("model", "resources", "dataset", "data", "sink")]
     assert words[:3] == ["python", "-m", "capjob"] and len(keep) < len(words) - 3
     return shlex.join([*words[:3], *keep, "experiment=offline", "data.sample_size=8", "data.sample_shapes=0",
                        "caption.max_tokens=8", *overrides])

@@ -19,3 +19,7 @@ class SinkError(CapjobError):
 
 class AccountingError(CapjobError):
     """Rows in != captioned + quarantined: something was lost or duplicated."""
+
+
+class ClusterError(CapjobError):
+    """The cluster lost what the job needs mid-run (a node that left); what was written stays."""

@@ -76,7 +76,20 @@ def ledger_name(run_id: str) -> str:
 
 
 def start_ledger(job: str, run_id: str) -> Any:
-    return RunLedger.options(name=ledger_name(run_id)).remote(job, run_id)
+    return RunLedger.options(name=ledger_name(run_id), **on_driver_node()).remote(job, run_id)
+
+
+def on_driver_node() -> dict[str, Any]:
+    """Actor options that keep one of the run's bookkeeping actors (this ledger, the crash
+    ledger, the sample keeper) on the node of the calling process, the driver: they then live
+    as long as the driver does. Left to Ray, a zero-CPU actor may land on any node, and a
+    worker node lost mid-job took the counts with it: every write task then failed with
+    ActorDiedError although every row had been written (docs/benchmarks.md, "A node lost mid-job")."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not ray.is_initialized():
+        return {}
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
 
 
 def record(run_id: str, counter: str, block_key: str, count: int) -> None:

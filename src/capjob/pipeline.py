@@ -27,7 +27,7 @@ import ray.data
 
 from capjob import console, metrics, preflight, runtime
 from capjob.config import CapjobConfig, EvalMode, SourceFormat, parse_shard
-from capjob.errors import AccountingError
+from capjob.errors import AccountingError, ClusterError
 from capjob.models import resolve_model_source
 from capjob.plan import Plan, configure_data_context, make_plan, new_run_id
 from capjob.reporting import report
@@ -95,6 +95,8 @@ class Started:
     prompt_watch: Optional[PromptWatch] = None
     # resume.source_fingerprint of the source, taken before it was read: what a finished run records.
     source_fingerprint: Optional[str] = None
+    # On a cluster it joined: the watch on its nodes (a node lost mid-job), runtime.NodeWatch.
+    node_watch: Optional[runtime.NodeWatch] = None
 
     def guard_prompt(self) -> Any:
         """Around the Ray Data execution: a render that fails stops the run with its error."""
@@ -103,11 +105,19 @@ class Started:
     def prompt_error(self) -> Optional[BaseException]:
         return self.prompt_watch.error if self.prompt_watch is not None else None
 
+    def guard_nodes(self) -> Any:
+        """Around the Ray Data execution: a node lost mid-job stops the run in one line (runtime.NodeWatch)."""
+        return self.node_watch.guard() if self.node_watch is not None else contextlib.nullcontext()
+
+    def watch_error(self) -> Optional[BaseException]:
+        """The error a watch (prompt render, nodes) stopped the run with, if one did."""
+        return self.prompt_error() or (self.node_watch.error if self.node_watch is not None else None)
+
 
 def start(cfg: CapjobConfig, run_id: str, checked: Optional[preflight.Checked] = None) -> Started:
     """Every check that can fail before data flows (preflight.check_all, unless the caller ran
     it: `checked`), then the model, the done ids and Ray, and the checks that need the cluster
-    (accelerator type, custom resources, paths every node must see)."""
+    (accelerator type, custom resources, node labels, paths every node must see)."""
     clock, wall_clock = time.monotonic(), time.time()
     console.startup_mark("config composed, job starting")
     if checked is None:
@@ -127,22 +137,27 @@ def start(cfg: CapjobConfig, run_id: str, checked: Optional[preflight.Checked] =
         placement = decide_placement(cfg.resources, cfg.engine, int(ray.cluster_resources().get("GPU", 0)), largest_node_gpus())
     else:
         ray_info = runtime.init_ray(cfg.resources, cfg.engine, placement, cfg.job.metrics_export_port)
-    check_accelerator_type(placement, ray.cluster_resources())  # before any engine starts
+    nodes = ray.nodes()
+    check_accelerator_type(placement, ray.cluster_resources(), nodes)  # before any engine starts
     runtime.check_engine_resources(cfg.resources.engine_resources, ray.cluster_resources())
+    runtime.check_label_selectors(cfg.resources, placement, nodes)
+    watch = None
     if runtime.cluster_address(cfg.resources):  # Ray's tasks and actors open local paths on their own nodes
         runtime.check_paths_on_nodes(cfg, model_source)
+        watch = runtime.NodeWatch(cfg.resources, placement)  # the nodes up now; one lost later stops the run in one line
     configure_data_context(cfg, placement)
     console.startup_mark("Ray up")
     # Its task overlaps what follows (a fresh worker importing vLLM, serial before).
     prompt = submit_caption_prompt(cfg, model_source, placement) if needs_rendered_prompt(cfg.engine) else None
     # Without engine.chat_template_stages nothing waits for the render before Ray Data starts:
     # the request builders fetch it; the driver only watches it (keeps it, checks it).
-    watch = PromptWatch(prompt) if requests_fetch_prompt(cfg.engine, prompt) else None
+    prompt_watch = PromptWatch(prompt) if requests_fetch_prompt(cfg.engine, prompt) else None
     ledger = metrics.start_ledger(cfg.job.name, run_id)  # keep the handle: an unreferenced actor is destroyed
-    crashes = engine_guard.start_ledger(run_id, cfg.engine.max_engine_deaths_per_batch)
+    crashes = engine_guard.start_ledger(run_id, cfg.engine.max_engine_deaths_per_batch, **metrics.on_driver_node())
     console.startup_mark("prompt " + ("submitted" if prompt is not None else "not needed") + ", ledger actors started")
     return Started(run_id, model_source, placement, done.put(), ledger, clock, wall_clock, ray_info.get("dashboard_url"),
-                   done_count=done.count_in(parse_shard(cfg.data.shard)), crashes=crashes, prompt=prompt, prompt_watch=watch)
+                   done_count=done.count_in(parse_shard(cfg.data.shard)), crashes=crashes, prompt=prompt, prompt_watch=prompt_watch,
+                   node_watch=watch)
 
 
 def with_ids(ds: Any, source: Any, done: Any, run_id: str, options: dict[str, Any], shard: Optional[str] = None) -> Any:
@@ -383,11 +398,16 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
         console.startup_mark("caption flow built (processor, prompt); Ray Data execution starts")
         sink = CaptionSink(cfg.sink, run_id, cfg.model.name, cfg.caption, data_root=cfg.data.path,
                            column_types=passthrough_types(source))
-        with console.Progress(lambda: progress_totals(job, cfg.data.shard), num_rows), job.guard_prompt():
+        with console.Progress(lambda: progress_totals(job, cfg.data.shard), num_rows), job.guard_nodes(), job.guard_prompt():
             dataset.write_datasink(sink, ray_remote_args=task_options(cfg.resources, cfg.job))  # streams: nothing is materialised
-    except KeyboardInterrupt:
-        if job is not None and job.prompt_error() is not None:  # the watch stopped the run
-            raise job.prompt_error() from None
+    except (ClusterError, KeyboardInterrupt) as e:
+        # A watch's error (KeyboardInterrupt: its thread stopped the main one), else Ctrl-C.
+        error = e if isinstance(e, ClusterError) else job.watch_error() if job is not None else None
+        if isinstance(error, ClusterError) and job is not None:  # a node lost: a partial report of what was written
+            with contextlib.suppress(Exception):
+                finish(cfg, job, dataset, sink, resolved_config, report_dir, interrupted=True)
+        if error is not None:
+            raise error from None
         if job is None:
             raise console.Interrupted("capjob: interrupted while starting, before any caption; run the same command to start again") from None
         result = finish(cfg, job, dataset, sink, resolved_config, report_dir, interrupted=True)

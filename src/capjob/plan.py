@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from capjob import console
-from capjob.config import CapjobConfig, DataConfig, EngineConfig, ImagesConfig, ResourcesConfig
+from capjob.config import CapjobConfig, DataConfig, EngineConfig, ImagesConfig, ResourcesConfig, format_selector
 from capjob.stages.caption.engine import EnginePlacement, cpu_stages, local_gpu_count, replica_gpus
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,9 @@ class Plan:
             f"capjob plan  run_id={self.run_id}",
             f"  model       {cfg.model.name}: {self.model_source}",
             f"  workers     {cfg.resources.concurrency} engine replica(s), {engine_where} each "
-            f"(TP={cfg.engine.tensor_parallel_size}, PP={cfg.engine.pipeline_parallel_size})",
+            f"(TP={cfg.engine.tensor_parallel_size}, PP={cfg.engine.pipeline_parallel_size})"
+            + "".join(f"; {what} on nodes labelled {format_selector(selector)}" for what, selector in (
+                ("engines", cfg.resources.engine_label_selector), ("CPU side", cfg.resources.cpu_label_selector)) if selector),
             f"  partitions  {self.partitions_note}",
             "  stages",
         ]

@@ -4,26 +4,35 @@ Ray Data LLM gives each CPU stage its own actor pool and the engine its own acto
 2-core machine those requests exceed the physical cores and the pipeline waits forever for a
 CPU. A local Ray therefore gets at least as many logical CPUs as the stages ask for (vLLM and
 PIL release the GIL and share the cores fine), and a CPU engine asks for no GPU.
+
+On a cluster it joins: the checks before any engine starts (GPUs from the autoscaler, custom
+resources, node labels, local paths every node must see) and, while the job runs, the watch on
+its nodes (NodeWatch: a node lost mid-job).
 """
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import hashlib
 import logging
 import math
 import os
+import signal
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import ray
 from ray.autoscaler.sdk import request_resources
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from capjob.config import CapjobConfig, EngineConfig, ModelConfig, ResourcesConfig
-from capjob.errors import ConfigError
+from capjob.config import (CapjobConfig, EngineConfig, ModelConfig, ResourcesConfig, cluster_labels, format_selector,
+                           selector_matches)
+from capjob.errors import CapjobError, ClusterError, ConfigError
 from capjob.models import remote
-from capjob.stages.caption.engine import ACCELERATOR_PREFIX, EnginePlacement, cpu_stages, replica_gpus
+from capjob.stages.caption.engine import ACCELERATOR_PREFIX, EnginePlacement, accelerator_types, cpu_stages, replica_gpus
+from capjob.stages.caption.render import WATCH_SIGNAL, interrupted_by_watch
 from capjob.stages.storage import protocol_of
 
 log = logging.getLogger(__name__)
@@ -160,6 +169,172 @@ def check_engine_resources(wanted: dict[str, float], cluster_resources: dict[str
             f"(custom resources it has: {', '.join(have) or 'none'}); start the engine nodes with "
             f"`ray start --resources='{{\"{name}\": 1}}'` or remove it"
         )
+
+
+def check_label_selectors(resources: ResourcesConfig, placement: EnginePlacement, nodes: list[dict[str, Any]]) -> None:
+    """resources.engine_label_selector and cpu_label_selector: some alive node (`nodes`:
+    ray.nodes()) carries each selector's labels, and for a GPU engine one such node has a GPU;
+    otherwise the engine actors (or the CPU side's tasks) would wait forever for a node. Raises
+    ConfigError in one line naming the labels the cluster's nodes have."""
+    alive = [n for n in nodes if n.get("Alive")]
+    for key, selector in (("resources.engine_label_selector", resources.engine_label_selector),
+                          ("resources.cpu_label_selector", resources.cpu_label_selector)):
+        if not selector:
+            continue
+        matching = [n for n in alive if selector_matches(selector, n.get("Labels") or {})]
+        have = cluster_labels([n.get("Labels") or {} for n in alive])
+        if not matching:
+            raise ConfigError(
+                f"{key}: no alive node of the cluster carries {format_selector(selector)} (labels of its {len(alive)} "
+                f"node(s): {have}); label the nodes (`ray start --labels=KEY=VALUE`, KubeRay: the group's labels) or change the selector"
+            )
+        if key == "resources.engine_label_selector" and placement.gpus and not any(
+                n.get("Resources", {}).get("GPU", 0) >= min(placement.gpus, 1) for n in matching):
+            raise ConfigError(
+                f"{key}: the {len(matching)} node(s) carrying {format_selector(selector)} have no GPU for an engine "
+                f"replica of {placement.gpus:g} GPU(s) (labels of the cluster's nodes: {have}); change the selector"
+            )
+
+
+# --- a node lost mid-job ------------------------------------------------------------------------
+
+
+def node_name(node: dict[str, Any]) -> str:
+    """A node as the error lines name it: "ip (node id prefix)"."""
+    return f"{node.get('NodeManagerAddress')} ({node['NodeID'][:8]})"
+
+
+def can_host_engine(node: dict[str, Any], resources: ResourcesConfig, placement: EnginePlacement) -> bool:
+    """An alive node on which an engine replica fits once free: its labels (engine_label_selector),
+    custom resources (engine_resources), accelerator type and a GPU (or, for a CPU engine, a CPU)."""
+    have = node.get("Resources") or {}
+    if not node.get("Alive") or not selector_matches(resources.engine_label_selector, node.get("Labels") or {}):
+        return False
+    if any(have.get(name, 0) < float(amount) for name, amount in resources.engine_resources.items()):
+        return False
+    if not placement.gpus:
+        return have.get("CPU", 0) >= 1
+    if placement.accelerator_type and placement.accelerator_type not in accelerator_types(have, [node]):
+        return False
+    return have.get("GPU", 0) >= min(placement.gpus, 1)
+
+
+def missing_hosts(resources: ResourcesConfig, placement: EnginePlacement, nodes: list[dict[str, Any]]) -> Optional[str]:
+    """What no alive node of `nodes` can run any more: the engines, or the CPU side
+    (cpu_label_selector); None when both still have a node."""
+    if not any(can_host_engine(n, resources, placement) for n in nodes):
+        need = [f"labels {format_selector(resources.engine_label_selector)}" if resources.engine_label_selector else "",
+                f"resources {resources.engine_resources}" if resources.engine_resources else "",
+                f"{placement.gpus:g} GPU(s){' ' + placement.accelerator_type if placement.accelerator_type else ''}"
+                if placement.gpus else "a CPU"]
+        return f"no alive node can run an engine replica ({', '.join(x for x in need if x)})"
+    if resources.cpu_label_selector and not any(
+            n.get("Alive") and selector_matches(resources.cpu_label_selector, n.get("Labels") or {}) for n in nodes):
+        return f"no alive node carries resources.cpu_label_selector {format_selector(resources.cpu_label_selector)}"
+    return None
+
+
+class NodeWatch:
+    """The driver's watch on the cluster's nodes during the run's Ray Data execution (guard()): a
+    daemon thread lists them (ray.nodes()) every poll_s seconds.
+
+    A node alive when the watch started and dead later was lost (spot preemption, a drain, a
+    killed raylet; Ray marks it dead once its heartbeats stop, ~20 s). Ray Data restarts the
+    actors it held and retries its tasks wherever they still fit, and the run goes on. When no
+    alive node can run an engine replica (or the CPU side) any more (missing_hosts), the watch
+    waits up to resources.node_lost_wait_s for one to join (an autoscaler replacing the node),
+    then stops the run with a ClusterError naming the lost node; so does a Ray error that ends
+    the execution after a loss. The rows written so far stay in the sink: the same command
+    resumes with the rest (stages/resume.py)."""
+
+    def __init__(self, resources: ResourcesConfig, placement: EnginePlacement, poll_s: float = 2.0,
+                 list_nodes: Any = None) -> None:
+        self.resources, self.placement, self.poll_s = resources, placement, poll_s
+        self.list_nodes = list_nodes or ray.nodes
+        self.known = {n["NodeID"]: node_name(n) for n in self.list_nodes() if n.get("Alive")}
+        self.lost: dict[str, str] = {}  # node id -> "ip (id prefix) left the cluster mid-job (Ray's death reason)"
+        self.missing: Optional[str] = None
+        self.missing_since: Optional[float] = None
+        self.error: Optional[ClusterError] = None
+        self._stop = threading.Event()
+        self._armed = False
+        self._lock = threading.Lock()
+
+    def check(self, now: Optional[float] = None) -> Optional[ClusterError]:
+        """One look at the nodes: records lost ones, and returns the error to stop with once
+        missing_hosts has held for node_lost_wait_s (None meanwhile)."""
+        now = time.monotonic() if now is None else now
+        nodes = self.list_nodes()
+        for n in nodes:
+            if n["NodeID"] in self.known and not n.get("Alive") and n["NodeID"] not in self.lost:
+                reason = n.get("DeathReasonMessage") or "no reason given"
+                self.lost[n["NodeID"]] = f"node {node_name(n)} left the cluster mid-job ({reason})"
+                log.warning("%s; Ray restarts its actors and retries its tasks where they fit", self.lost[n["NodeID"]])
+        if not self.lost:
+            return None
+        self.missing = missing_hosts(self.resources, self.placement, nodes)
+        if self.missing is None:
+            self.missing_since = None
+            return None
+        self.missing_since = self.missing_since if self.missing_since is not None else now
+        if now - self.missing_since < self.resources.node_lost_wait_s:
+            return None
+        return ClusterError(f"{self.lost_line()} and {self.missing}, none joined within {self.resources.node_lost_wait_s:g} s "
+                            f"(resources.node_lost_wait_s); {RESUME_HINT}")
+
+    def lost_line(self) -> str:
+        return "; ".join(self.lost.values())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                error = self.check()
+            except Exception:  # noqa: BLE001 - Ray going down with the run: nothing left to watch
+                return
+            if error is not None:
+                with self._lock:
+                    self.error = error
+                    if self._armed:
+                        _thread.interrupt_main(WATCH_SIGNAL)
+                return
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Around the run's Ray Data execution (main thread): the watch's error (its thread's
+        KeyboardInterrupt) and any Ray error that ends the execution after a node was lost come
+        out as one ClusterError naming the node. A KeyboardInterrupt arriving just after the
+        guard closed is the caller's to map: check `error` first (pipeline.run does)."""
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(WATCH_SIGNAL, interrupted_by_watch) if main else None
+        thread = threading.Thread(target=self._run, name="capjob-nodes", daemon=True)
+        with self._lock:
+            self._armed = main
+        thread.start()
+        try:
+            yield
+        except BaseException as e:
+            with self._lock:
+                self._armed = False
+            if self.error is not None:
+                raise self.error from None
+            if not isinstance(e, (KeyboardInterrupt, CapjobError)):
+                with contextlib.suppress(Exception):
+                    self.check()  # Ray may report the failure before the watch's next look
+                if self.lost:
+                    cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise ClusterError(f"{self.lost_line()} and the run failed with it ({type(e).__name__}: {cause[:300]}); "
+                                       f"{RESUME_HINT}") from e
+            raise
+        finally:
+            with self._lock:
+                self._armed = False
+            self._stop.set()
+            if main:
+                signal.signal(WATCH_SIGNAL, signal.SIG_DFL if previous is None else previous)
+
+
+RESUME_HINT = ("the rows written so far are kept in the sink: run the same command to caption the rest "
+               "(once the cluster has a node for them)")
 
 
 # --- paths every node must see ----------------------------------------------------------------

@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from capjob.config.evaluation import EvalConfig, EvalMode, JudgeConfig, validate_eval
+from capjob.config.labels import cluster_labels, format_selector, selector_matches, validate_label_selector
 from capjob.config.groups import (CHAT_TEMPLATE_CONTENT_FORMATS, CaptionConfig, DataConfig, EngineConfig, FetchConfig,
                                   ImagesConfig, JobConfig, ModelConfig, ResizeMode, ResourcesConfig, SinkConfig, SinkFormat,
                                   SourceFormat, parse_shard, require, validate_engine)
@@ -30,7 +31,7 @@ __all__ = [
     "CHAT_TEMPLATE_CONTENT_FORMATS", "CapjobConfig", "CaptionConfig", "DataConfig", "EngineConfig", "EvalConfig", "EvalMode",
     "FetchConfig", "ImagesConfig", "JobConfig", "JudgeConfig", "ModelConfig", "ResizeMode", "ResourcesConfig", "SinkConfig",
     "SinkFormat", "SourceFormat", "parse_shard", "register_configs", "require", "to_typed", "validate", "validate_engine",
-    "validate_eval",
+    "validate_eval", "validate_label_selector", "selector_matches", "format_selector", "cluster_labels",
 ]
 
 
@@ -107,6 +108,9 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
     require(r.wait_for_gpus_s is None or r.wait_for_gpus_s >= 1, "resources.wait_for_gpus_s", f"must be null or >= 1, got {r.wait_for_gpus_s}")
     require(r.max_block_mib is None or r.max_block_mib >= 1, "resources.max_block_mib", f"must be null or >= 1, got {r.max_block_mib}")
     require(r.cpu_stage_cpus > 0, "resources.cpu_stage_cpus", f"must be > 0, got {r.cpu_stage_cpus}")
+    require(r.node_lost_wait_s >= 0, "resources.node_lost_wait_s", f"must be >= 0, got {r.node_lost_wait_s}")
+    validate_label_selector(r.engine_label_selector, "resources.engine_label_selector")
+    validate_label_selector(r.cpu_label_selector, "resources.cpu_label_selector")
     require(r.cpu_stage_concurrency >= 1, "resources.cpu_stage_concurrency", f"must be >= 1, got {r.cpu_stage_concurrency}")
     resume = cfg.job.resume
     if isinstance(resume, str) and resume.strip().lower() in ("true", "false"):

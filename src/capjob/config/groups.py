@@ -244,6 +244,18 @@ class ResourcesConfig:
     # to the nodes started with them (`ray start --resources='{"vlm_node": 1}'`), the way
     # accelerator_type pins them by Ray's GPU label. E.g. {vlm_node: 0.001}; {}: any node.
     engine_resources: dict[str, float] = field(default_factory=dict)
+    # Ray node labels the engine replicas' nodes must carry (Ray's label_selector: values v, !v,
+    # in(a,b), !in(a,b); config/labels.py), e.g. {ray.io/market-type: spot} for spot GPU nodes
+    # or a custom `ray start --labels` pool. {}: any node. Checked against the alive nodes
+    # before any engine starts.
+    engine_label_selector: dict[str, str] = field(default_factory=dict)
+    # The same for the CPU side: capjob's tasks (ids, decode, caption requests, records, write)
+    # and the processor's CPU-stage actors, e.g. {ray.io/market-type: on-demand}. {}: any node.
+    cpu_label_selector: dict[str, str] = field(default_factory=dict)
+    # A node lost mid-job (spot preemption, a drain) that leaves no alive node able to run an
+    # engine replica (or the CPU side): wait this many seconds for one to join (an autoscaler
+    # replacing it), then stop with one line naming the lost node (runtime.NodeWatch).
+    node_lost_wait_s: float = 120.0
 
 
 @dataclass

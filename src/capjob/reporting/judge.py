@@ -65,8 +65,8 @@ from capjob.models import resolve_model_source
 from capjob.models.remote import node_local_stage_udfs
 from capjob.reporting.outputs import EVALUATION, read_captions, select_run
 from capjob.schema import CAPTIONS, DATA_COLUMN, ERROR_COLUMN
-from capjob.stages.caption.engine import (EnginePlacement, check_accelerator_type, decide_placement, largest_node_gpus,
-                                          processor_config)
+from capjob.stages.caption.engine import (EnginePlacement, check_accelerator_type, cpu_placement, decide_placement,
+                                          largest_node_gpus, place_stages, processor_config)
 from capjob.stages.tables import TableWriter
 
 log = logging.getLogger(__name__)
@@ -311,10 +311,11 @@ def build_judge_processor(judge: JudgeConfig, resources: ResourcesConfig, model_
     processor = build_processor(
         processor_config(judge.engine, judge.model, resources, model_source, placement, multimodal=False),
         preprocess=JudgeRequest(judge),
-        preprocess_map_kwargs={"num_cpus": resources.preprocess_cpus},
-        postprocess_map_kwargs={"num_cpus": resources.preprocess_cpus},
+        preprocess_map_kwargs={"num_cpus": resources.preprocess_cpus, **cpu_placement(resources)},
+        postprocess_map_kwargs={"num_cpus": resources.preprocess_cpus, **cpu_placement(resources)},
     )
     node_local_stage_udfs(processor.stages, model_source)
+    place_stages(processor.stages, resources)  # on the caption job's labelled nodes (resources.*_label_selector)
     # As for captions: failed rows would bypass the user postprocess with their whole working
     # row; replacing the wrapped postprocess gives every row the same small schema.
     processor.postprocess = JudgeRecord(judge_model_name(judge), judge.raw_chars)
@@ -365,7 +366,7 @@ def judge_placement(judge: JudgeConfig, resources: ResourcesConfig) -> EnginePla
     if not ray.is_initialized():
         raise CapjobError("eval.judge: the judge runs on the caption job's Ray, which is not running")
     placement = decide_placement(resources, judge.engine, int(ray.cluster_resources().get("GPU", 0)), largest_node_gpus())
-    check_accelerator_type(placement, ray.cluster_resources())
+    check_accelerator_type(placement, ray.cluster_resources(), ray.nodes())
     return placement
 
 

@@ -70,13 +70,15 @@ class SampleKeeper:
         return [s for _, _, s in self.heap]
 
 
-def start_sample_keeper(run_id: str) -> Any:
-    """The run's SampleKeeper (on the driver, before the write starts); None without Ray."""
+def start_sample_keeper(run_id: str, **actor_options: Any) -> Any:
+    """The run's SampleKeeper (started by the driver, before the write starts); None without
+    Ray. actor_options: e.g. metrics.on_driver_node()."""
     import ray
 
     if not ray.is_initialized():
         return None
-    return ray.remote(num_cpus=0)(SampleKeeper).options(name=_keeper_name(run_id), get_if_exists=True).remote(THUMBNAIL_CANDIDATES)
+    return (ray.remote(num_cpus=0)(SampleKeeper).options(name=_keeper_name(run_id), get_if_exists=True, **actor_options)
+            .remote(THUMBNAIL_CANDIDATES))
 
 
 def offer_samples(run_id: str, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:

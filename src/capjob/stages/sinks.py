@@ -276,8 +276,8 @@ class CaptionSink(Datasink[dict[str, Any]]):
         return stats
 
     def on_write_start(self, schema: Any = None) -> None:
-
-        self._keeper = start_sample_keeper(self.run_id)  # the handle keeps the actor alive
+        # the handle keeps the actor alive; on the driver's node, which outlives the job's workers
+        self._keeper = start_sample_keeper(self.run_id, **metrics.on_driver_node())
 
     def on_write_complete(self, write_result: WriteResult[dict[str, Any]]) -> None:
         """Runs on the driver once every block is written: the run's totals (and, for sink=txt,

@@ -8,6 +8,7 @@ the preflight imports this module to size the dry run's plan without them.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -92,19 +93,31 @@ def largest_node_gpus() -> int:
     return int(max((n.get("Resources", {}).get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0))
 
 
-ACCELERATOR_PREFIX = "accelerator_type:"  # Ray's per-node label resource, e.g. accelerator_type:H200
+ACCELERATOR_PREFIX = "accelerator_type:"  # Ray's per-node resource, e.g. accelerator_type:H200
+ACCELERATOR_LABEL = "ray.io/accelerator-type"  # Ray's default node label for it (Ray 2.49+)
 
 
-def check_accelerator_type(placement: EnginePlacement, cluster_resources: dict[str, float]) -> None:
-    """A GPU engine pinned to resources.accelerator_type needs a node with Ray's label for it
-    (`accelerator_type:<type>` in ray.cluster_resources(); Ray names an NVIDIA H200 "H200").
-    Without one, Ray Data's engine actor would stay pending forever (the autoscaler logs "No
-    available node types can fulfill resource request"). Checked against the nodes up when the
-    job starts. Raises ConfigError naming what the cluster has."""
+def accelerator_types(cluster_resources: dict[str, float], nodes: Optional[Sequence[dict[str, Any]]] = None) -> list[str]:
+    """The accelerator types of the cluster: the alive nodes' `ray.io/accelerator-type` labels
+    (ray.nodes()' "Labels", where the Ray version has them) and the `accelerator_type:<type>`
+    resources of ray.cluster_resources() (older Rays have only these; Ray Data LLM schedules
+    by the resource)."""
+    found = {k[len(ACCELERATOR_PREFIX):] for k in cluster_resources if k.startswith(ACCELERATOR_PREFIX)}
+    found |= {n["Labels"][ACCELERATOR_LABEL] for n in nodes or () if n.get("Alive") and ACCELERATOR_LABEL in (n.get("Labels") or {})}
+    return sorted(found)
+
+
+def check_accelerator_type(placement: EnginePlacement, cluster_resources: dict[str, float],
+                           nodes: Optional[Sequence[dict[str, Any]]] = None) -> None:
+    """A GPU engine pinned to resources.accelerator_type needs a node of that type
+    (accelerator_types: Ray's label or resource; Ray names an NVIDIA H200 "H200"). Without one,
+    Ray Data's engine actor would stay pending forever (the autoscaler logs "No available node
+    types can fulfill resource request"). Checked against the nodes up when the job starts
+    (`nodes`: ray.nodes()). Raises ConfigError naming what the cluster has."""
     want = placement.accelerator_type
     if not want or not placement.gpus:
         return
-    have = sorted(k[len(ACCELERATOR_PREFIX):] for k in cluster_resources if k.startswith(ACCELERATOR_PREFIX))
+    have = accelerator_types(cluster_resources, nodes)
     if want in have:
         return
     gpus = int(cluster_resources.get("GPU", 0))
@@ -261,6 +274,51 @@ def processor_config(engine: EngineConfig, model: ModelConfig, resources: Resour
 
 
 def task_options(resources: ResourcesConfig, job: JobConfig) -> dict[str, Any]:
-    """Ray remote args of the pipeline's tasks (read side, preprocess, postprocess, write). Equal
-    args let Ray Data fuse neighbouring task stages into one operator."""
-    return {"num_cpus": resources.preprocess_cpus, "max_retries": job.task_retries, "retry_exceptions": True}
+    """Ray remote args of the pipeline's tasks (read side, preprocess, postprocess, write), with
+    resources.cpu_label_selector as their `label_selector`. Equal args let Ray Data fuse
+    neighbouring task stages into one operator."""
+    return {"num_cpus": resources.preprocess_cpus, "max_retries": job.task_retries, "retry_exceptions": True,
+            **cpu_placement(resources)}
+
+
+def cpu_placement(resources: ResourcesConfig) -> dict[str, Any]:
+    """{"label_selector": resources.cpu_label_selector} for a CPU-side task or actor's remote
+    args, {} without one."""
+    return {"label_selector": dict(resources.cpu_label_selector)} if resources.cpu_label_selector else {}
+
+
+ENGINE_STAGE = "vLLMEngineStage"  # Ray Data LLM's name of the engine stage in Processor.stages
+
+
+def place_stages(stages: dict[str, Any], resources: ResourcesConfig) -> None:
+    """Ray Data LLM's processor stages (Processor.stages, built) put on labelled nodes: the engine
+    stage's actors on resources.engine_label_selector, the CPU stages' (tokenize, detokenize,
+    chat template) on resources.cpu_label_selector, as the actors' `label_selector` (Ray Data
+    passes map_batches' remote args to the actor pool). vLLMEngineProcessorConfig has no such
+    field. An engine on vLLM's Ray executor (engine.pipeline_parallel_size > 1, a replica
+    larger than a node) runs in a placement group: its bundles get the selector instead
+    (labelled_placement)."""
+    for name, stage in stages.items():
+        selector = resources.engine_label_selector if name == ENGINE_STAGE else resources.cpu_label_selector
+        if not selector:
+            continue
+        kwargs = stage.map_batches_kwargs
+        make_strategy = kwargs.get("ray_remote_args_fn")
+        if name == ENGINE_STAGE and make_strategy is not None:
+            kwargs["ray_remote_args_fn"] = functools.partial(labelled_placement, make_strategy, dict(selector))
+        else:
+            kwargs["label_selector"] = dict(selector)
+
+
+def labelled_placement(make_strategy: Any, selector: dict[str, str]) -> dict[str, Any]:
+    """Ray Data LLM's engine placement group (`make_strategy`: its _ray_scheduling_strategy_fn,
+    a partial of (bundles per replica, accelerator type, placement group config)) with
+    `selector` on every bundle (ray.util.placement_group's bundle_label_selector)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    count, accelerator, config = make_strategy.args
+    config = dict(config or {"bundles": [{"GPU": 1, "CPU": 1}] * count, "strategy": "PACK"})
+    bundles = [dict(b, **({f"{ACCELERATOR_PREFIX}{accelerator}": 0.001} if accelerator else {})) for b in config.pop("bundles")]
+    pg = ray.util.placement_group(bundles, bundle_label_selector=[dict(selector) for _ in bundles], **config)
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)}

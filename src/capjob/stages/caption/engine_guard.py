@@ -144,12 +144,13 @@ class CrashLedger:
                 "ms_after_engine_per_batch": round(1000 * self.after_s / self.after_measured, 2) if self.after_measured else None}
 
 
-def start_ledger(run_id: str, max_deaths: int) -> Any:
+def start_ledger(run_id: str, max_deaths: int, **actor_options: Any) -> Any:
     """The run's crash ledger actor (named ledger_name(run_id)); the driver keeps the handle (an
-    unreferenced actor is destroyed) and so owns it: it outlives every engine actor."""
+    unreferenced actor is destroyed) and so owns it: it outlives every engine actor.
+    actor_options: e.g. metrics.on_driver_node()."""
     import ray
 
-    return ray.remote(num_cpus=0, max_restarts=0)(CrashLedger).options(name=ledger_name(run_id)).remote(max_deaths)
+    return ray.remote(num_cpus=0, max_restarts=0)(CrashLedger).options(name=ledger_name(run_id), **actor_options).remote(max_deaths)
 
 
 class IsolationLock:

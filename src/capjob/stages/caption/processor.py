@@ -19,7 +19,7 @@ from typing import Any, Optional
 from capjob.config import CapjobConfig
 from capjob.models.remote import node_local_stage_udfs
 from capjob.prompts import prompt_specs
-from capjob.stages.caption.engine import EnginePlacement, processor_config, task_options
+from capjob.stages.caption.engine import EnginePlacement, cpu_placement, place_stages, processor_config, task_options
 from capjob.stages.caption.engine_guard import guard_engine_stage
 from capjob.stages.caption.records import CaptionRecord, RegroupPrompts
 from capjob.stages.caption.render import needs_rendered_prompt, render_caption_prompt, requests_fetch_prompt
@@ -64,6 +64,7 @@ def build_caption_processor(cfg: CapjobConfig, model_source: str, placement: Eng
         postprocess_map_kwargs=options,
     )
     node_local_stage_udfs(processor.stages, model_source)  # each stage loads a model URL on its own node
+    place_stages(processor.stages, cfg.resources)  # the engines and CPU stages on their labelled nodes
     # ray.llm routes failed rows around the user postprocess, returning their whole working
     # row (image, messages...). Replacing the wrapped postprocess makes every row, failed or
     # not, leave in the same small schema.
@@ -81,6 +82,6 @@ def build_caption_processor(cfg: CapjobConfig, model_source: str, placement: Eng
         # One actor sees every request row, so the rows of an image always meet; it only moves
         # small rows (the captions), so it takes no CPU from the engine's share.
         return ds.map_batches(RegroupPrompts, fn_constructor_kwargs={"names": names}, batch_format="pyarrow",
-                              batch_size=None, concurrency=1, num_cpus=0)
+                              batch_size=None, concurrency=1, num_cpus=0, **cpu_placement(cfg.resources))
 
     return flow

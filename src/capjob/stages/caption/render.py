@@ -190,7 +190,7 @@ def requests_fetch_prompt(engine: EngineConfig, prompt: Any) -> bool:
 WATCH_SIGNAL = signal.SIGUSR2
 
 
-def _interrupted_by_watch(signum: int, frame: Any) -> None:
+def interrupted_by_watch(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
@@ -256,7 +256,7 @@ class PromptWatch:
         # SIG_IGN, and then _thread.interrupt_main() does nothing), and a user's Ctrl-C keeps
         # its meaning. interrupt_main(WATCH_SIGNAL) sends no OS signal; it runs this handler.
         main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(WATCH_SIGNAL, _interrupted_by_watch) if main else None
+        previous = signal.signal(WATCH_SIGNAL, interrupted_by_watch) if main else None
         try:
             with self._lock:
                 self.raise_error()
