@@ -213,13 +213,17 @@ def test_stop_file_idle_timeout_and_max_checkpoints(tmp_path):
         busy.poll()
         busy.clock.now += 1
         assert busy.stop_reason() is None
-    (ckpt / "WATCH_STOP").write_text("")  # the default stop file, in the watched folder
-    assert busy.run() == f"stop file {ckpt}/WATCH_STOP found"
+    # the stop file (the default name, in the watched folder): training is over; the watcher
+    # first gives every checkpoint written before it a row (this one fails: no config.json)
+    (ckpt / "WATCH_STOP").write_text("")
+    busy.cfg.incomplete_after_s = 5
+    assert busy.run() == f"stop file {ckpt}/WATCH_STOP found, every checkpoint before it evaluated"
+    assert busy.state.rows["step-1"]["status"] == "failed" and "lacks config.json" in busy.state.rows["step-1"]["error"]
     elsewhere = tmp_path / "flags" / "stop-now"
-    other, _ = make_watcher(ckpt, sink, stop_file=str(elsewhere))
+    other, calls = make_watcher(ckpt, sink, stop_file=str(elsewhere))
     elsewhere.parent.mkdir()
     elsewhere.write_text("")
-    assert other.run() == f"stop file {elsewhere} found"
+    assert other.run() == f"stop file {elsewhere} found, every checkpoint before it evaluated" and calls == []
 
 
 def test_config_checks_are_one_line():
@@ -342,4 +346,4 @@ def test_a_checkpoint_prefix_on_s3_is_watched_the_same_way(s3_env, tmp_path):
     # a stop file on S3
     s3.fs.pipe_file(f"{ckpt}/WATCH_STOP", b"")
     stopped, _ = make_watcher(ckpt, sink)
-    assert stopped.run() == f"stop file {ckpt}/WATCH_STOP found"
+    assert stopped.run() == f"stop file {ckpt}/WATCH_STOP found, every checkpoint before it evaluated"

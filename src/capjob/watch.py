@@ -38,7 +38,8 @@ preprocess stages in one Ray Data task (pipeline.caption_flow), and for a golden
 hundreds of images it is a fraction of a second against an engine start of tens of seconds.
 
 Stops (a line saying why, the leaderboard up to date) on watch.max_checkpoints,
-watch.idle_timeout_s, watch.stop_file, or Ctrl-C (exit 130). With Ray up, the latest scores are
+watch.idle_timeout_s, or Ctrl-C (exit 130) at once, and on watch.stop_file (the trainer's "training
+is over") once every checkpoint written before it has a row. With Ray up, the latest scores are
 Prometheus gauges on Ray's metrics endpoint (metrics.publish_scores).
 """
 
@@ -233,19 +234,22 @@ class Watcher:
         return None
 
     def stop_reason(self) -> Optional[str]:
+        """Why to stop now (watch.max_checkpoints, watch.idle_timeout_s), or None."""
         limit = self.cfg.max_checkpoints
         if limit is not None and len(self.state.rows) >= limit:
             return f"watch.max_checkpoints={limit} checkpoints on the leaderboard"
-        stop = self.stop_file()
-        if stop is not None:
-            fs, path = fsspec.url_to_fs(stop)
-            fs.invalidate_cache()
-            if fs.exists(path):
-                return f"stop file {stop} found"
         idle = self.cfg.idle_timeout_s
         if idle is not None and self.clock() - self.last_activity >= idle:
             return f"no new checkpoint for {idle:g} s (watch.idle_timeout_s)"
         return None
+
+    def stop_file_found(self) -> bool:
+        stop = self.stop_file()
+        if stop is None:
+            return False
+        fs, path = fsspec.url_to_fs(stop)
+        fs.invalidate_cache()
+        return bool(fs.exists(path))
 
     def stop_file(self) -> Optional[str]:
         name = self.cfg.stop_file
@@ -264,7 +268,11 @@ class Watcher:
             reason = self.stop_reason()
             if reason:
                 return reason
-            ready, _ = self.poll()
+            # Looked for before the listing: every checkpoint written before the stop file is in it.
+            stopping = self.stop_file_found()
+            ready, busy = self.poll()
+            if stopping and not busy:
+                return f"stop file {self.stop_file()} found, every checkpoint before it evaluated"
             for checkpoint in ready:
                 self.evaluate_one(checkpoint)
                 self.last_activity = self.clock()

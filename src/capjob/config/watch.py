@@ -32,8 +32,9 @@ class WatchConfig:
     max_checkpoints: Optional[int] = None
     # Stop after this many seconds without a new or changing checkpoint. null: never.
     idle_timeout_s: Optional[float] = None
-    # Stop (after the checkpoint being evaluated) once this file exists: a path or URL, or a bare
-    # name, looked for in `path` (e.g. STOP, written by the trainer when training ends).
+    # Training is over once this file exists (the trainer writes it last): the watcher evaluates
+    # every checkpoint written before it, then stops. A path or URL, or a bare name looked for
+    # in `path`. null: none.
     stop_file: Optional[str] = "WATCH_STOP"
 
 
