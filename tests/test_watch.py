@@ -347,3 +347,51 @@ def test_a_checkpoint_prefix_on_s3_is_watched_the_same_way(s3_env, tmp_path):
     s3.fs.pipe_file(f"{ckpt}/WATCH_STOP", b"")
     stopped, _ = make_watcher(ckpt, sink)
     assert stopped.run() == f"stop file {ckpt}/WATCH_STOP found, every checkpoint before it evaluated"
+
+
+# --- the command, without an engine --------------------------------------------------------------
+
+
+def watch_command(tmp_path, *extra):
+    return [sys.executable, "-m", "capjob.watch", "experiment=offline", "eval=stats", "eval.reference_column=reference",
+            f"watch.path={tmp_path / 'ckpt'}", f"sink.path={tmp_path / 'sink'}", f"hydra.run.dir={tmp_path / 'run'}", *extra]
+
+
+def test_capjob_watch_stops_with_one_line_and_the_leaderboard_written(tmp_path):
+    """A checkpoint the trainer marked complete but that lacks its weights: a failed row (no
+    engine starts), then the idle timeout stops the watcher with one line."""
+    model_files(tmp_path / "ckpt" / "step-30", weights=False)
+    (tmp_path / "ckpt" / "step-30" / "DONE").write_text("")
+    proc = subprocess.run(watch_command(tmp_path, "watch.marker=DONE", "watch.poll_interval_s=0.2", "watch.idle_timeout_s=1"),
+                          capture_output=True, text=True, cwd=REPO, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith(f"capjob-watch: watching {tmp_path / 'ckpt'} every 0.2 s;")
+    assert lines[-2].startswith("capjob-watch: step-30 (step 30): failed: model.source: ") and "lacks weights" in lines[-2]
+    assert lines[-1] == (f"capjob-watch: stopped: no new checkpoint for 1 s (watch.idle_timeout_s); 1 checkpoint(s) evaluated by "
+                         f"this watcher, 1 on the leaderboard {tmp_path / 'sink'}/leaderboard.md")
+    assert "| 30 | step-30 | model.source:" in (tmp_path / "sink" / "leaderboard.md").read_text()
+
+
+def test_ctrl_c_stops_the_watcher_with_one_line(tmp_path):
+    import signal
+    import time
+
+    (tmp_path / "ckpt").mkdir()
+    out = tmp_path / "stdout.txt"
+    with out.open("w") as stdout:
+        proc = subprocess.Popen(watch_command(tmp_path, "watch.poll_interval_s=0.2"), stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                cwd=REPO)
+        try:
+            deadline = time.monotonic() + 120
+            while "capjob-watch: watching" not in out.read_text() and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.2)
+            time.sleep(1)  # a few polls
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines() == [f"capjob-watch: interrupted; 0 checkpoint(s) on the leaderboard ({tmp_path / 'sink'}/"
+                                        "leaderboard.md, up to date); run the same command to go on"]
