@@ -395,3 +395,22 @@ def test_ctrl_c_stops_the_watcher_with_one_line(tmp_path):
     assert proc.returncode == 130, err[-3000:]
     assert err.strip().splitlines() == [f"capjob-watch: interrupted; 0 checkpoint(s) on the leaderboard ({tmp_path / 'sink'}/"
                                         "leaderboard.md, up to date); run the same command to go on"]
+
+
+def test_a_listing_that_fails_once_is_retried_and_a_bad_store_is_one_line(tmp_path, s3_env):
+    model_files(tmp_path / "ckpt" / "step-1")
+    watcher, calls = make_watcher(tmp_path / "ckpt", tmp_path / "sink", max_checkpoints=1)
+    lines, listed = [], watcher.folder.checkpoints
+    watcher.say = lines.append
+    failures = iter([OSError("connection reset by peer")])
+
+    def flaky():
+        for error in failures:
+            raise error
+        return listed()
+
+    watcher.folder.checkpoints = flaky
+    assert watcher.run().startswith("watch.max_checkpoints=1") and [c[0] for c in calls] == ["step-1"]
+    assert lines[0].startswith(f"capjob-watch: listing {tmp_path / 'ckpt'} failed (") and "trying again in 1 s" in lines[0]
+    with pytest.raises(ConfigError, match=r"^watch\.path: the bucket of 's3://no-such-bucket-here/ckpt' does not exist"):
+        make_watcher("s3://no-such-bucket-here/ckpt", tmp_path / "sink")

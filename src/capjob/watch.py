@@ -68,6 +68,7 @@ from capjob.errors import CapjobError, ConfigError
 from capjob.models import remote
 from capjob.reporting import leaderboard
 from capjob.reporting.sweep_report import load_job
+from capjob.stages.storage import describe_remote_error
 from capjob.stages.tables import write_atomic
 
 # `step-1200`, `checkpoint-1200` (transformers.Trainer's PREFIX_CHECKPOINT_DIR), `step_1200`.
@@ -148,8 +149,10 @@ class State:
             self.rows = dict(data.get("checkpoints") or {})
         except FileNotFoundError:
             pass
-        except ValueError as e:
+        except (ValueError, AttributeError) as e:
             raise ConfigError(f"sink.path: {self.sink}/{STATE_FILE} is not the watcher's JSON ({e}); move it away to start over") from None
+        except Exception as e:  # noqa: BLE001 - s3fs/botocore/aiohttp raise many types
+            raise ConfigError(f"sink.path: {describe_remote_error(self.sink, e)}") from None
 
     def finished(self, name: str, fingerprint: Optional[str]) -> bool:
         row = self.rows.get(name)
@@ -188,6 +191,15 @@ class Watcher:
         self.cfg, self.evaluate, self.load_format, self.publish = cfg, evaluate, load_format, publish
         self.clock, self.sleep, self.say = clock, sleep, say
         self.folder = Folder(cfg.path)
+        try:  # bad credentials, endpoint or bucket: one line now, not a retry loop
+            self.folder.checkpoints()
+            bucket = self.folder.root.split("/", 1)[0]
+            if "://" in self.folder.path and not self.folder.fs.exists(bucket):
+                raise ConfigError(f"watch.path: the bucket of {cfg.path!r} does not exist")
+        except CapjobError:
+            raise
+        except Exception as e:  # noqa: BLE001 - s3fs/botocore/aiohttp raise many types
+            raise ConfigError(f"watch.path: {describe_remote_error(cfg.path, e)}") from None
         self.state = State(sink)
         self.seen: dict[str, _Seen] = {}
         self.evaluated = 0  # by this process
@@ -269,8 +281,14 @@ class Watcher:
             if reason:
                 return reason
             # Looked for before the listing: every checkpoint written before the stop file is in it.
-            stopping = self.stop_file_found()
-            ready, busy = self.poll()
+            try:
+                stopping = self.stop_file_found()
+                ready, busy = self.poll()
+            except Exception as e:  # noqa: BLE001 - a store that fails one listing (throttled, a network blip): poll again
+                self.say(f"capjob-watch: listing {self.folder.path} failed ({describe_remote_error(self.folder.path, e)}); "
+                         f"trying again in {self.cfg.poll_interval_s:g} s")
+                self.sleep(self.cfg.poll_interval_s)
+                continue
             if stopping and not busy:
                 return f"stop file {self.stop_file()} found, every checkpoint before it evaluated"
             for checkpoint in ready:
