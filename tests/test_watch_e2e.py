@@ -9,6 +9,7 @@ its leaderboard row is printed (docs/benchmarks.md, "capjob-watch")."""
 import csv
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -31,8 +32,8 @@ POLL_S = 2
 FIRST_HALF = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
-def checkpoint_source(steps: int):
-    return models.resolve_model_source(None, models.TINY_QWEN25VL) if steps == 1200 else early_checkpoint(steps)
+def checkpoint_source(steps: int) -> pathlib.Path:
+    return pathlib.Path(models.resolve_model_source(None, models.TINY_QWEN25VL)) if steps == 1200 else early_checkpoint(steps)
 
 
 def copy_files(source, target, names):
@@ -89,8 +90,16 @@ def test_watcher_follows_a_training_run_across_a_kill(tmp_path):
     written: dict[str, float] = {}  # checkpoint -> time.time() its last file was written
     appeared: dict[str, float] = {}  # checkpoint -> time.time() its row was first seen in the sink
     killed = threading.Event()
+    failures: list[BaseException] = []
 
     def trainer():
+        try:
+            write_checkpoints()
+        except BaseException as e:  # a failed writer fails the test, not a 900 s wait
+            failures.append(e)
+            raise
+
+    def write_checkpoints():
         names = model_file_names(sources[20])
         copy_files(sources[20], ckpt / "step-20", names)
         written["step-20"] = time.time()
@@ -108,7 +117,7 @@ def test_watcher_follows_a_training_run_across_a_kill(tmp_path):
 
     def watch_rows(proc, wanted, timeout):
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and len(appeared) < wanted and proc.poll() is None:
+        while time.monotonic() < deadline and len(appeared) < wanted and proc.poll() is None and not failures:
             for name in state_rows(sink):
                 appeared.setdefault(name, time.time())
             time.sleep(0.2)
@@ -144,6 +153,7 @@ def test_watcher_follows_a_training_run_across_a_kill(tmp_path):
             kill_session(second)
         log2.close()
     writer.join(timeout=10)
+    assert not failures, failures
     out2 = (tmp_path / "run2.log").read_text()
     assert second.returncode == 0, out2[-5000:]
 
@@ -152,6 +162,8 @@ def test_watcher_follows_a_training_run_across_a_kill(tmp_path):
         return sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / run).iterdir() if p.is_dir())
 
     assert job_dirs("run1") == ["step-20", "step-200"] and job_dirs("run2") == ["step-1200"]
+    # one Ray session for both of the first watcher's runs (Ray names a session dir after its driver's pid)
+    assert len(list(pathlib.Path("/tmp/ray").glob(f"session_*_{first.pid}"))) == 1
     assert "2 checkpoint(s) already on the leaderboard" in out2
     assert "capjob-watch: stopped: watch.max_checkpoints=3 checkpoints on the leaderboard; 1 checkpoint(s) evaluated" in out2
     state = state_rows(sink)

@@ -29,10 +29,10 @@ handling) with model.source = the checkpoint and job.resume=false, its job folde
 watcher's Hydra run dir. A failed run (missing files, a load error, an engine that died) is a
 row with its reason, and the watcher goes on.
 
-One Ray session serves every checkpoint: Ray starts with the first run and stays up (Ray
-Data's context reset between runs); vLLM needs a new engine for new weights, which each run's
-processor starts and ends. After a failed run Ray is shut down and the next run starts it
-afresh. The kept prompt (render.prompt_cache_path) is reused across checkpoints with the same
+One Ray session serves every checkpoint: Ray starts with the first run (with
+job.metrics_export_port, with the watcher, so that the endpoint is up from the start) and stays
+up, Ray Data's context reset between runs; vLLM needs a new engine for new weights, which each
+run's processor starts and ends. After a failed run Ray is shut down and started afresh. The kept prompt (render.prompt_cache_path) is reused across checkpoints with the same
 processor files. Decoded images are not kept between runs: decoding is fused with the id and
 preprocess stages in one Ray Data task (pipeline.caption_flow), and for a golden set of
 hundreds of images it is a fraction of a second against an engine start of tens of seconds.
@@ -62,12 +62,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from capjob import cli, console, metrics, preflight, sweep
+from capjob import cli, console, metrics, preflight, runtime, sweep
 from capjob.config import CapjobConfig, EvalMode, WatchConfig, register_configs, to_typed
 from capjob.errors import CapjobError, ConfigError
 from capjob.models import remote
 from capjob.reporting import leaderboard
 from capjob.reporting.sweep_report import load_job
+from capjob.stages.caption.engine import EnginePlacement
 from capjob.stages.storage import describe_remote_error
 from capjob.stages.tables import write_atomic
 
@@ -351,18 +352,30 @@ def checkpoint_config(cfg: DictConfig, checkpoint: Checkpoint, sink: str) -> Dic
     return job
 
 
-def run_checkpoint(cfg: DictConfig, checkpoint: Checkpoint, sink: str, work_dir: Path) -> dict[str, Any]:
+def run_checkpoint(cfg: DictConfig, checkpoint: Checkpoint, sink: str, work_dir: Path,
+                   restart_ray: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Evaluate one checkpoint as a capjob run in <work_dir>/<name>-<fingerprint>; the row's
-    result fields. Never raises for a failed run; Ctrl-C propagates."""
+    result fields. Ray stays up after the run (the first run starts it); after a failed one it
+    is shut down and restart_ray() called. Never raises for a failed run; Ctrl-C propagates."""
     job_dir = work_dir / f"{checkpoint.name}-{checkpoint.fingerprint[:8]}"
     record = sweep.new_record(checkpoint.step, [f"model.source={checkpoint.url}"])
     level = str(OmegaConf.select(cfg, "job.log_level") or "warning")
-    with console.session(str(job_dir), level, brief_prefix=f"{checkpoint.name}: "):
+    with console.session(str(job_dir), level, brief_prefix=f"{checkpoint.name}: ", shutdown_ray=False):
         record = sweep.run_recorded(checkpoint_config(cfg, checkpoint, sink), cli._run, record, job_dir, work_dir,
                                     time.monotonic(), checkpoint.step, release=False)
     if record.get("status") != "succeeded":
         sweep.release_ray()  # a failed run may leave an engine or Ray itself broken: the next run starts afresh
+        restart_ray()
     return leaderboard.row_from_job(load_job(job_dir))
+
+
+def start_ray(cfg: CapjobConfig) -> None:
+    """Ray as the runs start it (runtime.init_ray, sized for this config), for the metrics
+    endpoint (job.metrics_export_port) to be up before the first run and after a failed one;
+    the runs then join it. Without a metrics port the first run starts Ray."""
+    if cfg.job.metrics_export_port:
+        placement = preflight.local_placement(cfg.resources, cfg.engine) or EnginePlacement(0, None)
+        runtime.init_ray(cfg.resources, cfg.engine, placement, cfg.job.metrics_export_port)
 
 
 def publisher(job_name: str) -> Callable[[dict[str, Any], list[dict[str, Any]]], Any]:
@@ -385,9 +398,13 @@ def _main(cfg: DictConfig) -> None:
         preflight.check_keys(cfg)
         typed = to_typed(cfg)
         check_watch(typed)
-        sink = typed.sink.path
-        watcher = Watcher(typed.watch, sink, lambda c: run_checkpoint(cfg, c, sink, work_dir), load_format=typed.model.load_format,
-                          publish=publisher(typed.job.name))
+        sink, publish = typed.sink.path, publisher(typed.job.name)
+        watcher = Watcher(typed.watch, sink, lambda c: run_checkpoint(cfg, c, sink, work_dir, lambda: start_ray(typed)),
+                          load_format=typed.model.load_format, publish=publish)
+        start_ray(typed)
+        if watcher.state.rows and typed.job.metrics_export_port:  # a restarted watcher exports the scores it has at once
+            rows = list(watcher.state.rows.values())
+            publish(max(rows, key=lambda r: str(r.get("finished_at"))), rows)
         console.headline(f"capjob-watch: watching {typed.watch.path} every {typed.watch.poll_interval_s:g} s; "
                          f"leaderboard {watcher.leaderboard_path()}; stop file {watcher.stop_file() or '(none)'}")
         reason = watcher.run()
