@@ -4,7 +4,6 @@ leaderboard files and the stop conditions, on local folders and on an S3 server 
 evaluation itself is a stand-in here; tests/test_watch_e2e.py runs real ones."""
 
 import csv
-import io
 import json
 import subprocess
 import sys
@@ -13,7 +12,6 @@ import pytest
 
 from capjob.config import EvalConfig, EvalMode, WatchConfig, validate_watch
 from capjob.errors import ConfigError
-from capjob.reporting import leaderboard
 from capjob.watch import STATE_FILE, Checkpoint, Folder, Watcher, check_watch, checkpoint_config
 from helpers.config import REPO, compose, model_files
 
@@ -263,40 +261,6 @@ def test_capjob_watch_refuses_a_missing_path_in_one_line(tmp_path):
 
 
 # --- the leaderboard -------------------------------------------------------------------------
-
-
-def test_leaderboard_files_rank_by_score_and_name_failures(tmp_path):
-    rows = [
-        {"checkpoint": "step-300", "step": 300, "status": "succeeded", "exact_match": 0.9, "word_f1": 0.95, "lag_s": 40.0},
-        {"checkpoint": "step-100", "step": 100, "status": "succeeded", "exact_match": 0.1, "word_f1": 0.4},
-        {"checkpoint": "step-200", "step": 200, "status": "failed", "error": "model.source: /c/step-200 lacks weights\nmore"},
-        {"checkpoint": "step-400", "step": 400, "status": "succeeded", "exact_match": 0.9, "word_f1": 0.97},
-    ]
-    files = leaderboard.render(rows, "/sink")
-    md = files["leaderboard.md"].decode()
-    assert "4 checkpoints: 3 evaluated, 1 failed." in md
-    assert "**Best checkpoint: step-400** (step 400): exact match 0.9, word F1 0.97." in md
-    table = [line for line in md.splitlines() if line.startswith("| ") and "step-" in line][:4]
-    assert [line.split(" | ")[2] for line in table] == ["step-100", "step-200", "step-300", "step-400"]  # training order
-    assert table[3].startswith("| ★ best | 400 |")
-    assert "| 200 | step-200 | model.source: /c/step-200 lacks weights |" in md
-    parsed = list(csv.DictReader(io.StringIO(files["leaderboard.csv"].decode())))
-    assert [(r["step"], r["best"], r["status"]) for r in parsed] == [("100", "False", "succeeded"), ("200", "False", "failed"),
-                                                                    ("300", "False", "succeeded"), ("400", "True", "succeeded")]
-    assert files["leaderboard.png"][:4] == PNG
-    assert leaderboard.render([], "/sink")["leaderboard.png"][:4] == PNG  # before the first checkpoint too
-
-
-def test_a_run_that_captioned_nothing_is_a_failed_row(tmp_path):
-    from capjob.reporting.sweep_report import Job
-
-    job = Job("x", tmp_path, {"status": "succeeded", "run_id": "r1"},
-              {"captioned": 0, "quarantined": 8, "quarantined_by_reason": {"engine_crash": 8}}, {"count": 0})
-    row = leaderboard.row_from_job(job)
-    assert row["status"] == "failed" and row["error"] == "no caption: all 8 rows quarantined (engine_crash 8)"
-    failed = leaderboard.row_from_job(Job("y", tmp_path, {"status": "failed", "error": "ConfigError: model.source: broken"}))
-    assert failed["status"] == "failed" and failed["error"] == "ConfigError: model.source: broken"
-    assert leaderboard.best_row([{**row, "checkpoint": "a", "step": 1}]) is None
 
 
 def test_leaderboard_writes_leave_no_partial_files(tmp_path):
