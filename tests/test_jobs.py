@@ -249,14 +249,14 @@ elif args[:2] == ["job", "logs"]:
 """
 
 
-def fake_submit(tmp_path, status, *overrides, env=None, timeout=60):
+def fake_submit(tmp_path, status, *overrides, env=None, timeout=60, script=None):
     fake = tmp_path / "ray"
     fake.write_text(FAKE_RAY)
     fake.chmod(0o755)
     log = tmp_path / "calls.jsonl"
     run_env = {**os.environ, "RAY": str(fake), "FAKE_RAY_LOG": str(log), "FAKE_RAY_STATUS": status,
                "RAY_ADDRESS": "http://head:8265", "CAPJOB_SUBMISSION_ID": "sid-1", "RAY_JOB_HEADERS": "", **(env or {})}
-    proc = subprocess.run([str(SUBMIT), *overrides], cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([str(script or SUBMIT), *overrides], cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=timeout)
     calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     return proc, calls
 
@@ -280,6 +280,21 @@ def test_submit_fails_when_the_job_fails_or_times_out(tmp_path):
     proc, calls = fake_submit(tmp_path, "RUNNING", "x=1", env={"CAPJOB_TIMEOUT_S": "1"})
     assert proc.returncode == 1 and "still RUNNING after 1s" in proc.stderr
     assert ["job", "stop", "--address", "http://head:8265", "--log-style", "record", "--log-color", "false", "--no-wait", "sid-1"] in calls
+
+
+def test_watch_job_submits_capjob_watch_with_the_same_runtime_env(tmp_path):
+    """jobs/watch/submit.sh: the checkpoint watcher as a Ray job, its overrides a capjob config."""
+    overrides = ["watch.path=s3://b/run7/checkpoints/", "dataset=parquet", "data.path=s3://b/golden/", "eval=stats",
+                 "eval.reference_column=reference", "sink.path=s3://b/run7/validation"]
+    proc, calls = fake_submit(tmp_path, "SUCCEEDED", *overrides, script=REPO / "jobs" / "watch" / "submit.sh")
+    assert proc.returncode == 0, proc.stderr
+    assert calls[0][calls[0].index("--runtime-env") + 1] == "jobs/runtime_env.yaml"
+    assert calls[0][calls[0].index("--"):] == ["--", "python", "-m", "capjob.watch", *overrides]
+    from capjob.config import to_typed
+    from helpers.config import compose
+
+    typed = to_typed(compose(overrides))
+    assert typed.watch.path == "s3://b/run7/checkpoints/" and typed.watch.stop_file == "WATCH_STOP"
 
 
 def test_submit_needs_an_address_and_overrides(tmp_path):

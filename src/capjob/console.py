@@ -107,10 +107,11 @@ class _ConsoleHandler(logging.Handler):
 
 
 @contextlib.contextmanager
-def session(run_dir: str, level: str = "warning", brief_prefix: Optional[str] = None) -> Iterator[None]:
+def session(run_dir: str, level: str = "warning", brief_prefix: Optional[str] = None, shutdown_ray: bool = True) -> Iterator[None]:
     """Route the run's output: capjob's lines to the console, the rest to <run_dir>/capjob.log.
     brief_prefix (a sweep's jobs, e.g. "job 3: "): only the headline lines reach the console,
-    after that prefix; the plan, summary and everything else go to the log."""
+    after that prefix; the plan, summary and everything else go to the log. shutdown_ray=False
+    (capjob-watch, whose runs share one Ray): Ray stays up when the session ends."""
     global _out, _err, log_path, _brief, _prefix
     level = level.lower() if level.lower() in LOG_LEVELS else "warning"  # validate() names a bad one
     os.makedirs(run_dir, exist_ok=True)
@@ -147,7 +148,8 @@ def session(run_dir: str, level: str = "warning", brief_prefix: Optional[str] = 
         traceback.print_exc(file=log_file)  # the console gets one line (cli.py); the log the whole story
         raise
     finally:
-        _shutdown_ray()  # before the fds are restored: Ray's log thread still prints worker lines
+        if shutdown_ray:
+            _shutdown_ray()  # before the fds are restored: Ray's log thread still prints worker lines
         log.removeHandler(console_handler)
         root.handlers, root.level = old_handlers, old_level
         sys.stdout.flush()

@@ -11,6 +11,9 @@ Exported (Ray prefixes `ray_`; every series carries `capjob_job=<job.name>` and 
     capjob_rows_read_total, capjob_rows_skipped (gauge: already done, resume),
     capjob_images_captioned_total, capjob_images_quarantined_total{reason},
     capjob_generated_tokens_total, capjob_prompt_tokens_total, capjob_rows_per_second
+capjob-watch's leaderboard (gauges; `capjob_job` and `checkpoint` labels; `publish_scores`):
+    capjob_watch_score{score=exact_match|word_f1|bleu4|cider|judge_mean_score}: the latest
+    checkpoint's, capjob_watch_step: its training step, capjob_watch_best_step, capjob_watch_checkpoints
 """
 
 from __future__ import annotations
@@ -100,6 +103,49 @@ def record(run_id: str, counter: str, block_key: str, count: int) -> None:
 def record_many(run_id: str, block_key: str, counts: dict[str, int]) -> None:
     ledger = ray.get_actor(ledger_name(run_id))
     ray.get([ledger.record.remote(counter, block_key, count) for counter, count in counts.items()])
+
+
+WATCH_SCORE = ("capjob_watch_score", "Golden-set score of the latest checkpoint capjob-watch evaluated, by score")
+WATCH_GAUGES = {
+    "step": ("capjob_watch_step", "Training step of the latest checkpoint capjob-watch evaluated"),
+    "best_step": ("capjob_watch_best_step", "Training step of the best checkpoint so far"),
+    "checkpoints": ("capjob_watch_checkpoints", "Checkpoints on the leaderboard (failed ones included)"),
+}
+WATCH_ACTOR = "capjob-watch-scores"
+
+
+@ray.remote(num_cpus=0)
+class WatchScores:
+    """The leaderboard's gauges, in an actor of the watcher's Ray session: Ray exports an actor's
+    metrics through the node's metrics endpoint (job.metrics_export_port), as the run ledger's."""
+
+    def __init__(self, job: str) -> None:
+        from ray.util import metrics
+
+        self._job = job
+        self._score = metrics.Gauge(WATCH_SCORE[0], WATCH_SCORE[1], tag_keys=("capjob_job", "checkpoint", "score"))
+        self._gauges = {k: metrics.Gauge(name, text, tag_keys=("capjob_job",)) for k, (name, text) in WATCH_GAUGES.items()}
+
+    def publish(self, latest: dict[str, Any], best_step: Any, checkpoints: int) -> None:
+        for score, value in latest.get("scores", {}).items():
+            if value is not None:
+                self._score.set(float(value), tags={"capjob_job": self._job, "checkpoint": str(latest["checkpoint"]), "score": score})
+        tags = {"capjob_job": self._job}
+        self._gauges["step"].set(float(latest.get("step") or 0), tags=tags)
+        if best_step is not None:
+            self._gauges["best_step"].set(float(best_step), tags=tags)
+        self._gauges["checkpoints"].set(float(checkpoints), tags=tags)
+
+
+def publish_scores(job: str, latest: dict[str, Any], best_step: Any, checkpoints: int) -> Any:
+    """Set capjob-watch's gauges (WatchScores, started on first use in this Ray session). Returns
+    the actor's handle, which the caller keeps (an unreferenced actor is destroyed); None when
+    Ray is not up (nothing to export through)."""
+    if not ray.is_initialized():
+        return None
+    actor = WatchScores.options(name=WATCH_ACTOR, get_if_exists=True).remote(job)
+    ray.get(actor.publish.remote(latest, best_step, checkpoints), timeout=30)
+    return actor
 
 
 def prometheus_config(targets: list[str], scrape_interval: str = "5s", ray_service_discovery: str | None = None) -> str:

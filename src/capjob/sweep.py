@@ -174,6 +174,14 @@ def release_ray() -> dict[str, Any]:
         info["processes_started"] = len(children)
         info["processes_killed_after_timeout"] = killed
         info["processes_left"] = left
+    reset_data_context()
+    return info
+
+
+def reset_data_context() -> dict[str, Any]:
+    """Ray Data's process-wide DataContext back to its defaults: the next job configures its own
+    (plan.configure_data_context) and inherits nothing of this one's. Returns {} (the record's
+    "ray" entry when Ray stays up)."""
     if "ray.data" in sys.modules:
         try:
             from ray.data import DataContext
@@ -181,7 +189,23 @@ def release_ray() -> dict[str, Any]:
             DataContext._set_current(None)  # the next job gets a fresh context
         except Exception:  # noqa: BLE001 - private API; a stale context is no worse than before
             pass
-    return info
+    return {}
+
+
+def new_record(num: Any, overrides: list[str]) -> dict[str, Any]:
+    """A job's sweep_job.json before it runs (overrides redacted)."""
+    return {
+        "num": num,
+        "status": "running",
+        "overrides": [redact_override(o) for o in overrides],
+        "started_at": _now(),
+        "sink_path": None,
+        "sink_path_from": None,
+        "run_id": None,
+        "output": None,
+        "error": None,
+        "error_type": None,
+    }
 
 
 def run_job(cfg: DictConfig, run: Callable[[DictConfig, str], Any],
@@ -194,25 +218,18 @@ def run_job(cfg: DictConfig, run: Callable[[DictConfig, str], Any],
     job_dir = Path(hc.runtime.output_dir)
     sweep_dir = Path(hc.sweep.dir)
     started = time.monotonic()
-    record: dict[str, Any] = {
-        "num": hc.job.num,
-        "status": "running",
-        "overrides": [redact_override(o) for o in hc.overrides.task],
-        "started_at": _now(),
-        "sink_path": None,
-        "sink_path_from": None,
-        "run_id": None,
-        "output": None,
-        "error": None,
-        "error_type": None,
-    }
+    record = new_record(hc.job.num, list(hc.overrides.task))
     release_ray()  # nothing should be left from the previous job; make sure
     with session(str(job_dir), hc.job.num):
-        _run_recorded(cfg, run, record, job_dir, sweep_dir, started, hc.job.num)
+        run_recorded(cfg, run, record, job_dir, sweep_dir, started, hc.job.num)
 
 
-def _run_recorded(cfg: DictConfig, run: Callable[[DictConfig, str], Any], record: dict[str, Any], job_dir: Path,
-                  sweep_dir: Path, started: float, num: int) -> None:
+def run_recorded(cfg: DictConfig, run: Callable[[DictConfig, str], Any], record: dict[str, Any], job_dir: Path,
+                 sweep_dir: Path, started: float, num: Any, release: bool = True) -> dict[str, Any]:
+    """Run one job in `job_dir` and record it (sweep_job.json, error.txt): never raises for a
+    failed run, only for Ctrl-C. release: shut Ray down afterwards (a sweep's job); False keeps
+    it up for the next job (capjob-watch, whose checkpoints share one Ray session: only Ray
+    Data's context is reset). Returns the record."""
     try:
         try:
             if _uses_default_sink(cfg):
@@ -250,10 +267,11 @@ def _run_recorded(cfg: DictConfig, run: Callable[[DictConfig, str], Any], record
             job_dir.mkdir(parents=True, exist_ok=True)
             (job_dir / ERROR_TXT).write_text(message + "\n\n" + traceback.format_exc())
     finally:
-        record["ray"] = release_ray()
+        record["ray"] = release_ray() if release else reset_data_context()
         record["finished_at"] = _now()
         record["seconds"] = round(time.monotonic() - started, 2)
         _write_json(job_dir / JOB_RECORD, record)
+    return record
 
 
 class SweepReport(Callback):

@@ -21,6 +21,7 @@ from capjob.config.labels import cluster_labels, format_selector, selector_match
 from capjob.config.groups import (CHAT_TEMPLATE_CONTENT_FORMATS, CaptionConfig, DataConfig, EngineConfig, FetchConfig,
                                   ImagesConfig, JobConfig, ModelConfig, ResizeMode, ResourcesConfig, SinkConfig, SinkFormat,
                                   SourceFormat, parse_shard, require, validate_engine)
+from capjob.config.watch import WatchConfig, validate_watch
 from capjob.console import LOG_LEVELS
 from capjob.errors import ConfigError
 from capjob.models import BUILD_VERSIONS as MODEL_BUILDERS
@@ -32,6 +33,7 @@ __all__ = [
     "FetchConfig", "ImagesConfig", "JobConfig", "JudgeConfig", "ModelConfig", "ResizeMode", "ResourcesConfig", "SinkConfig",
     "SinkFormat", "SourceFormat", "parse_shard", "register_configs", "require", "to_typed", "validate", "validate_engine",
     "validate_eval", "validate_label_selector", "selector_matches", "format_selector", "cluster_labels",
+    "WatchConfig", "validate_watch",
 ]
 
 
@@ -46,6 +48,7 @@ class CapjobConfig:
     images: ImagesConfig = field(default_factory=ImagesConfig)
     job: JobConfig = field(default_factory=JobConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)  # capjob-watch only
 
 
 def register_configs() -> None:
@@ -141,6 +144,7 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
     require(i.size >= 28, "images.size", f"must be >= 28 (one vision patch), got {i.size}")
     require(i.max_pixels > 0, "images.max_pixels", f"must be > 0, got {i.max_pixels}")
     validate_eval(cfg.eval)
+    validate_watch(cfg.watch)
     return cfg
 
 

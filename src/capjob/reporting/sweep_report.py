@@ -133,16 +133,20 @@ def _job_sort_key(path: Path) -> tuple[int, Any]:
 
 def collect(sweep_dir: Path) -> list[Job]:
     """Every job directory under the sweep dir (one holding sweep_job.json or report.json)."""
-    jobs = []
-    for directory in sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=_job_sort_key):
-        record = _load_json(directory / JOB_RECORD)
-        report = _load_json(directory / REPORT_JSON)
-        if record is None and report is None:
-            continue
-        job = Job(directory.name, directory, record or {}, report)
-        job.evaluation = _find_eval(job)
-        jobs.append(job)
-    return jobs
+    jobs = [load_job(directory) for directory in sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=_job_sort_key)]
+    return [job for job in jobs if job is not None]
+
+
+def load_job(directory: Path) -> Optional[Job]:
+    """The job in `directory` (its sweep_job.json, report.json and eval.json); None when it holds
+    neither record nor report."""
+    record = _load_json(directory / JOB_RECORD)
+    report = _load_json(directory / REPORT_JSON)
+    if record is None and report is None:
+        return None
+    job = Job(directory.name, directory, record or {}, report)
+    job.evaluation = _find_eval(job)
+    return job
 
 
 def _as_number(value: str) -> Optional[float]:
@@ -241,6 +245,15 @@ def csv_rows(jobs: list[Job]) -> tuple[list[str], list[dict[str, Any]]]:
         )
         rows.append(row)
     return header, rows
+
+
+def csv_text(header: list[str], rows: list[dict[str, Any]]) -> str:
+    """The rows as CSV under `header` (keys outside it dropped, None as an empty cell)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=header, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    return buf.getvalue()
 
 
 def _fmt(value: Any) -> str:
@@ -455,13 +468,8 @@ def build_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> di
         raise FileNotFoundError(f"no capjob jobs under {sweep_dir} (expected <job dir>/{JOB_RECORD} or {REPORT_JSON})")
     out = Path(out_dir) if out_dir else sweep_dir
     out.mkdir(parents=True, exist_ok=True)
-    header, rows = csv_rows(jobs)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=header, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
     paths = {"csv": out / SWEEP_CSV, "markdown": out / SWEEP_MD, "plot": out / SWEEP_PNG}
-    paths["csv"].write_text(buf.getvalue())
+    paths["csv"].write_text(csv_text(*csv_rows(jobs)))
     paths["markdown"].write_text(markdown(sweep_dir, jobs))
     paths["plot"].write_bytes(plot(jobs))
     return paths

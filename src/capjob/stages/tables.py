@@ -145,6 +145,15 @@ def write_local_atomic(final: str, data: bytes) -> None:
         raise
 
 
+def write_atomic(fs: Any, path: str, data: bytes) -> None:
+    """A whole file at `path` on `fs` or none: a local one through write_local_atomic; on object
+    storage one PUT (an object appears whole, S3's and GCS's rule), a rewrite replacing it."""
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        write_local_atomic(path, data)
+    else:
+        fs.pipe_file(path, data)
+
+
 def txt_dir(cfg: SinkConfig) -> str:
     return cfg.txt_dir or f"{cfg.path.rstrip('/')}/txt"
 

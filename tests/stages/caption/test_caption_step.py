@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import pathlib
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -414,6 +415,10 @@ def test_rendered_prompt_is_kept_per_model_files_and_settings(tmp_path, monkeypa
     assert key.parent == tmp_path / "cache" / "prompts"
     (model / "model.safetensors").write_text("w2")  # another checkpoint of the same run
     assert prompt_cache_path(cfg, str(model)) == key
+    later = tmp_path / "step-200"  # ... or in a folder of its own (capjob-watch, a sweep), named after it
+    shutil.copytree(model, later)
+    assert prompt_cache_path(typed(f"model.source={later}", "model.name=step-200"), str(later)) == key
+    assert prompt_cache_path(typed("model.trust_remote_code=true"), str(model)) != key
     assert prompt_cache_path(typed("caption.system_prompt=Be brief."), str(model)) != key
     assert prompt_cache_path(typed("engine.chat_template_content_format=string"), str(model)) != key
     assert prompt_cache_path(cfg, "Qwen/Qwen2.5-VL-3B-Instruct") is None  # a hub id: rendered every time

