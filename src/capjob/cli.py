@@ -47,7 +47,7 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def _run(cfg: DictConfig, report_dir: str) -> Any:
+def run_composed(cfg: DictConfig, report_dir: str) -> Any:
     preflight.check_keys(cfg)
     typed = to_typed(cfg)
     if typed.job.dry_run:
@@ -68,12 +68,12 @@ def _main(cfg: DictConfig) -> None:
         # Records failures, never raises for one; releases Ray. Each job's plan and progress are
         # a line each on the console; the rest (summary, Ray's and vLLM's logs) in its capjob.log.
         level = str(OmegaConf.select(cfg, "job.log_level") or "warning")
-        sweep.run_job(cfg, _run, session=lambda job_dir, num: console.session(job_dir, level, brief_prefix=f"job {num}: "))
+        sweep.run_job(cfg, run_composed, session=lambda job_dir, num: console.session(job_dir, level, brief_prefix=f"job {num}: "))
         return
     run_dir = HydraConfig.get().runtime.output_dir
     try:
         with console.session(run_dir, str(OmegaConf.select(cfg, "job.log_level") or "warning")):
-            _run(cfg, run_dir)
+            run_composed(cfg, run_dir)
     except (CapjobError, OmegaConfBaseException) as e:
         fail(str(e))
     except console.Interrupted as e:
