@@ -48,6 +48,9 @@ def fail(message: str) -> None:
 
 
 def run_composed(cfg: DictConfig, report_dir: str) -> Any:
+    """One job from its composed Hydra config: the preflight, then the pipeline (pipeline.run's
+    result), or the dry run's plan (None). Raises CapjobError subclasses with one-line messages.
+    The entry point of `capjob`, of each sweep job and of each checkpoint capjob-watch evaluates."""
     preflight.check_keys(cfg)
     typed = to_typed(cfg)
     if typed.job.dry_run:
