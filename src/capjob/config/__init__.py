@@ -4,10 +4,9 @@ Hydra merges the YAML groups in ``conf/`` onto these dataclasses (registered as 
 ``capjob_schema``), so an unknown key or a wrongly typed value fails during composition.
 Range and consistency checks that types cannot express live in ``validate``.
 
-The groups live in ``groups.py`` (the caption job's), ``evaluation.py`` (``eval``) and ``dedup.py``
-(``dedup``); this module
-composes them into ``CapjobConfig`` and re-exports every name, so callers import from
-``capjob.config``.
+The groups live in ``groups.py`` (the caption job's), ``evaluation.py`` (``eval``) and
+``dedup.py`` (``dedup``); this module composes them into ``CapjobConfig`` and re-exports every
+name, so callers import from ``capjob.config``.
 """
 
 from __future__ import annotations
