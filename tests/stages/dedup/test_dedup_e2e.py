@@ -60,7 +60,7 @@ def killed_and_resumed(tmp_path_factory):
     write_hf_parquet([r for r, _ in everything], tmp / "data" / "part-0.parquet", [ref for _, ref in everything])
     out = tmp / "out"
     base = [sys.executable, "-m", "capjob", "experiment=offline", "dataset=parquet", f"data.path={tmp}/data", "data.name=dedup",
-            "data.key_column=null", f"sink.path={out}", "data.partitions=12", "engine.batch_size=2", "caption.temperature=0",
+            "data.key_column=null", f"sink.path={out}", "data.partitions=12", "engine.batch_size=2", "caption.temperature=0", "caption.ignore_eos=true",
             *PROMPTS]
     first = subprocess.Popen([*base, "job.run_id=killed"], cwd=REPO, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

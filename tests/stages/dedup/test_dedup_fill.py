@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+from PIL import Image
 
 from capjob import metrics
 from capjob.config import DedupMode, SinkConfig, SinkFormat
@@ -42,6 +43,15 @@ def no_ray(monkeypatch):
 
 
 def image(value: int) -> np.ndarray:
+    """A flat image of red `value`; values >= 1000: a smooth random photo (seed value) and,
+    for 2000 + seed, the same photo with its pixels a little off (a near duplicate)."""
+    if value >= 1000:
+        rng = np.random.default_rng(value % 1000)
+        small = Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8), "RGB").resize((40, 32), Image.Resampling.BICUBIC)
+        pixels = np.asarray(small).astype(np.int16)
+        if value >= 2000:
+            pixels = pixels + rng.integers(-3, 4, pixels.shape)
+        return np.clip(pixels, 0, 255).astype(np.uint8)
     pixels = np.zeros((32, 40, 3), np.uint8)
     pixels[:, :, 0] = value
     return pixels
@@ -75,7 +85,8 @@ def engine(kept: dict[str, np.ndarray], run_id: str, fails: set[int] = frozenset
         rows.append({"id": rid, "source_key": kept["source_key"][i], **text, "prompt_tokens": 10, "generated_tokens": 5,
                      "image_width": 40, "image_height": 32, "model": "tiny", "run_id": run_id,
                      "image_digest": kept["image_digest"][i], "duplicate_of": None, "label": kept["label"][i],
-                     ERROR_COLUMN: "boom: out of blocks" if value in fails else "", THUMBNAIL_COLUMN: None})
+                     ERROR_COLUMN: "boom: out of blocks" if value in fails else "", THUMBNAIL_COLUMN: None,
+                     **({"image_phash": kept["image_phash"][i]} if "image_phash" in kept else {})})
     return pa.Table.from_pylist(rows)
 
 
@@ -159,6 +170,25 @@ def test_several_prompts_and_other_formats_copy_every_caption_column(tmp_path, m
     if fmt == SinkFormat.txt:
         assert (tmp_path / "out" / "txt" / "key" / "c.txt").read_text() == "short: value 1"
         assert captions["c"]["txt_file"] == "key/c.txt"
+
+
+def test_perceptual_mode_merges_a_near_duplicate_and_lists_its_group(tmp_path, monkeypatch):
+    sink = SinkConfig(path=str(tmp_path / "out"))
+    target = start(monkeypatch, sink, "run", DedupMode.perceptual)
+    out = CaptionSink(sink, "run", "tiny")
+    kept = claim.claim_copies(block([("a", 1001), ("b", 1002), ("near", 2001)]), target=target)
+    assert kept["id"].tolist() == ["a", "b"] and len(kept["image_phash"][0]) == 16
+    out.write([engine(kept, "run")], None)
+    result = fill.fill_copies(TableWriter(sink), "run", out, "tiny")
+    captions = rows_of(sink, CAPTIONS)
+    near = captions["near"]
+    assert near["duplicate_of"] == "a" and near["caption"] == captions["a"]["caption"]
+    assert near["image_digest"] != captions["a"]["image_digest"]  # its own pixels, another digest
+    (example,) = result.groups["a"]["examples"]
+    assert example["id"] == "near" and 0 < example["distance"] <= 4
+    # The next run finds the captioned image by its perceptual hash in the sink.
+    target = start(monkeypatch, sink, "run2", DedupMode.perceptual)
+    assert claim.claim_copies(block([("near2", 2001)]), target=target)["id"].tolist() == []
 
 
 def test_off_only_adds_the_digest(tmp_path):
