@@ -14,6 +14,12 @@ rows/s, the steady part (timeline: after the first caption), and with dedup the 
 distinct images, copies and requests saved. `--rounds 2` runs every contender twice, in
 alternating order, and reports each one's median.
 
+A run of ~100 rows on CPU is mostly start-up, whose spread between runs is larger than 3%, so
+the bench also times the stage itself (``micro``): in one local Ray, the dedup stage
+(claim.claim_copies) on the same decoded blocks with dedup off (the digest only, which the
+caption request used to compute itself) and on (the digest, the registry actor's round trip
+and the pending file), milliseconds per block.
+
     python bench/dedup_bench.py --images 96 --blocks 16 --max-tokens 16
 """
 
@@ -72,6 +78,50 @@ def run(data: pathlib.Path, mode: str, args: argparse.Namespace, out: pathlib.Pa
             "copies": dedup.get("copies_reused_caption", 0), "requests_saved": dedup.get("engine_requests_saved", 0)}
 
 
+def micro(out: pathlib.Path, blocks: int, per_block: int) -> dict:
+    """The dedup stage's own time per block, off vs on (module docstring): median ms."""
+    import numpy as np
+    import ray
+
+    sys.path.insert(0, str(REPO / "src"))
+    from capjob import metrics
+    from capjob.config import DedupMode, ImagesConfig, SinkConfig
+    from capjob.stages.dedup import claim, registry
+    from capjob.stages.images import decode_image
+    from capjob.stages.sources.sample import shape_images
+
+    scenes = shape_images(blocks * per_block // 2, 7)
+    pixels = [decode_image(b, ImagesConfig()).pixels for _, b, _ in scenes] * 2
+    random.Random(1).shuffle(pixels)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        ledger = metrics.start_ledger("bench", "micro")  # noqa: F841 - the stage counts copies in it
+        actor = registry.start_registry("micro", DedupMode.exact, 4, claim.Seed(np.empty(0, np.uint64), np.empty(0, np.uint64)))
+        sink = SinkConfig(path=str(out / "micro"))
+        on = claim.ClaimTarget(sink, "micro", registry.registry_name("micro"), DedupMode.exact, [])
+        off = claim.ClaimTarget(sink, "micro", None, DedupMode.off, [])
+        times: dict[str, list[float]] = {"off": [], "on": []}
+        kept = 0
+        for b in range(blocks):
+            images = np.empty(per_block, dtype=object)
+            for i in range(per_block):
+                images[i] = pixels[b * per_block + i]
+            batch = {"id": np.asarray([f"r{b}-{i}" for i in range(per_block)], dtype=object),
+                     "source_key": np.asarray([f"k{b}-{i}" for i in range(per_block)], dtype=object),
+                     "image_width": np.full(per_block, 640), "image_height": np.full(per_block, 480), "image": images}
+            for name, target in (("off", off), ("on", on)):
+                t0 = time.perf_counter()
+                result = claim.claim_copies(batch, target=target)
+                times[name].append((time.perf_counter() - t0) * 1000)
+            kept += len(result["id"])
+        size = ray.get(actor.size.remote())
+    finally:
+        ray.shutdown()
+    off_ms, on_ms = statistics.median(times["off"]), statistics.median(times["on"])
+    return {"blocks": blocks, "rows_per_block": per_block, "kept": kept, "registry": size,
+            "ms_per_block_off": round(off_ms, 2), "ms_per_block_on": round(on_ms, 2), "extra_ms_per_block": round(on_ms - off_ms, 2)}
+
+
 def medians(results: list[dict]) -> list[dict]:
     out = []
     for data, mode in CONTENDERS:
@@ -115,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=1, help="runs of each contender, alternating order; medians reported")
     parser.add_argument("--sets", nargs="+", default=["repeats", "distinct"])
+    parser.add_argument("--micro", action=argparse.BooleanOptionalAction, default=True, help="also time the stage alone")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     parser.add_argument("--json", type=pathlib.Path, default=None)
     args = parser.parse_args(argv)
@@ -128,8 +179,14 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(results[-1]), flush=True)
     rows = medians(results)
     print(render(rows))
+    stage = micro(out, args.blocks, max(1, args.images // args.blocks)) if args.micro else None
+    if stage:
+        print(f"dedup stage per block of {stage['rows_per_block']} rows: {stage['ms_per_block_off']} ms off (digest only), "
+              f"{stage['ms_per_block_on']} ms on (+{stage['extra_ms_per_block']} ms: registry round trip, pending file); "
+              f"{stage['kept']} of {stage['blocks'] * stage['rows_per_block']} rows kept")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": results, "medians": rows}, indent=1))
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": results, "medians": rows,
+                                         "micro": stage}, indent=1))
 
 
 if __name__ == "__main__":

@@ -209,3 +209,18 @@ def test_report_and_console_give_the_savings_both_ways():
                      "original; 64 engine requests saved |", "| images/s (every row / distinct images) | 10.0 / 7.0 |"]
     assert "| k1 | 3 | kc (2) |" in "\n".join(report._group_lines({"dedup": summary}))
     assert report._dedup_lines({"dedup": {**summary, "mode": "off"}}) == []
+
+
+def test_the_dedup_group_composes_and_is_no_caption_setting():
+    from capjob.config import to_typed
+    from capjob.errors import ConfigError
+    from capjob.stages.resume import caption_settings
+    from helpers.config import compose
+
+    cfgs = {mode: to_typed(compose(["experiment=offline", f"dedup={mode}"])) for mode in ("exact", "off", "perceptual")}
+    assert to_typed(compose(["experiment=offline"])).dedup.mode == DedupMode.exact  # on by default
+    assert {m: c.dedup.mode.value for m, c in cfgs.items()} == {"exact": "exact", "off": "off", "perceptual": "perceptual"}
+    # Which rows reach the engine, never what caption an image gets: one fingerprint for every mode.
+    assert len({str(caption_settings(c, "no-such-model")) for c in cfgs.values()}) == 1
+    with pytest.raises(ConfigError, match=r"^dedup.threshold: must be in 0..16 bits of 64, got 40$"):
+        to_typed(compose(["experiment=offline", "dedup=perceptual", "dedup.threshold=40"]))
