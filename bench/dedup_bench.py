@@ -42,6 +42,9 @@ CONTENDERS = [("repeats", "off"), ("repeats", "exact"), ("distinct", "off"), ("d
 def build_sets(root: pathlib.Path, images: int, seed: int = 32) -> dict[str, pathlib.Path]:
     """<root>/repeats and <root>/distinct, one parquet file each (module docstring)."""
     sys.path.insert(0, str(REPO / "src"))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from capjob.stages.sources.sample import shape_images, write_hf_parquet
 
     scenes = shape_images(images, seed)
@@ -52,6 +55,9 @@ def build_sets(root: pathlib.Path, images: int, seed: int = 32) -> dict[str, pat
     for name, rows in (("repeats", repeats), ("distinct", [(n, b, "shapes") for n, b, _ in scenes])):
         (root / name).mkdir(parents=True, exist_ok=True)
         write_hf_parquet(rows, root / name / "part-0.parquet")
+        # Each row its own key (the same bytes under other keys: other ids, as in a crawl).
+        pq.write_table(pq.read_table(root / name / "part-0.parquet").append_column("key", pa.array([n for n, _, _ in rows])),
+                       root / name / "part-0.parquet")
         out[name] = root / name
     return out
 
@@ -61,7 +67,7 @@ def run(data: pathlib.Path, mode: str, args: argparse.Namespace, out: pathlib.Pa
     run_id = f"dedup-{name}-{round_}"
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "capjob", "experiment=offline", "dataset=parquet", f"data.path={data}",
-                           "data.name=dedupbench", "data.key_column=null", f"data.partitions={args.blocks}", f"dedup={mode}",
+                           "data.name=dedupbench", "data.key_column=key", f"data.partitions={args.blocks}", f"dedup={mode}",
                            f"sink.path={out / run_id}", f"job.run_id={run_id}", f"caption.max_tokens={args.max_tokens}",
                            "caption.ignore_eos=true", "caption.temperature=0"], cwd=REPO, capture_output=True, text=True)
     wall = time.monotonic() - t0

@@ -106,9 +106,10 @@ def test_every_row_once_and_every_image_captioned_once(dedup_run):
     assert len(originals) == len({r["image_digest"] for r in originals}) == DISTINCT
     assert sum(r["run_id"] == "resumed" for r in originals) == DISTINCT - KILLED
     assert {p.name for p in (out / "pending").glob("*.parquet")} == {"killed-0002.parquet"}  # the run's own pending: filled, removed
-    # Two replicas each ran batches.
+    # Two engine replicas took the requests (one registry decided for both).
     report = json.loads((out / "reports" / "resumed" / "report.json").read_text())
-    assert [o["operator"] for o in report["operators"] if "vLLMEngineStageUDF" in o["operator"]], proc.stdout
+    assert report["config"]["resources"]["concurrency"] == 2
+    assert "workers     2 engine replica(s), CPU each" in proc.stdout
 
 
 def test_every_copy_carries_its_originals_captions(dedup_run):
