@@ -69,7 +69,7 @@ def run(data: pathlib.Path, mode: str, args: argparse.Namespace, out: pathlib.Pa
     proc = subprocess.run([sys.executable, "-m", "capjob", "experiment=offline", "dataset=parquet", f"data.path={data}",
                            "data.name=dedupbench", "data.key_column=key", f"data.partitions={args.blocks}", f"dedup={mode}",
                            f"sink.path={out / run_id}", f"job.run_id={run_id}", f"caption.max_tokens={args.max_tokens}",
-                           "caption.ignore_eos=true", "caption.temperature=0"], cwd=REPO, capture_output=True, text=True)
+                           "caption.ignore_eos=true", "caption.temperature=0", "job.resume=false"], cwd=REPO, capture_output=True, text=True)
     wall = time.monotonic() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
