@@ -225,9 +225,8 @@ def _dedup_lines(report: dict[str, Any]) -> list[str]:
         return []
     failed = f", {d['copies_quarantined']} quarantined with their original" if d.get("copies_quarantined") else ""
     return [f"| dedup ({d['mode']}) | {d['distinct_images_captioned']} distinct images captioned, {d['copies_reused_caption']} "
-            f"copies reused a caption{failed}; {d['engine_requests_saved']} engine requests saved |",
-            f"| images/s (every row / distinct images) | {_or_dash(d.get('images_per_second'))} / "
-            f"{_or_dash(d.get('distinct_images_per_second'))} |"]
+            f"copies reused a caption{failed}; {d['engine_requests_saved']} engine requests saved; images/s "
+            f"{_or_dash(d.get('images_per_second'))} every row / {_or_dash(d.get('distinct_images_per_second'))} distinct |"]
 
 
 MARKDOWN_GROUPS = 20

@@ -206,7 +206,7 @@ def test_report_and_console_give_the_savings_both_ways():
     assert (summary["images_per_second"], summary["distinct_images_per_second"]) == (10.0, 7.0)
     lines = report._dedup_lines({"dedup": summary})
     assert lines == ["| dedup (perceptual) | 70 distinct images captioned, 30 copies reused a caption, 2 quarantined with their "
-                     "original; 64 engine requests saved |", "| images/s (every row / distinct images) | 10.0 / 7.0 |"]
+                     "original; 64 engine requests saved; images/s 10.0 every row / 7.0 distinct |"]
     assert "| k1 | 3 | kc (2) |" in "\n".join(report._group_lines({"dedup": summary}))
     assert report._dedup_lines({"dedup": {**summary, "mode": "off"}}) == []
 
