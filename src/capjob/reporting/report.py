@@ -219,9 +219,10 @@ def summary_table(report: dict[str, Any]) -> str:
 
 def _dedup_lines(report: dict[str, Any]) -> list[str]:
     """What caption-once saved (stages/dedup): distinct images, copies, engine requests, and the
-    rate both ways (every row written / distinct images the engine captioned)."""
+    rate both ways (every row written / distinct images the engine captioned). Only when the run
+    found a copy: with none, report.json's ``dedup`` section still says so, the console stays short."""
     d = report.get("dedup") or {}
-    if not d or d.get("mode") == "off":
+    if not d or d.get("mode") == "off" or not (d.get("copies_set_aside") or d.get("copies_reused_caption") or d.get("copies_quarantined")):
         return []
     failed = f", {d['copies_quarantined']} quarantined with their original" if d.get("copies_quarantined") else ""
     return [f"| dedup ({d['mode']}) | {d['distinct_images_captioned']} distinct images captioned, {d['copies_reused_caption']} "

@@ -209,6 +209,8 @@ def test_report_and_console_give_the_savings_both_ways():
                      "original; 64 engine requests saved; images/s 10.0 every row / 7.0 distinct |"]
     assert "| k1 | 3 | kc (2) |" in "\n".join(report._group_lines({"dedup": summary}))
     assert report._dedup_lines({"dedup": {**summary, "mode": "off"}}) == []
+    none = fill.summary(DedupMode.exact, fill.FillResult(), captioned=10, set_aside=0, prompts=1, wall_seconds=5.0, report_groups=5)
+    assert report._dedup_lines({"dedup": none}) == [] and none["distinct_images_captioned"] == 10  # no copy: no console line
 
 
 def test_the_dedup_group_composes_and_is_no_caption_setting():
