@@ -256,3 +256,30 @@ def test_gpu_check_runs_the_presets_in_its_own_folder(tmp_path):
             assert cfg.resources.concurrency == replicas[layout], (gpu, layout)
             assert placement.gpus == {"tp2": 2, "pp2": 2}.get(layout, 1 / cfg.resources.replicas_per_gpu)
         assert to_typed(compose(["model=qwen25vl_3b_dummy", *layouts["fp8"].split()])).engine.quantization == "fp8"
+
+
+def test_dedup_bench_sets_and_report(tmp_path):
+    """bench/dedup_bench.py (issue 32): the repeats set is half exact repeats under other names,
+    the distinct set has none, and the report gives requests saved and the overhead both ways."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import dedup_bench
+    import pyarrow.parquet as pq
+
+    sets = dedup_bench.build_sets(tmp_path, 8)
+    repeats = pq.read_table(sets["repeats"] / "part-0.parquet").column("image").to_pylist()
+    distinct = pq.read_table(sets["distinct"] / "part-0.parquet").column("image").to_pylist()
+    assert len(repeats) == len(distinct) == 8
+    assert len({c["bytes"] for c in repeats}) == 4 and len({c["path"] for c in repeats}) == 8
+    assert len({c["bytes"] for c in distinct}) == 8
+    runs = [{"set": s, "dedup": m, "round": r, "engine_requests": 8 if m == "off" or s == "distinct" else 4, "rows": 8,
+             "wall_s": w, "report_wall_s": w, "rows_per_s": round(8 / w, 3), "steady_s": None, "engine_s": 1.0,
+             "distinct": 4 if (s, m) == ("repeats", "exact") else 8, "copies": 4 if (s, m) == ("repeats", "exact") else 0,
+             "requests_saved": 0}
+            for r, (s, m, w) in enumerate([("repeats", "off", 100.0), ("repeats", "exact", 60.0), ("distinct", "off", 100.0),
+                                           ("distinct", "exact", 102.0), ("distinct", "exact", 101.0), ("distinct", "exact", 110.0)])]
+    rows = dedup_bench.medians(runs)
+    assert [r["rounds"] for r in rows] == [1, 1, 1, 3]
+    text = dedup_bench.render(rows)
+    assert "repeats: dedup on sends 4 engine requests instead of 8 (4 saved); wall 60.0 s vs 100.0 s (0.60x)" in text
+    assert "distinct: dedup overhead +2.0% of wall time (102.0 s vs 100.0 s; target < 3%)" in text
+    assert "| repeats | exact | 4 | 8 | 4 | 4 | 60.0 |" in text

@@ -1,8 +1,9 @@
 """The captioning job, top to bottom as the data flows:
 
-    start (preflight.check_all, model, resume, Ray) -> read -> repartition -> assign ids / skip done
-    + decode, validate, resize (rejects -> quarantine) + caption requests -> Ray Data LLM processor
-    (vLLM) -> caption records + write (engine failures -> quarantine) -> finish (accounting, report)
+    start (preflight.check_all, model, resume, Ray, dedup registry) -> read -> repartition
+    -> assign ids / skip done + decode, validate, resize (rejects -> quarantine) + dedup (copies
+    -> pending) + caption requests -> Ray Data LLM processor (vLLM) -> caption records + write
+    (engine failures -> quarantine) -> fill (the copies' rows) -> finish (accounting, report)
 
 Nothing is materialised: Ray Data streams blocks through every stage into the sink. The stages
 joined by "+" run as one Ray Data operator (fused tasks, same remote args): fewer copies of
@@ -26,10 +27,11 @@ import ray
 import ray.data
 
 from capjob import console, metrics, preflight, runtime
-from capjob.config import CapjobConfig, EvalMode, SourceFormat, parse_shard
+from capjob.config import CapjobConfig, DedupMode, EvalMode, SourceFormat, parse_shard
 from capjob.errors import AccountingError, ClusterError
 from capjob.models import resolve_model_source
 from capjob.plan import Plan, configure_data_context, make_plan, new_run_id
+from capjob.prompts import prompt_specs
 from capjob.reporting import report
 from capjob.reporting.contact_sheet import run_contact_sheet
 from capjob.reporting.evaluation import evaluate_output
@@ -42,6 +44,9 @@ from capjob.stages.caption.engine import (EnginePlacement, check_accelerator_typ
                                           task_options)
 from capjob.stages.caption.processor import build_caption_processor
 from capjob.stages.caption.render import PromptWatch, needs_rendered_prompt, requests_fetch_prompt, submit_caption_prompt
+from capjob.stages.dedup import claim as dedup_claim
+from capjob.stages.dedup import fill as dedup_fill
+from capjob.stages.dedup import registry as dedup_registry
 from capjob.stages.sinks import CaptionSink
 from capjob.stages.sources.cells import Fetcher
 from capjob.stages.sources.common import ITEMS_COUNTER, SKIPPED_COUNTER, skipped_totals
@@ -66,6 +71,8 @@ class RunResult:
     skipped_by_source: dict[str, int] = field(default_factory=dict)
     # Keys that reached several images and ids written more than once (stages/ids.duplicates).
     duplicates: dict[str, Any] = field(default_factory=dict)
+    # What caption-once saved (stages/dedup/fill.summary): distinct images, copies, requests saved.
+    dedup: dict[str, Any] = field(default_factory=dict)
 
     @property
     def quarantined(self) -> int:
@@ -97,6 +104,7 @@ class Started:
     source_fingerprint: Optional[str] = None
     # On a cluster it joined: the watch on its nodes (a node lost mid-job), runtime.NodeWatch.
     node_watch: Optional[runtime.NodeWatch] = None
+    dedup: Any = None  # stages.dedup.registry.DedupRegistry actor (None: dedup.mode=off)
 
     def guard_prompt(self) -> Any:
         """Around the Ray Data execution: a render that fails stops the run with its error."""
@@ -127,6 +135,8 @@ def start(cfg: CapjobConfig, run_id: str, checked: Optional[preflight.Checked] =
     # job.resume / retry_quarantined and the caption-settings fingerprint (refuses in one line),
     # then the sink's done ids and this run's settings record.
     done = resume.prepare(cfg, run_id, model_source)
+    # What the registry starts from: the images the sink holds captions of (stages/dedup).
+    seed = dedup_claim.seed_from_sink(cfg.sink, cfg.dedup.mode) if cfg.dedup.mode != DedupMode.off else None
     console.startup_mark("model source and done ids ready")
     runtime.import_in_background()  # the processor's imports (vLLM: seconds) while Ray starts
     placement = checked.placement
@@ -154,10 +164,11 @@ def start(cfg: CapjobConfig, run_id: str, checked: Optional[preflight.Checked] =
     prompt_watch = PromptWatch(prompt) if requests_fetch_prompt(cfg.engine, prompt) else None
     ledger = metrics.start_ledger(cfg.job.name, run_id)  # keep the handle: an unreferenced actor is destroyed
     crashes = engine_guard.start_ledger(run_id, cfg.engine.max_engine_deaths_per_batch, **metrics.on_driver_node())
+    registry = dedup_registry.start_registry(run_id, cfg.dedup.mode, cfg.dedup.threshold, seed) if seed is not None else None
     console.startup_mark("prompt " + ("submitted" if prompt is not None else "not needed") + ", ledger actors started")
     return Started(run_id, model_source, placement, done.put(), ledger, clock, wall_clock, ray_info.get("dashboard_url"),
                    done_count=done.count_in(parse_shard(cfg.data.shard)), crashes=crashes, prompt=prompt, prompt_watch=prompt_watch,
-                   node_watch=watch)
+                   node_watch=watch, dedup=registry)
 
 
 def with_ids(ds: Any, source: Any, done: Any, run_id: str, options: dict[str, Any], shard: Optional[str] = None) -> Any:
@@ -199,6 +210,12 @@ def caption_flow(cfg: CapjobConfig, job: Started, source: Any, plan: Plan) -> An
         batch_format="numpy",
         **task_options(cfg.resources, cfg.job),
     )
+    # image_digest on every row; with dedup on, copies of an image already claimed leave for the
+    # sink's pending table (the fill writes their rows after the stream).
+    target = dedup_claim.ClaimTarget(cfg.sink, job.run_id, dedup_registry.registry_name(job.run_id) if job.dedup is not None else None,
+                                     cfg.dedup.mode, list(source.passthrough_columns))
+    ds = ds.map_batches(dedup_claim.claim_copies, fn_kwargs={"target": target}, batch_format="numpy",
+                        **task_options(cfg.resources, cfg.job))
     return build_caption_processor(cfg, job.model_source, job.placement, job.run_id,
                                    passthrough_columns=source.passthrough_columns, expected_rows=source.num_rows,
                                    crash_ledger=engine_guard.ledger_name(job.run_id) if job.crashes is not None else None,
@@ -268,6 +285,18 @@ def say_nothing_left(cfg: CapjobConfig, num_rows: int) -> None:
                      f"{cfg.sink.path} (captions or quarantine); no engine started. job.resume=false captions them again")
 
 
+def fill_copies(cfg: CapjobConfig, job: Started, sink: CaptionSink) -> None:
+    """After the stream: the rows of the copies the dedup stage set aside (stages/dedup/fill.py),
+    added to the sink's totals (captioned and quarantined count them; the report's dedup section)."""
+    if job.dedup is None:
+        return
+    fill = dedup_fill.fill_copies(TableWriter(cfg.sink), job.run_id, sink, cfg.model.name, cfg.dedup.report_groups)
+    sink.totals["captioned"] += fill.copies
+    sink.totals["quarantined"] += fill.quarantined
+    sink.totals["write_events"] = sink.totals.get("write_events", []) + fill.write_events
+    sink.totals["dedup_fill"] = fill
+
+
 def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_config: dict[str, Any],
            report_dir: Optional[str], interrupted: bool = False) -> RunResult:
     """Account for every row, write the report, fail loudly on a mismatch. An interrupted run
@@ -292,6 +321,9 @@ def finish(cfg: CapjobConfig, job: Started, dataset: Any, sink: Any, resolved_co
         duplicates=run_duplicates(cfg.sink, job.run_id, writer),
     )
     result.skipped_by_source = skipped_totals(counts)
+    result.dedup = dedup_fill.summary(cfg.dedup.mode, totals.get("dedup_fill") or dedup_fill.FillResult(), result.captioned,
+                                      counts.get(dedup_claim.COPIES_COUNTER, 0), len(prompt_specs(cfg.caption)),
+                                      result.wall_seconds, cfg.dedup.report_groups)
     # Layouts without skippable items (parquet, hf) emit every item they read as a row.
     result.source_items = counts.get(ITEMS_COUNTER, result.rows_read + sum(result.skipped_by_source.values()))
     by_reason = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("rejected:") and v}
@@ -400,6 +432,7 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
                            column_types=passthrough_types(source))
         with console.Progress(lambda: progress_totals(job, cfg.data.shard), num_rows), job.guard_nodes(), job.guard_prompt():
             dataset.write_datasink(sink, ray_remote_args=task_options(cfg.resources, cfg.job))  # streams: nothing is materialised
+            fill_copies(cfg, job, sink)
     except (ClusterError, KeyboardInterrupt) as e:
         # A watch's error (KeyboardInterrupt: its thread stopped the main one), else Ctrl-C.
         error = e if isinstance(e, ClusterError) else job.watch_error() if job is not None else None

@@ -6,9 +6,11 @@ up or sideways for a name. The shapes:
 
 - an output row (``captions`` table): ``id``, ``source_key``, ``caption`` (or one
   ``caption_<name>`` per entry of ``caption.prompts``), ``prompt_tokens``, ``generated_tokens``,
-  ``image_width``, ``image_height``, ``model``, ``run_id``, the pass-through columns;
+  ``image_width``, ``image_height``, ``model``, ``run_id``, ``image_digest``, ``duplicate_of``
+  (stages/dedup: the id whose caption a copy carries, null for a captioned image), with
+  ``dedup.mode=perceptual`` ``image_phash``, then the pass-through columns;
 - a quarantine row (``quarantine`` table): ``id``, ``source_key``, ``stage``, ``reason``,
-  ``model``, ``run_id``, where ``reason`` reads ``<kind>: <detail>`` and ``stage`` is ``image``
+  ``model``, ``run_id``, ``image_digest`` (null for an image reject), where ``reason`` reads ``<kind>: <detail>`` and ``stage`` is ``image``
   or one of ``ENGINE_STAGES``.
 """
 
@@ -21,12 +23,22 @@ from typing import Any, Iterable
 # --- tables of a sink (<sink.path>/<table>/...) -------------------------------------------------
 CAPTIONS = "captions"
 QUARANTINE = "quarantine"
+# Copies waiting for their original's caption (stages/dedup): written by the dedup stage, read
+# and removed by the run's fill once its stream has ended.
+PENDING = "pending"
 
 # --- columns ------------------------------------------------------------------------------------
 CAPTION_COLUMN = "caption"
 # The columns every output row has besides its caption column(s) (caption/records.py): a
 # pass-through column of one of these names would be overwritten (config.validate refuses it).
-ROW_COLUMNS = ("id", "source_key", "prompt_tokens", "generated_tokens", "image_width", "image_height", "model", "run_id")
+ROW_COLUMNS = ("id", "source_key", "prompt_tokens", "generated_tokens", "image_width", "image_height", "model", "run_id",
+               "image_digest", "duplicate_of", "image_phash")
+# The digest of the pixels the engine gets (stages/ids.pixel_digest: 32 hex of BLAKE2b-128), the
+# id of the row whose caption a copy carries (null: captioned itself), and with
+# dedup.mode=perceptual the image's 64-bit perceptual hash (16 hex).
+IMAGE_DIGEST_COLUMN = "image_digest"
+DUPLICATE_OF_COLUMN = "duplicate_of"
+PHASH_COLUMN = "image_phash"
 # Ray Data LLM's failed-row column (ray.llm's vLLMEngineStage, should_continue_on_error) and the
 # column its Processor keeps each row's working data in (ray.llm Processor.DATA_COLUMN).
 ERROR_COLUMN = "__inference_error__"
@@ -48,7 +60,8 @@ THUMBNAIL_CANDIDATES = 256
 IMAGE_REASON_KINDS = ("empty", "unsupported", "fetch", "hash_mismatch", "not_an_image", "decode", "too_large", "aspect_ratio")
 # ... and kinds set after the engine; anything else in ERROR_COLUMN is the engine's own failure.
 ENGINE_CRASH = "engine_crash"
-REASON_KINDS = ("engine", ENGINE_CRASH, "json", "json_schema", "empty_caption")
+# "dedup": a copy whose original's caption is in neither table of the sink (its block was lost).
+REASON_KINDS = ("engine", ENGINE_CRASH, "json", "json_schema", "empty_caption", "dedup")
 # An empty caption (end-of-sequence as the first token) is no caption: quarantined with its own
 # reason, so it is counted, never written as a success, and a later run can retry it.
 EMPTY_CAPTION = "empty_caption: the model ended the caption before its first word (end-of-sequence first)"
@@ -56,6 +69,8 @@ EMPTY_CAPTION = "empty_caption: the model ended the caption before its first wor
 # answer that does not parse), or "engine_crash" (a row that killed the engine again and again:
 # stages/caption/engine_guard.py). Rows the image stage rejects have stage "image".
 ENGINE_STAGES = ("engine", ENGINE_CRASH)
+# The quarantine stage of a copy whose original is in neither table (stages/dedup/fill.py).
+DEDUP_STAGE = "dedup"
 IMAGE_STAGE = "image"
 
 

@@ -4,9 +4,9 @@ Hydra merges the YAML groups in ``conf/`` onto these dataclasses (registered as 
 ``capjob_schema``), so an unknown key or a wrongly typed value fails during composition.
 Range and consistency checks that types cannot express live in ``validate``.
 
-The groups live in ``groups.py`` (the caption job's) and ``evaluation.py`` (``eval``); this module
-composes them into ``CapjobConfig`` and re-exports every name, so callers import from
-``capjob.config``.
+The groups live in ``groups.py`` (the caption job's), ``evaluation.py`` (``eval``) and
+``dedup.py`` (``dedup``); this module composes them into ``CapjobConfig`` and re-exports every
+name, so callers import from ``capjob.config``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from capjob.config.dedup import DedupConfig, DedupMode, validate_dedup
 from capjob.config.evaluation import EvalConfig, EvalMode, JudgeConfig, validate_eval
 from capjob.config.labels import cluster_labels, format_selector, selector_matches, validate_label_selector
 from capjob.config.groups import (CHAT_TEMPLATE_CONTENT_FORMATS, CaptionConfig, DataConfig, EngineConfig, FetchConfig,
@@ -29,10 +30,10 @@ from capjob.prompts import caption_columns, validate_prompts
 from capjob.schema import ROW_COLUMNS
 
 __all__ = [
-    "CHAT_TEMPLATE_CONTENT_FORMATS", "CapjobConfig", "CaptionConfig", "DataConfig", "EngineConfig", "EvalConfig", "EvalMode",
+    "CHAT_TEMPLATE_CONTENT_FORMATS", "CapjobConfig", "CaptionConfig", "DataConfig", "DedupConfig", "DedupMode", "EngineConfig", "EvalConfig", "EvalMode",
     "FetchConfig", "ImagesConfig", "JobConfig", "JudgeConfig", "ModelConfig", "ResizeMode", "ResourcesConfig", "SinkConfig",
     "SinkFormat", "SourceFormat", "parse_shard", "register_configs", "require", "to_typed", "validate", "validate_engine",
-    "validate_eval", "validate_label_selector", "selector_matches", "format_selector", "cluster_labels",
+    "validate_dedup", "validate_eval", "validate_label_selector", "selector_matches", "format_selector", "cluster_labels",
     "WatchConfig", "validate_watch",
 ]
 
@@ -48,6 +49,7 @@ class CapjobConfig:
     images: ImagesConfig = field(default_factory=ImagesConfig)
     job: JobConfig = field(default_factory=JobConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)  # capjob-watch only
 
 
@@ -144,6 +146,7 @@ def validate(cfg: CapjobConfig) -> CapjobConfig:
     require(i.size >= 28, "images.size", f"must be >= 28 (one vision patch), got {i.size}")
     require(i.max_pixels > 0, "images.max_pixels", f"must be > 0, got {i.max_pixels}")
     validate_eval(cfg.eval)
+    validate_dedup(cfg.dedup)
     validate_watch(cfg.watch)
     return cfg
 

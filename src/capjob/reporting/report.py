@@ -204,6 +204,7 @@ def summary_table(report: dict[str, Any]) -> str:
         f"| rows read | {report['rows_read']} |",
         f"| skipped (already done) | {report['skipped_done']} |",
         f"| captioned | {report['captioned']} |",
+        *_dedup_lines(report),
         f"| quarantined | {report['quarantined']} (images {report['quarantined_images']}, engine {report['quarantined_engine']}, "
         f"of which empty captions {report.get('empty_captions', 0)}) |",
         f"| wall time | {report['wall_seconds']:.1f} s{_split(report.get('timeline') or {})} |",
@@ -214,6 +215,35 @@ def summary_table(report: dict[str, Any]) -> str:
         f"| caption words mean / p50 / p95 | {words['mean']} / {words['p50']} / {words['p95']} |",
     ]
     return "\n".join(lines)
+
+
+def _dedup_lines(report: dict[str, Any]) -> list[str]:
+    """What caption-once saved (stages/dedup): distinct images, copies, engine requests, and the
+    rate both ways (every row written / distinct images the engine captioned). Only when the run
+    found a copy: with none, report.json's ``dedup`` section still says so, the console stays short."""
+    d = report.get("dedup") or {}
+    if not d or d.get("mode") == "off" or not (d.get("copies_set_aside") or d.get("copies_reused_caption") or d.get("copies_quarantined")):
+        return []
+    failed = f", {d['copies_quarantined']} quarantined with their original" if d.get("copies_quarantined") else ""
+    return [f"| dedup ({d['mode']}) | {d['distinct_images_captioned']} distinct images captioned, {d['copies_reused_caption']} "
+            f"copies reused a caption{failed}; {d['engine_requests_saved']} engine requests saved; images/s "
+            f"{_or_dash(d.get('images_per_second'))} every row / {_or_dash(d.get('distinct_images_per_second'))} distinct |"]
+
+
+MARKDOWN_GROUPS = 20
+
+
+def _group_lines(report: dict[str, Any]) -> list[str]:
+    """The groups dedup merged, for a person to check (report.json has up to dedup.report_groups)."""
+    groups = (report.get("dedup") or {}).get("groups") or []
+    if not groups:
+        return []
+    lines = ["", f"## Images captioned once (dedup {report['dedup']['mode']}: {len(groups)} group(s) listed, "
+                 f"{MARKDOWN_GROUPS} here)", "", "| original (captioned) | copies | examples (Hamming distance) |", "|---|---|---|"]
+    for g in groups[:MARKDOWN_GROUPS]:
+        examples = ", ".join(f"{e['source_key']} ({e['distance']})" for e in g["examples"][:5])
+        lines.append(f"| {g['source_key']} | {g['copies']} | {examples} |")
+    return lines
 
 
 def _rates(report: dict[str, Any]) -> str:
@@ -273,6 +303,7 @@ def markdown(report: dict[str, Any]) -> str:
     if report["quarantined_by_reason"]:
         parts += ["", "| quarantine reason | rows |", "|---|---|"]
         parts += [f"| {k} | {v} |" for k, v in sorted(report["quarantined_by_reason"].items())]
+    parts += _group_lines(report)
     crashes = report.get("engine_crashes")
     if crashes:
         parts += ["", f"Engine deaths: {crashes['engine_deaths']} (the vLLM engine process died and its batches were retried); "

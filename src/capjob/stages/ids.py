@@ -15,9 +15,11 @@ Row id (the ``id`` column, what resume and the report count by), scheme ``ID_SCH
 
 Exact duplicates -- the same key (or none) and the same bytes -- are the same item listed
 twice. Within a block the 2nd, 3rd... occurrence get ``#2``, ``#3`` (by position in the
-block, so deterministic); across blocks nothing is shared between tasks, so both copies are
-captioned (nothing is lost) under one id, and the run report lists every key that reached
-more than one id and every id written more than once (``duplicates``: counts and examples).
+block, so deterministic); across blocks nothing is shared between the id tasks, so both
+copies keep one id (nothing is lost), and the run report lists every key that reached more
+than one id and every id written more than once (``duplicates``: counts and examples). Which
+copies reach the engine is the dedup stage's decision (stages/dedup: by pixels, whatever the
+ids): one copy is captioned, the others reuse its caption.
 
 The image's name for vLLM (``multi_modal_uuids``, the key of vLLM's multimodal feature cache,
 which vLLM requires to be unique per image) is ``image_uuid``: a digest of the decoded,
@@ -90,14 +92,22 @@ def number_repeats(ids: Sequence[str]) -> list[str]:
     return out
 
 
-def image_uuid(pixels: np.ndarray) -> str:
-    """vLLM's name for an image (``multi_modal_uuids``): a digest of the RGB pixels the engine
-    gets (shape included), so two images never share vLLM's cached features and the same
-    pixels always hit them, whatever the row's key."""
+def pixel_digest(pixels: np.ndarray) -> str:
+    """32 hex digits of BLAKE2b-128 over the shape and the RGB pixels the engine gets: the
+    image's ``image_digest`` (the key of exact dedup, stages/dedup) and its vLLM name. 128 bits:
+    among n distinct images two share a digest with probability about n^2 / 2^129 (3e-16 for a
+    billion images); BLAKE2b has no known collision attack."""
     h = hashlib.blake2b(digest_size=16)
     h.update(repr(pixels.shape).encode())
     h.update(np.ascontiguousarray(pixels).data)
-    return "px:" + h.hexdigest()
+    return h.hexdigest()
+
+
+def image_uuid(pixels: np.ndarray, digest: Optional[str] = None) -> str:
+    """vLLM's name for an image (``multi_modal_uuids``): its pixel_digest (``digest``, when the
+    dedup stage computed it already), so two images never share vLLM's cached features and the
+    same pixels always hit them, whatever the row's key."""
+    return "px:" + (digest or pixel_digest(pixels))
 
 
 # --------------------------------------------------------------------------- done ids

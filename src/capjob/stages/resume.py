@@ -60,7 +60,7 @@ from capjob import console
 from capjob.config import CapjobConfig, DataConfig, SinkConfig, SinkFormat, SourceFormat
 from capjob.errors import ConfigError
 from capjob.models import BUILD_VERSIONS, remote
-from capjob.schema import CAPTIONS, QUARANTINE
+from capjob.schema import CAPTIONS, PENDING, QUARANTINE
 from capjob.stages.ids import ID_SCHEME, DoneIds, hash_ids
 from capjob.stages.sources.sample import sample_dataset_dir
 from capjob.stages.storage import listing_digest
@@ -232,11 +232,11 @@ def check_resume(sink: Sink, resume: Any, settings: dict[str, Any], ignore: tupl
 
 
 def start_over(sink: Sink) -> int:
-    """job.resume=false: delete the sink's captions, quarantine rows and run records (reports
-    stay). Returns the number of files deleted."""
+    """job.resume=false: delete the sink's captions, quarantine rows, pending copies
+    (stages/dedup) and run records (reports stay). Returns the number of files deleted."""
     writer = as_writer(sink)
     removed = 0
-    for table in (CAPTIONS, QUARANTINE):
+    for table in (CAPTIONS, QUARANTINE, PENDING):  # PENDING: copies a killed run set aside (stages/dedup)
         files = writer.list_files(table)
         if files:
             writer.fs.rm(files)

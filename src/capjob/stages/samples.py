@@ -54,20 +54,24 @@ class SampleKeeper:
 
     def __init__(self, keep: int):
         self.keep = keep
-        self.heap: list[tuple[int, str, dict[str, Any]]] = []  # (-hash, id, sample): a max-heap
+        # (-hash, id, arrival, sample): a max-heap. The arrival number breaks ties between two
+        # rows of one id (the same key and bytes in two blocks, dedup=off), never the samples.
+        self.heap: list[tuple[int, str, int, dict[str, Any]]] = []
+        self.offered = 0
 
     def offer(self, samples: list[dict[str, Any]]) -> None:
         import heapq
 
         for s in samples:
-            item = (-s["hash"], s["id"], s)
+            self.offered += 1
+            item = (-s["hash"], s["id"], self.offered, s)
             if len(self.heap) < self.keep:
                 heapq.heappush(self.heap, item)
             elif item > self.heap[0]:
                 heapq.heapreplace(self.heap, item)
 
     def samples(self) -> list[dict[str, Any]]:
-        return [s for _, _, s in self.heap]
+        return [s for _, _, _, s in self.heap]
 
 
 def start_sample_keeper(run_id: str, **actor_options: Any) -> Any:

@@ -42,8 +42,8 @@ from ray.data.datasource.datasink import Datasink, WriteResult
 
 from capjob import metrics
 from capjob.config import SinkConfig, SinkFormat
-from capjob.schema import (CAPTION_COLUMN, CAPTIONS, ERROR_COLUMN, QUARANTINE, THUMBNAIL_COLUMN, block_digest, engine_stage,
-                           quarantine_reason, row_hash, word_tokens)
+from capjob.schema import (CAPTION_COLUMN, CAPTIONS, ERROR_COLUMN, IMAGE_DIGEST_COLUMN, QUARANTINE, THUMBNAIL_COLUMN,
+                           block_digest, engine_stage, quarantine_reason, row_hash, word_tokens)
 from capjob.stages.samples import kept_samples, offer_samples, start_sample_keeper
 from capjob.stages.tables import TableWriter, open_filesystem, quarantine_table, txt_dir, write_local_atomic
 
@@ -213,6 +213,15 @@ class CaptionSink(Datasink[dict[str, Any]]):
         TxtWriter(self.cfg).write_all(files)
         return captions.append_column("txt_file", pa.array(names, pa.string()))
 
+    def write_captions(self, writer: TableWriter, captions: pa.Table, stem: str) -> pa.Table:
+        """Write captioned rows as captions/<stem> (sink=txt: their .txt files first, then the
+        manifest with ``txt_file``); returns the table as written. The copies' rows of
+        stages/dedup are written by this too."""
+        if self.cfg.format == SinkFormat.txt:
+            captions = self._write_txt(captions)
+        writer.write(CAPTIONS, captions, stem)
+        return captions
+
     def write(self, blocks: Iterable[Block], ctx: Any) -> dict[str, Any]:
         writer = TableWriter(self.cfg)
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
@@ -232,10 +241,7 @@ class CaptionSink(Datasink[dict[str, Any]]):
         stem = f"{self.run_id}-{block_digest(table.column('id').to_pylist())}"
         now = time.time()
         if ok:
-            captions = table.take(ok)
-            if self.cfg.format == SinkFormat.txt:
-                captions = self._write_txt(captions)
-            writer.write(CAPTIONS, captions, stem)
+            captions = self.write_captions(writer, table.take(ok), stem)
             text_columns = caption_columns_of(captions)
             stats["captioned"] = len(ok)
             stats["prompt_tokens"] = sum(captions.column("prompt_tokens").to_pylist())
@@ -257,7 +263,8 @@ class CaptionSink(Datasink[dict[str, Any]]):
             rejected = table.take(failed)
             rows = [
                 {"id": r["id"], "source_key": r.get("source_key"), "stage": engine_stage(quarantine_reason(errors[i])),
-                 "reason": quarantine_reason(errors[i])[:2000], "model": self.model_name, "run_id": self.run_id}
+                 "reason": quarantine_reason(errors[i])[:2000], "model": self.model_name, "run_id": self.run_id,
+                 IMAGE_DIGEST_COLUMN: r.get(IMAGE_DIGEST_COLUMN)}
                 for i, r in zip(failed, rejected.to_pylist())
             ]
             writer.write(QUARANTINE, quarantine_table(rows), stem)

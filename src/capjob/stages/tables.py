@@ -44,6 +44,9 @@ QUARANTINE_SCHEMA = pa.schema(
         ("reason", pa.string()),
         ("model", pa.string()),
         ("run_id", pa.string()),
+        # schema.IMAGE_DIGEST_COLUMN of a row the engine failed (null for image rejects): the copies
+        # of that image (stages/dedup) are quarantined with its reason.
+        ("image_digest", pa.string()),
     ]
 )
 

@@ -346,6 +346,9 @@ def test_sample_keeper_keeps_the_smallest_hashes():
     for h in (9, 1, 7, 3, 8, 2):
         keeper.offer([{"hash": h, "id": str(h)}])
     assert sorted(s["hash"] for s in keeper.samples()) == [1, 2, 3]
+    # One id written twice (the same key and bytes in two blocks, dedup=off): both offers are kept apart.
+    keeper.offer([{"hash": 0, "id": "same", "n": 1}, {"hash": 0, "id": "same", "n": 2}])
+    assert sorted((s["hash"], s.get("n")) for s in keeper.samples()) == [(0, 1), (0, 2), (1, None)]
 
 
 def test_text_before_image_puts_the_shared_prompt_first():

@@ -16,8 +16,9 @@ import jsonschema
 import pyarrow as pa
 
 from capjob.prompts import prompt_specs
-from capjob.schema import (CAPTION_COLUMN, DATA_COLUMN, EMPTY_CAPTION, ERROR_COLUMN, GROUP_COLUMN, PROMPT_COLUMN,
-                           THUMBNAIL_COLUMN, missing_as_none, quarantine_reason)
+from capjob.schema import (CAPTION_COLUMN, DATA_COLUMN, DUPLICATE_OF_COLUMN, EMPTY_CAPTION, ERROR_COLUMN, GROUP_COLUMN,
+                           IMAGE_DIGEST_COLUMN, PHASH_COLUMN, PROMPT_COLUMN, THUMBNAIL_COLUMN, missing_as_none,
+                           quarantine_reason)
 
 
 def _parse_json(text: str, schema: dict[str, Any]) -> tuple[Optional[str], str]:
@@ -68,6 +69,9 @@ class CaptionRecord:
             "image_height": int(data["image_height"]),
             "model": self.model_name,
             "run_id": self.run_id,
+            IMAGE_DIGEST_COLUMN: data.get(IMAGE_DIGEST_COLUMN),
+            DUPLICATE_OF_COLUMN: None,  # captioned by the engine: no copy (stages/dedup fills copies)
+            **({PHASH_COLUMN: data[PHASH_COLUMN]} if data.get(PHASH_COLUMN) is not None else {}),
             ERROR_COLUMN: error,
             THUMBNAIL_COLUMN: data.get(THUMBNAIL_COLUMN),
         }

@@ -22,7 +22,7 @@ from PIL import Image
 from capjob.config import CaptionConfig, EngineConfig
 from capjob.errors import ConfigError
 from capjob.prompts import format_prompt, prompt_specs
-from capjob.schema import GROUP_COLUMN, PROMPT_COLUMN, THUMBNAIL_COLUMN
+from capjob.schema import GROUP_COLUMN, IMAGE_DIGEST_COLUMN, PROMPT_COLUMN, THUMBNAIL_COLUMN
 from capjob.stages.caption.engine import engine_detokenize
 from capjob.stages.ids import image_uuid
 from capjob.stages.samples import is_thumbnail_row, thumbnail_jpeg
@@ -129,8 +129,8 @@ class CaptionRequest:
         pixels = np.ascontiguousarray(row["image"], dtype=np.uint8)
         image = Image.fromarray(pixels, "RGB")
         # vLLM's multimodal cache key: the pixels it gets, never the row's key; the requests of
-        # one image (one per prompt) share it.
-        uuid = image_uuid(pixels)
+        # one image (one per prompt) share it. The dedup stage hashed them already.
+        uuid = image_uuid(pixels, row.get(IMAGE_DIGEST_COLUMN))
         # image=None: the array has served its purpose; don't carry it through every stage.
         out: dict[str, Any] = {"sampling_params": self.sampling_params[name], "image": None, THUMBNAIL_COLUMN: None}
         if self.thumbnail_every and name == self.first and is_thumbnail_row(str(row["id"]), self.thumbnail_every):
