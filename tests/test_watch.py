@@ -378,3 +378,67 @@ def test_a_listing_that_fails_once_is_retried_and_a_bad_store_is_one_line(tmp_pa
     assert lines[0].startswith(f"capjob-watch: listing {tmp_path / 'ckpt'} failed (") and "trying again in 1 s" in lines[0]
     with pytest.raises(ConfigError, match=r"^watch\.path: the bucket of 's3://no-such-bucket-here/ckpt' does not exist"):
         make_watcher("s3://no-such-bucket-here/ckpt", tmp_path / "sink")
+
+
+# --- waits that end ------------------------------------------------------------------------------
+
+
+def test_an_empty_folder_or_a_marker_that_never_comes_is_a_failed_row_not_an_endless_wait(tmp_path):
+    """The trainer died mid-save: an empty step folder, or files without the marker. Each is a
+    failed row after watch.incomplete_after_s, so the stop file and the idle timeout still stop
+    the watcher; a marker written later (a hidden _SUCCESS too) has the checkpoint evaluated."""
+    ckpt, sink = tmp_path / "ckpt", tmp_path / "sink"
+    (ckpt / "step-1").mkdir(parents=True)
+    (ckpt / "WATCH_STOP").write_text("")
+    clock = Clock()
+    watcher, calls = make_watcher(ckpt, sink, clock=clock, incomplete_after_s=10)
+    assert watcher.run() == f"stop file {ckpt}/WATCH_STOP found, every checkpoint before it evaluated"
+    assert clock.now < 1100 and calls == []
+    assert "is empty 10 s after it appeared" in watcher.state.rows["step-1"]["error"]
+
+    (ckpt / "WATCH_STOP").unlink()
+    model_files(ckpt / "step-2")
+    clock = Clock()
+    marked, calls = make_watcher(ckpt, sink, clock=clock, incomplete_after_s=10, idle_timeout_s=50, marker="_SUCCESS")
+    assert marked.run() == "no new checkpoint for 50 s (watch.idle_timeout_s)" and clock.now < 1200 and calls == []
+    assert "no _SUCCESS marker" in marked.state.rows["step-2"]["error"]
+    (ckpt / "step-2" / "_SUCCESS").write_text("")
+    again, calls = make_watcher(ckpt, sink, incomplete_after_s=10, idle_timeout_s=50, marker="_SUCCESS")
+    again.run()
+    assert [c[0] for c in calls] == ["step-2"] and again.state.rows["step-2"]["status"] == "succeeded"
+
+
+def test_an_evaluation_that_raises_is_a_failed_row_and_the_watcher_goes_on(tmp_path):
+    ckpt, sink = tmp_path / "ckpt", tmp_path / "sink"
+    model_files(ckpt / "step-1")
+    model_files(ckpt / "step-2")
+
+    def first_raises(checkpoint):
+        if checkpoint.step == 1:
+            raise RuntimeError("Ray did not start: the GCS is unreachable\nsecond line")
+        return scores_by_step(checkpoint)
+
+    watcher, calls = make_watcher(ckpt, sink, first_raises, max_checkpoints=2)
+    assert watcher.run().startswith("watch.max_checkpoints=2") and [c[0] for c in calls] == ["step-1", "step-2"]
+    assert watcher.state.rows["step-1"]["error"] == "RuntimeError: Ray did not start: the GCS is unreachable"
+    assert "| 1 | step-1 | RuntimeError: Ray did not start: the GCS is unreachable |" in (sink / "leaderboard.md").read_text()
+
+
+def test_checkpoint_folder_names_trainers_write(tmp_path):
+    for name in ("global_step500", "step40", "step-000100", "iter_0000300", "checkpoint_7", "Checkpoint-9",
+                 "latest", "tmp-checkpoint-8", "step-6.tmp", "step-5-tmp", "global_step"):
+        (tmp_path / "ckpt" / name).mkdir(parents=True)
+    assert Folder(str(tmp_path / "ckpt")).checkpoints() == [
+        ("checkpoint_7", 7), ("Checkpoint-9", 9), ("step40", 40), ("step-000100", 100), ("iter_0000300", 300), ("global_step500", 500)]
+
+
+def test_a_watch_path_that_cannot_hold_checkpoints_is_one_line(tmp_path):
+    model_files(tmp_path / "run" / "checkpoints" / "step-100")
+    with pytest.raises(ConfigError, match=r"^watch\.path: .*/run holds no step-N/ or checkpoint-N/ folder, .*/run/checkpoints does: "):
+        make_watcher(tmp_path / "run", tmp_path / "sink")
+    with pytest.raises(ConfigError, match=r"^watch\.path: .*/step-100 is a checkpoint itself \(it holds config.json\); watch the folder"):
+        make_watcher(tmp_path / "run" / "checkpoints" / "step-100", tmp_path / "sink")
+    make_watcher(tmp_path / "run" / "checkpoints", tmp_path / "sink")
+    make_watcher(tmp_path / "not-yet", tmp_path / "sink")  # training has not started: fine
+    (tmp_path / "empty").mkdir()
+    make_watcher(tmp_path / "empty", tmp_path / "sink")
