@@ -5,6 +5,7 @@ evaluation itself is a stand-in here; tests/test_watch_e2e.py runs real ones."""
 
 import csv
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -127,6 +128,14 @@ def test_only_step_and_checkpoint_folders_are_checkpoints(tmp_path):
     assert Folder(str(tmp_path / "nothing-yet")).checkpoints() == []  # before the trainer's first save
 
 
+def test_a_file_url_is_watched_as_the_local_folder(tmp_path):
+    model_files(tmp_path / "ckpt" / "step-1")
+    watcher, calls = make_watcher(f"file://{tmp_path}/ckpt/", tmp_path / "sink", max_checkpoints=1)
+    watcher.run()
+    row = watcher.state.rows["step-1"]
+    assert row["status"] == "succeeded" and row["path"] == str(tmp_path / "ckpt" / "step-1") and calls[0][0] == "step-1"
+
+
 # --- exactly once ------------------------------------------------------------------------
 
 
@@ -227,6 +236,13 @@ def test_stop_file_idle_timeout_and_max_checkpoints(tmp_path):
 def test_config_checks_are_one_line():
     with pytest.raises(ConfigError, match=r"^watch\.poll_interval_s: must be > 0"):
         validate_watch(WatchConfig(poll_interval_s=0))
+    for bad in (-1, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match=r"^watch\.poll_interval_s: must be > 0 seconds and finite"):
+            validate_watch(WatchConfig(poll_interval_s=bad))
+    with pytest.raises(ConfigError, match=r"^watch\.incomplete_after_s: must be >= 0"):
+        validate_watch(WatchConfig(incomplete_after_s=-5))
+    with pytest.raises(ConfigError, match=r"^watch\.idle_timeout_s: must be > 0"):
+        validate_watch(WatchConfig(idle_timeout_s=-1))
     with pytest.raises(ConfigError, match=r"^watch\.marker: must be a file name"):
         validate_watch(WatchConfig(marker="a/b"))
     with pytest.raises(ConfigError, match=r"^watch\.max_checkpoints: must be >= 1"):
@@ -439,6 +455,55 @@ def test_a_watch_path_that_cannot_hold_checkpoints_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^watch\.path: .*/step-100 is a checkpoint itself \(it holds config.json\); watch the folder"):
         make_watcher(tmp_path / "run" / "checkpoints" / "step-100", tmp_path / "sink")
     make_watcher(tmp_path / "run" / "checkpoints", tmp_path / "sink")
+    make_watcher(tmp_path / "run", tmp_path / "run")  # the sink's own checkpoints/<name>/ outputs are not checkpoints
     make_watcher(tmp_path / "not-yet", tmp_path / "sink")  # training has not started: fine
     (tmp_path / "empty").mkdir()
     make_watcher(tmp_path / "empty", tmp_path / "sink")
+
+
+# --- weights still being written -----------------------------------------------------------------
+
+
+def real_weights(path):
+    """A real safetensors file (the tiny model's) and its bytes."""
+    from capjob import models
+
+    built = pathlib.Path(models.resolve_model_source(None, models.TINY_QWEN25VL))
+    return next(built.glob("*.safetensors")).read_bytes()
+
+
+def test_weights_cut_short_or_a_missing_shard_are_never_captioned(tmp_path, s3_env):
+    """Every file is there and the listing is stable, but the trainer paused half-way through
+    the weights (a file shorter than its safetensors header says) or between two shards (the
+    index names a shard not yet written): waiting, then a failed row naming what is missing."""
+    weights = real_weights(tmp_path)
+    ckpt, sink = tmp_path / "ckpt", tmp_path / "sink"
+    half = model_files(ckpt / "step-1", weights=False)
+    (half / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    sharded = model_files(ckpt / "step-2", weights=False)
+    (sharded / "model-00001-of-00002.safetensors").write_bytes(weights)
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    clock = Clock()
+    watcher, calls = make_watcher(ckpt, sink, clock=clock, incomplete_after_s=60)
+    for _ in range(5):
+        assert ready_names(watcher) == []
+    clock.now += 61
+    problems = {c.name: c.problem for c in watcher.poll()[0]}
+    assert f"the rest of model.safetensors ({len(weights) // 2} of {len(weights)} bytes)" in problems["step-1"]
+    assert "1 of the 2 weight shards model.safetensors.index.json lists (model-00002-of-00002.safetensors)" in problems["step-2"]
+    # the rest written: complete
+    (half / "model.safetensors").write_bytes(weights)
+    (sharded / "model-00002-of-00002.safetensors").write_bytes(weights)
+    assert ready_names(watcher) == [] and ready_names(watcher) == ["step-1", "step-2"]
+    assert calls == []
+
+    # the same on S3: an upload cut short
+    s3 = s3_env
+    url = f"s3://{s3.bucket('watch-weights')}/ckpt"
+    put_checkpoint(s3, half, f"{url}/step-3")
+    s3.fs.pipe_file(f"{url}/step-3/model.safetensors", weights[:1000])
+    remote_watcher, _ = make_watcher(url, tmp_path / "sink3", incomplete_after_s=0)
+    ready_names(remote_watcher)
+    ready, _ = remote_watcher.poll()
+    assert "lacks the rest of model.safetensors (1000 bytes" in ready[0].problem

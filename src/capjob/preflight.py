@@ -155,9 +155,19 @@ def missing_model_files(folder: pathlib.Path, load_format: str = "auto") -> list
     missing = [" or ".join(names) for kind, names in MODEL_FILES.items() if not any((folder / n).is_file() for n in names)]
     if not _has_chat_template(folder):
         missing.append(" or ".join(CHAT_TEMPLATE_FILES) + " (or a chat_template in tokenizer_config.json)")
-    if load_format != "dummy" and not any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir()):
-        missing.append("weights (*.safetensors)")
+    if load_format != "dummy":
+        if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir()):
+            missing.append("weights (*.safetensors)")
+        else:
+            sizes = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+            missing += remote.incomplete_weights(sizes, lambda name, start, end: _read_range(folder / name, start, end))
     return missing
+
+
+def _read_range(path: pathlib.Path, start: int, end: int) -> bytes:
+    with path.open("rb") as f:
+        f.seek(start)
+        return f.read(end - start)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -311,6 +321,13 @@ def check_model_url(url: str, load_format: str = "auto", key: str = "model.sourc
             missing.append(" or ".join(CHAT_TEMPLATE_FILES) + " (or a chat_template in tokenizer_config.json)")
     if load_format != "dummy" and not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
         missing.append("weights (*.safetensors)")
+    elif load_format != "dummy":
+        base = root.rstrip("/")
+        try:
+            missing += remote.incomplete_weights({e["name"]: e["size"] for e in entries},
+                                                 lambda name, start, end: fs.cat_file(f"{base}/{name}", start=start, end=end))
+        except Exception as e:  # noqa: BLE001 - s3fs/botocore/aiohttp raise many types
+            raise ConfigError(f"{key}: {describe_remote_error(url, e)}") from None
     if missing:
         raise ConfigError(f"{key}: {url} lacks {'; '.join(missing)}")
     loader = "Ray Data LLM's loader" if remote.ray_llm_loads(url) else "capjob's fetch"

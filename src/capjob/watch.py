@@ -102,8 +102,13 @@ class Folder:
     """The watched folder, through fsspec (local paths and URLs alike)."""
 
     def __init__(self, path: str):
-        # A local folder as an absolute path: model.source takes `ckpt/step-1` for a hub id.
-        self.path = path.rstrip("/") if "://" in path else str(Path(path).expanduser().resolve())
+        # A local folder (file:// URLs included) as an absolute path: model.source takes
+        # `ckpt/step-1` for a hub id and `file:///ckpt/step-1` for a missing folder.
+        fs, root = fsspec.url_to_fs(path.rstrip("/") or "/") if "://" in path else (None, path)
+        if fs is None or isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+            self.path = str(Path(root).expanduser().resolve())
+        else:
+            self.path = path.rstrip("/")
         self.fs, root = fsspec.url_to_fs(self.path)
         self.root = str(root).rstrip("/")
 
@@ -125,10 +130,12 @@ class Folder:
                 found.append((name, int(match.group(1))))
         return sorted(found, key=lambda c: (c[1], c[0]))
 
-    def misplaced(self) -> Optional[str]:
+    def misplaced(self, sink: str) -> Optional[str]:
         """Why this folder cannot be the one checkpoints are written into (it is a checkpoint
         itself, or its checkpoints are one folder down), or None. For a one-line error at start:
-        either way no poll would ever find a checkpoint."""
+        either way no poll would ever find a checkpoint. sink: the watcher's sink.path, whose
+        checkpoints/<name>/ folders (inside the watched folder when sink.path is) are no checkpoints."""
+        outputs = Folder(sink).url(CHECKPOINTS_DIR)
         try:
             entries = self.fs.ls(self.root, detail=True)
         except FileNotFoundError:
@@ -140,7 +147,7 @@ class Folder:
         if self.checkpoints():
             return None
         for name, kind in sorted(names.items()):
-            if kind == "directory" and Folder(self.url(name)).checkpoints():
+            if kind == "directory" and self.url(name) != outputs and Folder(self.url(name)).checkpoints():
                 return f"{self.path} holds no step-N/ or checkpoint-N/ folder, {self.url(name)} does: set watch.path to it"
         return None
 
@@ -214,7 +221,7 @@ class Watcher:
         self.clock, self.sleep, self.say = clock, sleep, say
         self.folder = Folder(cfg.path)
         try:  # bad credentials, endpoint or bucket: one line now, not a retry loop
-            misplaced = self.folder.misplaced()
+            misplaced = self.folder.misplaced(sink)
             if misplaced:
                 raise ConfigError(f"watch.path: {misplaced}")
             bucket = self.folder.root.split("/", 1)[0]
