@@ -498,6 +498,12 @@ def test_weights_cut_short_or_a_missing_shard_are_never_captioned(tmp_path, s3_e
     assert ready_names(watcher) == [] and ready_names(watcher) == ["step-1", "step-2"]
     assert calls == []
 
+    # the trainer's own state written before the model (an upload in another order): no weights yet
+    state = model_files(ckpt / "checkpoint-4", weights=False)
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
+        (state / name).write_bytes(b"\0" * 64)
+    assert "lacks weights (*.safetensors)" in watcher.model_problem("checkpoint-4")
+
     # the same on S3: an upload cut short
     s3 = s3_env
     url = f"s3://{s3.bucket('watch-weights')}/ckpt"

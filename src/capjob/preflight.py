@@ -41,6 +41,15 @@ CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 # Configs that hold a chat template inline (older checkpoints).
 CHAT_TEMPLATE_CONFIGS = ("tokenizer_config.json", "processor_config.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+# What transformers.Trainer saves beside the model in a checkpoint (optimizer.pt, scheduler.pt,
+# rng_state.pth, training_args.bin; trainer_utils / trainer.py's file names): a .pt/.bin file that
+# is no model weights, so a checkpoint holding these but not yet its model is not loadable.
+TRAINER_STATE_PREFIXES = ("optimizer", "scheduler", "rng_state", "training_args", "trainer_state", "scaler")
+
+
+def is_weights(name: str) -> bool:
+    """A file name that holds model weights (not the trainer's optimizer or RNG state)."""
+    return name.endswith(WEIGHT_SUFFIXES) and not name.startswith(TRAINER_STATE_PREFIXES)
 HUB_TIMEOUT_S = 5.0
 
 
@@ -156,7 +165,7 @@ def missing_model_files(folder: pathlib.Path, load_format: str = "auto") -> list
     if not _has_chat_template(folder):
         missing.append(" or ".join(CHAT_TEMPLATE_FILES) + " (or a chat_template in tokenizer_config.json)")
     if load_format != "dummy":
-        if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir()):
+        if not any(is_weights(p.name) for p in folder.iterdir() if p.is_file()):
             missing.append("weights (*.safetensors)")
         else:
             sizes = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
@@ -319,7 +328,7 @@ def check_model_url(url: str, load_format: str = "auto", key: str = "model.sourc
                 break
         if not inline:
             missing.append(" or ".join(CHAT_TEMPLATE_FILES) + " (or a chat_template in tokenizer_config.json)")
-    if load_format != "dummy" and not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
+    if load_format != "dummy" and not any(is_weights(n) for n in names):
         missing.append("weights (*.safetensors)")
     elif load_format != "dummy":
         base = root.rstrip("/")
