@@ -38,6 +38,17 @@ def scores_by_step(checkpoint: Checkpoint) -> dict:
             "captioned": 8, "quarantined": 0}
 
 
+def raising_at(step, error):
+    """A stand-in evaluation that raises `error` on the checkpoint of that step."""
+
+    def evaluate(checkpoint):
+        if checkpoint.step == step:
+            raise error
+        return scores_by_step(checkpoint)
+
+    return evaluate
+
+
 def make_watcher(path, sink, evaluate=scores_by_step, clock=None, **cfg):
     clock = clock or Clock()
     calls = []
@@ -170,12 +181,7 @@ def test_a_watcher_killed_during_an_evaluation_redoes_only_that_one(tmp_path):
     model_files(ckpt / "step-1")
     model_files(ckpt / "step-2")
 
-    def dies_on_the_second(checkpoint):
-        if checkpoint.step == 2:
-            raise KeyboardInterrupt  # Ctrl-C (or a kill) in the middle of step-2's run
-        return scores_by_step(checkpoint)
-
-    watcher, _ = make_watcher(ckpt, sink, dies_on_the_second)
+    watcher, _ = make_watcher(ckpt, sink, raising_at(2, KeyboardInterrupt()))  # Ctrl-C (or a kill) in the middle of step-2's run
     with pytest.raises(KeyboardInterrupt):
         watcher.run()
     # what finished is recorded and on the leaderboard; what was running is not
@@ -428,13 +434,8 @@ def test_an_evaluation_that_raises_is_a_failed_row_and_the_watcher_goes_on(tmp_p
     ckpt, sink = tmp_path / "ckpt", tmp_path / "sink"
     model_files(ckpt / "step-1")
     model_files(ckpt / "step-2")
-
-    def first_raises(checkpoint):
-        if checkpoint.step == 1:
-            raise RuntimeError("Ray did not start: the GCS is unreachable\nsecond line")
-        return scores_by_step(checkpoint)
-
-    watcher, calls = make_watcher(ckpt, sink, first_raises, max_checkpoints=2)
+    watcher, calls = make_watcher(ckpt, sink, raising_at(1, RuntimeError("Ray did not start: the GCS is unreachable\nsecond line")),
+                                  max_checkpoints=2)
     assert watcher.run().startswith("watch.max_checkpoints=2") and [c[0] for c in calls] == ["step-1", "step-2"]
     assert watcher.state.rows["step-1"]["error"] == "RuntimeError: Ray did not start: the GCS is unreachable"
     assert "| 1 | step-1 | RuntimeError: Ray did not start: the GCS is unreachable |" in (sink / "leaderboard.md").read_text()
