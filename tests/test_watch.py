@@ -453,11 +453,13 @@ def test_a_watch_path_that_cannot_hold_checkpoints_is_one_line(tmp_path):
     model_files(tmp_path / "run" / "checkpoints" / "step-100")
     with pytest.raises(ConfigError, match=r"^watch\.path: .*/run holds no step-N/ or checkpoint-N/ folder, .*/run/checkpoints does: "):
         make_watcher(tmp_path / "run", tmp_path / "sink")
-    with pytest.raises(ConfigError, match=r"^watch\.path: .*/step-100 is a checkpoint itself \(it holds config.json\); watch the folder"):
+    with pytest.raises(ConfigError, match=r"^watch\.path: .*/step-100 is a checkpoint itself \(it holds config.json and weights\); watch"):
         make_watcher(tmp_path / "run" / "checkpoints" / "step-100", tmp_path / "sink")
     make_watcher(tmp_path / "run" / "checkpoints", tmp_path / "sink")
     make_watcher(tmp_path / "run", tmp_path / "run")  # the sink's own checkpoints/<name>/ outputs are not checkpoints
     make_watcher(tmp_path / "not-yet", tmp_path / "sink")  # training has not started: fine
+    model_files(tmp_path / "output", weights=False)  # the processor saved into the trainer's output folder at start
+    make_watcher(tmp_path / "output", tmp_path / "sink")
     (tmp_path / "empty").mkdir()
     make_watcher(tmp_path / "empty", tmp_path / "sink")
 

@@ -141,9 +141,12 @@ class Folder:
         except FileNotFoundError:
             return None
         names = {str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: e.get("type") for e in entries}
-        if names.get("config.json") == "file" and not self.checkpoints():
+        # config.json and weights: a model (a trainer may save its processor into its output folder at start).
+        if names.get("config.json") == "file" and any(kind == "file" and preflight.is_weights(n) for n, kind in names.items()) \
+                and not self.checkpoints():
             parent = self.path.rsplit("/", 1)[0]
-            return f"{self.path} is a checkpoint itself (it holds config.json); watch the folder the trainer writes them into ({parent})"
+            return (f"{self.path} is a checkpoint itself (it holds config.json and weights); watch the folder the trainer writes "
+                    f"them into ({parent})")
         if self.checkpoints():
             return None
         for name, kind in sorted(names.items()):
