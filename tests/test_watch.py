@@ -359,7 +359,9 @@ def test_capjob_watch_stops_with_one_line_and_the_leaderboard_written(tmp_path):
     assert "| 30 | step-30 | model.source:" in (tmp_path / "sink" / "leaderboard.md").read_text()
 
 
-def test_ctrl_c_stops_the_watcher_with_one_line(tmp_path):
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_stops_the_watcher_with_one_line(tmp_path, signum):
+    """Ctrl-C, and SIGTERM (`ray job stop`, kill): one line, exit 128 + the signal's number."""
     import signal
     import time
 
@@ -373,12 +375,12 @@ def test_ctrl_c_stops_the_watcher_with_one_line(tmp_path):
             while "capjob-watch: watching" not in out.read_text() and time.monotonic() < deadline and proc.poll() is None:
                 time.sleep(0.2)
             time.sleep(1)  # a few polls
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(getattr(signal, signum))
             _, err = proc.communicate(timeout=60)
         finally:
             if proc.poll() is None:
                 proc.kill()
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == 128 + getattr(signal, signum), err[-3000:]
     assert err.strip().splitlines() == [f"capjob-watch: interrupted; 0 checkpoint(s) on the leaderboard ({tmp_path / 'sink'}/"
                                         "leaderboard.md, up to date); run the same command to go on"]
 

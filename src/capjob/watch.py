@@ -38,7 +38,7 @@ preprocess stages in one Ray Data task (pipeline.caption_flow), and for a golden
 hundreds of images it is a fraction of a second against an engine start of tens of seconds.
 
 Stops (a line saying why, the leaderboard up to date) on watch.max_checkpoints,
-watch.idle_timeout_s, or Ctrl-C (exit 130) at once, and on watch.stop_file (the trainer's "training
+watch.idle_timeout_s, or Ctrl-C (exit 130) or SIGTERM (143) at once, and on watch.stop_file (the trainer's "training
 is over") once every checkpoint written before it has a row. With Ray up, the latest scores are
 Prometheus gauges on Ray's metrics endpoint (metrics.publish_scores).
 """
@@ -50,6 +50,7 @@ import datetime as dt
 import json
 import logging
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -472,13 +473,25 @@ def _main(cfg: DictConfig) -> None:
         rows = len(watcher.state.rows) if watcher else 0
         where = f" ({watcher.leaderboard_path()}, up to date)" if watcher else ""
         console.error(f"capjob-watch: interrupted; {rows} checkpoint(s) on the leaderboard{where}; run the same command to go on")
-        sys.exit(130)
+        sys.exit(128 + _STOPPED_BY[0])
     sweep.release_ray()
     console.headline(f"capjob-watch: stopped: {reason}; {watcher.evaluated} checkpoint(s) evaluated by this watcher, "
                      f"{len(watcher.state.rows)} on the leaderboard {watcher.leaderboard_path()}")
 
 
+_STOPPED_BY = [signal.SIGINT]  # the signal that ended the watcher: exit 128 + its number
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM (`ray job stop`, a scheduler's stop, `kill`) stops the watcher as Ctrl-C does: Ray
+    and the engine shut down, one line, instead of dying with an engine left running."""
+    del frame
+    _STOPPED_BY[0] = signum
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     register_configs()
     if any(a in cli.MULTIRUN_FLAGS for a in sys.argv[1:]):
