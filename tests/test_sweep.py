@@ -475,3 +475,30 @@ def test_real_checkpoint_sweep(tmp_path):
     assert (d / "sweep.png").read_bytes()[:4] == PNG
     # the callback's files are what capjob-sweep-report rebuilds
     assert sweep_report.markdown(d, sweep_report.collect(d)) == md
+
+
+def test_a_crash_inside_ray_is_recorded_with_its_true_reason(tmp_path):
+    """Ray wraps an actor's exception (vLLM failing to load a checkpoint's weights) in an
+    ActorDiedError whose first line names only the actor, with colour codes: the record (the
+    sweep's failures, capjob-watch's leaderboard row) gives the cause."""
+    from omegaconf import OmegaConf
+
+    from capjob import sweep
+
+    class ActorDiedError(Exception):
+        pass
+
+    wrapped = ActorDiedError(
+        "The actor died because of an error raised in its creation task, \x1b[36mray::MapWorker(MapBatches(vLLMEngineStageUDF)).__init__()"
+        "\x1b[39m (pid=1)\nTraceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+        "    raise ValueError(msg)\nValueError: There is no module or parameter named 'foo' in Qwen2_5_VLForConditionalGeneration")
+
+    def crashes(cfg, job_dir):
+        raise wrapped
+
+    cfg = OmegaConf.create({"sink": {"path": str(tmp_path / "out")}, "job": {"resume": False}})
+    record = sweep.run_recorded(cfg, crashes, sweep.new_record(3, []), tmp_path / "job", tmp_path, 0.0, 3, release=False)
+    assert record["error"] == ("ValueError: There is no module or parameter named 'foo' in Qwen2_5_VLForConditionalGeneration (raised in Ray "
+                               "as ActorDiedError: The actor died because of an error raised in its creation task, "
+                               "ray::MapWorker(MapBatches(vLLMEngineStageUDF)).__init__() (pid=1))")
+    assert sweep.error_line(RuntimeError("boom\nsecond line")) == "RuntimeError: boom"

@@ -5,6 +5,7 @@ evaluation itself is a stand-in here; tests/test_watch_e2e.py runs real ones."""
 
 import csv
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -35,6 +36,17 @@ def scores_by_step(checkpoint: Checkpoint) -> dict:
     """A stand-in evaluation: later checkpoints score higher."""
     return {"status": "succeeded", "exact_match": min(1.0, checkpoint.step / 1000), "word_f1": min(1.0, checkpoint.step / 800),
             "captioned": 8, "quarantined": 0}
+
+
+def raising_at(step, error):
+    """A stand-in evaluation that raises `error` on the checkpoint of that step."""
+
+    def evaluate(checkpoint):
+        if checkpoint.step == step:
+            raise error
+        return scores_by_step(checkpoint)
+
+    return evaluate
 
 
 def make_watcher(path, sink, evaluate=scores_by_step, clock=None, **cfg):
@@ -127,6 +139,14 @@ def test_only_step_and_checkpoint_folders_are_checkpoints(tmp_path):
     assert Folder(str(tmp_path / "nothing-yet")).checkpoints() == []  # before the trainer's first save
 
 
+def test_a_file_url_is_watched_as_the_local_folder(tmp_path):
+    model_files(tmp_path / "ckpt" / "step-1")
+    watcher, calls = make_watcher(f"file://{tmp_path}/ckpt/", tmp_path / "sink", max_checkpoints=1)
+    watcher.run()
+    row = watcher.state.rows["step-1"]
+    assert row["status"] == "succeeded" and row["path"] == str(tmp_path / "ckpt" / "step-1") and calls[0][0] == "step-1"
+
+
 # --- exactly once ------------------------------------------------------------------------
 
 
@@ -161,12 +181,7 @@ def test_a_watcher_killed_during_an_evaluation_redoes_only_that_one(tmp_path):
     model_files(ckpt / "step-1")
     model_files(ckpt / "step-2")
 
-    def dies_on_the_second(checkpoint):
-        if checkpoint.step == 2:
-            raise KeyboardInterrupt  # Ctrl-C (or a kill) in the middle of step-2's run
-        return scores_by_step(checkpoint)
-
-    watcher, _ = make_watcher(ckpt, sink, dies_on_the_second)
+    watcher, _ = make_watcher(ckpt, sink, raising_at(2, KeyboardInterrupt()))  # Ctrl-C (or a kill) in the middle of step-2's run
     with pytest.raises(KeyboardInterrupt):
         watcher.run()
     # what finished is recorded and on the leaderboard; what was running is not
@@ -227,6 +242,13 @@ def test_stop_file_idle_timeout_and_max_checkpoints(tmp_path):
 def test_config_checks_are_one_line():
     with pytest.raises(ConfigError, match=r"^watch\.poll_interval_s: must be > 0"):
         validate_watch(WatchConfig(poll_interval_s=0))
+    for bad in (-1, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match=r"^watch\.poll_interval_s: must be > 0 seconds and finite"):
+            validate_watch(WatchConfig(poll_interval_s=bad))
+    with pytest.raises(ConfigError, match=r"^watch\.incomplete_after_s: must be >= 0"):
+        validate_watch(WatchConfig(incomplete_after_s=-5))
+    with pytest.raises(ConfigError, match=r"^watch\.idle_timeout_s: must be > 0"):
+        validate_watch(WatchConfig(idle_timeout_s=-1))
     with pytest.raises(ConfigError, match=r"^watch\.marker: must be a file name"):
         validate_watch(WatchConfig(marker="a/b"))
     with pytest.raises(ConfigError, match=r"^watch\.max_checkpoints: must be >= 1"):
@@ -337,7 +359,9 @@ def test_capjob_watch_stops_with_one_line_and_the_leaderboard_written(tmp_path):
     assert "| 30 | step-30 | model.source:" in (tmp_path / "sink" / "leaderboard.md").read_text()
 
 
-def test_ctrl_c_stops_the_watcher_with_one_line(tmp_path):
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_stops_the_watcher_with_one_line(tmp_path, signum):
+    """Ctrl-C, and SIGTERM (`ray job stop`, kill): one line, exit 128 + the signal's number."""
     import signal
     import time
 
@@ -351,12 +375,12 @@ def test_ctrl_c_stops_the_watcher_with_one_line(tmp_path):
             while "capjob-watch: watching" not in out.read_text() and time.monotonic() < deadline and proc.poll() is None:
                 time.sleep(0.2)
             time.sleep(1)  # a few polls
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(getattr(signal, signum))
             _, err = proc.communicate(timeout=60)
         finally:
             if proc.poll() is None:
                 proc.kill()
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == 128 + getattr(signal, signum), err[-3000:]
     assert err.strip().splitlines() == [f"capjob-watch: interrupted; 0 checkpoint(s) on the leaderboard ({tmp_path / 'sink'}/"
                                         "leaderboard.md, up to date); run the same command to go on"]
 
@@ -378,3 +402,119 @@ def test_a_listing_that_fails_once_is_retried_and_a_bad_store_is_one_line(tmp_pa
     assert lines[0].startswith(f"capjob-watch: listing {tmp_path / 'ckpt'} failed (") and "trying again in 1 s" in lines[0]
     with pytest.raises(ConfigError, match=r"^watch\.path: the bucket of 's3://no-such-bucket-here/ckpt' does not exist"):
         make_watcher("s3://no-such-bucket-here/ckpt", tmp_path / "sink")
+
+
+# --- waits that end ------------------------------------------------------------------------------
+
+
+def test_an_empty_folder_or_a_marker_that_never_comes_is_a_failed_row_not_an_endless_wait(tmp_path):
+    """The trainer died mid-save: an empty step folder, or files without the marker. Each is a
+    failed row after watch.incomplete_after_s, so the stop file and the idle timeout still stop
+    the watcher; a marker written later (a hidden _SUCCESS too) has the checkpoint evaluated."""
+    ckpt, sink = tmp_path / "ckpt", tmp_path / "sink"
+    (ckpt / "step-1").mkdir(parents=True)
+    (ckpt / "WATCH_STOP").write_text("")
+    clock = Clock()
+    watcher, calls = make_watcher(ckpt, sink, clock=clock, incomplete_after_s=10)
+    assert watcher.run() == f"stop file {ckpt}/WATCH_STOP found, every checkpoint before it evaluated"
+    assert clock.now < 1100 and calls == []
+    assert "is empty 10 s after it appeared" in watcher.state.rows["step-1"]["error"]
+
+    (ckpt / "WATCH_STOP").unlink()
+    model_files(ckpt / "step-2")
+    clock = Clock()
+    marked, calls = make_watcher(ckpt, sink, clock=clock, incomplete_after_s=10, idle_timeout_s=50, marker="_SUCCESS")
+    assert marked.run() == "no new checkpoint for 50 s (watch.idle_timeout_s)" and clock.now < 1200 and calls == []
+    assert "no _SUCCESS marker" in marked.state.rows["step-2"]["error"]
+    (ckpt / "step-2" / "_SUCCESS").write_text("")
+    again, calls = make_watcher(ckpt, sink, incomplete_after_s=10, idle_timeout_s=50, marker="_SUCCESS")
+    again.run()
+    assert [c[0] for c in calls] == ["step-2"] and again.state.rows["step-2"]["status"] == "succeeded"
+
+
+def test_an_evaluation_that_raises_is_a_failed_row_and_the_watcher_goes_on(tmp_path):
+    ckpt, sink = tmp_path / "ckpt", tmp_path / "sink"
+    model_files(ckpt / "step-1")
+    model_files(ckpt / "step-2")
+    watcher, calls = make_watcher(ckpt, sink, raising_at(1, RuntimeError("Ray did not start: the GCS is unreachable\nsecond line")),
+                                  max_checkpoints=2)
+    assert watcher.run().startswith("watch.max_checkpoints=2") and [c[0] for c in calls] == ["step-1", "step-2"]
+    assert watcher.state.rows["step-1"]["error"] == "RuntimeError: Ray did not start: the GCS is unreachable"
+    assert "| 1 | step-1 | RuntimeError: Ray did not start: the GCS is unreachable |" in (sink / "leaderboard.md").read_text()
+
+
+def test_checkpoint_folder_names_trainers_write(tmp_path):
+    for name in ("global_step500", "step40", "step-000100", "iter_0000300", "checkpoint_7", "Checkpoint-9",
+                 "latest", "tmp-checkpoint-8", "step-6.tmp", "step-5-tmp", "global_step"):
+        (tmp_path / "ckpt" / name).mkdir(parents=True)
+    assert Folder(str(tmp_path / "ckpt")).checkpoints() == [
+        ("checkpoint_7", 7), ("Checkpoint-9", 9), ("step40", 40), ("step-000100", 100), ("iter_0000300", 300), ("global_step500", 500)]
+
+
+def test_a_watch_path_that_cannot_hold_checkpoints_is_one_line(tmp_path):
+    model_files(tmp_path / "run" / "checkpoints" / "step-100")
+    with pytest.raises(ConfigError, match=r"^watch\.path: .*/run holds no step-N/ or checkpoint-N/ folder, .*/run/checkpoints does: "):
+        make_watcher(tmp_path / "run", tmp_path / "sink")
+    with pytest.raises(ConfigError, match=r"^watch\.path: .*/step-100 is a checkpoint itself \(it holds config.json and weights\); watch"):
+        make_watcher(tmp_path / "run" / "checkpoints" / "step-100", tmp_path / "sink")
+    make_watcher(tmp_path / "run" / "checkpoints", tmp_path / "sink")
+    make_watcher(tmp_path / "run", tmp_path / "run")  # the sink's own checkpoints/<name>/ outputs are not checkpoints
+    make_watcher(tmp_path / "not-yet", tmp_path / "sink")  # training has not started: fine
+    model_files(tmp_path / "output", weights=False)  # the processor saved into the trainer's output folder at start
+    make_watcher(tmp_path / "output", tmp_path / "sink")
+    (tmp_path / "empty").mkdir()
+    make_watcher(tmp_path / "empty", tmp_path / "sink")
+
+
+# --- weights still being written -----------------------------------------------------------------
+
+
+def real_weights(path):
+    """A real safetensors file (the tiny model's) and its bytes."""
+    from capjob import models
+
+    built = pathlib.Path(models.resolve_model_source(None, models.TINY_QWEN25VL))
+    return next(built.glob("*.safetensors")).read_bytes()
+
+
+def test_weights_cut_short_or_a_missing_shard_are_never_captioned(tmp_path, s3_env):
+    """Every file is there and the listing is stable, but the trainer paused half-way through
+    the weights (a file shorter than its safetensors header says) or between two shards (the
+    index names a shard not yet written): waiting, then a failed row naming what is missing."""
+    weights = real_weights(tmp_path)
+    ckpt, sink = tmp_path / "ckpt", tmp_path / "sink"
+    half = model_files(ckpt / "step-1", weights=False)
+    (half / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    sharded = model_files(ckpt / "step-2", weights=False)
+    (sharded / "model-00001-of-00002.safetensors").write_bytes(weights)
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    clock = Clock()
+    watcher, calls = make_watcher(ckpt, sink, clock=clock, incomplete_after_s=60)
+    for _ in range(5):
+        assert ready_names(watcher) == []
+    clock.now += 61
+    problems = {c.name: c.problem for c in watcher.poll()[0]}
+    assert f"the rest of model.safetensors ({len(weights) // 2} of {len(weights)} bytes)" in problems["step-1"]
+    assert "1 of the 2 weight shards model.safetensors.index.json lists (model-00002-of-00002.safetensors)" in problems["step-2"]
+    # the rest written: complete
+    (half / "model.safetensors").write_bytes(weights)
+    (sharded / "model-00002-of-00002.safetensors").write_bytes(weights)
+    assert ready_names(watcher) == [] and ready_names(watcher) == ["step-1", "step-2"]
+    assert calls == []
+
+    # the trainer's own state written before the model (an upload in another order): no weights yet
+    state = model_files(ckpt / "checkpoint-4", weights=False)
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
+        (state / name).write_bytes(b"\0" * 64)
+    assert "lacks weights (*.safetensors)" in watcher.model_problem("checkpoint-4")
+
+    # the same on S3: an upload cut short
+    s3 = s3_env
+    url = f"s3://{s3.bucket('watch-weights')}/ckpt"
+    put_checkpoint(s3, half, f"{url}/step-3")
+    s3.fs.pipe_file(f"{url}/step-3/model.safetensors", weights[:1000])
+    remote_watcher, _ = make_watcher(url, tmp_path / "sink3", incomplete_after_s=0)
+    ready_names(remote_watcher)
+    ready, _ = remote_watcher.poll()
+    assert "lacks the rest of model.safetensors (1000 bytes" in ready[0].problem

@@ -41,6 +41,15 @@ CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 # Configs that hold a chat template inline (older checkpoints).
 CHAT_TEMPLATE_CONFIGS = ("tokenizer_config.json", "processor_config.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+# What transformers.Trainer saves beside the model in a checkpoint (optimizer.pt, scheduler.pt,
+# rng_state.pth, training_args.bin; trainer_utils / trainer.py's file names): a .pt/.bin file that
+# is no model weights, so a checkpoint holding these but not yet its model is not loadable.
+TRAINER_STATE_PREFIXES = ("optimizer", "scheduler", "rng_state", "training_args", "trainer_state", "scaler")
+
+
+def is_weights(name: str) -> bool:
+    """A file name that holds model weights (not the trainer's optimizer or RNG state)."""
+    return name.endswith(WEIGHT_SUFFIXES) and not name.startswith(TRAINER_STATE_PREFIXES)
 HUB_TIMEOUT_S = 5.0
 
 
@@ -155,9 +164,19 @@ def missing_model_files(folder: pathlib.Path, load_format: str = "auto") -> list
     missing = [" or ".join(names) for kind, names in MODEL_FILES.items() if not any((folder / n).is_file() for n in names)]
     if not _has_chat_template(folder):
         missing.append(" or ".join(CHAT_TEMPLATE_FILES) + " (or a chat_template in tokenizer_config.json)")
-    if load_format != "dummy" and not any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir()):
-        missing.append("weights (*.safetensors)")
+    if load_format != "dummy":
+        if not any(is_weights(p.name) for p in folder.iterdir() if p.is_file()):
+            missing.append("weights (*.safetensors)")
+        else:
+            sizes = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+            missing += remote.incomplete_weights(sizes, lambda name, start, end: _read_range(folder / name, start, end))
     return missing
+
+
+def _read_range(path: pathlib.Path, start: int, end: int) -> bytes:
+    with path.open("rb") as f:
+        f.seek(start)
+        return f.read(end - start)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -309,8 +328,15 @@ def check_model_url(url: str, load_format: str = "auto", key: str = "model.sourc
                 break
         if not inline:
             missing.append(" or ".join(CHAT_TEMPLATE_FILES) + " (or a chat_template in tokenizer_config.json)")
-    if load_format != "dummy" and not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
+    if load_format != "dummy" and not any(is_weights(n) for n in names):
         missing.append("weights (*.safetensors)")
+    elif load_format != "dummy":
+        base = root.rstrip("/")
+        try:
+            missing += remote.incomplete_weights({e["name"]: e["size"] for e in entries},
+                                                 lambda name, start, end: fs.cat_file(f"{base}/{name}", start=start, end=end))
+        except Exception as e:  # noqa: BLE001 - s3fs/botocore/aiohttp raise many types
+            raise ConfigError(f"{key}: {describe_remote_error(url, e)}") from None
     if missing:
         raise ConfigError(f"{key}: {url} lacks {'; '.join(missing)}")
     loader = "Ray Data LLM's loader" if remote.ray_llm_loads(url) else "capjob's fetch"

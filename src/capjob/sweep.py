@@ -260,8 +260,7 @@ def run_recorded(cfg: DictConfig, run: Callable[[DictConfig, str], Any], record:
             record.update(status="failed", error=str(e), error_type=type(e).__name__)
             (job_dir / ERROR_TXT).write_text(f"capjob: error: {e}\n")
         except Exception as e:  # noqa: BLE001 - one run's crash must not end the sweep
-            first = (str(e).strip().splitlines() or [""])[0]
-            message = f"{type(e).__name__}: {first}" if first else type(e).__name__
+            message = error_line(e)
             console.error(f"capjob: error: job {num} failed: {message} (traceback in {job_dir / ERROR_TXT})")
             record.update(status="failed", error=message, error_type=type(e).__name__)
             job_dir.mkdir(parents=True, exist_ok=True)
@@ -272,6 +271,27 @@ def run_recorded(cfg: DictConfig, run: Callable[[DictConfig, str], Any], record:
         record["seconds"] = round(time.monotonic() - started, 2)
         _write_json(job_dir / JOB_RECORD, record)
     return record
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# A traceback's last line, `ValueError: ...` or `vllm.x.EngineDeadError: ...` (Python's format).
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception)): (.+)$")
+
+
+def error_line(e: BaseException) -> str:
+    """One line saying why a run crashed: `Type: message`. Ray wraps a stage's or an actor's
+    exception (ActorDiedError, RayTaskError) in one whose first line names only the actor, the
+    cause's own traceback following it in the message: the last exception line of that is the
+    true reason (e.g. vLLM's weight-loading ValueError), given first. Terminal colour codes
+    (Ray's) are removed."""
+    lines = [line.strip() for line in _ANSI.sub("", str(e)).strip().splitlines()]
+    first = lines[0] if lines else ""
+    message = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    causes = [m for m in (_EXCEPTION_LINE.match(line) for line in lines[1:]) if m]
+    if causes:
+        name, text = causes[-1].groups()
+        return f"{name}: {text} (raised in Ray as {message})"
+    return message
 
 
 class SweepReport(Callback):

@@ -38,7 +38,7 @@ preprocess stages in one Ray Data task (pipeline.caption_flow), and for a golden
 hundreds of images it is a fraction of a second against an engine start of tens of seconds.
 
 Stops (a line saying why, the leaderboard up to date) on watch.max_checkpoints,
-watch.idle_timeout_s, or Ctrl-C (exit 130) at once, and on watch.stop_file (the trainer's "training
+watch.idle_timeout_s, or Ctrl-C (exit 130) or SIGTERM (143) at once, and on watch.stop_file (the trainer's "training
 is over") once every checkpoint written before it has a row. With Ray up, the latest scores are
 Prometheus gauges on Ray's metrics endpoint (metrics.publish_scores).
 """
@@ -50,6 +50,7 @@ import datetime as dt
 import json
 import logging
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -72,10 +73,12 @@ from capjob.stages.caption.engine import EnginePlacement
 from capjob.stages.storage import describe_remote_error
 from capjob.stages.tables import write_atomic
 
-# `step-1200`, `checkpoint-1200` (transformers.Trainer's PREFIX_CHECKPOINT_DIR), `step_1200`.
-CHECKPOINT_DIR = re.compile(r"^(?:step|checkpoint)[-_](\d+)$")
+# `step-1200`, `checkpoint-1200` (transformers.Trainer's PREFIX_CHECKPOINT_DIR), `step_1200`,
+# `step1200`, zero-padded `step-001200`, DeepSpeed's `global_step1200`, Megatron's `iter_0001200`.
+CHECKPOINT_DIR = re.compile(r"^(?:step|checkpoint|global_step|iter)[-_]?(\d+)$", re.IGNORECASE)
 STATE_FILE = "watch/state.json"
 CHECKPOINTS_DIR = "checkpoints"
+EMPTY = "empty"  # the fingerprint of a checkpoint folder without a file
 
 
 def _iso(t: float) -> str:
@@ -100,8 +103,13 @@ class Folder:
     """The watched folder, through fsspec (local paths and URLs alike)."""
 
     def __init__(self, path: str):
-        # A local folder as an absolute path: model.source takes `ckpt/step-1` for a hub id.
-        self.path = path.rstrip("/") if "://" in path else str(Path(path).expanduser().resolve())
+        # A local folder (file:// URLs included) as an absolute path: model.source takes
+        # `ckpt/step-1` for a hub id and `file:///ckpt/step-1` for a missing folder.
+        fs, root = fsspec.url_to_fs(path.rstrip("/") or "/") if "://" in path else (None, path)
+        if fs is None or isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+            self.path = str(Path(root).expanduser().resolve())
+        else:
+            self.path = path.rstrip("/")
         self.fs, root = fsspec.url_to_fs(self.path)
         self.root = str(root).rstrip("/")
 
@@ -122,6 +130,30 @@ class Folder:
             if match and e.get("type") == "directory":
                 found.append((name, int(match.group(1))))
         return sorted(found, key=lambda c: (c[1], c[0]))
+
+    def misplaced(self, sink: str) -> Optional[str]:
+        """Why this folder cannot be the one checkpoints are written into (it is a checkpoint
+        itself, or its checkpoints are one folder down), or None. For a one-line error at start:
+        either way no poll would ever find a checkpoint. sink: the watcher's sink.path, whose
+        checkpoints/<name>/ folders (inside the watched folder when sink.path is) are no checkpoints."""
+        outputs = Folder(sink).url(CHECKPOINTS_DIR)
+        try:
+            entries = self.fs.ls(self.root, detail=True)
+        except FileNotFoundError:
+            return None
+        names = {str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: e.get("type") for e in entries}
+        # config.json and weights: a model (a trainer may save its processor into its output folder at start).
+        if names.get("config.json") == "file" and any(kind == "file" and preflight.is_weights(n) for n, kind in names.items()) \
+                and not self.checkpoints():
+            parent = self.path.rsplit("/", 1)[0]
+            return (f"{self.path} is a checkpoint itself (it holds config.json and weights); watch the folder the trainer writes "
+                    f"them into ({parent})")
+        if self.checkpoints():
+            return None
+        for name, kind in sorted(names.items()):
+            if kind == "directory" and self.url(name) != outputs and Folder(self.url(name)).checkpoints():
+                return f"{self.path} holds no step-N/ or checkpoint-N/ folder, {self.url(name)} does: set watch.path to it"
+        return None
 
     def url(self, name: str) -> str:
         return f"{self.path}/{name}"
@@ -193,7 +225,9 @@ class Watcher:
         self.clock, self.sleep, self.say = clock, sleep, say
         self.folder = Folder(cfg.path)
         try:  # bad credentials, endpoint or bucket: one line now, not a retry loop
-            self.folder.checkpoints()
+            misplaced = self.folder.misplaced(sink)
+            if misplaced:
+                raise ConfigError(f"watch.path: {misplaced}")
             bucket = self.folder.root.split("/", 1)[0]
             if "://" in self.folder.path and not self.folder.fs.exists(bucket):
                 raise ConfigError(f"watch.path: the bucket of {cfg.path!r} does not exist")
@@ -213,7 +247,12 @@ class Watcher:
         ready, busy = [], False
         for name, step in self.folder.checkpoints():
             entries = self.folder.listing(name)
-            fingerprint = remote.revision(entries) if entries else None
+            marked = bool(self.cfg.marker) and bool(entries) and self.folder.exists(f"{name}/{self.cfg.marker}")
+            if marked and not any(e["name"] == self.cfg.marker for e in entries):
+                # A hidden marker (_SUCCESS) is not in the listing: a marker written after a
+                # failed "no marker" row must still change the fingerprint (evaluated again).
+                entries = [*entries, {"name": self.cfg.marker, "size": 0, "etag": "marker"}]
+            fingerprint = remote.revision(entries) if entries else EMPTY
             now = self.clock()
             previous = self.seen.get(name)
             changed = previous is None or previous.fingerprint != fingerprint
@@ -222,15 +261,26 @@ class Watcher:
             if self.state.finished(name, fingerprint):
                 continue
             busy = True
-            if fingerprint is None:
+            # Waiting has a bound: a folder left empty, or one whose marker never comes (the
+            # trainer died mid-save), is a failed row after incomplete_after_s unchanged, not a
+            # wait that keeps the idle timeout and the stop file from ever firing.
+            stuck = not changed and now - self.seen[name].since >= self.cfg.incomplete_after_s
+            if not entries:
+                if stuck:
+                    ready.append(Checkpoint(name, step, self.folder.url(name), EMPTY, time.time(),
+                                            f"{self.folder.url(name)} is empty {self.cfg.incomplete_after_s:g} s after it appeared "
+                                            "(watch.incomplete_after_s): the trainer created it and wrote nothing"))
                 continue  # an empty folder: the trainer has just created it
-            if self.cfg.marker:
-                if not self.folder.exists(f"{name}/{self.cfg.marker}"):
-                    continue
-            elif changed:
+            if self.cfg.marker and not marked:
+                if stuck:
+                    ready.append(Checkpoint(name, step, self.folder.url(name), fingerprint, time.time(),
+                                            f"no {self.cfg.marker} marker in {self.folder.url(name)} after its files were unchanged for "
+                                            f"{self.cfg.incomplete_after_s:g} s (watch.incomplete_after_s): the trainer did not finish it"))
+                continue
+            if not self.cfg.marker and changed:
                 continue  # complete only once a second listing finds the same files
             problem = self.model_problem(name)
-            if problem and not self.cfg.marker and now - self.seen[name].since < self.cfg.incomplete_after_s:
+            if problem and not self.cfg.marker and not stuck:
                 continue  # stable but lacking files: the trainer may write them last
             ready.append(Checkpoint(name, step, self.folder.url(name), fingerprint, time.time(), problem))
         if busy:
@@ -303,7 +353,14 @@ class Watcher:
 
     def evaluate_one(self, checkpoint: Checkpoint) -> dict[str, Any]:
         self.say(f"capjob-watch: {checkpoint.name} (step {checkpoint.step}) is complete; evaluating it")
-        result = {"status": "failed", "error": checkpoint.problem} if checkpoint.problem else self.evaluate(checkpoint)
+        if checkpoint.problem:
+            result = {"status": "failed", "error": checkpoint.problem}
+        else:
+            try:
+                result = self.evaluate(checkpoint)
+            except Exception as e:  # one checkpoint's failure (Ray, the store, the job's record) is its row, not the watcher's end
+                logging.getLogger(__name__).debug("capjob-watch: evaluating %s failed", checkpoint.name, exc_info=True)
+                result = {"status": "failed", "error": f"{type(e).__name__}: {preflight.first_line(str(e))[:500]}"}
         finished = time.time()
         row = {**result, "checkpoint": checkpoint.name, "step": checkpoint.step, "path": checkpoint.url,
                "fingerprint": checkpoint.fingerprint, "complete_at": _iso(checkpoint.complete_at), "finished_at": _iso(finished),
@@ -416,13 +473,25 @@ def _main(cfg: DictConfig) -> None:
         rows = len(watcher.state.rows) if watcher else 0
         where = f" ({watcher.leaderboard_path()}, up to date)" if watcher else ""
         console.error(f"capjob-watch: interrupted; {rows} checkpoint(s) on the leaderboard{where}; run the same command to go on")
-        sys.exit(130)
+        sys.exit(128 + _STOPPED_BY[0])
     sweep.release_ray()
     console.headline(f"capjob-watch: stopped: {reason}; {watcher.evaluated} checkpoint(s) evaluated by this watcher, "
                      f"{len(watcher.state.rows)} on the leaderboard {watcher.leaderboard_path()}")
 
 
+_STOPPED_BY = [signal.SIGINT]  # the signal that ended the watcher: exit 128 + its number
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM (`ray job stop`, a scheduler's stop, `kill`) stops the watcher as Ctrl-C does: Ray
+    and the engine shut down, one line, instead of dying with an engine left running."""
+    del frame
+    _STOPPED_BY[0] = signum
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     register_configs()
     if any(a in cli.MULTIRUN_FLAGS for a in sys.argv[1:]):

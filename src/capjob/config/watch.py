@@ -4,6 +4,7 @@ checkpoint folder and evaluates every checkpoint on a golden set as soon as it i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -40,7 +41,8 @@ class WatchConfig:
 
 def validate_watch(cfg: WatchConfig) -> WatchConfig:
     """Range checks the types cannot express. Raises ConfigError naming the key."""
-    require(cfg.poll_interval_s > 0, "watch.poll_interval_s", f"must be > 0 seconds, got {cfg.poll_interval_s}")
+    # inf passes `> 0` but is no interval (time.sleep(inf) raises OverflowError at the first wait).
+    require(0 < cfg.poll_interval_s < math.inf, "watch.poll_interval_s", f"must be > 0 seconds and finite, got {cfg.poll_interval_s}")
     require(cfg.incomplete_after_s >= 0, "watch.incomplete_after_s", f"must be >= 0 seconds, got {cfg.incomplete_after_s}")
     require(cfg.max_checkpoints is None or cfg.max_checkpoints >= 1, "watch.max_checkpoints",
             f"must be >= 1 or null, got {cfg.max_checkpoints}")

@@ -28,7 +28,7 @@ import pathlib
 import re
 import shutil
 import tempfile
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from capjob.cache import cache_dir
 
@@ -72,6 +72,49 @@ def listing(url: str, fs: Any = None, root: Optional[str] = None) -> list[dict[s
     if not out:
         raise FileNotFoundError(f"no files under {url}")
     return out
+
+
+WEIGHT_INDEX_SUFFIX = ".index.json"  # model.safetensors.index.json, pytorch_model.bin.index.json
+
+
+def incomplete_weights(sizes: dict[str, int], read: Callable[[str, int, int], bytes]) -> list[str]:
+    """What a model folder's weights lack although a weights file is there: a shard that an
+    index file (`*.index.json`, transformers' sharded checkpoints: {"weight_map": {tensor:
+    file}}) names but the folder does not hold, and a `.safetensors` file shorter than its own
+    header says (the safetensors format: an 8-byte little-endian header length, a JSON header
+    whose tensors' `data_offsets` end where the file must end). Both are a checkpoint still
+    being written or uploaded, which a listing alone cannot tell from a finished one.
+
+    sizes: {relative file name: bytes}; read(name, start, end): those bytes of the file.
+    Returns readable problems ([] when none); a file it cannot parse is left to the loader."""
+    problems = []
+    for name in sorted(n for n in sizes if n.endswith(WEIGHT_INDEX_SUFFIX)):
+        try:
+            weight_map = json.loads(read(name, 0, sizes[name])).get("weight_map") or {}
+            shards = sorted({str(v) for v in weight_map.values()})
+        except (OSError, ValueError, AttributeError):
+            continue
+        base = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
+        absent = [s for s in shards if base + s not in sizes]
+        if absent:
+            problems.append(f"{len(absent)} of the {len(shards)} weight shards {name} lists ({', '.join(absent[:3])}"
+                            f"{', ...' if len(absent) > 3 else ''})")
+    for name in sorted(n for n in sizes if n.endswith(".safetensors")):
+        size = sizes[name]
+        try:
+            header_len = int.from_bytes(read(name, 0, 8), "little") if size >= 8 else None
+            if header_len is None or 8 + header_len > size:
+                if header_len is not None and header_len > 100_000_000:
+                    continue  # not a safetensors header: the loader says what it is
+                problems.append(f"the rest of {name} ({size} bytes, shorter than its header)")
+                continue
+            header = json.loads(read(name, 8, 8 + header_len))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (OSError, ValueError, AttributeError, KeyError, TypeError, IndexError):
+            continue
+        if 8 + header_len + end > size:
+            problems.append(f"the rest of {name} ({size} of {8 + header_len + end} bytes)")
+    return problems
 
 
 def revision(entries: list[dict[str, Any]]) -> str:
