@@ -45,6 +45,7 @@ def s3_env(s3):
     Ray workers and capjob subprocesses it starts); restored afterwards."""
     import s3fs
 
+    s3.ensure_running()
     saved = {k: os.environ.get(k) for k in s3.env()}
     os.environ.update(s3.env())
     s3fs.S3FileSystem.clear_instance_cache()  # a cached instance would keep another endpoint

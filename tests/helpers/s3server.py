@@ -50,6 +50,9 @@ class S3Server:
         self.proc = subprocess.Popen(
             cmd + ["-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+            # Its own session: a test that signals its own process group (or a child's) never
+            # takes the session-wide server down with it.
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -62,6 +65,14 @@ class S3Server:
                 time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"moto_server did not answer on {self.endpoint} within {timeout:.0f}s")
+
+    def ensure_running(self) -> "S3Server":
+        """Start the server again, on the same endpoint, if its process has exited (the buckets
+        are gone then: every test makes its own)."""
+        if self.proc is None or self.proc.poll() is not None:
+            self._fs = None
+            self.start()
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
