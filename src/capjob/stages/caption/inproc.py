@@ -7,8 +7,8 @@ vLLM forces that process to be started with ``spawn`` inside a Ray actor
 transformers once more before the engine can load the model. vLLM's synchronous ``LLMEngine``
 (what ``vllm.LLM`` uses) keeps the engine core in the calling process instead
 (``InprocClient``: ``multiprocess_mode=False``). ``InprocAsyncLLM`` puts the surface Ray Data
-LLM's ``vLLMEngineWrapper`` calls (``from_engine_args``, ``generate``, ``do_log_stats``,
-``shutdown``) over an ``LLMEngine`` stepped by one thread of the actor, so an engine replica is
+LLM's ``vLLMEngineWrapper`` calls for generation (``from_engine_args``, ``generate``,
+``do_log_stats``, ``shutdown``) over an ``LLMEngine`` stepped by one thread of the actor, so an engine replica is
 one process and imports vLLM once. What it costs and saves: docs/benchmarks.md, "Start-up:
 capjob vs raw vLLM on the CPU".
 
@@ -76,16 +76,12 @@ class InprocAsyncLLM:
             raise engine_dead(self.failure)
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
-        params = sampling_params.clone() if hasattr(sampling_params, "clone") else sampling_params
+        params = sampling_params.clone()  # the caller's params stay as they were
         params.output_kind = RequestOutputKind.FINAL_ONLY
         self.inbox.put((str(request_id), prompt, params, lora_request, kwargs, loop, future))
         if self.failure is not None:
             _settle(future, None, engine_dead(self.failure))
         yield await future
-
-    async def encode(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-        raise NotImplementedError("engine.in_process_engine_core runs generation only")
-        yield  # pragma: no cover - makes this an async generator like AsyncLLM.encode
 
     def crash(self, error: BaseException) -> None:
         """Test-only fault (engine_guard's POISON_ENV): the engine's next step raises `error`, as a
