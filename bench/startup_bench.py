@@ -19,10 +19,12 @@ marks (capjob.log's `start-up +S s: <phase>` lines, the engine's ready and first
 for the median pair.
 
     python bench/startup_bench.py --pairs 3 [--work /tmp/startup-bench] [--set KEY=VALUE ...]
-                                  [--before KEY=VALUE ...]
+                                  [--before KEY=VALUE ...] [--before-src DIR]
 
 --before adds a third contender to every pair: capjob with these overrides on top (e.g. a switch
 turned back off), so a change's before and after are timed side by side on the same machine.
+--before-src DIR runs that contender from another capjob tree (a worktree of the previous
+commit: a change no switch turns off).
 
 Caches are warm by design (the issue's "warm caches"): the tiny model is built and the sample
 set written before the first pair (a miss is timed separately by the first-ten-minutes bench).
@@ -98,7 +100,11 @@ def report_timeline(sink: pathlib.Path) -> dict[str, Any]:
 def raw_vllm(sets: list[str], out_dir: str) -> None:
     """The raw vLLM contender, run in its own process (`startup_bench.py raw ...`)."""
     cfg = compose(PRESET + sets)
-    os.environ.update(cfg.engine.env_vars)  # the preset's engine env (vLLM reads it at import)
+    from capjob.stages.caption.engine import EnginePlacement, engine_env, engine_kwargs
+
+    # The environment capjob gives its CPU engine (vLLM and torch read it at import): the same
+    # engine settings for both contenders.
+    os.environ.update(engine_env(cfg.engine, EnginePlacement(0, None)))
     from vllm import LLM, SamplingParams
 
     import io
@@ -110,7 +116,6 @@ def raw_vllm(sets: list[str], out_dir: str) -> None:
 
     from capjob.models import resolve_model_source
     from capjob.prompts import prompt_specs
-    from capjob.stages.caption.engine import EnginePlacement, engine_kwargs
     from capjob.stages.sources.sample import ensure_sample_dataset
 
     source = resolve_model_source(cfg.model.source, cfg.model.builder)
@@ -148,6 +153,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="an override every contender gets")
     parser.add_argument("--before", action="append", default=[],
                         help="overrides of a 'capjob (before)' contender run in every pair beside the others")
+    parser.add_argument("--before-src", default=None,
+                        help="a capjob source tree (e.g. `git worktree add /tmp/before HEAD~1`) the 'capjob (before)' "
+                             "contender runs from (PYTHONPATH=<it>/src), with the --before overrides if any")
     parser.add_argument("--skip-nothing", action="store_true", help="leave out the nothing-to-do rerun")
     args = parser.parse_args()
     if args.cmd == "raw":
@@ -158,6 +166,11 @@ def main() -> None:
     work.mkdir(parents=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     capjob = [str(pathlib.Path(sys.executable).with_name("capjob"))]
+    before_capjob, before_env = capjob, env
+    if args.before_src:
+        # Its Ray workers start from the driver's environment, so they import the same tree.
+        src = pathlib.Path(args.before_src).resolve() / "src"
+        before_capjob, before_env = [sys.executable, "-m", "capjob"], {**env, "PYTHONPATH": str(src)}
     # Warm: the model built and the sample set written before anything is timed.
     cfg = compose(PRESET + args.set)
     from capjob.models import resolve_model_source
@@ -176,9 +189,9 @@ def main() -> None:
         r = timed([sys.executable, __file__, "raw", str(pair / "raw"), *sum((["--set", s] for s in args.set), [])],
                   pair / "raw", pair / "raw.out", env)
         b = None
-        if args.before:
-            b = timed([*capjob, *PRESET, *args.set, *args.before, f"sink.path={pair / 'sink-before'}",
-                       f"hydra.run.dir={pair / 'run-before'}"], pair / "sink-before" / "captions", pair / "before.out", env)
+        if args.before or args.before_src:
+            b = timed([*before_capjob, *PRESET, *args.set, *args.before, f"sink.path={pair / 'sink-before'}",
+                       f"hydra.run.dir={pair / 'run-before'}"], pair / "sink-before" / "captions", pair / "before.out", before_env)
             b.update(marks=startup_marks(pair / "run-before"), timeline=report_timeline(pair / "sink-before"))
         n = None
         if not args.skip_nothing:
@@ -203,10 +216,11 @@ def main() -> None:
     print(f"\nfirst caption, median of {len(rows)}: capjob {med('capjob', 'first_caption_s')} s, raw vLLM "
           f"{med('raw_vllm', 'first_caption_s')} s; capjob - raw per pair: {[round(d, 1) for d in diffs]} "
           f"(median {round(statistics.median(diffs), 1) if diffs else None} s; target <= 15)")
-    if args.before:
+    if args.before or args.before_src:
+        label = " ".join([*([f"--before-src {args.before_src}"] if args.before_src else []), *args.before])
         before = [r["before"]["first_caption_s"] - r["raw_vllm"]["first_caption_s"] for r in rows
                   if r["before"]["first_caption_s"] is not None and r["raw_vllm"]["first_caption_s"] is not None]
-        print(f"capjob before ({' '.join(args.before)}): first caption median {med('before', 'first_caption_s')} s; "
+        print(f"capjob before ({label}): first caption median {med('before', 'first_caption_s')} s; "
               f"before - raw per pair: {[round(d, 1) for d in before]} (median {round(statistics.median(before), 1) if before else None} s)")
         print("  its start-up marks (median pair):")
         mid = sorted(rows, key=lambda r: r["before"]["first_caption_s"] or 0)[len(rows) // 2]["before"]

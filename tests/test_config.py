@@ -193,7 +193,8 @@ def test_processor_stages_follow_the_engine_switches():
     config = processor_config(offline.engine, offline.model, offline.resources, "/m", EnginePlacement(0, None))
     assert (config.tokenize_stage["enabled"], config.detokenize_stage["enabled"], config.chat_template_stage["enabled"],
             config.prepare_multimodal_stage["enabled"]) == (False, False, False, False)
-    assert config.runtime_env == {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
+    # enforce_eager on a CPU engine: vLLM's sampler is not compiled either (engine.engine_env).
+    assert config.runtime_env == {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCH_COMPILE_DISABLE": "1"}}
     # The one-off prompt rendering runs the two stages' own UDFs.
     config = processor_config(offline.engine, offline.model, offline.resources, "/m", EnginePlacement(0, None), chat_template_stages=True)
     assert (config.chat_template_stage["enabled"], config.prepare_multimodal_stage["enabled"]) == (True, True)
@@ -467,3 +468,22 @@ def test_engine_front_end_switches():
     assert str(e.value).startswith("engine.log_engine_metrics: is true but engine.extra_engine_kwargs.disable_log_stats")
     quiet = to_typed(compose(["experiment=offline", "engine.log_engine_metrics=false", "+engine.extra_engine_kwargs.disable_log_stats=true"]))
     assert engine_kwargs(quiet.engine, quiet.model, cpu, prompt_specs(quiet.caption))["disable_log_stats"] is True
+
+
+def test_an_eager_cpu_engine_runs_without_torch_compile_and_nothing_else_changes():
+    """engine.enforce_eager on a CPU engine also keeps vLLM's sampler out of torch.compile
+    (TORCH_COMPILE_DISABLE=1 in the actors' environment: Inductor's ISA probe cost every CPU
+    engine start ~13 s); a compiling engine, a GPU engine and a value the user set keep theirs."""
+    from capjob.stages.caption.engine import EnginePlacement, engine_env, processor_config
+
+    cpu, gpu = EnginePlacement(0, None), EnginePlacement(1, "H100")
+    offline = to_typed(compose(["experiment=offline"]))
+    assert engine_env(offline.engine, cpu) == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCH_COMPILE_DISABLE": "1"}
+    assert engine_env(offline.engine, gpu) == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    compiled = to_typed(compose(["experiment=offline", "engine.enforce_eager=false"]))
+    assert "TORCH_COMPILE_DISABLE" not in engine_env(compiled.engine, cpu)
+    mine = to_typed(compose(["experiment=offline", "+engine.env_vars.TORCH_COMPILE_DISABLE=0"]))
+    assert engine_env(mine.engine, cpu)["TORCH_COMPILE_DISABLE"] == "0"
+    default = to_typed(compose([]))
+    assert engine_env(default.engine, cpu) == {}
+    assert processor_config(default.engine, default.model, default.resources, "/m", cpu).runtime_env is None

@@ -143,7 +143,8 @@ class EngineConfig:
     pipeline_parallel_size: int = 1
     quantization: Optional[str] = None
     # False compiles the model (torch.compile, CUDA graphs) at start-up: faster steady state,
-    # tens of seconds more start-up. The offline preset turns it off for short CPU runs.
+    # tens of seconds more start-up. The offline preset turns it on for short CPU runs; a CPU
+    # engine then also runs vLLM's sampler eagerly (TORCH_COMPILE_DISABLE=1: engine.engine_env).
     enforce_eager: bool = False
     # Ray Data LLM's PrepareMultimodal and ChatTemplate actors, which parse every row's chat
     # messages and apply the chat template. A caption request is the same system + user prompt

