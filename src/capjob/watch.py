@@ -419,7 +419,7 @@ def run_checkpoint(cfg: DictConfig, checkpoint: Checkpoint, sink: str, work_dir:
     level = str(OmegaConf.select(cfg, "job.log_level") or "warning")
     with console.session(str(job_dir), level, brief_prefix=f"{checkpoint.name}: ", shutdown_ray=False):
         record = sweep.run_recorded(checkpoint_config(cfg, checkpoint, sink), cli.run_composed, record, job_dir, work_dir,
-                                    time.monotonic(), checkpoint.step, release=False)
+                                    time.monotonic(), f"checkpoint {checkpoint.name}", release=False)
     if record.get("status") != "succeeded":
         sweep.release_ray()  # a failed run may leave an engine or Ray itself broken: the next run starts afresh
         restart_ray()
