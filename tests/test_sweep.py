@@ -477,7 +477,7 @@ def test_real_checkpoint_sweep(tmp_path):
     assert sweep_report.markdown(d, sweep_report.collect(d)) == md
 
 
-def test_a_crash_inside_ray_is_recorded_with_its_true_reason(tmp_path):
+def test_a_crash_inside_ray_is_recorded_with_its_true_reason(tmp_path, capsys):
     """Ray wraps an actor's exception (vLLM failing to load a checkpoint's weights) in an
     ActorDiedError whose first line names only the actor, with colour codes: the record (the
     sweep's failures, capjob-watch's leaderboard row) gives the cause."""
@@ -497,7 +497,9 @@ def test_a_crash_inside_ray_is_recorded_with_its_true_reason(tmp_path):
         raise wrapped
 
     cfg = OmegaConf.create({"sink": {"path": str(tmp_path / "out")}, "job": {"resume": False}})
-    record = sweep.run_recorded(cfg, crashes, sweep.new_record(3, []), tmp_path / "job", tmp_path, 0.0, 3, release=False)
+    record = sweep.run_recorded(cfg, crashes, sweep.new_record(3, []), tmp_path / "job", tmp_path, 0.0, "checkpoint step-3", release=False)
+    # The console line names the run as its caller does (capjob-watch: the checkpoint, not a job number).
+    assert "capjob: error: checkpoint step-3 failed: ValueError: There is no module" in capsys.readouterr().err
     assert record["error"] == ("ValueError: There is no module or parameter named 'foo' in Qwen2_5_VLForConditionalGeneration (raised in Ray "
                                "as ActorDiedError: The actor died because of an error raised in its creation task, "
                                "ray::MapWorker(MapBatches(vLLMEngineStageUDF)).__init__() (pid=1))")

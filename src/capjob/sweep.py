@@ -221,15 +221,16 @@ def run_job(cfg: DictConfig, run: Callable[[DictConfig, str], Any],
     record = new_record(hc.job.num, list(hc.overrides.task))
     release_ray()  # nothing should be left from the previous job; make sure
     with session(str(job_dir), hc.job.num):
-        run_recorded(cfg, run, record, job_dir, sweep_dir, started, hc.job.num)
+        run_recorded(cfg, run, record, job_dir, sweep_dir, started, f"job {hc.job.num}")
 
 
 def run_recorded(cfg: DictConfig, run: Callable[[DictConfig, str], Any], record: dict[str, Any], job_dir: Path,
-                 sweep_dir: Path, started: float, num: Any, release: bool = True) -> dict[str, Any]:
+                 sweep_dir: Path, started: float, label: str, release: bool = True) -> dict[str, Any]:
     """Run one job in `job_dir` and record it (sweep_job.json, error.txt): never raises for a
-    failed run, only for Ctrl-C. release: shut Ray down afterwards (a sweep's job); False keeps
-    it up for the next job (capjob-watch, whose checkpoints share one Ray session: only Ray
-    Data's context is reset). Returns the record."""
+    failed run, only for Ctrl-C. label: what the console's error line calls the run ("job 3" in a
+    sweep, "checkpoint step-200" for capjob-watch). release: shut Ray down afterwards (a sweep's
+    job); False keeps it up for the next job (capjob-watch, whose checkpoints share one Ray
+    session: only Ray Data's context is reset). Returns the record."""
     try:
         try:
             if _uses_default_sink(cfg):
@@ -261,7 +262,7 @@ def run_recorded(cfg: DictConfig, run: Callable[[DictConfig, str], Any], record:
             (job_dir / ERROR_TXT).write_text(f"capjob: error: {e}\n")
         except Exception as e:  # noqa: BLE001 - one run's crash must not end the sweep
             message = error_line(e)
-            console.error(f"capjob: error: job {num} failed: {message} (traceback in {job_dir / ERROR_TXT})")
+            console.error(f"capjob: error: {label} failed: {message} (traceback in {job_dir / ERROR_TXT})")
             record.update(status="failed", error=message, error_type=type(e).__name__)
             job_dir.mkdir(parents=True, exist_ok=True)
             (job_dir / ERROR_TXT).write_text(message + "\n\n" + traceback.format_exc())

@@ -373,7 +373,7 @@ class Watcher:
                 self.publish(row, list(self.state.rows.values()))
             except Exception as e:  # noqa: BLE001 - the gauges are a view; the leaderboard is written
                 logging.getLogger(__name__).warning("capjob-watch: publishing the scores failed: %s", e)
-        scores = ", ".join(f"{k} {leaderboard._fmt(row.get(k))}" for k in leaderboard.SCORES if row.get(k) is not None)
+        scores = ", ".join(f"{k} {leaderboard.fmt_value(row.get(k))}" for k in leaderboard.SCORES if row.get(k) is not None)
         outcome = scores or "no score" if row["status"] == "succeeded" else f"failed: {preflight.first_line(str(row.get('error')))[:300]}"
         self.say(f"capjob-watch: {checkpoint.name} (step {checkpoint.step}): {outcome} · leaderboard {self.leaderboard_path()}")
         return row
@@ -419,7 +419,7 @@ def run_checkpoint(cfg: DictConfig, checkpoint: Checkpoint, sink: str, work_dir:
     level = str(OmegaConf.select(cfg, "job.log_level") or "warning")
     with console.session(str(job_dir), level, brief_prefix=f"{checkpoint.name}: ", shutdown_ray=False):
         record = sweep.run_recorded(checkpoint_config(cfg, checkpoint, sink), cli.run_composed, record, job_dir, work_dir,
-                                    time.monotonic(), checkpoint.step, release=False)
+                                    time.monotonic(), f"checkpoint {checkpoint.name}", release=False)
     if record.get("status") != "succeeded":
         sweep.release_ray()  # a failed run may leave an engine or Ray itself broken: the next run starts afresh
         restart_ray()

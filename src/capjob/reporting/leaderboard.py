@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 from typing import Any, Optional
 
-from capjob.reporting.sweep_report import Job, _cell, _first_line, _fmt, csv_text
+from capjob.reporting.sweep_report import Job, md_cell, first_line, fmt_value, csv_text
 
 LEADERBOARD_MD, LEADERBOARD_CSV, LEADERBOARD_PNG = "leaderboard.md", "leaderboard.csv", "leaderboard.png"
 SCORES = ("exact_match", "word_f1", "bleu4", "cider", "judge_mean_score")
@@ -87,20 +87,20 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
              f"{len(rows)} checkpoint{'' if len(rows) == 1 else 's'}: {len(rows) - len(failed)} evaluated, {len(failed)} failed.", ""]
     if best is not None:
         lines += [f"**Best checkpoint: {best['checkpoint']}** (step {best['step']}): " + ", ".join(
-            f"{label} {_fmt(best.get(key))}" for key, label in (("exact_match", "exact match"), ("word_f1", "word F1"),
+            f"{label} {fmt_value(best.get(key))}" for key, label in (("exact_match", "exact match"), ("word_f1", "word F1"),
                                                                  ("judge_mean_score", "judge mean score")) if best.get(key) is not None) + ".", ""]
     elif rows:
         lines += ["No checkpoint has a score yet (eval.reference_column or eval=judge gives one).", ""]
     lines += ["| | step | checkpoint | exact match | word F1 | BLEU-4 | CIDEr-D | judge | captioned | quarantined | rows/s | lag s | status |",
               "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in ordered(rows):
-        cells = ["★ best" if r is best else "", _cell(r.get("step")), _cell(r.get("checkpoint")),
-                 *[_cell(r.get(k)) for k in SCORES], _cell(r.get("captioned")), _cell(r.get("quarantined")),
-                 _cell(r.get("rows_per_second")), _cell(r.get("lag_s")), _cell(r.get("status"))]
+        cells = ["★ best" if r is best else "", md_cell(r.get("step")), md_cell(r.get("checkpoint")),
+                 *[md_cell(r.get(k)) for k in SCORES], md_cell(r.get("captioned")), md_cell(r.get("quarantined")),
+                 md_cell(r.get("rows_per_second")), md_cell(r.get("lag_s")), md_cell(r.get("status"))]
         lines.append("| " + " | ".join(cells) + " |")
     if failed:
         lines += ["", "## Failed checkpoints", "", "| step | checkpoint | reason |", "|---:|---|---|"]
-        lines += [f"| {_cell(r.get('step'))} | {_cell(r.get('checkpoint'))} | {_cell(_first_line(r.get('error')))} |" for r in ordered(failed)]
+        lines += [f"| {md_cell(r.get('step'))} | {md_cell(r.get('checkpoint'))} | {md_cell(first_line(r.get('error')))} |" for r in ordered(failed)]
     lines += ["", f"![score against training step]({LEADERBOARD_PNG})", ""]
     return "\n".join(lines)
 

@@ -256,7 +256,9 @@ def csv_text(header: list[str], rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _fmt(value: Any) -> str:
+def fmt_value(value: Any) -> str:
+    """A table cell's text: "–" for nothing, "yes"/"" for a flag, three significant digits for a
+    float below 100 and none above."""
     if value is None or value == "":
         return "–"
     if isinstance(value, bool):
@@ -267,11 +269,13 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _cell(text: Any) -> str:
-    return _fmt(text).replace("|", "\\|").replace("\n", " ")
+def md_cell(text: Any) -> str:
+    """fmt_value's text made safe for one Markdown table cell (no "|", no line break)."""
+    return fmt_value(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _first_line(text: Optional[str], limit: int = 300) -> str:
+def first_line(text: Optional[str], limit: int = 300) -> str:
+    """The first line of an error text, cut to `limit` characters (with "…")."""
     line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
@@ -305,8 +309,8 @@ def markdown(sweep_dir: Path, jobs: list[Job]) -> str:
     if best is not None:
         chosen = " ".join(f"{k}={params_of(best).get(k, '')}" for k in swept) or " ".join(best.overrides) or "(defaults)"
         lines += [
-            f"**Best: job {best.num}** (`{chosen}`): {_fmt(best.metric('rows_per_second'))} rows/s, "
-            f"{_fmt(best.metric('generated_tokens_per_second'))} generated tokens/s.",
+            f"**Best: job {best.num}** (`{chosen}`): {fmt_value(best.metric('rows_per_second'))} rows/s, "
+            f"{fmt_value(best.metric('generated_tokens_per_second'))} generated tokens/s.",
             "",
         ]
     header = ["", "job", *[f"`{k}`" for k in swept], *[label for _, label in METRICS], "caption words mean / p50 / p95", "status"]
@@ -317,9 +321,9 @@ def markdown(sweep_dir: Path, jobs: list[Job]) -> str:
         cells = [
             "★ best" if job is best else "",
             str(job.num),
-            *[_cell(params.get(k, "")) for k in swept],
-            *[_cell(job.metric(key)) for key, _ in METRICS],
-            f"{_fmt(w.get('mean'))} / {_fmt(w.get('p50'))} / {_fmt(w.get('p95'))}" if w else "–",
+            *[md_cell(params.get(k, "")) for k in swept],
+            *[md_cell(job.metric(key)) for key, _ in METRICS],
+            f"{fmt_value(w.get('mean'))} / {fmt_value(w.get('p50'))} / {fmt_value(w.get('p95'))}" if w else "–",
             job.status.replace("_", " "),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -327,7 +331,7 @@ def markdown(sweep_dir: Path, jobs: list[Job]) -> str:
     if failed:
         lines += ["", "## Failed runs", "", "| job | overrides | error |", "|---|---|---|"]
         for job in failed:
-            lines.append(f"| {job.num} | `{_cell(' '.join(job.overrides))}` | {_cell(_first_line(job.error))} |")
+            lines.append(f"| {job.num} | `{md_cell(' '.join(job.overrides))}` | {md_cell(first_line(job.error))} |")
     model_keys = [k for k in swept if _is_model_key(k)]
     if model_keys:
         lines += ["", "## Checkpoint comparison", "", _checkpoint_table(jobs, model_keys, swept)]
@@ -373,7 +377,7 @@ def _checkpoint_table(jobs: list[Job], model_keys: list[str], swept: list[str]) 
     if scored and _reference_score(ordered[0]):
         best = ordered[0]
         r = _reference_score(best)
-        lines[:0] = [f"**Best checkpoint: {_cell(_label(best, model_keys))}** (job {best.num}): "
+        lines[:0] = [f"**Best checkpoint: {md_cell(_label(best, model_keys))}** (job {best.num}): "
                      f"{100 * r['exact_match']['share']:.1f}% exact match, word F1 {r['word_f1']:.3f} "
                      f"against `{r['column']}` ({r['count']} captions).", ""]
     for job in ordered:
@@ -381,9 +385,9 @@ def _checkpoint_table(jobs: list[Job], model_keys: list[str], swept: list[str]) 
         output = job.record.get("output") or (job.report or {}).get("output")
         quality = (f"{100 * r['exact_match']['share']:.1f}% | {r['word_f1']:.3f} | " if r else "– | – | ") if scored else ""
         lines.append(
-            f"| {_cell(_label(job, model_keys))} | {job.num} | " + "".join(f"{_cell(params.get(k, ''))} | " for k in other) + quality
-            + f"{_cell(job.metric('rows_per_second')) if job.status == 'succeeded' else job.status} | {_cell(job.metric('captioned'))} | "
-            f"{_cell(w.get('mean'))} | {_cell(w.get('p50'))} | {_cell(w.get('p95'))} | {('`' + output + '`') if output else '–'} |"
+            f"| {md_cell(_label(job, model_keys))} | {job.num} | " + "".join(f"{md_cell(params.get(k, ''))} | " for k in other) + quality
+            + f"{md_cell(job.metric('rows_per_second')) if job.status == 'succeeded' else job.status} | {md_cell(job.metric('captioned'))} | "
+            f"{md_cell(w.get('mean'))} | {md_cell(w.get('p50'))} | {md_cell(w.get('p95'))} | {('`' + output + '`') if output else '–'} |"
         )
     return "\n".join(lines)
 
@@ -398,7 +402,7 @@ def _eval_table(jobs: list[Job], keys: list[str]) -> str:
     except Exception as e:  # noqa: BLE001 - an eval.json of another version: show what is there
         log.warning("caption evaluation table: %s", e)
         lines = ["| | captions | vocabulary |", "|---|---:|---:|"]
-        lines += [f"| {label} | {_cell(s.get('count'))} | {_cell(s.get('vocabulary_size'))} |" for label, s in results.items()]
+        lines += [f"| {label} | {md_cell(s.get('count'))} | {md_cell(s.get('vocabulary_size'))} |" for label, s in results.items()]
         return "\n".join(lines)
 
 
