@@ -164,7 +164,8 @@ def start(cfg: CapjobConfig, run_id: str, checked: Optional[preflight.Checked] =
     prompt_watch = PromptWatch(prompt) if requests_fetch_prompt(cfg.engine, prompt) else None
     ledger = metrics.start_ledger(cfg.job.name, run_id)  # keep the handle: an unreferenced actor is destroyed
     crashes = engine_guard.start_ledger(run_id, cfg.engine.max_engine_deaths_per_batch, **metrics.on_driver_node())
-    registry = dedup_registry.start_registry(run_id, cfg.dedup.mode, cfg.dedup.threshold, seed) if seed is not None else None
+    registry = (dedup_registry.start_registry(run_id, cfg.dedup.mode, cfg.dedup.threshold, seed, **metrics.on_driver_node())
+                if seed is not None else None)
     console.startup_mark("prompt " + ("submitted" if prompt is not None else "not needed") + ", ledger actors started")
     return Started(run_id, model_source, placement, done.put(), ledger, clock, wall_clock, ray_info.get("dashboard_url"),
                    done_count=done.count_in(parse_shard(cfg.data.shard)), crashes=crashes, prompt=prompt, prompt_watch=prompt_watch,

@@ -211,14 +211,12 @@ def registry_name(run_id: str) -> str:
     return f"capjob-dedup-{run_id}"
 
 
-def start_registry(run_id: str, mode: DedupMode, threshold: int, seed: Any) -> Any:
-    """The run's DedupRegistry actor on the driver's node (a lost worker node does not take it
-    along), seeded with `seed` (seed_from_sink's result). Keep the handle: an unreferenced
-    actor is destroyed."""
+def start_registry(run_id: str, mode: DedupMode, threshold: int, seed: Any, **actor_options: Any) -> Any:
+    """The run's DedupRegistry actor, seeded with `seed` (seed_from_sink's result). Keep the
+    handle: an unreferenced actor is destroyed. actor_options: e.g. metrics.on_driver_node(),
+    so that a lost worker node does not take it along."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(num_cpus=0, max_restarts=0)(DedupRegistry)
-    return actor.options(name=registry_name(run_id), scheduling_strategy=here).remote(
+    return actor.options(name=registry_name(run_id), **actor_options).remote(
         mode.value, threshold, ray.put(seed.high), ray.put(seed.low), seed.phashes, seed.digests)
