@@ -264,3 +264,19 @@ def test_cli_sink_errors_are_one_line_before_ray(s3, tmp_path):
         assert "s3cr3t" not in proc.stdout + proc.stderr
         assert "Started a local Ray instance" not in proc.stdout + proc.stderr
         assert time.monotonic() - t0 < 90
+
+
+def test_a_quarantine_row_keeps_its_reason_to_the_bound_and_every_column():
+    """Every writer of quarantine rows (the image stage, the sink's engine failures, dedup's
+    fill) goes through tables.quarantine_table: a reason longer than MAX_REASON_CHARS (an engine
+    error with its traceback) is cut there, a shorter one is kept whole, a missing column is null."""
+    from capjob.stages.tables import MAX_REASON_CHARS, QUARANTINE_SCHEMA, quarantine_table
+
+    long = "engine_error: " + "x" * (3 * MAX_REASON_CHARS)
+    table = quarantine_table([{"id": "a", "stage": "engine", "reason": long}, {"id": "b", "reason": "decode: truncated"},
+                              {"id": "c", "reason": None}])
+    assert table.schema == QUARANTINE_SCHEMA
+    reasons = table.column("reason").to_pylist()
+    assert reasons[0] == long[:MAX_REASON_CHARS] and len(reasons[0]) == MAX_REASON_CHARS
+    assert reasons[1:] == ["decode: truncated", None]
+    assert table.column("image_digest").to_pylist() == [None, None, None]

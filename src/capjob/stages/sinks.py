@@ -263,7 +263,7 @@ class CaptionSink(Datasink[dict[str, Any]]):
             rejected = table.take(failed)
             rows = [
                 {"id": r["id"], "source_key": r.get("source_key"), "stage": engine_stage(quarantine_reason(errors[i])),
-                 "reason": quarantine_reason(errors[i])[:2000], "model": self.model_name, "run_id": self.run_id,
+                 "reason": quarantine_reason(errors[i]), "model": self.model_name, "run_id": self.run_id,
                  IMAGE_DIGEST_COLUMN: r.get(IMAGE_DIGEST_COLUMN)}
                 for i, r in zip(failed, rejected.to_pylist())
             ]

@@ -258,5 +258,13 @@ def as_writer(sink: "SinkConfig | TableWriter") -> "TableWriter":
     return sink if isinstance(sink, TableWriter) else TableWriter(sink)
 
 
+# The longest reason a quarantine row keeps (characters): an engine's error can carry a whole
+# traceback; the kind and its first lines are what a person and job.retry_quarantined read.
+MAX_REASON_CHARS = 2000
+
+
 def quarantine_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Quarantine rows (dicts with QUARANTINE_SCHEMA's keys; a missing one is null) as a table of
+    that schema, each reason cut to MAX_REASON_CHARS."""
+    rows = [{**r, "reason": r["reason"][:MAX_REASON_CHARS]} if r.get("reason") else r for r in rows]
     return pa.Table.from_pylist([{k: r.get(k) for k in QUARANTINE_SCHEMA.names} for r in rows], schema=QUARANTINE_SCHEMA)

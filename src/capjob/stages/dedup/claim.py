@@ -21,7 +21,7 @@ from capjob.schema import (CAPTIONS, DUPLICATE_OF_COLUMN, IMAGE_DIGEST_COLUMN, P
                            missing_as_none)
 from capjob.stages.dedup.registry import perceptual_hash, split_digests
 from capjob.stages.ids import pixel_digest, take_rows
-from capjob.stages.tables import TableWriter, deserialize, table_format
+from capjob.stages.tables import TableWriter, as_writer, deserialize, table_format
 
 # The pending table's own columns (the rest are the copy's pass-through columns): the digest
 # whose caption the copy takes, and its Hamming distance to it (0: exact).
@@ -140,7 +140,7 @@ def seed_from_sink(sink: SinkConfig | TableWriter, mode: DedupMode) -> Seed:
     file by file: the driver holds one file's digests as strings at a time, then 16 bytes an
     image. Rows from before image_digest existed are not in it (their images are captioned
     again if they come back under another id)."""
-    writer = sink if isinstance(sink, TableWriter) else TableWriter(sink)
+    writer = as_writer(sink)
     wanted = [IMAGE_DIGEST_COLUMN, DUPLICATE_OF_COLUMN] + ([PHASH_COLUMN] if mode == DedupMode.perceptual else [])
     highs, lows, phashes, digests = [], [], [], []
     for name in writer.list_files(CAPTIONS):

@@ -115,7 +115,7 @@ def failed_row(pending: dict[str, Any], failed: Optional[dict[str, Any]], model_
     else:
         stage, reason = DEDUP_STAGE, (f"{DEDUP_STAGE}: copy of image_digest {pending[ORIGINAL_COLUMN]}, whose original has no row "
                                       "in the sink (its block was lost); job.retry_quarantined=dedup captions it")
-    return {"id": pending["id"], "source_key": pending["source_key"], "stage": stage, "reason": reason[:2000],
+    return {"id": pending["id"], "source_key": pending["source_key"], "stage": stage, "reason": reason,
             "model": model_name, "run_id": pending["run_id"], IMAGE_DIGEST_COLUMN: pending[IMAGE_DIGEST_COLUMN]}
 
 
