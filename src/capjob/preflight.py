@@ -45,12 +45,12 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 # rng_state.pth, training_args.bin; trainer_utils / trainer.py's file names): a .pt/.bin file that
 # is no model weights, so a checkpoint holding these but not yet its model is not loadable.
 TRAINER_STATE_PREFIXES = ("optimizer", "scheduler", "rng_state", "training_args", "trainer_state", "scaler")
+HUB_TIMEOUT_S = 5.0
 
 
 def is_weights(name: str) -> bool:
     """A file name that holds model weights (not the trainer's optimizer or RNG state)."""
     return name.endswith(WEIGHT_SUFFIXES) and not name.startswith(TRAINER_STATE_PREFIXES)
-HUB_TIMEOUT_S = 5.0
 
 
 # --- Config keys -----------------------------------------------------------------------------
@@ -165,10 +165,10 @@ def missing_model_files(folder: pathlib.Path, load_format: str = "auto") -> list
     if not _has_chat_template(folder):
         missing.append(" or ".join(CHAT_TEMPLATE_FILES) + " (or a chat_template in tokenizer_config.json)")
     if load_format != "dummy":
-        if not any(is_weights(p.name) for p in folder.iterdir() if p.is_file()):
+        sizes = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+        if not any(is_weights(n) for n in sizes):
             missing.append("weights (*.safetensors)")
         else:
-            sizes = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
             missing += remote.incomplete_weights(sizes, lambda name, start, end: _read_range(folder / name, start, end))
     return missing
 
@@ -328,15 +328,16 @@ def check_model_url(url: str, load_format: str = "auto", key: str = "model.sourc
                 break
         if not inline:
             missing.append(" or ".join(CHAT_TEMPLATE_FILES) + " (or a chat_template in tokenizer_config.json)")
-    if load_format != "dummy" and not any(is_weights(n) for n in names):
-        missing.append("weights (*.safetensors)")
-    elif load_format != "dummy":
-        base = root.rstrip("/")
-        try:
-            missing += remote.incomplete_weights({e["name"]: e["size"] for e in entries},
-                                                 lambda name, start, end: fs.cat_file(f"{base}/{name}", start=start, end=end))
-        except Exception as e:  # noqa: BLE001 - s3fs/botocore/aiohttp raise many types
-            raise ConfigError(f"{key}: {describe_remote_error(url, e)}") from None
+    if load_format != "dummy":
+        if not any(is_weights(n) for n in names):
+            missing.append("weights (*.safetensors)")
+        else:
+            base = root.rstrip("/")
+            try:
+                missing += remote.incomplete_weights({e["name"]: e["size"] for e in entries},
+                                                     lambda name, start, end: fs.cat_file(f"{base}/{name}", start=start, end=end))
+            except Exception as e:  # noqa: BLE001 - s3fs/botocore/aiohttp raise many types
+                raise ConfigError(f"{key}: {describe_remote_error(url, e)}") from None
     if missing:
         raise ConfigError(f"{key}: {url} lacks {'; '.join(missing)}")
     loader = "Ray Data LLM's loader" if remote.ray_llm_loads(url) else "capjob's fetch"

@@ -68,7 +68,7 @@ from capjob.config import CapjobConfig, EvalMode, WatchConfig, register_configs,
 from capjob.errors import CapjobError, ConfigError
 from capjob.models import remote
 from capjob.reporting import leaderboard
-from capjob.reporting.sweep_report import load_job
+from capjob.reporting.sweep_report import fmt_value, load_job
 from capjob.stages.caption.engine import EnginePlacement
 from capjob.stages.storage import describe_remote_error
 from capjob.stages.tables import write_atomic
@@ -141,15 +141,14 @@ class Folder:
             entries = self.fs.ls(self.root, detail=True)
         except FileNotFoundError:
             return None
+        if self.checkpoints():
+            return None
         names = {str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: e.get("type") for e in entries}
         # config.json and weights: a model (a trainer may save its processor into its output folder at start).
-        if names.get("config.json") == "file" and any(kind == "file" and preflight.is_weights(n) for n, kind in names.items()) \
-                and not self.checkpoints():
+        if names.get("config.json") == "file" and any(kind == "file" and preflight.is_weights(n) for n, kind in names.items()):
             parent = self.path.rsplit("/", 1)[0]
             return (f"{self.path} is a checkpoint itself (it holds config.json and weights); watch the folder the trainer writes "
                     f"them into ({parent})")
-        if self.checkpoints():
-            return None
         for name, kind in sorted(names.items()):
             if kind == "directory" and self.url(name) != outputs and Folder(self.url(name)).checkpoints():
                 return f"{self.path} holds no step-N/ or checkpoint-N/ folder, {self.url(name)} does: set watch.path to it"
@@ -373,7 +372,7 @@ class Watcher:
                 self.publish(row, list(self.state.rows.values()))
             except Exception as e:  # noqa: BLE001 - the gauges are a view; the leaderboard is written
                 logging.getLogger(__name__).warning("capjob-watch: publishing the scores failed: %s", e)
-        scores = ", ".join(f"{k} {leaderboard.fmt_value(row.get(k))}" for k in leaderboard.SCORES if row.get(k) is not None)
+        scores = ", ".join(f"{k} {fmt_value(row.get(k))}" for k in leaderboard.SCORES if row.get(k) is not None)
         outcome = scores or "no score" if row["status"] == "succeeded" else f"failed: {preflight.first_line(str(row.get('error')))[:300]}"
         self.say(f"capjob-watch: {checkpoint.name} (step {checkpoint.step}): {outcome} · leaderboard {self.leaderboard_path()}")
         return row

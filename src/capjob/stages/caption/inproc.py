@@ -8,8 +8,8 @@ transformers once more before the engine can load the model. vLLM's synchronous 
 (what ``vllm.LLM`` uses) keeps the engine core in the calling process instead
 (``InprocClient``: ``multiprocess_mode=False``). ``InprocAsyncLLM`` puts the surface Ray Data
 LLM's ``vLLMEngineWrapper`` calls for generation (``from_engine_args``, ``generate``,
-``do_log_stats``, ``shutdown``) over an ``LLMEngine`` stepped by one thread of the actor, so an engine replica is
-one process and imports vLLM once. What it costs and saves: docs/benchmarks.md, "Start-up:
+``do_log_stats``, ``shutdown``) over an ``LLMEngine`` stepped by one thread of the actor, so an
+engine replica is one process and imports vLLM once. What it costs and saves: docs/benchmarks.md, "Start-up:
 capjob vs raw vLLM on the CPU".
 
 What changes with it: the actor's event loop and the engine share one process (the engine
