@@ -138,7 +138,7 @@ def start(cfg: CapjobConfig, run_id: str, checked: Optional[preflight.Checked] =
     # What the registry starts from: the images the sink holds captions of (stages/dedup).
     seed = dedup_claim.seed_from_sink(cfg.sink, cfg.dedup.mode) if cfg.dedup.mode != DedupMode.off else None
     console.startup_mark("model source and done ids ready")
-    runtime.import_in_background()  # the processor's imports (vLLM: seconds) while Ray starts
+    warmup = runtime.DriverWarmup(model_source).start()  # the processor's imports (seconds) while Ray starts
     placement = checked.placement
     if placement is None:  # a cluster we join: its GPUs decide
         ray_info = runtime.init_ray(cfg.resources, cfg.engine, EnginePlacement(0, None))
@@ -156,6 +156,7 @@ def start(cfg: CapjobConfig, run_id: str, checked: Optional[preflight.Checked] =
         runtime.check_paths_on_nodes(cfg, model_source)
         watch = runtime.NodeWatch(cfg.resources, placement)  # the nodes up now; one lost later stops the run in one line
     configure_data_context(cfg, placement)
+    warmup.ray_up()  # the library's own actors, before the run's (below) and before execution
     console.startup_mark("Ray up")
     # Its task overlaps what follows (a fresh worker importing vLLM, serial before).
     prompt = submit_caption_prompt(cfg, model_source, placement) if needs_rendered_prompt(cfg.engine) else None

@@ -15,10 +15,14 @@ from __future__ import annotations
 import _thread
 import contextlib
 import hashlib
+import importlib
+import importlib.abc
+import json
 import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Iterator, Optional
@@ -58,31 +62,129 @@ def local_cpus_needed(resources: ResourcesConfig, engine: EngineConfig, placemen
 
 
 # What the driver imports to build the Ray Data LLM processor (and the prompt-render task's
-# stages): ray.data.llm imports vLLM, torch and transformers (its vLLM stage module and its
-# SGLang config): a large share of the driver's start-up (docs/benchmarks.md, start-up timeline).
+# stages): ray.data.llm, with torch and transformers: a large share of the driver's start-up
+# (docs/benchmarks.md, start-up timeline).
 ENGINE_DRIVER_MODULES = ("ray.data.llm",)
+# What that import leaves out. The driver never runs vLLM (its engine actors do), and Ray Data
+# LLM imports vLLM lazily wherever it runs it; on the driver it imports vLLM only to name
+# vLLM's fatal errors, behind an `except ImportError` kept for drivers without vLLM
+# (ray/llm/_internal/common/errors.py, Ray 2.58.1). Importing it anyway costs the driver one
+# more full vLLM import (docs/benchmarks.md, "Session 16").
+DRIVER_LEAVES_OUT = ("vllm",)
 
 
-def import_in_background(modules: tuple[str, ...] = ENGINE_DRIVER_MODULES) -> threading.Thread:
-    """Import `modules` in a daemon thread, so that the import overlaps what the main thread does
-    meanwhile (Ray's start, which mostly waits on the processes it spawns). The main thread's own
-    import of the same module waits for this one (Python's per-module import lock) and raises
-    any error of it; this thread ignores errors. Call after the main thread imported the
-    packages both share (ray, ray.data): two threads importing one package's modules in opposite
-    orders could each wait for the other."""
+class _LeaveOut(importlib.abc.MetaPathFinder):
+    """A finder that refuses the packages `names` (and their submodules) to imports made by
+    `thread`, and to no other thread: as if they were not installed, for that thread only."""
 
-    def run() -> None:
-        import importlib
+    def __init__(self, names: tuple[str, ...], thread: threading.Thread) -> None:
+        self.names, self.thread = names, thread
 
-        for name in modules:
-            try:
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
+        if threading.current_thread() is self.thread and fullname.split(".", 1)[0] in self.names:
+            raise ModuleNotFoundError(f"No module named {fullname!r} (left out of the driver's import)", name=fullname)
+        return None
+
+
+def import_model_config(model_source: Optional[str]) -> None:
+    """Import the transformers config class of a local model folder (config.json's model_type,
+    transformers' CONFIG_MAPPING): the module Ray Data LLM's processor build imports when it
+    reads the model's config with AutoConfig (ray/llm/_internal/batch/processor/
+    vllm_engine_proc.py). Anything else (a hub id, a URL, no config.json) imports nothing."""
+    if not model_source or not os.path.isfile(os.path.join(model_source, "config.json")):
+        return
+    from transformers import CONFIG_MAPPING  # here, not at load: DriverWarmup's thread imports it
+
+    with open(os.path.join(model_source, "config.json")) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type in CONFIG_MAPPING:
+        CONFIG_MAPPING[model_type]  # the lazy mapping imports the class's module on access
+
+
+def start_llm_telemetry() -> Any:
+    """Start Ray Data LLM's telemetry agent, the named actor its processor build gets or
+    creates and then waits on to record the processor (usage_telemetry/usage.py,
+    push_telemetry_report, Ray 2.58.1); returns its handle without waiting (None where that
+    failed: the build starts it)."""
+    try:  # imported here: in DriverWarmup's thread, once ray.data.llm is
+        from ray.llm._internal.batch.observability.usage_telemetry.usage import get_or_create_telemetry_agent
+
+        return get_or_create_telemetry_agent().remote_telemetry_agent
+    except Exception:  # an optimisation only: the build starts it
+        log.debug("Ray Data LLM's telemetry agent not started early", exc_info=True)
+        return None
+
+
+def start_data_actors() -> list[str]:
+    """Start the named actors Ray Data's execution gets or creates when it begins: its stats
+    actor, autoscaling coordinator and actor-location tracker (Ray 2.58.1's own get-or-create
+    helpers, so execution finds these very actors, never copies). Started early, their workers
+    start while the driver is busy rather than beside the engine's. Best effort: whatever
+    fails is left to execution. Returns the names started."""
+    started = []
+    try:  # imported here: in DriverWarmup's thread, not at load
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import \
+            get_or_create_autoscaling_coordinator
+        from ray.data._internal.execution.node_trackers.actor_location import get_or_create_actor_location_tracker
+        from ray.data._internal.stats import get_or_create_stats_actor
+
+        for name, make in (("data_stats", get_or_create_stats_actor), ("data_autoscaling", get_or_create_autoscaling_coordinator),
+                           ("data_actor_locations", get_or_create_actor_location_tracker)):
+            make()
+            started.append(name)
+    except Exception:  # an optimisation only: execution starts them
+        log.debug("Ray Data's actors not started early", exc_info=True)
+    return started
+
+
+class DriverWarmup:
+    """The driver's start-up work that can overlap Ray's start, in one daemon thread: import
+    ENGINE_DRIVER_MODULES without DRIVER_LEAVES_OUT, then the model's config class
+    (import_model_config), then, once the caller says Ray is up (ray_up()), start_library_actors.
+
+    The main thread's own import of the same modules waits for this one (Python's per-module
+    import lock) and raises any error of it; this thread ignores errors: a module it failed to
+    import is imported again, in full, by the main thread. Start it after the main thread
+    imported the packages both share (ray, ray.data): two threads importing one package's
+    modules in opposite orders could each wait for the other."""
+
+    def __init__(self, model_source: Optional[str] = None, modules: tuple[str, ...] = ENGINE_DRIVER_MODULES,
+                 leave_out: tuple[str, ...] = DRIVER_LEAVES_OUT, ray_timeout_s: float = 600.0) -> None:
+        self.model_source, self.modules, self.leave_out, self.ray_timeout_s = model_source, modules, leave_out, ray_timeout_s
+        self._ray_up = threading.Event()
+        self.started_actors: list[str] = []
+        self.thread = threading.Thread(target=self._run, name="capjob-warmup", daemon=True)
+
+    def start(self) -> "DriverWarmup":
+        self.thread.start()
+        return self
+
+    def ray_up(self) -> None:
+        """Ray is initialised: the thread may start the library's actors (after its imports)."""
+        self._ray_up.set()
+
+    def _run(self) -> None:
+        finder = _LeaveOut(self.leave_out, threading.current_thread())
+        sys.meta_path.insert(0, finder)
+        try:
+            for name in self.modules:
                 importlib.import_module(name)
-            except BaseException:  # noqa: BLE001 - the main thread's import raises it again, where it is handled
-                return
-
-    thread = threading.Thread(target=run, name="capjob-import", daemon=True)
-    thread.start()
-    return thread
+        except BaseException:  # noqa: BLE001 - the main thread's import raises it again, where it is handled
+            return
+        finally:
+            sys.meta_path.remove(finder)
+        agent = start_llm_telemetry() if self._ray_up.is_set() else None
+        with contextlib.suppress(Exception):
+            import_model_config(self.model_source)
+        if not self._ray_up.wait(self.ray_timeout_s):
+            return
+        if agent is None:
+            agent = start_llm_telemetry()
+        if agent is not None:
+            with contextlib.suppress(Exception):
+                ray.get(agent.generate_report.remote(), timeout=60)
+                self.started_actors.append("llm_telemetry")
+        self.started_actors += start_data_actors()
 
 
 def init_ray(resources: ResourcesConfig, engine: EngineConfig, placement: EnginePlacement,
