@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from capjob.runtime import DRIVER_LEAVES_OUT, _LeaveOut
+from capjob.runtime import _LEAVE_OUT, leaving_out_driver_imports
 
 
 def run_python(code: str, timeout: int = 240) -> dict:
@@ -19,25 +19,44 @@ def run_python(code: str, timeout: int = 240) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_the_finder_refuses_the_left_out_packages_to_its_own_thread_only():
-    finder = _LeaveOut(DRIVER_LEAVES_OUT, threading.current_thread())
-    with pytest.raises(ModuleNotFoundError, match="vllm.v1.engine"):
-        finder.find_spec("vllm.v1.engine")
-    with pytest.raises(ModuleNotFoundError):
-        finder.find_spec("vllm")
-    assert finder.find_spec("vllm_like_name") is None  # another package whose name starts the same
-    assert finder.find_spec("ray.data.llm") is None
-    seen = []
-    other = threading.Thread(target=lambda: seen.append(finder.find_spec("vllm.v1.engine")))
-    other.start()
-    other.join()
-    assert seen == [None]  # any other thread imports vLLM as usual
+def test_the_finder_refuses_the_left_out_packages_to_the_threads_inside_only():
+    with leaving_out_driver_imports():
+        with pytest.raises(ModuleNotFoundError, match="vllm.v1.engine"):
+            _LEAVE_OUT.find_spec("vllm.v1.engine")
+        with pytest.raises(ModuleNotFoundError):
+            _LEAVE_OUT.find_spec("vllm")
+        assert _LEAVE_OUT.find_spec("vllm_like_name") is None  # another package whose name starts the same
+        assert _LEAVE_OUT.find_spec("ray.data.llm") is None
+        seen = []
+        other = threading.Thread(target=lambda: seen.append(_LEAVE_OUT.find_spec("vllm.v1.engine")))
+        other.start()
+        other.join()
+        assert seen == [None]  # any other thread imports vLLM as usual
+    assert _LEAVE_OUT.find_spec("vllm") is None  # and so does this one, once out
+    # It stays installed, first: sys.meta_path is never changed under another thread's import.
+    assert sys.meta_path[0] is _LEAVE_OUT
+
+
+def test_a_closed_warmup_starts_no_ray():
+    """After close() (the job's end, before Ray is shut down) the thread makes no Ray call:
+    one would start a new default Ray (Ray's auto-init) under the next job of a sweep."""
+    out = run_python("""
+        import json
+        import ray
+        from capjob.runtime import DriverWarmup
+        warmup = DriverWarmup(None, modules=("json",)).start()
+        warmup.close()
+        warmup.ray_up()
+        warmup.thread.join(timeout=60)
+        print(json.dumps({"alive": warmup.thread.is_alive(), "ray": ray.is_initialized(), "started": warmup.started_actors}))
+    """)
+    assert out == {"alive": False, "ray": False, "started": []}
 
 
 def test_the_driver_imports_ray_data_llm_and_the_model_config_without_vllm(tmp_path):
     """The warm-up thread leaves the driver with Ray Data LLM (the processor's API) and the
-    model's transformers config class imported, vLLM not imported, and its finder gone: a later
-    import of vLLM by any thread is an ordinary one. Ray Data LLM names no fatal vLLM error on
+    model's transformers config class imported, vLLM not imported, and no thread refused it
+    any more: a later import of vLLM by any thread is an ordinary one. Ray Data LLM names no fatal vLLM error on
     this driver, as on one without vLLM installed (its engine actors import vLLM themselves)."""
     model = tmp_path / "model"
     model.mkdir()
@@ -45,8 +64,9 @@ def test_the_driver_imports_ray_data_llm_and_the_model_config_without_vllm(tmp_p
     out = run_python(f"""
         import json, sys
         import ray, ray.data
-        from capjob.runtime import DriverWarmup, _LeaveOut
-        warmup = DriverWarmup({str(model)!r}, ray_timeout_s=0).start()  # no Ray here: no actors
+        from capjob.runtime import DriverWarmup, _LEAVE_OUT
+        warmup = DriverWarmup({str(model)!r}).start()
+        warmup.close()  # no Ray here: the thread imports, then ends
         warmup.thread.join(timeout=200)
         from ray.data.llm import build_processor, vLLMEngineProcessorConfig
         from ray.llm._internal.common.errors import VLLM_FATAL_ERRORS
@@ -55,11 +75,11 @@ def test_the_driver_imports_ray_data_llm_and_the_model_config_without_vllm(tmp_p
             "vllm": sorted(m for m in sys.modules if m == "vllm" or m.startswith("vllm.")),
             "llm": "ray.data.llm" in sys.modules,
             "config_class": "transformers.models.qwen2_5_vl.configuration_qwen2_5_vl" in sys.modules,
-            "finders": [type(f).__name__ for f in sys.meta_path if isinstance(f, _LeaveOut)],
+            "refusing": sorted(_LEAVE_OUT.threads),
             "fatal": len(VLLM_FATAL_ERRORS),
         }}))
     """)
-    assert out == {"alive": False, "vllm": [], "llm": True, "config_class": True, "finders": [], "fatal": 0}
+    assert out == {"alive": False, "vllm": [], "llm": True, "config_class": True, "refusing": [], "fatal": 0}
 
 
 def test_the_early_library_actors_are_the_ones_execution_uses():

@@ -27,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from capjob import console, preflight, sweep
 from capjob.config import register_configs, to_typed
-from capjob.errors import CapjobError
+from capjob.errors import CapjobError, first_line
 
 # Flags after which Hydra prints something and exits, or reads another config: Hydra handles them.
 HYDRA_ONLY_FLAGS = ("-h", "--help", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
@@ -89,7 +89,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def preflight_line(error: BaseException) -> str:
-    return preflight.first_line(str(error))[:500]
+    return first_line(error, 500)
 
 
 def _overrides(argv: list[str]) -> tuple[list[str], bool]:

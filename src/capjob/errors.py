@@ -1,5 +1,18 @@
 """Errors a user can act on. The CLI prints them as one line, without a traceback."""
 
+from typing import Optional
+
+
+def first_line(text: object, limit: Optional[int] = None) -> str:
+    """The first non-blank line of `text` (an error, or its message; None and an empty message
+    give ""), cut to `limit` characters ending in "…" (None: not cut): the one-line error
+    messages and report cells. Callers that name the error's type write it themselves."""
+    if text is None:
+        return ""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    line = lines[0] if lines else ""
+    return line if limit is None or len(line) <= limit else line[: limit - 1] + "…"
+
 
 class CapjobError(Exception):
     """Base class: the message alone must tell the user what to change."""

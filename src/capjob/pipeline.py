@@ -105,6 +105,7 @@ class Started:
     # On a cluster it joined: the watch on its nodes (a node lost mid-job), runtime.NodeWatch.
     node_watch: Optional[runtime.NodeWatch] = None
     dedup: Any = None  # stages.dedup.registry.DedupRegistry actor (None: dedup.mode=off)
+    warmup: Optional[runtime.DriverWarmup] = None  # closed before Ray is shut down (run's end)
 
     def guard_prompt(self) -> Any:
         """Around the Ray Data execution: a render that fails stops the run with its error."""
@@ -139,38 +140,42 @@ def start(cfg: CapjobConfig, run_id: str, checked: Optional[preflight.Checked] =
     seed = dedup_claim.seed_from_sink(cfg.sink, cfg.dedup.mode) if cfg.dedup.mode != DedupMode.off else None
     console.startup_mark("model source and done ids ready")
     warmup = runtime.DriverWarmup(model_source).start()  # the processor's imports (seconds) while Ray starts
-    placement = checked.placement
-    if placement is None:  # a cluster we join: its GPUs decide
-        ray_info = runtime.init_ray(cfg.resources, cfg.engine, EnginePlacement(0, None))
-        if cfg.resources.wait_for_gpus_s:  # GPU workers scaled to zero: ask the autoscaler, wait
-            runtime.wait_for_gpus(cfg.resources, cfg.engine, cfg.resources.wait_for_gpus_s)
-        placement = decide_placement(cfg.resources, cfg.engine, int(ray.cluster_resources().get("GPU", 0)), largest_node_gpus())
-    else:
-        ray_info = runtime.init_ray(cfg.resources, cfg.engine, placement, cfg.job.metrics_export_port)
-    nodes = ray.nodes()
-    check_accelerator_type(placement, ray.cluster_resources(), nodes)  # before any engine starts
-    runtime.check_engine_resources(cfg.resources.engine_resources, ray.cluster_resources())
-    runtime.check_label_selectors(cfg.resources, placement, nodes)
-    watch = None
-    if runtime.cluster_address(cfg.resources):  # Ray's tasks and actors open local paths on their own nodes
-        runtime.check_paths_on_nodes(cfg, model_source)
-        watch = runtime.NodeWatch(cfg.resources, placement)  # the nodes up now; one lost later stops the run in one line
-    configure_data_context(cfg, placement)
-    warmup.ray_up()  # the library's own actors, before the run's (below) and before execution
-    console.startup_mark("Ray up")
-    # Its task overlaps what follows (a fresh worker importing vLLM, serial before).
-    prompt = submit_caption_prompt(cfg, model_source, placement) if needs_rendered_prompt(cfg.engine) else None
-    # Without engine.chat_template_stages nothing waits for the render before Ray Data starts:
-    # the request builders fetch it; the driver only watches it (keeps it, checks it).
-    prompt_watch = PromptWatch(prompt) if requests_fetch_prompt(cfg.engine, prompt) else None
-    ledger = metrics.start_ledger(cfg.job.name, run_id)  # keep the handle: an unreferenced actor is destroyed
-    crashes = engine_guard.start_ledger(run_id, cfg.engine.max_engine_deaths_per_batch, **metrics.on_driver_node())
-    registry = (dedup_registry.start_registry(run_id, cfg.dedup.mode, cfg.dedup.threshold, seed, **metrics.on_driver_node())
-                if seed is not None else None)
-    console.startup_mark("prompt " + ("submitted" if prompt is not None else "not needed") + ", ledger actors started")
-    return Started(run_id, model_source, placement, done.put(), ledger, clock, wall_clock, ray_info.get("dashboard_url"),
-                   done_count=done.count_in(parse_shard(cfg.data.shard)), crashes=crashes, prompt=prompt, prompt_watch=prompt_watch,
-                   node_watch=watch, dedup=registry)
+    try:
+        placement = checked.placement
+        if placement is None:  # a cluster we join: its GPUs decide
+            ray_info = runtime.init_ray(cfg.resources, cfg.engine, EnginePlacement(0, None))
+            if cfg.resources.wait_for_gpus_s:  # GPU workers scaled to zero: ask the autoscaler, wait
+                runtime.wait_for_gpus(cfg.resources, cfg.engine, cfg.resources.wait_for_gpus_s)
+            placement = decide_placement(cfg.resources, cfg.engine, int(ray.cluster_resources().get("GPU", 0)), largest_node_gpus())
+        else:
+            ray_info = runtime.init_ray(cfg.resources, cfg.engine, placement, cfg.job.metrics_export_port)
+        nodes = ray.nodes()
+        check_accelerator_type(placement, ray.cluster_resources(), nodes)  # before any engine starts
+        runtime.check_engine_resources(cfg.resources.engine_resources, ray.cluster_resources())
+        runtime.check_label_selectors(cfg.resources, placement, nodes)
+        watch = None
+        if runtime.cluster_address(cfg.resources):  # Ray's tasks and actors open local paths on their own nodes
+            runtime.check_paths_on_nodes(cfg, model_source)
+            watch = runtime.NodeWatch(cfg.resources, placement)  # the nodes up now; one lost later stops the run in one line
+        configure_data_context(cfg, placement)
+        warmup.ray_up()  # the library's own actors, as soon as the warm-up's imports are done
+        console.startup_mark("Ray up")
+        # Its task overlaps what follows (a fresh worker importing vLLM, serial before).
+        prompt = submit_caption_prompt(cfg, model_source, placement) if needs_rendered_prompt(cfg.engine) else None
+        # Without engine.chat_template_stages nothing waits for the render before Ray Data starts:
+        # the request builders fetch it; the driver only watches it (keeps it, checks it).
+        prompt_watch = PromptWatch(prompt) if requests_fetch_prompt(cfg.engine, prompt) else None
+        ledger = metrics.start_ledger(cfg.job.name, run_id)  # keep the handle: an unreferenced actor is destroyed
+        crashes = engine_guard.start_ledger(run_id, cfg.engine.max_engine_deaths_per_batch, **metrics.on_driver_node())
+        registry = (dedup_registry.start_registry(run_id, cfg.dedup.mode, cfg.dedup.threshold, seed, **metrics.on_driver_node())
+                    if seed is not None else None)
+        console.startup_mark("prompt " + ("submitted" if prompt is not None else "not needed") + ", ledger actors started")
+        return Started(run_id, model_source, placement, done.put(), ledger, clock, wall_clock, ray_info.get("dashboard_url"),
+                       done_count=done.count_in(parse_shard(cfg.data.shard)), crashes=crashes, prompt=prompt, prompt_watch=prompt_watch,
+                       node_watch=watch, dedup=registry, warmup=warmup)
+    except BaseException:
+        warmup.close()  # before whoever catches this shuts Ray down
+        raise
 
 
 def with_ids(ds: Any, source: Any, done: Any, run_id: str, options: dict[str, Any], shard: Optional[str] = None) -> Any:
@@ -450,6 +455,9 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
             f"capjob: interrupted after {result.captioned} captions; run the same command to resume "
             f"(partial report: {job.report_dirs[0]})"
         ) from None
+    finally:
+        if job is not None and job.warmup is not None:
+            job.warmup.close()  # its thread makes no Ray call once the caller shuts Ray down
     result = finish(cfg, job, dataset, sink, resolved_config, report_dir)
     if cfg.eval.mode != EvalMode.off:
         evaluate(cfg, result, report_dir)

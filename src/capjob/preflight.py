@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from capjob import console, models
 from capjob.config import (CapjobConfig, CaptionConfig, DataConfig, EngineConfig, EvalMode, ModelConfig, ResourcesConfig,
                            SourceFormat)
-from capjob.errors import CapjobError, ConfigError, SourceError
+from capjob.errors import CapjobError, ConfigError, SourceError, first_line
 from capjob.models import remote
 from capjob.plan import dry_run_plan, new_run_id
 from capjob.prompts import prompt_columns, prompt_specs
@@ -122,7 +122,7 @@ def hydra_error_line(error: BaseException) -> str:
         if group and error.options:
             return (f"{group}={option}: no such option; options: {', '.join(error.options)}"
                     + close_keys(option, list(error.options)).replace("did you mean ", f"did you mean {group}="))
-        return first_line(str(error))
+        return first_line(error)
     from hydra.errors import OverrideParseException
 
     if isinstance(error, OverrideParseException):
@@ -134,12 +134,7 @@ def hydra_error_line(error: BaseException) -> str:
             return f"{key}: unknown key{close_keys(key, schema_keys(CapjobConfig))}"
         message = first_line(getattr(cause, "msg", None) or str(cause))
         return f"{key}: {message}" if key and not message.startswith(key) else message
-    return first_line(str(error))
-
-
-def first_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[0] if lines else text.strip()
+    return first_line(error)
 
 
 # --- Model ---------------------------------------------------------------------------------------
@@ -237,7 +232,7 @@ def check_model_renders(folder: pathlib.Path, model: ModelConfig, system_prompt:
     try:
         processor = AutoProcessor.from_pretrained(folder, trust_remote_code=model.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken file
-        raise ConfigError(f"{key}: {folder}: the processor/tokenizer does not load: {type(e).__name__}: {first_line(str(e))[:300]}") from None
+        raise ConfigError(f"{key}: {folder}: the processor/tokenizer does not load: {type(e).__name__}: {first_line(e, 300)}") from None
     content: list[dict[str, Any]] = [{"type": "text", "text": "Describe this image."}]
     if image:
         content.insert(0, {"type": "image"})
@@ -246,7 +241,7 @@ def check_model_renders(folder: pathlib.Path, model: ModelConfig, system_prompt:
         text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # noqa: BLE001 - jinja2 and transformers raise many types
         raise ConfigError(f"{key}: {folder}: the chat template does not render a {'one-image ' if image else ''}message: "
-                          f"{type(e).__name__}: {first_line(str(e))[:300]} (transformers reads it from chat_template.jinja, "
+                          f"{type(e).__name__}: {first_line(e, 300)} (transformers reads it from chat_template.jinja, "
                           "chat_template.json or processor_config.json, not from tokenizer_config.json, for a multimodal processor)") from None
     if "Describe this image." not in text:
         raise ConfigError(f"{key}: {folder}: the chat template drops the user prompt (rendered: {text[:200]!r})")
@@ -259,7 +254,7 @@ def check_model_renders(folder: pathlib.Path, model: ModelConfig, system_prompt:
             image_processor(images=[Image.new("RGB", (64, 64))], return_tensors="np")
         except Exception as e:  # noqa: BLE001
             raise ConfigError(f"{key}: {folder}: the image processor fails on a 64x64 image: {type(e).__name__}: "
-                              f"{first_line(str(e))[:300]} (preprocessor_config.json)") from None
+                              f"{first_line(e, 300)} (preprocessor_config.json)") from None
     _RENDERED.add(tried)
 
 
@@ -380,7 +375,7 @@ def _check_hub_model(repo_id: str, load_format: str, key: str = "model.source") 
         if not missing_model_files(cached, load_format):
             return f"hub {repo_id} (in the local cache)"
     except HFValidationError as e:
-        raise ConfigError(f"{key}: {repo_id!r} is neither a folder nor a hub id ({first_line(str(e))})") from None
+        raise ConfigError(f"{key}: {repo_id!r} is neither a folder nor a hub id ({first_line(e)})") from None
     except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError and friends)
         pass
     check_hub_repo(repo_id, "model", key)

@@ -74,16 +74,36 @@ DRIVER_LEAVES_OUT = ("vllm",)
 
 
 class _LeaveOut(importlib.abc.MetaPathFinder):
-    """A finder that refuses the packages `names` (and their submodules) to imports made by
-    `thread`, and to no other thread: as if they were not installed, for that thread only."""
+    """A finder that refuses the packages `names` (and their submodules) to the imports of the
+    threads in `threads` (ModuleNotFoundError), and passes every other import on. One instance
+    stays first in sys.meta_path for good (_LEAVE_OUT): the list is never changed while another
+    thread's import may be walking it, only the set of threads is."""
 
-    def __init__(self, names: tuple[str, ...], thread: threading.Thread) -> None:
-        self.names, self.thread = names, thread
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.threads: set[int] = set()
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
-        if threading.current_thread() is self.thread and fullname.split(".", 1)[0] in self.names:
+        if threading.get_ident() in self.threads and fullname.split(".", 1)[0] in self.names:
             raise ModuleNotFoundError(f"No module named {fullname!r} (left out of the driver's import)", name=fullname)
         return None
+
+
+_LEAVE_OUT = _LeaveOut(DRIVER_LEAVES_OUT)
+_LEAVE_OUT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def leaving_out_driver_imports() -> Iterator[None]:
+    """Within: this thread's imports refuse DRIVER_LEAVES_OUT (other threads' do not)."""
+    with _LEAVE_OUT_LOCK:
+        if not any(f is _LEAVE_OUT for f in sys.meta_path):
+            sys.meta_path.insert(0, _LEAVE_OUT)
+        _LEAVE_OUT.threads.add(threading.get_ident())
+    try:
+        yield
+    finally:
+        _LEAVE_OUT.threads.discard(threading.get_ident())
 
 
 def import_model_config(model_source: Optional[str]) -> None:
@@ -105,7 +125,7 @@ def start_llm_telemetry() -> Any:
     """Start Ray Data LLM's telemetry agent, the named actor its processor build gets or
     creates and then waits on to record the processor (usage_telemetry/usage.py,
     push_telemetry_report, Ray 2.58.1); returns its handle without waiting (None where that
-    failed: the build starts it)."""
+    failed: the build starts it). Call with Ray initialised: Ray's auto-init would start one."""
     try:  # imported here: in DriverWarmup's thread, once ray.data.llm is
         from ray.llm._internal.batch.observability.usage_telemetry.usage import get_or_create_telemetry_agent
 
@@ -119,8 +139,9 @@ def start_data_actors() -> list[str]:
     """Start the named actors Ray Data's execution gets or creates when it begins: its stats
     actor, autoscaling coordinator and actor-location tracker (Ray 2.58.1's own get-or-create
     helpers, so execution finds these very actors, never copies). Started early, their workers
-    start while the driver is busy rather than beside the engine's. Best effort: whatever
-    fails is left to execution. Returns the names started."""
+    start while the driver is busy rather than beside the engine's. Best effort: one that fails,
+    and those after it, are left to execution. Returns the names started. Call with Ray
+    initialised: Ray's auto-init would start one."""
     started = []
     try:  # imported here: in DriverWarmup's thread, not at load
         from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import \
@@ -137,21 +158,34 @@ def start_data_actors() -> list[str]:
     return started
 
 
+# How long the warm-up waits for the telemetry agent's first answer before it starts Ray Data's
+# actors anyway (a new worker takes 1-3 s on 2 busy cores).
+TELEMETRY_WAIT_S = 30.0
+
+
 class DriverWarmup:
     """The driver's start-up work that can overlap Ray's start, in one daemon thread: import
-    ENGINE_DRIVER_MODULES without DRIVER_LEAVES_OUT, then the model's config class
-    (import_model_config), then, once the caller says Ray is up (ray_up()), start_library_actors.
+    ENGINE_DRIVER_MODULES without DRIVER_LEAVES_OUT (leaving_out_driver_imports), the model's
+    config class (import_model_config), and, once the caller says Ray is up (ray_up()), the
+    library's own actors: Ray Data LLM's telemetry agent (start_llm_telemetry: the processor
+    build waits for it), then, once it answers, Ray Data's (start_data_actors), as soon as both
+    the imports and Ray are there (before the model's config class when Ray is up first).
 
     The main thread's own import of the same modules waits for this one (Python's per-module
     import lock) and raises any error of it; this thread ignores errors: a module it failed to
     import is imported again, in full, by the main thread. Start it after the main thread
     imported the packages both share (ray, ray.data): two threads importing one package's
-    modules in opposite orders could each wait for the other."""
+    modules in opposite orders could each wait for the other.
 
-    def __init__(self, model_source: Optional[str] = None, modules: tuple[str, ...] = ENGINE_DRIVER_MODULES,
-                 leave_out: tuple[str, ...] = DRIVER_LEAVES_OUT, ray_timeout_s: float = 600.0) -> None:
-        self.model_source, self.modules, self.leave_out, self.ray_timeout_s = model_source, modules, leave_out, ray_timeout_s
+    close() before Ray is shut down: the thread then starts nothing more. Without it, a Ray
+    call of the thread after the shutdown would start a new default Ray (Ray's auto-init)."""
+
+    def __init__(self, model_source: Optional[str] = None, modules: tuple[str, ...] = ENGINE_DRIVER_MODULES) -> None:
+        self.model_source, self.modules = model_source, modules
         self._ray_up = threading.Event()
+        self._closed = False
+        self._actors_tried = False
+        self._lock = threading.Lock()  # held by the thread's Ray calls and by close()
         self.started_actors: list[str] = []
         self.thread = threading.Thread(target=self._run, name="capjob-warmup", daemon=True)
 
@@ -163,28 +197,47 @@ class DriverWarmup:
         """Ray is initialised: the thread may start the library's actors (after its imports)."""
         self._ray_up.set()
 
+    def close(self) -> None:
+        """No Ray call from the thread after this returns (one under way is waited for)."""
+        with self._lock:
+            self._closed = True
+        self._ray_up.set()  # a thread still waiting for Ray wakes up, and ends
+
     def _run(self) -> None:
-        finder = _LeaveOut(self.leave_out, threading.current_thread())
-        sys.meta_path.insert(0, finder)
         try:
-            for name in self.modules:
-                importlib.import_module(name)
+            with leaving_out_driver_imports():
+                for name in self.modules:
+                    importlib.import_module(name)
         except BaseException:  # noqa: BLE001 - the main thread's import raises it again, where it is handled
             return
-        finally:
-            sys.meta_path.remove(finder)
-        agent = start_llm_telemetry() if self._ray_up.is_set() else None
+        if self._ray_up.is_set():
+            self._start_actors()
         with contextlib.suppress(Exception):
             import_model_config(self.model_source)
-        if not self._ray_up.wait(self.ray_timeout_s):
-            return
-        if agent is None:
+        self._ray_up.wait()
+        if not self._actors_tried:
+            self._start_actors()
+
+    def _start_actors(self) -> None:
+        # The telemetry agent first, and Ray Data's actors once it answers: Ray starts workers
+        # in the order they are asked for, and the processor build waits for that one.
+        with self._lock:
+            if self._closed or not ray.is_initialized():
+                return
+            self._actors_tried = True
             agent = start_llm_telemetry()
-        if agent is not None:
-            with contextlib.suppress(Exception):
-                ray.get(agent.generate_report.remote(), timeout=60)
-                self.started_actors.append("llm_telemetry")
-        self.started_actors += start_data_actors()
+            answer = agent.generate_report.remote() if agent is not None else None
+        if answer is not None:
+            for _ in range(int(TELEMETRY_WAIT_S / 0.2)):  # in short waits: close() waits for one at most
+                with self._lock:
+                    if self._closed or not ray.is_initialized():
+                        return
+                    if ray.wait([answer], timeout=0.2)[0]:
+                        self.started_actors.append("llm_telemetry")
+                        break
+        with self._lock:
+            if not self._closed and ray.is_initialized():
+                self.started_actors += start_data_actors()
 
 
 def init_ray(resources: ResourcesConfig, engine: EngineConfig, placement: EnginePlacement,

@@ -65,7 +65,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from capjob import cli, console, metrics, preflight, runtime, sweep
 from capjob.config import CapjobConfig, EvalMode, WatchConfig, register_configs, to_typed
-from capjob.errors import CapjobError, ConfigError
+from capjob.errors import CapjobError, ConfigError, first_line
 from capjob.models import remote
 from capjob.reporting import leaderboard
 from capjob.reporting.sweep_report import fmt_value, load_job
@@ -359,7 +359,7 @@ class Watcher:
                 result = self.evaluate(checkpoint)
             except Exception as e:  # one checkpoint's failure (Ray, the store, the job's record) is its row, not the watcher's end
                 logging.getLogger(__name__).debug("capjob-watch: evaluating %s failed", checkpoint.name, exc_info=True)
-                result = {"status": "failed", "error": f"{type(e).__name__}: {preflight.first_line(str(e))[:500]}"}
+                result = {"status": "failed", "error": f"{type(e).__name__}: {first_line(e, 500)}"}
         finished = time.time()
         row = {**result, "checkpoint": checkpoint.name, "step": checkpoint.step, "path": checkpoint.url,
                "fingerprint": checkpoint.fingerprint, "complete_at": _iso(checkpoint.complete_at), "finished_at": _iso(finished),
@@ -373,7 +373,7 @@ class Watcher:
             except Exception as e:  # noqa: BLE001 - the gauges are a view; the leaderboard is written
                 logging.getLogger(__name__).warning("capjob-watch: publishing the scores failed: %s", e)
         scores = ", ".join(f"{k} {fmt_value(row.get(k))}" for k in leaderboard.SCORES if row.get(k) is not None)
-        outcome = scores or "no score" if row["status"] == "succeeded" else f"failed: {preflight.first_line(str(row.get('error')))[:300]}"
+        outcome = scores or "no score" if row["status"] == "succeeded" else f"failed: {first_line(row.get('error'), 300)}"
         self.say(f"capjob-watch: {checkpoint.name} (step {checkpoint.step}): {outcome} · leaderboard {self.leaderboard_path()}")
         return row
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import io
 from typing import Any, Optional
 
-from capjob.reporting.sweep_report import Job, md_cell, first_line, fmt_value, csv_text
+from capjob.errors import first_line
+from capjob.reporting.sweep_report import Job, csv_text, fmt_value, md_cell
 
 LEADERBOARD_MD, LEADERBOARD_CSV, LEADERBOARD_PNG = "leaderboard.md", "leaderboard.csv", "leaderboard.png"
 SCORES = ("exact_match", "word_f1", "bleu4", "cider", "judge_mean_score")
@@ -100,7 +101,7 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if failed:
         lines += ["", "## Failed checkpoints", "", "| step | checkpoint | reason |", "|---:|---|---|"]
-        lines += [f"| {md_cell(r.get('step'))} | {md_cell(r.get('checkpoint'))} | {md_cell(first_line(r.get('error')))} |" for r in ordered(failed)]
+        lines += [f"| {md_cell(r.get('step'))} | {md_cell(r.get('checkpoint'))} | {md_cell(first_line(r.get('error'), 300))} |" for r in ordered(failed)]
     lines += ["", f"![score against training step]({LEADERBOARD_PNG})", ""]
     return "\n".join(lines)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from capjob.errors import first_line
 from capjob.reporting.evaluation import compare_markdown
 
 log = logging.getLogger(__name__)
@@ -274,12 +275,6 @@ def md_cell(text: Any) -> str:
     return fmt_value(text).replace("|", "\\|").replace("\n", " ")
 
 
-def first_line(text: Optional[str], limit: int = 300) -> str:
-    """The first line of an error text, cut to `limit` characters (with "…")."""
-    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
 def _is_model_key(key: str) -> bool:
     return key == "model" or key.startswith("model.")
 
@@ -331,7 +326,7 @@ def markdown(sweep_dir: Path, jobs: list[Job]) -> str:
     if failed:
         lines += ["", "## Failed runs", "", "| job | overrides | error |", "|---|---|---|"]
         for job in failed:
-            lines.append(f"| {job.num} | `{md_cell(' '.join(job.overrides))}` | {md_cell(first_line(job.error))} |")
+            lines.append(f"| {job.num} | `{md_cell(' '.join(job.overrides))}` | {md_cell(first_line(job.error, 300))} |")
     model_keys = [k for k in swept if _is_model_key(k)]
     if model_keys:
         lines += ["", "## Checkpoint comparison", "", _checkpoint_table(jobs, model_keys, swept)]

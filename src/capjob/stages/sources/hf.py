@@ -19,9 +19,8 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from capjob.config import DataConfig
-from capjob.errors import SourceError
+from capjob.errors import SourceError, first_line
 from capjob.stages.sources.common import Looked, check_image_list, require_columns
-from capjob.stages.storage import first_line
 
 # Rows per block read from a Hugging Face dataset (Ray splits blocks that grow larger).
 HF_BATCH_ROWS = 256
@@ -133,7 +132,7 @@ def load_hf(cfg: DataConfig, streaming: bool) -> Any:
     except SourceError:
         raise
     except FileNotFoundError as e:
-        raise SourceError(f"data.path {path!r}: no such local dataset or hub repository ({first_line(e)})") from None
+        raise SourceError(f"data.path {path!r}: no such local dataset or hub repository ({first_line(e, 200)})") from None
     except ValueError as e:
         message = first_line(e, 300)
         if "split" in message.lower():
