@@ -33,8 +33,8 @@ def test_the_finder_refuses_the_left_out_packages_to_the_threads_inside_only():
         other.join()
         assert seen == [None]  # any other thread imports vLLM as usual
     assert _LEAVE_OUT.find_spec("vllm") is None  # and so does this one, once out
-    # It stays installed, first: sys.meta_path is never changed under another thread's import.
-    assert sys.meta_path[0] is _LEAVE_OUT
+    # It stays installed: sys.meta_path is never changed under another thread's import.
+    assert any(f is _LEAVE_OUT for f in sys.meta_path)
 
 
 def test_a_closed_warmup_starts_no_ray():
@@ -44,7 +44,7 @@ def test_a_closed_warmup_starts_no_ray():
         import json
         import ray
         from capjob.runtime import DriverWarmup
-        warmup = DriverWarmup(None, modules=("json",)).start()
+        warmup = DriverWarmup(modules=("json",)).start()
         warmup.close()
         warmup.ray_up()
         warmup.thread.join(timeout=60)
@@ -65,7 +65,7 @@ def test_the_driver_imports_ray_data_llm_and_the_model_config_without_vllm(tmp_p
         import json, sys
         import ray, ray.data
         from capjob.runtime import DriverWarmup, _LEAVE_OUT
-        warmup = DriverWarmup({str(model)!r}).start()
+        warmup = DriverWarmup().start({str(model)!r})
         warmup.close()  # no Ray here: the thread imports, then ends
         warmup.thread.join(timeout=200)
         from ray.data.llm import build_processor, vLLMEngineProcessorConfig
@@ -80,6 +80,35 @@ def test_the_driver_imports_ray_data_llm_and_the_model_config_without_vllm(tmp_p
         }}))
     """)
     assert out == {"alive": False, "vllm": [], "llm": True, "config_class": True, "refusing": [], "fatal": 0}
+
+
+def test_a_warmup_closed_while_it_waits_for_the_telemetry_agent_makes_no_ray_call_after():
+    """close() during the wait for the agent's answer: it returns at once (the thread's waits
+    are short), the thread starts no more actors, and a Ray shut down after close() stays down
+    (no auto-init of a default Ray)."""
+    out = run_python("""
+        import json, time
+        import ray, ray.data
+        from capjob import runtime
+        runtime.TELEMETRY_WAIT_S = 30.0
+        ray.init(num_cpus=2, include_dashboard=False)
+        warmup = runtime.DriverWarmup().start(None)
+        warmup.ray_up()
+        deadline = time.monotonic() + 120
+        while warmup._answer is None and time.monotonic() < deadline:  # the agent asked, not yet answered
+            time.sleep(0.01)
+        t = time.monotonic()
+        warmup.close()
+        took = time.monotonic() - t
+        ray.shutdown()
+        warmup.thread.join(timeout=60)
+        time.sleep(1)
+        print(json.dumps({"took": took, "alive": warmup.thread.is_alive(), "ray": ray.is_initialized(),
+                          "started": warmup.started_actors}))
+    """)
+    assert out["took"] < 1.0
+    assert out["alive"] is False and out["ray"] is False
+    assert out["started"] == ["llm_telemetry"]  # Ray Data's actors were not started after close()
 
 
 def test_the_early_library_actors_are_the_ones_execution_uses():

@@ -27,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from capjob import console, preflight, sweep
 from capjob.config import register_configs, to_typed
-from capjob.errors import CapjobError, first_line
+from capjob.errors import CapjobError, describe
 
 # Flags after which Hydra prints something and exits, or reads another config: Hydra handles them.
 HYDRA_ONLY_FLAGS = ("-h", "--help", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
@@ -84,12 +84,8 @@ def _main(cfg: DictConfig) -> None:
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - a fault capjob did not foresee: the traceback goes to the log
         where = f"; traceback in {console.log_path}" if console.log_path else ""
-        console.error(f"capjob: failed: {type(e).__name__}: {preflight_line(e)}{where}")
+        console.error(f"capjob: failed: {describe(e, 500)}{where}")
         sys.exit(1)
-
-
-def preflight_line(error: BaseException) -> str:
-    return first_line(error, 500)
 
 
 def _overrides(argv: list[str]) -> tuple[list[str], bool]:

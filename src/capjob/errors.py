@@ -14,6 +14,13 @@ def first_line(text: object, limit: Optional[int] = None) -> str:
     return line if limit is None or len(line) <= limit else line[: limit - 1] + "…"
 
 
+def describe(error: BaseException, limit: Optional[int] = None) -> str:
+    """`Type: first line of its message` (first_line, cut to `limit`), or `Type` alone when the
+    message is empty: an unforeseen error in one line."""
+    line = first_line(error, limit)
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
 class CapjobError(Exception):
     """Base class: the message alone must tell the user what to change."""
 

@@ -105,7 +105,6 @@ class Started:
     # On a cluster it joined: the watch on its nodes (a node lost mid-job), runtime.NodeWatch.
     node_watch: Optional[runtime.NodeWatch] = None
     dedup: Any = None  # stages.dedup.registry.DedupRegistry actor (None: dedup.mode=off)
-    warmup: Optional[runtime.DriverWarmup] = None  # closed before Ray is shut down (run's end)
 
     def guard_prompt(self) -> Any:
         """Around the Ray Data execution: a render that fails stops the run with its error."""
@@ -123,10 +122,13 @@ class Started:
         return self.prompt_error() or (self.node_watch.error if self.node_watch is not None else None)
 
 
-def start(cfg: CapjobConfig, run_id: str, checked: Optional[preflight.Checked] = None) -> Started:
+def start(cfg: CapjobConfig, run_id: str, checked: Optional[preflight.Checked] = None,
+          warmup: Optional[runtime.DriverWarmup] = None) -> Started:
     """Every check that can fail before data flows (preflight.check_all, unless the caller ran
     it: `checked`), then the model, the done ids and Ray, and the checks that need the cluster
-    (accelerator type, custom resources, node labels, paths every node must see)."""
+    (accelerator type, custom resources, node labels, paths every node must see). warmup: the
+    caller's runtime.DriverWarmup, started here and closed by the caller before Ray is shut
+    down (this closes it when it fails; one it made itself, before it returns)."""
     clock, wall_clock = time.monotonic(), time.time()
     console.startup_mark("config composed, job starting")
     if checked is None:
@@ -139,7 +141,8 @@ def start(cfg: CapjobConfig, run_id: str, checked: Optional[preflight.Checked] =
     # What the registry starts from: the images the sink holds captions of (stages/dedup).
     seed = dedup_claim.seed_from_sink(cfg.sink, cfg.dedup.mode) if cfg.dedup.mode != DedupMode.off else None
     console.startup_mark("model source and done ids ready")
-    warmup = runtime.DriverWarmup(model_source).start()  # the processor's imports (seconds) while Ray starts
+    own = warmup is None
+    warmup = (warmup or runtime.DriverWarmup()).start(model_source)  # the processor's imports (seconds) while Ray starts
     try:
         placement = checked.placement
         if placement is None:  # a cluster we join: its GPUs decide
@@ -170,9 +173,12 @@ def start(cfg: CapjobConfig, run_id: str, checked: Optional[preflight.Checked] =
         registry = (dedup_registry.start_registry(run_id, cfg.dedup.mode, cfg.dedup.threshold, seed, **metrics.on_driver_node())
                     if seed is not None else None)
         console.startup_mark("prompt " + ("submitted" if prompt is not None else "not needed") + ", ledger actors started")
-        return Started(run_id, model_source, placement, done.put(), ledger, clock, wall_clock, ray_info.get("dashboard_url"),
-                       done_count=done.count_in(parse_shard(cfg.data.shard)), crashes=crashes, prompt=prompt, prompt_watch=prompt_watch,
-                       node_watch=watch, dedup=registry, warmup=warmup)
+        started = Started(run_id, model_source, placement, done.put(), ledger, clock, wall_clock, ray_info.get("dashboard_url"),
+                          done_count=done.count_in(parse_shard(cfg.data.shard)), crashes=crashes, prompt=prompt,
+                          prompt_watch=prompt_watch, node_watch=watch, dedup=registry)
+        if own:  # nobody else holds it to close
+            warmup.close()
+        return started
     except BaseException:
         warmup.close()  # before whoever catches this shuts Ray down
         raise
@@ -403,6 +409,7 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
     run_id = cfg.job.run_id or new_run_id()
     job: Optional[Started] = None
     dataset = sink = None
+    warmup = runtime.DriverWarmup()  # started by start(); closed here, whatever happens
     try:
         if checked is None:
             checked = preflight.check_all(cfg, read_done=False)  # the dry run's sequence; raises CapjobError
@@ -414,7 +421,7 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
         if done_rows is not None:
             say_nothing_left(cfg, done_rows)
             return None
-        job = start(cfg, run_id, checked)
+        job = start(cfg, run_id, checked, warmup)
         job.source_fingerprint = fingerprint
         source = sources.read_source(preflight.data_with_prompt_columns(cfg.data, cfg.caption), run_id)
         console.startup_mark("source read")
@@ -456,8 +463,7 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
             f"(partial report: {job.report_dirs[0]})"
         ) from None
     finally:
-        if job is not None and job.warmup is not None:
-            job.warmup.close()  # its thread makes no Ray call once the caller shuts Ray down
+        warmup.close()  # its thread makes no Ray call once the caller shuts Ray down
     result = finish(cfg, job, dataset, sink, resolved_config, report_dir)
     if cfg.eval.mode != EvalMode.off:
         evaluate(cfg, result, report_dir)

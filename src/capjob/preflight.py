@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from capjob import console, models
 from capjob.config import (CapjobConfig, CaptionConfig, DataConfig, EngineConfig, EvalMode, ModelConfig, ResourcesConfig,
                            SourceFormat)
-from capjob.errors import CapjobError, ConfigError, SourceError, first_line
+from capjob.errors import CapjobError, ConfigError, SourceError, describe, first_line
 from capjob.models import remote
 from capjob.plan import dry_run_plan, new_run_id
 from capjob.prompts import prompt_columns, prompt_specs
@@ -232,7 +232,7 @@ def check_model_renders(folder: pathlib.Path, model: ModelConfig, system_prompt:
     try:
         processor = AutoProcessor.from_pretrained(folder, trust_remote_code=model.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken file
-        raise ConfigError(f"{key}: {folder}: the processor/tokenizer does not load: {type(e).__name__}: {first_line(e, 300)}") from None
+        raise ConfigError(f"{key}: {folder}: the processor/tokenizer does not load: {describe(e, 300)}") from None
     content: list[dict[str, Any]] = [{"type": "text", "text": "Describe this image."}]
     if image:
         content.insert(0, {"type": "image"})
@@ -241,7 +241,7 @@ def check_model_renders(folder: pathlib.Path, model: ModelConfig, system_prompt:
         text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # noqa: BLE001 - jinja2 and transformers raise many types
         raise ConfigError(f"{key}: {folder}: the chat template does not render a {'one-image ' if image else ''}message: "
-                          f"{type(e).__name__}: {first_line(e, 300)} (transformers reads it from chat_template.jinja, "
+                          f"{describe(e, 300)} (transformers reads it from chat_template.jinja, "
                           "chat_template.json or processor_config.json, not from tokenizer_config.json, for a multimodal processor)") from None
     if "Describe this image." not in text:
         raise ConfigError(f"{key}: {folder}: the chat template drops the user prompt (rendered: {text[:200]!r})")
@@ -253,8 +253,8 @@ def check_model_renders(folder: pathlib.Path, model: ModelConfig, system_prompt:
         try:
             image_processor(images=[Image.new("RGB", (64, 64))], return_tensors="np")
         except Exception as e:  # noqa: BLE001
-            raise ConfigError(f"{key}: {folder}: the image processor fails on a 64x64 image: {type(e).__name__}: "
-                              f"{first_line(e, 300)} (preprocessor_config.json)") from None
+            raise ConfigError(f"{key}: {folder}: the image processor fails on a 64x64 image: "
+                              f"{describe(e, 300)} (preprocessor_config.json)") from None
     _RENDERED.add(tried)
 
 

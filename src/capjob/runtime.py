@@ -168,8 +168,8 @@ class DriverWarmup:
     ENGINE_DRIVER_MODULES without DRIVER_LEAVES_OUT (leaving_out_driver_imports), the model's
     config class (import_model_config), and, once the caller says Ray is up (ray_up()), the
     library's own actors: Ray Data LLM's telemetry agent (start_llm_telemetry: the processor
-    build waits for it), then, once it answers, Ray Data's (start_data_actors), as soon as both
-    the imports and Ray are there (before the model's config class when Ray is up first).
+    build waits for it) as soon as both the imports and Ray are there, then, once it answers,
+    Ray Data's (start_data_actors).
 
     The main thread's own import of the same modules waits for this one (Python's per-module
     import lock) and raises any error of it; this thread ignores errors: a module it failed to
@@ -177,19 +177,23 @@ class DriverWarmup:
     imported the packages both share (ray, ray.data): two threads importing one package's
     modules in opposite orders could each wait for the other.
 
-    close() before Ray is shut down: the thread then starts nothing more. Without it, a Ray
-    call of the thread after the shutdown would start a new default Ray (Ray's auto-init)."""
+    close() before Ray is shut down: a Ray call of the thread after the shutdown would start a
+    new default Ray (Ray's auto-init). Every Ray call of the thread holds a lock and first
+    checks that it is not closed and that Ray is up."""
 
-    def __init__(self, model_source: Optional[str] = None, modules: tuple[str, ...] = ENGINE_DRIVER_MODULES) -> None:
-        self.model_source, self.modules = model_source, modules
+    def __init__(self, modules: tuple[str, ...] = ENGINE_DRIVER_MODULES) -> None:
+        self.modules = modules
+        self.model_source: Optional[str] = None
         self._ray_up = threading.Event()
         self._closed = False
-        self._actors_tried = False
-        self._lock = threading.Lock()  # held by the thread's Ray calls and by close()
+        self._lock = threading.Lock()  # held by each Ray call of the thread, and by close()
+        self._answer: Any = None  # the telemetry agent's first answer, awaited
+        self._asked = False
         self.started_actors: list[str] = []
         self.thread = threading.Thread(target=self._run, name="capjob-warmup", daemon=True)
 
-    def start(self) -> "DriverWarmup":
+    def start(self, model_source: Optional[str] = None) -> "DriverWarmup":
+        self.model_source = model_source
         self.thread.start()
         return self
 
@@ -198,10 +202,23 @@ class DriverWarmup:
         self._ray_up.set()
 
     def close(self) -> None:
-        """No Ray call from the thread after this returns (one under way is waited for)."""
-        with self._lock:
-            self._closed = True
+        """Returns once no Ray call of the thread is under way, and none follows (a close()
+        interrupted while it waits has already stopped the next one)."""
+        self._closed = True
         self._ray_up.set()  # a thread still waiting for Ray wakes up, and ends
+        with self._lock:
+            pass
+
+    def _ray_call(self, call: Any) -> Any:
+        """call() under the lock while open and Ray is up; None otherwise, or when it fails."""
+        with self._lock:
+            if self._closed or not ray.is_initialized():
+                return None
+            try:
+                return call()
+            except Exception:  # an optimisation only: the build and execution start what is missing
+                log.debug("the driver's warm-up: a Ray call failed", exc_info=True)
+                return None
 
     def _run(self) -> None:
         try:
@@ -211,33 +228,31 @@ class DriverWarmup:
         except BaseException:  # noqa: BLE001 - the main thread's import raises it again, where it is handled
             return
         if self._ray_up.is_set():
-            self._start_actors()
+            self._ask_telemetry()
         with contextlib.suppress(Exception):
             import_model_config(self.model_source)
         self._ray_up.wait()
-        if not self._actors_tried:
-            self._start_actors()
+        if not self._asked:
+            self._ask_telemetry()
+        # Ray Data's actors once the agent answers: Ray starts workers in the order they are
+        # asked for, and the build waits for that one. In short waits: close() waits for one.
+        for _ in range(int(TELEMETRY_WAIT_S / 0.2)):
+            if self._ray_call(lambda: self._answer is None or bool(ray.wait([self._answer], timeout=0.2)[0])) is not False:
+                break
+        self._ray_call(lambda: self.started_actors.extend(start_data_actors()))
+        with self._lock:
+            self._answer = None  # the last Ray handle, released while Ray is still up
 
-    def _start_actors(self) -> None:
-        # The telemetry agent first, and Ray Data's actors once it answers: Ray starts workers
-        # in the order they are asked for, and the processor build waits for that one.
-        with self._lock:
-            if self._closed or not ray.is_initialized():
-                return
-            self._actors_tried = True
+    def _ask_telemetry(self) -> None:
+        self._asked = True
+
+        def ask() -> None:
             agent = start_llm_telemetry()
-            answer = agent.generate_report.remote() if agent is not None else None
-        if answer is not None:
-            for _ in range(int(TELEMETRY_WAIT_S / 0.2)):  # in short waits: close() waits for one at most
-                with self._lock:
-                    if self._closed or not ray.is_initialized():
-                        return
-                    if ray.wait([answer], timeout=0.2)[0]:
-                        self.started_actors.append("llm_telemetry")
-                        break
-        with self._lock:
-            if not self._closed and ray.is_initialized():
-                self.started_actors += start_data_actors()
+            if agent is not None:
+                self.started_actors.append("llm_telemetry")
+                self._answer = agent.generate_report.remote()
+
+        self._ray_call(ask)
 
 
 def init_ray(resources: ResourcesConfig, engine: EngineConfig, placement: EnginePlacement,

@@ -65,7 +65,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from capjob import cli, console, metrics, preflight, runtime, sweep
 from capjob.config import CapjobConfig, EvalMode, WatchConfig, register_configs, to_typed
-from capjob.errors import CapjobError, ConfigError, first_line
+from capjob.errors import CapjobError, ConfigError, describe, first_line
 from capjob.models import remote
 from capjob.reporting import leaderboard
 from capjob.reporting.sweep_report import fmt_value, load_job
@@ -359,7 +359,7 @@ class Watcher:
                 result = self.evaluate(checkpoint)
             except Exception as e:  # one checkpoint's failure (Ray, the store, the job's record) is its row, not the watcher's end
                 logging.getLogger(__name__).debug("capjob-watch: evaluating %s failed", checkpoint.name, exc_info=True)
-                result = {"status": "failed", "error": f"{type(e).__name__}: {first_line(e, 500)}"}
+                result = {"status": "failed", "error": describe(e, 500)}
         finished = time.time()
         row = {**result, "checkpoint": checkpoint.name, "step": checkpoint.step, "path": checkpoint.url,
                "fingerprint": checkpoint.fingerprint, "complete_at": _iso(checkpoint.complete_at), "finished_at": _iso(finished),

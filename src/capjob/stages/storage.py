@@ -23,7 +23,7 @@ import fsspec.core
 import fsspec.implementations.local
 import pyarrow.fs as pafs
 
-from capjob.errors import ConfigError, SourceError, first_line
+from capjob.errors import ConfigError, SourceError, describe
 
 # Options of the *probe* that checks a remote path before anything runs: fail in seconds when
 # the endpoint does not answer instead of botocore's 60 s connect timeout x retries.
@@ -156,7 +156,7 @@ def describe_remote_error(path: str, error: BaseException) -> str:
         e = e.__cause__ or e.__context__
     text = " | ".join(f"{type(c).__name__}: {c}" for c in chain)
     lowered = text.lower()
-    detail = f"{type(error).__name__}: {first_line(error, 200)}"
+    detail = describe(error, 200)
     if "nosuchbucket" in lowered or "bucket does not exist" in lowered:
         return f"the bucket of {path!r} does not exist"
     # Not reaching the endpoint comes first: its message holds the URL, and a port may contain 403.

@@ -19,7 +19,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from capjob.config import DataConfig
-from capjob.errors import SourceError, first_line
+from capjob.errors import SourceError, describe, first_line
 from capjob.stages.sources.common import Looked, check_image_list, require_columns
 
 # Rows per block read from a Hugging Face dataset (Ray splits blocks that grow larger).
@@ -140,7 +140,7 @@ def load_hf(cfg: DataConfig, streaming: bool) -> Any:
         raise SourceError(f"data.path {path!r}: {message}") from None
     except Exception as e:  # noqa: BLE001 - hub/network errors
         raise SourceError(
-            f"cannot load Hugging Face dataset {path!r} (split {cfg.split!r}): {type(e).__name__}: {first_line(e, 300)}"
+            f"cannot load Hugging Face dataset {path!r} (split {cfg.split!r}): {describe(e, 300)}"
         ) from None
 
 
