@@ -52,6 +52,7 @@ from capjob.stages.sources.cells import Fetcher
 from capjob.stages.sources.common import ITEMS_COUNTER, SKIPPED_COUNTER, skipped_totals
 from capjob.stages.sources.sample import ensure_sample_dataset
 from capjob.stages.tables import TableWriter
+from capjob.warmup import DriverWarmup
 
 
 
@@ -123,11 +124,11 @@ class Started:
 
 
 def start(cfg: CapjobConfig, run_id: str, checked: Optional[preflight.Checked] = None,
-          warmup: Optional[runtime.DriverWarmup] = None) -> Started:
+          warmup: Optional[DriverWarmup] = None) -> Started:
     """Every check that can fail before data flows (preflight.check_all, unless the caller ran
     it: `checked`), then the model, the done ids and Ray, and the checks that need the cluster
     (accelerator type, custom resources, node labels, paths every node must see). warmup: the
-    caller's runtime.DriverWarmup, started here and closed by the caller before Ray is shut
+    caller's DriverWarmup, started here and closed by the caller before Ray is shut
     down (this closes it when it fails; one it made itself, before it returns)."""
     clock, wall_clock = time.monotonic(), time.time()
     console.startup_mark("config composed, job starting")
@@ -142,7 +143,7 @@ def start(cfg: CapjobConfig, run_id: str, checked: Optional[preflight.Checked] =
     seed = dedup_claim.seed_from_sink(cfg.sink, cfg.dedup.mode) if cfg.dedup.mode != DedupMode.off else None
     console.startup_mark("model source and done ids ready")
     own = warmup is None
-    warmup = (warmup or runtime.DriverWarmup()).start(model_source)  # the processor's imports (seconds) while Ray starts
+    warmup = (warmup or DriverWarmup()).start(model_source)  # the processor's imports (seconds) while Ray starts
     try:
         placement = checked.placement
         if placement is None:  # a cluster we join: its GPUs decide
@@ -409,7 +410,7 @@ def run(cfg: CapjobConfig, resolved_config: dict[str, Any], report_dir: Optional
     run_id = cfg.job.run_id or new_run_id()
     job: Optional[Started] = None
     dataset = sink = None
-    warmup = runtime.DriverWarmup()  # started by start(); closed here, whatever happens
+    warmup = DriverWarmup()  # started by start(); closed here, whatever happens
     try:
         if checked is None:
             checked = preflight.check_all(cfg, read_done=False)  # the dry run's sequence; raises CapjobError

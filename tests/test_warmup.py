@@ -1,4 +1,4 @@
-"""capjob.runtime's start-up work beside Ray's start (DriverWarmup), each in a fresh Python:
+"""capjob.warmup: the start-up work beside Ray's start (DriverWarmup), each in a fresh Python:
 what the driver imports and what it leaves out, and the library actors it starts early."""
 
 import json
@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from capjob.runtime import _LEAVE_OUT, leaving_out_driver_imports
+from capjob.warmup import _LEAVE_OUT, leaving_out_driver_imports
 
 
 def run_python(code: str, timeout: int = 240) -> dict:
@@ -43,7 +43,7 @@ def test_a_closed_warmup_starts_no_ray():
     out = run_python("""
         import json
         import ray
-        from capjob.runtime import DriverWarmup
+        from capjob.warmup import DriverWarmup
         warmup = DriverWarmup(modules=("json",)).start()
         warmup.close()
         warmup.ray_up()
@@ -64,7 +64,7 @@ def test_the_driver_imports_ray_data_llm_and_the_model_config_without_vllm(tmp_p
     out = run_python(f"""
         import json, sys
         import ray, ray.data
-        from capjob.runtime import DriverWarmup, _LEAVE_OUT
+        from capjob.warmup import DriverWarmup, _LEAVE_OUT
         warmup = DriverWarmup().start({str(model)!r})
         warmup.close()  # no Ray here: the thread imports, then ends
         warmup.thread.join(timeout=200)
@@ -89,10 +89,9 @@ def test_a_warmup_closed_while_it_waits_for_the_telemetry_agent_makes_no_ray_cal
     out = run_python("""
         import json, time
         import ray, ray.data
-        from capjob import runtime
-        runtime.TELEMETRY_WAIT_S = 30.0
+        from capjob.warmup import DriverWarmup
         ray.init(num_cpus=2, include_dashboard=False)
-        warmup = runtime.DriverWarmup().start(None)
+        warmup = DriverWarmup().start(None)
         warmup.ray_up()
         deadline = time.monotonic() + 120
         while warmup._answer is None and time.monotonic() < deadline:  # the agent asked, not yet answered
@@ -119,7 +118,7 @@ def test_the_early_library_actors_are_the_ones_execution_uses():
         import json
         import ray, ray.data
         from ray._private.state import actors  # the GCS's table (ray.util.state needs the dashboard)
-        from capjob.runtime import start_data_actors, start_llm_telemetry
+        from capjob.warmup import start_data_actors, start_llm_telemetry
         ray.init(num_cpus=2, include_dashboard=False)
         agent = start_llm_telemetry()
         ray.get(agent.generate_report.remote(), timeout=60)
