@@ -388,21 +388,24 @@ def test_accelerator_type_no_node_has_fails_before_engines(tmp_path):
     from capjob.config import to_typed
     from capjob.errors import ConfigError
     from capjob.stages.caption import engine
+    from capjob.warmup import DriverWarmup
 
     ray.init(address="local", num_cpus=2, num_gpus=2, resources={"accelerator_type:H200": 1}, include_dashboard=False)
+    warmup = DriverWarmup()
     try:
         address = ray.get_runtime_context().gcs_address
         cfg = to_typed(compose(["experiment=offline", "resources=h100x1", f"resources.address={address}", "job.resume=false",
                                 f"sink.path={tmp_path / 'out'}"]))
         with pytest.raises(ConfigError, match=r"^resources\.accelerator_type: no node of the cluster has accelerator type 'H100' "
                                               r"\(it has 2 GPU\(s\), accelerator type\(s\) H200\)"):
-            pipeline.start(cfg, "run-h100")
+            pipeline.start(cfg, "run-h100", None, warmup)
         h200 = to_typed(compose(["experiment=offline", "resources=h200x2", f"resources.address={address}"]))
         placement = engine.decide_placement(h200.resources, h200.engine, int(ray.cluster_resources()["GPU"]), engine.largest_node_gpus())
         assert (placement.gpus, placement.accelerator_type, placement.node_gpus) == (1, "H200", 2)
         engine.check_accelerator_type(placement, ray.cluster_resources())  # the right label passes
         assert not ray.util.placement_group_table()  # no engine was placed
     finally:
+        warmup.close()  # before the shutdown, as pipeline.run does
         ray.shutdown()
 
 

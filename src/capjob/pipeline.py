@@ -123,13 +123,11 @@ class Started:
         return self.prompt_error() or (self.node_watch.error if self.node_watch is not None else None)
 
 
-def start(cfg: CapjobConfig, run_id: str, checked: Optional[preflight.Checked] = None,
-          warmup: Optional[DriverWarmup] = None) -> Started:
+def start(cfg: CapjobConfig, run_id: str, checked: Optional[preflight.Checked], warmup: DriverWarmup) -> Started:
     """Every check that can fail before data flows (preflight.check_all, unless the caller ran
     it: `checked`), then the model, the done ids and Ray, and the checks that need the cluster
     (accelerator type, custom resources, node labels, paths every node must see). warmup: the
-    caller's DriverWarmup, started here and closed by the caller before Ray is shut
-    down (this closes it when it fails; one it made itself, before it returns)."""
+    caller's DriverWarmup, started here; the caller closes it before Ray is shut down."""
     clock, wall_clock = time.monotonic(), time.time()
     console.startup_mark("config composed, job starting")
     if checked is None:
@@ -142,47 +140,39 @@ def start(cfg: CapjobConfig, run_id: str, checked: Optional[preflight.Checked] =
     # What the registry starts from: the images the sink holds captions of (stages/dedup).
     seed = dedup_claim.seed_from_sink(cfg.sink, cfg.dedup.mode) if cfg.dedup.mode != DedupMode.off else None
     console.startup_mark("model source and done ids ready")
-    own = warmup is None
-    warmup = (warmup or DriverWarmup()).start(model_source)  # the processor's imports (seconds) while Ray starts
-    try:
-        placement = checked.placement
-        if placement is None:  # a cluster we join: its GPUs decide
-            ray_info = runtime.init_ray(cfg.resources, cfg.engine, EnginePlacement(0, None))
-            if cfg.resources.wait_for_gpus_s:  # GPU workers scaled to zero: ask the autoscaler, wait
-                runtime.wait_for_gpus(cfg.resources, cfg.engine, cfg.resources.wait_for_gpus_s)
-            placement = decide_placement(cfg.resources, cfg.engine, int(ray.cluster_resources().get("GPU", 0)), largest_node_gpus())
-        else:
-            ray_info = runtime.init_ray(cfg.resources, cfg.engine, placement, cfg.job.metrics_export_port)
-        nodes = ray.nodes()
-        check_accelerator_type(placement, ray.cluster_resources(), nodes)  # before any engine starts
-        runtime.check_engine_resources(cfg.resources.engine_resources, ray.cluster_resources())
-        runtime.check_label_selectors(cfg.resources, placement, nodes)
-        watch = None
-        if runtime.cluster_address(cfg.resources):  # Ray's tasks and actors open local paths on their own nodes
-            runtime.check_paths_on_nodes(cfg, model_source)
-            watch = runtime.NodeWatch(cfg.resources, placement)  # the nodes up now; one lost later stops the run in one line
-        configure_data_context(cfg, placement)
-        warmup.ray_up()  # the library's own actors, as soon as the warm-up's imports are done
-        console.startup_mark("Ray up")
-        # Its task overlaps what follows (a fresh worker importing vLLM, serial before).
-        prompt = submit_caption_prompt(cfg, model_source, placement) if needs_rendered_prompt(cfg.engine) else None
-        # Without engine.chat_template_stages nothing waits for the render before Ray Data starts:
-        # the request builders fetch it; the driver only watches it (keeps it, checks it).
-        prompt_watch = PromptWatch(prompt) if requests_fetch_prompt(cfg.engine, prompt) else None
-        ledger = metrics.start_ledger(cfg.job.name, run_id)  # keep the handle: an unreferenced actor is destroyed
-        crashes = engine_guard.start_ledger(run_id, cfg.engine.max_engine_deaths_per_batch, **metrics.on_driver_node())
-        registry = (dedup_registry.start_registry(run_id, cfg.dedup.mode, cfg.dedup.threshold, seed, **metrics.on_driver_node())
-                    if seed is not None else None)
-        console.startup_mark("prompt " + ("submitted" if prompt is not None else "not needed") + ", ledger actors started")
-        started = Started(run_id, model_source, placement, done.put(), ledger, clock, wall_clock, ray_info.get("dashboard_url"),
-                          done_count=done.count_in(parse_shard(cfg.data.shard)), crashes=crashes, prompt=prompt,
-                          prompt_watch=prompt_watch, node_watch=watch, dedup=registry)
-        if own:  # nobody else holds it to close
-            warmup.close()
-        return started
-    except BaseException:
-        warmup.close()  # before whoever catches this shuts Ray down
-        raise
+    warmup.start(model_source)  # the processor's imports (seconds) while Ray starts
+    placement = checked.placement
+    if placement is None:  # a cluster we join: its GPUs decide
+        ray_info = runtime.init_ray(cfg.resources, cfg.engine, EnginePlacement(0, None))
+        if cfg.resources.wait_for_gpus_s:  # GPU workers scaled to zero: ask the autoscaler, wait
+            runtime.wait_for_gpus(cfg.resources, cfg.engine, cfg.resources.wait_for_gpus_s)
+        placement = decide_placement(cfg.resources, cfg.engine, int(ray.cluster_resources().get("GPU", 0)), largest_node_gpus())
+    else:
+        ray_info = runtime.init_ray(cfg.resources, cfg.engine, placement, cfg.job.metrics_export_port)
+    nodes = ray.nodes()
+    check_accelerator_type(placement, ray.cluster_resources(), nodes)  # before any engine starts
+    runtime.check_engine_resources(cfg.resources.engine_resources, ray.cluster_resources())
+    runtime.check_label_selectors(cfg.resources, placement, nodes)
+    watch = None
+    if runtime.cluster_address(cfg.resources):  # Ray's tasks and actors open local paths on their own nodes
+        runtime.check_paths_on_nodes(cfg, model_source)
+        watch = runtime.NodeWatch(cfg.resources, placement)  # the nodes up now; one lost later stops the run in one line
+    configure_data_context(cfg, placement)
+    warmup.ray_up()  # the library's own actors, as soon as the warm-up's imports are done
+    console.startup_mark("Ray up")
+    # Its task overlaps what follows (a fresh worker importing vLLM, serial before).
+    prompt = submit_caption_prompt(cfg, model_source, placement) if needs_rendered_prompt(cfg.engine) else None
+    # Without engine.chat_template_stages nothing waits for the render before Ray Data starts:
+    # the request builders fetch it; the driver only watches it (keeps it, checks it).
+    prompt_watch = PromptWatch(prompt) if requests_fetch_prompt(cfg.engine, prompt) else None
+    ledger = metrics.start_ledger(cfg.job.name, run_id)  # keep the handle: an unreferenced actor is destroyed
+    crashes = engine_guard.start_ledger(run_id, cfg.engine.max_engine_deaths_per_batch, **metrics.on_driver_node())
+    registry = (dedup_registry.start_registry(run_id, cfg.dedup.mode, cfg.dedup.threshold, seed, **metrics.on_driver_node())
+                if seed is not None else None)
+    console.startup_mark("prompt " + ("submitted" if prompt is not None else "not needed") + ", ledger actors started")
+    return Started(run_id, model_source, placement, done.put(), ledger, clock, wall_clock, ray_info.get("dashboard_url"),
+                   done_count=done.count_in(parse_shard(cfg.data.shard)), crashes=crashes, prompt=prompt, prompt_watch=prompt_watch,
+                   node_watch=watch, dedup=registry)
 
 
 def with_ids(ds: Any, source: Any, done: Any, run_id: str, options: dict[str, Any], shard: Optional[str] = None) -> Any:
